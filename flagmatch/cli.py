@@ -1,0 +1,159 @@
+"""The ``flagmatch`` command. Every command takes every setting as a flag (see ``flagmatch.settings``);
+domain errors become a clear message and a non-zero exit."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from flagmatch.settings import SETTINGS, Settings
+from flagmatch import wiring
+from indexer.catalog import FlagRequest
+from indexer.errors import FlagmatchError
+
+
+def with_settings(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Add one option per setting; pass the resolved Settings as ``settings``."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        overrides = {s.name: kwargs.pop(s.name) for s in SETTINGS}
+        try:
+            settings = Settings.load(overrides)
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
+        try:
+            return fn(*args, settings=settings, **kwargs)
+        except FlagmatchError as exc:
+            raise click.ClickException(f"{exc.message} [{exc.code}]") from None
+
+    for s in reversed(SETTINGS):
+        kind = click.FLOAT if s.type is float else click.INT if s.type is int else click.STRING
+        wrapper = click.option(s.flag, s.name, type=kind, default=None, show_default=False,
+                               help=f"{s.help} [env {s.env}; default {s.default!r}]")(wrapper)
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+def main() -> None:
+    """flagmatch: find, group and review images similar to content already judged unsafe."""
+
+
+class _Bar:
+    def __init__(self, total: int | None) -> None:
+        from tqdm import tqdm
+        self.bar = tqdm(total=total, unit="img", dynamic_ncols=True, file=sys.stderr,
+                        smoothing=0.1, disable=None)
+
+    def update(self, n: int, *, errors: int) -> None:
+        self.bar.set_postfix(errors=errors, refresh=False)
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True)
+@with_settings
+def ingest(paths: tuple[str, ...], settings: Settings) -> None:
+    """Index folders, files, manifests (.csv/.jsonl) or '-' (paths on stdin)."""
+    from indexer.sources import count_sources, iter_sources
+    from indexer.ingest import ingest as run_ingest
+
+    embedder = wiring.load_embedder(settings)
+    store = wiring.open_store(settings)
+    info = embedder.info
+    store.bind_model(info.model_id, info.dim, info.preprocessing)
+    index = wiring.open_index(store, settings)
+    bar = _Bar(count_sources(paths))
+    try:
+        counts = run_ingest(store, embedder, iter_sources(paths, sys.stdin), wiring.ingest_options(settings),
+                            index=index, progress=bar, after_batch=index.maybe_save)
+    finally:
+        bar.close()
+    index.save()
+    click.echo(f"model {info.model_id} ({info.backend}, {info.precision})")
+    click.echo(f"new {counts.new}  duplicates {counts.duplicates}  flagged {counts.flagged}  failed {counts.failed}")
+    for code, n in sorted(counts.reasons.items(), key=lambda kv: -kv[1]):
+        click.echo(f"  failed: {code:<22} {n}")
+    if counts.failed:
+        click.echo("details: flagmatch errors")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@with_settings
+def stats(as_json: bool, settings: Settings) -> None:
+    """What the catalog holds."""
+    store = wiring.open_store(settings)
+    st = store.catalog.stats()
+    st["index"] = wiring.index_stats(store)
+    if as_json:
+        click.echo(json.dumps(st, indent=2, default=str))
+        return
+    click.echo(f"images       {st['images']}")
+    click.echo(f"flagged      {st['flagged']}  " + "  ".join(f"{k}: {v}" for k, v in st["flagged_by_source"].items()))
+    click.echo(f"paths seen   {st['paths']}")
+    click.echo(f"errors       {sum(st['errors'].values())}  " + "  ".join(f"{k}: {v}" for k, v in st["errors"].items()))
+    click.echo(f"model        {st['model_id']} ({st['dim']}-d)")
+    run = st["last_run"]
+    if run:
+        click.echo(f"last ingest  #{run['id']} {run['started_at']}  backend {run['backend']}, "
+                   f"precision {run['precision']}")
+    for scope, ix in st["index"].items():
+        click.echo(f"index {scope:<7} {ix}")
+
+
+@main.command()
+@click.option("--limit", default=50, show_default=True)
+@with_settings
+def errors(limit: int, settings: Settings) -> None:
+    """The latest ingest errors (path, reason)."""
+    for path, code, message in wiring.open_store(settings).catalog.errors(limit):
+        click.echo(f"{code:<20} {path}: {message}")
+
+
+def _flag_command(flag: bool) -> Callable[..., Any]:
+    @click.argument("refs", nargs=-1, required=True)
+    @click.option("--reason", default=None, help="why (kept in the flag history)")
+    @click.option("--label", default=None, help="label of the flag")
+    @click.option("--actor", default=None, help="who (default: the OS user)")
+    @click.option("--source", default="manual", show_default=True, type=click.Choice(["manual", "import", "review"]))
+    @with_settings
+    def command(refs: tuple[str, ...], reason: str | None, label: str | None, actor: str | None,
+                source: str, settings: Settings) -> None:
+        import getpass
+        store = wiring.open_store(settings)
+        ids = [store.catalog.resolve(r) for r in refs]
+        req = FlagRequest(source=source, label=label, actor=actor or getpass.getuser(), reason=reason)
+        changed = store.catalog.set_flag(ids, req, flag=flag)
+        if store.catalog.model_meta():
+            wiring.open_index(store, settings).sync_flags_and_save()
+        verb = "flagged" if flag else "unflagged"
+        click.echo(f"{verb} {len(changed)} of {len(ids)}" + (f": {', '.join(map(str, changed))}" if changed else ""))
+    return command
+
+
+main.command("flag", help="Flag images by id, sha256 or external id.")(_flag_command(True))
+main.command("unflag", help="Unflag images by id, sha256 or external id.")(_flag_command(False))
+
+
+@main.command("export-onnx")
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@with_settings
+def export_onnx_cmd(out: Path, settings: Settings) -> None:
+    """Write the timm model as ONNX (outputs: embedding, p_unsafe) for the onnx backend."""
+    from indexer.embed import TimmEmbedder, export_onnx
+    embedder = wiring.load_embedder(settings.replace(precision="fp32"))
+    if not isinstance(embedder, TimmEmbedder):
+        raise click.ClickException("export-onnx needs a timm model (--model DIR or a hub id)")
+    export_onnx(embedder, out)
+    click.echo(f"wrote {out} ({embedder.info.model_id}, {embedder.info.dim}-d); use it with --model {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""Builds the parts from a Settings object; the CLI and the server factory both go through here."""
+from __future__ import annotations
+
+from indexer.embed import Embedder, load_model
+from indexer.ingest import IngestOptions
+from indexer.store import Store
+
+
+def open_store(settings) -> Store:  # type: ignore[no-untyped-def]
+    return Store(settings.home_path, settings.resolved_catalog_url)
+
+
+def load_embedder(settings) -> Embedder:  # type: ignore[no-untyped-def]
+    return load_model(settings.model, arch=settings.arch, precision=settings.precision,
+                      threads=settings.torch_threads)
+
+
+def ingest_options(settings) -> IngestOptions:  # type: ignore[no-untyped-def]
+    return IngestOptions(flag_threshold=settings.flag_threshold, batch_size=settings.batch_size,
+                         decode_workers=settings.decode_workers, max_pixels=settings.max_pixels,
+                         max_file_bytes=settings.max_file_bytes, thumb_size=settings.thumb_size)
+
+
+def index_config(settings) -> "IndexConfig":  # type: ignore[no-untyped-def]
+    from indexer.vector_index import IndexConfig
+    return IndexConfig(exact_threshold=settings.exact_threshold, nlist=settings.nlist, pq_m=settings.pq_m,
+                       opq=settings.opq, nprobe=settings.nprobe, rerank=settings.rerank,
+                       use_gpu=settings.use_gpu, save_seconds=settings.index_save_seconds)
+
+
+def open_index(store: Store, settings) -> "VectorIndex":  # type: ignore[no-untyped-def]
+    """The vector indexes of a store (bound to its model), caught up with the catalog."""
+    from indexer.vector_index import VectorIndex
+    return VectorIndex(store, index_config(settings))
+
+
+def index_stats(store: Store) -> dict:
+    """What the saved indexes cover, from their checkpoints (without loading them)."""
+    out = {}
+    for scope in ("flagged", "all"):
+        cp = store.catalog.checkpoint(scope)
+        out[scope] = "not built" if cp is None else (
+            f"{cp.params.get('kind')} {cp.ntotal} vectors, covers image {cp.image_id} / flag event "
+            f"{cp.flag_event_id}, generation {cp.generation}")
+    return out

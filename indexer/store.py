@@ -1,0 +1,86 @@
+"""The data directory: the catalog, the raw vectors, the thumbnails and the writer lock, opened together
+so that they are always reconciled with each other before anything reads or writes."""
+from __future__ import annotations
+
+import fcntl
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from indexer.catalog import Catalog
+from indexer.errors import FlagmatchError, ModelMismatchError
+from indexer.vectors import VectorStore
+
+
+class Store:
+    def __init__(self, home: Path, catalog_url: str) -> None:
+        self.home = home
+        self.home.mkdir(parents=True, exist_ok=True)
+        (self.home / "thumbs").mkdir(exist_ok=True)
+        (self.home / "index").mkdir(exist_ok=True)
+        self.catalog = Catalog(catalog_url)
+        self._vectors: VectorStore | None = None
+
+    @property
+    def thumbs_dir(self) -> Path:
+        return self.home / "thumbs"
+
+    @property
+    def index_dir(self) -> Path:
+        return self.home / "index"
+
+    def bind_model(self, model_id: str, dim: int, preprocessing: str) -> VectorStore:
+        """Tie the store to a model (refusing a different one) and open the raw vectors."""
+        self.catalog.bind_model(model_id, dim, preprocessing)
+        self._vectors = VectorStore(self.home / "vectors", dim)
+        return self._vectors
+
+    def open_vectors(self) -> VectorStore:
+        """Open the raw vectors with the dimension recorded in the catalog (for readers without a model)."""
+        if self._vectors is None:
+            meta = self.catalog.model_meta()
+            if "dim" not in meta:
+                raise FlagmatchError("the store is empty: ingest some images first", code="empty_store")
+            self._vectors = VectorStore(self.home / "vectors", int(meta["dim"]))
+        return self._vectors
+
+    def check_model(self, model_id: str) -> None:
+        meta = self.catalog.model_meta()
+        if meta.get("model_id") not in (None, model_id):
+            raise ModelMismatchError(f"this store was built with model {meta['model_id']}; the loaded model is "
+                                     f"{model_id}. Serve with the model the store was built with (--model)")
+
+    @contextmanager
+    def writer(self) -> Iterator[None]:
+        """The one-writer lock (released by the kernel if the process dies). On entry, cut raw vector rows
+        that a crashed writer appended but never committed."""
+        lock_path = self.home / ".writer.lock"
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise FlagmatchError(f"another flagmatch process is writing to {self.home} "
+                                     f"(ingest or reindex); wait for it to finish", code="busy") from None
+            if self._vectors is not None:
+                self._vectors.reconcile(self.catalog.max_image_id())
+            yield
+        finally:
+            os.close(fd)
+
+    def thumb_path(self, key: str) -> Path:
+        return self.thumbs_dir / key
+
+    def write_thumbnail(self, sha: str, data: bytes) -> str:
+        key = f"{sha[:2]}/{sha[2:4]}/{sha}.webp"
+        path = self.thumbs_dir / key
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        return key
+
+    def close(self) -> None:
+        self.catalog.close()
