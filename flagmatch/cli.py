@@ -142,6 +142,22 @@ main.command("flag", help="Flag images by id, sha256 or external id.")(_flag_com
 main.command("unflag", help="Unflag images by id, sha256 or external id.")(_flag_command(False))
 
 
+@main.command()
+@click.option("--scope", type=click.Choice(["all", "flagged"]), default=None, help="one scope (default: both)")
+@with_settings
+def reindex(scope: str | None, settings: Settings) -> None:
+    """Retrain and rebuild the vector indexes from the raw vectors (servers pick the new one up)."""
+    import time
+    store = wiring.open_store(settings)
+    index = wiring.open_index(store, settings)
+    t = time.perf_counter()
+    index.rebuild(scope)
+    index.save()
+    for sc, st in index.stats().items():
+        click.echo(f"{sc:<8} {st['factory']:<28} {st['vectors']} vectors, generation {st['generation']}")
+    click.echo(f"rebuilt in {time.perf_counter() - t:.1f} s")
+
+
 @main.command("export-onnx")
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
 @with_settings

@@ -46,6 +46,7 @@ class DecodedImage:
     frames: int
     pixels: np.ndarray  # uint8 [size, size, 3] RGB, ready for the model's normalisation
     thumbnail: bytes    # WebP
+    decoded_size: tuple[int, int] = (0, 0)  # what was really decoded (smaller when JPEG draft applied)
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -107,20 +108,39 @@ def _decode_opened(im: Image.Image, fmt: str, spec: InputSpec, max_pixels: int,
     if frames > 1:
         im.seek(0)
     need = max(int(round(spec.size / spec.crop_pct)), thumb_size)
-    if fmt == "JPEG" and min(w, h) >= 2 * need:
-        # decode at 1/2, 1/4 or 1/8 scale: still at least `need` on the short side
+    if fmt == "JPEG":
+        # decode at 1/2, 1/4 or 1/8 scale (DCT scaling): still at least `need` on the short side
         im.draft("RGB", (need, need))
     im.load()
+    decoded_size = im.size
     exif_size = _oriented_size(im, w, h)
-    im = ImageOps.exif_transpose(im)
-    rgb = to_rgb(im)
-    pixels = _model_pixels(rgb, spec)
-    thumb = rgb.copy()
+    im = ImageOps.exif_transpose(_shrink(im, need))
+    resized = _resize_short_side(to_rgb(im), spec)
+    pixels = _center_crop(resized, spec.size)
+    thumb = resized.copy()
     thumb.thumbnail((thumb_size, thumb_size), Image.BICUBIC, reducing_gap=2.0)
     buf = io.BytesIO()
     thumb.save(buf, "WEBP", quality=80, method=2)
     return DecodedImage(format=fmt, width=exif_size[0], height=exif_size[1], frames=frames,
-                        pixels=pixels, thumbnail=buf.getvalue())
+                        pixels=pixels, thumbnail=buf.getvalue(), decoded_size=decoded_size)
+
+
+def _shrink(im: Image.Image, need: int) -> Image.Image:
+    """Box-reduce by an integer factor while the short side stays >= 2·need: the expensive
+    full-resolution work (mode conversion, compositing, resampling) then runs on far fewer pixels."""
+    factor = min(im.size) // (2 * need)
+    if factor < 2:
+        return im
+    if im.mode in ("P", "PA"):
+        im = im.convert("RGBA")
+    elif im.mode == "1":
+        im = im.convert("L")
+    elif im.mode not in ("L", "LA", "RGB", "RGBA", "I", "F", "CMYK", "YCbCr"):
+        return im
+    try:
+        return im.reduce(factor)
+    except ValueError:  # a mode this Pillow cannot reduce: resample later at full size
+        return im
 
 
 def _oriented_size(im: Image.Image, w: int, h: int) -> tuple[int, int]:
@@ -156,12 +176,16 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")  # 1, L, CMYK, YCbCr, LAB, HSV
 
 
-def _model_pixels(rgb: Image.Image, spec: InputSpec) -> np.ndarray:
+def _resize_short_side(rgb: Image.Image, spec: InputSpec) -> Image.Image:
     w, h = rgb.size
-    scale_to = spec.size / spec.crop_pct
-    r = scale_to / min(w, h)
+    r = (spec.size / spec.crop_pct) / min(w, h)
     nw, nh = max(spec.size, int(round(w * r))), max(spec.size, int(round(h * r)))
-    resized = rgb.resize((nw, nh), _RESAMPLE[spec.interpolation], reducing_gap=3.0)
-    left, top = (nw - spec.size) // 2, (nh - spec.size) // 2
-    crop = resized.crop((left, top, left + spec.size, top + spec.size))
-    return np.asarray(crop, dtype=np.uint8)
+    if (nw, nh) == (w, h):
+        return rgb
+    return rgb.resize((nw, nh), _RESAMPLE[spec.interpolation], reducing_gap=3.0)
+
+
+def _center_crop(resized: Image.Image, size: int) -> np.ndarray:
+    nw, nh = resized.size
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.uint8)

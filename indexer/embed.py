@@ -350,11 +350,12 @@ def export_onnx(embedder: TimmEmbedder, out: Path) -> None:
     size = embedder.info.input.size
     example = torch.from_numpy(to_input(calibration_pixels(size, 2), embedder.info.norm))
     tmp = out.with_name(out.name + ".tmp")
-    torch.onnx.export(_Both(embedder.model, embedder.unsafe_index).eval(), (example,), str(tmp),
-                      input_names=["pixels"], output_names=["embedding", "p_unsafe"],
-                      dynamic_axes={"pixels": {0: "n"}, "embedding": {0: "n"}, "p_unsafe": {0: "n"}},
-                      opset_version=18, dynamo=False)
-    m = onnx.load(str(tmp))
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.onnx.export(_Both(embedder.model, embedder.unsafe_index).eval(), (example,),
+                                input_names=["pixels"], output_names=["embedding", "p_unsafe"],
+                                dynamic_shapes=({0: batch},), opset_version=18, dynamo=True,
+                                verbose=False)
+    m = program.model_proto
     info = embedder.info
     for k, v in (("flagmatch.model_id", info.model_id), ("flagmatch.dim", str(info.dim)),
                  ("flagmatch.preprocessing", info.preprocessing)):

@@ -32,6 +32,7 @@ from indexer.vectors import VectorStore
 
 log = logging.getLogger(__name__)
 SCOPES = ("flagged", "all")
+MIN_IVF = 10_000  # PQ's 256 centroids per sub-quantizer need ~10k training points: stay exact below
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class IndexConfig:
     rerank: int = 10
     use_gpu: str = "auto"     # auto | on | off
     save_seconds: float = 30.0
+    refresh_seconds: float = 0.5  # readers look for catalog changes and published rebuilds this often
     seed: int = 1234
 
 
@@ -72,9 +74,10 @@ class Hits:
 
 def choose_params(n: int, dim: int, cfg: IndexConfig) -> IndexParams:
     """Exact below the threshold; above it IVF-PQ with nlist ≈ 4·√N and PQ codes of ≈ dim/4 bytes."""
-    if n < cfg.exact_threshold:
+    if n < max(cfg.exact_threshold, MIN_IVF):
         return IndexParams("flat", dim)
-    nlist = cfg.nlist or int(min(65536, max(64, 2 ** round(math.log2(4 * math.sqrt(n))))))
+    # nlist ≈ 4·√N (a power of two), with ≥ 39 training points per list
+    nlist = cfg.nlist or int(min(65536, 2 ** round(math.log2(4 * math.sqrt(n))), 2 ** int(math.log2(n // 39))))
     opq = cfg.opq == "on" or (cfg.opq == "auto" and dim >= 512)
     work_dim = dim
     if opq:
@@ -207,6 +210,8 @@ class VectorIndex:
         self._scopes: dict[str, ScopeIndex] = {}
         self._gpu = _gpu_available(cfg)
         self._last_save = 0.0
+        self._last_refresh = time.monotonic()
+        self._refreshing = threading.Event()
         for scope in SCOPES:
             self._scopes[scope] = self._open_scope(scope)
         self.catch_up()
@@ -257,6 +262,8 @@ class VectorIndex:
         params = params or choose_params(len(ids), self.dim, self.cfg)
         index = faiss.index_factory(self.dim, params.factory, faiss.METRIC_INNER_PRODUCT)
         if params.kind == "ivfpq":
+            # polysemous codes are never used for search here, and training them costs ~10× the PQ itself
+            faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training = False
             rng = np.random.default_rng(self.cfg.seed)
             n_train = int(min(len(ids), max(40 * params.nlist, 50_000), 200_000))
             sample = np.sort(rng.choice(ids, size=n_train, replace=False)) if n_train < len(ids) else ids
@@ -303,6 +310,28 @@ class VectorIndex:
                     changed = True
         return changed
 
+    def maybe_refresh(self) -> None:
+        """Catch up when the last look is older than ``refresh_seconds`` (cheap: two catalog reads)."""
+        if time.monotonic() - self._last_refresh < self.cfg.refresh_seconds:
+            return
+        self._last_refresh = time.monotonic()
+        image_head, event_head = self.store.catalog.head()
+        gens = [cp.generation if (cp := self.store.catalog.checkpoint(sc)) else 0 for sc in SCOPES]
+        behind = any(g > self._scopes[sc].generation for g, sc in zip(gens, SCOPES)) or any(
+            image_head > s.image_id or event_head > s.flag_event_id for s in self._scopes.values())
+        if behind and not self._refreshing.is_set():
+            # catch up in the background: requests keep being answered from what is loaded
+            self._refreshing.set()
+            threading.Thread(target=self._background_catch_up, name="index-refresh", daemon=True).start()
+
+    def _background_catch_up(self) -> None:
+        try:
+            self.catch_up()
+        except Exception:  # a failed refresh must not take the reader down; the next one retries
+            log.exception("index refresh failed")
+        finally:
+            self._refreshing.clear()
+
     def _apply(self, s: ScopeIndex, image_head: int, event_head: int) -> bool:
         changed = False
         if image_head > s.image_id:
@@ -331,7 +360,7 @@ class VectorIndex:
     def _needs_retrain(self, s: ScopeIndex) -> bool:
         n = s.ntotal
         if s.params.kind == "flat":
-            return n >= self.cfg.exact_threshold
+            return choose_params(n, self.dim, self.cfg).kind != "flat"
         return n >= 4 * max(s.params.trained_n, 1)
 
     def _swap(self, fresh: ScopeIndex) -> None:
@@ -350,6 +379,7 @@ class VectorIndex:
             raise InvalidInputError(f"scope must be one of {', '.join(SCOPES)}, not {scope!r}")
         if k < 1:
             raise InvalidInputError("k must be at least 1")
+        self.maybe_refresh()
         q = np.ascontiguousarray(np.atleast_2d(vectors), np.float32)
         if q.shape[1] != self.dim:
             raise InvalidInputError(f"query vectors are {q.shape[1]}-d, the index is {self.dim}-d")

@@ -1,0 +1,141 @@
+"""Ingest throughput: model-only (pre-decoded pixels) vs end-to-end `ingest` on the same real images,
+for both backends, plus peak RSS at two corpus sizes (it must not grow with the number of images).
+
+    python benchmarks/ingest.py [--photos 300] [--clipart 100] [--work /tmp/fm-bench-ingest]
+
+The corpus comes from ../shared/corpus/make-corpus (photos and clipart from Debian packages). The
+default model's weights are on the model hub, unreachable here: its architecture
+(vit_tiny_patch16_384, 2 classes) runs with random weights, which costs exactly the same compute."""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import ROOT, machine, median, peak_rss_kib, run_child, table, write
+
+
+def corpus(work: Path, photos: int, clipart: int) -> list[Path]:
+    out = work / f"corpus-{photos}-{clipart}"
+    if not (out / "photos").exists():
+        subprocess.run([sys.executable, str(ROOT.parent / "shared" / "corpus" / "make-corpus"), str(out),
+                        "--photos", str(photos), "--clipart", str(clipart)], check=True)
+    return sorted((out / "photos").glob("*")) + sorted((out / "clipart").glob("*"))
+
+
+def default_arch_model(work: Path) -> Path:
+    d = work / "vit_tiny_patch16_384-random"
+    if not (d / "model.safetensors").exists():
+        sys.path.insert(0, str(ROOT))
+        from tests.helpers import save_tiny_timm
+        save_tiny_timm(d)
+    return d
+
+
+def worker_model(args: argparse.Namespace) -> dict:
+    """Model-only: decode first (not timed), then time embed() over batches of pre-decoded pixels."""
+    import numpy as np
+    from indexer.decode import decode
+    from indexer.embed import load_model
+    from indexer.errors import DecodeError
+
+    emb = load_model(args.model)
+    spec = emb.info.input
+    pixels = []
+    for p in json.loads(Path(args.files).read_text())[: args.model_images]:
+        try:
+            pixels.append(decode(Path(p).read_bytes(), spec, max_pixels=100_000_000).pixels)
+        except DecodeError:
+            pass
+    px = np.stack(pixels)
+    bs = args.batch_size
+    emb.embed(px[:bs])  # warm-up
+    rates = []
+    for _ in range(3):
+        t = time.perf_counter()
+        for i in range(0, len(px), bs):
+            emb.embed(px[i:i + bs])
+        rates.append(len(px) / (time.perf_counter() - t))
+    return {"images_per_s": median(rates), "images": len(px), "precision": emb.info.precision,
+            "model_id": emb.info.model_id, "peak_rss_kib": peak_rss_kib()}
+
+
+def worker_ingest(args: argparse.Namespace) -> dict:
+    from flagmatch.settings import Settings
+    from flagmatch.wiring import ingest_options, load_embedder, open_index, open_store
+    from indexer.ingest import ingest
+    from indexer.sources import SourceItem
+
+    s = Settings.load({"home": args.home, "model": args.model, "batch_size": args.batch_size,
+                       "index_save_seconds": 1e9}, environ={})
+    emb = load_embedder(s)
+    store = open_store(s)
+    store.bind_model(emb.info.model_id, emb.info.dim, emb.info.preprocessing)
+    index = open_index(store, s)
+    files = json.loads(Path(args.files).read_text())[: args.limit]
+    t = time.perf_counter()
+    counts = ingest(store, emb, (SourceItem(p) for p in files), ingest_options(s), index=index)
+    index.save()
+    dt = time.perf_counter() - t
+    return {"images_per_s": (counts.new + counts.failed) / dt, "new": counts.new, "failed": counts.failed,
+            "reasons": counts.reasons, "seconds": dt, "precision": emb.info.precision,
+            "peak_rss_kib": peak_rss_kib()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--photos", type=int, default=300)
+    ap.add_argument("--clipart", type=int, default=100)
+    ap.add_argument("--work", default="/tmp/fm-bench-ingest")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--model-images", type=int, default=256)
+    ap.add_argument("--worker", choices=["model", "ingest"])
+    ap.add_argument("--model")
+    ap.add_argument("--files")
+    ap.add_argument("--home")
+    ap.add_argument("--limit", type=int, default=10**9)
+    a = ap.parse_args()
+    if a.worker:
+        fn = worker_model if a.worker == "model" else worker_ingest
+        print(json.dumps(fn(a)))
+        return
+
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    files = corpus(work, a.photos, a.clipart)
+    # interleave photos and clipart, as a real upload folder would mix them
+    ph, cl = [f for f in files if "photo" in f.name], [f for f in files if "clip" in f.name]
+    mixed = [str(x) for pair in zip(ph, cl) for x in pair] + [str(x) for x in ph[len(cl):] + cl[len(ph):]]
+    listing = work / "files.json"
+    listing.write_text(json.dumps(mixed))
+    models = {"timm (vit_tiny_patch16_384)": str(default_arch_model(work)), "onnx (opennsfw)": "opennsfw"}
+    rows, data = [], {"machine": machine(), "corpus": {"photos": a.photos, "clipart": a.clipart}, "runs": {}}
+    half = len(mixed) // 2
+    for name, model in models.items():
+        common = [__file__, "--model", model, "--files", str(listing), "--batch-size", str(a.batch_size)]
+        m, _ = run_child(common + ["--worker", "model", "--model-images", str(a.model_images)])
+        results = {}
+        for n in (half, len(mixed)):
+            home = work / f"home-{abs(hash((name, n)))}"
+            subprocess.run(["rm", "-rf", str(home)], check=True)
+            r, _ = run_child(common + ["--worker", "ingest", "--home", str(home), "--limit", str(n)])
+            results[n] = r
+        full = results[len(mixed)]
+        ratio = full["images_per_s"] / m["images_per_s"]
+        data["runs"][name] = {"model_only": m, "ingest": results, "ratio": ratio}
+        rows.append([name, m["precision"], m["images_per_s"], full["images_per_s"], f"{ratio:.0%}",
+                     f"{results[half]['peak_rss_kib'] / 1024:.0f} MiB ({half} img)",
+                     f"{full['peak_rss_kib'] / 1024:.0f} MiB ({len(mixed)} img)", full["failed"]])
+    md = (f"Ingest throughput on {machine()}; corpus: {a.photos} photos (640–4000 px JPEG) + {a.clipart} "
+          f"clipart PNGs from make-corpus, batch {a.batch_size}; model-only = median of 3 passes over "
+          f"{a.model_images} pre-decoded images.\n\n"
+          + table(["backend", "precision", "model-only img/s", "end-to-end img/s", "e2e / model",
+                   "peak RSS (half corpus)", "peak RSS (full corpus)", "failed"], rows))
+    write("ingest", data, md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# The model hub is unreachable on test machines: fail fast instead of retrying the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from flagmatch.settings import Settings  # noqa: E402
+from tests.helpers import save_tiny_timm  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A vit_tiny_patch16_384-shaped timm model with random weights, in the hub layout."""
+    return save_tiny_timm(tmp_path_factory.mktemp("models") / "tiny-nsfw")
+
+
+@pytest.fixture(scope="session")
+def tiny_embedder(tiny_model_dir: Path):
+    from indexer.embed import load_model
+    return load_model(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="session")
+def opennsfw():
+    from indexer.embed import load_model
+    return load_model("opennsfw")
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def settings(home: Path, tiny_model_dir: Path) -> Settings:
+    return Settings.load({"home": str(home), "model": str(tiny_model_dir), "batch_size": 8}, environ={})
+
+
+@pytest.fixture
+def store(settings: Settings):
+    from flagmatch.wiring import open_store
+    s = open_store(settings)
+    yield s
+    s.close()

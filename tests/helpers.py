@@ -1,0 +1,77 @@
+"""Test data drawn in code (seeded): images of every kind, tiny timm models, Gaussian-mixture vectors."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+
+def drawn_image(seed: int, size: tuple[int, int] = (320, 240)) -> Image.Image:
+    """A distinct RGB picture: background gradient, shapes and a little noise, all from ``seed``."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    c0, c1 = rng.integers(0, 255, 3), rng.integers(0, 255, 3)
+    t = (xx / max(w - 1, 1))[..., None]
+    arr = (c0 * (1 - t) + c1 * t + rng.normal(0, 6, (h, w, 3))).clip(0, 255).astype(np.uint8)
+    im = Image.fromarray(arr, "RGB")
+    d = ImageDraw.Draw(im)
+    for _ in range(int(rng.integers(2, 6))):
+        x0, y0 = int(rng.integers(0, w - 10)), int(rng.integers(0, h - 10))
+        x1, y1 = x0 + int(rng.integers(10, w // 2)), y0 + int(rng.integers(10, h // 2))
+        fill = tuple(int(v) for v in rng.integers(0, 255, 3))
+        (d.ellipse if rng.random() < 0.5 else d.rectangle)((x0, y0, x1, y1), fill=fill)
+    d.text((10, 10), f"img {seed}", fill=(255, 255, 255))
+    return im
+
+
+def encode(im: Image.Image, fmt: str, **kw: object) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def write_images(folder: Path, n: int, start: int = 0, fmt: str = "JPEG", ext: str = "jpg") -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(start, start + n):
+        p = folder / f"img_{i:04d}.{ext}"
+        p.write_bytes(encode(drawn_image(i), fmt))
+        out.append(p)
+    return out
+
+
+def save_tiny_timm(folder: Path, arch: str = "vit_tiny_patch16_384", seed: int = 0,
+                   labels: tuple[str, ...] = ("NSFW", "SFW")) -> Path:
+    """A timm model with random weights saved in the hub's layout (config.json + model.safetensors)."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    model = timm.create_model(arch, pretrained=False, num_classes=len(labels))
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(model.state_dict(), str(folder / "model.safetensors"))
+    cfg = model.pretrained_cfg
+    (folder / "config.json").write_text(json.dumps({
+        "architecture": arch, "num_classes": len(labels), "num_features": model.num_features,
+        "label_names": list(labels),
+        "pretrained_cfg": {"input_size": list(cfg["input_size"]), "interpolation": cfg["interpolation"],
+                           "mean": list(cfg["mean"]), "std": list(cfg["std"]), "crop_pct": cfg["crop_pct"],
+                           "num_classes": len(labels), "label_names": list(labels)},
+    }))
+    return folder
+
+
+def gaussian_mixture(n: int, dim: int, groups: int, seed: int, spread: float = 0.15) -> tuple[np.ndarray, np.ndarray]:
+    """L2-normalised vectors around ``groups`` random centres; returns (vectors, group labels)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(groups, dim)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    labels = rng.integers(0, groups, n)
+    v = centres[labels] + rng.normal(scale=spread / np.sqrt(dim), size=(n, dim)).astype(np.float32) * np.sqrt(dim) / 4
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    return v.astype(np.float32), labels

@@ -1,0 +1,112 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from indexer.decode import decode
+from indexer.embed import (BF16_MIN_COSINE, TimmEmbedder, bf16_supported, calibration_pixels, cosine_rows,
+                           export_onnx, load_model)
+from indexer.errors import ModelLoadError
+from tests.helpers import drawn_image, encode, save_tiny_timm
+
+
+def pixels_for(embedder, n: int = 6, start: int = 100) -> np.ndarray:
+    spec = embedder.info.input
+    return np.stack([decode(encode(drawn_image(i), "JPEG"), spec, max_pixels=10**8).pixels
+                     for i in range(start, start + n)])
+
+
+def test_timm_directory_in_hub_layout_loads(tiny_embedder):
+    info = tiny_embedder.info
+    assert info.dim == 192 and info.backend == "timm"
+    assert info.input.size == 384 and info.norm.mean == (0.5, 0.5, 0.5)
+    assert info.model_id.startswith("tiny-nsfw@")
+    emb, p = tiny_embedder.embed(pixels_for(tiny_embedder, 3))
+    assert emb.shape == (3, 192) and p.shape == (3,)
+    assert np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+    assert ((p >= 0) & (p <= 1)).all()
+
+
+def test_bare_safetensors_needs_an_architecture(tiny_model_dir):
+    weights = tiny_model_dir / "model.safetensors"
+    with pytest.raises(ModelLoadError, match="--arch"):
+        load_model(str(weights))
+    m = load_model(str(weights), arch="vit_tiny_patch16_384", precision="fp32")
+    assert m.info.dim == 192
+    with pytest.raises(ModelLoadError, match="cannot load"):
+        load_model(str(weights), arch="resnet18")
+
+
+def test_hub_id_offline_fails_with_an_actionable_message(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError) as e:
+        load_model("Marqo/nsfw-image-detection-384")
+    msg = str(e.value)
+    assert "huggingface-cli download Marqo/nsfw-image-detection-384" in msg and "--model opennsfw" in msg
+
+
+def test_unknown_unsafe_label_is_refused(tmp_path):
+    d = save_tiny_timm(tmp_path / "m", arch="vit_tiny_patch16_224", labels=("cat", "dog"))
+    with pytest.raises(ModelLoadError, match="unsafe"):
+        load_model(str(d))
+
+
+def test_opennsfw_real_weights(opennsfw):
+    info = opennsfw.info
+    assert info.dim == 1024 and info.input.size == 224 and info.norm.channels == "BGR"
+    emb, p = opennsfw.embed(pixels_for(opennsfw, 4))
+    assert emb.shape == (4, 1024)
+    assert ((p >= 0) & (p <= 1)).all()
+    # drawings of shapes are not NSFW for a real model
+    assert p.max() < 0.5
+    # different images give different embeddings, the same image the same one
+    sims = emb @ emb.T
+    assert sims[0, 1] < 0.999
+    again, _ = opennsfw.embed(pixels_for(opennsfw, 1))
+    assert float(again[0] @ emb[0]) > 0.9999
+
+
+def test_export_onnx_agrees_with_torch(tiny_model_dir, tmp_path):
+    fp32 = load_model(str(tiny_model_dir), precision="fp32")
+    assert isinstance(fp32, TimmEmbedder)
+    out = tmp_path / "tiny.onnx"
+    export_onnx(fp32, out)
+    onnx_model = load_model(str(out))
+    assert onnx_model.info.backend == "onnx"
+    assert onnx_model.info.model_id == fp32.info.model_id  # same weights: the store accepts either
+    px = pixels_for(fp32, 8)
+    e_t, p_t = fp32.embed(px)
+    e_o, p_o = onnx_model.embed(px)
+    assert cosine_rows(e_t, e_o).min() >= 0.999
+    assert np.abs(p_t - p_o).max() < 1e-3
+
+
+def test_bf16_is_used_only_when_it_agrees_with_fp32(tiny_model_dir):
+    auto = load_model(str(tiny_model_dir), precision="auto")
+    if not bf16_supported():
+        assert auto.info.precision == "fp32"
+        pytest.skip("this CPU has no bf16")
+    forced = load_model(str(tiny_model_dir), precision="bf16")
+    px = pixels_for(forced, 8, start=300)
+    ref, _ = forced.embed_raw(px, bf16=False)
+    low, _ = forced.embed_raw(px, bf16=True)
+    cos = cosine_rows(ref, low)
+    # the auto choice follows the measured agreement on its calibration set …
+    assert (auto.info.precision == "bf16") == (auto.bf16_cosine >= BF16_MIN_COSINE)
+    # … and when bf16 is chosen it agrees on real decoded images too
+    if auto.info.precision == "bf16":
+        assert cos.min() >= BF16_MIN_COSINE
+
+
+def test_calibration_pixels_are_deterministic():
+    assert np.array_equal(calibration_pixels(32, 2, seed=1), calibration_pixels(32, 2, seed=1))
+
+
+def test_missing_model_path(tmp_path: Path):
+    with pytest.raises(ModelLoadError, match="not found"):
+        load_model(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="config.json"):
+        load_model(str(tmp_path / "empty"))

@@ -1,0 +1,207 @@
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+
+import numpy as np
+import pytest
+
+from indexer.catalog import FlagRequest, NewImage
+from indexer.vector_index import IndexConfig, IndexParams, VectorIndex, choose_params
+from tests.helpers import gaussian_mixture
+
+DIM = 64
+
+
+def populate(store, vectors: np.ndarray, flagged: np.ndarray | None = None, start: int = 1) -> np.ndarray:
+    """Real catalog rows + raw vectors for synthetic embeddings (what ingest would have written)."""
+    vs = store.bind_model("synthetic@test", vectors.shape[1], "{}")
+    ids = np.arange(start, start + len(vectors))
+    for i in range(0, len(vectors), 5000):
+        part = ids[i:i + 5000]
+        vs.append(int(part[0]), vectors[i:i + 5000])
+        images = [NewImage(int(k), hashlib.sha256(f"img{k}".encode()).hexdigest(), 1, "PNG", 1, 1, 1, 0.0,
+                           "t", ((f"/x/{k}.png", None),)) for k in part]
+        flags = [(int(k), FlagRequest("import", None, "test")) for j, k in enumerate(part)
+                 if flagged is not None and flagged[i + j]]
+        store.catalog.write_batch(images, "synthetic@test", flags=flags)
+    return ids
+
+
+def exact_topk(base: np.ndarray, base_ids: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
+    sims = q @ base.T
+    return base_ids[np.argsort(-sims, axis=1, kind="stable")[:, :k]]
+
+
+def recall(hits, truth: np.ndarray) -> float:
+    return float(np.mean([len(set(h.ids.tolist()) & set(t.tolist())) / len(t) for h, t in zip(hits, truth)]))
+
+
+CFG = IndexConfig(exact_threshold=3000, nprobe=16, rerank=10)
+
+
+@pytest.fixture(scope="module")
+def mixture():
+    return gaussian_mixture(12_000, DIM, 40, seed=3, spread=0.5)
+
+
+def test_params_are_chosen_from_n_and_dimension():
+    assert choose_params(1000, 192, IndexConfig()).kind == "flat"
+    p = choose_params(1_000_000, 192, IndexConfig())
+    assert (p.kind, p.nlist, p.pq_m, p.opq_dim) == ("ivfpq", 4096, 48, 0)
+    p = choose_params(1_000_000, 1024, IndexConfig())
+    assert p.opq_dim == 512 and 512 % p.pq_m == 0 and p.pq_m <= 64
+    assert choose_params(100_000, 192, IndexConfig(nlist=256, pq_m=24, opq="on")).factory == "OPQ24_192,IVF256,PQ24x8"
+
+
+def test_ivfpq_with_rerank_reaches_recall_of_exact(store, mixture):
+    vecs, _ = mixture
+    rng = np.random.default_rng(0)
+    flagged = rng.random(len(vecs)) < 0.01
+    ids = populate(store, vecs, flagged)
+    index = VectorIndex(store, CFG)
+    st = index.stats()
+    assert st["all"]["kind"] == "ivfpq" and st["flagged"]["kind"] == "flat"
+    q = vecs[rng.choice(len(vecs), 200, replace=False)] + rng.normal(0, 0.02, (200, DIM)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    hits = index.search(q, 10, "all")
+    assert all(len(h.ids) == 10 and (h.ids > 0).all() for h in hits)
+    assert recall(hits, exact_topk(vecs, ids, q, 10)) >= 0.95
+    # the flagged scope, 1 % of the corpus, keeps that recall (it is its own index, not a filter)
+    fl = index.search(q, 10, "flagged")
+    assert recall(fl, exact_topk(vecs[flagged], ids[flagged], q, 10)) >= 0.95
+    assert all(set(h.ids.tolist()) <= set(ids[flagged].tolist()) for h in fl)
+    # similarities are exact cosines after re-ranking, best first
+    h = hits[0]
+    assert np.allclose(h.similarities, vecs[h.ids - 1] @ q[0], atol=1e-5)
+    assert (np.diff(h.similarities) <= 1e-6).all()
+
+
+def test_flagged_scope_as_ivfpq_too(store, mixture):
+    vecs, _ = mixture
+    flagged = np.random.default_rng(1).random(len(vecs)) < 0.9
+    ids = populate(store, vecs, flagged)
+    index = VectorIndex(store, CFG)
+    assert index.stats()["flagged"]["kind"] == "ivfpq"
+    q = vecs[:100]
+    assert recall(index.search(q, 10, "flagged"), exact_topk(vecs[flagged], ids[flagged], q, 10)) >= 0.95
+
+
+def test_flag_unflag_and_delete_are_visible_at_once(store, mixture):
+    vecs = mixture[0][:500]
+    populate(store, vecs)
+    index = VectorIndex(store, CFG)
+    assert index.search(vecs[:1], 5, "flagged")[0].ids.size == 0
+    store.catalog.set_flag([7, 8], FlagRequest("manual", "x", "alice"), flag=True)
+    index.catch_up()
+    assert index.search(vecs[6:7], 1, "flagged")[0].ids.tolist() == [7]
+    store.catalog.set_flag([7], FlagRequest("manual", None, "bob"), flag=False)
+    # even before any catch-up, the catalog guard keeps an unflagged image out
+    assert 7 not in index.search(vecs[6:7], 5, "flagged")[0].ids.tolist()
+    index.catch_up()
+    assert index.search(vecs[6:7], 5, "flagged")[0].ids.tolist() == [8]
+    store.catalog.mark_deleted([8], "carol", "takedown")
+    assert index.search(vecs[7:8], 5, "flagged")[0].ids.size == 0
+    assert 8 not in index.search(vecs[7:8], 5, "all")[0].ids.tolist()
+
+
+def test_k_larger_than_the_index_never_pads(store, mixture):
+    populate(store, mixture[0][:3])
+    index = VectorIndex(store, CFG)
+    h = index.search(mixture[0][:1], 10, "all")[0]
+    assert sorted(h.ids.tolist()) == [1, 2, 3] and -1 not in h.ids
+
+
+def test_incremental_add_and_automatic_retrain(store, mixture):
+    vecs = mixture[0]
+    populate(store, vecs[:8000])
+    index = VectorIndex(store, CFG)
+    assert index.stats()["all"]["kind"] == "flat"
+    index.save()
+    populate(store, vecs[8000:11000], start=8001)
+    index.catch_up()  # crosses the exact threshold: retrains as IVF-PQ
+    st = index.stats()["all"]
+    assert st["kind"] == "ivfpq" and st["vectors"] == 11000 and st["generation"] == 2
+    index.save()
+    # a fresh reader loads the saved file and catches up what came after the checkpoint
+    populate(store, vecs[11000:11100], start=11001)
+    reader = VectorIndex(store, CFG)
+    assert reader.stats()["all"]["vectors"] == 11100 and reader.stats()["all"]["kind"] == "ivfpq"
+    assert reader.search(vecs[11050:11051], 1, "all")[0].ids.tolist() == [11051]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "corrupt", "delete"])
+def test_damaged_index_file_is_rebuilt_with_a_warning(store, mixture, damage, caplog):
+    vecs = mixture[0][:4000]
+    populate(store, vecs, np.arange(4000) % 10 == 0)
+    index = VectorIndex(store, CFG)
+    index.save()
+    path = index.path("all")
+    data = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(data[: len(data) // 3])
+    elif damage == "corrupt":
+        path.write_bytes(data[:1000] + bytes(b ^ 0xFF for b in data[1000:1100]) + data[1100:])
+    else:
+        path.unlink()
+    with caplog.at_level(logging.WARNING, logger="indexer.vector_index"):
+        again = VectorIndex(store, CFG)
+    assert "rebuilding" in caplog.text
+    assert again.stats()["all"]["vectors"] == 4000
+    assert again.search(vecs[123:124], 1, "all")[0].ids.tolist() == [124]
+    again.save()
+    assert VectorIndex(store, CFG).stats()["all"]["generation"] == again.stats()["all"]["generation"]
+
+
+def test_searches_during_rebuild_get_the_old_or_the_new_answer(store, mixture):
+    vecs = mixture[0][:6000]
+    populate(store, vecs)
+    index = VectorIndex(store, IndexConfig(exact_threshold=10**9, nprobe=1, rerank=1))
+    q = vecs[:40] + 0.01
+    old = [tuple(h.ids.tolist()) for h in index.search(q, 10, "all")]
+    ivf = IndexParams("ivfpq", DIM, nlist=64, pq_m=8)
+    errors: list[BaseException] = []
+    seen: list[list[tuple]] = []
+    stop = threading.Event()
+
+    def reader() -> None:
+        try:
+            while not stop.is_set():
+                seen.append([tuple(h.ids.tolist()) for h in index.search(q, 10, "all")])
+        except BaseException as exc:  # noqa: BLE001 - any error fails the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reader) for _ in range(4)]
+    for t in threads:
+        t.start()
+    index.rebuild("all", params=ivf)
+    new = [tuple(h.ids.tolist()) for h in index.search(q, 10, "all")]
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(seen) > 4 and old != new
+    assert all(answer in (old, new) for answer in seen)
+
+
+def test_another_process_rebuild_is_picked_up(store, mixture):
+    vecs = mixture[0][:5000]
+    populate(store, vecs)
+    reader = VectorIndex(store, IndexConfig(exact_threshold=10**9, refresh_seconds=0))
+    reader.save()
+    writer = VectorIndex(store, IndexConfig(exact_threshold=10**9))
+    writer.rebuild("all", params=IndexParams("ivfpq", DIM, nlist=32, pq_m=16))
+    writer.save()
+    assert reader.stats()["all"]["kind"] == "flat"
+    reader.catch_up()
+    assert reader.stats()["all"]["kind"] == "ivfpq"
+    assert reader.stats()["all"]["generation"] == writer.stats()["all"]["generation"]
+
+
+def test_params_can_be_overridden(store, mixture):
+    populate(store, mixture[0][:3000])
+    index = VectorIndex(store, CFG)
+    index.rebuild("all", params=IndexParams("ivfpq", DIM, nlist=32, pq_m=16))
+    st = index.stats()["all"]
+    assert st["factory"] == "IVF32,PQ16x8"
