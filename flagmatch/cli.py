@@ -158,6 +158,72 @@ def reindex(scope: str | None, settings: Settings) -> None:
     click.echo(f"rebuilt in {time.perf_counter() - t:.1f} s")
 
 
+@main.command()
+@click.argument("images", nargs=-1, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--id", "ids", multiple=True, help="search by a stored image (id, sha256 or external id); repeatable")
+@click.option("--scope", type=click.Choice(["flagged", "all"]), default="flagged", show_default=True)
+@click.option("-k", "k", default=10, show_default=True, help="neighbours per query")
+@click.option("--min-similarity", default=-1.0, show_default=True, type=float)
+@click.option("--json", "as_json", is_flag=True, help="print the API's JSON")
+@with_settings
+def search(images: tuple[Path, ...], ids: tuple[str, ...], scope: str, k: int, min_similarity: float,
+           as_json: bool, settings: Settings) -> None:
+    """Nearest flagged images (or --scope all) for image files or stored images."""
+    from search.service import SearchParams, SearchService
+    if not images and not ids:
+        raise click.UsageError("give image files or --id")
+    store = wiring.open_store(settings)
+    index = wiring.open_index(store, settings)
+    embedder = wiring.load_embedder(settings) if images else None
+    svc = SearchService(store, index, embedder, max_pixels=settings.max_pixels,
+                        cluster_lookup=wiring.cluster_lookup(store))
+    params = SearchParams(k=k, scope=scope, min_similarity=min_similarity)
+    responses = []
+    if images:
+        uploads = []
+        for p in images:
+            try:
+                uploads.append((str(p), p.read_bytes()))
+            except OSError as exc:
+                raise click.ClickException(f"{p}: {exc.strerror}") from None
+        responses.append(svc.search_uploads(uploads, params))
+    if ids:
+        responses.append(svc.search_ids([store.catalog.resolve(r) for r in ids], params))
+    if as_json:
+        from search.api import response_json
+        from web.app import create_app
+        with create_app(settings, load="none").test_request_context():
+            out = [response_json(r) for r in responses]
+        click.echo(json.dumps(out[0] if len(out) == 1 else out, indent=2))
+        return
+    for resp in responses:
+        for r in resp.results:
+            q = r.query
+            known = f", already known as #{q.known_id}" if q.known_id else ""
+            pu = "" if q.p_unsafe is None else f"P(unsafe) {q.p_unsafe:.3f}"
+            click.echo(f"{q.label}: {pu}{known} — {len(r.hits)} {scope} neighbour(s)")
+            if r.hits:
+                click.echo(f"  {'#':>3} {'id':>8} {'sim':>6} {'P(uns)':>6}  {'flag':<18} {'cluster':<10} path")
+            for i, h in enumerate(r.hits, 1):
+                rec = h.record
+                flag = f"{rec.flag_source}{':' + rec.flag_label if rec.flag_label else ''}" if rec.flagged else "-"
+                cl = str(h.cluster.get("id")) if h.cluster else "-"
+                click.echo(f"  {i:>3} {rec.id:>8} {h.similarity:>6.3f} {rec.p_unsafe:>6.3f}  {flag[:18]:<18} "
+                           f"{cl:<10} {rec.paths[0] if rec.paths else ''}")
+
+
+@main.command()
+@with_settings
+def serve(settings: Settings) -> None:
+    """Serve the JSON API and the viewer on a production WSGI server (gunicorn)."""
+    from web.serve import serve as run_server
+    if not settings.api_tokens and not settings.open_reads:
+        click.echo("warning: no --api-tokens set: every request will be refused (401)", err=True)
+    click.echo(f"flagmatch on http://{settings.host}:{settings.port}  ({settings.workers} worker(s) × "
+               f"{settings.threads} threads)", err=True)
+    run_server(settings)
+
+
 @main.command("export-onnx")
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
 @with_settings

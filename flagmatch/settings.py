@@ -63,7 +63,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("nlist", int, 0, "IVF lists (0: chosen from N)"),
     Setting("pq_m", int, 0, "PQ sub-quantizers (0: chosen from the dimension)"),
     Setting("opq", str, "auto", "OPQ rotation before PQ: auto, on or off"),
-    Setting("nprobe", int, 32, "IVF lists visited per query"),
+    Setting("nprobe", int, 0, "IVF lists visited per query (0: nlist/32, at least 16)"),
     Setting("rerank", int, 10, "candidates re-ranked exactly from the raw vectors, as a multiple of k"),
     Setting("index_save_seconds", float, 30.0, "during ingest, save the indexes at most this often"),
     Setting("use_gpu", str, "auto", "FAISS on the GPU: auto (when faiss-gpu sees one), on or off"),

@@ -43,3 +43,12 @@ def index_stats(store: Store) -> dict:
             f"{cp.params.get('kind')} {cp.ntotal} vectors, covers image {cp.image_id} / flag event "
             f"{cp.flag_event_id}, generation {cp.generation}")
     return out
+
+
+def cluster_lookup(store: Store):  # type: ignore[no-untyped-def]
+    """The clustering job's per-image cluster facts, for search hits (None before any run)."""
+    try:
+        from clustering.store import ClusterStore
+    except ImportError:
+        return None
+    return ClusterStore(store).lookup

@@ -41,8 +41,8 @@ class IndexConfig:
     nlist: int = 0            # 0: from N
     pq_m: int = 0             # 0: from the dimension
     opq: str = "auto"         # auto | on | off
-    nprobe: int = 32
-    rerank: int = 10
+    nprobe: int = 0           # 0: nlist / 32, at least 16
+    rerank: int = 10          # candidates re-ranked exactly = k × rerank (0: no re-ranking)
     use_gpu: str = "auto"     # auto | on | off
     save_seconds: float = 30.0
     refresh_seconds: float = 0.5  # readers look for catalog changes and published rebuilds this often
@@ -150,7 +150,11 @@ class ScopeIndex:
 
     def set_nprobe(self, nprobe: int) -> None:
         if self.params.kind == "ivfpq":
-            faiss.extract_index_ivf(self.index).nprobe = nprobe
+            faiss.extract_index_ivf(self.index).nprobe = nprobe or max(16, self.params.nlist // 32)
+
+    @property
+    def nprobe(self) -> int | None:
+        return int(faiss.extract_index_ivf(self.index).nprobe) if self.params.kind == "ivfpq" else None
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         if self.ids is not None:
@@ -388,7 +392,7 @@ class VectorIndex:
             s = self._scopes[scope]
             if s.ntotal == 0:
                 return [Hits(np.zeros(0, np.int64), np.zeros(0, np.float32)) for _ in q]
-            if s.params.kind == "flat":
+            if s.params.kind == "flat" or self.cfg.rerank <= 0:  # rerank 0: PQ similarities as they are
                 sims, ids = self._search_index(s, q, min(want, s.ntotal))
             else:
                 _, cand = self._search_index(s, q, min(want * max(self.cfg.rerank, 1), s.ntotal))
@@ -456,7 +460,7 @@ class VectorIndex:
         with self._lock.read():
             return {sc: {"kind": s.params.kind, "factory": s.params.factory, "vectors": s.ntotal,
                          "covers_image_id": s.image_id, "covers_flag_event": s.flag_event_id,
-                         "generation": s.generation, "nprobe": self.cfg.nprobe if s.params.kind == "ivfpq" else None,
+                         "generation": s.generation, "nprobe": s.nprobe,
                          "gpu": self._gpu}
                     for sc, s in self._scopes.items()}
 

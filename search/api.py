@@ -1,0 +1,296 @@
+"""The JSON API, a Flask blueprint under /api/v1. Every error is ``{"error": {"code", "message"}}``
+with a 4xx (a bad request is never a 500)."""
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from flask import Blueprint, Response, current_app, g, jsonify, request, url_for
+from werkzeug.exceptions import HTTPException
+
+from indexer.catalog import FlagRequest, ImageRecord
+from indexer.errors import FlagmatchError, InvalidInputError, NotFoundError
+from search.openapi import openapi_document
+from search.service import Hit, SearchParams, SearchResponse
+
+bp = Blueprint("api", __name__, url_prefix="/api/v1")
+
+
+@dataclass(frozen=True)
+class FlagBody:
+    reason: str | None
+    label: str | None
+
+    @classmethod
+    def parse(cls, data: Any) -> "FlagBody":
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise InvalidInputError("the body must be a JSON object", code="bad_body")
+        out = {}
+        for key in ("reason", "label"):
+            v = data.get(key)
+            if v is not None and (not isinstance(v, str) or len(v) > 2000):
+                raise InvalidInputError(f"{key} must be a string of at most 2000 characters", code="bad_parameter")
+            out[key] = v.strip() if isinstance(v, str) and v.strip() else None
+        unknown = set(data) - {"reason", "label"}
+        if unknown:
+            raise InvalidInputError(f"unknown field(s): {', '.join(sorted(unknown))}", code="bad_parameter")
+        return cls(**out)
+
+
+def runtime():  # type: ignore[no-untyped-def]
+    return current_app.extensions["flagmatch"]
+
+
+def error(status: int, code: str, message: str) -> Response:
+    resp = jsonify({"error": {"code": code, "message": message}})
+    resp.status_code = status
+    if status == 401:
+        resp.headers["WWW-Authenticate"] = 'Bearer realm="flagmatch"'
+    return resp
+
+
+@bp.errorhandler(FlagmatchError)
+def _domain_error(exc: FlagmatchError) -> Response:
+    status = exc.http_status
+    if exc.code == "too_large":
+        status = 413
+    elif exc.code == "unsupported_format":
+        status = 415
+    return error(status, exc.code, exc.message)
+
+
+@bp.errorhandler(HTTPException)
+def _http_error(exc: HTTPException) -> Response:
+    code = {413: "body_too_large", 404: "not_found", 405: "method_not_allowed", 400: "bad_request",
+            415: "unsupported_media_type"}.get(exc.code or 400, "http_error")
+    return error(exc.code or 400, code, exc.description or code)
+
+
+# ------------------------------------------------------------------ auth
+
+def authorize(write: bool) -> Response | None:
+    """Reads may be open (setting open_reads); writes always need a token."""
+    rt = runtime()
+    token = rt.tokens.from_header(request.headers.get("Authorization"))
+    actor = rt.tokens.actor(token) or rt.session_actor()
+    if actor is None and request.headers.get("Authorization") is not None:
+        return error(401, "unauthorized", "the bearer token is not valid")
+    if actor is None and (write or not rt.settings.open_reads):
+        return error(401, "unauthorized", "a bearer token is required (Authorization: Bearer <token>)")
+    g.actor = actor or "anonymous"
+    return None
+
+
+def needs(write: bool) -> Callable:
+    def deco(fn: Callable) -> Callable:
+        def wrapper(*a: Any, **kw: Any) -> Any:
+            denied = authorize(write)
+            if denied is not None:
+                return denied
+            if write and rt_csrf_required():
+                return error(403, "csrf", "missing or wrong CSRF token")
+            return fn(*a, **kw)
+        wrapper.__name__ = fn.__name__
+        wrapper.__doc__ = fn.__doc__
+        return wrapper
+    return deco
+
+
+def rt_csrf_required() -> bool:
+    """Requests authenticated by the viewer's session cookie must carry its CSRF token."""
+    rt = runtime()
+    if rt.tokens.from_header(request.headers.get("Authorization")):
+        return False
+    return rt.session_actor() is not None and not rt.csrf_ok(request.headers.get("X-CSRF-Token"))
+
+
+def need_ready() -> Response | None:
+    if not runtime().ready.is_set():
+        return error(503, "not_ready", "the model and index are still loading")
+    return None
+
+
+# ------------------------------------------------------------------ serialisation
+
+def _time(t: dt.datetime | None) -> str | None:
+    return None if t is None else t.replace(tzinfo=dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def image_json(r: ImageRecord, *, history: bool = False) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "id": r.id, "sha256": r.sha256, "format": r.format, "width": r.width, "height": r.height,
+        "frames": r.frames, "size_bytes": r.size_bytes, "p_unsafe": round(r.p_unsafe, 6), "flagged": r.flagged,
+        "flag": {"source": r.flag_source, "label": r.flag_label, "at": _time(r.flagged_at)} if r.flagged else None,
+        "thumbnail_url": url_for("api.thumbnail", image_id=r.id),
+        "paths": list(r.paths), "external_ids": list(r.external_ids), "created_at": _time(r.created_at),
+    }
+    if history:
+        out["history"] = [{"action": e.action, "source": e.source, "label": e.label, "actor": e.actor,
+                           "reason": e.reason, "at": _time(e.at)} for e in r.history]
+    return out
+
+
+def hit_json(h: Hit) -> dict[str, Any]:
+    d = image_json(h.record)
+    d["similarity"] = round(h.similarity, 6)
+    d["cluster"] = h.cluster
+    return d
+
+
+def response_json(resp: SearchResponse) -> dict[str, Any]:
+    return {
+        "model_id": resp.model_id, "scope": resp.scope, "index_checkpoint": resp.checkpoint,
+        "results": [{"query": {"name": r.query.label, "sha256": r.query.sha256,
+                               "p_unsafe": None if r.query.p_unsafe is None else round(r.query.p_unsafe, 6),
+                               "known": r.query.known_id is not None, "known_id": r.query.known_id},
+                     "hits": [hit_json(h) for h in r.hits]} for r in resp.results],
+    }
+
+
+# ------------------------------------------------------------------ routes
+
+def _params(source: dict[str, Any]) -> SearchParams:
+    def num(name: str, kind: type, default: Any) -> Any:
+        v = source.get(name, default)
+        if isinstance(v, bool):
+            raise InvalidInputError(f"{name} must be a number", code="bad_parameter")
+        try:
+            return kind(v)
+        except (TypeError, ValueError):
+            raise InvalidInputError(f"{name} must be a number, not {v!r}", code="bad_parameter") from None
+    scope = source.get("scope", "flagged")
+    if not isinstance(scope, str):
+        raise InvalidInputError("scope must be a string", code="bad_parameter")
+    return SearchParams(k=num("k", int, 10), scope=scope, min_similarity=num("min_similarity", float, -1.0))
+
+
+@bp.post("/search")
+@needs(write=False)
+def search() -> Response:
+    """Nearest flagged (or all) images for uploads, or for stored images by id / sha256."""
+    if (denied := need_ready()) is not None:
+        return denied
+    svc = runtime().service
+    if request.mimetype == "multipart/form-data":
+        files = request.files.getlist("image")
+        if not files:
+            raise InvalidInputError("send the image as the multipart field 'image'", code="missing_image")
+        params = _params({**request.args.to_dict(), **request.form.to_dict()})
+        uploads = [(f.filename or "upload", f.read()) for f in files]
+        resp = svc.search_uploads(uploads, params)
+    elif request.is_json:
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict):
+            raise InvalidInputError("the body must be a JSON object", code="bad_body")
+        params = _params({**request.args.to_dict(), **body})
+        ids: list[int] = []
+        if "id" in body or "ids" in body:
+            raw = body.get("ids", [body.get("id")])
+            if not isinstance(raw, list) or not raw or len(raw) > 100 or not all(
+                    isinstance(i, int) and not isinstance(i, bool) for i in raw):
+                raise InvalidInputError("id must be an integer (ids: a list of 1–100 integers)", code="bad_parameter")
+            ids = raw
+        elif "sha256" in body:
+            sha = body["sha256"]
+            if not isinstance(sha, str) or len(sha) != 64:
+                raise InvalidInputError("sha256 must be 64 hex characters", code="bad_parameter")
+            found = runtime().store.catalog.known_sha(sha.lower())
+            if found is None:
+                raise NotFoundError(f"no image with sha256 {sha}")
+            ids = [found]
+        else:
+            raise InvalidInputError("give 'id', 'ids' or 'sha256' (or upload an image as multipart)",
+                                    code="missing_query")
+        resp = svc.search_ids(ids, params)
+    else:
+        return error(415, "unsupported_media_type", "send multipart/form-data (field 'image') or JSON")
+    import time
+    t0 = time.perf_counter()
+    out = jsonify(response_json(resp))
+    resp.timings.hydrate += (time.perf_counter() - t0) * 1000
+    out.headers["Server-Timing"] = resp.timings.header()
+    return out
+
+
+@bp.get("/images/<int:image_id>")
+@needs(write=False)
+def image(image_id: int) -> Response:
+    rec = runtime().store.catalog.get(image_id)
+    d = image_json(rec, history=True)
+    lookup = runtime().service.cluster_lookup if runtime().service else None
+    d["cluster"] = (lookup([image_id]) or {}).get(image_id) if lookup else None
+    return jsonify(d)
+
+
+@bp.get("/images/<int:image_id>/thumbnail")
+@needs(write=False)
+def thumbnail(image_id: int) -> Response:
+    rt = runtime()
+    rec = rt.store.catalog.get(image_id)
+    path = rt.store.thumb_path(rec.thumb_key)
+    if not rec.thumb_key or not path.is_file():
+        raise NotFoundError(f"image {image_id} has no thumbnail")
+    resp = Response(path.read_bytes(), mimetype="image/webp")  # a few kB: no file handle to leak
+    resp.headers["Cache-Control"] = "no-store"
+    return resp
+
+
+def _flag(image_id: int, flag: bool) -> Response:
+    rt = runtime()
+    body = FlagBody.parse(request.get_json(silent=True) if request.data else {})
+    rt.store.catalog.get(image_id)  # 404 before anything changes
+    source = "review"
+    changed = rt.store.catalog.set_flag([image_id], FlagRequest(source, body.label, g.actor, body.reason), flag=flag)
+    if rt.index is not None:
+        rt.index.catch_up()
+    rec = rt.store.catalog.get(image_id)
+    return jsonify({"changed": bool(changed), "image": image_json(rec, history=True)})
+
+
+@bp.post("/images/<int:image_id>/flag")
+@needs(write=True)
+def flag(image_id: int) -> Response:
+    """Flag an image (JSON body: reason, label); recorded in its flag history."""
+    return _flag(image_id, True)
+
+
+@bp.post("/images/<int:image_id>/unflag")
+@needs(write=True)
+def unflag(image_id: int) -> Response:
+    """Unflag an image (JSON body: reason); recorded in its flag history."""
+    return _flag(image_id, False)
+
+
+@bp.get("/stats")
+@needs(write=False)
+def stats() -> Response:
+    rt = runtime()
+    st = rt.store.catalog.stats()
+    st["index"] = rt.index.stats() if rt.index is not None else None
+    st["model"] = None if rt.embedder is None else {
+        "model_id": rt.embedder.info.model_id, "backend": rt.embedder.info.backend,
+        "precision": rt.embedder.info.precision}
+    return jsonify(st)
+
+
+@bp.get("/openapi.json")
+def openapi() -> Response:
+    return jsonify(openapi_document())
+
+
+def register_health(app: Any) -> None:
+    @app.get("/healthz")
+    def healthz() -> Response:
+        return jsonify({"status": "ok"})
+
+    @app.get("/readyz")
+    def readyz() -> Response:
+        rt = app.extensions["flagmatch"]
+        if rt.ready.is_set():
+            return jsonify({"status": "ready"})
+        resp = jsonify({"status": "loading" if rt.load_error is None else "failed", "error": rt.load_error})
+        resp.status_code = 503
+        return resp

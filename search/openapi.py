@@ -1,0 +1,116 @@
+"""The OpenAPI 3.1 description of the JSON API (a test checks every route is in it)."""
+from __future__ import annotations
+
+from typing import Any
+
+_ERR = {"$ref": "#/components/responses/Error"}
+
+
+def _resp(ok: dict[str, Any], *errors: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"200": ok}
+    for code in errors:
+        out[str(code)] = _ERR
+    return out
+
+
+def openapi_document() -> dict[str, Any]:
+    image_id = {"name": "image_id", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1}}
+    json_ok = lambda ref: {"description": "OK", "content": {"application/json": {"schema": {"$ref": ref}}}}  # noqa: E731
+    params_props = {
+        "k": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 10},
+        "scope": {"type": "string", "enum": ["flagged", "all"], "default": "flagged"},
+        "min_similarity": {"type": "number", "minimum": -1, "maximum": 1, "default": -1},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "flagmatch", "version": "1",
+                 "description": "Find flagged images similar to a query image; flag and unflag images."},
+        "servers": [{"url": "/api/v1"}],
+        "security": [{"bearer": []}],
+        "paths": {
+            "/search": {"post": {
+                "summary": "Nearest flagged (or all) images for uploads or stored images",
+                "requestBody": {"required": True, "content": {
+                    "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
+                        "image": {"type": "array", "items": {"type": "string", "format": "binary"},
+                                  "description": "one or more image files (field repeated)"},
+                        **params_props}}},
+                    "application/json": {"schema": {"$ref": "#/components/schemas/SearchByStored"}}}},
+                "responses": _resp(json_ok("#/components/schemas/SearchResponse"), 400, 401, 404, 413, 415, 503)}},
+            "/images/{image_id}": {"get": {
+                "summary": "One image: facts, flag, flag history, paths, cluster",
+                "parameters": [image_id],
+                "responses": _resp(json_ok("#/components/schemas/ImageWithHistory"), 401, 404)}},
+            "/images/{image_id}/thumbnail": {"get": {
+                "summary": "The image's thumbnail (WebP, never cached)",
+                "parameters": [image_id],
+                "responses": _resp({"description": "WebP thumbnail",
+                                    "content": {"image/webp": {"schema": {"type": "string", "format": "binary"}}}},
+                                   401, 404)}},
+            "/images/{image_id}/flag": {"post": {
+                "summary": "Flag an image (recorded in its history)", "parameters": [image_id],
+                "requestBody": {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/FlagBody"}}}},
+                "responses": _resp(json_ok("#/components/schemas/FlagResult"), 400, 401, 403, 404)}},
+            "/images/{image_id}/unflag": {"post": {
+                "summary": "Unflag an image (recorded in its history)", "parameters": [image_id],
+                "requestBody": {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/FlagBody"}}}},
+                "responses": _resp(json_ok("#/components/schemas/FlagResult"), 400, 401, 403, 404)}},
+            "/stats": {"get": {"summary": "What the catalog and indexes hold",
+                               "responses": _resp({"description": "OK", "content": {"application/json": {
+                                   "schema": {"type": "object"}}}}, 401)}},
+            "/openapi.json": {"get": {"summary": "This document", "security": [],
+                                      "responses": {"200": {"description": "OK", "content": {
+                                          "application/json": {"schema": {"type": "object"}}}}}}},
+        },
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "responses": {"Error": {"description": "Error", "content": {"application/json": {
+                "schema": {"$ref": "#/components/schemas/Error"}}}}},
+            "schemas": {
+                "Error": {"type": "object", "required": ["error"], "properties": {"error": {
+                    "type": "object", "required": ["code", "message"],
+                    "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}},
+                "SearchByStored": {"type": "object", "properties": {
+                    "id": {"type": "integer"}, "ids": {"type": "array", "items": {"type": "integer"}, "maxItems": 100},
+                    "sha256": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"}, **params_props}},
+                "Flag": {"type": ["object", "null"], "properties": {
+                    "source": {"type": "string"}, "label": {"type": ["string", "null"]},
+                    "at": {"type": ["string", "null"], "format": "date-time"}}},
+                "Image": {"type": "object", "required": ["id", "sha256", "p_unsafe", "flagged", "thumbnail_url"],
+                          "properties": {
+                              "id": {"type": "integer"}, "sha256": {"type": "string"}, "format": {"type": "string"},
+                              "width": {"type": "integer"}, "height": {"type": "integer"},
+                              "frames": {"type": "integer"}, "size_bytes": {"type": "integer"},
+                              "p_unsafe": {"type": "number"}, "flagged": {"type": "boolean"},
+                              "flag": {"$ref": "#/components/schemas/Flag"},
+                              "thumbnail_url": {"type": "string"},
+                              "paths": {"type": "array", "items": {"type": "string"}},
+                              "external_ids": {"type": "array", "items": {"type": "string"}},
+                              "created_at": {"type": "string", "format": "date-time"},
+                              "cluster": {"type": ["object", "null"]}}},
+                "ImageWithHistory": {"allOf": [{"$ref": "#/components/schemas/Image"}, {"type": "object", "properties": {
+                    "history": {"type": "array", "items": {"type": "object", "properties": {
+                        "action": {"type": "string", "enum": ["flag", "unflag"]}, "source": {"type": "string"},
+                        "label": {"type": ["string", "null"]}, "actor": {"type": "string"},
+                        "reason": {"type": ["string", "null"]}, "at": {"type": "string"}}}}}}]},
+                "Hit": {"allOf": [{"$ref": "#/components/schemas/Image"}, {"type": "object", "required": ["similarity"],
+                                                                          "properties": {"similarity": {"type": "number"}}}]},
+                "SearchResponse": {"type": "object", "required": ["model_id", "scope", "index_checkpoint", "results"],
+                                   "properties": {
+                                       "model_id": {"type": "string"}, "scope": {"type": "string"},
+                                       "index_checkpoint": {"type": "object", "properties": {
+                                           "image_id": {"type": "integer"}, "flag_event_id": {"type": "integer"},
+                                           "generation": {"type": "integer"}}},
+                                       "results": {"type": "array", "items": {"type": "object", "properties": {
+                                           "query": {"type": "object", "properties": {
+                                               "name": {"type": "string"}, "sha256": {"type": ["string", "null"]},
+                                               "p_unsafe": {"type": ["number", "null"]}, "known": {"type": "boolean"},
+                                               "known_id": {"type": ["integer", "null"]}}},
+                                           "hits": {"type": "array", "items": {"$ref": "#/components/schemas/Hit"}}}}}}},
+                "FlagBody": {"type": "object", "additionalProperties": False, "properties": {
+                    "reason": {"type": "string", "maxLength": 2000}, "label": {"type": "string", "maxLength": 2000}}},
+                "FlagResult": {"type": "object", "properties": {
+                    "changed": {"type": "boolean"}, "image": {"$ref": "#/components/schemas/ImageWithHistory"}}},
+            },
+        },
+    }

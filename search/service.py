@@ -1,0 +1,149 @@
+"""Queries out: "which flagged images look like this one?" for an uploaded image, a stored image
+(by id or sha256), or a batch. The service is a plain object built from its parts; the JSON API and
+the CLI are thin wrappers over it."""
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from indexer.catalog import ImageRecord
+from indexer.decode import decode
+from indexer.embed import Embedder
+from indexer.errors import InvalidInputError, ModelLoadError
+from indexer.store import Store
+from indexer.vector_index import SCOPES, VectorIndex
+
+MAX_K = 1000
+ClusterLookup = Callable[[Sequence[int]], dict[int, dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    k: int = 10
+    scope: str = "flagged"
+    min_similarity: float = -1.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.k <= MAX_K:
+            raise InvalidInputError(f"k must be between 1 and {MAX_K}, not {self.k}", code="bad_parameter")
+        if self.scope not in SCOPES:
+            raise InvalidInputError(f"scope must be one of {', '.join(SCOPES)}, not {self.scope!r}",
+                                    code="bad_parameter")
+        if not -1.0 <= self.min_similarity <= 1.0:
+            raise InvalidInputError("min_similarity must be between -1 and 1", code="bad_parameter")
+
+
+@dataclass
+class Timings:
+    """Milliseconds per stage, summed over a request (reported as a Server-Timing header)."""
+    decode: float = 0.0
+    embed: float = 0.0
+    search: float = 0.0
+    hydrate: float = 0.0
+
+    def header(self) -> str:
+        return ", ".join(f"{k};dur={v:.2f}" for k, v in self.__dict__.items())
+
+
+@dataclass(frozen=True)
+class Query:
+    """What was asked: an upload (name, sha256) or a stored image (id)."""
+    label: str
+    sha256: str | None
+    p_unsafe: float | None
+    known_id: int | None
+
+
+@dataclass(frozen=True)
+class Hit:
+    record: ImageRecord
+    similarity: float
+    cluster: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    query: Query
+    hits: list[Hit]
+
+
+@dataclass
+class SearchResponse:
+    results: list[QueryResult]
+    model_id: str
+    scope: str
+    checkpoint: dict[str, int]
+    timings: Timings = field(default_factory=Timings)
+
+
+class SearchService:
+    def __init__(self, store: Store, index: VectorIndex, embedder: Embedder | None, *, max_pixels: int,
+                 cluster_lookup: ClusterLookup | None = None) -> None:
+        self.store, self.index, self.embedder = store, index, embedder
+        self.max_pixels = max_pixels
+        self.cluster_lookup = cluster_lookup
+        self.model_id = store.catalog.model_meta().get("model_id", "")
+        if embedder is not None and self.model_id and embedder.info.model_id != self.model_id:
+            store.check_model(embedder.info.model_id)
+
+    # -- queries
+    def search_uploads(self, uploads: Sequence[tuple[str, bytes]], params: SearchParams) -> SearchResponse:
+        """Each upload (name, bytes) is decoded, embedded (one batch) and searched."""
+        if self.embedder is None:
+            raise ModelLoadError("this server has no model loaded: search by id or sha256 instead")
+        if not uploads:
+            raise InvalidInputError("no image in the request", code="missing_image")
+        t = Timings()
+        t0 = time.perf_counter()
+        pixels, queries = [], []
+        for name, data in uploads:
+            if not data:
+                raise InvalidInputError(f"{name or 'upload'}: the file is empty", code="empty_image")
+            img = decode(data, self.embedder.info.input, max_pixels=self.max_pixels, thumb_size=16)
+            sha = hashlib.sha256(data).hexdigest()
+            pixels.append(img.pixels)
+            queries.append((name, sha, self.store.catalog.known_sha(sha)))
+        t1 = time.perf_counter()
+        vectors, p = self.embedder.embed(np.stack(pixels))
+        t2 = time.perf_counter()
+        t.decode, t.embed = (t1 - t0) * 1000, (t2 - t1) * 1000
+        qs = [Query(name, sha, float(pu), known) for (name, sha, known), pu in zip(queries, p)]
+        return self._search(qs, vectors, params, t, exclude=[set() for _ in qs])
+
+    def search_ids(self, image_ids: Iterable[int], params: SearchParams) -> SearchResponse:
+        """Nearest neighbours of stored images (the image itself is left out of its own hits)."""
+        ids = [int(i) for i in image_ids]
+        recs = self.store.catalog.get_many(ids)
+        missing = [i for i in ids if i not in recs or recs[i].deleted]
+        if missing:
+            from indexer.errors import NotFoundError
+            raise NotFoundError(f"no image with id {missing[0]}")
+        vectors = self.store.open_vectors().get(ids)
+        qs = [Query(f"id:{i}", recs[i].sha256, recs[i].p_unsafe, i) for i in ids]
+        return self._search(qs, vectors, params, Timings(), exclude=[{i} for i in ids])
+
+    def _search(self, queries: list[Query], vectors: np.ndarray, params: SearchParams, t: Timings,
+                exclude: list[set[int]]) -> SearchResponse:
+        t0 = time.perf_counter()
+        all_hits = []
+        for vec, ex in zip(vectors, exclude):
+            all_hits.append(self.index.search(vec[None], params.k, params.scope, exclude=ex)[0])
+        t1 = time.perf_counter()
+        ids = {int(i) for h in all_hits for i in h.ids}
+        recs = self.store.catalog.get_many(ids)
+        clusters = self.cluster_lookup(sorted(ids)) if self.cluster_lookup and ids else {}
+        results = []
+        for q, h in zip(queries, all_hits):
+            hits = [Hit(recs[int(i)], float(s), clusters.get(int(i)))
+                    for i, s in zip(h.ids, h.similarities) if s >= params.min_similarity and int(i) in recs]
+            results.append(QueryResult(q, hits))
+        t.search += (t1 - t0) * 1000
+        t.hydrate += (time.perf_counter() - t1) * 1000
+        st = self.index.stats()[params.scope]
+        cp = {"image_id": st["covers_image_id"], "flag_event_id": st["covers_flag_event"],
+              "generation": st["generation"]}
+        return SearchResponse(results, self.model_id, params.scope, cp, t)

@@ -1,0 +1,202 @@
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from flagmatch.settings import Settings
+from indexer.catalog import FlagRequest
+from tests.helpers import drawn_image, encode, write_images
+
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def api_home(tmp_path_factory, tiny_model_dir, tiny_embedder) -> tuple[Settings, list[Path]]:
+    from flagmatch.wiring import ingest_options, open_index, open_store
+    from indexer.ingest import ingest
+    from indexer.sources import iter_sources
+
+    root = tmp_path_factory.mktemp("api")
+    files = write_images(root / "in", 16)
+    s = Settings.load({"home": str(root / "home"), "model": str(tiny_model_dir), "api_tokens": f"alice:{TOKEN}",
+                       "max_upload_bytes": 2_000_000, "max_pixels": 4_000_000}, environ={})
+    store = open_store(s)
+    ingest(store, tiny_embedder, iter_sources([str(root / "in")]), ingest_options(s))
+    store.catalog.set_flag([1, 2, 3, 4, 5, 6], FlagRequest("import", "spam", "setup"), flag=True)
+    open_index(store, s).save()
+    store.close()
+    return s, files
+
+
+@pytest.fixture
+def app(api_home, tiny_embedder):
+    from web.app import create_app
+    return create_app(api_home[0], embedder=tiny_embedder)
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+def upload(client, *datas: bytes, headers=AUTH, **fields):
+    data = {"image": [(io.BytesIO(d), f"q{i}.jpg") for i, d in enumerate(datas)], **fields}
+    return client.post("/api/v1/search", data=data, headers=headers, content_type="multipart/form-data")
+
+
+def test_health_and_readiness(client, api_home, tiny_embedder):
+    from web.app import create_app
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/readyz").status_code == 200
+    cold = create_app(api_home[0], embedder=tiny_embedder, load="none").test_client()
+    assert cold.get("/healthz").status_code == 200
+    r = cold.get("/readyz")
+    assert r.status_code == 503 and r.json["status"] == "loading"
+    r = cold.post("/api/v1/search", json={"id": 1}, headers=AUTH)
+    assert r.status_code == 503 and r.json["error"]["code"] == "not_ready"
+
+
+def test_search_by_upload_returns_flagged_neighbours(client, api_home):
+    files = api_home[1]
+    r = upload(client, files[2].read_bytes())
+    assert r.status_code == 200, r.json
+    body = r.json
+    assert body["scope"] == "flagged" and body["model_id"].startswith("tiny-nsfw@")
+    assert set(body["index_checkpoint"]) == {"image_id", "flag_event_id", "generation"}
+    (res,) = body["results"]
+    assert res["query"]["known"] is True and res["query"]["known_id"] == 3
+    assert 0 <= res["query"]["p_unsafe"] <= 1
+    hits = res["hits"]
+    assert hits[0]["id"] == 3 and hits[0]["similarity"] > 0.999  # the same bytes come first
+    assert {h["id"] for h in hits} <= {1, 2, 3, 4, 5, 6}
+    h = hits[0]
+    assert h["flag"]["source"] == "import" and h["flag"]["label"] == "spam" and h["flag"]["at"]
+    assert h["thumbnail_url"] == "/api/v1/images/3/thumbnail" and h["paths"] == [str(files[2])]
+    assert "cluster" in h
+    assert "decode;dur=" in r.headers["Server-Timing"]
+    # a new image (not in the catalog), several at once
+    r = upload(client, encode(drawn_image(999), "PNG"), files[10].read_bytes(), k="3")
+    assert r.status_code == 200
+    a, b = r.json["results"]
+    assert a["query"]["known"] is False and len(a["hits"]) == 3
+    assert b["query"]["known_id"] == 11 and 11 not in [x["id"] for x in b["hits"]]  # 11 is not flagged
+
+
+def test_search_by_id_sha_scope_and_min_similarity(client, api_home):
+    r = client.post("/api/v1/search", json={"id": 9, "scope": "all", "k": 5}, headers=AUTH)
+    assert r.status_code == 200
+    hits = r.json["results"][0]["hits"]
+    assert len(hits) == 5 and 9 not in [h["id"] for h in hits]  # not its own neighbour
+    assert any(not h["flagged"] for h in hits)
+    sha = hashlib.sha256(api_home[1][0].read_bytes()).hexdigest()
+    r = client.post("/api/v1/search", json={"sha256": sha}, headers=AUTH)
+    assert r.status_code == 200 and r.json["results"][0]["query"]["known_id"] == 1
+    r = client.post("/api/v1/search", json={"ids": [1, 2], "min_similarity": 0.9999}, headers=AUTH)
+    assert r.status_code == 200 and all(h["similarity"] >= 0.9999 for q in r.json["results"] for h in q["hits"])
+
+
+@pytest.mark.parametrize("kwargs,status,code", [
+    (dict(json={"id": 10**9}), 404, "not_found"),
+    (dict(json={"id": "1"}), 400, "bad_parameter"),
+    (dict(json={"id": 1, "k": 0}), 400, "bad_parameter"),
+    (dict(json={"id": 1, "k": "ten"}), 400, "bad_parameter"),
+    (dict(json={"id": 1, "scope": "everything"}), 400, "bad_parameter"),
+    (dict(json={"id": 1, "min_similarity": 5}), 400, "bad_parameter"),
+    (dict(json={"sha256": "abc"}), 400, "bad_parameter"),
+    (dict(json={"sha256": "0" * 64}), 404, "not_found"),
+    (dict(json={}), 400, "missing_query"),
+    (dict(json=[1, 2]), 400, "bad_body"),
+    (dict(data="{not json", content_type="application/json"), 400, "bad_body"),
+    (dict(data="hello", content_type="text/plain"), 415, "unsupported_media_type"),
+])
+def test_bad_search_requests_are_4xx(client, kwargs, status, code):
+    r = client.post("/api/v1/search", headers=AUTH, **kwargs)
+    assert r.status_code == status and r.json["error"]["code"] == code, r.json
+    assert r.json["error"]["message"]
+
+
+def test_bad_uploads_are_4xx(client):
+    r = client.post("/api/v1/search", data={"k": "3"}, headers=AUTH, content_type="multipart/form-data")
+    assert r.status_code == 400 and r.json["error"]["code"] == "missing_image"
+    r = upload(client, b"")
+    assert r.status_code == 400 and r.json["error"]["code"] == "empty_image"
+    r = upload(client, b"%PDF-1.4 not an image at all")
+    assert r.status_code == 415 and r.json["error"]["code"] == "unsupported_format"
+    big = encode(Image.new("1", (3000, 3000)), "PNG")  # 9 Mpx over a 4 Mpx cap, few bytes
+    r = upload(client, big)
+    assert r.status_code == 413 and r.json["error"]["code"] == "too_large"
+    jpeg = encode(drawn_image(5), "JPEG")
+    r = upload(client, jpeg[: len(jpeg) // 2])
+    assert r.status_code == 400 and r.json["error"]["code"] == "truncated"
+    body = (b"--XyZ\r\nContent-Disposition: form-data; name=\"image\"; filename=\"big.jpg\"\r\n\r\n"
+            + b"\xff\xd8\xff" + b"\0" * 2_100_000 + b"\r\n--XyZ--\r\n")
+    r = client.post("/api/v1/search", data=body, headers=AUTH, content_type="multipart/form-data; boundary=XyZ")
+    assert r.status_code == 413 and r.json["error"]["code"] == "body_too_large"
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic abc"},
+                                     {"Authorization": "Bearer t\u00f6ken"}, {"Authorization": "Bearer "}])
+def test_auth_refusals_are_401(client, headers):
+    for method, url in (("get", "/api/v1/images/1"), ("get", "/api/v1/stats"), ("post", "/api/v1/images/1/flag")):
+        r = getattr(client, method)(url, headers=headers)
+        assert r.status_code == 401 and r.json["error"]["code"] == "unauthorized"
+        assert r.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+def test_open_reads_still_need_a_token_for_writes(api_home, tiny_embedder):
+    from web.app import create_app
+    c = create_app(api_home[0].replace(open_reads=True), embedder=tiny_embedder).test_client()
+    assert c.get("/api/v1/images/1").status_code == 200
+    assert c.post("/api/v1/search", json={"id": 1}).status_code == 200
+    assert c.post("/api/v1/images/1/unflag", json={"reason": "x"}).status_code == 401
+
+
+def test_flag_unflag_are_recorded_and_visible_at_once(client):
+    r = client.post("/api/v1/search", json={"id": 12, "k": 20}, headers=AUTH)
+    assert 13 not in [h["id"] for h in r.json["results"][0]["hits"]]
+    r = client.post("/api/v1/images/13/flag", json={"reason": "reported twice", "label": "nudity"}, headers=AUTH)
+    assert r.status_code == 200 and r.json["changed"] is True
+    hist = r.json["image"]["history"]
+    assert hist[-1] == {**hist[-1], "action": "flag", "actor": "alice", "reason": "reported twice", "label": "nudity"}
+    r = client.post("/api/v1/search", json={"id": 12, "k": 20}, headers=AUTH)
+    assert 13 in [h["id"] for h in r.json["results"][0]["hits"]]
+    r = client.post("/api/v1/images/13/unflag", json={"reason": "false positive"}, headers=AUTH)
+    assert r.json["image"]["flagged"] is False and len(r.json["image"]["history"]) == len(hist) + 1
+    r = client.post("/api/v1/search", json={"id": 12, "k": 20}, headers=AUTH)
+    assert 13 not in [h["id"] for h in r.json["results"][0]["hits"]]
+    for body in ({"reason": 5}, {"colour": "red"}, ["x"]):
+        r = client.post("/api/v1/images/13/flag", json=body, headers=AUTH)
+        assert r.status_code == 400, body
+    assert client.post("/api/v1/images/999999/flag", json={}, headers=AUTH).status_code == 404
+
+
+def test_image_thumbnail_and_stats(client):
+    r = client.get("/api/v1/images/2", headers=AUTH)
+    assert r.status_code == 200 and r.json["id"] == 2 and r.json["history"][0]["actor"] == "setup"
+    assert client.get("/api/v1/images/0", headers=AUTH).status_code == 404
+    assert client.get("/api/v1/images/abc", headers=AUTH).status_code == 404
+    r = client.get("/api/v1/images/2/thumbnail", headers=AUTH)
+    assert r.status_code == 200 and r.mimetype == "image/webp"
+    assert r.headers["Cache-Control"] == "no-store" and r.headers["X-Content-Type-Options"] == "nosniff"
+    assert Image.open(io.BytesIO(r.data)).format == "WEBP"
+    r = client.get("/api/v1/stats", headers=AUTH)
+    assert r.json["images"] == 16 and r.json["index"]["all"]["vectors"] == 16
+    assert r.json["model"]["precision"] in ("fp32", "bf16")
+    assert client.delete("/api/v1/stats", headers=AUTH).status_code == 405
+
+
+def test_openapi_is_valid_and_lists_every_route(client, app):
+    from openapi_spec_validator import validate
+    doc = client.get("/api/v1/openapi.json").json
+    validate(doc)
+    documented = {(path, m.upper()) for path, ops in doc["paths"].items() for m in ops}
+    for rule in app.url_map.iter_rules():
+        if rule.rule.startswith("/api/v1"):
+            path = rule.rule[len("/api/v1"):].replace("<int:image_id>", "{image_id}")
+            for m in rule.methods - {"HEAD", "OPTIONS"}:
+                assert (path, m) in documented, (path, m)
