@@ -133,6 +133,7 @@ def main() -> None:
     ap.add_argument("--dims", default="192,1024")
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--work", default="/tmp/fm-bench-index")
+    ap.add_argument("--name", default="index", help="results file name under benchmarks/results/")
     a = ap.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -149,7 +150,7 @@ def main() -> None:
           f"(memory-mapped); re-rank = top 100 candidates re-scored exactly.\n\n"
           + table(["N", "dim", "variant", "index", "nprobe", "build s", "bytes/vector", "p50 ms", "p99 ms",
                    "batch QPS", "recall@10"], rows))
-    write("index", {"machine": machine(), "results": data}, md)
+    write(a.name, {"machine": machine(), "results": data}, md)
 
 
 if __name__ == "__main__":

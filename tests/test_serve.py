@@ -1,0 +1,160 @@
+"""A real `flagmatch serve` (gunicorn) on a loopback port, answering real HTTP requests."""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import drawn_image, encode, write_images
+
+TOKEN = "serve-token"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def multipart(data: bytes, name: str = "q.jpg") -> tuple[bytes, str]:
+    boundary = "fmBoundary7MA4YWxk"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name}\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def request(port: int, method: str, path: str, body: bytes | None = None, ctype: str | None = None,
+            token: str | None = TOKEN) -> tuple[int, dict]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if ctype:
+        headers["Content-Type"] = ctype
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request(method, path, body=body, headers=headers)
+        r = conn.getresponse()
+        raw = r.read()
+        return r.status, (json.loads(raw) if raw and r.getheader("Content-Type", "").startswith("application/json") else {})
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("serve")
+    files = write_images(root / "in", 24)
+    port = free_port()
+    env = dict(os.environ, FLAGMATCH_HOME=str(root / "home"), FLAGMATCH_MODEL=str(tiny_model_dir),
+               FLAGMATCH_API_TOKENS=f"ops:{TOKEN}", FLAGMATCH_PORT=str(port), FLAGMATCH_WORKERS="2",
+               FLAGMATCH_THREADS="4", FLAGMATCH_MAX_UPLOAD_BYTES="1000000", FLAGMATCH_PRECISION="fp32",
+               FLAGMATCH_FLAG_THRESHOLD="0.0")
+    cli = [sys.executable, "-m", "flagmatch.cli"]
+    subprocess.run(cli + ["ingest", str(root / "in")], env=env, check=True, capture_output=True, timeout=300)
+    log_path = root / "server.log"
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(cli + ["serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.3)
+    else:
+        proc.kill()
+        log.close()
+        pytest.fail("server did not become ready: " + log_path.read_text(errors="replace")[-3000:])
+    yield port, files, env, cli
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    log.close()
+
+
+def test_served_instance_answers_real_requests(served):
+    port, files, _, _ = served
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz") as r:
+        assert r.status == 200
+    status, body = request(port, "POST", "/api/v1/search", json.dumps({"id": 3, "k": 4}).encode(), "application/json")
+    assert status == 200 and len(body["results"][0]["hits"]) == 4
+    status, body = request(port, "POST", "/api/v1/search", *multipart(files[5].read_bytes()))
+    assert status == 200 and body["results"][0]["hits"][0]["id"] == 6
+    status, body = request(port, "GET", "/api/v1/stats", token="nope")
+    assert status == 401 and body["error"]["code"] == "unauthorized"
+    status, body = request(port, "POST", "/api/v1/search", *multipart(b"GIF89a broken"))
+    assert status == 400 and body["error"]["code"] in ("corrupt", "truncated")
+
+
+def test_chunked_upload_over_the_limit_is_413(served):
+    port = served[0]
+    body, ctype = multipart(b"\xff\xd8\xff" + os.urandom(1_500_000))
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        chunks = (body[i:i + 65536] for i in range(0, len(body), 65536))
+        conn.request("POST", "/api/v1/search", body=chunks, encode_chunked=True,
+                     headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": ctype,
+                              "Transfer-Encoding": "chunked"})
+        r = conn.getresponse()
+        data = json.loads(r.read())
+    except (BrokenPipeError, ConnectionResetError):
+        pytest.fail("the server dropped the connection instead of answering 413")
+    finally:
+        conn.close()
+    assert r.status == 413 and data["error"]["code"] == "body_too_large"
+
+
+def test_index_republished_during_a_burst_has_zero_errors(served):
+    port, files, env, cli = served
+    before = request(port, "POST", "/api/v1/search", json.dumps({"id": 1}).encode(), "application/json")[1]
+    gen_before = before["index_checkpoint"]["generation"]
+    jpeg = encode(drawn_image(4242), "JPEG")
+
+    def one(i: int) -> int:
+        if i % 3 == 0:
+            return request(port, "POST", "/api/v1/search", *multipart(jpeg))[0]
+        return request(port, "POST", "/api/v1/search", json.dumps({"id": 1 + i % 24, "scope": "all"}).encode(),
+                       "application/json")[0]
+
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(one, i) for i in range(240)]
+        for _ in range(2):  # another process rebuilds and publishes the index twice mid-burst
+            subprocess.run(cli + ["reindex"], env=env, check=True, capture_output=True, timeout=120)
+        statuses = [f.result() for f in futures]
+    assert statuses.count(200) == len(statuses), {s: statuses.count(s) for s in set(statuses)}
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # both workers pick the new generation up without a restart
+        gens = {request(port, "POST", "/api/v1/search", json.dumps({"id": 2}).encode(),
+                        "application/json")[1]["index_checkpoint"]["generation"] for _ in range(6)}
+        if gens == {gen_before + 2}:
+            break
+        time.sleep(0.5)
+    assert gens == {gen_before + 2}
+
+
+def test_cli_search_table_and_json(served):
+    _, files, env, cli = served
+    r = subprocess.run(cli + ["search", str(files[7]), "-k", "3"], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert "already known as #8" in lines[0] and "3 flagged neighbour(s)" in lines[0]
+    assert lines[2].split()[1] == "8"  # first hit: the same image
+    r = subprocess.run(cli + ["search", "--id", "8", "--scope", "all", "--json", "-k", "2"], env=env,
+                       capture_output=True, text=True, timeout=120)
+    body = json.loads(r.stdout)
+    assert body["scope"] == "all" and len(body["results"][0]["hits"]) == 2
+    assert body["results"][0]["hits"][0]["thumbnail_url"].startswith("/api/v1/images/")
+    r = subprocess.run(cli + ["search", str(Path(files[0]).with_name("missing.jpg"))], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "missing.jpg" in r.stderr
