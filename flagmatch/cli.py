@@ -224,6 +224,80 @@ def serve(settings: Settings) -> None:
     run_server(settings)
 
 
+def parse_since(text: str | None):  # type: ignore[no-untyped-def]
+    """'7d', '24h', '90m' or an ISO date/time (UTC) → a naive UTC datetime."""
+    import datetime as dt
+    import re
+    if not text:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*([dhm])\s*", text)
+    now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    if m:
+        n, unit = int(m.group(1)), m.group(2)
+        unit_name = {"d": "days", "h": "hours", "m": "minutes"}[unit]
+        return now - dt.timedelta(**{unit_name: n})
+    try:
+        return dt.datetime.fromisoformat(text).replace(tzinfo=None)
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: use 7d, 24h, 90m or an ISO date") from None
+
+
+@main.command()
+@click.option("--since", default=None, help="only images flagged recently: 7d, 24h, 90m or an ISO date")
+@click.option("--assign-new", is_flag=True, help="only place images flagged since the last run into its clusters")
+@with_settings
+def cluster(since: str | None, assign_new: bool, settings: Settings) -> None:
+    """Group flagged images into reviewable clusters (UMAP + HDBSCAN); prints what changed."""
+    import time
+    from clustering.job import assign_new as run_assign, run_clustering
+    from clustering.store import ClusterStore
+    store = wiring.open_store(settings)
+    cstore = ClusterStore(store)
+    started = time.perf_counter()
+
+    def progress(phase: str, message: str) -> None:
+        click.echo(f"[{time.perf_counter() - started:7.1f}s] {phase:<8} {message}", err=True)
+
+    if assign_new:
+        n = run_assign(store, cstore, progress)
+        click.echo(f"placed {n} newly flagged image(s) (provisional until the next full run)")
+        return
+    report = run_clustering(store, cstore, wiring.cluster_params(settings), since=parse_since(since),
+                            progress=progress)
+    run = report.run
+    click.echo(f"run {run.id}: {run.n_images:,} flagged images → {report.clusters} clusters, "
+               f"{report.noise:,} unclustered" + (f" (flagged since {run.since:%Y-%m-%d %H:%M})" if run.since else ""))
+    click.echo("  " + "  ".join(f"{k} {v}" for k, v in report.summary.items()))
+    click.echo("  time: " + "  ".join(f"{k} {v:.1f}s" for k, v in report.timings.items()))
+    _print_clusters(cstore, run.id, limit=20)
+
+
+def _print_clusters(cstore, run_id: int, limit: int | None = None) -> None:  # type: ignore[no-untyped-def]
+    rows = cstore.clusters(run_id)
+    click.echo(f"  {'id':>6} {'size':>7} {'change':<8} {'status':<11} {'name':<24} exemplars")
+    for c in rows[:limit]:
+        growth = f"{c.change}" + (f" ({c.size - c.prev_size:+d})" if c.prev_size is not None else "")
+        click.echo(f"  {c.id:>6} {c.size:>7} {growth:<8} {c.status:<11} {(c.name or c.label or '-')[:24]:<24} "
+                   f"{', '.join(map(str, c.exemplars))}")
+    if limit is not None and len(rows) > limit:
+        click.echo(f"  … {len(rows) - limit} more: flagmatch clusters")
+
+
+@main.command()
+@click.option("--run", "run_id", type=int, default=None, help="a run id (default: the current run)")
+@with_settings
+def clusters(run_id: int | None, settings: Settings) -> None:
+    """List a clustering run's clusters: id, name, size, growth, exemplars."""
+    from clustering.store import ClusterStore
+    cstore = ClusterStore(wiring.open_store(settings))
+    run = cstore.run(run_id) if run_id else cstore.current_run()
+    if run is None:
+        raise click.ClickException("no clustering run yet: flagmatch cluster")
+    click.echo(f"run {run.id} ({run.status}, {run.finished_at or run.started_at:%Y-%m-%d %H:%M}): "
+               f"{run.n_images:,} images, {run.n_clusters} clusters, {run.n_noise:,} unclustered")
+    _print_clusters(cstore, run.id)
+
+
 @main.command("export-onnx")
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
 @with_settings

@@ -52,3 +52,10 @@ def cluster_lookup(store: Store):  # type: ignore[no-untyped-def]
     except ImportError:
         return None
     return ClusterStore(store).lookup
+
+
+def cluster_params(settings):  # type: ignore[no-untyped-def]
+    from clustering.job import ClusterParams
+    return ClusterParams(min_cluster_size=settings.cluster_min_size, dims=settings.cluster_dims,
+                         neighbors=settings.cluster_neighbors, sample=settings.cluster_sample,
+                         backend=settings.cluster_backend, seed=settings.seed)

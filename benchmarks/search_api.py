@@ -1,0 +1,224 @@
+"""Search API under load: a served instance (`flagmatch serve`, gunicorn) on loopback, driven by wrk.
+
+    python benchmarks/search_api.py [--vectors 100000] [--seconds 15] [--workers 1] [--threads 8]
+
+The store: real corpus images (make-corpus) ingested with the default model's architecture
+(vit_tiny_patch16_384, random weights: the hub is unreachable here, the compute is the same), padded
+with synthetic vectors to --vectors images, 10 % flagged. Search-by-id and search-by-upload (real
+JPEGs from the corpus) at 1, 4 and 16 connections. Stage shares come from the server's
+Server-Timing header over 100 sequential requests. Needs wrk (apt-get install wrk)."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from common import ROOT, machine, median, table, write
+
+LUA = r"""
+local bodies = {}
+local ctype = os.getenv("FM_CTYPE")
+local n_ids = tonumber(os.getenv("FM_IDS") or "0")
+init = function(args)
+  local dir = os.getenv("FM_BODIES")
+  if dir ~= nil and dir ~= "" then
+    for i = 0, 7 do
+      local f = io.open(dir .. "/body" .. i, "rb")
+      if f then bodies[#bodies + 1] = f:read("*all"); f:close() end
+    end
+  end
+  math.randomseed(os.time() + (id or 0))
+end
+request = function()
+  local headers = {["Authorization"] = "Bearer bench", ["Content-Type"] = ctype}
+  if #bodies > 0 then
+    return wrk.format("POST", "/api/v1/search", headers, bodies[math.random(#bodies)])
+  end
+  return wrk.format("POST", "/api/v1/search", headers,
+                    string.format('{"id": %d, "k": 10}', math.random(n_ids)))
+end
+done = function(summary, latency, requests)
+  local errors = summary.errors.connect + summary.errors.read + summary.errors.write
+               + summary.errors.status + summary.errors.timeout
+  io.write(string.format('FMJSON {"requests": %d, "seconds": %f, "p50": %f, "p95": %f, "p99": %f, "errors": %d}\n',
+    summary.requests, summary.duration / 1e6, latency:percentile(50) / 1000, latency:percentile(95) / 1000,
+    latency:percentile(99) / 1000, errors))
+end
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_store(work: Path, n_vectors: int, photos: int) -> tuple[dict, list[Path]]:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from ingest import corpus, default_arch_model
+    from sqlalchemy import insert
+    from flagmatch.settings import Settings
+    from flagmatch.wiring import ingest_options, load_embedder, open_index, open_store
+    from indexer.catalog import FlagRequest, ImageRow, utcnow
+    from indexer.ingest import ingest
+    from indexer.sources import SourceItem
+
+    files = [f for f in corpus(work, photos, 50) if f.suffix == ".jpg"]
+    model = default_arch_model(work)
+    home = work / "home"
+    shutil.rmtree(home, ignore_errors=True)
+    env = {"home": str(home), "model": str(model), "api_tokens": "bench:bench"}
+    s = Settings.load(env, environ={})
+    emb = load_embedder(s)
+    store = open_store(s)
+    ingest(store, emb, (SourceItem(str(f)) for f in files), ingest_options(s))
+    real = store.catalog.max_image_id()
+    # pad with synthetic vectors near the real ones (same dimension, same normalisation)
+    vs = store.open_vectors()
+    base = vs.get(np.arange(1, real + 1))
+    rng = np.random.default_rng(0)
+    start = real + 1
+    now = utcnow()
+    for i in range(start, n_vectors + 1, 50_000):
+        m = min(50_000, n_vectors + 1 - i)
+        v = base[rng.integers(0, real, m)] + rng.normal(scale=0.05, size=(m, base.shape[1])).astype(np.float32)
+        vs.append(i, v / np.linalg.norm(v, axis=1, keepdims=True))
+        with store.catalog.engine.begin() as conn:
+            conn.execute(insert(ImageRow), [dict(
+                id=k, sha256=hashlib.sha256(f"synthetic{k}".encode()).hexdigest(), size_bytes=1, format="JPEG",
+                width=1, height=1, frames=1, p_unsafe=0.0, model_id=emb.info.model_id, thumb_key="",
+                flagged=False, deleted=False, created_at=now, updated_at=now) for k in range(i, i + m)])
+    flagged = [int(i) for i in rng.choice(np.arange(1, n_vectors + 1), n_vectors // 10, replace=False)]
+    for i in range(0, len(flagged), 5000):
+        store.catalog.set_flag(flagged[i:i + 5000], FlagRequest("import", None, "bench"), flag=True)
+    open_index(store, s).save()
+    store.close()
+    return {"FLAGMATCH_HOME": str(home), "FLAGMATCH_MODEL": str(model), "FLAGMATCH_API_TOKENS": "bench:bench"}, files
+
+
+def model_latency(model: str, files: list[Path]) -> tuple[float, str]:
+    from flagmatch.settings import Settings
+    from flagmatch.wiring import load_embedder
+    from indexer.decode import decode
+    emb = load_embedder(Settings.load({"model": model}, environ={}))
+    px = [decode(f.read_bytes(), emb.info.input, max_pixels=10**8).pixels[None] for f in files[:8]]
+    emb.embed(px[0])
+    lat = []
+    for _ in range(5):
+        for p in px:
+            t = time.perf_counter()
+            emb.embed(p)
+            lat.append((time.perf_counter() - t) * 1000)
+    return median(lat), emb.info.precision
+
+
+def multipart(data: bytes) -> tuple[bytes, str]:
+    b = "fmBench0123456789"
+    return ((f"--{b}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"q.jpg\"\r\n\r\n").encode()
+            + data + f"\r\n--{b}--\r\n".encode(), f"multipart/form-data; boundary={b}")
+
+
+def stage_shares(port: int, bodies: list[tuple[bytes, str]]) -> dict[str, float]:
+    sums: dict[str, float] = {}
+    wall = 0.0
+    for i in range(100):
+        body, ctype = bodies[i % len(bodies)]
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/v1/search", data=body, method="POST",
+                                     headers={"Authorization": "Bearer bench", "Content-Type": ctype})
+        t = time.perf_counter()
+        with urllib.request.urlopen(req) as r:
+            r.read()
+            timing = r.headers["Server-Timing"]
+        wall += (time.perf_counter() - t) * 1000
+        for part in timing.split(","):
+            name, dur = part.strip().split(";dur=")
+            sums[name] = sums.get(name, 0.0) + float(dur)
+    out = {k: v / wall for k, v in sums.items()}
+    out["http+wsgi"] = max(0.0, 1 - sum(out.values()))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--vectors", type=int, default=100_000)
+    ap.add_argument("--photos", type=int, default=200)
+    ap.add_argument("--seconds", type=int, default=15)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=8)
+    ap.add_argument("--work", default="/tmp/fm-bench-api")
+    a = ap.parse_args()
+    if not shutil.which("wrk"):
+        sys.exit("wrk is needed: apt-get install wrk")
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    env, files = build_store(work, a.vectors, a.photos)
+    lat_model, precision = model_latency(env["FLAGMATCH_MODEL"], files)
+    port = free_port()
+    senv = dict(os.environ, **env, FLAGMATCH_PORT=str(port), FLAGMATCH_WORKERS=str(a.workers),
+                FLAGMATCH_THREADS=str(a.threads))
+    log = open(work / "server.log", "wb")
+    server = subprocess.Popen([sys.executable, "-m", "flagmatch.cli", "serve"], env=senv, stdout=log, stderr=log)
+    try:
+        for _ in range(600):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.2)
+        bodies_dir = work / "bodies"
+        bodies_dir.mkdir(exist_ok=True)
+        uploads = [multipart(f.read_bytes()) for f in files[:8]]
+        for i, (body, _) in enumerate(uploads):
+            (bodies_dir / f"body{i}").write_bytes(body)
+        lua = work / "search.lua"
+        lua.write_text(LUA)
+        rows, data = [], {"machine": machine(), "vectors": a.vectors, "model_latency_ms": lat_model,
+                          "precision": precision, "runs": []}
+        for kind in ("id", "upload"):
+            wenv = dict(os.environ, FM_IDS=str(a.vectors),
+                        FM_CTYPE=uploads[0][1] if kind == "upload" else "application/json",
+                        FM_BODIES=str(bodies_dir) if kind == "upload" else "")
+            for conns in (1, 4, 16):
+                out = subprocess.run(["wrk", "-t", str(min(conns, 2)), "-c", str(conns), "-d", f"{a.seconds}s",
+                                      "--timeout", "30s", "-s", str(lua), f"http://127.0.0.1:{port}"],
+                                     env=wenv, capture_output=True, text=True, check=True).stdout
+                r = json.loads(next(line for line in out.splitlines() if line.startswith("FMJSON"))[7:])
+                r.update(kind=kind, connections=conns, rps=r["requests"] / r["seconds"])
+                data["runs"].append(r)
+                rows.append([f"by {kind}", conns, r["p50"], r["p95"], r["p99"], r["rps"], r["errors"]])
+                print(json.dumps(r), flush=True)
+        id_body = (json.dumps({"id": 5, "k": 10}).encode(), "application/json")
+        shares = {"id": stage_shares(port, [id_body]), "upload": stage_shares(port, uploads)}
+        data["stage_shares"] = shares
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+    up1 = next(r for r in data["runs"] if r["kind"] == "upload" and r["connections"] == 1)
+    share_rows = [[k] + [f"{v.get(s, 0):.0%}" for s in ("decode", "embed", "search", "hydrate", "http+wsgi")]
+                  for k, v in shares.items()]
+    md = (f"Search API on {machine()}: `flagmatch serve` (gunicorn, {a.workers} worker × {a.threads} threads) "
+          f"on loopback, wrk for {a.seconds} s per row, {a.vectors:,} images ({a.vectors // 10:,} flagged), "
+          f"default model architecture in {precision}; latencies in ms. The model's own single-image "
+          f"latency (pre-decoded, same machine): {lat_model:.1f} ms; search-by-upload p50 at 1 connection is "
+          f"{up1['p50'] / lat_model:.2f}× that.\n\n"
+          + table(["query", "connections", "p50 ms", "p95 ms", "p99 ms", "requests/s", "errors"], rows)
+          + "\n\nShare of request time per stage (100 sequential requests, from the Server-Timing header; "
+            "hydrate = catalog lookups + JSON):\n\n"
+          + table(["query", "decode", "embed", "search", "hydrate+serialise", "HTTP/WSGI"], share_rows))
+    write("search_api", data, md)
+
+
+if __name__ == "__main__":
+    main()

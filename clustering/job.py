@@ -1,0 +1,271 @@
+"""The offline clustering job: flagged vectors → UMAP (cosine) to a clustering space and to 2-D for
+the map → HDBSCAN → clusters matched to the previous run's → stored as a new current run.
+
+A plain function with its inputs passed in; the CLI and the viewer wrap it. Above ``sample`` images
+UMAP and HDBSCAN are fitted on a seeded sample and the rest are placed by prediction, so memory and
+time stay bounded. Seeds are fixed: the same data gives the same clusters."""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import joblib
+import numpy as np
+
+from clustering.identity import match_clusters
+from clustering.store import ClusterStore, Member, NewCluster, RunInfo
+from indexer.errors import ClusteringError
+from indexer.store import Store
+
+log = logging.getLogger(__name__)
+BACKENDS = ("fast_hdbscan", "hdbscan", "sklearn")
+EXEMPLARS = 6
+Progress = Callable[[str, str], None]  # (phase, message)
+
+
+@dataclass(frozen=True)
+class ClusterParams:
+    min_cluster_size: int = 0   # 0: from N
+    min_samples: int = 0        # 0: from min_cluster_size
+    dims: int = 8
+    neighbors: int = 15
+    sample: int = 50_000
+    backend: str = "fast_hdbscan"
+    seed: int = 42
+
+    def resolve(self, n: int) -> "ClusterParams":
+        if self.backend not in BACKENDS:
+            raise ClusteringError(f"cluster backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
+        mcs = self.min_cluster_size or int(max(5, min(100, round(n / 1000))))
+        return ClusterParams(mcs, self.min_samples or min(mcs, 10), self.dims, self.neighbors, self.sample,
+                             self.backend, self.seed)
+
+    def minimum_images(self) -> int:
+        return max(20, self.neighbors + 1, 2 * (self.min_cluster_size or 5))
+
+
+@dataclass(frozen=True)
+class RunReport:
+    run: RunInfo
+    clusters: int
+    noise: int
+    summary: dict[str, int]
+    timings: dict[str, float]
+
+
+# ------------------------------------------------------------------ HDBSCAN backends
+
+@dataclass
+class Fitted:
+    labels: np.ndarray          # int, -1 noise
+    probabilities: np.ndarray
+    outlier_scores: np.ndarray
+    persistence: dict[int, float] | None
+    model: Any                  # what predict() needs
+
+
+def fit_hdbscan(x: np.ndarray, p: ClusterParams) -> Fitted:
+    if p.backend == "hdbscan":
+        import hdbscan
+        cl = hdbscan.HDBSCAN(min_cluster_size=p.min_cluster_size, min_samples=p.min_samples,
+                             prediction_data=True, core_dist_n_jobs=os.cpu_count() or 1).fit(x)
+        pers = {i: float(v) for i, v in enumerate(cl.cluster_persistence_)}
+        return Fitted(cl.labels_.astype(np.int64), cl.probabilities_.astype(np.float32),
+                      np.nan_to_num(cl.outlier_scores_, nan=1.0).astype(np.float32), pers, cl)
+    if p.backend == "fast_hdbscan":
+        import fast_hdbscan
+        cl = fast_hdbscan.HDBSCAN(min_cluster_size=p.min_cluster_size, min_samples=p.min_samples,
+                                  reproducible=True).fit(x)
+    else:
+        from sklearn.cluster import HDBSCAN
+        cl = HDBSCAN(min_cluster_size=p.min_cluster_size, min_samples=p.min_samples, copy=True).fit(x)
+    labels = cl.labels_.astype(np.int64)
+    probs = cl.probabilities_.astype(np.float32)
+    # These backends give no GLOSH scores: the outlier score is 1 - membership probability.
+    return Fitted(labels, probs, (1.0 - probs).astype(np.float32), None, None)
+
+
+def predict(fitted: Fitted, fit_x: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Place new points into the fitted clusters: HDBSCAN's approximate_predict where the backend has
+    it, else a vote of the 10 nearest fitted points in the clustering space."""
+    if fitted.model is not None:
+        import hdbscan
+        labels, strengths = hdbscan.approximate_predict(fitted.model, x)
+        scores = hdbscan.approximate_predict_scores(fitted.model, x)
+        return labels.astype(np.int64), strengths.astype(np.float32), np.nan_to_num(scores, nan=1.0).astype(np.float32)
+    from sklearn.neighbors import NearestNeighbors
+    k = min(10, len(fit_x))
+    nn = NearestNeighbors(n_neighbors=k).fit(fit_x)
+    _, idx = nn.kneighbors(x)
+    neigh = fitted.labels[idx]
+    labels = np.empty(len(x), np.int64)
+    probs = np.empty(len(x), np.float32)
+    for i, row in enumerate(neigh):
+        vals, counts = np.unique(row, return_counts=True)
+        best = vals[np.argmax(counts)]
+        labels[i] = best
+        agree = row == best
+        probs[i] = 0.0 if best < 0 else float(agree.mean() * fitted.probabilities[idx[i][agree]].mean())
+    return labels, probs, (1.0 - probs).astype(np.float32)
+
+
+# ------------------------------------------------------------------ the job
+
+def _umap(n_components: int, neighbors: int, metric: str, min_dist: float, seed: int, n: int) -> Any:
+    import umap
+    return umap.UMAP(n_components=n_components, n_neighbors=min(neighbors, n - 1), metric=metric,
+                     min_dist=min_dist, random_state=seed, low_memory=True, init="spectral" if n > 50 else "random")
+
+
+def artifacts_path(store: Store, run_id: int) -> Path:
+    return store.home / "clusters" / f"run_{run_id}.joblib"
+
+
+def run_clustering(store: Store, cstore: ClusterStore, params: ClusterParams, *, since: dt.datetime | None = None,
+                   progress: Progress | None = None) -> RunReport:
+    """Cluster the flagged images (flagged at or after ``since`` when given) into a new run."""
+    say = progress or (lambda phase, msg: None)
+    meta = store.catalog.model_meta()
+    if "model_id" not in meta:
+        raise ClusteringError("the store is empty: ingest and flag images first")
+    timings: dict[str, float] = {}
+
+    t = time.perf_counter()
+    say("load", "reading flagged ids")
+    ids = np.asarray(store.catalog.image_ids(flagged=True, flagged_since=since), np.int64)
+    n = len(ids)
+    if n < params.minimum_images():
+        scope = f" flagged since {since:%Y-%m-%d %H:%M}" if since else " flagged"
+        raise ClusteringError(f"only {n}{scope} images: clustering needs at least {params.minimum_images()} "
+                              f"(flag more images, or lower --cluster-min-size / --cluster-neighbors)",
+                              code="too_few_images")
+    p = params.resolve(n)
+    vectors = store.open_vectors()
+    x = np.empty((n, vectors.dim), np.float32)
+    pos = 0
+    for part, vecs in vectors.iter_rows(ids):  # streamed from the memory-mapped raw store
+        x[pos:pos + len(part)] = vecs
+        pos += len(part)
+    timings["load"] = time.perf_counter() - t
+    say("load", f"{n:,} flagged vectors ({vectors.dim}-d) in {timings['load']:.1f} s")
+
+    run_id = cstore.start_run(meta["model_id"], asdict(p), "recent" if since else "full", since)
+    try:
+        report = _cluster(store, cstore, run_id, ids, x, p, timings, say)
+    except BaseException as exc:
+        cstore.fail_run(run_id, f"{type(exc).__name__}: {exc}")
+        raise
+    return report
+
+
+def _cluster(store: Store, cstore: ClusterStore, run_id: int, ids: np.ndarray, x: np.ndarray, p: ClusterParams,
+             timings: dict[str, float], say: Progress) -> RunReport:
+    n = len(ids)
+    rng = np.random.default_rng(p.seed)
+    sampled = n > p.sample
+    fit_idx = np.sort(rng.choice(n, p.sample, replace=False)) if sampled else np.arange(n)
+    rest_idx = np.setdiff1d(np.arange(n), fit_idx) if sampled else np.zeros(0, np.int64)
+
+    t = time.perf_counter()
+    say("reduce", f"UMAP {x.shape[1]}-d → {p.dims}-d (cosine) on {len(fit_idx):,} images"
+        + (f", then placing {len(rest_idx):,} more" if sampled else ""))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # umap warns that random_state disables parallelism: that is the point
+        reducer = _umap(p.dims, p.neighbors, "cosine", 0.0, p.seed, len(fit_idx))
+        emb = np.empty((n, p.dims), np.float32)
+        emb[fit_idx] = reducer.fit_transform(x[fit_idx])
+        mapper = _umap(2, p.neighbors, "euclidean", 0.1, p.seed, len(fit_idx))
+        xy = np.empty((n, 2), np.float32)
+        xy[fit_idx] = mapper.fit_transform(emb[fit_idx])
+        for i in range(0, len(rest_idx), 50_000):
+            chunk = rest_idx[i:i + 50_000]
+            emb[chunk] = reducer.transform(x[chunk])
+            xy[chunk] = mapper.transform(emb[chunk])
+            say("reduce", f"placed {min(i + 50_000, len(rest_idx)):,} / {len(rest_idx):,}")
+    timings["reduce"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    say("cluster", f"HDBSCAN ({p.backend}, min_cluster_size {p.min_cluster_size}, min_samples {p.min_samples})")
+    fitted = fit_hdbscan(emb[fit_idx], p)
+    labels = np.full(n, -1, np.int64)
+    probs = np.zeros(n, np.float32)
+    outl = np.ones(n, np.float32)
+    labels[fit_idx], probs[fit_idx], outl[fit_idx] = fitted.labels, fitted.probabilities, fitted.outlier_scores
+    if sampled:
+        labels[rest_idx], probs[rest_idx], outl[rest_idx] = predict(fitted, emb[fit_idx], emb[rest_idx])
+    timings["cluster"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    say("store", "matching clusters to the previous run and storing")
+    local = sorted(int(v) for v in np.unique(labels) if v >= 0)
+    remap = {old: i for i, old in enumerate(local)}
+    member_sets = [set(ids[labels == lab].tolist()) for lab in local]
+    prev_run = cstore.current_run()
+    prev: dict[int, set[int]] = {}
+    if prev_run is not None:
+        for img, cid in cstore.previous_members(prev_run.id).items():
+            prev.setdefault(cid, set()).add(img)
+    matching = match_clusters(member_sets, prev)
+    clusters = []
+    for lab, m in zip(local, matching.matches):
+        mask = labels == lab
+        members = np.flatnonzero(mask)
+        centre = emb[members].mean(0)
+        dist = np.linalg.norm(emb[members] - centre, axis=1)
+        order = np.lexsort((dist, -probs[members]))
+        clusters.append(NewCluster(
+            identity=m.identity, label=lab, size=int(mask.sum()), prev_size=m.prev_size, change=m.change,
+            persistence=None if fitted.persistence is None else fitted.persistence.get(lab),
+            mean_probability=float(probs[members].mean()), exemplars=[int(ids[j]) for j in members[order[:EXEMPLARS]]],
+            x=float(xy[members, 0].mean()), y=float(xy[members, 1].mean())))
+    members_out = [Member(int(ids[i]), None if labels[i] < 0 else remap[int(labels[i])], float(probs[i]),
+                          float(outl[i]), float(xy[i, 0]), float(xy[i, 1]), False) for i in range(n)]
+    noise = int((labels < 0).sum())
+    summary = matching.summary()
+    art = artifacts_path(store, run_id)
+    art.parent.mkdir(parents=True, exist_ok=True)
+    tmp = art.with_suffix(".tmp")
+    joblib.dump({"reducer": reducer, "mapper": mapper, "fitted": fitted, "fit_embedding": emb[fit_idx],
+                 "params": asdict(p)}, tmp)
+    os.replace(tmp, art)
+    timings["store"] = time.perf_counter() - t
+    cstore.finish_run(run_id, clusters, members_out, n_noise=noise, summary=summary, timings=timings)
+    say("store", f"run {run_id}: {len(clusters)} clusters, {noise:,} unclustered")
+    return RunReport(cstore.run(run_id), len(clusters), noise, summary, timings)
+
+
+def assign_new(store: Store, cstore: ClusterStore, progress: Progress | None = None) -> int:
+    """Place images flagged since the current run into its clusters (marked provisional), without
+    re-running the job. Returns how many were placed."""
+    run = cstore.current_run()
+    if run is None:
+        return 0
+    known = set(cstore.previous_members(run.id)) | {m.image_id for m in cstore.members(run.id, None)}
+    flagged = np.asarray(store.catalog.image_ids(flagged=True), np.int64)
+    new = np.array([i for i in flagged.tolist() if i not in known], np.int64)
+    if not len(new):
+        return 0
+    path = artifacts_path(store, run.id)
+    if not path.exists():
+        raise ClusteringError(f"run {run.id} has no saved models ({path}): run `flagmatch cluster` again")
+    art = joblib.load(path)
+    x = store.open_vectors().get(new)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        emb = art["reducer"].transform(x)
+        xy = art["mapper"].transform(emb)
+    labels, probs, outl = predict(art["fitted"], art["fit_embedding"], emb)
+    by_label = cstore.label_identities(run.id)
+    members = [Member(int(i), by_label.get(int(lab)) if lab >= 0 else None, float(pr), float(o), float(a), float(b),
+                      True)
+               for i, lab, pr, o, (a, b) in zip(new, labels, probs, outl, xy)]
+    cstore.add_provisional(run.id, members)
+    if progress:
+        progress("assign", f"placed {len(members)} newly flagged image(s) into run {run.id} (provisional)")
+    return len(members)

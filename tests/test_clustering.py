@@ -1,0 +1,173 @@
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from sklearn.metrics import adjusted_rand_score
+
+from clustering.identity import match_clusters
+from clustering.job import ClusterParams, assign_new, run_clustering
+from clustering.store import ClusterStore
+from indexer.catalog import FlagRequest
+from indexer.errors import ClusteringError
+from tests.test_vector_index import populate
+
+DIM = 192
+
+
+def mixture(n_per: int, groups: list[int], seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Well-separated groups (centres from a fixed seed, so group g is the same in every call)."""
+    centres = np.random.default_rng(12345).normal(size=(16, DIM)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(groups, n_per)
+    v = centres[labels] + rng.normal(scale=0.5 / np.sqrt(DIM), size=(len(labels), DIM)).astype(np.float32)
+    return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32), labels
+
+
+PARAMS = ClusterParams(min_cluster_size=10, neighbors=15, seed=7)
+
+
+@pytest.fixture
+def cstore(store):
+    return ClusterStore(store)
+
+
+def labels_of(cstore, run_id: int, n: int) -> np.ndarray:
+    ids, cl, _, _ = cstore.map_points(run_id)
+    out = np.full(n, -1)
+    out[np.asarray(ids) - 1] = cl
+    return out
+
+
+def test_clusters_recover_known_groups_and_rerun_is_identical(store, cstore):
+    v, truth = mixture(120, [0, 1, 2, 3, 4])
+    populate(store, v, np.ones(len(v), bool))
+    r1 = run_clustering(store, cstore, PARAMS)
+    got = labels_of(cstore, r1.run.id, len(v))
+    assert adjusted_rand_score(truth, got) >= 0.9
+    assert r1.clusters == 5 and r1.summary["new"] == 5
+    cl = cstore.clusters(r1.run.id)
+    assert all(len(c.exemplars) == 6 and c.mean_probability > 0.5 for c in cl)
+    ex = cl[0].exemplars
+    assert all(got[i - 1] == cl[0].id for i in ex)  # exemplars are members of their cluster
+    # every member has 2-D coordinates and a probability; noise is kept, not dropped
+    ids, _, xs, ys = cstore.map_points(r1.run.id)
+    assert len(ids) == len(v) and np.isfinite(xs).all() and np.isfinite(ys).all()
+    r2 = run_clustering(store, cstore, PARAMS)
+    assert np.array_equal(labels_of(cstore, r2.run.id, len(v)), got)  # same ids, same members
+    assert r2.summary == {"new": 0, "grown": 0, "shrunk": 0, "stable": 5, "merged": 0, "split": 0, "vanished": 0}
+    assert cstore.current_run().id == r2.run.id
+
+
+def test_a_new_group_is_new_and_the_others_keep_ids_and_names(store, cstore):
+    v, truth = mixture(100, [0, 1, 2, 3])
+    populate(store, v, np.ones(len(v), bool))
+    r1 = run_clustering(store, cstore, PARAMS)
+    first = labels_of(cstore, r1.run.id, len(v))
+    group_to_cluster = {g: int(np.bincount(first[truth == g][first[truth == g] >= 0]).argmax()) for g in range(4)}
+    cstore.update_identity(group_to_cluster[2], actor="alice", name="beach set", status="confirmed")
+    extra, _ = mixture(100, [9], seed=2)
+    populate(store, extra, np.ones(len(extra), bool), start=len(v) + 1)
+    r2 = run_clustering(store, cstore, PARAMS)
+    assert r2.summary["new"] == 1 and r2.summary["stable"] + r2.summary["grown"] == 4
+    second = labels_of(cstore, r2.run.id, len(v) + len(extra))
+    for g, cid in group_to_cluster.items():
+        assert np.bincount(second[: len(v)][truth == g][second[: len(v)][truth == g] >= 0]).argmax() == cid
+    named = cstore.cluster(r2.run.id, group_to_cluster[2])
+    assert (named.name, named.status, named.reviewed_by) == ("beach set", "confirmed", "alice")
+    new_cluster = [c for c in cstore.clusters(r2.run.id) if c.change == "new"][0]
+    assert set(second[len(v):]) == {new_cluster.id}
+
+
+def test_incremental_assignment_places_new_members_provisionally(store, cstore):
+    v, truth = mixture(100, [0, 1, 2, 3, 4, 5])
+    flagged = np.ones(len(v), bool)
+    late = np.flatnonzero(truth == 3)[:10]
+    flagged[late] = False
+    populate(store, v, flagged)
+    r = run_clustering(store, cstore, PARAMS.__class__(min_cluster_size=10, neighbors=15, seed=7, backend="hdbscan"))
+    lab = labels_of(cstore, r.run.id, len(v))
+    group3 = np.bincount(lab[(truth == 3) & flagged]).argmax()
+    store.catalog.set_flag([int(i) + 1 for i in late], FlagRequest("manual", None, "bob"), flag=True)
+    assert assign_new(store, cstore) == 10
+    placed = {m.image_id: m for m in cstore.members(r.run.id, int(group3))}
+    assert all(int(i) + 1 in placed and placed[int(i) + 1].provisional for i in late)
+    assert assign_new(store, cstore) == 0  # nothing new the second time
+    look = cstore.lookup([int(late[0]) + 1])
+    assert look[int(late[0]) + 1]["provisional"] is True and look[int(late[0]) + 1]["id"] == group3
+
+
+def test_identity_matching_names_merges_splits_and_vanishing():
+    prev = {1: set(range(0, 100)), 2: set(range(100, 200)), 3: set(range(200, 300)), 4: set(range(300, 400))}
+    new = [set(range(0, 200)),                      # 1 and 2 merged
+           set(range(200, 250)), set(range(250, 300)),  # 3 split
+           set(range(500, 560))]                     # new; 4 vanished
+    m = match_clusters(new, prev)
+    assert [x.change for x in m.matches] == ["merged", "split", "split", "new"]
+    assert m.matches[0].identity in (1, 2) and m.matches[1].identity == 3 and m.matches[2].identity is None
+    assert m.vanished == [4]
+    assert m.summary()["merged"] == 1 and m.summary()["vanished"] == 1
+    grown = match_clusters([set(range(0, 100)) | set(range(200, 220)), set(range(100, 170))],
+                           {1: set(range(0, 100)), 2: set(range(100, 200))})
+    assert [x.change for x in grown.matches] == ["grown", "shrunk"]
+
+
+def test_too_few_flagged_images_is_a_clear_error(store, cstore, settings):
+    v, _ = mixture(3, [0, 1])
+    populate(store, v, np.ones(len(v), bool))
+    with pytest.raises(ClusteringError, match="only 6 flagged images: clustering needs at least"):
+        run_clustering(store, cstore, PARAMS)
+    from flagmatch.cli import main
+    r = CliRunner().invoke(main, ["cluster", "--home", settings.home])
+    assert r.exit_code == 1 and "too_few_images" in r.output
+    r = CliRunner().invoke(main, ["cluster", "--home", settings.home, "--since", "soon"])
+    assert r.exit_code == 2 and "7d" in r.output
+
+
+def test_a_killed_run_leaves_the_previous_run_current(store, cstore, settings):
+    v, _ = mixture(150, [0, 1, 2, 3])
+    populate(store, v, np.ones(len(v), bool))
+    first = run_clustering(store, cstore, PARAMS)
+    env = dict(os.environ, FLAGMATCH_HOME=settings.home, FLAGMATCH_CLUSTER_MIN_SIZE="10")
+    p = subprocess.Popen([sys.executable, "-m", "flagmatch.cli", "cluster"], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # kill it once it has started its run
+        if any(r.status == "running" for r in cstore.runs()):
+            break
+        time.sleep(0.05)
+    time.sleep(0.5)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    p.stderr.close()
+    runs = cstore.runs()
+    assert runs[0].status == "running" and runs[0].id > first.run.id
+    assert cstore.current_run().id == first.run.id
+    assert len(cstore.clusters(first.run.id)) == 4
+    # the CLI lists the current (previous) run
+    from flagmatch.cli import main
+    r = CliRunner().invoke(main, ["clusters", "--home", settings.home])
+    assert r.exit_code == 0 and f"run {first.run.id} (done" in r.output
+
+
+def test_since_clusters_only_recent_flags(store, cstore, settings):
+    import datetime as dt
+    v, _ = mixture(100, [0, 1, 2])
+    populate(store, v, np.ones(len(v), bool))
+    from flagmatch.cli import main
+    r = CliRunner().invoke(main, ["cluster", "--home", settings.home, "--cluster-min-size", "10"])
+    assert r.exit_code == 0, r.output
+    assert "3 clusters" in r.output and "new 3" in r.output
+    cutoff = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None) + dt.timedelta(days=1)
+    with pytest.raises(ClusteringError, match="flagged since"):
+        run_clustering(store, cstore, PARAMS, since=cutoff)
+    r = CliRunner().invoke(main, ["cluster", "--home", settings.home, "--since", "7d", "--cluster-min-size", "10"])
+    assert r.exit_code == 0 and "flagged since" in r.output
+    assert cstore.current_run().scope == "full"  # a recent-only run never replaces the full one
