@@ -75,3 +75,21 @@ def gaussian_mixture(n: int, dim: int, groups: int, seed: int, spread: float = 0
     v = centres[labels] + rng.normal(scale=spread / np.sqrt(dim), size=(n, dim)).astype(np.float32) * np.sqrt(dim) / 4
     v /= np.linalg.norm(v, axis=1, keepdims=True)
     return v.astype(np.float32), labels
+
+
+def write_families(folder: Path, families: int, per_family: int, seed: int = 0) -> list[Path]:
+    """Groups of near-duplicates (the same drawing re-encoded, shifted, tinted): what re-uploads look like."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    out = []
+    for f in range(families):
+        base = drawn_image(1000 + f, (360, 280))
+        for v in range(per_family):
+            dx, dy = int(rng.integers(0, 24)), int(rng.integers(0, 24))
+            im = base.crop((dx, dy, dx + 320, dy + 240))
+            arr = np.asarray(im, np.int16) + rng.integers(-12, 12, 3)
+            im = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
+            p = folder / f"fam{f}_{v:02d}.jpg"
+            p.write_bytes(encode(im, "JPEG", quality=int(rng.integers(70, 95))))
+            out.append(p)
+    return out

@@ -82,7 +82,7 @@ def create_app(settings: Any, *, embedder: Embedder | None = None, load: str = "
     503 /readyz meanwhile) or "none" (tests of the not-ready state)."""
     from search.api import bp as api_bp, register_health
 
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)  # the viewer blueprint serves /static
     app.config.update(
         MAX_CONTENT_LENGTH=settings.max_upload_bytes,
         MAX_FORM_MEMORY_SIZE=settings.max_upload_bytes,

@@ -1,0 +1,420 @@
+"""The viewer: server-rendered pages for moderators (clusters, a cluster, the map, an image, search)
+and the actions they take (name/label/confirm a cluster, unflag false positives, sweep the corpus
+and flag what they pick). Thumbnails are blurred unless revealed one at a time (or blur is turned
+off for the session); every reveal and decision goes to the append-only audit log."""
+from __future__ import annotations
+
+import hmac
+import io
+import secrets
+import struct
+from functools import lru_cache
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+from flask import (Blueprint, Response, abort, current_app, flash, jsonify, redirect, render_template, request,
+                   session, url_for)
+from PIL import Image, ImageFilter, ImageOps
+
+from indexer.catalog import FlagRequest
+from indexer.errors import FlagmatchError, InvalidInputError, NotFoundError
+from search.service import SearchParams
+
+bp = Blueprint("viewer", __name__, template_folder="templates", static_folder="static",
+               static_url_path="/static")
+PAGE = 60
+OUTLIER_CUT = 0.8
+PUBLIC = ("viewer.login", "viewer.static")
+
+
+# ------------------------------------------------------------------ plumbing
+
+def rt() -> Any:
+    return current_app.extensions["flagmatch"]
+
+
+def parts() -> tuple[Any, Any]:
+    """The cluster store and the audit log, created once per app."""
+    r = rt()
+    if getattr(r, "viewer_parts", None) is None:
+        from clustering.store import ClusterStore
+        from web.audit import AuditLog
+        r.viewer_parts = (ClusterStore(r.store), AuditLog(r.store.catalog.engine))
+    return r.viewer_parts
+
+
+def actor() -> str:
+    return str(session.get("actor"))
+
+
+def csrf_token() -> str:
+    if "csrf" not in session:
+        session["csrf"] = secrets.token_urlsafe(32)
+    return str(session["csrf"])
+
+
+@bp.app_context_processor
+def _context() -> dict[str, Any]:
+    if request.blueprint != "viewer":
+        return {}
+    return {"csrf_token": csrf_token(), "actor": session.get("actor"), "blur": session.get("blur", True),
+            "grey": session.get("grey", False)}
+
+
+@bp.before_request
+def _guard() -> Response | None:
+    if request.endpoint in PUBLIC:
+        return None
+    if not session.get("actor"):
+        if request.method == "GET":
+            return redirect(url_for("viewer.login", next=request.full_path.rstrip("?")))
+        abort(401)
+    if request.method == "POST":
+        sent = request.form.get("csrf") or request.headers.get("X-CSRF-Token") or ""
+        if not hmac.compare_digest(sent.encode(), csrf_token().encode()):
+            abort(403, "missing or wrong CSRF token")
+    return None
+
+
+@bp.errorhandler(FlagmatchError)
+def _domain_error(exc: FlagmatchError) -> tuple[str, int]:
+    return render_template("error.html", code=exc.code, message=exc.message), exc.http_status
+
+
+def _ids(values: list[str]) -> list[int]:
+    out = []
+    for v in values:
+        for part in str(v).split(","):
+            part = part.strip()
+            if part:
+                if not part.isdigit():
+                    raise InvalidInputError(f"not an image id: {part[:40]!r}", code="bad_parameter")
+                out.append(int(part))
+    return list(dict.fromkeys(out))
+
+
+def _int_arg(name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.args.get(name, "")
+    try:
+        v = int(raw) if raw else default
+    except ValueError:
+        raise InvalidInputError(f"{name} must be a whole number", code="bad_parameter") from None
+    return max(lo, min(hi, v))
+
+
+def _float_arg(source: Any, name: str, default: float, lo: float, hi: float) -> float:
+    raw = source.get(name, "")
+    try:
+        v = float(raw) if raw != "" else default
+    except ValueError:
+        raise InvalidInputError(f"{name} must be a number", code="bad_parameter") from None
+    if not lo <= v <= hi:
+        raise InvalidInputError(f"{name} must be between {lo} and {hi}", code="bad_parameter")
+    return v
+
+
+def _safe_next(default: str) -> str:
+    nxt = request.form.get("next") or request.args.get("next") or default
+    u = urlparse(nxt)
+    return nxt if nxt.startswith("/") and not nxt.startswith("//") and not u.netloc and not u.scheme else default
+
+
+# ------------------------------------------------------------------ login
+
+@bp.route("/login", methods=["GET", "POST"])
+def login() -> Any:
+    error = None
+    if request.method == "POST":
+        sent = request.form.get("csrf") or ""
+        if not hmac.compare_digest(sent.encode(), csrf_token().encode()):
+            abort(403, "missing or wrong CSRF token")
+        name = rt().tokens.actor(request.form.get("token", "").strip())
+        if name is not None:
+            nxt = _safe_next(url_for("viewer.clusters"))
+            session.clear()
+            session["actor"], session["csrf"], session["blur"] = name, secrets.token_urlsafe(32), True
+            parts()[1].record(name, "login", "viewer")
+            return redirect(nxt)
+        error = "That token is not valid."
+    return render_template("login.html", error=error, next=_safe_next("")), (401 if error else 200)
+
+
+@bp.post("/logout")
+def logout() -> Response:
+    parts()[1].record(actor(), "logout", "viewer")
+    session.clear()
+    return redirect(url_for("viewer.login"))
+
+
+@bp.post("/preferences")
+def preferences() -> Response:
+    """Blur on/off (and greyscale) for this session; recorded in the audit log."""
+    audit = parts()[1]
+    if "blur" in request.form:
+        session["blur"] = request.form["blur"] == "on"
+        audit.record(actor(), "blur_on" if session["blur"] else "blur_off", "session")
+    if "grey" in request.form:
+        session["grey"] = request.form["grey"] == "on"
+    return redirect(_safe_next(url_for("viewer.clusters")))
+
+
+# ------------------------------------------------------------------ thumbnails
+
+@lru_cache(maxsize=4096)
+def _render_thumb(path: str, blur: bool, grey: bool, mtime: float) -> bytes:
+    im = Image.open(path)
+    im.load()
+    im = im.convert("RGB")
+    if blur:
+        im = im.filter(ImageFilter.GaussianBlur(radius=max(6, max(im.size) // 14)))
+    if grey:
+        im = ImageOps.grayscale(im)
+    buf = io.BytesIO()
+    im.save(buf, "WEBP", quality=70, method=1)
+    return buf.getvalue()
+
+
+@bp.get("/t/<int:image_id>")
+def thumb(image_id: int) -> Response:
+    r = rt()
+    rec = r.store.catalog.get(image_id)
+    path = r.store.thumb_path(rec.thumb_key)
+    if not rec.thumb_key or not path.is_file():
+        abort(404)
+    blur = bool(session.get("blur", True))
+    if blur and request.args.get("clear") == "1" and parts()[1].revealed_recently(actor(), f"image:{image_id}"):
+        blur = False
+    data = _render_thumb(str(path), blur, bool(session.get("grey", False)), path.stat().st_mtime)
+    resp = Response(data, mimetype="image/webp")
+    resp.headers["Cache-Control"] = "no-store"
+    return resp
+
+
+@bp.post("/images/<int:image_id>/reveal")
+def reveal(image_id: int) -> Response:
+    rt().store.catalog.get(image_id)
+    parts()[1].record(actor(), "reveal", f"image:{image_id}")
+    return jsonify({"url": url_for("viewer.thumb", image_id=image_id, clear=1)})
+
+
+# ------------------------------------------------------------------ clusters
+
+@bp.get("/")
+def index() -> Response:
+    return redirect(url_for("viewer.clusters"))
+
+
+@bp.get("/clusters")
+def clusters() -> str:
+    cstore, _ = parts()
+    run = cstore.current_run()
+    sort = request.args.get("sort", "size")
+    status = request.args.get("status", "")
+    if sort not in ("size", "growth", "newest"):
+        raise InvalidInputError("sort must be size, growth or newest", code="bad_parameter")
+    if status not in ("", "unreviewed", "confirmed", "dismissed"):
+        raise InvalidInputError("status must be unreviewed, confirmed or dismissed", code="bad_parameter")
+    cards, noise = [], 0
+    if run is not None:
+        cards = cstore.clusters(run.id)
+        if status:
+            cards = [c for c in cards if c.status == status]
+        if sort == "growth":
+            cards.sort(key=lambda c: -(c.size - (c.prev_size or 0)))
+        elif sort == "newest":
+            cards.sort(key=lambda c: -c.id)
+        noise = cstore.count_members(run.id, None)
+    return render_template("clusters.html", run=run, cards=cards, noise=noise, sort=sort, status=status)
+
+
+def _member_page(run_id: int, cluster_id: int | None) -> dict[str, Any]:
+    cstore, _ = parts()
+    page = _int_arg("page", 1, 1, 10**6)
+    members = cstore.members(run_id, cluster_id, offset=(page - 1) * PAGE, limit=PAGE,
+                             outliers=None if cluster_id is None else False, outlier_cut=OUTLIER_CUT)
+    outliers = [] if cluster_id is None else cstore.members(run_id, cluster_id, outliers=True,
+                                                            outlier_cut=OUTLIER_CUT, limit=PAGE)
+    total = cstore.count_members(run_id, cluster_id)
+    recs = rt().store.catalog.get_many([m.image_id for m in members + outliers])
+    return {"members": [(m, recs.get(m.image_id)) for m in members],
+            "outliers": [(m, recs.get(m.image_id)) for m in outliers],
+            "page": page, "pages": max(1, -(-total // PAGE)), "total": total}
+
+
+@bp.get("/clusters/<int:cluster_id>")
+def cluster(cluster_id: int) -> str:
+    cstore, audit = parts()
+    run = cstore.current_run()
+    if run is None:
+        raise NotFoundError("no clustering run yet")
+    info = cstore.cluster(run.id, cluster_id)
+    return render_template("cluster.html", run=run, cluster=info, history=audit.events(20, f"cluster:{cluster_id}"),
+                           **_member_page(run.id, cluster_id))
+
+
+@bp.get("/clusters/unclustered")
+def unclustered() -> str:
+    cstore, _ = parts()
+    run = cstore.current_run()
+    if run is None:
+        raise NotFoundError("no clustering run yet")
+    return render_template("cluster.html", run=run, cluster=None, history=[], **_member_page(run.id, None))
+
+
+@bp.post("/clusters/<int:cluster_id>/name")
+def name_cluster(cluster_id: int) -> Response:
+    cstore, audit = parts()
+    name, label = request.form.get("name", ""), request.form.get("label", "")
+    if len(name) > 200 or len(label) > 200:
+        raise InvalidInputError("name and label are at most 200 characters", code="bad_parameter")
+    cstore.update_identity(cluster_id, actor=actor(), name=name, label=label)
+    audit.record(actor(), "name_cluster", f"cluster:{cluster_id}", name=name, label=label)
+    flash(f"Cluster {cluster_id} named.")
+    return redirect(url_for("viewer.cluster", cluster_id=cluster_id))
+
+
+@bp.post("/clusters/<int:cluster_id>/status")
+def review_cluster(cluster_id: int) -> Response:
+    cstore, audit = parts()
+    status = request.form.get("status", "")
+    cstore.update_identity(cluster_id, actor=actor(), status=status)
+    audit.record(actor(), f"cluster_{status}", f"cluster:{cluster_id}", reason=request.form.get("reason") or None)
+    flash(f"Cluster {cluster_id} marked {status}.")
+    return redirect(url_for("viewer.cluster", cluster_id=cluster_id))
+
+
+def _set_flags(flag: bool) -> Response:
+    r = rt()
+    ids = _ids(request.form.getlist("ids"))
+    if not ids:
+        raise InvalidInputError("select at least one image", code="bad_parameter")
+    reason = (request.form.get("reason") or "").strip()[:2000] or None
+    label = (request.form.get("label") or "").strip()[:200] or None
+    if not flag and not reason:
+        raise InvalidInputError("say why these are false positives (reason)", code="bad_parameter")
+    changed = r.store.catalog.set_flag(ids, FlagRequest("review", label, actor(), reason), flag=flag)
+    if r.index is not None:
+        r.index.catch_up()
+    parts()[1].record(actor(), "flag" if flag else "unflag", "images", ids=changed, asked=ids, reason=reason,
+                      label=label)
+    flash(f"{'Flagged' if flag else 'Unflagged'} {len(changed)} image(s).")
+    return redirect(_safe_next(url_for("viewer.clusters")))
+
+
+@bp.post("/images/unflag")
+def unflag_images() -> Response:
+    return _set_flags(False)
+
+
+@bp.post("/images/flag")
+def flag_images() -> Response:
+    return _set_flags(True)
+
+
+@bp.get("/clusters/<int:cluster_id>/sweep")
+def sweep(cluster_id: int) -> str:
+    """Unflagged images anywhere in the corpus near this cluster's most central members."""
+    cstore, audit = parts()
+    r = rt()
+    run = cstore.current_run()
+    if run is None or r.index is None:
+        raise NotFoundError("no clustering run or index yet")
+    info = cstore.cluster(run.id, cluster_id)
+    min_sim = _float_arg(request.args, "min_similarity", 0.8, -1.0, 1.0)
+    seeds = [m.image_id for m in cstore.members(run.id, cluster_id, limit=50)]
+    vecs = r.store.open_vectors().get(seeds)
+    best: dict[int, tuple[float, int]] = {}
+    for seed, hits in zip(seeds, r.index.search(vecs, 30, "all", exclude=set(seeds))):
+        for i, s in zip(hits.ids.tolist(), hits.similarities.tolist()):
+            if s >= min_sim and (i not in best or s > best[i][0]):
+                best[i] = (s, seed)
+    recs = r.store.catalog.get_many(best)
+    found = sorted(((s, seed, recs[i]) for i, (s, seed) in best.items() if i in recs and not recs[i].flagged),
+                   key=lambda t: -t[0])[:200]
+    audit.record(actor(), "sweep", f"cluster:{cluster_id}", min_similarity=min_sim, found=len(found))
+    return render_template("sweep.html", cluster=info, found=found, min_similarity=min_sim)
+
+
+# ------------------------------------------------------------------ map
+
+@bp.get("/map")
+def map_page() -> str:
+    run = parts()[0].current_run()
+    return render_template("map.html", run=run)
+
+
+@lru_cache(maxsize=4)
+def _map_blob(run_id: int, version: int, db_key: str) -> bytes:
+    cstore, _ = parts()
+    ids, cl, xs, ys = cstore.map_points(run_id)
+    n = len(ids)
+    x, y = np.asarray(xs, np.float32), np.asarray(ys, np.float32)
+    bounds = [float(x.min()), float(x.max()), float(y.min()), float(y.max())] if n else [0.0, 1.0, 0.0, 1.0]
+
+    def q(v: np.ndarray, lo: float, hi: float) -> np.ndarray:
+        return np.round((v - lo) / max(hi - lo, 1e-9) * 65535).astype("<u2")
+    header = struct.pack("<I4f", n, *bounds)
+    return (header + q(x, bounds[0], bounds[1]).tobytes() + q(y, bounds[2], bounds[3]).tobytes()
+            + np.asarray(ids, "<i4").tobytes() + np.asarray(cl, "<i4").tobytes())
+
+
+@bp.get("/map/data")
+def map_data() -> Response:
+    """Binary: uint32 n, float32 bounds[4]; uint16 x[n], uint16 y[n] (quantised); int32 id[n]; int32 cluster[n]."""
+    cstore, _ = parts()
+    run = cstore.current_run()
+    if run is None:
+        raise NotFoundError("no clustering run yet")
+    version = cstore.count_members(run.id, None)  # provisional placements change the blob
+    data = _map_blob(run.id, version, str(rt().store.catalog.engine.url))
+    resp = Response(data, mimetype="application/octet-stream")
+    resp.headers["Cache-Control"] = "no-store"
+    return resp
+
+
+@bp.post("/selection")
+def selection() -> str:
+    ids = _ids(request.form.getlist("ids"))[:5000]
+    recs = rt().store.catalog.get_many(ids)
+    lookup = parts()[0].lookup(ids)
+    return render_template("selection.html", items=[(recs[i], lookup.get(i)) for i in ids if i in recs])
+
+
+# ------------------------------------------------------------------ image and search
+
+@bp.get("/images/<int:image_id>")
+def image(image_id: int) -> str:
+    r = rt()
+    rec = r.store.catalog.get(image_id)
+    cl = parts()[0].lookup([image_id]).get(image_id)
+    near_flagged, near_all = [], []
+    if r.service is not None and not rec.deleted:
+        near_flagged = r.service.search_ids([image_id], SearchParams(k=12, scope="flagged")).results[0].hits
+        near_all = r.service.search_ids([image_id], SearchParams(k=12, scope="all")).results[0].hits
+    return render_template("image.html", rec=rec, cluster=cl, near_flagged=near_flagged, near_all=near_all)
+
+
+@bp.route("/search", methods=["GET", "POST"])
+def search_page() -> Any:
+    result, error = None, None
+    if request.method == "POST":
+        r = rt()
+        f = request.files.get("image")
+        if r.service is None:
+            error = "The model and index are still loading; try again in a moment."
+        elif f is None or not f.filename:
+            error = "Choose an image to search with."
+        else:
+            try:
+                k = request.form.get("k", "20")
+                params = SearchParams(k=int(k) if k.isdigit() else 0, scope=request.form.get("scope", "flagged"))
+                result = r.service.search_uploads([(f.filename, f.read())], params).results[0]
+            except FlagmatchError as exc:
+                error = exc.message
+    return render_template("search.html", result=result, error=error), (400 if error else 200)
+
+
+@bp.get("/audit")
+def audit_page() -> str:
+    return render_template("audit.html", events=parts()[1].events(200))
