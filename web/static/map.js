@@ -50,11 +50,12 @@
     const d = img.data;
     d.fill(255);
     grid = new Map();
+    const dot = pts.n < 2000 ? 4 : pts.n < 20000 ? 3 : 2;  // small runs get bigger dots
     for (let i = 0; i < pts.n; i++) {
       const px = Math.round(sx(pts.x[i])), py = Math.round(sy(pts.y[i]));
-      if (px < 1 || py < 1 || px >= W - 1 || py >= H - 1) continue;
+      if (px < 1 || py < 1 || px >= W - dot || py >= H - dot) continue;
       const c = pts.cl[i] < 0 ? [170, 170, 170] : palette[pts.cl[i] % palette.length];
-      for (let dy = 0; dy < 2; dy++) for (let dx = 0; dx < 2; dx++) {
+      for (let dy = 0; dy < dot; dy++) for (let dx = 0; dx < dot; dx++) {
         const o = ((py + dy) * W + px + dx) * 4;
         d[o] = c[0]; d[o + 1] = c[1]; d[o + 2] = c[2]; d[o + 3] = 255;
       }

@@ -1,0 +1,182 @@
+from __future__ import annotations
+
+import io
+import re
+import struct
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest_web import TOKEN, build_clustered_home, csrf_of, login
+from tests.helpers import encode, drawn_image
+
+
+@pytest.fixture(scope="module")
+def web_settings(tmp_path_factory, tiny_model_dir, tiny_embedder):
+    return build_clustered_home(tmp_path_factory.mktemp("web"), tiny_model_dir, tiny_embedder)
+
+
+@pytest.fixture
+def app(web_settings, tiny_embedder):
+    from web.app import create_app
+    return create_app(web_settings, embedder=tiny_embedder)
+
+
+@pytest.fixture
+def client(app):
+    c = app.test_client()
+    assert login(c).status_code == 302
+    return c
+
+
+def token_of(client, path="/clusters") -> str:
+    return csrf_of(client.get(path).text)
+
+
+def first_cluster(client) -> int:
+    return int(re.search(r'data-cluster="(\d+)"', client.get("/clusters").text).group(1))
+
+
+def test_pages_need_a_login(app):
+    c = app.test_client()
+    for path in ("/", "/clusters", "/clusters/1", "/map", "/map/data", "/images/1", "/search", "/t/1", "/audit"):
+        r = c.get(path)
+        assert r.status_code == 302 and "/login" in r.headers["Location"], path
+    assert c.post("/images/unflag", data={"ids": "1"}).status_code == 401
+    assert login(c, "wrong").status_code == 401
+    page = c.get("/login")
+    assert c.post("/login", data={"token": TOKEN}).status_code == 403  # login form needs its CSRF token too
+    assert c.post("/login", data={"csrf": csrf_of(page.text), "token": TOKEN, "next": "//evil.example/"}
+                  ).headers["Location"] == "/clusters"
+
+
+def test_session_cookie_and_security_headers(app):
+    c = app.test_client()
+    r = login(c)
+    cookie = r.headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    r = c.get("/clusters")
+    assert r.headers["Content-Security-Policy"].startswith("default-src 'self'")
+    assert r.headers["X-Content-Type-Options"] == "nosniff" and r.headers["Referrer-Policy"] == "no-referrer"
+    assert "<script>" not in r.text and " style=" not in r.text  # nothing inline for the CSP to block
+    t = c.get("/t/1")
+    assert t.headers["Cache-Control"] == "no-store" and t.mimetype == "image/webp"
+
+
+def test_every_post_needs_the_csrf_token(client):
+    cid = first_cluster(client)
+    for path, data in (("/images/unflag", {"ids": "1", "reason": "x"}), ("/images/flag", {"ids": "70"}),
+                       (f"/clusters/{cid}/name", {"name": "x"}), (f"/clusters/{cid}/status", {"status": "confirmed"}),
+                       ("/images/1/reveal", {}), ("/preferences", {"blur": "off"}), ("/logout", {}),
+                       ("/selection", {"ids": "1"})):
+        assert client.post(path, data=data).status_code == 403, path
+        assert client.post(path, data={**data, "csrf": "forged"}).status_code == 403, path
+
+
+def test_clusters_page_cards_sort_and_filter(client):
+    r = client.get("/clusters")
+    assert r.status_code == 200
+    assert len(re.findall(r'class="card cluster status-', r.text)) == 4
+    assert "Unclustered" in r.text and "new" in r.text
+    assert client.get("/clusters?sort=growth").status_code == 200
+    assert client.get("/clusters?sort=newest&status=unreviewed").status_code == 200
+    assert client.get("/clusters?sort=bogus").status_code == 400
+    assert client.get("/clusters?status=confirmed").text.count('class="card cluster status-') == 0
+
+
+def test_cluster_page_name_confirm_and_unflag(client, app):
+    cid = first_cluster(client)
+    page = client.get(f"/clusters/{cid}")
+    assert page.status_code == 200 and "Members" in page.text
+    ids = re.findall(r'name="ids" value="(\d+)"', page.text)
+    assert len(ids) >= 5
+    csrf = csrf_of(page.text)
+    r = client.post(f"/clusters/{cid}/name", data={"csrf": csrf, "name": "<b>beach</b> set", "label": "nudity"})
+    assert r.status_code == 302
+    page = client.get(f"/clusters/{cid}")
+    assert "&lt;b&gt;beach&lt;/b&gt; set" in page.text and "<b>beach</b>" not in page.text  # escaped
+    r = client.post(f"/clusters/{cid}/status", data={"csrf": csrf, "status": "confirmed"})
+    assert r.status_code == 302 and "confirmed" in client.get(f"/clusters/{cid}").text
+    assert client.post(f"/clusters/{cid}/status", data={"csrf": csrf, "status": "great"}).status_code == 400
+    # unflag one member as a false positive: needs a reason, lands in the flag history and the audit log
+    victim = ids[-1]
+    r = client.post("/images/unflag", data={"csrf": csrf, "ids": victim, "next": f"/clusters/{cid}"})
+    assert r.status_code == 400
+    r = client.post("/images/unflag", data={"csrf": csrf, "ids": victim, "reason": "a beach ball",
+                                            "next": f"/clusters/{cid}"})
+    assert r.status_code == 302 and r.headers["Location"] == f"/clusters/{cid}"
+    store = app.extensions["flagmatch"].store
+    rec = store.catalog.get(int(victim))
+    assert not rec.flagged and rec.history[-1].actor == "rita" and rec.history[-1].reason == "a beach ball"
+    audit = client.get("/audit").text
+    assert "unflag" in audit and "name_cluster" in audit and "cluster_confirmed" in audit
+    assert client.post("/images/unflag", data={"csrf": csrf, "ids": "abc", "reason": "x"}).status_code == 400
+    assert client.get("/clusters/99999").status_code == 404
+
+
+def test_sweep_finds_unflagged_neighbours_and_flags_the_picked(client, app):
+    cid = first_cluster(client)
+    r = client.get(f"/clusters/{cid}/sweep?min_similarity=-1")
+    assert r.status_code == 200
+    found = re.findall(r'class="card image sweep-hit">.*?name="ids" value="(\d+)"', r.text, re.S)
+    assert found
+    store = app.extensions["flagmatch"].store
+    assert not any(store.catalog.get(int(i)).flagged for i in found)
+    assert client.get(f"/clusters/{cid}/sweep?min_similarity=7").status_code == 400
+    r = client.post("/images/flag", data={"csrf": csrf_of(r.text), "ids": found[0], "label": "beach",
+                                          "reason": "sweep", "next": f"/clusters/{cid}"})
+    assert r.status_code == 302
+    rec = store.catalog.get(int(found[0]))
+    assert rec.flagged and rec.flag_source == "review" and rec.flag_label == "beach"
+
+
+def test_reveal_is_one_image_at_a_time_and_audited(client):
+    blurred = client.get("/t/2").data
+    assert client.get("/t/2?clear=1").data == blurred  # no reveal yet: still blurred
+    csrf = token_of(client)
+    r = client.post("/images/2/reveal", headers={"X-CSRF-Token": csrf})
+    assert r.status_code == 200 and r.json["url"].endswith("/t/2?clear=1")
+    clear = client.get("/t/2?clear=1").data
+    assert clear != blurred
+    a = np.asarray(Image.open(io.BytesIO(blurred)).convert("L"), np.float32)
+    b = np.asarray(Image.open(io.BytesIO(clear)).convert("L"), np.float32)
+    assert np.abs(np.diff(b, axis=1)).mean() > 1.5 * np.abs(np.diff(a, axis=1)).mean()  # blur removes detail
+    blurred3 = client.get("/t/3").data
+    assert client.get("/t/3?clear=1").data == blurred3  # image 3 was not revealed
+    assert "reveal" in client.get("/audit").text
+    client.post("/preferences", data={"csrf": csrf, "blur": "off"})
+    assert client.get("/t/3").data != blurred3  # blur off for the session
+    assert "blur_off" in client.get("/audit").text
+
+
+def test_map_data_is_compact_binary(client, app):
+    r = client.get("/map/data")
+    n, x0, x1, y0, y1 = struct.unpack("<I4f", r.data[:20])
+    assert n == 60 and len(r.data) == 20 + 12 * n and x1 > x0 and y1 > y0
+    ids = np.frombuffer(r.data[20 + 4 * n:20 + 8 * n], "<i4")
+    assert sorted(ids.tolist()) == list(range(1, 61))
+    page = client.get("/map")
+    assert 'id="map"' in page.text and "map.js" in page.text
+
+
+def test_selection_image_and_search_pages(client):
+    csrf = token_of(client)
+    r = client.post("/selection", data={"csrf": csrf, "ids": "1,2,3"})
+    assert r.status_code == 200 and r.text.count('class="card image"') == 3
+    r = client.get("/images/5")
+    assert r.status_code == 200 and "Nearest flagged" in r.text and "Flag history" in r.text
+    assert client.get("/images/999999").status_code == 404
+    data = {"csrf": csrf, "image": (io.BytesIO(encode(drawn_image(1000), "JPEG")), "q.jpg"), "k": "5"}
+    r = client.post("/search", data=data, content_type="multipart/form-data")
+    assert r.status_code == 200 and r.text.count('class="card image hit"') == 5
+    r = client.post("/search", data={"csrf": csrf, "image": (io.BytesIO(b"not an image"), "x.txt")},
+                    content_type="multipart/form-data")
+    assert r.status_code == 400 and "not an image format" in r.text
+
+
+def test_api_accepts_the_viewer_session_with_csrf_for_writes(client):
+    csrf = token_of(client)
+    assert client.get("/api/v1/images/1").status_code == 200
+    assert client.post("/api/v1/images/1/flag", json={"reason": "x"}).status_code == 403
+    assert client.post("/api/v1/images/1/flag", json={"reason": "x"}, headers={"X-CSRF-Token": csrf}).status_code == 200
