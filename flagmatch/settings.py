@@ -131,3 +131,7 @@ def settings_table() -> str:
         default = ",".join(s.default) if isinstance(s.default, tuple) else s.default
         rows.append(f"| `{s.flag}` | `{s.env}` | `{default}` | {s.help} |")
     return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python -m flagmatch.settings: the README's settings table
+    print(settings_table())

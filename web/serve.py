@@ -42,7 +42,9 @@ class FlagmatchServer(BaseApplication):  # type: ignore[misc]
             s = s.replace(torch_threads=max(1, (os.cpu_count() or 1) // max(1, s.workers)))
         import faiss
         faiss.omp_set_num_threads(1)  # one query per request thread; the server runs several
-        return create_app(s, load="background")
+        # Load before the worker accepts connections: a worker never answers 503 while a ready sibling
+        # could have answered. A failed load still serves /healthz and a 503 /readyz saying why.
+        return create_app(s, load="now")
 
 
 def serve(settings: Any) -> None:

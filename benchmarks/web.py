@@ -1,0 +1,162 @@
+"""Viewer speed with 100k flagged images in 1k clusters: server-side time of the clusters page, a
+1k-member cluster page and the map's data endpoint (Flask test client, median of 20), the map data's
+size, and the map's first draw (fetch + decode + draw) in headless Chromium against `flagmatch serve`.
+
+    python benchmarks/web.py [--images 100000] [--clusters 1000]"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from common import ROOT, machine, median, table, write
+
+TOKEN = "bench-token"
+
+
+def build(work: Path, n: int, k: int) -> tuple[object, Path]:
+    from sqlalchemy import insert
+    sys.path.insert(0, str(ROOT))
+    from tests.helpers import save_tiny_timm
+    from clustering.store import ClusterStore, Member, NewCluster
+    from flagmatch.settings import Settings
+    from flagmatch.wiring import load_embedder, open_index, open_store
+    from indexer.catalog import ImageRow, utcnow
+
+    model = work / "model"
+    if not (model / "model.safetensors").exists():
+        save_tiny_timm(model)
+    home = work / "home"
+    shutil.rmtree(home, ignore_errors=True)
+    s = Settings.load({"home": str(home), "model": str(model), "api_tokens": f"bench:{TOKEN}"}, environ={})
+    emb = load_embedder(s)
+    store = open_store(s)
+    vs = store.bind_model(emb.info.model_id, emb.info.dim, emb.info.preprocessing)
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(k, emb.info.dim)).astype(np.float32)
+    sizes = np.full(k, (n - 1000) // (k - 1))
+    sizes[0] = 1000
+    sizes[-1] += n - sizes.sum()
+    labels = np.repeat(np.arange(k), sizes)
+    v = centres[labels] + rng.normal(scale=0.3, size=(n, emb.info.dim)).astype(np.float32)
+    vs.append(1, v / np.linalg.norm(v, axis=1, keepdims=True))
+    now = utcnow()
+    with store.catalog.engine.begin() as c:
+        for i in range(1, n + 1, 50_000):
+            c.execute(insert(ImageRow), [dict(
+                id=j, sha256=hashlib.sha256(str(j).encode()).hexdigest(), size_bytes=1, format="JPEG", width=1,
+                height=1, frames=1, p_unsafe=0.9, model_id=emb.info.model_id, thumb_key="", flagged=True,
+                flag_source="import", flagged_at=now, deleted=False, created_at=now, updated_at=now)
+                for j in range(i, min(i + 50_000, n + 1))])
+    open_index(store, s).save()
+    cs = ClusterStore(store)
+    run = cs.start_run(emb.info.model_id, {}, "full", None)
+    xy = rng.normal(size=(k, 2)) * 10
+    clusters, members, start = [], [], 1
+    for c_, size in enumerate(sizes):
+        ids = list(range(start, start + int(size)))
+        clusters.append(NewCluster(None, c_, int(size), None, "new", None, 0.9, ids[:6],
+                                   float(xy[c_, 0]), float(xy[c_, 1])))
+        pts = xy[c_] + rng.normal(scale=0.3, size=(len(ids), 2))
+        members += [Member(i, c_, float(rng.uniform(0.5, 1)), float(rng.uniform(0, 1)), float(p[0]), float(p[1]), False)
+                    for i, p in zip(ids, pts)]
+        start += int(size)
+    cs.finish_run(run, clusters, members, n_noise=0, summary={"new": k}, timings={})
+    big = clusters[0].identity
+    store.close()
+    return s, model, big  # type: ignore[return-value]
+
+
+def timed(client, path: str, reps: int = 20) -> tuple[float, int]:
+    client.get(path)  # warm
+    ts = []
+    size = 0
+    for _ in range(reps):
+        t = time.perf_counter()
+        r = client.get(path)
+        ts.append((time.perf_counter() - t) * 1000)
+        size = len(r.data)
+        if r.status_code != 200:
+            raise RuntimeError(f"{path}: {r.status_code}")
+    return median(ts), size
+
+
+def first_draw(s, model: Path) -> float:
+    from playwright.sync_api import sync_playwright
+    sys.path.insert(0, str(ROOT))
+    from tests.test_browser import ARGS, CHROMIUM
+    from tests.test_serve import free_port
+    port = free_port()
+    env = dict(os.environ, FLAGMATCH_HOME=s.home, FLAGMATCH_MODEL=str(model), FLAGMATCH_API_TOKENS=f"bench:{TOKEN}",
+               FLAGMATCH_PORT=str(port))
+    proc = subprocess.Popen([sys.executable, "-m", "flagmatch.cli", "serve"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                with urllib.request.urlopen(base + "/readyz", timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.2)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(base + "/login")
+            page.fill("input[name=token]", TOKEN)
+            page.click("form button:has-text('Sign in')")
+            page.wait_for_url(base + "/clusters")
+            draws = []
+            for _ in range(5):
+                page.goto(base + "/map")
+                page.wait_for_selector("body[data-map-ready='1']", timeout=60_000)
+                draws.append(float(page.locator("#map").get_attribute("data-draw-ms")))
+            browser.close()
+        return median(draws)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=100_000)
+    ap.add_argument("--clusters", type=int, default=1000)
+    ap.add_argument("--work", default="/tmp/fm-bench-web")
+    a = ap.parse_args()
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    s, model, big = build(work, a.images, a.clusters)
+    from web.app import create_app
+    app = create_app(s)
+    c = app.test_client()
+    page = c.get("/login")
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+    c.post("/login", data={"csrf": csrf, "token": TOKEN})
+    rows, data = [], {"machine": machine(), "images": a.images, "clusters": a.clusters}
+    for name, path in (("clusters page", "/clusters"), (f"cluster page (1,000 members)", f"/clusters/{big}"),
+                       ("map data", "/map/data")):
+        ms, size = timed(c, path)
+        data[name] = {"ms": ms, "bytes": size}
+        rows.append([name, ms, f"{size / 1e6:.2f} MB"])
+    draw = first_draw(s, model)
+    data["map first draw ms"] = draw
+    rows.append(["map first draw (Chromium: fetch + decode + draw)", draw, ""])
+    md = (f"Viewer on {machine()}: {a.images:,} flagged images in {a.clusters:,} clusters; server-side medians "
+          f"of 20 requests (Flask test client), first draw = median of 5 page loads in headless Chromium "
+          f"against `flagmatch serve`.\n\n" + table(["what", "ms", "size"], rows))
+    write("web", data, md)
+
+
+if __name__ == "__main__":
+    main()
