@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import machine, median, percentile, table, write
+from common import machine, percentile, table, write
 
 
 def make_vectors(n: int, dim: int, seed: int) -> np.ndarray:

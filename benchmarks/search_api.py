@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -55,12 +54,6 @@ done = function(summary, latency, requests)
     latency:percentile(99) / 1000, errors))
 end
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_store(work: Path, n_vectors: int, photos: int) -> tuple[dict, list[Path]]:
@@ -163,19 +156,12 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     env, files = build_store(work, a.vectors, a.photos)
     lat_model, precision = model_latency(env["FLAGMATCH_MODEL"], files)
-    port = free_port()
-    senv = dict(os.environ, **env, FLAGMATCH_PORT=str(port), FLAGMATCH_WORKERS=str(a.workers),
-                FLAGMATCH_THREADS=str(a.threads))
-    log = open(work / "server.log", "wb")
-    server = subprocess.Popen([sys.executable, "-m", "flagmatch.cli", "serve"], env=senv, stdout=log, stderr=log)
+    sys.path.insert(0, str(ROOT))
+    from tests.helpers import start_server, stop_server
+    server, base, log = start_server({**env, "FLAGMATCH_WORKERS": str(a.workers),
+                                      "FLAGMATCH_THREADS": str(a.threads)}, work / "server.log", timeout=600)
+    port = int(base.rsplit(":", 1)[1])
     try:
-        for _ in range(600):
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.2)
         bodies_dir = work / "bodies"
         bodies_dir.mkdir(exist_ok=True)
         uploads = [multipart(f.read_bytes()) for f in files[:8]]
@@ -202,9 +188,7 @@ def main() -> None:
         shares = {"id": stage_shares(port, [id_body]), "upload": stage_shares(port, uploads)}
         data["stage_shares"] = shares
     finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
+        stop_server(server, log)
     up1 = next(r for r in data["runs"] if r["kind"] == "upload" and r["connections"] == 1)
     share_rows = [[k] + [f"{v.get(s, 0):.0%}" for s in ("decode", "embed", "search", "hydrate", "http+wsgi")]
                   for k, v in shares.items()]

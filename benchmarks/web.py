@@ -7,14 +7,10 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
-import os
 import re
 import shutil
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -91,24 +87,14 @@ def timed(client, path: str, reps: int = 20) -> tuple[float, int]:
     return median(ts), size
 
 
-def first_draw(s, model: Path) -> float:
+def first_draw(s, model: Path, work: Path) -> float:
     from playwright.sync_api import sync_playwright
     sys.path.insert(0, str(ROOT))
+    from tests.helpers import start_server, stop_server
     from tests.test_browser import ARGS, CHROMIUM
-    from tests.test_serve import free_port
-    port = free_port()
-    env = dict(os.environ, FLAGMATCH_HOME=s.home, FLAGMATCH_MODEL=str(model), FLAGMATCH_API_TOKENS=f"bench:{TOKEN}",
-               FLAGMATCH_PORT=str(port))
-    proc = subprocess.Popen([sys.executable, "-m", "flagmatch.cli", "serve"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
+    proc, base, log = start_server({"FLAGMATCH_HOME": s.home, "FLAGMATCH_MODEL": str(model),
+                                    "FLAGMATCH_API_TOKENS": f"bench:{TOKEN}"}, work / "server.log", timeout=600)
     try:
-        for _ in range(600):
-            try:
-                with urllib.request.urlopen(base + "/readyz", timeout=1):
-                    break
-            except OSError:
-                time.sleep(0.2)
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
             page = browser.new_page(viewport={"width": 1280, "height": 900})
@@ -124,8 +110,7 @@ def first_draw(s, model: Path) -> float:
             browser.close()
         return median(draws)
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop_server(proc, log)
 
 
 def main() -> None:
@@ -144,12 +129,12 @@ def main() -> None:
     csrf = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
     c.post("/login", data={"csrf": csrf, "token": TOKEN})
     rows, data = [], {"machine": machine(), "images": a.images, "clusters": a.clusters}
-    for name, path in (("clusters page", "/clusters"), (f"cluster page (1,000 members)", f"/clusters/{big}"),
+    for name, path in (("clusters page", "/clusters"), ("cluster page (1,000 members)", f"/clusters/{big}"),
                        ("map data", "/map/data")):
         ms, size = timed(c, path)
         data[name] = {"ms": ms, "bytes": size}
         rows.append([name, ms, f"{size / 1e6:.2f} MB"])
-    draw = first_draw(s, model)
+    draw = first_draw(s, model, work)
     data["map first draw ms"] = draw
     rows.append(["map first draw (Chromium: fetch + decode + draw)", draw, ""])
     md = (f"Viewer on {machine()}: {a.images:,} flagged images in {a.clusters:,} clusters; server-side medians "

@@ -1,9 +1,14 @@
 """Builds the parts from a Settings object; the CLI and the server factory both go through here."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from indexer.embed import Embedder, load_model
 from indexer.ingest import IngestOptions
 from indexer.store import Store
+
+if TYPE_CHECKING:
+    from indexer.vector_index import IndexConfig, VectorIndex
 
 
 def open_store(settings) -> Store:  # type: ignore[no-untyped-def]

@@ -93,3 +93,49 @@ def write_families(folder: Path, families: int, per_family: int, seed: int = 0) 
             p.write_bytes(encode(im, "JPEG", quality=int(rng.integers(70, 95))))
             out.append(p)
     return out
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(env: dict, log_path: Path, timeout: float = 120.0):  # type: ignore[no-untyped-def]
+    """`flagmatch serve` in a subprocess (env gives FLAGMATCH_*); returns (process, base URL, log file)
+    once /readyz answers 200, or raises with the end of its log."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = free_port()
+    log = open(log_path, "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "flagmatch.cli", "serve"],
+                            env={**os.environ, **env, "FLAGMATCH_PORT": str(port)}, stdout=log, stderr=log)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(base + "/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return proc, base, log
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    log.close()
+    raise RuntimeError("flagmatch serve did not become ready: " + log_path.read_text(errors="replace")[-3000:])
+
+
+def stop_server(proc, log) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    log.close()

@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from tests.conftest_web import TOKEN, build_clustered_home
-from tests.helpers import drawn_image, encode
-from tests.test_serve import free_port
+from tests.helpers import drawn_image, encode, start_server, stop_server
 
 CHROMIUM = os.environ.get("FLAGMATCH_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(os.environ.get("FLAGMATCH_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
@@ -28,23 +23,11 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromiu
 def server(tmp_path_factory, tiny_model_dir, tiny_embedder):
     root = tmp_path_factory.mktemp("browser")
     s = build_clustered_home(root, tiny_model_dir, tiny_embedder)
-    port = free_port()
-    env = dict(os.environ, FLAGMATCH_HOME=s.home, FLAGMATCH_MODEL=str(tiny_model_dir),
-               FLAGMATCH_API_TOKENS=f"rita:{TOKEN}", FLAGMATCH_PORT=str(port), FLAGMATCH_PRECISION="fp32")
-    log = open(root / "server.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "flagmatch.cli", "serve"], env=env, stdout=log, stderr=log)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            with urllib.request.urlopen(base + "/readyz", timeout=1) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.2)
+    env = dict(FLAGMATCH_HOME=s.home, FLAGMATCH_MODEL=str(tiny_model_dir), FLAGMATCH_API_TOKENS=f"rita:{TOKEN}",
+               FLAGMATCH_PRECISION="fp32")
+    proc, base, log = start_server(env, root / "server.log")
     yield base, root
-    proc.terminate()
-    proc.wait(timeout=30)
-    log.close()
+    stop_server(proc, log)
 
 
 @pytest.fixture(scope="module")

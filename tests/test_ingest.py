@@ -37,7 +37,7 @@ def run(store, embedder, paths, settings, **kw):
 
 def test_ingest_records_images_vectors_thumbnails_and_errors(store, tiny_embedder, settings, tmp_path):
     folder = tmp_path / "in"
-    files = write_images(folder, 10)
+    write_images(folder, 10)
     write_images(folder / "sub", 2, start=50, fmt="PNG", ext="png")
     broken = encode(drawn_image(99), "JPEG")
     (folder / "broken.jpg").write_bytes(broken[: len(broken) // 2])

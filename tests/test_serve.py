@@ -4,7 +4,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,15 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import drawn_image, encode, write_images
+from tests.helpers import drawn_image, encode, start_server, stop_server, write_images
 
 TOKEN = "serve-token"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def multipart(data: bytes, name: str = "q.jpg") -> tuple[bytes, str]:
@@ -51,36 +44,17 @@ def request(port: int, method: str, path: str, body: bytes | None = None, ctype:
 def served(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("serve")
     files = write_images(root / "in", 24)
-    port = free_port()
     env = dict(os.environ, FLAGMATCH_HOME=str(root / "home"), FLAGMATCH_MODEL=str(tiny_model_dir),
-               FLAGMATCH_API_TOKENS=f"ops:{TOKEN}", FLAGMATCH_PORT=str(port), FLAGMATCH_WORKERS="2",
+               FLAGMATCH_API_TOKENS=f"ops:{TOKEN}", FLAGMATCH_WORKERS="2",
                FLAGMATCH_THREADS="4", FLAGMATCH_MAX_UPLOAD_BYTES="1000000", FLAGMATCH_PRECISION="fp32",
                FLAGMATCH_FLAG_THRESHOLD="0.0")
     cli = [sys.executable, "-m", "flagmatch.cli"]
     subprocess.run(cli + ["ingest", str(root / "in")], env=env, check=True, capture_output=True, timeout=300)
-    log_path = root / "server.log"
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(cli + ["serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.3)
-    else:
-        proc.kill()
-        log.close()
-        pytest.fail("server did not become ready: " + log_path.read_text(errors="replace")[-3000:])
+    proc, base, log = start_server(env, root / "server.log")
+    port = int(base.rsplit(":", 1)[1])
+    env["FLAGMATCH_PORT"] = str(port)
     yield port, files, env, cli
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    log.close()
+    stop_server(proc, log)
 
 
 def test_served_instance_answers_real_requests(served):
