@@ -107,7 +107,7 @@ def _decode_opened(im: Image.Image, fmt: str, spec: InputSpec, max_pixels: int,
     frames = int(getattr(im, "n_frames", 1) or 1)
     if frames > 1:
         im.seek(0)
-    need = max(int(round(spec.size / spec.crop_pct)), thumb_size)
+    need = max(int(round(spec.size / spec.crop_pct)), thumb_size)  # short side the model/thumbnail need
     if fmt == "JPEG":
         # decode at 1/2, 1/4 or 1/8 scale (DCT scaling): still at least `need` on the short side
         im.draft("RGB", (need, need))
@@ -117,12 +117,15 @@ def _decode_opened(im: Image.Image, fmt: str, spec: InputSpec, max_pixels: int,
     im = ImageOps.exif_transpose(_shrink(im, need))
     resized = _resize_short_side(to_rgb(im), spec)
     pixels = _center_crop(resized, spec.size)
-    thumb = resized.copy()
-    thumb.thumbnail((thumb_size, thumb_size), Image.BICUBIC, reducing_gap=2.0)
-    buf = io.BytesIO()
-    thumb.save(buf, "WEBP", quality=80, method=2)
+    thumbnail = b""
+    if thumb_size > 0:  # queries (thumb_size 0) need no thumbnail
+        thumb = resized.copy()
+        thumb.thumbnail((thumb_size, thumb_size), Image.BICUBIC, reducing_gap=2.0)
+        buf = io.BytesIO()
+        thumb.save(buf, "WEBP", quality=80, method=2)
+        thumbnail = buf.getvalue()
     return DecodedImage(format=fmt, width=exif_size[0], height=exif_size[1], frames=frames,
-                        pixels=pixels, thumbnail=buf.getvalue(), decoded_size=decoded_size)
+                        pixels=pixels, thumbnail=thumbnail, decoded_size=decoded_size)
 
 
 def _shrink(im: Image.Image, need: int) -> Image.Image:

@@ -3,6 +3,8 @@ with a 4xx (a bad request is never a 500)."""
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -86,6 +88,7 @@ def authorize(write: bool) -> Response | None:
 
 def needs(write: bool) -> Callable:
     def deco(fn: Callable) -> Callable:
+        @functools.wraps(fn)
         def wrapper(*a: Any, **kw: Any) -> Any:
             denied = authorize(write)
             if denied is not None:
@@ -93,8 +96,6 @@ def needs(write: bool) -> Callable:
             if write and rt_csrf_required():
                 return error(403, "csrf", "missing or wrong CSRF token")
             return fn(*a, **kw)
-        wrapper.__name__ = fn.__name__
-        wrapper.__doc__ = fn.__doc__
         return wrapper
     return deco
 
@@ -207,7 +208,6 @@ def search() -> Response:
         resp = svc.search_ids(ids, params)
     else:
         return error(415, "unsupported_media_type", "send multipart/form-data (field 'image') or JSON")
-    import time
     t0 = time.perf_counter()
     out = jsonify(response_json(resp))
     resp.timings.hydrate += (time.perf_counter() - t0) * 1000

@@ -103,7 +103,7 @@ class SearchService:
         for name, data in uploads:
             if not data:
                 raise InvalidInputError(f"{name or 'upload'}: the file is empty", code="empty_image")
-            img = decode(data, self.embedder.info.input, max_pixels=self.max_pixels, thumb_size=16)
+            img = decode(data, self.embedder.info.input, max_pixels=self.max_pixels, thumb_size=0)
             sha = hashlib.sha256(data).hexdigest()
             pixels.append(img.pixels)
             queries.append((name, sha, self.store.catalog.known_sha(sha)))
