@@ -1,0 +1,32 @@
+"""Copy the settings table and the benchmark tables (benchmarks/results/*.md) into README.md,
+between the <!-- settings --> and <!-- benchmarks --> markers.
+
+    python benchmarks/readme.py"""
+from __future__ import annotations
+
+import re
+
+from common import OUT, ROOT
+
+SECTIONS = [("ingest", "Ingest"), ("index", "Vector index, 192-d"),
+            ("index-1024", "Vector index, 1024-d (open_nsfw)"), ("search_api", "Search API"),
+            ("cluster", "Clustering job"), ("web", "Viewer")]
+
+
+def main() -> None:
+    from flagmatch.settings import settings_table
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    parts = []
+    for name, title in SECTIONS:
+        f = OUT / f"{name}.md"
+        body = f.read_text().strip() if f.exists() else "_not measured yet: run the script_"
+        parts.append(f"### {title} — `benchmarks/{name.split('-')[0]}.py`\n\n{body}\n")
+    for marker, content in (("settings", settings_table()), ("benchmarks", "\n".join(parts))):
+        text = re.sub(rf"<!-- {marker} -->.*?<!-- /{marker} -->",
+                      lambda _: f"<!-- {marker} -->\n{content}\n<!-- /{marker} -->", text, flags=re.S)
+    readme.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
