@@ -8,9 +8,10 @@ import hashlib
 import importlib.util
 import json
 import os
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -234,6 +235,48 @@ def fetch_from_hub(repo_id: str) -> Path:
             f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}). On a machine with internet run "
             f"`huggingface-cli download {repo_id} --local-dir DIR`, copy DIR here and pass --model DIR; "
             f"or use the packaged offline model with --model opennsfw") from None
+
+
+class SerialEmbedder:
+    """Runs every embed() of a multi-threaded server on one dedicated thread, merging the requests
+    waiting at that moment into one batch. Request threads calling the model directly would each
+    get their own OpenMP team, and idle teams spinning on 2 cores slow the running one down."""
+
+    def __init__(self, inner: Embedder, max_batch: int = 8) -> None:
+        import queue
+        self.inner, self.info, self.max_batch = inner, inner.info, max_batch
+        self._queue: "queue.Queue[tuple[np.ndarray, Any]]" = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="embed", daemon=True)
+        self._thread.start()
+
+    def embed(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        from concurrent.futures import Future
+        fut: Future = Future()
+        self._queue.put((pixels, fut))
+        return fut.result()
+
+    def _run(self) -> None:
+        import queue
+        while True:
+            jobs = [self._queue.get()]
+            n = len(jobs[0][0])
+            while n < self.max_batch:
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                jobs.append(job)
+                n += len(job[0])
+            try:
+                emb, p = self.inner.embed(np.concatenate([j[0] for j in jobs]))
+            except BaseException as exc:  # each waiting request gets the error
+                for _, fut in jobs:
+                    fut.set_exception(exc)
+                continue
+            start = 0
+            for pixels, fut in jobs:
+                fut.set_result((emb[start:start + len(pixels)], p[start:start + len(pixels)]))
+                start += len(pixels)
 
 
 # --------------------------------------------------------------------------------------- onnx

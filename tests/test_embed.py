@@ -110,3 +110,18 @@ def test_missing_model_path(tmp_path: Path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="config.json"):
         load_model(str(tmp_path / "empty"))
+
+
+def test_serial_embedder_batches_concurrent_calls_and_keeps_results_apart(tiny_embedder):
+    from concurrent.futures import ThreadPoolExecutor
+    from indexer.embed import SerialEmbedder
+    serial = SerialEmbedder(tiny_embedder, max_batch=8)
+    px = pixels_for(tiny_embedder, 6, start=700)
+    direct, p_direct = tiny_embedder.embed(px)
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda i: serial.embed(px[i:i + 1]), range(6)))
+    for i, (e, p) in enumerate(results):
+        assert e.shape == (1, 192) and float(e[0] @ direct[i]) > 0.999 and abs(float(p[0] - p_direct[i])) < 1e-3
+    with pytest.raises(AssertionError, match="doesn't match model"):
+        serial.embed(np.zeros((1, 8, 8, 3), np.uint8))  # the model's error reaches the caller
+    assert serial.embed(px[:1])[0].shape == (1, 192)  # and the thread keeps serving

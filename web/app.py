@@ -38,7 +38,8 @@ class Runtime:
     def load(self) -> None:
         try:
             if self.embedder is None:
-                self.embedder = wiring.load_embedder(self.settings)
+                from indexer.embed import SerialEmbedder
+                self.embedder = SerialEmbedder(wiring.load_embedder(self.settings))
             if not self.store.catalog.model_meta():
                 raise FlagmatchError("the store is empty: ingest images first", code="empty_store")
             self.store.check_model(self.embedder.info.model_id)
