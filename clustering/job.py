@@ -7,7 +7,6 @@ time stay bounded. Seeds are fixed: the same data gives the same clusters."""
 from __future__ import annotations
 
 import datetime as dt
-import logging
 import os
 import time
 import warnings
@@ -23,7 +22,6 @@ from clustering.store import ClusterStore, Member, NewCluster, RunInfo
 from indexer.errors import ClusteringError
 from indexer.store import Store
 
-log = logging.getLogger(__name__)
 BACKENDS = ("fast_hdbscan", "hdbscan", "sklearn")
 EXEMPLARS = 6
 Progress = Callable[[str, str], None]  # (phase, message)
