@@ -13,7 +13,7 @@ import numpy as np
 from indexer.catalog import ImageRecord
 from indexer.decode import decode
 from indexer.embed import Embedder
-from indexer.errors import InvalidInputError, ModelLoadError
+from indexer.errors import InvalidInputError, ModelLoadError, NotFoundError
 from indexer.store import Store
 from indexer.vector_index import SCOPES, VectorIndex
 
@@ -120,7 +120,6 @@ class SearchService:
         recs = self.store.catalog.get_many(ids)
         missing = [i for i in ids if i not in recs or recs[i].deleted]
         if missing:
-            from indexer.errors import NotFoundError
             raise NotFoundError(f"no image with id {missing[0]}")
         vectors = self.store.open_vectors().get(ids)
         qs = [Query(f"id:{i}", recs[i].sha256, recs[i].p_unsafe, i) for i in ids]

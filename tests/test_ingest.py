@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import sqlite3
@@ -71,7 +72,7 @@ def test_rerun_does_no_model_work_and_duplicates_are_recorded(store, tiny_embedd
     counts = run(store, counting, [tmp_path / "in"], settings)
     assert (counts.new, counts.duplicates) == (6, 1)
     assert counting.images == 6
-    rec = store.catalog.get(store.catalog.resolve(__import__("hashlib").sha256(files[0].read_bytes()).hexdigest()))
+    rec = store.catalog.get(store.catalog.resolve(hashlib.sha256(files[0].read_bytes()).hexdigest()))
     assert sorted(rec.paths) == sorted([str(files[0]), str(copy)])
 
     counting2 = Counting(tiny_embedder)
@@ -120,7 +121,7 @@ def test_flag_history_is_never_overwritten(store, tiny_embedder, settings, tmp_p
     assert cat.set_flag([1], FlagRequest("review", "nudity", "dave"), flag=True) == []  # no change, no event
     with pytest.raises(NotFoundError):
         cat.resolve("no-such-thing")
-    assert cat.resolve(__import__("hashlib").sha256(files[1].read_bytes()).hexdigest()) == 2
+    assert cat.resolve(hashlib.sha256(files[1].read_bytes()).hexdigest()) == 2
 
 
 def test_a_different_model_is_refused(store, tiny_embedder, opennsfw, settings, tmp_path):
