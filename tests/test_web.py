@@ -82,6 +82,8 @@ def test_clusters_page_cards_sort_and_filter(client):
     assert client.get("/clusters?sort=growth").status_code == 200
     assert client.get("/clusters?sort=newest&status=unreviewed").status_code == 200
     assert client.get("/clusters?sort=bogus").status_code == 400
+    assert client.get("/clusters?page=2").text.count('class="card cluster status-') == 0  # 4 fit on page 1
+    assert client.get("/clusters?page=x").status_code == 400
     assert client.get("/clusters?status=confirmed").text.count('class="card cluster status-') == 0
 
 

@@ -23,7 +23,8 @@ from search.service import SearchParams
 
 bp = Blueprint("viewer", __name__, template_folder="templates", static_folder="static",
                static_url_path="/static")
-PAGE = 60
+PAGE = 60    # members per cluster page
+CARDS = 120  # cluster cards per clusters page
 OUTLIER_CUT = 0.8
 PUBLIC = ("viewer.login", "viewer.static")
 
@@ -215,7 +216,8 @@ def clusters() -> str:
         raise InvalidInputError("sort must be size, growth or newest", code="bad_parameter")
     if status not in ("", "unreviewed", "confirmed", "dismissed"):
         raise InvalidInputError("status must be unreviewed, confirmed or dismissed", code="bad_parameter")
-    cards, noise = [], 0
+    page = _int_arg("page", 1, 1, 10**6)
+    cards, noise, total = [], 0, 0
     if run is not None:
         cards = cstore.clusters(run.id)
         if status:
@@ -224,8 +226,11 @@ def clusters() -> str:
             cards.sort(key=lambda c: -(c.size - (c.prev_size or 0)))
         elif sort == "newest":
             cards.sort(key=lambda c: -c.id)
+        total = len(cards)
+        cards = cards[(page - 1) * CARDS:page * CARDS]
         noise = cstore.count_members(run.id, None)
-    return render_template("clusters.html", run=run, cards=cards, noise=noise, sort=sort, status=status)
+    return render_template("clusters.html", run=run, cards=cards, noise=noise, sort=sort, status=status,
+                           page=page, pages=max(1, -(-total // CARDS)), total=total)
 
 
 def _member_page(run_id: int, cluster_id: int | None) -> dict[str, Any]:
