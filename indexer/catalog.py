@@ -301,22 +301,14 @@ class Catalog:
                     out[r.id] = _image_record(r, paths.get(r.id, ()))
         return out
 
-    def live_flagged(self, ids: Iterable[int]) -> set[int]:
-        """Of ``ids``, those flagged and not deleted now (the query-time guard of the flagged scope)."""
+    def live(self, ids: Iterable[int], *, flagged: bool = False) -> set[int]:
+        """Of ``ids``, those not deleted (and, with ``flagged``, flagged) now: the query-time guard."""
         ids = [int(i) for i in ids]
         out: set[int] = set()
         with self.session() as s:
             for chunk in _chunks(ids, 500):
-                out.update(s.scalars(select(ImageRow.id).where(ImageRow.id.in_(chunk), ImageRow.flagged,
-                                                               ImageRow.deleted.is_(False))))
-        return out
-
-    def live(self, ids: Iterable[int]) -> set[int]:
-        ids = [int(i) for i in ids]
-        out: set[int] = set()
-        with self.session() as s:
-            for chunk in _chunks(ids, 500):
-                out.update(s.scalars(select(ImageRow.id).where(ImageRow.id.in_(chunk), ImageRow.deleted.is_(False))))
+                q = select(ImageRow.id).where(ImageRow.id.in_(chunk), ImageRow.deleted.is_(False))
+                out.update(s.scalars(q.where(ImageRow.flagged) if flagged else q))
         return out
 
     def image_ids(self, *, flagged: bool | None = None, after: int = 0, upto: int | None = None,
@@ -350,8 +342,9 @@ class Catalog:
     def write_batch(self, images: Sequence[NewImage], model_id: str,
                     extra_paths: Sequence[tuple[int, str, str | None]] = (),
                     flags: Sequence[tuple[int, FlagRequest]] = (),
-                    errors: Sequence[tuple[str, str, str]] = (), run_id: int | None = None) -> None:
-        """One transaction: new images with their paths, paths seen for known images, flags, errors."""
+                    errors: Sequence[tuple[str, str, str]] = (), run_id: int | None = None) -> int:
+        """One transaction: new images with their paths, paths seen for known images, flags, errors.
+        Returns how many images became flagged."""
         now = utcnow()
         with self.session() as s, s.begin():
             for im in images:
@@ -374,10 +367,11 @@ class Catalog:
                 elif ext and existing.external_id != ext:
                     existing.external_id = ext
             s.flush()
-            for image_id, req in flags:
-                self._apply_flag(s, image_id, req, flag=True, only_if_changed=True, now=now)
+            flagged = {image_id for image_id, req in flags
+                       if self._apply_flag(s, image_id, req, flag=True, only_if_changed=True, now=now)}
             for path, code, message in errors:
                 s.add(IngestErrorRow(run_id=run_id, path=path, code=code, message=message, at=now))
+        return len(flagged)
 
     def _apply_flag(self, s: Session, image_id: int, req: FlagRequest, *, flag: bool,
                     only_if_changed: bool, now: dt.datetime) -> bool:

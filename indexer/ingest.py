@@ -180,20 +180,20 @@ class Writer:
                 flags.append((image_id, dup.item.flag))
         if images:
             self.store.open_vectors().append(first, eb.vectors)
-        self.store.catalog.write_batch(images, self.model_id, extra_paths, flags,
-                                       [(f.path, f.code, f.message) for f in failed], self.run_id)
+        newly_flagged = self.store.catalog.write_batch(images, self.model_id, extra_paths, flags,
+                                                       [(f.path, f.code, f.message) for f in failed], self.run_id)
         self.next_id = first + len(images)
         c = self.counts
         c.new += len(images)
         c.duplicates += len(extra_paths)
-        c.flagged += len({i for i, _ in flags})
+        c.flagged += newly_flagged
         c.failed += len(failed)
         for f in failed:
             c.reasons[f.code] = c.reasons.get(f.code, 0) + 1
         if self.index is not None:
             if images:
                 self.index.added(np.arange(first, first + len(images), dtype=np.int64), eb.vectors)
-            if flags:
+            if newly_flagged:
                 self.index.flags_changed()
 
 
@@ -214,7 +214,7 @@ def ingest(store: Store, embedder: Embedder, sources: Iterable[Source], opts: In
         batch = Batch()
         max_inflight = max(2 * opts.batch_size, 4)
 
-        def flush(final: bool = False) -> None:
+        def flush() -> None:
             nonlocal batch
             if not (batch.decoded or batch.duplicates or batch.failed):
                 return
@@ -248,7 +248,7 @@ def ingest(store: Store, embedder: Embedder, sources: Iterable[Source], opts: In
                         take(inflight.popleft().result())
                 while inflight:
                     take(inflight.popleft().result())
-                flush(final=True)
+                flush()
             finally:
                 for fut in inflight:
                     fut.cancel()

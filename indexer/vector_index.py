@@ -350,7 +350,7 @@ class VectorIndex:
                 touched = {e.image_id for e in self.store.catalog.flag_events_after(s.flag_event_id)
                            if e.image_id <= s.image_id}
                 if touched:
-                    now = self.store.catalog.live_flagged(touched)
+                    now = self.store.catalog.live(touched, flagged=True)
                     add = np.array(sorted(i for i in now if i not in s.ids), np.int64)
                     rem = np.array(sorted(i for i in touched if i not in now), np.int64)
                     if len(add):
@@ -397,8 +397,7 @@ class VectorIndex:
             else:
                 _, cand = self._search_index(s, q, min(want * max(self.cfg.rerank, 1), s.ntotal))
                 sims, ids = self._rerank(q, cand, want)
-        guard = self.store.catalog.live_flagged if scope == "flagged" else self.store.catalog.live
-        allowed = guard(int(i) for i in np.unique(ids) if i >= 0)
+        allowed = self.store.catalog.live((int(i) for i in np.unique(ids) if i >= 0), flagged=scope == "flagged")
         out = []
         for row_ids, row_sims in zip(ids, sims):
             keep = [j for j, i in enumerate(row_ids) if i >= 0 and int(i) in allowed

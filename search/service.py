@@ -87,7 +87,7 @@ class SearchService:
         self.max_pixels = max_pixels
         self.cluster_lookup = cluster_lookup
         self.model_id = store.catalog.model_meta().get("model_id", "")
-        if embedder is not None and self.model_id and embedder.info.model_id != self.model_id:
+        if embedder is not None:
             store.check_model(embedder.info.model_id)
 
     # -- queries

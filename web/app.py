@@ -42,7 +42,6 @@ class Runtime:
                 self.embedder = SerialEmbedder(wiring.load_embedder(self.settings))
             if not self.store.catalog.model_meta():
                 raise FlagmatchError("the store is empty: ingest images first", code="empty_store")
-            self.store.check_model(self.embedder.info.model_id)
             self.index = wiring.open_index(self.store, self.settings)
             self.cluster_lookup = wiring.cluster_lookup(self.store)
             self.service = SearchService(self.store, self.index, self.embedder, max_pixels=self.settings.max_pixels,
