@@ -233,7 +233,7 @@ def fetch_from_hub(repo_id: str) -> Path:
         raise ModelLoadError(
             f"cannot get model '{repo_id}' from the Hugging Face hub ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}). On a machine with internet run "
-            f"`huggingface-cli download {repo_id} --local-dir DIR`, copy DIR here and pass --model DIR; "
+            f"`hf download {repo_id} --local-dir DIR` (huggingface_hub's CLI), copy DIR here and pass --model DIR; "
             f"or use the packaged offline model with --model opennsfw") from None
 
 

@@ -44,7 +44,7 @@ def test_hub_id_offline_fails_with_an_actionable_message(monkeypatch):
     with pytest.raises(ModelLoadError) as e:
         load_model("Marqo/nsfw-image-detection-384")
     msg = str(e.value)
-    assert "huggingface-cli download Marqo/nsfw-image-detection-384" in msg and "--model opennsfw" in msg
+    assert "hf download Marqo/nsfw-image-detection-384 --local-dir DIR" in msg and "--model opennsfw" in msg
 
 
 def test_unknown_unsafe_label_is_refused(tmp_path):
