@@ -13,7 +13,7 @@ from sqlalchemy import (Boolean, DateTime, Float, ForeignKey, Index, Integer, St
                         insert, select, update)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from indexer.catalog import utcnow
+from indexer.catalog import create_tables, utcnow
 from indexer.errors import InvalidInputError, NotFoundError
 from indexer.store import Store
 
@@ -152,7 +152,7 @@ class ClusterStore:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.engine = store.catalog.engine
-        ClusterBase.metadata.create_all(self.engine)
+        create_tables(ClusterBase.metadata, self.engine)
 
     # -- runs
     def start_run(self, model_id: str, params: dict[str, Any], scope: str, since: dt.datetime | None) -> int:

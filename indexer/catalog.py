@@ -222,10 +222,23 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
+def create_tables(metadata: Any, engine: Engine) -> None:
+    """create_all that tolerates another process creating the same tables at the same moment
+    (server workers start together): "already exists" means the other one won; look again."""
+    from sqlalchemy.exc import OperationalError, ProgrammingError
+    for attempt in range(5):
+        try:
+            metadata.create_all(engine)
+            return
+        except (OperationalError, ProgrammingError) as exc:
+            if "already exists" not in str(exc) or attempt == 4:
+                raise
+
+
 class Catalog:
     def __init__(self, url: str) -> None:
         self.engine = make_engine(url)
-        Base.metadata.create_all(self.engine)
+        create_tables(Base.metadata, self.engine)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
 
     def session(self) -> Session:

@@ -191,3 +191,15 @@ def test_kill_9_at_any_moment_then_resume(tmp_path, tiny_model_dir):
     assert idx.stats()["all"]["vectors"] == len(files)
     hits = idx.search(ours[:5], 1, "all")
     assert [int(h.ids[0]) for h in hits] == [1, 2, 3, 4, 5]
+
+
+def test_tables_created_by_many_processes_at_once(tmp_path):
+    """Server workers open the same fresh store together; none of them may fail on "already exists"."""
+    code = ("import sys; from indexer.store import Store; from clustering.store import ClusterStore; "
+            "from web.audit import AuditLog; s = Store(__import__('pathlib').Path(sys.argv[1]), sys.argv[2]); "
+            "ClusterStore(s); AuditLog(s.catalog.engine)")
+    url = f"sqlite:///{tmp_path / 'catalog.sqlite'}"
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), url], stderr=subprocess.PIPE)
+             for _ in range(6)]
+    errors = [p.communicate(timeout=120)[1].decode() for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e for e in errors if e][:1]

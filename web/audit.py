@@ -11,7 +11,7 @@ from sqlalchemy import DateTime, Integer, String, Text, insert, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from indexer.catalog import utcnow
+from indexer.catalog import create_tables, utcnow
 
 
 class AuditBase(DeclarativeBase):
@@ -41,7 +41,7 @@ class AuditEvent:
 class AuditLog:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        AuditBase.metadata.create_all(engine)
+        create_tables(AuditBase.metadata, engine)
 
     def record(self, actor: str, action: str, target: str, **detail: Any) -> None:
         with self.engine.begin() as c:
