@@ -77,15 +77,15 @@ def test_moderator_journey(server, page):
 
     # name the cluster
     page.fill("#name-form input[name=name]", "Beach set")
-    page.click("#name-form button")
-    page.wait_for_load_state()
+    with page.expect_navigation():
+        page.click("#name-form button")
     assert "Beach set" in page.locator("h1").inner_text()
 
     # unflag one member as a false positive
     page.locator("form.members input.pick").first.check()
     page.fill("form.members input[name=reason]", "not unsafe: a beach ball")
-    page.click("button:has-text('Unflag selected')")
-    page.wait_for_load_state()
+    with page.expect_navigation():
+        page.click("button:has-text('Unflag selected')")
     assert "Unflagged 1 image(s)." in page.locator(".flash").inner_text()
     page.shot("04-cluster-after-unflag")
 
@@ -126,8 +126,8 @@ def test_moderator_journey(server, page):
     query.write_bytes(encode(drawn_image(1001, (320, 240)), "JPEG"))
     page.goto(base + "/search")
     page.set_input_files("#search-file", str(query))
-    page.click("#search-form button")
-    page.wait_for_load_state()
+    with page.expect_navigation():
+        page.click("#search-form button")
     assert page.locator(".card.image.hit").count() >= 5
     page.shot("08-search")
 
