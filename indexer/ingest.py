@@ -204,9 +204,8 @@ def ingest(store: Store, embedder: Embedder, sources: Iterable[Source], opts: In
            after_batch: Callable[[], None] | None = None) -> IngestCounts:
     """Ingest ``sources`` into ``store``. Bad files are recorded and skipped; returns the counts."""
     info = embedder.info
-    vectors = store.bind_model(info.model_id, info.dim, info.preprocessing)
-    with store.writer():
-        vectors.reconcile(store.catalog.max_image_id())
+    store.bind_model(info.model_id, info.dim, info.preprocessing)
+    with store.writer():  # cuts raw vector rows a crashed writer never committed
         run_id = store.catalog.start_run(info.model_id, info.backend, info.precision)
         reader = Reader(store, embedder, opts)
         writer = Writer(store, info.model_id, opts.flag_threshold, run_id, index)

@@ -115,6 +115,14 @@ def _float_arg(source: Any, name: str, default: float, lo: float, hi: float) -> 
     return v
 
 
+def _current_run() -> Any:
+    """The current clustering run, or a 404 when the job has never finished."""
+    run = parts()[0].current_run()
+    if run is None:
+        raise NotFoundError("no clustering run yet: run `flagmatch cluster`")
+    return run
+
+
 def _safe_next(default: str) -> str:
     nxt = request.form.get("next") or request.args.get("next") or default
     u = urlparse(nxt)
@@ -250,9 +258,7 @@ def _member_page(run_id: int, cluster_id: int | None) -> dict[str, Any]:
 @bp.get("/clusters/<int:cluster_id>")
 def cluster(cluster_id: int) -> str:
     cstore, audit = parts()
-    run = cstore.current_run()
-    if run is None:
-        raise NotFoundError("no clustering run yet")
+    run = _current_run()
     info = cstore.cluster(run.id, cluster_id)
     return render_template("cluster.html", run=run, cluster=info, history=audit.events(20, f"cluster:{cluster_id}"),
                            **_member_page(run.id, cluster_id))
@@ -260,10 +266,7 @@ def cluster(cluster_id: int) -> str:
 
 @bp.get("/clusters/unclustered")
 def unclustered() -> str:
-    cstore, _ = parts()
-    run = cstore.current_run()
-    if run is None:
-        raise NotFoundError("no clustering run yet")
+    run = _current_run()
     return render_template("cluster.html", run=run, cluster=None, history=[], **_member_page(run.id, None))
 
 
@@ -322,9 +325,9 @@ def sweep(cluster_id: int) -> str:
     """Unflagged images anywhere in the corpus near this cluster's most central members."""
     cstore, audit = parts()
     r = rt()
-    run = cstore.current_run()
-    if run is None or r.index is None:
-        raise NotFoundError("no clustering run or index yet")
+    run = _current_run()
+    if r.index is None:
+        raise NotFoundError("the index is still loading")
     info = cstore.cluster(run.id, cluster_id)
     min_sim = _float_arg(request.args, "min_similarity", 0.8, -1.0, 1.0)
     seeds = [m.image_id for m in cstore.members(run.id, cluster_id, limit=50)]
@@ -368,9 +371,7 @@ def _map_blob(run_id: int, version: int, db_key: str) -> bytes:
 def map_data() -> Response:
     """Binary: uint32 n, float32 bounds[4]; uint16 x[n], uint16 y[n] (quantised); int32 id[n]; int32 cluster[n]."""
     cstore, _ = parts()
-    run = cstore.current_run()
-    if run is None:
-        raise NotFoundError("no clustering run yet")
+    run = _current_run()
     version = cstore.count_members(run.id, None)  # provisional placements change the blob
     data = _map_blob(run.id, version, str(rt().store.catalog.engine.url))
     resp = Response(data, mimetype="application/octet-stream")
