@@ -47,7 +47,7 @@ def worker_model(args: argparse.Namespace) -> dict:
     pixels = []
     for p in json.loads(Path(args.files).read_text())[: args.model_images]:
         try:
-            pixels.append(decode(Path(p).read_bytes(), spec, max_pixels=100_000_000).pixels)
+            pixels.append(decode(Path(p).read_bytes(), spec).pixels)
         except DecodeError:
             pass
     px = np.stack(pixels)

@@ -104,7 +104,7 @@ def model_latency(model: str, files: list[Path]) -> tuple[float, str]:
     from flagmatch.wiring import load_embedder
     from indexer.decode import decode
     emb = load_embedder(Settings.load({"model": model}, environ={}))
-    px = [decode(f.read_bytes(), emb.info.input, max_pixels=10**8).pixels[None] for f in files[:8]]
+    px = [decode(f.read_bytes(), emb.info.input).pixels[None] for f in files[:8]]
     emb.embed(px[0])
     lat = []
     for _ in range(5):

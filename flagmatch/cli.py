@@ -64,10 +64,10 @@ def ingest(paths: tuple[str, ...], settings: Settings) -> None:
     from indexer.sources import count_sources, iter_sources
     from indexer.ingest import ingest as run_ingest
 
-    embedder = wiring.load_embedder(settings)
     store = wiring.open_store(settings)
+    embedder = wiring.load_embedder(settings, store)
     info = embedder.info
-    store.bind_model(info.model_id, info.dim, info.preprocessing)
+    store.bind_model(info.model_id, info.dim, info.preprocessing, info.source)
     index = wiring.open_index(store, settings)
     bar = _Bar(count_sources(paths))
     try:
@@ -174,8 +174,8 @@ def search(images: tuple[Path, ...], ids: tuple[str, ...], scope: str, k: int, m
         raise click.UsageError("give image files or --id")
     store = wiring.open_store(settings)
     index = wiring.open_index(store, settings)
-    embedder = wiring.load_embedder(settings) if images else None
-    svc = SearchService(store, index, embedder, max_pixels=settings.max_pixels,
+    embedder = wiring.load_embedder(settings, store) if images else None
+    svc = SearchService(store, index, embedder, limits=wiring.decode_limits(settings),
                         cluster_lookup=wiring.cluster_lookup(store))
     params = SearchParams(k=k, scope=scope, min_similarity=min_similarity)
     responses = []

@@ -1,32 +1,36 @@
-"""The one settings object: every setting is declared once in ``SETTINGS`` (name, type, default,
-help); the same list feeds the CLI options, the ``FLAGMATCH_*`` environment variables and the
+"""The one settings object. ``Settings`` is a frozen dataclass; each field is declared once with its
+default, its help and its group (``setting(...)``), and everything else is derived from the fields: the
+CLI options (each command takes the groups it uses), the ``FLAGMATCH_*`` environment variables and the
 README table. Precedence: CLI flag → environment → default."""
 from __future__ import annotations
 
 import dataclasses
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-
-@dataclass(frozen=True)
-class Setting:
-    name: str
-    type: Callable[[str], Any]
-    default: Any
-    help: str
-
-    @property
-    def env(self) -> str:
-        return "FLAGMATCH_" + self.name.upper()
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
+# The groups, in the order the CLI help and the README show them.
+GROUPS: dict[str, str] = {
+    "store": "Store",
+    "model": "Model",
+    "ingest": "Ingest",
+    "decode": "Decoding limits",
+    "index": "Vector index",
+    "server": "Server",
+    "cluster": "Clustering",
+}
 
 
-def _bool(v: str | bool) -> bool:
+def setting(default: Any, help: str, group: str) -> Any:
+    """A settings field: its default, the help shown by the CLI and the README, and its group."""
+    if group not in GROUPS:
+        raise ValueError(f"unknown settings group {group!r}")
+    return field(default=default, metadata={"help": help, "group": group})
+
+
+def parse_bool(v: str | bool) -> bool:
     if isinstance(v, bool):
         return v
     s = str(v).strip().lower()
@@ -37,56 +41,78 @@ def _bool(v: str | bool) -> bool:
     raise ValueError(f"not a boolean: {v!r}")
 
 
-def _tokens(v: str | tuple) -> tuple[str, ...]:
+def parse_tokens(v: str | tuple[str, ...]) -> tuple[str, ...]:
     if isinstance(v, tuple):
         return v
     return tuple(t.strip() for t in str(v).split(",") if t.strip())
 
 
-SETTINGS: tuple[Setting, ...] = (
-    Setting("home", str, "./flagmatch-data", "data directory: catalog, raw vectors, indexes, thumbnails"),
-    Setting("catalog_url", str, "", "SQLAlchemy URL of the catalog (default: SQLite file in the home directory)"),
-    Setting("model", str, "Marqo/nsfw-image-detection-384",
-            "model: a hub id, a local directory (config.json + model.safetensors), a .safetensors file "
-            "(with --arch), an .onnx file, or the preset 'opennsfw'"),
-    Setting("arch", str, "", "timm architecture name, for a bare .safetensors file"),
-    Setting("precision", str, "auto", "timm inference precision: auto (bf16 where the CPU has it and it "
-            "agrees with fp32 to cosine >= 0.999), fp32 or bf16"),
-    Setting("flag_threshold", float, 0.8, "images with P(unsafe) at or above this are flagged (source 'model')"),
-    Setting("batch_size", int, 32, "images per model batch"),
-    Setting("decode_workers", int, 2, "threads that decode images while the model runs"),
-    Setting("torch_threads", int, 0, "torch intra-op threads (0: one per core)"),
-    Setting("max_pixels", int, 100_000_000, "largest image accepted, in pixels (checked from the header)"),
-    Setting("max_file_bytes", int, 200 * 1024 * 1024, "largest image file accepted, in bytes"),
-    Setting("thumb_size", int, 256, "long side of stored thumbnails, in pixels"),
-    Setting("exact_threshold", int, 50_000, "below this many vectors the index is exact; above, IVF-PQ"),
-    Setting("nlist", int, 0, "IVF lists (0: chosen from N)"),
-    Setting("pq_m", int, 0, "PQ sub-quantizers (0: chosen from the dimension)"),
-    Setting("opq", str, "auto", "OPQ rotation before PQ: auto, on or off"),
-    Setting("nprobe", int, 0, "IVF lists visited per query (0: nlist/32, at least 16)"),
-    Setting("rerank", int, 10, "candidates re-ranked exactly from the raw vectors, as a multiple of k"),
-    Setting("index_save_seconds", float, 30.0, "during ingest, save the indexes at most this often"),
-    Setting("use_gpu", str, "auto", "FAISS on the GPU: auto (when faiss-gpu sees one), on or off"),
-    Setting("host", str, "127.0.0.1", "address `serve` listens on"),
-    Setting("port", int, 8080, "port `serve` listens on"),
-    Setting("workers", int, 1, "server worker processes (each loads the model once)"),
-    Setting("threads", int, 4, "request threads per server worker"),
-    Setting("api_tokens", _tokens, (), "comma-separated bearer tokens (name:token or token) for the API and viewer"),
-    Setting("open_reads", _bool, False, "allow reads without a token (writes always need one)"),
-    Setting("max_upload_bytes", int, 32 * 1024 * 1024, "largest request body accepted by the API"),
-    Setting("secret_key", str, "", "key that signs viewer sessions (default: generated, kept in the home directory)"),
-    Setting("cluster_min_size", int, 0, "HDBSCAN min_cluster_size (0: chosen from N)"),
-    Setting("cluster_dims", int, 8, "UMAP dimensions of the clustering space"),
-    Setting("cluster_neighbors", int, 15, "UMAP n_neighbors"),
-    Setting("cluster_sample", int, 50_000, "above this many flagged images, fit on a sample and predict the rest"),
-    Setting("cluster_backend", str, "fast_hdbscan", "HDBSCAN implementation: fast_hdbscan, hdbscan or sklearn"),
-    Setting("seed", int, 42, "random seed of the clustering job"),
-)
+@dataclass(frozen=True)
+class Settings:
+    # -- store
+    home: str = setting("./flagmatch-data", "data directory: catalog, raw vectors, indexes, thumbnails", "store")
+    catalog_url: str = setting("", "SQLAlchemy URL of the catalog (default: SQLite file in the home directory)",
+                               "store")
+    # -- model
+    model: str = setting("", "model: a hub id, a local directory (config.json + model.safetensors), a .safetensors "
+                         "file (with --arch), an .onnx file, or the preset 'opennsfw' (default: the model the "
+                         "store was built with; for a new store Marqo/nsfw-image-detection-384)", "model")
+    arch: str = setting("", "timm architecture name, for a bare .safetensors file", "model")
+    precision: str = setting("auto", "timm inference precision: auto (bf16 where the CPU has it and it agrees with "
+                             "fp32 to cosine >= 0.999), fp32 or bf16", "model")
+    torch_threads: int = setting(0, "torch intra-op threads (0: one per core)", "model")
+    # -- ingest
+    flag_threshold: float = setting(0.8, "images with P(unsafe) at or above this are flagged (source 'model')",
+                                    "ingest")
+    batch_size: int = setting(32, "images per model batch", "ingest")
+    decode_workers: int = setting(2, "threads that decode images while the model runs", "ingest")
+    thumb_size: int = setting(256, "long side of stored thumbnails, in pixels", "ingest")
+    # -- decoding limits (ingest and uploads alike)
+    max_pixels: int = setting(100_000_000, "largest image decoded, in pixels (a JPEG's header may be up to 64× "
+                              "larger: it is decoded at 1/8 scale)", "decode")
+    max_decode_bytes: int = setting(1 << 30, "largest estimated memory of one image's decode, in bytes (from the "
+                                    "header, before any pixel is allocated)", "decode")
+    decode_timeout: float = setting(15.0, "longest time one image may take to decode, in seconds", "decode")
+    max_file_bytes: int = setting(200 * 1024 * 1024, "largest image file accepted, in bytes", "decode")
+    # -- vector index
+    exact_threshold: int = setting(50_000, "below this many vectors the index is exact; above, IVF-PQ", "index")
+    nlist: int = setting(0, "IVF lists (0: chosen from N)", "index")
+    pq_m: int = setting(0, "PQ sub-quantizers (0: chosen from the dimension)", "index")
+    opq: str = setting("auto", "OPQ rotation before PQ: auto, on or off", "index")
+    nprobe: int = setting(0, "IVF lists visited per query (0: nlist/32, at least 16)", "index")
+    rerank: int = setting(10, "candidates re-ranked exactly from the raw vectors, as a multiple of k", "index")
+    index_save_seconds: float = setting(30.0, "during ingest, save the indexes at most this often", "index")
+    use_gpu: str = setting("auto", "FAISS on the GPU: auto (when faiss-gpu sees one), on or off", "index")
+    # -- server
+    host: str = setting("127.0.0.1", "address `serve` listens on", "server")
+    port: int = setting(8080, "port `serve` listens on", "server")
+    workers: int = setting(1, "server worker processes (each loads the model once)", "server")
+    threads: int = setting(4, "request threads per server worker", "server")
+    api_tokens: tuple[str, ...] = setting((), "comma-separated bearer tokens (name:token or token) for the API "
+                                          "and viewer", "server")
+    open_reads: bool = setting(False, "allow reads without a token (writes always need one)", "server")
+    max_upload_bytes: int = setting(32 * 1024 * 1024, "largest request body accepted by the API", "server")
+    admission_bytes: int = setting(2 << 30, "per worker: decoding memory in flight across requests, in bytes; "
+                                   "beyond it uploads wait, then get 503 with Retry-After", "server")
+    admission_wait: float = setting(2.0, "how long an upload waits for decoding memory before a 503, in seconds",
+                                    "server")
+    rate_limit: str = setting("", "per token (or client address) request limit, e.g. '600/minute;20/second' "
+                              "(empty: none); over it, 429 with Retry-After", "server")
+    secret_key: str = setting("", "key that signs viewer sessions (default: generated, kept in the home directory)",
+                              "server")
+    # -- clustering
+    cluster_min_size: int = setting(0, "HDBSCAN min_cluster_size (0: chosen from N)", "cluster")
+    cluster_dims: int = setting(8, "UMAP dimensions of the clustering space", "cluster")
+    cluster_neighbors: int = setting(15, "UMAP n_neighbors", "cluster")
+    cluster_sample: int = setting(50_000, "above this many flagged images, fit on a sample and predict the rest",
+                                  "cluster")
+    cluster_backend: str = setting("fast_hdbscan", "HDBSCAN implementation: fast_hdbscan, hdbscan or sklearn",
+                                   "cluster")
+    seed: int = setting(42, "random seed of the clustering job", "cluster")
 
-class _SettingsMethods:
     @classmethod
     def load(cls, overrides: Mapping[str, Any] | None = None,
-             environ: Mapping[str, str] | None = None) -> "Settings":
+             environ: Mapping[str, str] | None = None) -> Settings:
         """CLI overrides (None means 'not given') win over FLAGMATCH_* variables, which win over defaults."""
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
@@ -97,39 +123,74 @@ class _SettingsMethods:
             if raw is None:
                 continue
             try:
-                values[s.name] = s.type(raw)
+                values[s.name] = s.parse(raw)
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"setting {s.name} ({s.env}): {exc}") from None
         return cls(**values)
 
-    def replace(self, **changes: Any) -> "Settings":
-        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
 
     @property
     def home_path(self) -> Path:
-        return Path(self.home).expanduser().resolve()  # type: ignore[attr-defined]
+        return Path(self.home).expanduser().resolve()
 
     @property
     def resolved_catalog_url(self) -> str:
-        return self.catalog_url or f"sqlite:///{self.home_path / 'catalog.sqlite'}"  # type: ignore[attr-defined]
+        return self.catalog_url or f"sqlite:///{self.home_path / 'catalog.sqlite'}"
 
 
-# The typed settings object, built from SETTINGS so that nothing is declared twice.
-Settings = dataclasses.make_dataclass(
-    "Settings",
-    [(s.name, type(s.default), field(default=s.default)) for s in SETTINGS],
-    bases=(_SettingsMethods,),
-    frozen=True,
-)
-Settings.__module__ = __name__
+DEFAULT_MODEL = "Marqo/nsfw-image-detection-384"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One field of ``Settings`` as the CLI, the environment and the README see it."""
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    group: str
+
+    @property
+    def env(self) -> str:
+        return "FLAGMATCH_" + self.name.upper()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def parse(self) -> Callable[[Any], Any]:
+        if self.type is bool:
+            return parse_bool
+        if self.type is tuple:
+            return parse_tokens
+        return self.type
+
+
+def _settings() -> tuple[Setting, ...]:
+    hints = typing.get_type_hints(Settings)
+    out = []
+    for f in dataclasses.fields(Settings):
+        kind = typing.get_origin(hints[f.name]) or hints[f.name]
+        out.append(Setting(f.name, kind, f.default, f.metadata["help"], f.metadata["group"]))
+    return tuple(out)
+
+
+SETTINGS: tuple[Setting, ...] = _settings()
 
 
 def settings_table() -> str:
-    """The README's settings table, generated from SETTINGS."""
+    """The README's settings table, generated from the fields of Settings."""
     rows = ["| setting | env | default | what it does |", "|---|---|---|---|"]
-    for s in SETTINGS:
-        default = ",".join(s.default) if isinstance(s.default, tuple) else s.default
-        rows.append(f"| `{s.flag}` | `{s.env}` | `{default}` | {s.help} |")
+    for group, title in GROUPS.items():
+        for s in SETTINGS:
+            if s.group != group:
+                continue
+            default = ",".join(s.default) if isinstance(s.default, tuple) else s.default
+            rows.append(f"| `{s.flag}` | `{s.env}` | `{default}` | {title}: {s.help} |")
     return "\n".join(rows)
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from flagmatch.settings import DEFAULT_MODEL, Settings
+from indexer.decode import DecodeLimits
 from indexer.embed import Embedder, load_model
 from indexer.ingest import IngestOptions
 from indexer.store import Store
@@ -15,14 +17,36 @@ def open_store(settings) -> Store:  # type: ignore[no-untyped-def]
     return Store(settings.home_path, settings.resolved_catalog_url)
 
 
-def load_embedder(settings) -> Embedder:  # type: ignore[no-untyped-def]
-    return load_model(settings.model, arch=settings.arch, precision=settings.precision,
-                      threads=settings.torch_threads)
+def model_ref(settings: Settings, store: Store | None = None) -> str:
+    """The model to load: --model when given; otherwise the one the store was built with; for a new
+    store, the default model."""
+    if settings.model:
+        return settings.model
+    meta = store.catalog.model_meta() if store is not None else {}
+    if meta.get("model_source"):
+        return meta["model_source"]
+    if meta.get("model_id", "").startswith("opennsfw@"):
+        return "opennsfw"
+    return DEFAULT_MODEL
 
 
-def ingest_options(settings) -> IngestOptions:  # type: ignore[no-untyped-def]
+def load_embedder(settings: Settings, store: Store | None = None) -> Embedder:
+    """The model for ``settings``, checked against the store's when a store is given."""
+    embedder = load_model(model_ref(settings, store), arch=settings.arch, precision=settings.precision,
+                          threads=settings.torch_threads)
+    if store is not None:
+        store.check_model(embedder.info.model_id)
+    return embedder
+
+
+def decode_limits(settings: Settings) -> DecodeLimits:
+    return DecodeLimits(max_pixels=settings.max_pixels, max_bytes=settings.max_decode_bytes,
+                        timeout_s=settings.decode_timeout)
+
+
+def ingest_options(settings: Settings) -> IngestOptions:
     return IngestOptions(flag_threshold=settings.flag_threshold, batch_size=settings.batch_size,
-                         decode_workers=settings.decode_workers, max_pixels=settings.max_pixels,
+                         decode_workers=settings.decode_workers, limits=decode_limits(settings),
                          max_file_bytes=settings.max_file_bytes, thumb_size=settings.thumb_size)
 
 

@@ -252,18 +252,22 @@ class Catalog:
         with self.session() as s:
             return {r.key: r.value for r in s.scalars(select(MetaRow))}
 
-    def bind_model(self, model_id: str, dim: int, preprocessing: str) -> None:
-        """Record the model on first use; refuse a different one afterwards."""
+    def bind_model(self, model_id: str, dim: int, preprocessing: str, source: str = "") -> None:
+        """Record the model on first use (and where to load it from); refuse a different one afterwards."""
         with self.session() as s, s.begin():
             meta = {r.key: r.value for r in s.scalars(select(MetaRow))}
             if "model_id" not in meta:
                 s.add_all([MetaRow(key="model_id", value=model_id), MetaRow(key="dim", value=str(dim)),
                            MetaRow(key="preprocessing", value=preprocessing)])
+                if source:
+                    s.add(MetaRow(key="model_source", value=source))
                 return
             if meta["model_id"] != model_id or int(meta["dim"]) != dim:
                 raise ModelMismatchError(
                     f"this store was built with model {meta['model_id']} ({meta['dim']}-d); the loaded model is "
                     f"{model_id} ({dim}-d). Use the same model (--model), or a new --home for the new one")
+            if source and "model_source" not in meta:  # a store from before sources were recorded
+                s.add(MetaRow(key="model_source", value=source))
 
     # -- ids and lookups
     def max_image_id(self) -> int:

@@ -1,15 +1,26 @@
-"""Safe image decoding: format allow-list from the bytes, pixel cap from the header before any pixel
-is decoded, EXIF orientation, every mode flattened to RGB, first frame of animations, JPEG draft
-decoding when the file is far larger than what we need. Every failure is one ``DecodeError``."""
+"""Safe image decoding: format allow-list from the bytes, a memory budget computed from the header
+before any pixel is decoded, a deadline, EXIF orientation, every mode flattened to RGB, the first frame
+of animations, JPEG DCT-scaled decoding when the file is far larger than what we need. Every failure is
+one ``DecodeError``.
+
+Memory is bounded by construction, whatever the geometry: the decoded buffer is checked against the
+budget before it exists (after JPEG ``draft``, which is what libjpeg really allocates), every later
+intermediate is a crop or a reduction of it, and the model input is resampled straight from the centre
+box of the source (``resize(box=…)``) instead of resizing the whole short side first — so a 1 × 20,000
+strip costs a 1 × 1 box, not a 384 × 7,680,000 intermediate."""
 from __future__ import annotations
 
 import io
+import math
 import struct
+import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from indexer.errors import DecodeError
 
@@ -39,6 +50,30 @@ class InputSpec:
 
 
 @dataclass(frozen=True)
+class DecodeLimits:
+    """What one decode may cost. ``max_pixels`` applies to what is really decoded (a JPEG's header may
+    be 64× larger: libjpeg decodes it at 1/8 scale); ``max_bytes`` to the estimated peak of every buffer
+    the decode allocates (see ``plan``); ``timeout_s`` to the wall time spent feeding the decoder."""
+
+    max_pixels: int = 100_000_000
+    max_bytes: int = 1 << 30
+    timeout_s: float = 15.0
+    max_frames: int = 100_000  # frames counted (an animation's frame count is reported, not decoded)
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """What decoding an image will cost, read from its header before any pixel is allocated."""
+
+    format: str
+    width: int            # as stored (before EXIF orientation)
+    height: int
+    decoded: tuple[int, int]  # the buffer the decoder fills (smaller than the header after JPEG draft)
+    mode: str
+    bytes: int            # estimated peak of the decode, all intermediates included
+
+
+@dataclass(frozen=True)
 class DecodedImage:
     format: str
     width: int          # after EXIF orientation
@@ -59,27 +94,130 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
-def decode(data: bytes, spec: InputSpec, *, max_pixels: int, thumb_size: int = 256) -> DecodedImage:
+# Bytes per pixel of Pillow's own buffers (RGB is stored 4 bytes a pixel).
+_BPP = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+              4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+              6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+DEFAULT_LIMITS = DecodeLimits()
+
+
+class _Deadline(io.BytesIO):
+    """The file the decoder reads from: Pillow feeds its decoders in blocks of at most 64 kB, so
+    checking the clock at each read bounds the time one image can take without a thread or a signal."""
+
+    def __init__(self, data: bytes, timeout_s: float) -> None:
+        super().__init__(data)
+        self.timeout_s = timeout_s
+        self.deadline = time.monotonic() + timeout_s
+
+    def check(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise DecodeError(f"decoding took longer than {self.timeout_s:g} s", code="timeout")
+
+    def read(self, size: int | None = -1) -> bytes:
+        self.check()
+        return super().read(size)
+
+
+def needed_side(spec: InputSpec, thumb_size: int) -> int:
+    """The short side the model (and the thumbnail) need from the source."""
+    return max(int(round(spec.size / spec.crop_pct)), thumb_size)
+
+
+def plan(data: bytes, spec: InputSpec, limits: DecodeLimits = DEFAULT_LIMITS, *, thumb_size: int = 0) -> DecodePlan:
+    """Read the header only and say what decoding will cost, or raise DecodeError (``too_large`` when over
+    ``limits``). The server reserves ``plan(...).bytes`` before it decodes an upload."""
+    fmt = _sniff_or_raise(data)
+    if fmt == "PNG":
+        data = strip_png_metadata(data)
+    with _translated(fmt):
+        fp = _Deadline(data, limits.timeout_s)
+        im = _open(fp, fmt)
+        try:
+            return _plan(im, fmt, limits, needed_side(spec, thumb_size))
+        finally:
+            im.close()
+
+
+def decode(data: bytes, spec: InputSpec, limits: DecodeLimits = DEFAULT_LIMITS, *,
+           thumb_size: int = 256) -> DecodedImage:
     """Decode ``data`` into model input pixels and a thumbnail, or raise DecodeError."""
+    fmt = _sniff_or_raise(data)
+    if fmt == "PNG":
+        data = strip_png_metadata(data)
+    with _translated(fmt):
+        fp = _Deadline(data, limits.timeout_s)
+        im = _open(fp, fmt)
+        try:
+            p = _plan(im, fmt, limits, needed_side(spec, thumb_size))
+            return _decode_planned(im, p, data, fp, spec, limits, thumb_size)
+        finally:
+            im.close()
+
+
+_PNG_DROP = (b"tEXt", b"zTXt", b"iTXt", b"iCCP")
+
+
+def strip_png_metadata(data: bytes) -> bytes:
+    """The PNG without its text and ICC chunks, which we never use: Pillow inflates them while reading the
+    header and refuses the whole file when one is a zlib bomb — which would let anyone dodge matching by
+    adding one. A file that is not a chunk stream is returned as it is (the decoder then says why)."""
+    pos, end, keep, dropped = 8, len(data), [data[:8]], False
+    while pos + 12 <= end:
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        kind = data[pos + 4:pos + 8]
+        nxt = pos + 12 + length
+        if nxt > end:
+            break
+        if kind in _PNG_DROP:
+            dropped = True
+        else:
+            keep.append(data[pos:nxt])
+        pos = nxt
+        if kind == b"IEND":
+            break
+    if not dropped:
+        return data
+    keep.append(data[pos:])
+    return b"".join(keep)
+
+
+def _sniff_or_raise(data: bytes) -> str:
     if not data:
         raise DecodeError("empty file", code="empty")
     fmt = sniff_format(data)
     if fmt is None:
         raise DecodeError("not an image format we accept (JPEG, PNG, GIF, WebP, BMP, TIFF)",
                           code="unsupported_format")
+    return fmt
+
+
+def _open(fp: _Deadline, fmt: str) -> Image.Image:
+    """Open with the plugin of the sniffed format. Pillow's global bomb check (``Image.open``) is not
+    used: our per-call budget (``_plan``) replaces it, and it counts what is really decoded, so a 250 Mpx
+    JPEG decoded at 1/8 scale is accepted and a 1 × 20,000 strip is cheap."""
+    Image.init()
+    factory, accept = Image.OPEN[fmt]
+    head = fp.getvalue()[:16]
+    if accept is not None and not accept(head):
+        raise DecodeError(f"cannot read the {fmt} header", code="corrupt")
+    try:
+        return factory(fp, "")
+    except UnidentifiedImageError:
+        raise DecodeError(f"cannot read the {fmt} header", code="corrupt") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise DecodeError(f"cannot read the {fmt} header: {exc}", code="corrupt") from None
+
+
+@contextmanager
+def _translated(fmt: str) -> Iterator[None]:
+    """Every failure inside Pillow becomes one coded DecodeError."""
     with warnings.catch_warnings():
         # Pillow's own bomb check would warn (or raise) on its global limit; ours is per call.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            im = Image.open(io.BytesIO(data), formats=[fmt])
-        except Image.DecompressionBombError as exc:
-            raise DecodeError(f"image too large: {exc}", code="too_large") from None
-        except UnidentifiedImageError:
-            raise DecodeError(f"cannot read the {fmt} header", code="corrupt") from None
-        except (OSError, ValueError, SyntaxError) as exc:
-            raise DecodeError(f"cannot read the {fmt} header: {exc}", code="corrupt") from None
-        try:
-            return _decode_opened(im, fmt, spec, max_pixels, thumb_size)
+            yield
         except DecodeError:
             raise
         except Image.DecompressionBombError as exc:
@@ -88,50 +226,126 @@ def decode(data: bytes, spec: InputSpec, *, max_pixels: int, thumb_size: int = 2
             msg = str(exc)
             code = "truncated" if "truncated" in msg or "broken data stream" in msg else "corrupt"
             raise DecodeError(f"cannot decode {fmt}: {msg}", code=code) from None
-        except (ValueError, SyntaxError, EOFError, IndexError, TypeError, struct.error) as exc:
+        except (ValueError, SyntaxError, EOFError, IndexError, TypeError, KeyError, struct.error,
+                ZeroDivisionError) as exc:
             raise DecodeError(f"cannot decode {fmt}: {exc}", code="corrupt") from None
         except MemoryError:
             raise DecodeError("not enough memory to decode this image", code="too_large") from None
-        finally:
-            im.close()
 
 
-def _decode_opened(im: Image.Image, fmt: str, spec: InputSpec, max_pixels: int,
-                   thumb_size: int) -> DecodedImage:
+def _plan(im: Image.Image, fmt: str, limits: DecodeLimits, need: int) -> DecodePlan:
     w, h = im.size
     if w <= 0 or h <= 0:
         raise DecodeError("image has no pixels", code="corrupt")
-    if w * h > max_pixels:
-        raise DecodeError(f"image is {w}×{h} = {w * h:,} pixels, over the cap of {max_pixels:,}",
+    coefficients = 0
+    if fmt == "JPEG":
+        # libjpeg decodes at 1/2, 1/4 or 1/8 scale (DCT scaling), still at least `need` on the short side
+        im.draft("RGB", (need, need))
+        if im.info.get("progressive") or im.info.get("progression"):
+            # progressive files keep every DCT coefficient of the full-size image: 2 bytes a sample
+            layers = getattr(im, "layer", None) or [("", 1, 1, 0)] * len(im.getbands())
+            hmax = max(int(lay[1]) for lay in layers) or 1
+            vmax = max(int(lay[2]) for lay in layers) or 1
+            coefficients = sum(2 * w * h * int(lay[1]) * int(lay[2]) // (hmax * vmax) for lay in layers)
+    dw, dh = im.size
+    if dw * dh > limits.max_pixels:
+        what = f"{w}×{h}" + (f" (decoded at {dw}×{dh})" if (dw, dh) != (w, h) else "")
+        raise DecodeError(f"image is {what} = {dw * dh:,} decoded pixels, over the cap of {limits.max_pixels:,}",
                           code="too_large")
-    frames = int(getattr(im, "n_frames", 1) or 1)
+    # the decoded buffer, plus one 4-byte-a-pixel working copy (a mode conversion before reducing)
+    est = dw * dh * (_BPP.get(im.mode, 4) + 4) + coefficients
+    if est > limits.max_bytes:
+        raise DecodeError(f"decoding this {w}×{h} {fmt} needs about {est / 2**20:,.0f} MiB, over the budget of "
+                          f"{limits.max_bytes / 2**20:,.0f} MiB", code="too_large")
+    return DecodePlan(format=fmt, width=w, height=h, decoded=(dw, dh), mode=im.mode, bytes=est)
+
+
+def _decode_planned(im: Image.Image, p: DecodePlan, data: bytes, fp: _Deadline, spec: InputSpec,
+                    limits: DecodeLimits, thumb_size: int) -> DecodedImage:
+    frames = _count_frames(im, p.format, data, fp, limits.max_frames)
     if frames > 1:
         im.seek(0)
-    need = max(int(round(spec.size / spec.crop_pct)), thumb_size)  # short side the model/thumbnail need
-    if fmt == "JPEG":
-        # decode at 1/2, 1/4 or 1/8 scale (DCT scaling): still at least `need` on the short side
-        im.draft("RGB", (need, need))
     im.load()
-    decoded_size = im.size
-    exif_size = _oriented_size(im, w, h)
-    im = ImageOps.exif_transpose(_shrink(im, need))
-    resized = _resize_short_side(to_rgb(im), spec)
-    pixels = _center_crop(resized, spec.size)
+    fp.check()
+    orientation = _orientation(im)
+    src = _shrink(im, needed_side(spec, thumb_size))
+    pixels = _model_pixels(src, spec)
     thumbnail = b""
     if thumb_size > 0:  # queries (thumb_size 0) need no thumbnail
-        thumb = resized.copy()
+        thumb = to_rgb(_shrink(src, thumb_size, long_side=True))
         thumb.thumbnail((thumb_size, thumb_size), Image.BICUBIC, reducing_gap=2.0)
+        if orientation in _TRANSPOSE:
+            thumb = thumb.transpose(_TRANSPOSE[orientation])
         buf = io.BytesIO()
         thumb.save(buf, "WEBP", quality=80, method=2)
         thumbnail = buf.getvalue()
-    return DecodedImage(format=fmt, width=exif_size[0], height=exif_size[1], frames=frames,
-                        pixels=pixels, thumbnail=thumbnail, decoded_size=decoded_size)
+    if orientation in _TRANSPOSE:  # a centred square crop commutes with every EXIF orientation
+        pixels = np.ascontiguousarray(np.asarray(Image.fromarray(pixels).transpose(_TRANSPOSE[orientation])))
+    width, height = (p.height, p.width) if orientation in (5, 6, 7, 8) else (p.width, p.height)
+    return DecodedImage(format=p.format, width=width, height=height, frames=frames, pixels=pixels,
+                        thumbnail=thumbnail, decoded_size=p.decoded)
 
 
-def _shrink(im: Image.Image, need: int) -> Image.Image:
-    """Box-reduce by an integer factor while the short side stays >= 2·need: the expensive
+def _count_frames(im: Image.Image, fmt: str, data: bytes, fp: _Deadline, cap: int) -> int:
+    """How many frames, without decoding them (Pillow's GIF ``n_frames`` decodes every frame)."""
+    if fmt == "GIF":
+        return _gif_frames(data, cap)
+    if fmt == "TIFF":
+        n = 1
+        try:
+            while n < cap:
+                fp.check()
+                im.seek(n)
+                n += 1
+        except EOFError:
+            pass
+        except (OSError, ValueError, struct.error, KeyError, TypeError):
+            pass  # a broken later page does not make the first one unreadable
+        im.seek(0)
+        return n
+    return min(int(getattr(im, "n_frames", 1) or 1), cap)
+
+
+def _gif_frames(data: bytes, cap: int) -> int:
+    """Count a GIF's image descriptors by walking its block structure (header, colour tables, blocks)."""
+    end = len(data)
+    if end < 13:
+        return 1
+    flags = data[10]
+    pos = 13 + ((3 << ((flags & 7) + 1)) if flags & 0x80 else 0)
+    n = 0
+    while pos < end and n < cap:
+        tag = data[pos]
+        if tag == 0x2C:  # image descriptor: 9 bytes, optional local colour table, LZW code size
+            if pos + 10 > end:
+                break
+            n += 1
+            f = data[pos + 9]
+            pos += 10 + ((3 << ((f & 7) + 1)) if f & 0x80 else 0) + 1
+        elif tag == 0x21:  # extension: introducer, label
+            pos += 2
+        else:  # 0x3B trailer, or garbage after the last frame
+            break
+        while pos < end:  # data sub-blocks, ended by a zero-length one
+            size = data[pos]
+            pos += 1 + size
+            if size == 0:
+                break
+    return max(n, 1)
+
+
+def _orientation(im: Image.Image) -> int:
+    try:
+        value = im.getexif().get(0x0112, 1)
+        return int(value) if value in _TRANSPOSE else 1
+    except Exception:  # a broken EXIF block is not worth failing the image for
+        return 1
+
+
+def _shrink(im: Image.Image, need: int, *, long_side: bool = False) -> Image.Image:
+    """Box-reduce by an integer factor while the short (or long) side stays >= 2·need: the expensive
     full-resolution work (mode conversion, compositing, resampling) then runs on far fewer pixels."""
-    factor = min(im.size) // (2 * need)
+    factor = (max(im.size) if long_side else min(im.size)) // (2 * need)
     if factor < 2:
         return im
     if im.mode in ("P", "PA"):
@@ -146,12 +360,19 @@ def _shrink(im: Image.Image, need: int) -> Image.Image:
         return im
 
 
-def _oriented_size(im: Image.Image, w: int, h: int) -> tuple[int, int]:
-    try:
-        orientation = im.getexif().get(0x0112, 1)
-    except Exception:  # a broken EXIF block is not worth failing the image for
-        orientation = 1
-    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+def _model_pixels(src: Image.Image, spec: InputSpec) -> np.ndarray:
+    """The centre square (crop_pct of the short side) resampled to size×size: the same pixels as resizing
+    the short side to size/crop_pct and centre-cropping, without the whole-image intermediate."""
+    w, h = src.size
+    side = spec.crop_pct * min(w, h)
+    box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+    margin = math.ceil(2 * side / spec.size) + 2  # the resampling filter's support around the box
+    l0, t0 = max(0, math.floor(box[0]) - margin), max(0, math.floor(box[1]) - margin)
+    r0, b0 = min(w, math.ceil(box[2]) + margin), min(h, math.ceil(box[3]) + margin)
+    region = to_rgb(src.crop((l0, t0, r0, b0)) if (l0, t0, r0, b0) != (0, 0, w, h) else src)
+    inner = (box[0] - l0, box[1] - t0, box[2] - l0, box[3] - t0)
+    out = region.resize((spec.size, spec.size), _RESAMPLE[spec.interpolation], box=inner, reducing_gap=3.0)
+    return np.asarray(out, dtype=np.uint8)
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -161,7 +382,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
         im = im.convert("RGBA")
         mode = "RGBA"
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        a = np.asarray(im, dtype=np.float64)
+        a = np.asarray(im, dtype=np.float32)
         if mode.startswith("I;16"):
             a = a / 257.0
         else:
@@ -177,18 +398,3 @@ def to_rgb(im: Image.Image) -> Image.Image:
     if mode == "RGB":
         return im
     return im.convert("RGB")  # 1, L, CMYK, YCbCr, LAB, HSV
-
-
-def _resize_short_side(rgb: Image.Image, spec: InputSpec) -> Image.Image:
-    w, h = rgb.size
-    r = (spec.size / spec.crop_pct) / min(w, h)
-    nw, nh = max(spec.size, int(round(w * r))), max(spec.size, int(round(h * r)))
-    if (nw, nh) == (w, h):
-        return rgb
-    return rgb.resize((nw, nh), _RESAMPLE[spec.interpolation], reducing_gap=3.0)
-
-
-def _center_crop(resized: Image.Image, size: int) -> np.ndarray:
-    nw, nh = resized.size
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.uint8)

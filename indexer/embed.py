@@ -9,7 +9,7 @@ import importlib.util
 import json
 import os
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -43,6 +43,7 @@ class ModelInfo:
     norm: Normalization
     backend: str
     precision: str
+    source: str = ""       # what to pass to load_model to load these weights again (recorded in the store)
 
     @property
     def preprocessing(self) -> str:
@@ -357,7 +358,15 @@ def load_onnx_file(path: Path, threads: int) -> OnnxEmbedder:
 
 
 def load_model(model: str, *, arch: str = "", precision: str = "auto", threads: int = 0) -> Embedder:
-    """Resolve the ``model`` setting to a loaded backend."""
+    """Resolve the ``model`` setting to a loaded backend; its ``info.source`` says how to load it again."""
+    embedder = _load_model(model, arch, precision, threads)
+    path = Path(model).expanduser()
+    source = str(path.resolve()) if path.exists() else model
+    embedder.info = replace(embedder.info, source=source)
+    return embedder
+
+
+def _load_model(model: str, arch: str, precision: str, threads: int) -> Embedder:
     if model == "opennsfw":
         return load_opennsfw(threads)
     path = Path(model).expanduser()

@@ -1,5 +1,6 @@
-"""The one hierarchy of domain errors. The CLI turns them into a clear message and a non-zero exit,
-the JSON API into a 4xx with ``{"error": {"code", "message"}}``."""
+"""The one hierarchy of domain errors. They say what went wrong (a ``code`` and a message), never how a
+surface reports it: the CLI turns them into a clear message and a non-zero exit, the JSON API maps each
+to an HTTP status at its edge (``search.api.http_status``)."""
 from __future__ import annotations
 
 
@@ -7,7 +8,6 @@ class FlagmatchError(Exception):
     """Base of every error flagmatch raises on purpose."""
 
     code = "error"
-    http_status = 400
 
     def __init__(self, message: str, *, code: str | None = None) -> None:
         super().__init__(message)
@@ -21,32 +21,36 @@ class FlagmatchError(Exception):
 
 class DecodeError(FlagmatchError):
     """An image could not be read, or is not one we accept. ``code`` says why:
-    empty, unsupported_format, too_large, truncated, corrupt, unreadable."""
+    empty, unsupported_format, too_large, timeout, truncated, corrupt, unreadable."""
 
     code = "corrupt"
-    http_status = 400
 
 
 class ModelLoadError(FlagmatchError):
     code = "model_unavailable"
-    http_status = 503
 
 
 class ModelMismatchError(FlagmatchError):
     code = "model_mismatch"
-    http_status = 409
 
 
 class NotFoundError(FlagmatchError):
     code = "not_found"
-    http_status = 404
 
 
 class InvalidInputError(FlagmatchError):
     code = "invalid"
-    http_status = 400
 
 
 class ClusteringError(FlagmatchError):
     code = "clustering"
-    http_status = 409
+
+
+class OverloadedError(FlagmatchError):
+    """The work cannot start now without risking the process (memory in flight); try again later."""
+
+    code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

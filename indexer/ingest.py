@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Protocol
 import numpy as np
 
 from indexer.catalog import FlagRequest, IngestCounts, NewImage
-from indexer.decode import DecodedImage, decode
+from indexer.decode import DEFAULT_LIMITS, DecodedImage, DecodeLimits, decode
 from indexer.embed import Embedder
 from indexer.errors import DecodeError
 from indexer.sources import Source, SourceError, SourceItem
@@ -29,7 +29,7 @@ class IngestOptions:
     flag_threshold: float
     batch_size: int = 32
     decode_workers: int = 2
-    max_pixels: int = 100_000_000
+    limits: DecodeLimits = DEFAULT_LIMITS
     max_file_bytes: int = 200 * 1024 * 1024
     thumb_size: int = 256
 
@@ -120,7 +120,7 @@ class Reader:
                 return Duplicate(item, sha, known)
             self._pending.add(sha)
         try:
-            image = decode(data, self.spec, max_pixels=self.opts.max_pixels, thumb_size=self.opts.thumb_size)
+            image = decode(data, self.spec, self.opts.limits, thumb_size=self.opts.thumb_size)
         except DecodeError as exc:
             failed = Failed(item.path, exc.code, exc.message, sha)
             with self._lock:
@@ -204,7 +204,7 @@ def ingest(store: Store, embedder: Embedder, sources: Iterable[Source], opts: In
            after_batch: Callable[[], None] | None = None) -> IngestCounts:
     """Ingest ``sources`` into ``store``. Bad files are recorded and skipped; returns the counts."""
     info = embedder.info
-    store.bind_model(info.model_id, info.dim, info.preprocessing)
+    store.bind_model(info.model_id, info.dim, info.preprocessing, info.source)
     with store.writer():  # cuts raw vector rows a crashed writer never committed
         run_id = store.catalog.start_run(info.model_id, info.backend, info.precision)
         reader = Reader(store, embedder, opts)

@@ -30,9 +30,9 @@ class Store:
     def index_dir(self) -> Path:
         return self.home / "index"
 
-    def bind_model(self, model_id: str, dim: int, preprocessing: str) -> VectorStore:
+    def bind_model(self, model_id: str, dim: int, preprocessing: str, source: str = "") -> VectorStore:
         """Tie the store to a model (refusing a different one) and open the raw vectors."""
-        self.catalog.bind_model(model_id, dim, preprocessing)
+        self.catalog.bind_model(model_id, dim, preprocessing, source)
         self._vectors = VectorStore(self.home / "vectors", dim)
         return self._vectors
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -12,7 +13,8 @@ from flask import Blueprint, Response, current_app, g, jsonify, request, url_for
 from werkzeug.exceptions import HTTPException
 
 from indexer.catalog import FlagRequest, ImageRecord
-from indexer.errors import FlagmatchError, InvalidInputError, NotFoundError
+from indexer.errors import (ClusteringError, DecodeError, FlagmatchError, InvalidInputError, ModelLoadError,
+                            ModelMismatchError, NotFoundError, OverloadedError)
 from search.openapi import openapi_document
 from search.service import Hit, SearchParams, SearchResponse
 
@@ -46,29 +48,54 @@ def runtime():  # type: ignore[no-untyped-def]
     return current_app.extensions["flagmatch"]
 
 
-def error(status: int, code: str, message: str) -> Response:
-    resp = jsonify({"error": {"code": code, "message": message}})
+def error(status: int, code: str, message: str, *, retry_after: int | None = None) -> Response:
+    body: dict[str, Any] = {"code": code, "message": message}
+    request_id = g.get("request_id")
+    if request_id:
+        body["request_id"] = request_id
+    resp = jsonify({"error": body})
     resp.status_code = status
     if status == 401:
         resp.headers["WWW-Authenticate"] = 'Bearer realm="flagmatch"'
+    if retry_after is not None:
+        resp.headers["Retry-After"] = str(retry_after)
     return resp
+
+
+def http_status(exc: FlagmatchError) -> int:
+    """The one place a domain error becomes an HTTP status (the viewer uses it too)."""
+    if isinstance(exc, DecodeError):
+        return {"too_large": 413, "unsupported_format": 415}.get(exc.code, 400)
+    if isinstance(exc, NotFoundError):
+        return 404
+    if isinstance(exc, (ModelMismatchError, ClusteringError)):
+        return 409
+    if isinstance(exc, (ModelLoadError, OverloadedError)) or exc.code == "empty_store":
+        return 503
+    return 400
 
 
 @bp.errorhandler(FlagmatchError)
 def _domain_error(exc: FlagmatchError) -> Response:
-    status = exc.http_status
-    if exc.code == "too_large":
-        status = 413
-    elif exc.code == "unsupported_format":
-        status = 415
-    return error(status, exc.code, exc.message)
+    return error(http_status(exc), exc.code, exc.message,
+                 retry_after=exc.retry_after if isinstance(exc, OverloadedError) else None)
 
 
-@bp.errorhandler(HTTPException)
-def _http_error(exc: HTTPException) -> Response:
-    code = {413: "body_too_large", 404: "not_found", 405: "method_not_allowed", 400: "bad_request",
-            415: "unsupported_media_type"}.get(exc.code or 400, "http_error")
-    return error(exc.code or 400, code, exc.description or code)
+HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+              405: "method_not_allowed", 413: "body_too_large", 415: "unsupported_media_type",
+              429: "rate_limited", 500: "internal", 503: "unavailable"}
+
+
+def http_error(exc: HTTPException) -> Response:
+    """Werkzeug's errors (unknown route, wrong method, body too large, rate limit) as JSON."""
+    status = exc.code or 500
+    resp = error(status, HTTP_CODES.get(status, "http_error"), exc.description or HTTP_CODES.get(status, "error"))
+    if status == 405 and exc.valid_methods:  # type: ignore[attr-defined]
+        resp.headers["Allow"] = ", ".join(exc.valid_methods)  # type: ignore[attr-defined]
+    if status == 429:
+        retry = getattr(exc, "retry_after", None)
+        resp.headers["Retry-After"] = str(int(retry) if retry else 1)
+    return resp
 
 
 # ------------------------------------------------------------------ auth
@@ -110,7 +137,7 @@ def rt_csrf_required() -> bool:
 
 def need_ready() -> Response | None:
     if not runtime().ready.is_set():
-        return error(503, "not_ready", "the model and index are still loading")
+        return error(503, "not_ready", "the model and index are still loading", retry_after=5)
     return None
 
 
@@ -153,19 +180,55 @@ def response_json(resp: SearchResponse) -> dict[str, Any]:
 
 # ------------------------------------------------------------------ routes
 
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+_INT = re.compile(r"[+-]?\d{1,19}")
+_FLOAT = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+
+
 def _params(source: dict[str, Any]) -> SearchParams:
+    """Search parameters from JSON (typed values) or a form/query string (text), strictly: 5.5 is not a k."""
     def num(name: str, kind: type, default: Any) -> Any:
         v = source.get(name, default)
-        if isinstance(v, bool):
-            raise InvalidInputError(f"{name} must be a number", code="bad_parameter")
-        try:
-            return kind(v)
-        except (TypeError, ValueError):
-            raise InvalidInputError(f"{name} must be a number, not {v!r}", code="bad_parameter") from None
+        if isinstance(v, str):
+            if not (_INT if kind is int else _FLOAT).fullmatch(v.strip()):
+                raise InvalidInputError(f"{name} must be {'an integer' if kind is int else 'a number'}, not {v!r}",
+                                        code="bad_parameter")
+            return kind(v.strip())
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not isinstance(v, int)):
+            raise InvalidInputError(f"{name} must be {'an integer' if kind is int else 'a number'}, not {v!r}",
+                                    code="bad_parameter")
+        return kind(v)
     scope = source.get("scope", "flagged")
     if not isinstance(scope, str):
         raise InvalidInputError("scope must be a string", code="bad_parameter")
     return SearchParams(k=num("k", int, 10), scope=scope, min_similarity=num("min_similarity", float, -1.0))
+
+
+def _is_id(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 < v < 2**63
+
+
+def _stored_ids(body: dict[str, Any]) -> list[int]:
+    """The stored images a JSON search names: every field given is checked, whichever is used."""
+    if not any(k in body for k in ("id", "ids", "sha256")):
+        raise InvalidInputError("give 'id', 'ids' or 'sha256' (or upload an image as multipart)",
+                                code="missing_query")
+    if "id" in body and not _is_id(body["id"]):
+        raise InvalidInputError("id must be a positive 64-bit integer", code="bad_parameter")
+    if "ids" in body:
+        raw = body["ids"]
+        if not isinstance(raw, list) or not 1 <= len(raw) <= 100 or not all(_is_id(i) for i in raw):
+            raise InvalidInputError("ids must be a list of 1–100 positive 64-bit integers", code="bad_parameter")
+    sha = body.get("sha256")
+    if "sha256" in body and (not isinstance(sha, str) or not _SHA256.fullmatch(sha)):
+        raise InvalidInputError("sha256 must be 64 hex characters", code="bad_parameter")
+    ids: list[int] = list(body.get("ids", [])) + ([body["id"]] if "id" in body else [])
+    if isinstance(sha, str):
+        found = runtime().store.catalog.known_sha(sha.lower())
+        if found is None:
+            raise NotFoundError(f"no image with sha256 {sha}")
+        ids.append(found)
+    return list(dict.fromkeys(ids))
 
 
 @bp.post("/search")
@@ -187,24 +250,7 @@ def search() -> Response:
         if not isinstance(body, dict):
             raise InvalidInputError("the body must be a JSON object", code="bad_body")
         params = _params({**request.args.to_dict(), **body})
-        ids: list[int] = []
-        if "id" in body or "ids" in body:
-            raw = body.get("ids", [body.get("id")])
-            if not isinstance(raw, list) or not raw or len(raw) > 100 or not all(
-                    isinstance(i, int) and not isinstance(i, bool) for i in raw):
-                raise InvalidInputError("id must be an integer (ids: a list of 1–100 integers)", code="bad_parameter")
-            ids = raw
-        elif "sha256" in body:
-            sha = body["sha256"]
-            if not isinstance(sha, str) or len(sha) != 64:
-                raise InvalidInputError("sha256 must be 64 hex characters", code="bad_parameter")
-            found = runtime().store.catalog.known_sha(sha.lower())
-            if found is None:
-                raise NotFoundError(f"no image with sha256 {sha}")
-            ids = [found]
-        else:
-            raise InvalidInputError("give 'id', 'ids' or 'sha256' (or upload an image as multipart)",
-                                    code="missing_query")
+        ids = _stored_ids(body)
         resp = svc.search_ids(ids, params)
     else:
         return error(415, "unsupported_media_type", "send multipart/form-data (field 'image') or JSON")
@@ -240,7 +286,12 @@ def thumbnail(image_id: int) -> Response:
 
 def _flag(image_id: int, flag: bool) -> Response:
     rt = runtime()
-    body = FlagBody.parse(request.get_json(silent=True) if request.data else {})
+    if request.data and not request.is_json:
+        return error(415, "unsupported_media_type", "the body, when there is one, must be application/json")
+    data = request.get_json(silent=True) if request.data else {}
+    if request.data and data is None:
+        raise InvalidInputError("the body is not valid JSON", code="bad_body")
+    body = FlagBody.parse(data)
     rt.store.catalog.get(image_id)  # 404 before anything changes
     source = "review"
     changed = rt.store.catalog.set_flag([image_id], FlagRequest(source, body.label, g.actor, body.reason), flag=flag)

@@ -4,17 +4,22 @@ from __future__ import annotations
 from typing import Any
 
 _ERR = {"$ref": "#/components/responses/Error"}
+_RETRY = {"$ref": "#/components/responses/RetryLater"}
+# Every operation can answer these: no or a bad token, over the rate limit, an internal error (JSON with a
+# request id, never a stack), and a wrong method on its path.
+_ALWAYS = (401, 405, 429, 500)
+MAX_ID = 2**63 - 1
 
 
 def _resp(ok: dict[str, Any], *errors: int) -> dict[str, Any]:
     out: dict[str, Any] = {"200": ok}
-    for code in errors:
-        out[str(code)] = _ERR
+    for code in sorted({*errors, *_ALWAYS}):
+        out[str(code)] = _RETRY if code in (429, 503) else _ERR
     return out
 
 
 def openapi_document() -> dict[str, Any]:
-    image_id = {"name": "image_id", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1}}
+    image_id = {"name": "image_id", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1, "maximum": MAX_ID}}
     json_ok = lambda ref: {"description": "OK", "content": {"application/json": {"schema": {"$ref": ref}}}}  # noqa: E731
     params_props = {
         "k": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 10},
@@ -36,42 +41,51 @@ def openapi_document() -> dict[str, Any]:
                                   "description": "one or more image files (field repeated)"},
                         **params_props}}},
                     "application/json": {"schema": {"$ref": "#/components/schemas/SearchByStored"}}}},
-                "responses": _resp(json_ok("#/components/schemas/SearchResponse"), 400, 401, 404, 413, 415, 503)}},
+                "responses": _resp(json_ok("#/components/schemas/SearchResponse"), 400, 404, 413, 415, 503)}},
             "/images/{image_id}": {"get": {
                 "summary": "One image: facts, flag, flag history, paths, cluster",
                 "parameters": [image_id],
-                "responses": _resp(json_ok("#/components/schemas/ImageWithHistory"), 401, 404)}},
+                "responses": _resp(json_ok("#/components/schemas/ImageWithHistory"), 404)}},
             "/images/{image_id}/thumbnail": {"get": {
                 "summary": "The image's thumbnail (WebP, never cached)",
                 "parameters": [image_id],
                 "responses": _resp({"description": "WebP thumbnail",
                                     "content": {"image/webp": {"schema": {"type": "string", "format": "binary"}}}},
-                                   401, 404)}},
+                                   404)}},
             "/images/{image_id}/flag": {"post": {
                 "summary": "Flag an image (recorded in its history)", "parameters": [image_id],
                 "requestBody": {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/FlagBody"}}}},
-                "responses": _resp(json_ok("#/components/schemas/FlagResult"), 400, 401, 403, 404)}},
+                "responses": _resp(json_ok("#/components/schemas/FlagResult"), 400, 403, 404, 413, 415)}},
             "/images/{image_id}/unflag": {"post": {
                 "summary": "Unflag an image (recorded in its history)", "parameters": [image_id],
                 "requestBody": {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/FlagBody"}}}},
-                "responses": _resp(json_ok("#/components/schemas/FlagResult"), 400, 401, 403, 404)}},
+                "responses": _resp(json_ok("#/components/schemas/FlagResult"), 400, 403, 404, 413, 415)}},
             "/stats": {"get": {"summary": "What the catalog and indexes hold",
                                "responses": _resp({"description": "OK", "content": {"application/json": {
-                                   "schema": {"type": "object"}}}}, 401)}},
+                                   "schema": {"type": "object"}}}})}},
             "/openapi.json": {"get": {"summary": "This document", "security": [],
                                       "responses": {"200": {"description": "OK", "content": {
-                                          "application/json": {"schema": {"type": "object"}}}}}}},
+                                          "application/json": {"schema": {"type": "object"}}}},
+                                                    "405": _ERR, "500": _ERR}}},
         },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "responses": {"Error": {"description": "Error", "content": {"application/json": {
-                "schema": {"$ref": "#/components/schemas/Error"}}}}},
+            "responses": {
+                "Error": {"description": "Error", "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/Error"}}}},
+                "RetryLater": {"description": "Busy or over the rate limit: try again after Retry-After seconds",
+                               "headers": {"Retry-After": {"schema": {"type": "integer", "minimum": 0}}},
+                               "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}},
             "schemas": {
                 "Error": {"type": "object", "required": ["error"], "properties": {"error": {
                     "type": "object", "required": ["code", "message"],
-                    "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}},
-                "SearchByStored": {"type": "object", "properties": {
-                    "id": {"type": "integer"}, "ids": {"type": "array", "items": {"type": "integer"}, "maxItems": 100},
+                    "properties": {"code": {"type": "string"}, "message": {"type": "string"},
+                                   "request_id": {"type": "string"}}}}},
+                "SearchByStored": {"type": "object", "anyOf": [{"required": ["id"]}, {"required": ["ids"]},
+                                                                {"required": ["sha256"]}], "properties": {
+                    "id": {"type": "integer", "minimum": 1, "maximum": MAX_ID},
+                    "ids": {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": MAX_ID},
+                            "minItems": 1, "maxItems": 100},
                     "sha256": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"}, **params_props}},
                 "Flag": {"type": ["object", "null"], "properties": {
                     "source": {"type": "string"}, "label": {"type": ["string", "null"]},
@@ -108,7 +122,8 @@ def openapi_document() -> dict[str, Any]:
                                                "known_id": {"type": ["integer", "null"]}}},
                                            "hits": {"type": "array", "items": {"$ref": "#/components/schemas/Hit"}}}}}}},
                 "FlagBody": {"type": "object", "additionalProperties": False, "properties": {
-                    "reason": {"type": "string", "maxLength": 2000}, "label": {"type": "string", "maxLength": 2000}}},
+                    "reason": {"type": ["string", "null"], "maxLength": 2000},
+                    "label": {"type": ["string", "null"], "maxLength": 2000}}},
                 "FlagResult": {"type": "object", "properties": {
                     "changed": {"type": "boolean"}, "image": {"$ref": "#/components/schemas/ImageWithHistory"}}},
             },

@@ -11,11 +11,12 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from indexer.catalog import ImageRecord
-from indexer.decode import decode
+from indexer.decode import DEFAULT_LIMITS, DecodedImage, DecodeLimits, InputSpec, decode, plan
 from indexer.embed import Embedder
 from indexer.errors import InvalidInputError, ModelLoadError, NotFoundError
 from indexer.store import Store
 from indexer.vector_index import SCOPES, VectorIndex
+from search.admission import Admission
 
 MAX_K = 1000
 ClusterLookup = Callable[[Sequence[int]], dict[int, dict[str, Any]]]
@@ -81,10 +82,12 @@ class SearchResponse:
 
 
 class SearchService:
-    def __init__(self, store: Store, index: VectorIndex, embedder: Embedder | None, *, max_pixels: int,
+    def __init__(self, store: Store, index: VectorIndex, embedder: Embedder | None, *,
+                 limits: DecodeLimits = DEFAULT_LIMITS, admission: Admission | None = None,
                  cluster_lookup: ClusterLookup | None = None) -> None:
         self.store, self.index, self.embedder = store, index, embedder
-        self.max_pixels = max_pixels
+        self.limits = limits
+        self.admission = admission
         self.cluster_lookup = cluster_lookup
         self.model_id = store.catalog.model_meta().get("model_id", "")
         if embedder is not None:
@@ -103,7 +106,7 @@ class SearchService:
         for name, data in uploads:
             if not data:
                 raise InvalidInputError(f"{name or 'upload'}: the file is empty", code="empty_image")
-            img = decode(data, self.embedder.info.input, max_pixels=self.max_pixels, thumb_size=0)
+            img = self._decode(data, self.embedder.info.input)
             sha = hashlib.sha256(data).hexdigest()
             pixels.append(img.pixels)
             queries.append((name, sha, self.store.catalog.known_sha(sha)))
@@ -113,6 +116,14 @@ class SearchService:
         t.decode, t.embed = (t1 - t0) * 1000, (t2 - t1) * 1000
         qs = [Query(name, sha, float(pu), known) for (name, sha, known), pu in zip(queries, p)]
         return self._search(qs, vectors, params, t, exclude=[set() for _ in qs])
+
+    def _decode(self, data: bytes, spec: InputSpec) -> DecodedImage:
+        """Decode one upload within the worker's admission budget (reserved from its header first)."""
+        if self.admission is None:
+            return decode(data, spec, self.limits, thumb_size=0)
+        cost = plan(data, spec, self.limits)  # the header's promise, checked against the per-image budget
+        with self.admission.reserve(cost.bytes):
+            return decode(data, spec, self.limits, thumb_size=0)
 
     def search_ids(self, image_ids: Iterable[int], params: SearchParams) -> SearchResponse:
         """Nearest neighbours of stored images (the image itself is left out of its own hits)."""

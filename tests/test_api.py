@@ -200,3 +200,77 @@ def test_openapi_is_valid_and_lists_every_route(client, app):
             path = rule.rule[len("/api/v1"):].replace("<int:image_id>", "{image_id}")
             for m in rule.methods - {"HEAD", "OPTIONS"}:
                 assert (path, m) in documented, (path, m)
+
+
+# ------------------------------------------------------------------ the contract at the edges
+
+def test_every_api_error_is_json(client):
+    r = client.get("/api/v1/nope", headers=AUTH)
+    assert r.status_code == 404 and r.json["error"]["code"] == "not_found"
+    r = client.delete("/api/v1/search", headers=AUTH)
+    assert r.status_code == 405 and r.json["error"]["code"] == "method_not_allowed" and "POST" in r.headers["Allow"]
+    big = 926127556924935587249915713103593472
+    for path in (f"/api/v1/images/{big}", f"/api/v1/images/{2**63}/thumbnail"):
+        r = client.get(path, headers=AUTH)
+        assert r.status_code == 404 and r.is_json, path
+    r = client.post(f"/api/v1/images/{big}/flag", headers=AUTH, json={})
+    assert r.status_code == 404 and r.is_json
+    r = client.post("/api/v1/images/1/flag", headers=AUTH, data=b"x", content_type="text/plain")
+    assert r.status_code == 415 and r.is_json
+    r = client.post("/api/v1/images/1/flag", headers=AUTH, json={"label": 3})
+    assert r.status_code == 400 and r.json["error"]["code"] == "bad_parameter"
+    r = client.post("/api/v1/search", headers=AUTH, json={"id": 1, "k": 5.5})
+    assert r.status_code == 400
+    r = client.post("/api/v1/search", headers=AUTH, json={"id": 1, "sha256": {}})
+    assert r.status_code == 400
+    assert client.get("/nope").status_code == 404 and not client.get("/nope").is_json  # the viewer's own pages
+
+
+def test_request_ids_and_crashes_answer_json_without_a_stack(api_home, tiny_embedder):
+    from web.app import create_app
+    app = create_app(api_home[0], embedder=tiny_embedder)
+
+    @app.get("/api/v1/_crash")
+    def _crash():  # a route that fails the way a bug would
+        raise RuntimeError("secret internals")
+
+    c = app.test_client()
+    r = c.get("/api/v1/_crash", headers={**AUTH, "X-Request-Id": "req-42"})
+    assert r.status_code == 500 and r.json["error"] == {
+        "code": "internal", "message": r.json["error"]["message"], "request_id": "req-42"}
+    assert "secret" not in r.text and "Traceback" not in r.text
+    assert r.headers["X-Request-Id"] == "req-42"
+    r = c.get("/api/v1/stats", headers={**AUTH, "X-Request-Id": "bad id with spaces"})
+    assert len(r.headers["X-Request-Id"]) == 32  # not echoed: a fresh one
+
+
+def test_hostile_uploads_get_a_result_or_a_coded_error(client, tmp_path):
+    from tests.hostile import HOSTILE
+    for name in ("tall_strip.png", "wide_strip.png", "long_banner.png", "huge_icc.png", "huge_exif.jpg", "deep.tiff"):
+        r = upload(client, HOSTILE[name]())
+        assert r.status_code == 200, (name, r.json)
+    r = upload(client, HOSTILE["pixel_flood.png"]())  # 900 Mpx, over the test store's 4 Mpx cap
+    assert r.status_code == 413 and r.json["error"]["code"] == "too_large"
+
+
+def test_admission_budget_answers_503_with_retry_after(api_home, tiny_embedder):
+    from web.app import create_app
+    s = api_home[0].replace(admission_bytes=1 << 20, admission_wait=0.1)
+    app = create_app(s, embedder=tiny_embedder)
+    adm = app.extensions["flagmatch"].service.admission
+    with adm.reserve(1 << 20):  # another request is decoding a large image
+        r = upload(app.test_client(), encode(drawn_image(3), "PNG"))
+    assert r.status_code == 503 and r.json["error"]["code"] == "overloaded" and int(r.headers["Retry-After"]) >= 1
+    assert upload(app.test_client(), encode(drawn_image(3), "PNG")).status_code == 200
+
+
+def test_rate_limit_answers_429_json_per_token(api_home, tiny_embedder):
+    from web.app import create_app
+    s = api_home[0].replace(rate_limit="3/minute", api_tokens=(f"alice:{TOKEN}", "bob:other-token"))
+    c = create_app(s, embedder=tiny_embedder).test_client()
+    codes = [c.get("/api/v1/stats", headers=AUTH).status_code for _ in range(4)]
+    assert codes == [200, 200, 200, 429]
+    r = c.get("/api/v1/stats", headers=AUTH)
+    assert r.json["error"]["code"] == "rate_limited" and int(r.headers["Retry-After"]) >= 1
+    assert c.get("/api/v1/stats", headers={"Authorization": "Bearer other-token"}).status_code == 200
+    assert c.get("/healthz").status_code == 200

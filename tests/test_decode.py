@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from indexer.decode import BACKGROUND, InputSpec, decode, sniff_format
+from indexer.decode import BACKGROUND, DecodeLimits, InputSpec, decode, sniff_format
 from indexer.errors import DecodeError
 from tests.helpers import drawn_image, encode
 
@@ -13,7 +13,7 @@ CAP = 50_000_000
 
 
 def run(data: bytes, **kw):
-    return decode(data, SPEC, max_pixels=kw.pop("max_pixels", CAP), thumb_size=kw.pop("thumb_size", 48))
+    return decode(data, SPEC, DecodeLimits(max_pixels=kw.pop("max_pixels", CAP)), thumb_size=kw.pop("thumb_size", 48))
 
 
 def test_jpeg_png_webp_bmp_tiff_decode_to_model_pixels():

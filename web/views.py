@@ -19,6 +19,7 @@ from PIL import Image, ImageFilter, ImageOps
 
 from indexer.catalog import FlagRequest
 from indexer.errors import FlagmatchError, InvalidInputError, NotFoundError
+from search.api import http_status
 from search.service import SearchParams
 
 bp = Blueprint("viewer", __name__, template_folder="templates", static_folder="static",
@@ -80,7 +81,7 @@ def _guard() -> Response | None:
 
 @bp.errorhandler(FlagmatchError)
 def _domain_error(exc: FlagmatchError) -> tuple[str, int]:
-    return render_template("error.html", code=exc.code, message=exc.message), exc.http_status
+    return render_template("error.html", code=exc.code, message=exc.message), http_status(exc)
 
 
 def _ids(values: list[str]) -> list[int]:

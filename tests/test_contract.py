@@ -1,0 +1,53 @@
+"""The API contract, checked by a real peer: schemathesis generates requests from flagmatch's own
+OpenAPI document (valid and invalid ones) and runs every check against a real gunicorn server. Any
+server error, undocumented status or content type, or response off its schema fails the test."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import start_server, stop_server, write_images
+
+TOKEN = "contract-token"
+
+# Statuses a schema-valid request may still get: the schema cannot say which ids exist (404), nor that
+# random bytes in the `image` field are not an image (400 corrupt, 415 unsupported format, 413 too large).
+CONFIG = """
+[checks.positive_data_acceptance]
+expected-statuses = ["2xx", "400", "404", "413", "415"]
+"""
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("contract")
+    write_images(root / "in", 12)
+    env = dict(os.environ, FLAGMATCH_HOME=str(root / "home"), FLAGMATCH_MODEL=str(tiny_model_dir),
+               FLAGMATCH_API_TOKENS=f"ci:{TOKEN}", FLAGMATCH_WORKERS="1", FLAGMATCH_THREADS="4",
+               FLAGMATCH_PRECISION="fp32", FLAGMATCH_FLAG_THRESHOLD="0.0", FLAGMATCH_MAX_UPLOAD_BYTES="2000000")
+    subprocess.run([sys.executable, "-m", "flagmatch.cli", "ingest", str(root / "in")], env=env, check=True,
+                   capture_output=True, timeout=300)
+    proc, base, log = start_server(env, root / "server.log")
+    yield base, root
+    stop_server(proc, log)
+
+
+def test_schemathesis_finds_no_failure(served):
+    base, root = served
+    st = shutil.which("schemathesis", path=str(Path(sys.executable).parent)) or shutil.which("schemathesis")
+    assert st, "schemathesis is a test dependency: pip install -e '.[test]'"
+    config = root / "schemathesis.toml"
+    config.write_text(CONFIG)
+    out = subprocess.run(
+        [st, "--config-file", str(config), "run", f"{base}/api/v1/openapi.json", "--url", f"{base}/api/v1",
+         "-H", f"Authorization: Bearer {TOKEN}", "--checks", "all", "--max-examples", "40", "--seed", "7",
+         "--workers", "1", "--phases", "examples,coverage,fuzzing", "--generation-database", "none",
+         "--request-timeout", "30", "--no-color", "--suppress-health-check", "all"],
+        capture_output=True, text=True, timeout=900, cwd=root)
+    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
+    assert "passed" in out.stdout.lower()
