@@ -10,31 +10,61 @@ from typing import Any, Callable
 
 import click
 
-from flagmatch.settings import SETTINGS, Settings
+from flagmatch.settings import GROUPS, SETTINGS, Settings
 from flagmatch import wiring
-from indexer.catalog import FlagRequest
+from indexer.audit import AuditLog
 from indexer.errors import FlagmatchError
 
 
-def with_settings(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Add one option per setting; pass the resolved Settings as ``settings``."""
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        overrides = {s.name: kwargs.pop(s.name) for s in SETTINGS}
-        try:
-            settings = Settings.load(overrides)
-        except ValueError as exc:
-            raise click.UsageError(str(exc)) from None
-        try:
-            return fn(*args, settings=settings, **kwargs)
-        except FlagmatchError as exc:
-            raise click.ClickException(f"{exc.message} [{exc.code}]") from None
+class SettingOption(click.Option):
+    """An option generated from a Settings field; ``group`` titles its section in the help."""
 
-    for s in reversed(SETTINGS):
-        kind = click.FLOAT if s.type is float else click.INT if s.type is int else click.STRING
-        wrapper = click.option(s.flag, s.name, type=kind, default=None, show_default=False,
-                               help=f"{s.help} [env {s.env}; default {s.default!r}]")(wrapper)
-    return wrapper
+    def __init__(self, *args: Any, group: str = "Options", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.group = group
+
+
+class SettingsCommand(click.Command):
+    """A command whose help lists its own options first, then its settings by group."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        sections: dict[str, list[tuple[str, str]]] = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is not None:
+                sections.setdefault(getattr(param, "group", "Options"), []).append(record)
+        for title, records in sections.items():
+            with formatter.section(title):
+                formatter.write_dl(records)
+
+
+def with_settings(*groups: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Add one option per setting of ``groups`` (the store's are always there) and pass the resolved
+    Settings as ``settings``; settings of other groups still come from FLAGMATCH_* or their defaults."""
+    wanted = ("store", *groups)
+    chosen = [s for g in GROUPS for s in SETTINGS if s.group == g and g in wanted]
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            overrides = {s.name: kwargs.pop(s.name) for s in chosen}
+            try:
+                settings = Settings.load(overrides)
+            except ValueError as exc:
+                raise click.UsageError(str(exc)) from None
+            try:
+                return fn(*args, settings=settings, **kwargs)
+            except FlagmatchError as exc:
+                raise click.ClickException(f"{exc.message} [{exc.code}]") from None
+
+        for s in reversed(chosen):
+            kind = click.FLOAT if s.type is float else click.INT if s.type is int else click.STRING
+            default = ",".join(s.default) if isinstance(s.default, tuple) else s.default
+            wrapper = click.option(s.flag, s.name, cls=SettingOption, group=f"{GROUPS[s.group]} settings",
+                                   type=kind, default=None, show_default=False,
+                                   help=f"{s.help} [env {s.env}; default {default!r}]")(wrapper)
+        return wrapper
+    return deco
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -56,9 +86,9 @@ class _Bar:
         self.bar.close()
 
 
-@main.command()
+@main.command(cls=SettingsCommand)
 @click.argument("paths", nargs=-1, required=True)
-@with_settings
+@with_settings("model", "ingest", "decode", "index")
 def ingest(paths: tuple[str, ...], settings: Settings) -> None:
     """Index folders, files, manifests (.csv/.jsonl) or '-' (paths on stdin)."""
     from indexer.sources import count_sources, iter_sources
@@ -84,9 +114,9 @@ def ingest(paths: tuple[str, ...], settings: Settings) -> None:
         click.echo("details: flagmatch errors")
 
 
-@main.command()
+@main.command(cls=SettingsCommand)
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
-@with_settings
+@with_settings()
 def stats(as_json: bool, settings: Settings) -> None:
     """What the catalog holds."""
     store = wiring.open_store(settings)
@@ -108,9 +138,9 @@ def stats(as_json: bool, settings: Settings) -> None:
         click.echo(f"index {scope:<7} {ix}")
 
 
-@main.command()
+@main.command(cls=SettingsCommand)
 @click.option("--limit", default=50, show_default=True)
-@with_settings
+@with_settings()
 def errors(limit: int, settings: Settings) -> None:
     """The latest ingest errors (path, reason)."""
     for path, code, message in wiring.open_store(settings).catalog.errors(limit):
@@ -123,28 +153,89 @@ def _flag_command(flag: bool) -> Callable[..., Any]:
     @click.option("--label", default=None, help="label of the flag")
     @click.option("--actor", default=None, help="who (default: the OS user)")
     @click.option("--source", default="manual", show_default=True, type=click.Choice(["manual", "import", "review"]))
-    @with_settings
+    @with_settings("index")
     def command(refs: tuple[str, ...], reason: str | None, label: str | None, actor: str | None,
                 source: str, settings: Settings) -> None:
-        import getpass
+        from indexer.actions import set_flags
         store = wiring.open_store(settings)
         ids = [store.catalog.resolve(r) for r in refs]
-        req = FlagRequest(source=source, label=label, actor=actor or getpass.getuser(), reason=reason)
-        changed = store.catalog.set_flag(ids, req, flag=flag)
-        if store.catalog.model_meta():
-            wiring.open_index(store, settings).sync_flags_and_save()
+        index = wiring.open_index(store, settings) if store.catalog.model_meta() else None
+        changed = set_flags(store, index, AuditLog(store.catalog.engine), ids, flag=flag,
+                            actor=actor or _os_user(), source=source, reason=reason, label=label)
+        if index is not None:
+            index.save(("flagged",))
         verb = "flagged" if flag else "unflagged"
         click.echo(f"{verb} {len(changed)} of {len(ids)}" + (f": {', '.join(map(str, changed))}" if changed else ""))
     return command
 
 
-main.command("flag", help="Flag images by id, sha256 or external id.")(_flag_command(True))
-main.command("unflag", help="Unflag images by id, sha256 or external id.")(_flag_command(False))
+def _os_user() -> str:
+    import getpass
+    return getpass.getuser()
 
 
-@main.command()
+@main.command(cls=SettingsCommand)
+@click.argument("refs", nargs=-1, required=True)
+@click.option("--reason", required=True, help="why (kept in the audit log)")
+@click.option("--actor", default=None, help="who (default: the OS user)")
+@with_settings("index")
+def delete(refs: tuple[str, ...], reason: str, actor: str | None, settings: Settings) -> None:
+    """Delete images by id, sha256 or external id: thumbnail, raw vector and index entries go; the sha256
+    (so the same bytes are never ingested again) and the audit trail stay."""
+    from indexer.actions import delete_images
+    store = wiring.open_store(settings)
+    ids = [store.catalog.resolve(r) for r in refs]
+    index = wiring.open_index(store, settings) if store.catalog.model_meta() else None
+    done = delete_images(store, index, AuditLog(store.catalog.engine), ids, actor=actor or _os_user(), reason=reason)
+    if index is not None:
+        index.save()
+    click.echo(f"deleted {len(done)}: {', '.join(map(str, done))}")
+
+
+@main.command(cls=SettingsCommand)
+@click.argument("refs", nargs=-1)
+@click.option("--cluster", "cluster_id", type=int, default=None, help="seed with a cluster's most central members")
+@click.option("--min-similarity", default=0.8, show_default=True, type=float)
+@click.option("--limit", default=200, show_default=True, type=int)
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@with_settings("index")
+def sweep(refs: tuple[str, ...], cluster_id: int | None, min_similarity: float, limit: int, as_json: bool,
+          settings: Settings) -> None:
+    """Unflagged images anywhere in the corpus near flagged images (REFS) or a cluster (--cluster)."""
+    from clustering.store import ClusterStore
+    from search.service import SearchService
+    store = wiring.open_store(settings)
+    seeds = [store.catalog.resolve(r) for r in refs]
+    if cluster_id is not None:
+        cstore = ClusterStore(store)
+        run = cstore.current_run()
+        if run is None:
+            raise click.ClickException("no clustering run yet: flagmatch cluster")
+        seeds += [m.image_id for m in cstore.members(run.id, cluster_id, limit=50)]
+    if not seeds:
+        raise click.UsageError("give image references or --cluster")
+    svc = SearchService(store, wiring.open_index(store, settings), None)
+    hits = svc.sweep(seeds, min_similarity=min_similarity, limit=limit)
+    AuditLog(store.catalog.engine).record(_os_user(), "sweep", f"cluster:{cluster_id}" if cluster_id else "images",
+                                          seeds=seeds, min_similarity=min_similarity, found=len(hits))
+    if as_json:
+        from search.api import image_json
+        click.echo(json.dumps([{**image_json(h.record), "similarity": round(h.similarity, 6), "seed": h.seed}
+                               for h in hits], indent=2))
+        return
+    click.echo(f"{len(hits)} unflagged image(s) with similarity >= {min_similarity} to {len(seeds)} seed(s)")
+    for h in hits:
+        click.echo(f"  {h.record.id:>8} {h.similarity:6.3f}  near {h.seed:<8} "
+                   f"{h.record.paths[0] if h.record.paths else ''}")
+
+
+main.command("flag", cls=SettingsCommand, help="Flag images by id, sha256 or external id.")(_flag_command(True))
+main.command("unflag", cls=SettingsCommand, help="Unflag images by id, sha256 or external id.")(_flag_command(False))
+
+
+@main.command(cls=SettingsCommand)
 @click.option("--scope", type=click.Choice(["all", "flagged"]), default=None, help="one scope (default: both)")
-@with_settings
+@with_settings("index")
 def reindex(scope: str | None, settings: Settings) -> None:
     """Retrain and rebuild the vector indexes from the raw vectors (servers pick the new one up)."""
     import time
@@ -158,14 +249,14 @@ def reindex(scope: str | None, settings: Settings) -> None:
     click.echo(f"rebuilt in {time.perf_counter() - t:.1f} s")
 
 
-@main.command()
+@main.command(cls=SettingsCommand)
 @click.argument("images", nargs=-1, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--id", "ids", multiple=True, help="search by a stored image (id, sha256 or external id); repeatable")
 @click.option("--scope", type=click.Choice(["flagged", "all"]), default="flagged", show_default=True)
 @click.option("-k", "k", default=10, show_default=True, help="neighbours per query")
 @click.option("--min-similarity", default=-1.0, show_default=True, type=float)
 @click.option("--json", "as_json", is_flag=True, help="print the API's JSON")
-@with_settings
+@with_settings("model", "decode", "index")
 def search(images: tuple[Path, ...], ids: tuple[str, ...], scope: str, k: int, min_similarity: float,
            as_json: bool, settings: Settings) -> None:
     """Nearest flagged images (or --scope all) for image files or stored images."""
@@ -191,9 +282,7 @@ def search(images: tuple[Path, ...], ids: tuple[str, ...], scope: str, k: int, m
         responses.append(svc.search_ids([store.catalog.resolve(r) for r in ids], params))
     if as_json:
         from search.api import response_json
-        from web.app import create_app
-        with create_app(settings, load="none").test_request_context():
-            out = [response_json(r) for r in responses]
+        out = [response_json(r) for r in responses]
         click.echo(json.dumps(out[0] if len(out) == 1 else out, indent=2))
         return
     for resp in responses:
@@ -212,8 +301,8 @@ def search(images: tuple[Path, ...], ids: tuple[str, ...], scope: str, k: int, m
                            f"{cl:<10} {rec.paths[0] if rec.paths else ''}")
 
 
-@main.command()
-@with_settings
+@main.command(cls=SettingsCommand)
+@with_settings("model", "decode", "index", "server")
 def serve(settings: Settings) -> None:
     """Serve the JSON API and the viewer on a production WSGI server (gunicorn)."""
     from web.serve import serve as run_server
@@ -242,10 +331,10 @@ def parse_since(text: str | None):  # type: ignore[no-untyped-def]
         raise click.BadParameter(f"{text!r}: use 7d, 24h, 90m or an ISO date") from None
 
 
-@main.command()
+@main.command(cls=SettingsCommand)
 @click.option("--since", default=None, help="only images flagged recently: 7d, 24h, 90m or an ISO date")
 @click.option("--assign-new", is_flag=True, help="only place images flagged since the last run into its clusters")
-@with_settings
+@with_settings("cluster")
 def cluster(since: str | None, assign_new: bool, settings: Settings) -> None:
     """Group flagged images into reviewable clusters (UMAP + HDBSCAN); prints what changed."""
     import time
@@ -280,12 +369,12 @@ def _print_clusters(cstore, run_id: int, limit: int | None = None) -> None:  # t
         click.echo(f"  {c.id:>6} {c.size:>7} {growth:<8} {c.status:<11} {(c.name or c.label or '-')[:24]:<24} "
                    f"{', '.join(map(str, c.exemplars))}")
     if limit is not None and len(rows) > limit:
-        click.echo(f"  … {len(rows) - limit} more: flagmatch clusters")
+        click.echo(f"  … {len(rows) - limit} more: `flagmatch clusters` lists them all")
 
 
-@main.command()
+@main.command(cls=SettingsCommand)
 @click.option("--run", "run_id", type=int, default=None, help="a run id (default: the current run)")
-@with_settings
+@with_settings()
 def clusters(run_id: int | None, settings: Settings) -> None:
     """List a clustering run's clusters: id, name, size, growth, exemplars."""
     from clustering.store import ClusterStore
@@ -298,13 +387,13 @@ def clusters(run_id: int | None, settings: Settings) -> None:
     _print_clusters(cstore, run.id)
 
 
-@main.command("export-onnx")
+@main.command("export-onnx", cls=SettingsCommand)
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
-@with_settings
+@with_settings("model")
 def export_onnx_cmd(out: Path, settings: Settings) -> None:
     """Write the timm model as ONNX (outputs: embedding, p_unsafe) for the onnx backend."""
     from indexer.embed import TimmEmbedder, export_onnx
-    embedder = wiring.load_embedder(settings.replace(precision="fp32"))
+    embedder = wiring.load_embedder(settings.replace(precision="fp32"), wiring.open_store(settings))
     if not isinstance(embedder, TimmEmbedder):
         raise click.ClickException("export-onnx needs a timm model (--model DIR or a hub id)")
     export_onnx(embedder, out)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
 
 from sqlalchemy import (Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text,
-                        UniqueConstraint, create_engine, event, func, select, update)
+                        UniqueConstraint, create_engine, delete, event, func, select, update)
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -433,7 +433,9 @@ class Catalog:
                     self._apply_flag(s, image_id, FlagRequest(row.flag_source or "manual", None, actor, reason),
                                      flag=False, only_if_changed=True, now=now)
                 row.deleted = True
+                row.thumb_key = ""
                 row.updated_at = now
+                s.execute(delete(PathRow).where(PathRow.image_id == image_id))  # where it came from goes too
 
     # -- runs, errors, stats
     def start_run(self, model_id: str, backend: str, precision: str) -> int:

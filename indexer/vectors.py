@@ -7,6 +7,7 @@ import json
 import os
 import threading
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -73,6 +74,18 @@ class VectorStore:
                                      f"{size // self.row_bytes}, asked to write {first_id}", code="corrupt_store")
             f.seek(start)
             f.write(vectors.tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+
+    def erase(self, ids: Sequence[int]) -> None:
+        """Overwrite rows with zeros and fsync (deleted images: their features must not be kept)."""
+        zero = b"\0" * self.row_bytes
+        with self._lock, open(self.path, "r+b") as f:
+            rows = os.fstat(f.fileno()).st_size // self.row_bytes
+            for i in ids:
+                if 0 < i < rows:
+                    f.seek(int(i) * self.row_bytes)
+                    f.write(zero)
             f.flush()
             os.fsync(f.fileno())
 

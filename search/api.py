@@ -7,16 +7,20 @@ import functools
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from flask import Blueprint, Response, current_app, g, jsonify, request, url_for
+from flask import Blueprint, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from indexer.catalog import FlagRequest, ImageRecord
+from indexer.actions import MAX_LABEL, MAX_REASON, delete_images, set_flags
+from indexer.catalog import ImageRecord
 from indexer.errors import (ClusteringError, DecodeError, FlagmatchError, InvalidInputError, ModelLoadError,
                             ModelMismatchError, NotFoundError, OverloadedError)
 from search.openapi import openapi_document
 from search.service import Hit, SearchParams, SearchResponse
+
+if TYPE_CHECKING:
+    from web.app import Runtime
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
@@ -33,10 +37,10 @@ class FlagBody:
         if not isinstance(data, dict):
             raise InvalidInputError("the body must be a JSON object", code="bad_body")
         out = {}
-        for key in ("reason", "label"):
+        for key, limit in (("reason", MAX_REASON), ("label", MAX_LABEL)):
             v = data.get(key)
-            if v is not None and (not isinstance(v, str) or len(v) > 2000):
-                raise InvalidInputError(f"{key} must be a string of at most 2000 characters", code="bad_parameter")
+            if v is not None and (not isinstance(v, str) or len(v) > limit):
+                raise InvalidInputError(f"{key} must be a string of at most {limit} characters", code="bad_parameter")
             out[key] = v.strip() if isinstance(v, str) and v.strip() else None
         unknown = set(data) - {"reason", "label"}
         if unknown:
@@ -44,8 +48,8 @@ class FlagBody:
         return cls(**out)
 
 
-def runtime():  # type: ignore[no-untyped-def]
-    return current_app.extensions["flagmatch"]
+def runtime() -> Runtime:
+    return current_app.extensions["flagmatch"]  # type: ignore[no-any-return]
 
 
 def error(status: int, code: str, message: str, *, retry_after: int | None = None) -> Response:
@@ -64,6 +68,8 @@ def error(status: int, code: str, message: str, *, retry_after: int | None = Non
 
 def http_status(exc: FlagmatchError) -> int:
     """The one place a domain error becomes an HTTP status (the viewer uses it too)."""
+    if exc.code == "unsupported_media_type":
+        return 415
     if isinstance(exc, DecodeError):
         return {"too_large": 413, "unsupported_format": 415}.get(exc.code, 400)
     if isinstance(exc, NotFoundError):
@@ -152,7 +158,7 @@ def image_json(r: ImageRecord, *, history: bool = False) -> dict[str, Any]:
         "id": r.id, "sha256": r.sha256, "format": r.format, "width": r.width, "height": r.height,
         "frames": r.frames, "size_bytes": r.size_bytes, "p_unsafe": round(r.p_unsafe, 6), "flagged": r.flagged,
         "flag": {"source": r.flag_source, "label": r.flag_label, "at": _time(r.flagged_at)} if r.flagged else None,
-        "thumbnail_url": url_for("api.thumbnail", image_id=r.id),
+        "thumbnail_url": f"/api/v1/images/{r.id}/thumbnail",
         "paths": list(r.paths), "external_ids": list(r.external_ids), "created_at": _time(r.created_at),
     }
     if history:
@@ -266,8 +272,7 @@ def search() -> Response:
 def image(image_id: int) -> Response:
     rec = runtime().store.catalog.get(image_id)
     d = image_json(rec, history=True)
-    lookup = runtime().service.cluster_lookup if runtime().service else None
-    d["cluster"] = (lookup([image_id]) or {}).get(image_id) if lookup else None
+    d["cluster"] = runtime().clusters.lookup([image_id]).get(image_id)
     return jsonify(d)
 
 
@@ -284,21 +289,28 @@ def thumbnail(image_id: int) -> Response:
     return resp
 
 
+def _json_body() -> dict[str, Any]:
+    """The optional JSON object body of a write (absent: {})."""
+    if not request.data:
+        return {}
+    if not request.is_json:
+        raise _UnsupportedBody("the body, when there is one, must be application/json")
+    data = request.get_json(silent=True)
+    if not isinstance(data, dict):
+        raise InvalidInputError("the body must be a JSON object", code="bad_body")
+    return data
+
+
+class _UnsupportedBody(InvalidInputError):
+    code = "unsupported_media_type"
+
+
 def _flag(image_id: int, flag: bool) -> Response:
     rt = runtime()
-    if request.data and not request.is_json:
-        return error(415, "unsupported_media_type", "the body, when there is one, must be application/json")
-    data = request.get_json(silent=True) if request.data else {}
-    if request.data and data is None:
-        raise InvalidInputError("the body is not valid JSON", code="bad_body")
-    body = FlagBody.parse(data)
-    rt.store.catalog.get(image_id)  # 404 before anything changes
-    source = "review"
-    changed = rt.store.catalog.set_flag([image_id], FlagRequest(source, body.label, g.actor, body.reason), flag=flag)
-    if rt.index is not None:
-        rt.index.catch_up()
-    rec = rt.store.catalog.get(image_id)
-    return jsonify({"changed": bool(changed), "image": image_json(rec, history=True)})
+    body = FlagBody.parse(_json_body())
+    changed = set_flags(rt.store, rt.index, rt.audit, [image_id], flag=flag, actor=g.actor, source="review",
+                        reason=body.reason, label=body.label)
+    return jsonify({"changed": bool(changed), "image": image_json(rt.store.catalog.get(image_id), history=True)})
 
 
 @bp.post("/images/<int:image_id>/flag")
@@ -313,6 +325,47 @@ def flag(image_id: int) -> Response:
 def unflag(image_id: int) -> Response:
     """Unflag an image (JSON body: reason); recorded in its flag history."""
     return _flag(image_id, False)
+
+
+@bp.delete("/images/<int:image_id>")
+@needs(write=True)
+def delete_image(image_id: int) -> Response:
+    """Delete an image: its thumbnail, raw vector and index entries go; its sha256 and the audit trail stay."""
+    rt = runtime()
+    body = _json_body()
+    unknown = set(body) - {"reason"}
+    if unknown:
+        raise InvalidInputError(f"unknown field(s): {', '.join(sorted(unknown))}", code="bad_parameter")
+    delete_images(rt.store, rt.index, rt.audit, [image_id], actor=g.actor, reason=body.get("reason"))
+    return jsonify({"deleted": [image_id]})
+
+
+@bp.post("/sweep")
+@needs(write=False)
+def sweep() -> Response:
+    """Unflagged images anywhere in the corpus near the given flagged images."""
+    if (denied := need_ready()) is not None:
+        return denied
+    if not request.is_json:
+        return error(415, "unsupported_media_type", "send a JSON object")
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise InvalidInputError("the body must be a JSON object", code="bad_body")
+    unknown = set(body) - {"ids", "min_similarity", "per_seed", "limit"}
+    if unknown:
+        raise InvalidInputError(f"unknown field(s): {', '.join(sorted(unknown))}", code="bad_parameter")
+    ids = body.get("ids")
+    if not isinstance(ids, list) or not ids or not all(_is_id(i) for i in ids):
+        raise InvalidInputError("ids must be a non-empty list of positive 64-bit integers", code="bad_parameter")
+    num = _params({"k": body.get("per_seed", 30), "min_similarity": body.get("min_similarity", 0.8)})
+    limit = body.get("limit", 200)
+    if not _is_id(limit):
+        raise InvalidInputError("limit must be a positive integer", code="bad_parameter")
+    hits = runtime().service.sweep(ids, min_similarity=num.min_similarity, per_seed=num.k, limit=limit)
+    runtime().audit.record(g.actor, "sweep", "images", seeds=ids, min_similarity=num.min_similarity, found=len(hits))
+    return jsonify({"seeds": ids, "min_similarity": num.min_similarity,
+                    "hits": [{**image_json(h.record), "similarity": round(h.similarity, 6), "seed": h.seed}
+                             for h in hits]})
 
 
 @bp.get("/stats")

@@ -45,7 +45,36 @@ def openapi_document() -> dict[str, Any]:
             "/images/{image_id}": {"get": {
                 "summary": "One image: facts, flag, flag history, paths, cluster",
                 "parameters": [image_id],
-                "responses": _resp(json_ok("#/components/schemas/ImageWithHistory"), 404)}},
+                "responses": _resp(json_ok("#/components/schemas/ImageWithHistory"), 404)},
+                "delete": {
+                    "summary": "Delete an image: thumbnail, raw vector and index entries go; sha256 and audit stay",
+                    "parameters": [image_id],
+                    "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                        "type": "object", "additionalProperties": False, "required": ["reason"],
+                        "properties": {"reason": {"type": "string", "minLength": 1, "maxLength": 2000,
+                                                  "pattern": "\\S"}}}}}},
+                    "responses": _resp({"description": "Deleted", "content": {"application/json": {"schema": {
+                        "type": "object", "properties": {"deleted": {"type": "array",
+                                                                     "items": {"type": "integer"}}}}}}},
+                        400, 403, 404, 413, 415)}},
+            "/sweep": {"post": {
+                "summary": "Unflagged images anywhere in the corpus near the given (flagged) images",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "additionalProperties": False, "required": ["ids"], "properties": {
+                        "ids": {"type": "array", "minItems": 1, "maxItems": 200,
+                                "items": {"type": "integer", "minimum": 1, "maximum": MAX_ID}},
+                        "min_similarity": {"type": "number", "minimum": -1, "maximum": 1, "default": 0.8},
+                        "per_seed": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 30},
+                        "limit": {"type": "integer", "minimum": 1, "maximum": 10000, "default": 200}}}}}},
+                "responses": _resp({"description": "OK", "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["seeds", "hits"], "properties": {
+                        "seeds": {"type": "array", "items": {"type": "integer"}},
+                        "min_similarity": {"type": "number"},
+                        "hits": {"type": "array", "items": {"allOf": [
+                            {"$ref": "#/components/schemas/Image"},
+                            {"type": "object", "properties": {"similarity": {"type": "number"},
+                                                              "seed": {"type": "integer"}}}]}}}}}}},
+                    400, 404, 415, 503)}},
             "/images/{image_id}/thumbnail": {"get": {
                 "summary": "The image's thumbnail (WebP, never cached)",
                 "parameters": [image_id],
@@ -123,7 +152,7 @@ def openapi_document() -> dict[str, Any]:
                                            "hits": {"type": "array", "items": {"$ref": "#/components/schemas/Hit"}}}}}}},
                 "FlagBody": {"type": "object", "additionalProperties": False, "properties": {
                     "reason": {"type": ["string", "null"], "maxLength": 2000},
-                    "label": {"type": ["string", "null"], "maxLength": 2000}}},
+                    "label": {"type": ["string", "null"], "maxLength": 200}}},
                 "FlagResult": {"type": "object", "properties": {
                     "changed": {"type": "boolean"}, "image": {"$ref": "#/components/schemas/ImageWithHistory"}}},
             },

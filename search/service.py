@@ -72,6 +72,17 @@ class QueryResult:
     hits: list[Hit]
 
 
+@dataclass(frozen=True)
+class SweepHit:
+    """An unflagged image near one of the sweep's seeds."""
+    record: ImageRecord
+    similarity: float
+    seed: int
+
+
+MAX_SWEEP_SEEDS = 200
+
+
 @dataclass
 class SearchResponse:
     results: list[QueryResult]
@@ -135,6 +146,33 @@ class SearchService:
         vectors = self.store.open_vectors().get(ids)
         qs = [Query(f"id:{i}", recs[i].sha256, recs[i].p_unsafe, i) for i in ids]
         return self._search(qs, vectors, params, Timings(), exclude=[{i} for i in ids])
+
+    def sweep(self, seeds: Sequence[int], *, min_similarity: float = 0.8, per_seed: int = 30,
+              limit: int = 200) -> list[SweepHit]:
+        """Unflagged images anywhere in the corpus near any of ``seeds`` (flagged images, or a cluster's
+        most central members): each found once, with its best similarity and the seed it is near, best first."""
+        ids = list(dict.fromkeys(int(i) for i in seeds))
+        if not 1 <= len(ids) <= MAX_SWEEP_SEEDS:
+            raise InvalidInputError(f"give 1–{MAX_SWEEP_SEEDS} seed images", code="bad_parameter")
+        if not -1.0 <= min_similarity <= 1.0:
+            raise InvalidInputError("min_similarity must be between -1 and 1", code="bad_parameter")
+        if not 1 <= per_seed <= MAX_K or not 1 <= limit <= 10_000:
+            raise InvalidInputError(f"per_seed must be 1–{MAX_K} and limit 1–10000", code="bad_parameter")
+        recs = self.store.catalog.get_many(ids)
+        missing = [i for i in ids if i not in recs or recs[i].deleted]
+        if missing:
+            raise NotFoundError(f"no image with id {missing[0]}")
+        best: dict[int, tuple[float, int]] = {}
+        hits = self.index.search(self.store.open_vectors().get(ids), per_seed, "all", exclude=set(ids))
+        for seed, h in zip(ids, hits):
+            for i, s in zip(h.ids.tolist(), h.similarities.tolist()):
+                if s >= min_similarity and (i not in best or s > best[i][0]):
+                    best[i] = (float(s), seed)
+        found = self.store.catalog.get_many(best)
+        out = [SweepHit(found[i], s, seed) for i, (s, seed) in best.items()
+               if i in found and not found[i].flagged and not found[i].deleted]
+        out.sort(key=lambda h: -h.similarity)
+        return out[:limit]
 
     def _search(self, queries: list[Query], vectors: np.ndarray, params: SearchParams, t: Timings,
                 exclude: list[set[int]]) -> SearchResponse:

@@ -196,7 +196,7 @@ def test_kill_9_at_any_moment_then_resume(tmp_path, tiny_model_dir):
 def test_tables_created_by_many_processes_at_once(tmp_path):
     """Server workers open the same fresh store together; none of them may fail on "already exists"."""
     code = ("import sys; from indexer.store import Store; from clustering.store import ClusterStore; "
-            "from web.audit import AuditLog; s = Store(__import__('pathlib').Path(sys.argv[1]), sys.argv[2]); "
+            "from indexer.audit import AuditLog; s = Store(__import__('pathlib').Path(sys.argv[1]), sys.argv[2]); "
             "ClusterStore(s); AuditLog(s.catalog.engine)")
     url = f"sqlite:///{tmp_path / 'catalog.sqlite'}"
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), url], stderr=subprocess.PIPE)

@@ -18,7 +18,9 @@ from werkzeug.routing import IntegerConverter
 
 from flagmatch import wiring
 from flagmatch.settings import Settings
+from indexer.audit import AuditLog
 from indexer.embed import Embedder
+from indexer.vector_index import VectorIndex
 from indexer.errors import FlagmatchError
 from search.auth import TokenSet
 from search.admission import Admission
@@ -29,16 +31,19 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 class Runtime:
-    """Everything a request needs, built once per server process."""
+    """Everything a request needs, built once per server process: the store, the audit log and the
+    cluster store at once; the model, the index and the search service by ``load`` (``ready`` is set then)."""
 
-    def __init__(self, settings: Any, embedder: Embedder | None = None) -> None:
+    def __init__(self, settings: Settings, embedder: Embedder | None = None) -> None:
+        from clustering.store import ClusterStore
         self.settings = settings
         self.tokens = TokenSet.parse(settings.api_tokens)
         self.store = wiring.open_store(settings)
+        self.audit = AuditLog(self.store.catalog.engine)
+        self.clusters = ClusterStore(self.store)
         self.embedder = embedder
-        self.index = None
+        self.index: VectorIndex | None = None
         self.service: SearchService | None = None
-        self.cluster_lookup = None
         self.ready = threading.Event()
         self.load_error: str | None = None
 
@@ -50,10 +55,9 @@ class Runtime:
             if not self.store.catalog.model_meta():
                 raise FlagmatchError("the store is empty: ingest images first", code="empty_store")
             self.index = wiring.open_index(self.store, self.settings)
-            self.cluster_lookup = wiring.cluster_lookup(self.store)
             self.service = SearchService(self.store, self.index, self.embedder, limits=wiring.decode_limits(self.settings),
                                          admission=Admission(self.settings.admission_bytes, self.settings.admission_wait),
-                                         cluster_lookup=self.cluster_lookup)
+                                         cluster_lookup=self.clusters.lookup)
             self.ready.set()
         except Exception as exc:  # reported by /readyz; the process stays up to say so
             self.load_error = f"{type(exc).__name__}: {exc}"

@@ -9,7 +9,7 @@ import io
 import secrets
 import struct
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import numpy as np
@@ -17,10 +17,15 @@ from flask import (Blueprint, Response, abort, current_app, flash, jsonify, redi
                    session, url_for)
 from PIL import Image, ImageFilter, ImageOps
 
-from indexer.catalog import FlagRequest
+from clustering.store import ClusterStore
+from indexer.actions import set_flags
+from indexer.audit import AuditLog
 from indexer.errors import FlagmatchError, InvalidInputError, NotFoundError
 from search.api import http_status
 from search.service import SearchParams
+
+if TYPE_CHECKING:
+    from web.app import Runtime
 
 bp = Blueprint("viewer", __name__, template_folder="templates", static_folder="static",
                static_url_path="/static")
@@ -32,18 +37,14 @@ PUBLIC = ("viewer.login", "viewer.static")
 
 # ------------------------------------------------------------------ plumbing
 
-def rt() -> Any:
-    return current_app.extensions["flagmatch"]
+def rt() -> Runtime:
+    return current_app.extensions["flagmatch"]  # type: ignore[no-any-return]
 
 
-def parts() -> tuple[Any, Any]:
-    """The cluster store and the audit log, created once per app."""
+def parts() -> tuple[ClusterStore, AuditLog]:
+    """The cluster store and the audit log."""
     r = rt()
-    if getattr(r, "viewer_parts", None) is None:
-        from clustering.store import ClusterStore
-        from web.audit import AuditLog
-        r.viewer_parts = (ClusterStore(r.store), AuditLog(r.store.catalog.engine))
-    return r.viewer_parts
+    return r.clusters, r.audit
 
 
 def actor() -> str:
@@ -300,13 +301,8 @@ def _set_flags(flag: bool) -> Response:
         raise InvalidInputError("select at least one image", code="bad_parameter")
     reason = (request.form.get("reason") or "").strip()[:2000] or None
     label = (request.form.get("label") or "").strip()[:200] or None
-    if not flag and not reason:
-        raise InvalidInputError("say why these are false positives (reason)", code="bad_parameter")
-    changed = r.store.catalog.set_flag(ids, FlagRequest("review", label, actor(), reason), flag=flag)
-    if r.index is not None:
-        r.index.catch_up()
-    parts()[1].record(actor(), "flag" if flag else "unflag", "images", ids=changed, asked=ids, reason=reason,
-                      label=label)
+    changed = set_flags(r.store, r.index, parts()[1], ids, flag=flag, actor=actor(), source="review",
+                        reason=reason, label=label)
     flash(f"{'Flagged' if flag else 'Unflagged'} {len(changed)} image(s).")
     return redirect(_safe_next(url_for("viewer.clusters")))
 
@@ -332,15 +328,7 @@ def sweep(cluster_id: int) -> str:
     info = cstore.cluster(run.id, cluster_id)
     min_sim = _float_arg(request.args, "min_similarity", 0.8, -1.0, 1.0)
     seeds = [m.image_id for m in cstore.members(run.id, cluster_id, limit=50)]
-    vecs = r.store.open_vectors().get(seeds)
-    best: dict[int, tuple[float, int]] = {}
-    for seed, hits in zip(seeds, r.index.search(vecs, 30, "all", exclude=set(seeds))):
-        for i, s in zip(hits.ids.tolist(), hits.similarities.tolist()):
-            if s >= min_sim and (i not in best or s > best[i][0]):
-                best[i] = (s, seed)
-    recs = r.store.catalog.get_many(best)
-    found = sorted(((s, seed, recs[i]) for i, (s, seed) in best.items() if i in recs and not recs[i].flagged),
-                   key=lambda t: -t[0])[:200]
+    found = [(h.similarity, h.seed, h.record) for h in r.service.sweep(seeds, min_similarity=min_sim)]
     audit.record(actor(), "sweep", f"cluster:{cluster_id}", min_similarity=min_sim, found=len(found))
     return render_template("sweep.html", cluster=info, found=found, min_similarity=min_sim)
 

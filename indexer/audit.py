@@ -1,4 +1,5 @@
-"""The viewer's append-only audit log: every reveal of a thumbnail and every decision, who/what/when.
+"""The append-only audit log: every reveal of a thumbnail and every decision, from the viewer, the API
+or the CLI — who, what, when.
 Rows are only ever inserted; nothing in flagmatch updates or deletes them."""
 from __future__ import annotations
 

@@ -1,0 +1,87 @@
+"""The decisions a person takes on images, one function each. The CLI, the JSON API and the viewer are
+thin wrappers over these, so the rules are the same everywhere: every change is in the flag history and
+the audit log with its actor (the token's name, the session's, or the OS user), unflagging and deleting
+need a reason, and the vector index hears of the change before the function returns."""
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from indexer.audit import AuditLog
+from indexer.catalog import FlagRequest
+from indexer.errors import InvalidInputError, NotFoundError
+from indexer.store import Store
+
+MAX_REASON = 2000
+MAX_LABEL = 200
+
+
+class IndexFeed(Protocol):
+    """What these actions need from the vector index (``VectorIndex`` has it)."""
+    def catch_up(self) -> bool: ...
+    def remove(self, ids: np.ndarray | list[int]) -> None: ...
+
+
+def _clean(text: str | None, limit: int, what: str) -> str | None:
+    if text is None:
+        return None
+    if not isinstance(text, str) or len(text) > limit:
+        raise InvalidInputError(f"{what} must be a string of at most {limit} characters", code="bad_parameter")
+    return text.strip() or None
+
+
+def _live_ids(store: Store, ids: Sequence[int]) -> list[int]:
+    if not ids:
+        raise InvalidInputError("select at least one image", code="bad_parameter")
+    unique = list(dict.fromkeys(int(i) for i in ids))
+    recs = store.catalog.get_many(unique)
+    missing = [i for i in unique if i not in recs or recs[i].deleted]
+    if missing:
+        raise NotFoundError(f"no image with id {missing[0]}")
+    return unique
+
+
+def set_flags(store: Store, index: IndexFeed | None, audit: AuditLog, ids: Sequence[int], *, flag: bool,
+              actor: str, source: str, reason: str | None = None, label: str | None = None) -> list[int]:
+    """Flag or unflag ``ids`` (all must exist: nothing changes otherwise). Returns the ids whose state
+    changed. Unflagging needs a reason: it is the decision a later reviewer will ask about."""
+    reason, label = _clean(reason, MAX_REASON, "reason"), _clean(label, MAX_LABEL, "label")
+    if not flag and not reason:
+        raise InvalidInputError("say why these images are not unsafe (reason)", code="reason_required")
+    unique = _live_ids(store, ids)
+    changed = store.catalog.set_flag(unique, FlagRequest(source, label, actor, reason), flag=flag)
+    if index is not None:
+        index.catch_up()
+    audit.record(actor, "flag" if flag else "unflag", "images", ids=changed, asked=unique, reason=reason,
+                 label=label, source=source)
+    return changed
+
+
+def delete_images(store: Store, index: IndexFeed | None, audit: AuditLog, ids: Sequence[int], *, actor: str,
+                  reason: str | None) -> list[int]:
+    """Remove what flagmatch holds of ``ids`` but their sha256 and the audit trail: the catalog row is
+    marked deleted (paths, external ids and flag cleared, so the same bytes are still known and never
+    re-ingested), then the thumbnail, the raw vector and the index entries go. The catalog goes first: if
+    the process dies half-way, the image is already invisible everywhere, and running the same delete
+    again finishes the rest."""
+    reason = _clean(reason, MAX_REASON, "reason")
+    if not reason:
+        raise InvalidInputError("say why these images are deleted (reason)", code="reason_required")
+    if not ids:
+        raise InvalidInputError("select at least one image", code="bad_parameter")
+    unique = list(dict.fromkeys(int(i) for i in ids))
+    recs = store.catalog.get_many(unique)
+    missing = [i for i in unique if i not in recs]
+    if missing:
+        raise NotFoundError(f"no image with id {missing[0]}")
+    store.catalog.mark_deleted(unique, actor, reason)
+    for r in recs.values():
+        if r.thumb_key:
+            store.thumb_path(r.thumb_key).unlink(missing_ok=True)
+    if store.catalog.model_meta():
+        store.open_vectors().erase(unique)
+    if index is not None:
+        index.remove(unique)
+    audit.record(actor, "delete", "images", ids=unique, reason=reason, sha256=[recs[i].sha256 for i in unique])
+    return unique
