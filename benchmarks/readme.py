@@ -10,7 +10,7 @@ from common import OUT, ROOT
 
 SECTIONS = [("ingest", "Ingest"), ("index", "Vector index, 192-d"),
             ("index-1024", "Vector index, 1024-d (open_nsfw)"), ("search_api", "Search API"),
-            ("cluster", "Clustering job"), ("web", "Viewer")]
+            ("cluster", "Clustering job"), ("web", "Viewer"), ("soak", "Soak: 10 minutes of mixed load")]
 
 
 def main() -> None:

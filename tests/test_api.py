@@ -274,3 +274,30 @@ def test_rate_limit_answers_429_json_per_token(api_home, tiny_embedder):
     assert r.json["error"]["code"] == "rate_limited" and int(r.headers["Retry-After"]) >= 1
     assert c.get("/api/v1/stats", headers={"Authorization": "Bearer other-token"}).status_code == 200
     assert c.get("/healthz").status_code == 200
+
+
+def test_sweep_and_delete_through_the_api(api_home, tiny_embedder, tmp_path):
+    import shutil
+    from web.app import create_app
+    s = api_home[0]
+    home = tmp_path / "copy"
+    shutil.copytree(s.home_path, home)  # this test deletes: work on a copy of the shared store
+    c = create_app(s.replace(home=str(home)), embedder=tiny_embedder).test_client()
+    r = c.post("/api/v1/sweep", headers=AUTH, json={"ids": [1, 2], "min_similarity": -1})
+    assert r.status_code == 200, r.json
+    found = {h["id"] for h in r.json["hits"]}
+    assert found and not found & {1, 2, 3, 4, 5, 6}  # only unflagged images come back
+    assert all(h["seed"] in (1, 2) for h in r.json["hits"])
+    assert c.post("/api/v1/sweep", headers=AUTH, json={"ids": []}).status_code == 400
+    r = c.post("/api/v1/images/1/unflag", headers=AUTH, json={})
+    assert r.status_code == 400 and r.json["error"]["code"] == "reason_required"
+    victim = sorted(found)[0]
+    r = c.delete(f"/api/v1/images/{victim}", headers=AUTH, json={})
+    assert r.status_code == 400 and r.json["error"]["code"] == "reason_required"
+    r = c.delete(f"/api/v1/images/{victim}", headers=AUTH, json={"reason": "court order"})
+    assert r.status_code == 200 and r.json == {"deleted": [victim]}
+    assert c.get(f"/api/v1/images/{victim}/thumbnail", headers=AUTH).status_code == 404
+    r = c.post("/api/v1/sweep", headers=AUTH, json={"ids": [1, 2], "min_similarity": -1})
+    assert victim not in {h["id"] for h in r.json["hits"]}
+    r = c.post("/api/v1/search", headers=AUTH, json={"id": 1, "scope": "all", "k": 50})
+    assert victim not in {h["id"] for h in r.json["results"][0]["hits"]}

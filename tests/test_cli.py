@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from click.testing import CliRunner
 
@@ -77,3 +78,53 @@ def test_export_onnx_then_ingest_with_it_into_the_same_store(tmp_path, tiny_mode
     assert invoke("ingest", str(tmp_path / "a"), "--home", home, "--model", str(tiny_model_dir)).exit_code == 0
     r = invoke("ingest", str(tmp_path / "b"), "--home", home, "--model", str(out))
     assert r.exit_code == 0 and "new 2" in r.output and "(onnx, fp32)" in r.output
+
+
+def test_commands_read_the_model_the_store_was_built_with(tmp_path, tiny_model_dir):
+    files = write_images(tmp_path / "in", 3)
+    home = str(tmp_path / "home")
+    assert invoke("ingest", str(tmp_path / "in"), "--home", home, "--model", str(tiny_model_dir)).exit_code == 0
+    r = invoke("search", str(files[0]), "--home", home, "--scope", "all", "--json")  # no --model
+    assert r.exit_code == 0, r.output
+    assert r.output.lstrip().startswith("{") and '"known_id": 1' in r.output
+    assert not (Path(home) / ".secret_key").exists()  # --json builds no web app
+
+
+def test_each_command_shows_only_its_settings_grouped():
+    ingest_help = invoke("ingest", "--help").output
+    assert "Model settings" in ingest_help and "Decoding limits settings" in ingest_help
+    assert "--api-tokens" not in ingest_help and "--cluster-dims" not in ingest_help
+    stats_help = invoke("stats", "--help").output
+    assert "--home" in stats_help and "--model " not in stats_help and "--nprobe" not in stats_help
+    serve_help = invoke("serve", "--help").output
+    assert "Server settings" in serve_help and "--rate-limit" in serve_help
+
+
+def test_delete_and_sweep_commands(tmp_path, tiny_model_dir):
+    from indexer.audit import AuditLog
+    from indexer.store import Store
+    files = write_images(tmp_path / "in", 6)
+    home = str(tmp_path / "home")
+    assert invoke("ingest", str(tmp_path / "in"), "--home", home, "--model", str(tiny_model_dir),
+                  "--flag-threshold", "1.1").exit_code == 0
+    assert invoke("flag", "1", "--home", home, "--reason", "seed").exit_code == 0
+    r = invoke("sweep", "1", "--home", home, "--min-similarity", "-1", "--json")
+    assert r.exit_code == 0, r.output
+    hits = json.loads(r.output)
+    assert {h["id"] for h in hits} == {2, 3, 4, 5, 6} and all(h["seed"] == 1 for h in hits)
+    r = invoke("unflag", "1", "--home", home)
+    assert r.exit_code == 1 and "reason_required" in r.output
+    r = invoke("delete", "2", "--home", home, "--reason", "legal hold released: must not retain")
+    assert r.exit_code == 0 and "deleted 1: 2" in r.output
+    hits = json.loads(invoke("sweep", "1", "--home", home, "--min-similarity", "-1", "--json").output)
+    assert 2 not in {h["id"] for h in hits}
+    # ingesting the same bytes again does not bring the content back
+    r = invoke("ingest", str(files[1]), "--home", home)
+    assert r.exit_code == 0 and "new 0" in r.output
+    store = Store(Path(home), f"sqlite:///{home}/catalog.sqlite")
+    rec = store.catalog.get(2)
+    assert rec.deleted and not rec.thumb_key and rec.sha256
+    assert not store.open_vectors().get([2]).any()  # the raw vector is zeroed
+    actions = [e.action for e in AuditLog(store.catalog.engine).events()]
+    assert {"flag", "sweep", "delete"} <= set(actions)
+    store.close()
