@@ -278,6 +278,11 @@ class Catalog:
         with self.session() as s:
             return s.scalar(select(ImageRow.id).where(ImageRow.sha256 == sha))
 
+    def deleted_sha(self, sha: str) -> bool:
+        """Whether these bytes were deleted (kept by sha256 only, so they are never taken in again)."""
+        with self.session() as s:
+            return bool(s.scalar(select(ImageRow.deleted).where(ImageRow.sha256 == sha)))
+
     def resolve(self, ref: str | int) -> int:
         """An image id from an id, a sha256 or an external id."""
         with self.session() as s:

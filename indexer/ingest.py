@@ -116,6 +116,9 @@ class Reader:
             if sha in self._pending:
                 return Duplicate(item, sha, None)
             known = self.store.catalog.known_sha(sha)
+            if known is not None and self.store.catalog.deleted_sha(sha):
+                return Failed(item.path, "deleted", f"these bytes were deleted (image {known}): not taken in again",
+                              sha)
             if known is not None:
                 return Duplicate(item, sha, known)
             self._pending.add(sha)

@@ -120,7 +120,7 @@ def test_delete_and_sweep_commands(tmp_path, tiny_model_dir):
     assert 2 not in {h["id"] for h in hits}
     # ingesting the same bytes again does not bring the content back
     r = invoke("ingest", str(files[1]), "--home", home)
-    assert r.exit_code == 0 and "new 0" in r.output
+    assert r.exit_code == 0 and "new 0" in r.output and "failed: deleted" in r.output
     store = Store(Path(home), f"sqlite:///{home}/catalog.sqlite")
     rec = store.catalog.get(2)
     assert rec.deleted and not rec.thumb_key and rec.sha256
