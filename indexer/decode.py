@@ -128,21 +128,21 @@ def needed_side(spec: InputSpec, thumb_size: int) -> int:
 def plan(data: bytes, spec: InputSpec, limits: DecodeLimits = DEFAULT_LIMITS, *, thumb_size: int = 0) -> DecodePlan:
     """Read the header only and say what decoding will cost, or raise DecodeError (``too_large`` when over
     ``limits``). The server reserves ``plan(...).bytes`` before it decodes an upload."""
-    fmt = _sniff_or_raise(data)
-    if fmt == "PNG":
-        data = strip_png_metadata(data)
-    with _translated(fmt):
-        fp = _Deadline(data, limits.timeout_s)
-        im = _open(fp, fmt)
-        try:
-            return _plan(im, fmt, limits, needed_side(spec, thumb_size))
-        finally:
-            im.close()
+    with _opened(data, limits) as (im, fmt, _fp, _data):
+        return _plan(im, fmt, limits, needed_side(spec, thumb_size))
 
 
 def decode(data: bytes, spec: InputSpec, limits: DecodeLimits = DEFAULT_LIMITS, *,
            thumb_size: int = 256) -> DecodedImage:
     """Decode ``data`` into model input pixels and a thumbnail, or raise DecodeError."""
+    with _opened(data, limits) as (im, fmt, fp, data):
+        p = _plan(im, fmt, limits, needed_side(spec, thumb_size))
+        return _decode_planned(im, p, data, fp, spec, limits, thumb_size)
+
+
+@contextmanager
+def _opened(data: bytes, limits: DecodeLimits) -> Iterator[tuple[Image.Image, str, _Deadline, bytes]]:
+    """Sniff, drop unread PNG metadata, open under the deadline; every failure inside is a DecodeError."""
     fmt = _sniff_or_raise(data)
     if fmt == "PNG":
         data = strip_png_metadata(data)
@@ -150,8 +150,7 @@ def decode(data: bytes, spec: InputSpec, limits: DecodeLimits = DEFAULT_LIMITS, 
         fp = _Deadline(data, limits.timeout_s)
         im = _open(fp, fmt)
         try:
-            p = _plan(im, fmt, limits, needed_side(spec, thumb_size))
-            return _decode_planned(im, p, data, fp, spec, limits, thumb_size)
+            yield im, fmt, fp, data
         finally:
             im.close()
 
