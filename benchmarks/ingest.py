@@ -65,20 +65,15 @@ def worker_model(args: argparse.Namespace) -> dict:
 
 def worker_ingest(args: argparse.Namespace) -> dict:
     from flagmatch.settings import Settings
-    from flagmatch.wiring import ingest_options, load_embedder, open_index, open_store
-    from indexer.ingest import ingest
+    from flagmatch.wiring import ingest_into, load_embedder
     from indexer.sources import SourceItem
 
     s = Settings.load({"home": args.home, "model": args.model, "batch_size": args.batch_size,
                        "index_save_seconds": 1e9}, environ={})
     emb = load_embedder(s)
-    store = open_store(s)
-    store.bind_model(emb.info.model_id, emb.info.dim, emb.info.preprocessing)
-    index = open_index(store, s)
     files = json.loads(Path(args.files).read_text())[: args.limit]
     t = time.perf_counter()
-    counts = ingest(store, emb, (SourceItem(p) for p in files), ingest_options(s), index=index)
-    index.save()
+    counts = ingest_into(s, (SourceItem(p) for p in files), embedder=emb).counts
     dt = time.perf_counter() - t
     return {"images_per_s": (counts.new + counts.failed) / dt, "new": counts.new, "failed": counts.failed,
             "reasons": counts.reasons, "seconds": dt, "precision": emb.info.precision,

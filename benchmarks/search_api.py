@@ -61,9 +61,8 @@ def build_store(work: Path, n_vectors: int, photos: int) -> tuple[dict, list[Pat
     from ingest import corpus, default_arch_model
     from sqlalchemy import insert
     from flagmatch.settings import Settings
-    from flagmatch.wiring import ingest_options, load_embedder, open_index, open_store
+    from flagmatch.wiring import ingest_into, load_embedder, open_index, open_store
     from indexer.catalog import FlagRequest, ImageRow, utcnow
-    from indexer.ingest import ingest
     from indexer.sources import SourceItem
 
     files = [f for f in corpus(work, photos, 50) if f.suffix == ".jpg"]
@@ -74,7 +73,7 @@ def build_store(work: Path, n_vectors: int, photos: int) -> tuple[dict, list[Pat
     s = Settings.load(env, environ={})
     emb = load_embedder(s)
     store = open_store(s)
-    ingest(store, emb, (SourceItem(str(f)) for f in files), ingest_options(s))
+    ingest_into(s, (SourceItem(str(f)) for f in files), store=store, embedder=emb)
     real = store.catalog.max_image_id()
     # pad with synthetic vectors near the real ones (same dimension, same normalisation)
     vs = store.open_vectors()

@@ -124,8 +124,8 @@ def main() -> None:
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     s, model, big = build(work, a.images, a.clusters)
-    from web.app import create_app
-    app = create_app(s)
+    from flagmatch.runtime import build_app
+    app = build_app(s)
     c = app.test_client()
     page = c.get("/login")
     csrf = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)

@@ -310,9 +310,3 @@ class ClusterStore:
                 raise NotFoundError(f"no cluster {cluster_id}")
             if values:
                 c.execute(update(IdentityRow).where(IdentityRow.id == cluster_id).values(**values))
-
-    def identities(self, ids: Iterable[int]) -> dict[int, tuple[str | None, str | None, str]]:
-        with self.engine.connect() as c:
-            rows = c.execute(select(IdentityRow.id, IdentityRow.name, IdentityRow.label, IdentityRow.status)
-                             .where(IdentityRow.id.in_(list(ids)))).all()
-        return {int(r[0]): (r[1], r[2], r[3]) for r in rows}

@@ -92,20 +92,13 @@ class _Bar:
 def ingest(paths: tuple[str, ...], settings: Settings) -> None:
     """Index folders, files, manifests (.csv/.jsonl) or '-' (paths on stdin)."""
     from indexer.sources import count_sources, iter_sources
-    from indexer.ingest import ingest as run_ingest
 
-    store = wiring.open_store(settings)
-    embedder = wiring.load_embedder(settings, store)
-    info = embedder.info
-    store.bind_model(info.model_id, info.dim, info.preprocessing, info.source)
-    index = wiring.open_index(store, settings)
     bar = _Bar(count_sources(paths))
     try:
-        counts = run_ingest(store, embedder, iter_sources(paths, sys.stdin), wiring.ingest_options(settings),
-                            index=index, progress=bar, after_batch=index.maybe_save)
+        result = wiring.ingest_into(settings, iter_sources(paths, sys.stdin), progress=bar)
     finally:
         bar.close()
-    index.save()
+    counts, info = result.counts, result.model
     click.echo(f"model {info.model_id} ({info.backend}, {info.precision})")
     click.echo(f"new {counts.new}  duplicates {counts.duplicates}  flagged {counts.flagged}  failed {counts.failed}")
     for code, n in sorted(counts.reasons.items(), key=lambda kv: -kv[1]):
@@ -260,6 +253,7 @@ def reindex(scope: str | None, settings: Settings) -> None:
 def search(images: tuple[Path, ...], ids: tuple[str, ...], scope: str, k: int, min_similarity: float,
            as_json: bool, settings: Settings) -> None:
     """Nearest flagged images (or --scope all) for image files or stored images."""
+    from clustering.store import ClusterStore
     from search.service import SearchParams, SearchService
     if not images and not ids:
         raise click.UsageError("give image files or --id")
@@ -267,7 +261,7 @@ def search(images: tuple[Path, ...], ids: tuple[str, ...], scope: str, k: int, m
     index = wiring.open_index(store, settings)
     embedder = wiring.load_embedder(settings, store) if images else None
     svc = SearchService(store, index, embedder, limits=wiring.decode_limits(settings),
-                        cluster_lookup=wiring.cluster_lookup(store))
+                        cluster_lookup=ClusterStore(store).lookup)
     params = SearchParams(k=k, scope=scope, min_similarity=min_similarity)
     responses = []
     if images:
@@ -305,7 +299,7 @@ def search(images: tuple[Path, ...], ids: tuple[str, ...], scope: str, k: int, m
 @with_settings("model", "decode", "index", "server")
 def serve(settings: Settings) -> None:
     """Serve the JSON API and the viewer on a production WSGI server (gunicorn)."""
-    from web.serve import serve as run_server
+    from flagmatch.serve import serve as run_server
     if not settings.api_tokens and not settings.open_reads:
         click.echo("warning: no --api-tokens set: every request will be refused (401)", err=True)
     click.echo(f"flagmatch on http://{settings.host}:{settings.port}  ({settings.workers} worker(s) × "

@@ -350,10 +350,6 @@ class Catalog:
             return [_event(e) for e in s.scalars(select(FlagEventRow).where(FlagEventRow.id > event_id)
                                                  .order_by(FlagEventRow.id))]
 
-    def max_flag_event_id(self) -> int:
-        with self.session() as s:
-            return int(s.scalar(select(func.max(FlagEventRow.id))) or 0)
-
     def head(self) -> tuple[int, int]:
         """(highest image id, highest flag event id): what an up-to-date index covers."""
         with self.session() as s:

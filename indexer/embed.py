@@ -305,10 +305,6 @@ class OnnxEmbedder:
             p = p[:, self._p_column]
         return normalize_rows(emb.reshape(len(pixels), -1)), np.asarray(p, np.float32).reshape(-1)
 
-    def embed_raw(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        emb, p = self.session.run(self._outputs, {self._input: to_input(pixels, self.info.norm)})
-        return emb, p
-
 
 def _providers() -> list[str]:
     import onnxruntime as ort

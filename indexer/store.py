@@ -31,9 +31,10 @@ class Store:
         return self.home / "index"
 
     def bind_model(self, model_id: str, dim: int, preprocessing: str, source: str = "") -> VectorStore:
-        """Tie the store to a model (refusing a different one) and open the raw vectors."""
+        """Tie the store to a model (refusing a different one) and open the raw vectors (once)."""
         self.catalog.bind_model(model_id, dim, preprocessing, source)
-        self._vectors = VectorStore(self.home / "vectors", dim)
+        if self._vectors is None or self._vectors.dim != dim:
+            self._vectors = VectorStore(self.home / "vectors", dim)
         return self._vectors
 
     def open_vectors(self) -> VectorStore:

@@ -9,18 +9,19 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-from flask import Blueprint, Response, current_app, g, jsonify, request
+from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from indexer.actions import MAX_LABEL, MAX_REASON, delete_images, set_flags
 from indexer.catalog import ImageRecord
 from indexer.errors import (ClusteringError, DecodeError, FlagmatchError, InvalidInputError, ModelLoadError,
                             ModelMismatchError, NotFoundError, OverloadedError)
+from search.auth import csrf_ok, session_actor
 from search.openapi import openapi_document
 from search.service import Hit, SearchParams, SearchResponse
 
 if TYPE_CHECKING:
-    from web.app import Runtime
+    from flagmatch.runtime import Runtime
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
@@ -110,7 +111,7 @@ def authorize(write: bool) -> Response | None:
     """Reads may be open (setting open_reads); writes always need a token."""
     rt = runtime()
     token = rt.tokens.from_header(request.headers.get("Authorization"))
-    actor = rt.tokens.actor(token) or rt.session_actor()
+    actor = rt.tokens.actor(token) or session_actor()
     if actor is None and request.headers.get("Authorization") is not None:
         return error(401, "unauthorized", "the bearer token is not valid")
     if actor is None and (write or not rt.settings.open_reads):
@@ -138,7 +139,7 @@ def rt_csrf_required() -> bool:
     rt = runtime()
     if rt.tokens.from_header(request.headers.get("Authorization")):
         return False
-    return rt.session_actor() is not None and not rt.csrf_ok(request.headers.get("X-CSRF-Token"))
+    return session_actor() is not None and not csrf_ok(request.headers.get("X-CSRF-Token"))
 
 
 def need_ready() -> Response | None:
@@ -385,14 +386,14 @@ def openapi() -> Response:
     return jsonify(openapi_document())
 
 
-def register_health(app: Any) -> None:
+def register_health(app: Flask) -> None:
     @app.get("/healthz")
     def healthz() -> Response:
         return jsonify({"status": "ok"})
 
     @app.get("/readyz")
     def readyz() -> Response:
-        rt = app.extensions["flagmatch"]
+        rt: Runtime = app.extensions["flagmatch"]
         if rt.ready.is_set():
             return jsonify({"status": "ready"})
         resp = jsonify({"status": "loading" if rt.load_error is None else "failed", "error": rt.load_error})

@@ -42,3 +42,19 @@ class TokenSet:
             return None
         scheme, _, rest = value.partition(" ")
         return rest.strip() if scheme.lower() == "bearer" and rest.strip() else None
+
+
+def session_actor() -> str | None:
+    """The viewer's signed-in moderator, when the request carries its session cookie."""
+    from flask import session
+    try:
+        return session.get("actor")
+    except RuntimeError:  # outside a request
+        return None
+
+
+def csrf_ok(token: str | None) -> bool:
+    """Whether ``token`` is the session's CSRF token (constant-time)."""
+    from flask import session
+    expected = session.get("csrf")
+    return bool(token and expected and hmac.compare_digest(str(token).encode(), str(expected).encode()))

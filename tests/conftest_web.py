@@ -12,8 +12,7 @@ def build_clustered_home(root: Path, model_dir: Path, embedder, families: int = 
     from clustering.job import run_clustering
     from clustering.store import ClusterStore
     from flagmatch.settings import Settings
-    from flagmatch.wiring import cluster_params, ingest_options, open_index, open_store
-    from indexer.ingest import ingest
+    from flagmatch.wiring import cluster_params, ingest_into, open_store
     from indexer.sources import iter_sources
     from tests.helpers import write_families, write_images
 
@@ -22,10 +21,9 @@ def build_clustered_home(root: Path, model_dir: Path, embedder, families: int = 
     s = Settings.load({"home": str(root / "home"), "model": str(model_dir), "api_tokens": f"rita:{TOKEN}",
                        "flag_threshold": 0.0, "cluster_min_size": 5, "cluster_neighbors": 10}, environ={})
     store = open_store(s)
-    ingest(store, embedder, iter_sources([str(root / "in" / "flagged")]), ingest_options(s))
+    ingest_into(s, iter_sources([str(root / "in" / "flagged")]), store=store, embedder=embedder)
     # a second batch that is not flagged: what a sweep should find
-    ingest(store, embedder, iter_sources([str(root / "in2")]), ingest_options(s.replace(flag_threshold=1.1)))
-    open_index(store, s).save()
+    ingest_into(s.replace(flag_threshold=1.1), iter_sources([str(root / "in2")]), store=store, embedder=embedder)
     run_clustering(store, ClusterStore(store), cluster_params(s))
     store.close()
     return s

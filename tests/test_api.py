@@ -17,8 +17,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 @pytest.fixture(scope="module")
 def api_home(tmp_path_factory, tiny_model_dir, tiny_embedder) -> tuple[Settings, list[Path]]:
-    from flagmatch.wiring import ingest_options, open_index, open_store
-    from indexer.ingest import ingest
+    from flagmatch.wiring import ingest_into, open_index, open_store
     from indexer.sources import iter_sources
 
     root = tmp_path_factory.mktemp("api")
@@ -26,7 +25,7 @@ def api_home(tmp_path_factory, tiny_model_dir, tiny_embedder) -> tuple[Settings,
     s = Settings.load({"home": str(root / "home"), "model": str(tiny_model_dir), "api_tokens": f"alice:{TOKEN}",
                        "max_upload_bytes": 2_000_000, "max_pixels": 4_000_000}, environ={})
     store = open_store(s)
-    ingest(store, tiny_embedder, iter_sources([str(root / "in")]), ingest_options(s))
+    ingest_into(s, iter_sources([str(root / "in")]), store=store, embedder=tiny_embedder)
     store.catalog.set_flag([1, 2, 3, 4, 5, 6], FlagRequest("import", "spam", "setup"), flag=True)
     open_index(store, s).save()
     store.close()
@@ -35,8 +34,8 @@ def api_home(tmp_path_factory, tiny_model_dir, tiny_embedder) -> tuple[Settings,
 
 @pytest.fixture
 def app(api_home, tiny_embedder):
-    from web.app import create_app
-    return create_app(api_home[0], embedder=tiny_embedder)
+    from flagmatch.runtime import build_app
+    return build_app(api_home[0], embedder=tiny_embedder)
 
 
 @pytest.fixture
@@ -50,10 +49,10 @@ def upload(client, *datas: bytes, headers=AUTH, **fields):
 
 
 def test_health_and_readiness(client, api_home, tiny_embedder):
-    from web.app import create_app
+    from flagmatch.runtime import build_app
     assert client.get("/healthz").status_code == 200
     assert client.get("/readyz").status_code == 200
-    cold = create_app(api_home[0], embedder=tiny_embedder, load="none").test_client()
+    cold = build_app(api_home[0], embedder=tiny_embedder, load="none").test_client()
     assert cold.get("/healthz").status_code == 200
     r = cold.get("/readyz")
     assert r.status_code == 503 and r.json["status"] == "loading"
@@ -149,8 +148,8 @@ def test_auth_refusals_are_401(client, headers):
 
 
 def test_open_reads_still_need_a_token_for_writes(api_home, tiny_embedder):
-    from web.app import create_app
-    c = create_app(api_home[0].replace(open_reads=True), embedder=tiny_embedder).test_client()
+    from flagmatch.runtime import build_app
+    c = build_app(api_home[0].replace(open_reads=True), embedder=tiny_embedder).test_client()
     assert c.get("/api/v1/images/1").status_code == 200
     assert c.post("/api/v1/search", json={"id": 1}).status_code == 200
     assert c.post("/api/v1/images/1/unflag", json={"reason": "x"}).status_code == 401
@@ -227,8 +226,8 @@ def test_every_api_error_is_json(client):
 
 
 def test_request_ids_and_crashes_answer_json_without_a_stack(api_home, tiny_embedder):
-    from web.app import create_app
-    app = create_app(api_home[0], embedder=tiny_embedder)
+    from flagmatch.runtime import build_app
+    app = build_app(api_home[0], embedder=tiny_embedder)
 
     @app.get("/api/v1/_crash")
     def _crash():  # a route that fails the way a bug would
@@ -254,9 +253,9 @@ def test_hostile_uploads_get_a_result_or_a_coded_error(client, tmp_path):
 
 
 def test_admission_budget_answers_503_with_retry_after(api_home, tiny_embedder):
-    from web.app import create_app
+    from flagmatch.runtime import build_app
     s = api_home[0].replace(admission_bytes=1 << 20, admission_wait=0.1)
-    app = create_app(s, embedder=tiny_embedder)
+    app = build_app(s, embedder=tiny_embedder)
     adm = app.extensions["flagmatch"].service.admission
     with adm.reserve(1 << 20):  # another request is decoding a large image
         r = upload(app.test_client(), encode(drawn_image(3), "PNG"))
@@ -265,9 +264,9 @@ def test_admission_budget_answers_503_with_retry_after(api_home, tiny_embedder):
 
 
 def test_rate_limit_answers_429_json_per_token(api_home, tiny_embedder):
-    from web.app import create_app
+    from flagmatch.runtime import build_app
     s = api_home[0].replace(rate_limit="3/minute", api_tokens=(f"alice:{TOKEN}", "bob:other-token"))
-    c = create_app(s, embedder=tiny_embedder).test_client()
+    c = build_app(s, embedder=tiny_embedder).test_client()
     codes = [c.get("/api/v1/stats", headers=AUTH).status_code for _ in range(4)]
     assert codes == [200, 200, 200, 429]
     r = c.get("/api/v1/stats", headers=AUTH)
@@ -278,11 +277,11 @@ def test_rate_limit_answers_429_json_per_token(api_home, tiny_embedder):
 
 def test_sweep_and_delete_through_the_api(api_home, tiny_embedder, tmp_path):
     import shutil
-    from web.app import create_app
+    from flagmatch.runtime import build_app
     s = api_home[0]
     home = tmp_path / "copy"
     shutil.copytree(s.home_path, home)  # this test deletes: work on a copy of the shared store
-    c = create_app(s.replace(home=str(home)), embedder=tiny_embedder).test_client()
+    c = build_app(s.replace(home=str(home)), embedder=tiny_embedder).test_client()
     r = c.post("/api/v1/sweep", headers=AUTH, json={"ids": [1, 2], "min_similarity": -1})
     assert r.status_code == 200, r.json
     found = {h["id"] for h in r.json["hits"]}

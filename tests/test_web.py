@@ -19,8 +19,8 @@ def web_settings(tmp_path_factory, tiny_model_dir, tiny_embedder):
 
 @pytest.fixture
 def app(web_settings, tiny_embedder):
-    from web.app import create_app
-    return create_app(web_settings, embedder=tiny_embedder)
+    from flagmatch.runtime import build_app
+    return build_app(web_settings, embedder=tiny_embedder)
 
 
 @pytest.fixture

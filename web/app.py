@@ -1,80 +1,28 @@
-"""The Flask app factory: the JSON API (search.api) and the viewer (web.views) over one Runtime that
-holds the store, the model, the index and the search service, loaded once per process."""
+"""The Flask app factory: the JSON API (search.api) and the viewer (web.views) over a Runtime that
+``flagmatch.runtime`` has already built (``flagmatch.runtime.build_app`` does both)."""
 from __future__ import annotations
 
-import hmac
 import logging
 import os
 import re
 import secrets
-import threading
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flask import Flask, Response, g, request, session
+from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException, InternalServerError
 from werkzeug.routing import IntegerConverter
 
-from flagmatch import wiring
-from flagmatch.settings import Settings
-from indexer.audit import AuditLog
-from indexer.embed import Embedder
-from indexer.vector_index import VectorIndex
-from indexer.errors import FlagmatchError
-from search.auth import TokenSet
-from search.admission import Admission
-from search.service import SearchService
+from search.api import bp as api_bp, error, http_error, register_health
+from web.views import bp as views_bp
+
+if TYPE_CHECKING:
+    from flagmatch.runtime import Runtime
+    from flagmatch.settings import Settings
 
 log = logging.getLogger(__name__)
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
-
-
-class Runtime:
-    """Everything a request needs, built once per server process: the store, the audit log and the
-    cluster store at once; the model, the index and the search service by ``load`` (``ready`` is set then)."""
-
-    def __init__(self, settings: Settings, embedder: Embedder | None = None) -> None:
-        from clustering.store import ClusterStore
-        self.settings = settings
-        self.tokens = TokenSet.parse(settings.api_tokens)
-        self.store = wiring.open_store(settings)
-        self.audit = AuditLog(self.store.catalog.engine)
-        self.clusters = ClusterStore(self.store)
-        self.embedder = embedder
-        self.index: VectorIndex | None = None
-        self.service: SearchService | None = None
-        self.ready = threading.Event()
-        self.load_error: str | None = None
-
-    def load(self) -> None:
-        try:
-            if self.embedder is None:
-                from indexer.embed import SerialEmbedder
-                self.embedder = SerialEmbedder(wiring.load_embedder(self.settings, self.store))
-            if not self.store.catalog.model_meta():
-                raise FlagmatchError("the store is empty: ingest images first", code="empty_store")
-            self.index = wiring.open_index(self.store, self.settings)
-            self.service = SearchService(self.store, self.index, self.embedder, limits=wiring.decode_limits(self.settings),
-                                         admission=Admission(self.settings.admission_bytes, self.settings.admission_wait),
-                                         cluster_lookup=self.clusters.lookup)
-            self.ready.set()
-        except Exception as exc:  # reported by /readyz; the process stays up to say so
-            self.load_error = f"{type(exc).__name__}: {exc}"
-            log.exception("flagmatch failed to load")
-
-    # -- the viewer's session (the API accepts it too, with a CSRF token for writes)
-    @staticmethod
-    def session_actor() -> str | None:
-        try:
-            return session.get("actor")
-        except RuntimeError:
-            return None
-
-    @staticmethod
-    def csrf_ok(token: str | None) -> bool:
-        expected = session.get("csrf")
-        return bool(token and expected and hmac.compare_digest(str(token).encode(), str(expected).encode()))
 
 
 class Int64Converter(IntegerConverter):
@@ -91,11 +39,11 @@ def _is_api() -> bool:
     return request.path.startswith("/api/")
 
 
-def install_edges(app: Flask, settings: Settings) -> None:
+def install_edges(app: Flask, runtime: Runtime) -> None:
     """What every request passes through: a request id, the rate limit, and JSON errors under /api/ for
     every status — an unknown route, a wrong method, a body too large, a crash (logged with the request
     id, answered without a stack)."""
-    from search.api import error, http_error
+    settings = runtime.settings
 
     @app.before_request
     def _request_id() -> None:
@@ -127,16 +75,14 @@ def install_edges(app: Flask, settings: Settings) -> None:
         from flask_limiter import Limiter
 
         def _client_key() -> str:
-            from search.auth import TokenSet
-            tokens: TokenSet = app.extensions["flagmatch"].tokens
-            return tokens.from_header(request.headers.get("Authorization")) or request.remote_addr or "-"
+            return runtime.tokens.from_header(request.headers.get("Authorization")) or request.remote_addr or "-"
 
         # per worker process (memory storage): with N workers a client gets up to N× the limit
         Limiter(key_func=_client_key, app=app, default_limits=[settings.rate_limit], storage_uri="memory://",
                 headers_enabled=True, default_limits_exempt_when=lambda: request.path in ("/healthz", "/readyz"))
 
 
-def _secret_key(settings: Any) -> str:
+def _secret_key(settings: Settings) -> str:
     if settings.secret_key:
         return settings.secret_key
     path = Path(settings.home_path) / ".secret_key"
@@ -148,11 +94,9 @@ def _secret_key(settings: Any) -> str:
     return path.read_text().strip()
 
 
-def create_app(settings: Any, *, embedder: Embedder | None = None, load: str = "now") -> Flask:
-    """``load``: "now" (block until model and index are loaded), "background" (serve /healthz and a
-    503 /readyz meanwhile) or "none" (tests of the not-ready state)."""
-    from search.api import bp as api_bp, register_health
-
+def create_app(runtime: Runtime) -> Flask:
+    """The API and the viewer over ``runtime`` (loaded or not: until it is ready the API answers 503)."""
+    settings = runtime.settings
     app = Flask(__name__, static_folder=None)  # the viewer blueprint serves /static
     app.url_map.converters["int"] = Int64Converter  # ids beyond 64 bits match no route: a 404, never a 500
     app.config.update(
@@ -164,17 +108,12 @@ def create_app(settings: Any, *, embedder: Embedder | None = None, load: str = "
         SESSION_COOKIE_NAME="flagmatch_session",
         JSON_SORT_KEYS=False,
     )
-    rt = Runtime(settings, embedder)
-    app.extensions["flagmatch"] = rt
+    app.extensions["flagmatch"] = runtime
     app.register_blueprint(api_bp)
     register_health(app)
-    try:
-        from web.views import bp as views_bp
-        app.register_blueprint(views_bp)
-    except ImportError:
-        pass
+    app.register_blueprint(views_bp)
 
-    install_edges(app, settings)
+    install_edges(app, runtime)
 
     @app.after_request
     def _headers(resp: Response) -> Response:
@@ -187,8 +126,4 @@ def create_app(settings: Any, *, embedder: Embedder | None = None, load: str = "
             resp.headers.setdefault("X-Frame-Options", "DENY")
         return resp
 
-    if load == "now":
-        rt.load()
-    elif load == "background":
-        threading.Thread(target=rt.load, name="flagmatch-load", daemon=True).start()
     return app

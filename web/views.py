@@ -17,15 +17,13 @@ from flask import (Blueprint, Response, abort, current_app, flash, jsonify, redi
                    session, url_for)
 from PIL import Image, ImageFilter, ImageOps
 
-from clustering.store import ClusterStore
 from indexer.actions import set_flags
-from indexer.audit import AuditLog
 from indexer.errors import FlagmatchError, InvalidInputError, NotFoundError
 from search.api import http_status
 from search.service import SearchParams
 
 if TYPE_CHECKING:
-    from web.app import Runtime
+    from flagmatch.runtime import Runtime
 
 bp = Blueprint("viewer", __name__, template_folder="templates", static_folder="static",
                static_url_path="/static")
@@ -39,12 +37,6 @@ PUBLIC = ("viewer.login", "viewer.static")
 
 def rt() -> Runtime:
     return current_app.extensions["flagmatch"]  # type: ignore[no-any-return]
-
-
-def parts() -> tuple[ClusterStore, AuditLog]:
-    """The cluster store and the audit log."""
-    r = rt()
-    return r.clusters, r.audit
 
 
 def actor() -> str:
@@ -119,7 +111,7 @@ def _float_arg(source: Any, name: str, default: float, lo: float, hi: float) -> 
 
 def _current_run() -> Any:
     """The current clustering run, or a 404 when the job has never finished."""
-    run = parts()[0].current_run()
+    run = rt().clusters.current_run()
     if run is None:
         raise NotFoundError("no clustering run yet: run `flagmatch cluster`")
     return run
@@ -145,7 +137,7 @@ def login() -> Any:
             nxt = _safe_next(url_for("viewer.clusters"))
             session.clear()
             session["actor"], session["csrf"], session["blur"] = name, secrets.token_urlsafe(32), True
-            parts()[1].record(name, "login", "viewer")
+            rt().audit.record(name, "login", "viewer")
             return redirect(nxt)
         error = "That token is not valid."
     return render_template("login.html", error=error, next=_safe_next("")), (401 if error else 200)
@@ -153,7 +145,7 @@ def login() -> Any:
 
 @bp.post("/logout")
 def logout() -> Response:
-    parts()[1].record(actor(), "logout", "viewer")
+    rt().audit.record(actor(), "logout", "viewer")
     session.clear()
     return redirect(url_for("viewer.login"))
 
@@ -161,7 +153,7 @@ def logout() -> Response:
 @bp.post("/preferences")
 def preferences() -> Response:
     """Blur on/off (and greyscale) for this session; recorded in the audit log."""
-    audit = parts()[1]
+    audit = rt().audit
     if "blur" in request.form:
         session["blur"] = request.form["blur"] == "on"
         audit.record(actor(), "blur_on" if session["blur"] else "blur_off", "session")
@@ -194,7 +186,7 @@ def thumb(image_id: int) -> Response:
     if not rec.thumb_key or not path.is_file():
         abort(404)
     blur = bool(session.get("blur", True))
-    if blur and request.args.get("clear") == "1" and parts()[1].revealed_recently(actor(), f"image:{image_id}"):
+    if blur and request.args.get("clear") == "1" and rt().audit.revealed_recently(actor(), f"image:{image_id}"):
         blur = False
     data = _render_thumb(str(path), blur, bool(session.get("grey", False)), path.stat().st_mtime)
     resp = Response(data, mimetype="image/webp")
@@ -205,7 +197,7 @@ def thumb(image_id: int) -> Response:
 @bp.post("/images/<int:image_id>/reveal")
 def reveal(image_id: int) -> Response:
     rt().store.catalog.get(image_id)
-    parts()[1].record(actor(), "reveal", f"image:{image_id}")
+    rt().audit.record(actor(), "reveal", f"image:{image_id}")
     return jsonify({"url": url_for("viewer.thumb", image_id=image_id, clear=1)})
 
 
@@ -218,7 +210,7 @@ def index() -> Response:
 
 @bp.get("/clusters")
 def clusters() -> str:
-    cstore, _ = parts()
+    cstore = rt().clusters
     run = cstore.current_run()
     sort = request.args.get("sort", "size")
     status = request.args.get("status", "")
@@ -244,7 +236,7 @@ def clusters() -> str:
 
 
 def _member_page(run_id: int, cluster_id: int | None) -> dict[str, Any]:
-    cstore, _ = parts()
+    cstore = rt().clusters
     page = _int_arg("page", 1, 1, 10**6)
     members = cstore.members(run_id, cluster_id, offset=(page - 1) * PAGE, limit=PAGE,
                              outliers=None if cluster_id is None else False, outlier_cut=OUTLIER_CUT)
@@ -259,7 +251,8 @@ def _member_page(run_id: int, cluster_id: int | None) -> dict[str, Any]:
 
 @bp.get("/clusters/<int:cluster_id>")
 def cluster(cluster_id: int) -> str:
-    cstore, audit = parts()
+    r = rt()
+    cstore, audit = r.clusters, r.audit
     run = _current_run()
     info = cstore.cluster(run.id, cluster_id)
     return render_template("cluster.html", run=run, cluster=info, history=audit.events(20, f"cluster:{cluster_id}"),
@@ -274,7 +267,8 @@ def unclustered() -> str:
 
 @bp.post("/clusters/<int:cluster_id>/name")
 def name_cluster(cluster_id: int) -> Response:
-    cstore, audit = parts()
+    r = rt()
+    cstore, audit = r.clusters, r.audit
     name, label = request.form.get("name", ""), request.form.get("label", "")
     if len(name) > 200 or len(label) > 200:
         raise InvalidInputError("name and label are at most 200 characters", code="bad_parameter")
@@ -286,7 +280,8 @@ def name_cluster(cluster_id: int) -> Response:
 
 @bp.post("/clusters/<int:cluster_id>/status")
 def review_cluster(cluster_id: int) -> Response:
-    cstore, audit = parts()
+    r = rt()
+    cstore, audit = r.clusters, r.audit
     status = request.form.get("status", "")
     cstore.update_identity(cluster_id, actor=actor(), status=status)
     audit.record(actor(), f"cluster_{status}", f"cluster:{cluster_id}", reason=request.form.get("reason") or None)
@@ -301,7 +296,7 @@ def _set_flags(flag: bool) -> Response:
         raise InvalidInputError("select at least one image", code="bad_parameter")
     reason = (request.form.get("reason") or "").strip()[:2000] or None
     label = (request.form.get("label") or "").strip()[:200] or None
-    changed = set_flags(r.store, r.index, parts()[1], ids, flag=flag, actor=actor(), source="review",
+    changed = set_flags(r.store, r.index, rt().audit, ids, flag=flag, actor=actor(), source="review",
                         reason=reason, label=label)
     flash(f"{'Flagged' if flag else 'Unflagged'} {len(changed)} image(s).")
     return redirect(_safe_next(url_for("viewer.clusters")))
@@ -320,8 +315,8 @@ def flag_images() -> Response:
 @bp.get("/clusters/<int:cluster_id>/sweep")
 def sweep(cluster_id: int) -> str:
     """Unflagged images anywhere in the corpus near this cluster's most central members."""
-    cstore, audit = parts()
     r = rt()
+    cstore, audit = r.clusters, r.audit
     run = _current_run()
     if r.index is None:
         raise NotFoundError("the index is still loading")
@@ -337,13 +332,13 @@ def sweep(cluster_id: int) -> str:
 
 @bp.get("/map")
 def map_page() -> str:
-    run = parts()[0].current_run()
+    run = rt().clusters.current_run()
     return render_template("map.html", run=run)
 
 
 @lru_cache(maxsize=4)
 def _map_blob(run_id: int, version: int, db_key: str) -> bytes:
-    cstore, _ = parts()
+    cstore = rt().clusters
     ids, cl, xs, ys = cstore.map_points(run_id)
     n = len(ids)
     x, y = np.asarray(xs, np.float32), np.asarray(ys, np.float32)
@@ -359,7 +354,7 @@ def _map_blob(run_id: int, version: int, db_key: str) -> bytes:
 @bp.get("/map/data")
 def map_data() -> Response:
     """Binary: uint32 n, float32 bounds[4]; uint16 x[n], uint16 y[n] (quantised); int32 id[n]; int32 cluster[n]."""
-    cstore, _ = parts()
+    cstore = rt().clusters
     run = _current_run()
     version = cstore.count_members(run.id, None)  # provisional placements change the blob
     data = _map_blob(run.id, version, str(rt().store.catalog.engine.url))
@@ -372,7 +367,7 @@ def map_data() -> Response:
 def selection() -> str:
     ids = _ids(request.form.getlist("ids"))[:5000]
     recs = rt().store.catalog.get_many(ids)
-    lookup = parts()[0].lookup(ids)
+    lookup = rt().clusters.lookup(ids)
     return render_template("selection.html", items=[(recs[i], lookup.get(i)) for i in ids if i in recs])
 
 
@@ -382,7 +377,7 @@ def selection() -> str:
 def image(image_id: int) -> str:
     r = rt()
     rec = r.store.catalog.get(image_id)
-    cl = parts()[0].lookup([image_id]).get(image_id)
+    cl = rt().clusters.lookup([image_id]).get(image_id)
     near_flagged, near_all = [], []
     if r.service is not None and not rec.deleted:
         near_flagged = r.service.search_ids([image_id], SearchParams(k=12, scope="flagged")).results[0].hits
@@ -412,4 +407,4 @@ def search_page() -> Any:
 
 @bp.get("/audit")
 def audit_page() -> str:
-    return render_template("audit.html", events=parts()[1].events(200))
+    return render_template("audit.html", events=rt().audit.events(200))

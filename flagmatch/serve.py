@@ -4,13 +4,18 @@ to its share of the cores."""
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gunicorn.app.base import BaseApplication
 
+from flagmatch.settings import Settings
+
+if TYPE_CHECKING:
+    from flask import Flask
+
 
 class FlagmatchServer(BaseApplication):  # type: ignore[misc]
-    def __init__(self, settings: Any, extra: dict[str, Any] | None = None) -> None:
+    def __init__(self, settings: Settings, extra: dict[str, Any] | None = None) -> None:
         self.settings = settings
         self.extra = extra or {}
         super().__init__()
@@ -35,8 +40,8 @@ class FlagmatchServer(BaseApplication):  # type: ignore[misc]
         for key, value in cfg.items():
             self.cfg.set(key, value)
 
-    def load(self) -> Any:
-        from web.app import create_app
+    def load(self) -> Flask:
+        from flagmatch.runtime import build_app
         s = self.settings
         if s.torch_threads <= 0:
             s = s.replace(torch_threads=max(1, (os.cpu_count() or 1) // max(1, s.workers)))
@@ -44,8 +49,8 @@ class FlagmatchServer(BaseApplication):  # type: ignore[misc]
         faiss.omp_set_num_threads(1)  # one query per request thread; the server runs several
         # Load before the worker accepts connections: a worker never answers 503 while a ready sibling
         # could have answered. A failed load still serves /healthz and a 503 /readyz saying why.
-        return create_app(s, load="now")
+        return build_app(s, load="now")
 
 
-def serve(settings: Any) -> None:
+def serve(settings: Settings) -> None:
     FlagmatchServer(settings).run()

@@ -1,0 +1,75 @@
+"""The runtime: every part a server process needs, built once from Settings and handed to the API
+and the viewer (``web.app.create_app``). The store, the audit log and the cluster store are opened at
+once; the model, the indexes and the search service by ``load`` (``ready`` is set then, or
+``load_error`` says why not)."""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import TYPE_CHECKING, Literal
+
+from flagmatch import wiring
+from flagmatch.settings import Settings
+from clustering.store import ClusterStore
+from indexer.audit import AuditLog
+from indexer.embed import Embedder, SerialEmbedder
+from indexer.errors import FlagmatchError
+from search.admission import Admission
+from search.auth import TokenSet
+from search.service import SearchService
+
+if TYPE_CHECKING:
+    from flask import Flask
+    from indexer.vector_index import VectorIndex
+
+log = logging.getLogger(__name__)
+LoadMode = Literal["now", "background", "none"]
+
+
+class Runtime:
+    def __init__(self, settings: Settings, embedder: Embedder | None = None) -> None:
+        self.settings = settings
+        self.tokens = TokenSet.parse(settings.api_tokens)
+        self.store = wiring.open_store(settings)
+        self.audit = AuditLog(self.store.catalog.engine)
+        self.clusters = ClusterStore(self.store)
+        self.embedder = embedder
+        self.index: VectorIndex | None = None
+        self.service: SearchService | None = None
+        self.ready = threading.Event()
+        self.load_error: str | None = None
+
+    def load(self) -> None:
+        """Load the model, the indexes and the search service; a failure is kept for /readyz."""
+        try:
+            if self.embedder is None:
+                self.embedder = SerialEmbedder(wiring.load_embedder(self.settings, self.store))
+            if not self.store.catalog.model_meta():
+                raise FlagmatchError("the store is empty: ingest images first", code="empty_store")
+            self.index = wiring.open_index(self.store, self.settings)
+            self.service = SearchService(self.store, self.index, self.embedder,
+                                         limits=wiring.decode_limits(self.settings),
+                                         admission=Admission(self.settings.admission_bytes,
+                                                             self.settings.admission_wait),
+                                         cluster_lookup=self.clusters.lookup)
+            self.ready.set()
+        except Exception as exc:  # reported by /readyz; the process stays up to say so
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            log.exception("flagmatch failed to load")
+
+    def start(self, mode: LoadMode) -> None:
+        """``now``: block until loaded; ``background``: load on a thread (the server answers /healthz
+        and a 503 /readyz meanwhile); ``none``: never (tests of the not-ready state)."""
+        if mode == "now":
+            self.load()
+        elif mode == "background":
+            threading.Thread(target=self.load, name="flagmatch-load", daemon=True).start()
+
+
+def build_app(settings: Settings, *, embedder: Embedder | None = None, load: LoadMode = "now") -> "Flask":
+    """The API and the viewer over a Runtime built from ``settings``."""
+    from web.app import create_app
+    runtime = Runtime(settings, embedder)
+    app = create_app(runtime)
+    runtime.start(load)
+    return app
