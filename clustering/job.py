@@ -10,7 +10,7 @@ import datetime as dt
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,9 +20,17 @@ import numpy as np
 from clustering.identity import match_clusters
 from clustering.store import ClusterStore, Member, NewCluster, RunInfo
 from indexer.errors import ClusteringError
+from indexer.space import current_space
 from indexer.store import Store
 
 BACKENDS = ("fast_hdbscan", "hdbscan", "sklearn")
+# Near-duplicate join threshold, cosine in the matching space (PCA-whitened, 256-d). Measured in
+# benchmarks/match.py on opennsfw features: a re-upload and its original (JPEG 30 at half size,
+# crops, caption bands, greyscale, watermarks, letterboxing) score well above it, while the closest
+# unrelated pair among 3,500 real images stays below it. In the raw feature space (no matching space)
+# unrelated unsafe images are far more alike, so the join is skipped there.
+JOIN_SIMILARITY = 0.6
+JOIN_NEIGHBOURS = 16  # near-duplicates looked at per image (a family larger than this still joins by chaining)
 EXEMPLARS = 6
 Progress = Callable[[str, str], None]  # (phase, message)
 
@@ -36,13 +44,14 @@ class ClusterParams:
     sample: int = 50_000
     backend: str = "fast_hdbscan"
     seed: int = 42
+    join: float = JOIN_SIMILARITY  # near-duplicates (similarity ≥ this, in the matching space) form one cluster; 0: off
 
     def resolve(self, n: int) -> "ClusterParams":
         if self.backend not in BACKENDS:
             raise ClusteringError(f"cluster backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
         mcs = self.min_cluster_size or int(max(5, min(100, round(n / 1000))))
         return ClusterParams(mcs, self.min_samples or min(mcs, 10), self.dims, self.neighbors, self.sample,
-                             self.backend, self.seed)
+                             self.backend, self.seed, self.join)
 
     def minimum_images(self) -> int:
         return max(20, self.neighbors + 1, 2 * (self.min_cluster_size or 5))
@@ -113,6 +122,39 @@ def predict(fitted: Fitted, fit_x: np.ndarray, x: np.ndarray) -> tuple[np.ndarra
     return labels, probs, (1.0 - probs).astype(np.float32)
 
 
+# ------------------------------------------------------------------ near-duplicate families
+
+def near_duplicate_families(x: np.ndarray, threshold: float, k: int = JOIN_NEIGHBOURS) -> np.ndarray:
+    """Family id per row (-1: no near-duplicate): the connected components of the graph whose edges are
+    pairs with cosine ≥ ``threshold`` among each row's ``k`` nearest neighbours (exact search up to
+    50,000 rows, IVF-Flat visiting 1/8 of its lists beyond)."""
+    import faiss
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    n, d = x.shape
+    if n < 2:
+        return np.full(n, -1, np.int64)
+    xs = np.ascontiguousarray(x, np.float32)
+    if n <= 50_000:
+        index = faiss.IndexFlatIP(d)
+    else:
+        nlist = int(4 * np.sqrt(n))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(xs[np.random.default_rng(0).choice(n, min(n, 40 * nlist), replace=False)])
+        index.nprobe = max(1, nlist // 8)
+    index.add(xs)
+    sims, nbr = index.search(xs, min(k + 1, n))
+    rows = np.repeat(np.arange(n), nbr.shape[1])
+    keep = (sims.ravel() >= threshold) & (nbr.ravel() >= 0) & (nbr.ravel() != rows)
+    graph = coo_matrix((np.ones(int(keep.sum()), np.int8), (rows[keep], nbr.ravel()[keep])), shape=(n, n))
+    _, comp = connected_components(graph, directed=False)
+    sizes = np.bincount(comp)
+    out = np.full(n, -1, np.int64)
+    multi = sizes[comp] >= 2
+    _, out[multi] = np.unique(comp[multi], return_inverse=True)
+    return out
+
+
 # ------------------------------------------------------------------ the job
 
 def _umap(n_components: int, neighbors: int, metric: str, min_dist: float, seed: int, n: int) -> Any:
@@ -145,17 +187,20 @@ def run_clustering(store: Store, cstore: ClusterStore, params: ClusterParams, *,
                               code="too_few_images")
     p = params.resolve(n)
     vectors = store.open_vectors()
-    x = np.empty((n, vectors.dim), np.float32)
+    space = current_space(store, vectors.dim)
+    x = np.empty((n, space.dim), np.float32)
     pos = 0
     for part, vecs in vectors.iter_rows(ids):  # streamed from the memory-mapped raw store
-        x[pos:pos + len(part)] = vecs
+        x[pos:pos + len(part)] = space.apply(vecs)
         pos += len(part)
     timings["load"] = time.perf_counter() - t
-    say("load", f"{n:,} flagged vectors ({vectors.dim}-d) in {timings['load']:.1f} s")
+    say("load", f"{n:,} flagged vectors ({vectors.dim}-d, {space.kind} space {space.dim}-d) in {timings['load']:.1f} s")
+    if space.is_identity:
+        p = replace(p, join=0.0)
 
     run_id = cstore.start_run(meta["model_id"], asdict(p), "recent" if since else "full", since)
     try:
-        report = _cluster(store, cstore, run_id, ids, x, p, timings, say)
+        report = _cluster(store, cstore, run_id, ids, x, p, timings, say, space.version)
     except BaseException as exc:
         cstore.fail_run(run_id, f"{type(exc).__name__}: {exc}")
         raise
@@ -163,7 +208,7 @@ def run_clustering(store: Store, cstore: ClusterStore, params: ClusterParams, *,
 
 
 def _cluster(store: Store, cstore: ClusterStore, run_id: int, ids: np.ndarray, x: np.ndarray, p: ClusterParams,
-             timings: dict[str, float], say: Progress) -> RunReport:
+             timings: dict[str, float], say: Progress, space_version: int = 0) -> RunReport:
     n = len(ids)
     rng = np.random.default_rng(p.seed)
     sampled = n > p.sample
@@ -189,14 +234,33 @@ def _cluster(store: Store, cstore: ClusterStore, run_id: int, ids: np.ndarray, x
     timings["reduce"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    say("cluster", f"HDBSCAN ({p.backend}, min_cluster_size {p.min_cluster_size}, min_samples {p.min_samples})")
-    fitted = fit_hdbscan(emb[fit_idx], p)
+    family = near_duplicate_families(x, p.join) if p.join > 0 else np.full(n, -1, np.int64)
+    joined = family >= 0
+    timings["join"] = time.perf_counter() - t
+    if p.join > 0:
+        say("join", f"{int(joined.sum()):,} images in {len(np.unique(family[joined])):,} near-duplicate families "
+            f"(similarity ≥ {p.join})")
+
+    t = time.perf_counter()
+    say("cluster", f"HDBSCAN ({p.backend}, min_cluster_size {p.min_cluster_size}, min_samples {p.min_samples}) "
+        f"on the {int((~joined).sum()):,} images outside families")
     labels = np.full(n, -1, np.int64)
     probs = np.zeros(n, np.float32)
     outl = np.ones(n, np.float32)
-    labels[fit_idx], probs[fit_idx], outl[fit_idx] = fitted.labels, fitted.probabilities, fitted.outlier_scores
-    if sampled:
-        labels[rest_idx], probs[rest_idx], outl[rest_idx] = predict(fitted, emb[fit_idx], emb[rest_idx])
+    # HDBSCAN groups what is alike but not copied; each family is one cluster of its own already
+    hfit = fit_idx[~joined[fit_idx]]
+    hrest = rest_idx[~joined[rest_idx]]
+    if len(hfit) >= max(p.min_cluster_size * 2, 4):
+        fitted = fit_hdbscan(emb[hfit], p)
+        labels[hfit], probs[hfit], outl[hfit] = fitted.labels, fitted.probabilities, fitted.outlier_scores
+        if len(hrest):
+            labels[hrest], probs[hrest], outl[hrest] = predict(fitted, emb[hfit], emb[hrest])
+    else:
+        fitted = Fitted(np.full(len(hfit), -1, np.int64), np.zeros(len(hfit), np.float32),
+                        np.ones(len(hfit), np.float32), None, None)
+    first_family = int(labels.max()) + 1 if (labels >= 0).any() else 0
+    labels[joined] = first_family + family[joined]
+    probs[joined], outl[joined] = 1.0, 0.0
     timings["cluster"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -229,8 +293,9 @@ def _cluster(store: Store, cstore: ClusterStore, run_id: int, ids: np.ndarray, x
     art = artifacts_path(store, run_id)
     art.parent.mkdir(parents=True, exist_ok=True)
     tmp = art.with_suffix(".tmp")
-    joblib.dump({"reducer": reducer, "mapper": mapper, "fitted": fitted, "fit_embedding": emb[fit_idx],
-                 "params": asdict(p)}, tmp)
+    joblib.dump({"reducer": reducer, "mapper": mapper, "fitted": fitted, "fit_embedding": emb[hfit],
+                 "params": asdict(p), "space_version": space_version,
+                 "family_vectors": x[joined], "family_labels": labels[joined]}, tmp)
     os.replace(tmp, art)
     timings["store"] = time.perf_counter() - t
     cstore.finish_run(run_id, clusters, members_out, n_noise=noise, summary=summary, timings=timings)
@@ -253,12 +318,25 @@ def assign_new(store: Store, cstore: ClusterStore, progress: Progress | None = N
     if not path.exists():
         raise ClusteringError(f"run {run.id} has no saved models ({path}): run `flagmatch cluster` again")
     art = joblib.load(path)
-    x = store.open_vectors().get(new)
+    vectors = store.open_vectors()
+    space = current_space(store, vectors.dim)
+    if space.version != art.get("space_version", 0):
+        raise ClusteringError(f"run {run.id} was clustered in matching space {art.get('space_version', 0)}, the "
+                              f"indexes now use space {space.version}: run `flagmatch cluster` again")
+    x = space.apply(vectors.get(new))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         emb = art["reducer"].transform(x)
         xy = art["mapper"].transform(emb)
     labels, probs, outl = predict(art["fitted"], art["fit_embedding"], emb)
+    # a re-upload of a family's image joins that family, whatever HDBSCAN would say
+    fam_x, fam_labels = art.get("family_vectors"), art.get("family_labels")
+    join = float(art["params"].get("join", 0.0))
+    if join > 0 and fam_x is not None and len(fam_x):
+        best = x @ fam_x.T
+        j = best.argmax(axis=1)
+        near = best[np.arange(len(x)), j] >= join
+        labels[near], probs[near], outl[near] = fam_labels[j[near]], 1.0, 0.0
     by_label = cstore.label_identities(run.id)
     members = [Member(int(i), by_label.get(int(lab)) if lab >= 0 else None, float(pr), float(o), float(a), float(b),
                       True)

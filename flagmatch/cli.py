@@ -114,7 +114,7 @@ def stats(as_json: bool, settings: Settings) -> None:
     """What the catalog holds."""
     store = wiring.open_store(settings)
     st = store.catalog.stats()
-    st["index"] = wiring.index_stats(store)
+    st["index"] = wiring.index_stats(store, settings)
     if as_json:
         click.echo(json.dumps(st, indent=2, default=str))
         return
@@ -128,7 +128,7 @@ def stats(as_json: bool, settings: Settings) -> None:
         click.echo(f"last ingest  #{run['id']} {run['started_at']}  backend {run['backend']}, "
                    f"precision {run['precision']}")
     for scope, ix in st["index"].items():
-        click.echo(f"index {scope:<7} {ix}")
+        click.echo(f"{'matching space' if scope == 'space' else 'index ' + scope:<14} {ix}")
 
 
 @main.command(cls=SettingsCommand)
@@ -196,7 +196,6 @@ def sweep(refs: tuple[str, ...], cluster_id: int | None, min_similarity: float, 
           settings: Settings) -> None:
     """Unflagged images anywhere in the corpus near flagged images (REFS) or a cluster (--cluster)."""
     from clustering.store import ClusterStore
-    from search.service import SearchService
     store = wiring.open_store(settings)
     seeds = [store.catalog.resolve(r) for r in refs]
     if cluster_id is not None:
@@ -207,7 +206,7 @@ def sweep(refs: tuple[str, ...], cluster_id: int | None, min_similarity: float, 
         seeds += [m.image_id for m in cstore.members(run.id, cluster_id, limit=50)]
     if not seeds:
         raise click.UsageError("give image references or --cluster")
-    svc = SearchService(store, wiring.open_index(store, settings), None)
+    svc = wiring.search_service(settings, store, wiring.open_index(store, settings), None)
     hits = svc.sweep(seeds, min_similarity=min_similarity, limit=limit)
     AuditLog(store.catalog.engine).record(_os_user(), "sweep", f"cluster:{cluster_id}" if cluster_id else "images",
                                           seeds=seeds, min_similarity=min_similarity, found=len(hits))
@@ -230,15 +229,20 @@ main.command("unflag", cls=SettingsCommand, help="Unflag images by id, sha256 or
 @click.option("--scope", type=click.Choice(["all", "flagged"]), default=None, help="one scope (default: both)")
 @with_settings("index")
 def reindex(scope: str | None, settings: Settings) -> None:
-    """Retrain and rebuild the vector indexes from the raw vectors (servers pick the new one up)."""
+    """Refit the matching space, retrain and rebuild the vector indexes from the raw vectors (servers
+    pick the new ones up); with --scope, rebuild that index alone in the current space."""
     import time
     store = wiring.open_store(settings)
     index = wiring.open_index(store, settings)
     t = time.perf_counter()
-    index.rebuild(scope)
+    index.rebuild(scope, refit=scope is None)  # one scope alone keeps the space the other shares
     index.save()
     for sc, st in index.stats().items():
-        click.echo(f"{sc:<8} {st['factory']:<28} {st['vectors']} vectors, generation {st['generation']}")
+        recall = f", recall@10 {st['recall_at_10']:.3f}" if st["recall_at_10"] is not None else ""
+        click.echo(f"{sc:<8} {st['factory']:<28} {st['vectors']} vectors, generation {st['generation']}{recall}")
+    sp = index.space
+    click.echo(f"matching space: {sp.kind}" + (f" version {sp.version}, {sp.dim_in}→{sp.dim}-d, power {sp.power}, "
+                                               f"fitted on {sp.fitted_n} vectors" if not sp.is_identity else ""))
     click.echo(f"rebuilt in {time.perf_counter() - t:.1f} s")
 
 
@@ -253,15 +257,13 @@ def reindex(scope: str | None, settings: Settings) -> None:
 def search(images: tuple[Path, ...], ids: tuple[str, ...], scope: str, k: int, min_similarity: float,
            as_json: bool, settings: Settings) -> None:
     """Nearest flagged images (or --scope all) for image files or stored images."""
-    from clustering.store import ClusterStore
-    from search.service import SearchParams, SearchService
+    from search.service import SearchParams
     if not images and not ids:
         raise click.UsageError("give image files or --id")
     store = wiring.open_store(settings)
     index = wiring.open_index(store, settings)
     embedder = wiring.load_embedder(settings, store) if images else None
-    svc = SearchService(store, index, embedder, limits=wiring.decode_limits(settings),
-                        cluster_lookup=ClusterStore(store).lookup)
+    svc = wiring.search_service(settings, store, index, embedder)
     params = SearchParams(k=k, scope=scope, min_similarity=min_similarity)
     responses = []
     if images:

@@ -14,7 +14,6 @@ from clustering.store import ClusterStore
 from indexer.audit import AuditLog
 from indexer.embed import Embedder, SerialEmbedder
 from indexer.errors import FlagmatchError
-from search.admission import Admission
 from search.auth import TokenSet
 from search.service import SearchService
 
@@ -47,11 +46,7 @@ class Runtime:
             if not self.store.catalog.model_meta():
                 raise FlagmatchError("the store is empty: ingest images first", code="empty_store")
             self.index = wiring.open_index(self.store, self.settings)
-            self.service = SearchService(self.store, self.index, self.embedder,
-                                         limits=wiring.decode_limits(self.settings),
-                                         admission=Admission(self.settings.admission_bytes,
-                                                             self.settings.admission_wait),
-                                         cluster_lookup=self.clusters.lookup)
+            self.service = wiring.search_service(self.settings, self.store, self.index, self.embedder)
             self.ready.set()
         except Exception as exc:  # reported by /readyz; the process stays up to say so
             self.load_error = f"{type(exc).__name__}: {exc}"

@@ -74,13 +74,27 @@ class Settings:
                                     "header, before any pixel is allocated)", "decode")
     decode_timeout: float = setting(15.0, "longest time one image may take to decode, in seconds", "decode")
     max_file_bytes: int = setting(200 * 1024 * 1024, "largest image file accepted, in bytes", "decode")
+    query_views: tuple[str, ...] = setting(("trimmed", "content"), "extra views of an uploaded query searched "
+                                           "beside the whole image where they apply: trimmed (uniform borders cut), "
+                                           "content (the picture inside a screenshot-like frame), mirror "
+                                           "(comma-separated; empty: the whole image only)", "decode")
     # -- vector index
     exact_threshold: int = setting(50_000, "below this many vectors the index is exact; above, IVF-PQ", "index")
     nlist: int = setting(0, "IVF lists (0: chosen from N)", "index")
     pq_m: int = setting(0, "PQ sub-quantizers (0: chosen from the dimension)", "index")
     opq: str = setting("auto", "OPQ rotation before PQ: auto, on or off", "index")
-    nprobe: int = setting(0, "IVF lists visited per query (0: nlist/32, at least 16)", "index")
-    rerank: int = setting(10, "candidates re-ranked exactly from the raw vectors, as a multiple of k", "index")
+    nprobe: int = setting(0, "IVF lists visited per query (0: tuned at build to --target-recall)", "index")
+    rerank: int = setting(0, "candidates re-ranked exactly from the raw vectors, as a multiple of k (0: tuned "
+                          "at build to --target-recall)", "index")
+    target_recall: float = setting(0.98, "recall@10 an IVF-PQ index is tuned to at build, measured against "
+                                   "exact search on held-out stored vectors", "index")
+    tune_ms: float = setting(2.0, "single-query latency the recall tuner warns above, in ms", "index")
+    space_dim: int = setting(256, "dimensions of the matching space fitted on the stored vectors (PCA-whitening; "
+                             "0: search the raw features)", "index")
+    space_power: float = setting(0.5, "matching space: each principal component is divided by its eigenvalue to "
+                                 "this power (0.5: full whitening, 0: PCA only)", "index")
+    space_min_vectors: int = setting(2000, "below this many stored vectors the matching space is the identity",
+                                     "index")
     index_save_seconds: float = setting(30.0, "during ingest, save the indexes at most this often", "index")
     use_gpu: str = setting("auto", "FAISS on the GPU: auto (when faiss-gpu sees one), on or off", "index")
     # -- server
@@ -103,6 +117,9 @@ class Settings:
     # -- clustering
     cluster_min_size: int = setting(0, "HDBSCAN min_cluster_size (0: chosen from N)", "cluster")
     cluster_dims: int = setting(8, "UMAP dimensions of the clustering space", "cluster")
+    cluster_join: float = setting(-1.0, "near-duplicates (cosine in the matching space at or above this) form one "
+                                  "cluster before HDBSCAN groups the rest (-1: the measured default; 0: off)",
+                                  "cluster")
     cluster_neighbors: int = setting(15, "UMAP n_neighbors", "cluster")
     cluster_sample: int = setting(50_000, "above this many flagged images, fit on a sample and predict the rest",
                                   "cluster")

@@ -10,11 +10,14 @@ from indexer.decode import DecodeLimits
 from indexer.embed import Embedder, ModelInfo, load_model
 from indexer.ingest import IngestOptions, Progress, ingest
 from indexer.sources import Source
+from indexer.space import SpaceConfig, load as load_space
 from indexer.store import Store
 
 if TYPE_CHECKING:
     from clustering.job import ClusterParams
-    from indexer.vector_index import IndexConfig, VectorIndex
+    from indexer.faiss_index import IndexConfig
+    from indexer.vector_index import VectorIndex
+    from search.service import SearchService
 
 
 def open_store(settings: Settings) -> Store:
@@ -55,34 +58,73 @@ def ingest_options(settings: Settings) -> IngestOptions:
 
 
 def index_config(settings: Settings) -> IndexConfig:
-    from indexer.vector_index import IndexConfig
+    from indexer.faiss_index import IndexConfig
     return IndexConfig(exact_threshold=settings.exact_threshold, nlist=settings.nlist, pq_m=settings.pq_m,
                        opq=settings.opq, nprobe=settings.nprobe, rerank=settings.rerank,
+                       target_recall=settings.target_recall, tune_ms=settings.tune_ms,
                        use_gpu=settings.use_gpu, save_seconds=settings.index_save_seconds)
+
+
+def space_config(settings: Settings) -> SpaceConfig:
+    return SpaceConfig(dim=settings.space_dim, power=settings.space_power, min_vectors=settings.space_min_vectors)
 
 
 def open_index(store: Store, settings: Settings) -> VectorIndex:
     """The vector indexes of a store (bound to its model), caught up with the catalog."""
     from indexer.vector_index import VectorIndex
-    return VectorIndex(store, index_config(settings))
+    return VectorIndex(store, index_config(settings), space_config(settings))
 
 
-def index_stats(store: Store) -> dict:
-    """What the saved indexes cover, from their checkpoints (without loading them)."""
-    out = {}
+def search_service(settings: Settings, store: Store, index: VectorIndex, embedder: Embedder | None) -> SearchService:
+    """The search service over built parts, with the settings' decode limits, query views and the
+    clustering job's per-image facts."""
+    from clustering.store import ClusterStore
+    from search.admission import Admission
+    from search.service import SearchService
+    return SearchService(store, index, embedder, limits=decode_limits(settings),
+                         admission=Admission(settings.admission_bytes, settings.admission_wait),
+                         cluster_lookup=ClusterStore(store).lookup, views=settings.query_views)
+
+
+def index_stats(store: Store, settings: Settings) -> dict[str, str]:
+    """What the saved indexes cover and the space they search in, from their checkpoints (without
+    loading them)."""
+    out: dict[str, str] = {}
     for scope in ("flagged", "all"):
         cp = store.catalog.checkpoint(scope)
-        out[scope] = "not built" if cp is None else (
-            f"{cp.params.get('kind')} {cp.ntotal} vectors, covers image {cp.image_id} / flag event "
-            f"{cp.flag_event_id}, generation {cp.generation}")
+        if cp is None:
+            out[scope] = "not built"
+            continue
+        p = cp.params
+        recall = p.get("recall")
+        tuned = f", nprobe {p.get('nprobe')}, re-rank {p.get('rerank')}×" if p.get("kind") == "ivfpq" else ""
+        out[scope] = (f"{p.get('kind')} {cp.ntotal} vectors ({p.get('dim')}-d), covers image {cp.image_id} / "
+                      f"flag event {cp.flag_event_id}, generation {cp.generation}"
+                      + (f", recall@10 {recall:.3f}" if isinstance(recall, float) else "") + tuned)
+    cp = store.catalog.checkpoint("all")
+    version = int(cp.params.get("space_version", 0)) if cp else 0
+    if cp is not None and version:
+        try:
+            sp = load_space(store.index_dir, version, str(cp.params.get("space_sha256", "")),
+                            int(store.catalog.model_meta().get("dim", 0)))
+            out["space"] = (f"version {version}: PCA-whitening {sp.dim_in}→{sp.dim}-d, power {sp.power}, "
+                            f"fitted on {sp.fitted_n} vectors")
+        except ValueError as exc:
+            out["space"] = f"version {version}: unreadable ({exc}); the next open refits it"
+    elif settings.space_dim > 0:
+        out["space"] = (f"identity (raw features): a matching space is fitted once the store holds "
+                        f"{settings.space_min_vectors} images")
+    else:
+        out["space"] = "identity (raw features: space_dim is 0)"
     return out
 
 
 def cluster_params(settings: Settings) -> ClusterParams:
-    from clustering.job import ClusterParams
+    from clustering.job import JOIN_SIMILARITY, ClusterParams
     return ClusterParams(min_cluster_size=settings.cluster_min_size, dims=settings.cluster_dims,
                          neighbors=settings.cluster_neighbors, sample=settings.cluster_sample,
-                         backend=settings.cluster_backend, seed=settings.seed)
+                         backend=settings.cluster_backend, seed=settings.seed,
+                         join=JOIN_SIMILARITY if settings.cluster_join < 0 else settings.cluster_join)
 
 
 @dataclass(frozen=True)

@@ -16,13 +16,14 @@ import struct
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from indexer.errors import DecodeError
+from indexer.views import view_boxes
 
 # Formats we accept, told apart by their magic bytes (never by file name).
 _MAGIC: tuple[tuple[bytes, int, str], ...] = (
@@ -82,6 +83,7 @@ class DecodedImage:
     pixels: np.ndarray  # uint8 [size, size, 3] RGB, ready for the model's normalisation
     thumbnail: bytes    # WebP
     decoded_size: tuple[int, int] = (0, 0)  # what was really decoded (smaller when JPEG draft applied)
+    views: dict[str, np.ndarray] = field(default_factory=dict)  # extra query views' model pixels, by name
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -133,11 +135,12 @@ def plan(data: bytes, spec: InputSpec, limits: DecodeLimits = DEFAULT_LIMITS, *,
 
 
 def decode(data: bytes, spec: InputSpec, limits: DecodeLimits = DEFAULT_LIMITS, *,
-           thumb_size: int = 256) -> DecodedImage:
-    """Decode ``data`` into model input pixels and a thumbnail, or raise DecodeError."""
+           thumb_size: int = 256, views: Sequence[str] = ()) -> DecodedImage:
+    """Decode ``data`` into model input pixels and a thumbnail, or raise DecodeError. ``views``: extra
+    query views to cut (``trimmed``, ``content``, ``mirror``; see ``indexer.views``) where they apply."""
     with _opened(data, limits) as (im, fmt, fp, data):
         p = _plan(im, fmt, limits, needed_side(spec, thumb_size))
-        return _decode_planned(im, p, data, fp, spec, limits, thumb_size)
+        return _decode_planned(im, p, data, fp, spec, limits, thumb_size, tuple(views))
 
 
 @contextmanager
@@ -260,7 +263,7 @@ def _plan(im: Image.Image, fmt: str, limits: DecodeLimits, need: int) -> DecodeP
 
 
 def _decode_planned(im: Image.Image, p: DecodePlan, data: bytes, fp: _Deadline, spec: InputSpec,
-                    limits: DecodeLimits, thumb_size: int) -> DecodedImage:
+                    limits: DecodeLimits, thumb_size: int, views: tuple[str, ...] = ()) -> DecodedImage:
     frames = _count_frames(im, p.format, data, fp, limits.max_frames)
     if frames > 1:
         im.seek(0)
@@ -269,6 +272,13 @@ def _decode_planned(im: Image.Image, p: DecodePlan, data: bytes, fp: _Deadline, 
     orientation = _orientation(im)
     src = _shrink(im, needed_side(spec, thumb_size))
     pixels = _model_pixels(src, spec)
+    extra: dict[str, np.ndarray] = {}
+    if views:
+        rgb = to_rgb(src)
+        if "trimmed" in views or "content" in views:
+            for name, box in view_boxes(np.asarray(rgb)).items():
+                if name in views:
+                    extra[name] = _model_pixels(rgb.crop(box), spec)
     thumbnail = b""
     if thumb_size > 0:  # queries (thumb_size 0) need no thumbnail
         thumb = to_rgb(_shrink(src, thumb_size, long_side=True))
@@ -280,9 +290,13 @@ def _decode_planned(im: Image.Image, p: DecodePlan, data: bytes, fp: _Deadline, 
         thumbnail = buf.getvalue()
     if orientation in _TRANSPOSE:  # a centred square crop commutes with every EXIF orientation
         pixels = np.ascontiguousarray(np.asarray(Image.fromarray(pixels).transpose(_TRANSPOSE[orientation])))
+        extra = {k: np.ascontiguousarray(np.asarray(Image.fromarray(v).transpose(_TRANSPOSE[orientation])))
+                 for k, v in extra.items()}
+    if "mirror" in views:  # after orientation: the mirror of what a person sees
+        extra["mirror"] = np.ascontiguousarray(pixels[:, ::-1])
     width, height = (p.height, p.width) if orientation in (5, 6, 7, 8) else (p.width, p.height)
     return DecodedImage(format=p.format, width=width, height=height, frames=frames, pixels=pixels,
-                        thumbnail=thumbnail, decoded_size=p.decoded)
+                        thumbnail=thumbnail, decoded_size=p.decoded, views=extra)
 
 
 def _count_frames(im: Image.Image, fmt: str, data: bytes, fp: _Deadline, cap: int) -> int:

@@ -1,99 +1,51 @@
-"""Two FAISS indexes kept in step with the catalog: ``all`` (every live image) and ``flagged``.
+"""The ``all`` (every live image) and ``flagged`` FAISS indexes of one store, kept in step with the
+catalog; the FAISS work itself is ``indexer.faiss_index``, the matching space ``indexer.space``.
 
-Ids are catalog ids. Small collections use an exact inner-product index; past ``exact_threshold``
-the index is IVF-PQ (optionally OPQ) trained on a sample of the raw vectors, and the top
-``k * rerank`` candidates are re-ranked exactly from the raw vectors. Files are written atomically
-(temp file, fsync, rename, fsync the folder) and the catalog records what each covers (a checkpoint:
-highest image id, highest flag event, generation, checksum). On open, an index behind its checkpoint
-catches up from the catalog and raw vectors; a missing, truncated or corrupt file is rebuilt.
-Searches share a read lock; catch-up takes the write lock briefly; a rebuild is built aside and
-swapped in, so readers keep answering from the old index until the new one is published."""
+Ids are catalog ids. Vectors go into the indexes through the matching space (queries too), and the
+top ``k × rerank`` IVF-PQ candidates are re-ranked exactly from the raw vectors in that space. Files
+are written atomically (temp file, fsync, rename, fsync the folder) and the catalog records what each
+covers (a checkpoint: highest image id, highest flag event, generation, checksum, the space version
+and the recall measured at build). On open, an index behind its checkpoint catches up from the catalog
+and raw vectors; a missing, truncated or corrupt index or space file is rebuilt with a warning.
+Searches share a read lock; catch-up takes the write lock briefly; a rebuild (and a refitted space)
+is built aside and swapped in, so readers keep answering from the old index until the new one is
+published."""
 from __future__ import annotations
 
 import fcntl
 import hashlib
 import logging
-import math
 import os
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
 import faiss
 import numpy as np
 
+from indexer import faiss_index as fx
+from indexer import space as spaces
 from indexer.catalog import Checkpoint
 from indexer.errors import InvalidInputError
+from indexer.faiss_index import IndexConfig, IndexParams, choose_params
+from indexer.space import MatchingSpace, SpaceConfig
 from indexer.store import Store
 from indexer.vectors import VectorStore
 
 log = logging.getLogger(__name__)
 SCOPES = ("flagged", "all")
-MIN_IVF = 10_000  # PQ's 256 centroids per sub-quantizer need ~10k training points: stay exact below
+TUNE_QUERIES = 500  # held-out stored vectors the recall tuner queries with
 
-
-@dataclass(frozen=True)
-class IndexConfig:
-    exact_threshold: int = 50_000
-    nlist: int = 0            # 0: from N
-    pq_m: int = 0             # 0: from the dimension
-    opq: str = "auto"         # auto | on | off
-    nprobe: int = 0           # 0: nlist / 32, at least 16
-    rerank: int = 10          # candidates re-ranked exactly = k × rerank (0: no re-ranking)
-    use_gpu: str = "auto"     # auto | on | off
-    save_seconds: float = 30.0
-    refresh_seconds: float = 0.5  # readers look for catalog changes and published rebuilds this often
-    seed: int = 1234
-
-
-@dataclass(frozen=True)
-class IndexParams:
-    kind: str                 # flat | ivfpq
-    dim: int
-    nlist: int = 0
-    pq_m: int = 0
-    opq_dim: int = 0          # 0: no OPQ
-    trained_n: int = 0
-
-    @property
-    def factory(self) -> str:
-        if self.kind == "flat":
-            return "IDMap2,Flat"
-        pre = f"OPQ{self.pq_m}_{self.opq_dim}," if self.opq_dim else ""
-        return f"{pre}IVF{self.nlist},PQ{self.pq_m}x8"
+__all__ = ["SCOPES", "Hits", "IndexConfig", "IndexParams", "VectorIndex", "choose_params"]
 
 
 @dataclass(frozen=True)
 class Hits:
     ids: np.ndarray          # int64 [m], best first, never -1
-    similarities: np.ndarray  # float32 [m], cosine
-
-
-def choose_params(n: int, dim: int, cfg: IndexConfig) -> IndexParams:
-    """Exact below the threshold; above it IVF-PQ with nlist ≈ 4·√N and PQ codes of ≈ dim/4 bytes."""
-    if n < max(cfg.exact_threshold, MIN_IVF):
-        return IndexParams("flat", dim)
-    # nlist ≈ 4·√N (a power of two), with ≥ 39 training points per list
-    nlist = cfg.nlist or int(min(65536, 2 ** round(math.log2(4 * math.sqrt(n))), 2 ** int(math.log2(n // 39))))
-    opq = cfg.opq == "on" or (cfg.opq == "auto" and dim >= 512)
-    work_dim = dim
-    if opq:
-        work_dim = dim // 2 if dim >= 512 else dim
-    target = cfg.pq_m or min(64, max(8, work_dim // 4 if work_dim <= 256 else work_dim // 8))
-    pq_m = max(m for m in range(1, target + 1) if work_dim % m == 0)
-    return IndexParams("ivfpq", dim, nlist, pq_m, work_dim if opq else 0, n)
-
-
-def _gpu_available(cfg: IndexConfig) -> bool:
-    if cfg.use_gpu == "off":
-        return False
-    n = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-    if cfg.use_gpu == "on" and n == 0:
-        raise InvalidInputError("use_gpu=on but faiss sees no GPU (install the gpu extra on a GPU machine)")
-    return n > 0
+    similarities: np.ndarray  # float32 [m], cosine in the matching space
 
 
 class _RWLock:
@@ -133,11 +85,11 @@ class _RWLock:
 
 
 class ScopeIndex:
-    """One faiss index, the ids it holds, and the catalog state it covers."""
+    """One faiss index, the space its vectors are in, the ids it holds, and the catalog state it covers."""
 
-    def __init__(self, scope: str, index: faiss.Index, params: IndexParams, image_id: int,
+    def __init__(self, scope: str, index: faiss.Index, params: IndexParams, space: MatchingSpace, image_id: int,
                  flag_event_id: int, generation: int, ids: set[int] | None) -> None:
-        self.scope, self.index, self.params = scope, index, params
+        self.scope, self.index, self.params, self.space = scope, index, params, space
         self.image_id, self.flag_event_id, self.generation = image_id, flag_event_id, generation
         # The flagged scope changes membership at random; it tracks its ids. The all scope only ever
         # gets ids above image_id, so it needs no set (which would cost ~60 bytes per vector).
@@ -148,24 +100,16 @@ class ScopeIndex:
     def ntotal(self) -> int:
         return int(self.index.ntotal)
 
-    def set_nprobe(self, nprobe: int) -> None:
-        if self.params.kind == "ivfpq":
-            faiss.extract_index_ivf(self.index).nprobe = nprobe or max(16, self.params.nlist // 32)
-
-    @property
-    def nprobe(self) -> int | None:
-        return int(faiss.extract_index_ivf(self.index).nprobe) if self.params.kind == "ivfpq" else None
-
-    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+    def add(self, ids: np.ndarray, raw: np.ndarray) -> None:
+        """Add raw vectors (transformed into this index's space here)."""
         if self.ids is not None:
             keep = np.array([i not in self.ids for i in ids.tolist()], dtype=bool)
-            ids, vectors = ids[keep], vectors[keep]
         else:
             keep = ids > self.image_id
-            ids, vectors = ids[keep], vectors[keep]
+        ids, raw = ids[keep], raw[keep]
         if len(ids) == 0:
             return
-        self.index.add_with_ids(np.ascontiguousarray(vectors, np.float32), np.ascontiguousarray(ids, np.int64))
+        self.index.add_with_ids(self.space.apply(raw), np.ascontiguousarray(ids, np.int64))
         if self.ids is not None:
             self.ids.update(ids.tolist())
         self.gpu_index = None
@@ -180,20 +124,6 @@ class ScopeIndex:
             self.gpu_index = None
 
 
-def _index_ids(index: faiss.Index) -> set[int]:
-    """The ids held by a flat IDMap2 or an IVF index."""
-    if isinstance(index, faiss.IndexIDMap2) or hasattr(index, "id_map"):
-        return set(faiss.vector_to_array(index.id_map).tolist())
-    ivf = faiss.extract_index_ivf(index)
-    inv = ivf.invlists
-    out: set[int] = set()
-    for lst in range(ivf.nlist):
-        n = inv.list_size(lst)
-        if n:
-            out.update(faiss.rev_swig_ptr(inv.get_ids(lst), n).tolist())
-    return out
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -203,22 +133,68 @@ def _fsync_dir(path: Path) -> None:
 
 
 class VectorIndex:
-    """The ``all`` and ``flagged`` indexes of one store."""
+    """The ``all`` and ``flagged`` indexes of one store, and the matching space they share."""
 
-    def __init__(self, store: Store, cfg: IndexConfig, *, vectors: VectorStore | None = None) -> None:
-        self.store, self.cfg = store, cfg
+    def __init__(self, store: Store, cfg: IndexConfig, space_cfg: SpaceConfig = SpaceConfig(), *,
+                 vectors: VectorStore | None = None) -> None:
+        self.store, self.cfg, self.space_cfg = store, cfg, space_cfg
         self.vectors = vectors or store.open_vectors()
         self.dim = self.vectors.dim
         self._lock = _RWLock()
         self._mutate = threading.Lock()  # one catch-up / rebuild at a time
         self._scopes: dict[str, ScopeIndex] = {}
-        self._gpu = _gpu_available(cfg)
+        self._gpu = fx.gpu_available(cfg.use_gpu)
         self._last_save = 0.0
         self._last_refresh = time.monotonic()
         self._refreshing = threading.Event()
+        self.space = self._current_space()
         for scope in SCOPES:
             self._scopes[scope] = self._open_scope(scope)
         self.catch_up()
+
+    # ------------------------------------------------------------------ the matching space
+    def _current_space(self) -> MatchingSpace:
+        """The space of the newest published checkpoint; a missing or corrupt file is refitted."""
+        if self.space_cfg.dim <= 0:  # matching spaces turned off: search the raw features
+            return MatchingSpace.identity(self.dim)
+        cps = [cp for sc in SCOPES if (cp := self.store.catalog.checkpoint(sc)) is not None]
+        if not cps:
+            return self._fit_space()
+        newest = max(cps, key=lambda cp: int(cp.params.get("space_version", 0)))
+        try:
+            return spaces.load(self.store.index_dir, int(newest.params.get("space_version", 0)),
+                               str(newest.params.get("space_sha256", "")), self.dim)
+        except ValueError as exc:
+            log.warning("matching space: %s; refitting it from the raw vectors", exc)
+            return self._fit_space()
+
+    def _fit_space(self) -> MatchingSpace:
+        """Fit a new space on the live images (the identity below ``space_cfg.min_vectors``) and save it
+        under a new version; indexes built with it publish it."""
+        image_head, _ = self.store.catalog.head()
+        ids = np.asarray(self.store.catalog.image_ids(flagged=None, upto=image_head), np.int64)
+        if len(ids) < max(self.space_cfg.min_vectors, 2) or self.space_cfg.dim <= 0:
+            return MatchingSpace.identity(self.dim)
+        rng = np.random.default_rng(self.space_cfg.seed)
+        if len(ids) > self.space_cfg.sample:
+            ids = np.sort(rng.choice(ids, size=self.space_cfg.sample, replace=False))
+        version = max(spaces.versions(self.store.index_dir) + [int(cp.params.get("space_version", 0))
+                      for sc in SCOPES if (cp := self.store.catalog.checkpoint(sc)) is not None] + [0]) + 1
+        t = time.perf_counter()
+        fitted = spaces.save(self.store.index_dir, spaces.fit(self.vectors.get(ids), self.space_cfg, version))
+        log.info("matching space %d: %s %d→%d-d fitted on %d vectors in %.1fs", version, fitted.kind, self.dim,
+                 fitted.dim, len(ids), time.perf_counter() - t)
+        return fitted
+
+    def _needs_space(self) -> bool:
+        """Enough vectors to fit a first space, or 4× the vectors the space was fitted on (until the fit
+        reads its full sample): the space follows the corpus in geometric steps, so refits stay rare."""
+        if self.space_cfg.dim <= 0:
+            return False
+        n = self._scopes["all"].ntotal
+        if self.space.is_identity:
+            return n >= self.space_cfg.min_vectors
+        return self.space.fitted_n < self.space_cfg.sample and n >= 4 * self.space.fitted_n
 
     # ------------------------------------------------------------------ opening and building
     def path(self, scope: str) -> Path:
@@ -241,63 +217,76 @@ class VectorIndex:
                 problem = "its checksum does not match the checkpoint (truncated or corrupt)"
         if problem is None:
             try:
-                index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+                index = fx.deserialize(data)
                 params = IndexParams(**cp.params)
-                if index.d != self.dim:
-                    raise ValueError(f"index is {index.d}-d, vectors are {self.dim}-d")
+                if index.d != params.dim:
+                    raise ValueError(f"index is {index.d}-d, its checkpoint says {params.dim}-d")
             except (RuntimeError, ValueError, TypeError) as exc:
                 problem = f"faiss cannot load it ({str(exc).splitlines()[0]})"
+        if problem is None and params.space_version != self.space.version:
+            problem = (f"it was built in matching space {params.space_version}, which is not the current "
+                       f"space {self.space.version}")
         if problem is not None:
             log.warning("index %s: %s; rebuilding from the raw vectors", path, problem)
             return self._build(scope, generation=cp.generation + 1)
-        s = ScopeIndex(scope, index, params, cp.image_id, cp.flag_event_id, cp.generation,
-                       _index_ids(index) if scope == "flagged" else None)
-        s.set_nprobe(self.cfg.nprobe)
+        s = ScopeIndex(scope, index, params, self.space, cp.image_id, cp.flag_event_id, cp.generation,
+                       fx.held_ids(index) if scope == "flagged" else None)
+        fx.set_nprobe(s.index, params, self.cfg.nprobe)
         return s
 
     def _members(self, scope: str, upto: int) -> np.ndarray:
         ids = self.store.catalog.image_ids(flagged=True if scope == "flagged" else None, upto=upto)
         return np.asarray(ids, dtype=np.int64)
 
-    def _build(self, scope: str, generation: int, params: IndexParams | None = None) -> ScopeIndex:
-        """Build a scope from the raw vectors (outside any lock; the caller swaps it in)."""
+    def _build(self, scope: str, generation: int, params: IndexParams | None = None,
+               space: MatchingSpace | None = None) -> ScopeIndex:
+        """Build a scope from the raw vectors (outside any lock; the caller swaps it in). An IVF-PQ
+        index is tuned to ``cfg.target_recall`` on held-out stored vectors while it is filled."""
+        space = space or self.space
         image_head, event_head = self.store.catalog.head()
         ids = self._members(scope, image_head)
-        params = params or choose_params(len(ids), self.dim, self.cfg)
-        index = faiss.index_factory(self.dim, params.factory, faiss.METRIC_INNER_PRODUCT)
+        params = params or choose_params(len(ids), space.dim, self.cfg)
+        params = replace(params, dim=space.dim, space_version=space.version, space_sha256=space.sha256)
+        index = fx.new_index(params)
+        rng = np.random.default_rng(self.cfg.seed)
+        truth = None
         if params.kind == "ivfpq":
-            # polysemous codes are never used for search here, and training them costs ~10× the PQ itself
-            faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training = False
-            rng = np.random.default_rng(self.cfg.seed)
             n_train = int(min(len(ids), max(40 * params.nlist, 50_000), 200_000))
             sample = np.sort(rng.choice(ids, size=n_train, replace=False)) if n_train < len(ids) else ids
-            self._train(index, self.vectors.get(sample))
-            params = IndexParams(**{**asdict(params), "trained_n": int(len(ids))})
-        for part, vecs in self.vectors.iter_rows(ids):
+            fx.train(index, space.apply(self.vectors.get(sample)), gpu=self._gpu)
+            params = replace(params, trained_n=int(len(ids)))
+            qids = np.sort(rng.choice(ids, size=min(TUNE_QUERIES, len(ids)), replace=False))
+            truth = fx.ExactTopK(space.apply(self.vectors.get(qids)), qids, 10)
+        for part, raw in self.vectors.iter_rows(ids):
+            vecs = space.apply(raw)
             index.add_with_ids(vecs, part)
-        s = ScopeIndex(scope, index, params, image_head, event_head, generation,
+            if truth is not None:
+                truth.feed(part, vecs)
+        if truth is not None:
+            t = fx.tune(index, params, truth, lambda q, c, k: self._rerank(space, q, c, k), self.cfg)
+            params = fx.with_tuning(params, t)
+            log.info("index %s: %s tuned to nprobe %d, re-rank %d×: recall@10 %.3f, p50 %.2f ms",
+                     scope, params.factory, t.nprobe, t.rerank, t.recall, t.p50_ms)
+            if t.recall < self.cfg.target_recall or t.p50_ms > self.cfg.tune_ms:
+                log.warning("index %s: recall@10 %.3f at p50 %.2f ms misses the target %.2f within %.1f ms",
+                            scope, t.recall, t.p50_ms, self.cfg.target_recall, self.cfg.tune_ms)
+        s = ScopeIndex(scope, index, params, space, image_head, event_head, generation,
                        set(ids.tolist()) if scope == "flagged" else None)
-        s.set_nprobe(self.cfg.nprobe)
+        fx.set_nprobe(s.index, params, self.cfg.nprobe)
         return s
-
-    def _train(self, index: faiss.Index, sample: np.ndarray) -> None:
-        if self._gpu:
-            res = faiss.StandardGpuResources()
-            ivf = faiss.extract_index_ivf(index)
-            # the coarse quantizer's k-means is the expensive part: run it on the GPU
-            ivf.clustering_index = faiss.index_cpu_to_gpu(res, 0, faiss.IndexFlatL2(ivf.d))
-        index.train(np.ascontiguousarray(sample, np.float32))
 
     # ------------------------------------------------------------------ keeping up with the catalog
     def catch_up(self) -> bool:
-        """Bring both scopes up to the catalog: new images, flag changes, published rebuilds,
-        and an automatic retrain when a scope crossed the exact threshold or grew ~4× past its training."""
+        """Bring both scopes up to the catalog: new images, flag changes, published rebuilds, a first
+        matching space once enough vectors exist, and a retrain when a scope crossed the exact
+        threshold or grew ~4× past its training (the space is refitted then too)."""
         changed = False
         with self._mutate:
             for scope in SCOPES:
                 cp = self.store.catalog.checkpoint(scope)
                 cur = self._scopes[scope]
                 if cp is not None and cp.generation > cur.generation:
+                    self._adopt_published(cp)
                     fresh = self._open_scope(scope)  # another process published a rebuild
                     with self._lock.write():
                         self._scopes[scope] = cur = fresh
@@ -306,13 +295,31 @@ class VectorIndex:
             with self._lock.write():
                 for scope in SCOPES:
                     changed |= self._apply(self._scopes[scope], image_head, event_head)
-            for scope in SCOPES:
-                s = self._scopes[scope]
-                if self._needs_retrain(s):
-                    log.info("retraining the %s index (%d vectors, %s)", scope, s.ntotal, s.params.kind)
-                    self._swap(self._build(scope, s.generation + 1))
-                    changed = True
+            if self._needs_space() or any(self._needs_retrain(self._scopes[sc]) for sc in SCOPES):
+                log.info("refitting the matching space and rebuilding the indexes (%d vectors)",
+                         self._scopes["all"].ntotal)
+                self._rebuild_all()
+                changed = True
         return changed
+
+    def _adopt_published(self, cp: Checkpoint) -> None:
+        """Another process published a rebuild: take its space when it is newer than ours."""
+        version = int(cp.params.get("space_version", 0))
+        if version > self.space.version:
+            try:
+                self.space = spaces.load(self.store.index_dir, version, str(cp.params.get("space_sha256", "")),
+                                         self.dim)
+            except ValueError as exc:
+                log.warning("matching space %d: %s; keeping space %d", version, exc, self.space.version)
+
+    def _rebuild_all(self, params: dict[str, IndexParams] | None = None) -> None:
+        """(under ``_mutate``) Refit the space, build both scopes with it aside (``params`` per scope where
+        given), swap them in."""
+        space = self._fit_space()
+        fresh = [self._build(sc, self._scopes[sc].generation + 1, (params or {}).get(sc), space) for sc in SCOPES]
+        self.space = space
+        for f in fresh:
+            self._swap(f)
 
     def maybe_refresh(self) -> None:
         """Catch up when the last look is older than ``refresh_seconds`` (cheap: two catalog reads)."""
@@ -350,6 +357,7 @@ class VectorIndex:
                 touched = {e.image_id for e in self.store.catalog.flag_events_after(s.flag_event_id)
                            if e.image_id <= s.image_id}
                 if touched:
+                    assert s.ids is not None
                     now = self.store.catalog.live(touched, flagged=True)
                     add = np.array(sorted(i for i in now if i not in s.ids), np.int64)
                     rem = np.array(sorted(i for i in touched if i not in now), np.int64)
@@ -364,7 +372,7 @@ class VectorIndex:
     def _needs_retrain(self, s: ScopeIndex) -> bool:
         n = s.ntotal
         if s.params.kind == "flat":
-            return choose_params(n, self.dim, self.cfg).kind != "flat"
+            return choose_params(n, s.space.dim, self.cfg).kind != "flat"
         return n >= 4 * max(s.params.trained_n, 1)
 
     def _swap(self, fresh: ScopeIndex) -> None:
@@ -376,32 +384,40 @@ class VectorIndex:
 
     # ------------------------------------------------------------------ the public API
     def search(self, vectors: np.ndarray, k: int, scope: str = "flagged", *,
-               exclude: set[int] | None = None) -> list[Hits]:
-        """Nearest neighbours by cosine for each query row; only live (and, for ``flagged``, still
-        flagged) images, re-checked against the catalog."""
+               exclude: list[set[int]] | set[int] | None = None, live: bool = True) -> list[Hits]:
+        """Nearest neighbours by cosine in the matching space for each row of raw query vectors, all
+        rows in one FAISS call. ``exclude``: ids to leave out (one set for all rows, or one per row).
+        ``live``: re-check against the catalog that each hit is live (and, for ``flagged``, still
+        flagged); a caller that reads the hits' records anyway passes False and checks them itself —
+        the hits then include up to ``k + 8`` rows beyond the excluded ones so it has room to drop."""
         if scope not in SCOPES:
             raise InvalidInputError(f"scope must be one of {', '.join(SCOPES)}, not {scope!r}")
         if k < 1:
             raise InvalidInputError("k must be at least 1")
         self.maybe_refresh()
-        q = np.ascontiguousarray(np.atleast_2d(vectors), np.float32)
-        if q.shape[1] != self.dim:
-            raise InvalidInputError(f"query vectors are {q.shape[1]}-d, the index is {self.dim}-d")
-        want = k + (len(exclude) if exclude else 0) + 8  # room for rows the catalog guard drops
+        raw = np.ascontiguousarray(np.atleast_2d(vectors), np.float32)
+        if raw.shape[1] != self.dim:
+            raise InvalidInputError(f"query vectors are {raw.shape[1]}-d, the index is {self.dim}-d")
+        per_row = exclude if isinstance(exclude, list) else [exclude or set()] * len(raw)
+        want = k + max((len(e) for e in per_row), default=0) + 8  # room for rows the catalog guard drops
         with self._lock.read():
             s = self._scopes[scope]
             if s.ntotal == 0:
-                return [Hits(np.zeros(0, np.int64), np.zeros(0, np.float32)) for _ in q]
-            if s.params.kind == "flat" or self.cfg.rerank <= 0:  # rerank 0: PQ similarities as they are
+                return [Hits(np.zeros(0, np.int64), np.zeros(0, np.float32)) for _ in raw]
+            q = s.space.apply(raw)
+            rerank = s.params.rerank or self.cfg.rerank
+            if s.params.kind == "flat":
                 sims, ids = self._search_index(s, q, min(want, s.ntotal))
             else:
-                _, cand = self._search_index(s, q, min(want * max(self.cfg.rerank, 1), s.ntotal))
-                sims, ids = self._rerank(q, cand, want)
-        allowed = self.store.catalog.live((int(i) for i in np.unique(ids) if i >= 0), flagged=scope == "flagged")
+                _, cand = self._search_index(s, q, min(want * max(rerank, 1), s.ntotal))
+                sims, ids = self._rerank(s.space, q, cand, want)
+        allowed = self.store.catalog.live((int(i) for i in np.unique(ids) if i >= 0),
+                                          flagged=scope == "flagged") if live else None
         out = []
-        for row_ids, row_sims in zip(ids, sims):
-            keep = [j for j, i in enumerate(row_ids) if i >= 0 and int(i) in allowed
-                    and not (exclude and int(i) in exclude)][:k]
+        for row_ids, row_sims, ex in zip(ids, sims, per_row):
+            keep = [j for j, i in enumerate(row_ids.tolist()) if i >= 0 and (allowed is None or i in allowed)
+                    and i not in ex]
+            keep = keep[:k] if live else keep
             out.append(Hits(row_ids[keep].astype(np.int64), row_sims[keep].astype(np.float32)))
         return out
 
@@ -413,14 +429,20 @@ class VectorIndex:
             index = s.gpu_index
         return index.search(q, k)
 
-    def _rerank(self, q: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _rerank(self, space: MatchingSpace, q: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact similarities in ``space`` for each row's candidates, best ``k`` first (one read of the raw
+        vectors and one transform for all rows)."""
         ids_out = np.full((len(q), k), -1, np.int64)
         sims_out = np.full((len(q), k), -np.inf, np.float32)
+        flat = np.unique(cand[cand >= 0])
+        if not len(flat):
+            return sims_out, ids_out
+        exact_vecs = space.apply(self.vectors.get(flat))
         for r, (qv, c) in enumerate(zip(q, cand)):
             c = c[c >= 0]
             if not len(c):
                 continue
-            exact = self.vectors.get(c) @ qv
+            exact = exact_vecs[np.searchsorted(flat, c)] @ qv
             top = np.argsort(-exact, kind="stable")[:k]
             ids_out[r, :len(top)] = c[top]
             sims_out[r, :len(top)] = exact[top]
@@ -448,23 +470,24 @@ class VectorIndex:
             for s in self._scopes.values():
                 s.remove(arr)
 
-    def rebuild(self, scope: str | None = None, params: IndexParams | None = None) -> None:
-        """Retrain and rebuild from the raw vectors; readers use the old index until the swap."""
-        for sc in ([scope] if scope else list(SCOPES)):
-            with self._mutate:
-                fresh = self._build(sc, self._scopes[sc].generation + 1, params)
-                self._swap(fresh)
+    def rebuild(self, scope: str | None = None, params: IndexParams | None = None, *, refit: bool = True) -> None:
+        """Retrain and rebuild from the raw vectors (``reindex``), refitting the matching space first
+        (both scopes are rebuilt then: they share it); readers use the old indexes until the swap."""
+        with self._mutate:
+            if refit:
+                self._rebuild_all({sc: params for sc in ([scope] if scope else SCOPES)} if params else None)
+            else:
+                for sc in ([scope] if scope else list(SCOPES)):
+                    self._swap(self._build(sc, self._scopes[sc].generation + 1, params))
 
     def stats(self) -> dict[str, dict]:
         with self._lock.read():
             return {sc: {"kind": s.params.kind, "factory": s.params.factory, "vectors": s.ntotal,
                          "covers_image_id": s.image_id, "covers_flag_event": s.flag_event_id,
-                         "generation": s.generation, "nprobe": s.nprobe,
-                         "gpu": self._gpu}
+                         "generation": s.generation, "nprobe": fx.get_nprobe(s.index, s.params),
+                         "rerank": s.params.rerank or self.cfg.rerank, "recall_at_10": s.params.recall,
+                         "space": s.space.describe(), "gpu": self._gpu}
                     for sc, s in self._scopes.items()}
-
-    def generation(self) -> tuple[int, ...]:
-        return tuple(self._scopes[s].generation for s in SCOPES)
 
     # ------------------------------------------------------------------ persistence
     def save(self, scopes: tuple[str, ...] = SCOPES) -> None:
@@ -481,7 +504,7 @@ class VectorIndex:
                     s = self._scopes[scope]
                     if cp is not None and cp.generation > s.generation:
                         continue
-                    data = faiss.serialize_index(s.index).tobytes()
+                    data = fx.serialize(s.index)
                     meta = (s.image_id, s.flag_event_id, s.generation, s.ntotal, asdict(s.params))
                 if cp is not None and (cp.image_id, cp.flag_event_id, cp.generation, cp.ntotal) == meta[:4]:
                     continue  # nothing changed since the last save
@@ -495,6 +518,8 @@ class VectorIndex:
                 _fsync_dir(path.parent)
                 self.store.catalog.save_checkpoint(Checkpoint(scope, meta[0], meta[1], meta[2], meta[3], meta[4],
                                                               hashlib.sha256(data).hexdigest()))
+            spaces.prune(self.store.index_dir, {int(cp.params.get("space_version", 0)) for sc in SCOPES
+                                                if (cp := self.store.catalog.checkpoint(sc)) is not None})
         finally:
             os.close(fd)
         self._last_save = time.monotonic()
@@ -502,6 +527,3 @@ class VectorIndex:
     def maybe_save(self) -> None:
         if time.monotonic() - self._last_save >= self.cfg.save_seconds:
             self.save()
-
-    def sync_flags_and_save(self) -> None:
-        self.save(("flagged",))

@@ -171,6 +171,7 @@ def image_json(r: ImageRecord, *, history: bool = False) -> dict[str, Any]:
 def hit_json(h: Hit) -> dict[str, Any]:
     d = image_json(h.record)
     d["similarity"] = round(h.similarity, 6)
+    d["view"] = h.view
     d["cluster"] = h.cluster
     return d
 

@@ -136,8 +136,9 @@ def openapi_document() -> dict[str, Any]:
                         "action": {"type": "string", "enum": ["flag", "unflag"]}, "source": {"type": "string"},
                         "label": {"type": ["string", "null"]}, "actor": {"type": "string"},
                         "reason": {"type": ["string", "null"]}, "at": {"type": "string"}}}}}}]},
-                "Hit": {"allOf": [{"$ref": "#/components/schemas/Image"}, {"type": "object", "required": ["similarity"],
-                                                                          "properties": {"similarity": {"type": "number"}}}]},
+                "Hit": {"allOf": [{"$ref": "#/components/schemas/Image"}, {"type": "object", "required": ["similarity", "view"],
+                                                                          "properties": {"similarity": {"type": "number", "description": "cosine in the matching space"},
+                                                                                         "view": {"type": "string", "enum": ["full", "trimmed", "content", "mirror"], "description": "the query view that matched best"}}}]},
                 "SearchResponse": {"type": "object", "required": ["model_id", "scope", "index_checkpoint", "results"],
                                    "properties": {
                                        "model_id": {"type": "string"}, "scope": {"type": "string"},

@@ -19,6 +19,8 @@ from indexer.vector_index import SCOPES, VectorIndex
 from search.admission import Admission
 
 MAX_K = 1000
+VIEWS = ("trimmed", "content", "mirror")
+DEFAULT_VIEWS = ("trimmed", "content")  # the mirror doubles the model's work on every upload: opt in
 ClusterLookup = Callable[[Sequence[int]], dict[int, dict[str, Any]]]
 
 
@@ -64,6 +66,7 @@ class Hit:
     record: ImageRecord
     similarity: float
     cluster: dict[str, Any] | None
+    view: str = "full"   # the query view that matched best (full, trimmed, content, mirror)
 
 
 @dataclass(frozen=True)
@@ -95,8 +98,12 @@ class SearchResponse:
 class SearchService:
     def __init__(self, store: Store, index: VectorIndex, embedder: Embedder | None, *,
                  limits: DecodeLimits = DEFAULT_LIMITS, admission: Admission | None = None,
-                 cluster_lookup: ClusterLookup | None = None) -> None:
+                 cluster_lookup: ClusterLookup | None = None, views: Sequence[str] = DEFAULT_VIEWS) -> None:
         self.store, self.index, self.embedder = store, index, embedder
+        unknown = set(views) - set(VIEWS)
+        if unknown:
+            raise InvalidInputError(f"unknown query view(s) {', '.join(sorted(unknown))}; known: {', '.join(VIEWS)}")
+        self.views = tuple(views)
         self.limits = limits
         self.admission = admission
         self.cluster_lookup = cluster_lookup
@@ -113,28 +120,32 @@ class SearchService:
             raise InvalidInputError("no image in the request", code="missing_image")
         t = Timings()
         t0 = time.perf_counter()
-        pixels, queries = [], []
-        for name, data in uploads:
+        pixels, owner, names, queries = [], [], [], []
+        for n, (name, data) in enumerate(uploads):
             if not data:
                 raise InvalidInputError(f"{name or 'upload'}: the file is empty", code="empty_image")
             img = self._decode(data, self.embedder.info.input)
             sha = hashlib.sha256(data).hexdigest()
-            pixels.append(img.pixels)
+            for view, px in (("full", img.pixels), *img.views.items()):
+                pixels.append(px)
+                owner.append(n)
+                names.append(view)
             queries.append((name, sha, self.store.catalog.known_sha(sha)))
         t1 = time.perf_counter()
         vectors, p = self.embedder.embed(np.stack(pixels))
         t2 = time.perf_counter()
         t.decode, t.embed = (t1 - t0) * 1000, (t2 - t1) * 1000
-        qs = [Query(name, sha, float(pu), known) for (name, sha, known), pu in zip(queries, p)]
-        return self._search(qs, vectors, params, t, exclude=[set() for _ in qs])
+        full = [i for i, v in enumerate(names) if v == "full"]  # P(unsafe) is the whole image's
+        qs = [Query(name, sha, float(p[i]), known) for (name, sha, known), i in zip(queries, full)]
+        return self._search(qs, vectors, params, t, exclude=[set() for _ in owner], owner=owner, views=names)
 
     def _decode(self, data: bytes, spec: InputSpec) -> DecodedImage:
         """Decode one upload within the worker's admission budget (reserved from its header first)."""
         if self.admission is None:
-            return decode(data, spec, self.limits, thumb_size=0)
+            return decode(data, spec, self.limits, thumb_size=0, views=self.views)
         cost = plan(data, spec, self.limits)  # the header's promise, checked against the per-image budget
         with self.admission.reserve(cost.bytes):
-            return decode(data, spec, self.limits, thumb_size=0)
+            return decode(data, spec, self.limits, thumb_size=0, views=self.views)
 
     def search_ids(self, image_ids: Iterable[int], params: SearchParams) -> SearchResponse:
         """Nearest neighbours of stored images (the image itself is left out of its own hits)."""
@@ -163,7 +174,7 @@ class SearchService:
         if missing:
             raise NotFoundError(f"no image with id {missing[0]}")
         best: dict[int, tuple[float, int]] = {}
-        hits = self.index.search(self.store.open_vectors().get(ids), per_seed, "all", exclude=set(ids))
+        hits = self.index.search(self.store.open_vectors().get(ids), per_seed, "all", exclude=set(ids), live=False)
         for seed, h in zip(ids, hits):
             for i, s in zip(h.ids.tolist(), h.similarities.tolist()):
                 if s >= min_similarity and (i not in best or s > best[i][0]):
@@ -175,20 +186,29 @@ class SearchService:
         return out[:limit]
 
     def _search(self, queries: list[Query], vectors: np.ndarray, params: SearchParams, t: Timings,
-                exclude: list[set[int]]) -> SearchResponse:
+                exclude: list[set[int]], owner: list[int] | None = None,
+                views: list[str] | None = None) -> SearchResponse:
+        """One index search for every row (a query's views are rows of their own), one catalog read for
+        every hit; a query keeps, per image, the best similarity over its views and the view it came from."""
         t0 = time.perf_counter()
-        all_hits = []
-        for vec, ex in zip(vectors, exclude):
-            all_hits.append(self.index.search(vec[None], params.k, params.scope, exclude=ex)[0])
+        owner = owner if owner is not None else list(range(len(queries)))
+        views = views or ["full"] * len(owner)
+        rows = self.index.search(vectors, params.k, params.scope, exclude=exclude, live=False)
         t1 = time.perf_counter()
-        ids = {int(i) for h in all_hits for i in h.ids}
+        ids = {int(i) for h in rows for i in h.ids}
         recs = self.store.catalog.get_many(ids)
-        clusters = self.cluster_lookup(sorted(ids)) if self.cluster_lookup and ids else {}
-        results = []
-        for q, h in zip(queries, all_hits):
-            hits = [Hit(recs[int(i)], float(s), clusters.get(int(i)))
-                    for i, s in zip(h.ids, h.similarities) if s >= params.min_similarity and int(i) in recs]
-            results.append(QueryResult(q, hits))
+        want_flagged = params.scope == "flagged"
+        live = {i for i, r in recs.items() if not r.deleted and (r.flagged or not want_flagged)}
+        best: list[dict[int, tuple[float, str]]] = [{} for _ in queries]
+        for q, view, h in zip(owner, views, rows):
+            for i, sim in zip(h.ids.tolist(), h.similarities.tolist()):
+                if i in live and sim >= params.min_similarity and (i not in best[q] or sim > best[q][i][0]):
+                    best[q][i] = (float(sim), view)
+        top = [sorted(b.items(), key=lambda kv: -kv[1][0])[: params.k] for b in best]
+        kept = sorted({i for row in top for i, _ in row})
+        clusters = self.cluster_lookup(kept) if self.cluster_lookup and kept else {}
+        results = [QueryResult(q, [Hit(recs[i], sim, clusters.get(i), view) for i, (sim, view) in row])
+                   for q, row in zip(queries, top)]
         t.search += (t1 - t0) * 1000
         t.hydrate += (time.perf_counter() - t1) * 1000
         st = self.index.stats()[params.scope]

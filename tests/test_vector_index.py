@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from indexer.catalog import FlagRequest, NewImage
+from indexer.space import SpaceConfig
 from indexer.vector_index import IndexConfig, IndexParams, VectorIndex, choose_params
 from tests.helpers import gaussian_mixture
 
@@ -67,14 +68,17 @@ def test_ivfpq_with_rerank_reaches_recall_of_exact(store, mixture):
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     hits = index.search(q, 10, "all")
     assert all(len(h.ids) == 10 and (h.ids > 0).all() for h in hits)
-    assert recall(hits, exact_topk(vecs, ids, q, 10)) >= 0.95
+    # recall against exact search in the same (matching) space; the tuner measured it at build too
+    assert not index.space.is_identity and st["all"]["recall_at_10"] >= 0.95
+    sv, sq = index.space.apply(vecs), index.space.apply(q)
+    assert recall(hits, exact_topk(sv, ids, sq, 10)) >= 0.95
     # the flagged scope, 1 % of the corpus, keeps that recall (it is its own index, not a filter)
     fl = index.search(q, 10, "flagged")
-    assert recall(fl, exact_topk(vecs[flagged], ids[flagged], q, 10)) >= 0.95
+    assert recall(fl, exact_topk(sv[flagged], ids[flagged], sq, 10)) >= 0.95
     assert all(set(h.ids.tolist()) <= set(ids[flagged].tolist()) for h in fl)
-    # similarities are exact cosines after re-ranking, best first
+    # similarities are exact cosines in the matching space after re-ranking, best first
     h = hits[0]
-    assert np.allclose(h.similarities, vecs[h.ids - 1] @ q[0], atol=1e-5)
+    assert np.allclose(h.similarities, sv[h.ids - 1] @ sq[0], atol=1e-4)
     assert (np.diff(h.similarities) <= 1e-6).all()
 
 
@@ -85,7 +89,8 @@ def test_flagged_scope_as_ivfpq_too(store, mixture):
     index = VectorIndex(store, CFG)
     assert index.stats()["flagged"]["kind"] == "ivfpq"
     q = vecs[:100]
-    assert recall(index.search(q, 10, "flagged"), exact_topk(vecs[flagged], ids[flagged], q, 10)) >= 0.95
+    sv = index.space.apply(vecs)
+    assert recall(index.search(q, 10, "flagged"), exact_topk(sv[flagged], ids[flagged], sv[:100], 10)) >= 0.95
 
 
 def test_flag_unflag_and_delete_are_visible_at_once(store, mixture):
@@ -205,3 +210,44 @@ def test_params_can_be_overridden(store, mixture):
     index.rebuild("all", params=IndexParams("ivfpq", DIM, nlist=32, pq_m=16))
     st = index.stats()["all"]
     assert st["factory"] == "IVF32,PQ16x8"
+
+
+def test_matching_space_is_fitted_versioned_and_refitted_when_broken(store, mixture, caplog):
+    vecs = mixture[0][:3000]
+    populate(store, vecs[:1500])
+    cfg = IndexConfig(exact_threshold=10**9)
+    index = VectorIndex(store, cfg, SpaceConfig(dim=32, min_vectors=2000))
+    assert index.space.is_identity and index.stats()["all"]["space"]["kind"] == "identity"
+    index.save()
+    # past min_vectors the next catch-up fits a space and rebuilds both scopes in it
+    populate(store, vecs[1500:], start=1501)
+    index.catch_up()
+    assert index.space.version == 1 and index.space.dim == 32
+    assert index.stats()["all"]["space"] == index.stats()["flagged"]["space"] == index.space.describe()
+    index.save()
+    cp = store.catalog.checkpoint("all")
+    assert cp.params["space_version"] == 1 and cp.params["dim"] == 32 and cp.params["space_sha256"]
+    # queries pass through the same transform: a stored vector finds itself first
+    assert index.search(vecs[2500:2501], 1, "all")[0].ids.tolist() == [2501]
+    # a damaged space file: warned about, refitted under a new version, the indexes rebuilt with it
+    path = store.index_dir / "space-000001.npz"
+    path.write_bytes(path.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING, logger="indexer.vector_index"):
+        again = VectorIndex(store, cfg, SpaceConfig(dim=32, min_vectors=2000))
+    assert "refitting" in caplog.text
+    assert again.space.version == 2
+    assert again.search(vecs[2500:2501], 1, "all")[0].ids.tolist() == [2501]
+    again.save()
+    assert store.catalog.checkpoint("all").params["space_version"] == 2
+    assert not path.exists()  # the old version is pruned once no checkpoint uses it
+
+
+def test_ivfpq_build_is_tuned_to_the_target_recall(store, mixture):
+    vecs, _ = mixture
+    populate(store, vecs)
+    index = VectorIndex(store, IndexConfig(exact_threshold=3000, target_recall=0.97), SpaceConfig(dim=0))
+    cp_params = index.stats()["all"]
+    assert cp_params["kind"] == "ivfpq" and cp_params["recall_at_10"] >= 0.97
+    index.save()
+    params = store.catalog.checkpoint("all").params
+    assert params["recall"] >= 0.97 and params["nprobe"] >= 8 and params["rerank"] >= 2

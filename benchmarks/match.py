@@ -1,0 +1,377 @@
+"""Matching quality: are re-uploads found, and are they grouped?
+
+A corpus from ``../shared/corpus/make-corpus`` (real photos and clipart) is split into flagged
+originals and unflagged distractors and ingested. Each original is then transformed the ways
+re-uploads arrive and searched through the served API (`flagmatch serve`, gunicorn on loopback,
+``POST /api/v1/search``); R@1 / R@10 is whether the original is first / in the top 10 of the flagged
+hits. Configurations: the raw model features with the whole image only (what flagmatch did before the
+matching space), and the default pipeline (matching space + query views). The family benchmark
+ingests each original with its copies, all flagged, clusters them with the offline job and compares
+the clusters to the families (ARI, share of families kept whole in one cluster, noise share, time).
+
+    python benchmarks/match.py [--originals 300] [--corpus DIR] [--model opennsfw]
+
+Run it from the repository root. Results: benchmarks/results/match[-MODEL].{json,md}."""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageEnhance, ImageFont, ImageOps
+
+from common import ROOT, machine, median, table, write
+
+Image.MAX_IMAGE_PIXELS = None  # trusted corpus files
+
+# ------------------------------------------------------------------ the transforms re-uploads go through
+
+
+def _jpeg(im: Image.Image, q: int) -> Image.Image:
+    buf = io.BytesIO()
+    im.convert("RGB").save(buf, "JPEG", quality=q)
+    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.truetype("DejaVuSans-Bold.ttf", size)
+    except OSError:
+        return ImageFont.load_default(size=size)
+
+
+def t_jpeg_half(im: Image.Image, r: random.Random) -> Image.Image:
+    w, h = im.size
+    return _jpeg(im.resize((max(1, w // 2), max(1, h // 2)), Image.BILINEAR), 30)
+
+
+def t_crop(im: Image.Image, r: random.Random) -> Image.Image:
+    w, h = im.size
+    cw, ch = int(w * 0.8), int(h * 0.8)
+    x, y = r.randint(0, w - cw), r.randint(0, h - ch)
+    return im.crop((x, y, x + cw, y + ch))
+
+
+def t_mirror(im: Image.Image, r: random.Random) -> Image.Image:
+    return ImageOps.mirror(im)
+
+
+def t_rotate(im: Image.Image, r: random.Random) -> Image.Image:
+    return im.rotate(8, resample=Image.BICUBIC, expand=True, fillcolor=(0, 0, 0))
+
+
+def t_screenshot(im: Image.Image, r: random.Random) -> Image.Image:
+    """Pasted into a screenshot-like frame: a top bar, a sidebar with text, the picture, text below."""
+    w, h = im.size
+    scale = 720 / max(w, h)
+    pic = im.resize((max(1, int(w * scale)), max(1, int(h * scale))), Image.BILINEAR)
+    pw, ph = pic.size
+    W, H = pw + 420, ph + 260
+    bg = r.choice([(255, 255, 255), (245, 245, 247), (24, 25, 28)])
+    fg = (20, 20, 20) if sum(bg) > 300 else (230, 230, 230)
+    canvas = Image.new("RGB", (W, H), bg)
+    d = ImageDraw.Draw(canvas)
+    d.rectangle((0, 0, W, 56), fill=r.choice([(59, 89, 152), (29, 161, 242), (40, 40, 40)]))
+    d.text((16, 14), "feed  ·  search  ·  messages", fill=(255, 255, 255), font=_font(22))
+    for i in range(9):
+        d.text((16, 90 + 36 * i), f"@user{r.randint(10, 999)} · {r.randint(1, 59)}m", fill=fg, font=_font(16))
+    x0, y0 = 340, 90
+    canvas.paste(pic, (x0, y0))
+    d.text((x0, y0 + ph + 16), "look at this 😂  #repost", fill=fg, font=_font(20))
+    d.text((x0, y0 + ph + 48), f"{r.randint(2, 900)} likes  {r.randint(1, 90)} comments", fill=fg, font=_font(16))
+    return _jpeg(canvas, 85)
+
+
+def t_caption(im: Image.Image, r: random.Random) -> Image.Image:
+    w, h = im.size
+    band = max(24, h // 6)
+    canvas = Image.new("RGB", (w, h + band), (255, 255, 255))
+    canvas.paste(im.convert("RGB"), (0, band))
+    ImageDraw.Draw(canvas).text((max(4, w // 20), band // 5), "WHEN YOU SEE IT", fill=(0, 0, 0),
+                                font=_font(max(12, band // 2)))
+    return canvas
+
+
+def t_grey_contrast(im: Image.Image, r: random.Random) -> Image.Image:
+    return ImageEnhance.Contrast(ImageOps.grayscale(im).convert("RGB")).enhance(1.5)
+
+
+def t_letterbox(im: Image.Image, r: random.Random) -> Image.Image:
+    """Padded to 16:9 with black bars (a video frame), re-encoded."""
+    w, h = im.size
+    W = max(w, int(h * 16 / 9))
+    H = max(h, int(W * 9 / 16))
+    canvas = Image.new("RGB", (W, H), (0, 0, 0))
+    canvas.paste(im.convert("RGB"), ((W - w) // 2, (H - h) // 2))
+    return _jpeg(canvas, 80)
+
+
+def t_watermark(im: Image.Image, r: random.Random) -> Image.Image:
+    """A semi-transparent watermark and a sticker, as reposting accounts add."""
+    base = im.convert("RGBA")
+    w, h = base.size
+    layer = Image.new("RGBA", base.size, (0, 0, 0, 0))
+    d = ImageDraw.Draw(layer)
+    d.text((w // 10, h // 2), "@reposter", fill=(255, 255, 255, 140), font=_font(max(12, w // 10)))
+    s = max(8, min(w, h) // 6)
+    d.ellipse((w - s - 8, 8, w - 8, 8 + s), fill=(255, 210, 0, 230))
+    return _jpeg(Image.alpha_composite(base, layer), 75)
+
+
+TRANSFORMS: dict[str, tuple[str, Callable[[Image.Image, random.Random], Image.Image]]] = {
+    "jpeg_half": ("JPEG quality 30 + half size", t_jpeg_half),
+    "crop80": ("crop 80 %", t_crop),
+    "mirror": ("mirror", t_mirror),
+    "rotate8": ("rotate 8°", t_rotate),
+    "screenshot": ("pasted into a screenshot-like frame", t_screenshot),
+    "caption": ("caption band added", t_caption),
+    "grey": ("greyscale + contrast", t_grey_contrast),
+    "letterbox": ("letterboxed to 16:9", t_letterbox),
+    "watermark": ("watermark + sticker", t_watermark),
+}
+
+
+def load_rgb(path: Path, max_side: int = 1600) -> Image.Image:
+    im = Image.open(path)
+    im.draft("RGB", (max_side, max_side))
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("P", "PA", "LA", "RGBA"):
+        rgba = im.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        bg.alpha_composite(rgba)
+        im = bg
+    im = im.convert("RGB")
+    if max(im.size) > max_side:
+        im.thumbnail((max_side, max_side), Image.BILINEAR)
+    return im
+
+
+def make_queries(originals: list[Path], out: Path, seed: int) -> dict[str, list[Path]]:
+    """Every original through every transform, written as files (JPEG or PNG as the transform gives)."""
+    done: dict[str, list[Path]] = {t: [] for t in TRANSFORMS}
+    for i, src in enumerate(originals):
+        im = load_rgb(src)
+        for name, (_, fn) in TRANSFORMS.items():
+            path = out / name / f"{i:05d}.png"
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fn(im, random.Random(seed * 7919 + i)).save(path, "PNG", compress_level=1)
+            done[name].append(path)
+    return done
+
+
+# ------------------------------------------------------------------ the served API
+
+
+def flagmatch(*args: str, env: dict[str, str]) -> str:
+    p = subprocess.run([sys.executable, "-m", "flagmatch.cli", *args], env={**os.environ, **env},
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"flagmatch {' '.join(args)} failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
+    return p.stdout
+
+
+def search(base: str, token: str, path: Path, k: int = 10) -> tuple[list[int], list[str], float]:
+    boundary = uuid.uuid4().hex
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{path.name}\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n").encode() + path.read_bytes() + \
+        f"\r\n--{boundary}--\r\n".encode()
+    req = urllib.request.Request(f"{base}/api/v1/search?k={k}", data=body, method="POST", headers={
+        "Content-Type": f"multipart/form-data; boundary={boundary}", "Authorization": f"Bearer {token}"})
+    t = time.perf_counter()
+    with urllib.request.urlopen(req, timeout=120) as r:
+        data = json.loads(r.read())
+    ms = (time.perf_counter() - t) * 1000
+    hits = data["results"][0]["hits"]
+    return [h["id"] for h in hits], [h.get("view", "full") for h in hits], ms
+
+
+def measure(env: dict[str, str], queries: dict[str, list[Path]], truth: list[int], log: Path) -> dict[str, Any]:
+    sys.path.insert(0, str(ROOT))
+    from tests.helpers import start_server, stop_server
+    proc, base, logf = start_server({**env, "FLAGMATCH_WORKERS": "1", "FLAGMATCH_THREADS": "2"}, log, timeout=600)
+    out: dict[str, Any] = {}
+    try:
+        search(base, env["FLAGMATCH_API_TOKENS"].split(":")[1], queries[next(iter(queries))][0])  # warm
+        for name, paths in queries.items():
+            r1 = r10 = 0
+            times: list[float] = []
+            views: dict[str, int] = {}
+            for path, want in zip(paths, truth):
+                ids, vs, ms = search(base, env["FLAGMATCH_API_TOKENS"].split(":")[1], path)
+                times.append(ms)
+                r1 += bool(ids[:1] == [want])
+                r10 += want in ids[:10]
+                if want in ids:
+                    v = vs[ids.index(want)]
+                    views[v] = views.get(v, 0) + 1
+            out[name] = {"r1": r1 / len(paths), "r10": r10 / len(paths), "p50_ms": median(times), "views": views}
+            print(f"  {name:<12} R@1 {out[name]['r1']:.3f}  R@10 {out[name]['r10']:.3f}  "
+                  f"p50 {out[name]['p50_ms']:.0f} ms  matched via {views}", flush=True)
+    finally:
+        stop_server(proc, logf)
+    return out
+
+
+# ------------------------------------------------------------------ families
+
+
+def families(env: dict[str, str], originals: list[Path], queries: dict[str, list[Path]], work: Path,
+             configs: dict[str, dict[str, str]]) -> dict[str, Any]:
+    """Each original with its copies, all flagged, clustered; compared with the true families."""
+    sys.path.insert(0, str(ROOT))
+    from sklearn.metrics import adjusted_rand_score
+    from flagmatch.settings import Settings
+    from flagmatch.wiring import open_store
+    fam_dir = work / "family-files"
+    manifest = work / "families.jsonl"
+    if not manifest.exists():
+        fam_dir.mkdir(parents=True, exist_ok=True)
+        with open(manifest, "w") as f:
+            for i, src in enumerate(originals):
+                f.write(json.dumps({"path": str(src), "external_id": f"fam{i}:orig"}) + "\n")
+                for name, paths in queries.items():
+                    f.write(json.dumps({"path": str(paths[i]), "external_id": f"fam{i}:{name}"}) + "\n")
+    out: dict[str, Any] = {}
+    for label, extra in configs.items():
+        home = work / f"home-families-{label}"
+        shutil.rmtree(home, ignore_errors=True)
+        e = {**env, **extra, "FLAGMATCH_HOME": str(home), "FLAGMATCH_FLAG_THRESHOLD": "0.0"}
+        flagmatch("ingest", str(manifest), env=e)
+        t = time.perf_counter()
+        flagmatch("cluster", env=e)
+        seconds = time.perf_counter() - t
+        store = open_store(Settings.load({}, environ=e))
+        with store.catalog.engine.connect() as c:
+            from sqlalchemy import text
+            rows = c.execute(text(
+                "select e.external_id, m.cluster_id from cluster_members m join image_paths e "
+                "on e.image_id = m.image_id where m.run_id = (select max(id) from cluster_runs)")).all()
+        store.close()
+        fam = {}
+        for ext, cid in rows:
+            if ext:
+                fam[ext] = cid
+        keys = sorted(fam)
+        truth = [k.split(":")[0] for k in keys]
+        pred = [f"c{fam[k]}" if fam[k] is not None else f"noise{j}" for j, k in enumerate(keys)]
+        whole = 0
+        groups: dict[str, list[Any]] = {}
+        for k in keys:
+            groups.setdefault(k.split(":")[0], []).append(fam[k])
+        for members in groups.values():
+            whole += members[0] is not None and all(m == members[0] for m in members)
+        noise = sum(v is None for v in fam.values()) / max(1, len(fam))
+        out[label] = {"images": len(keys), "families": len(groups), "ari": adjusted_rand_score(truth, pred),
+                      "whole": whole / max(1, len(groups)), "noise": noise, "seconds": seconds,
+                      "clusters": len({v for v in fam.values() if v is not None})}
+        print(f"  families [{label}]: ARI {out[label]['ari']:.3f}, whole {out[label]['whole']:.3f}, "
+              f"noise {noise:.3f}, {out[label]['clusters']} clusters, {seconds:.1f} s", flush=True)
+    return out
+
+
+# ------------------------------------------------------------------ main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--originals", type=int, default=300)
+    ap.add_argument("--distractors", type=int, default=3000)
+    ap.add_argument("--corpus", default="/tmp/fm-match-corpus")
+    ap.add_argument("--work", default="/tmp/fm-bench-match")
+    ap.add_argument("--model", default="opennsfw")
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--skip-families", action="store_true")
+    a = ap.parse_args()
+    corpus, work = Path(a.corpus), Path(a.work)
+    if not corpus.exists():
+        subprocess.run([sys.executable, str(ROOT.parent / "shared" / "corpus" / "make-corpus"), str(corpus),
+                        "--photos", "1800", "--clipart", "1700", "--seed", str(a.seed)], check=True)
+    files = sorted(p for p in corpus.rglob("*") if p.suffix.lower() in (".jpg", ".png"))
+    rng = random.Random(a.seed)
+    rng.shuffle(files)
+    originals = files[: a.originals]
+    distractors = files[a.originals: a.originals + a.distractors]
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"{machine()}\n{len(originals)} originals, {len(distractors)} distractors, model {a.model}", flush=True)
+    queries = make_queries(originals, work / "queries", a.seed)
+
+    token = "bench:bench-token"
+    base_env = {"FLAGMATCH_MODEL": a.model, "FLAGMATCH_API_TOKENS": token, "FLAGMATCH_MAX_PIXELS": "300000000"}
+    home = work / "home"
+    if not (home / "catalog.sqlite").exists():
+        env = {**base_env, "FLAGMATCH_HOME": str(home), "FLAGMATCH_FLAG_THRESHOLD": "1.1"}
+        listing = work / "ingest.jsonl"
+        with open(listing, "w") as f:
+            for p in originals + distractors:
+                f.write(json.dumps({"path": str(p)}) + "\n")
+        t = time.perf_counter()
+        print(flagmatch("ingest", str(listing), env=env), f"{time.perf_counter() - t:.0f} s", flush=True)
+    from flagmatch.settings import Settings
+    from flagmatch.wiring import open_store
+    from indexer.catalog import FlagRequest
+    store = open_store(Settings.load({"home": str(home)}, environ={}))
+    import hashlib
+    truth = [store.catalog.resolve(hashlib.sha256(p.read_bytes()).hexdigest()) for p in originals]
+    store.catalog.set_flag(truth, FlagRequest("import", "bench", "benchmark originals"), flag=True)
+    store.close()
+
+    configs = {
+        "raw features, whole image": {"FLAGMATCH_SPACE_DIM": "0", "FLAGMATCH_QUERY_VIEWS": ""},
+        "matching space, whole image": {"FLAGMATCH_QUERY_VIEWS": ""},
+        "default: matching space + views": {},
+    }
+    results: dict[str, Any] = {"machine": machine(), "model": a.model, "originals": len(originals),
+                               "distractors": len(distractors), "search": {}}
+    for label, extra in configs.items():
+        env = {**base_env, **extra, "FLAGMATCH_HOME": str(home)}
+        print(f"[{label}] reindex: " + flagmatch("reindex", env=env).strip().replace("\n", "; "), flush=True)
+        results["search"][label] = measure(env, queries, truth, work / "serve.log")
+
+    if not a.skip_families:
+        results["families"] = families(base_env, originals, queries, work, {
+            "raw features, no join": {"FLAGMATCH_SPACE_DIM": "0", "FLAGMATCH_CLUSTER_JOIN": "0"},
+            "default: matching space + near-duplicate join": {},
+        })
+
+    suffix = "" if a.model == "opennsfw" else "-" + Path(a.model).name
+    md = [f"Matching quality on {results['machine']}; model `{a.model}`; {len(originals)} flagged originals among "
+          f"{len(distractors)} distractors (photos and clipart from `make-corpus`), each original searched through "
+          f"`POST /api/v1/search` after one transform (R@1: the original is the first flagged hit; R@10: in the top "
+          f"10). p50: the request's latency on loopback.", ""]
+    labels = list(configs)
+    rows = []
+    for name, (title, _) in TRANSFORMS.items():
+        row: list[Any] = [title]
+        for lab in labels:
+            r = results["search"][lab][name]
+            row += [f"{r['r1']:.3f}", f"{r['r10']:.3f}"]
+        rows.append(row)
+    lat = ["p50 latency (ms)"]
+    for lab in labels:
+        lat += [f"{median([results['search'][lab][n]['p50_ms'] for n in TRANSFORMS]):.0f}", ""]
+    rows.append(lat)
+    heads = ["transform"] + [f"{h} ({lab})" for lab in labels for h in ("R@1", "R@10")]
+    md.append(table(heads, rows))
+    if "families" in results:
+        md += ["", f"Families: each original with its {len(TRANSFORMS)} copies, all flagged "
+               f"({len(originals) * (len(TRANSFORMS) + 1)} images), clustered by `flagmatch cluster`.", ""]
+        md.append(table(["pipeline", "ARI", "families kept whole", "noise share", "clusters", "time (s)"],
+                        [[lab, f"{r['ari']:.3f}", f"{r['whole']:.3f}", f"{r['noise']:.3f}", r["clusters"],
+                          f"{r['seconds']:.1f}"] for lab, r in results["families"].items()]))
+    write(f"match{suffix}", results, "\n".join(md))
+
+
+if __name__ == "__main__":
+    main()

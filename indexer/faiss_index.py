@@ -1,0 +1,223 @@
+"""FAISS, knowing nothing of the catalog: which index to build for N vectors, training it (on the
+GPU when faiss has one), the ids it holds, (de)serialising it, and tuning its search parameters to a
+recall target measured against exact search.
+
+Small collections use an exact inner-product index; past ``exact_threshold`` the index is IVF-PQ
+(optionally OPQ) and the top ``k × rerank`` candidates are re-ranked exactly by the caller."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import faiss
+import numpy as np
+
+from indexer.errors import InvalidInputError
+
+MIN_IVF = 10_000  # PQ's 256 centroids per sub-quantizer need ~10k training points: stay exact below
+NPROBES = (8, 16, 32, 64, 128, 256, 512, 1024)
+RERANKS = (2, 4, 8, 16, 32)
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    exact_threshold: int = 50_000
+    nlist: int = 0            # 0: from N
+    pq_m: int = 0             # 0: from the dimension
+    opq: str = "auto"         # auto | on | off
+    nprobe: int = 0           # 0: tuned at build time to target_recall
+    rerank: int = 0           # candidates re-ranked exactly = k × rerank (0: tuned at build time)
+    target_recall: float = 0.98
+    tune_ms: float = 2.0      # the tuner prefers settings whose single-query p50 stays under this
+    use_gpu: str = "auto"     # auto | on | off
+    save_seconds: float = 30.0
+    refresh_seconds: float = 0.5  # readers look for catalog changes and published rebuilds this often
+    seed: int = 1234
+
+
+@dataclass(frozen=True)
+class IndexParams:
+    kind: str                 # flat | ivfpq
+    dim: int                  # the dimension of the vectors it holds (the matching space's)
+    nlist: int = 0
+    pq_m: int = 0
+    opq_dim: int = 0          # 0: no OPQ
+    trained_n: int = 0
+    nprobe: int = 0           # chosen at build (tuned or from the config)
+    rerank: int = 0
+    recall: float | None = None   # recall@10 measured at build on a held-out sample (1.0 for flat)
+    recall_p50_ms: float | None = None
+    space_version: int = 0    # the matching space the vectors were transformed with
+    space_sha256: str = ""
+
+    @property
+    def factory(self) -> str:
+        if self.kind == "flat":
+            return "IDMap2,Flat"
+        pre = f"OPQ{self.pq_m}_{self.opq_dim}," if self.opq_dim else ""
+        return f"{pre}IVF{self.nlist},PQ{self.pq_m}x8"
+
+
+def choose_params(n: int, dim: int, cfg: IndexConfig) -> IndexParams:
+    """Exact below the threshold; above it IVF-PQ with nlist ≈ 4·√N and PQ codes of ≈ dim/4 bytes."""
+    if n < max(cfg.exact_threshold, MIN_IVF):
+        return IndexParams("flat", dim, recall=1.0)
+    # nlist ≈ 4·√N (a power of two), with ≥ 39 training points per list
+    nlist = cfg.nlist or int(min(65536, 2 ** round(math.log2(4 * math.sqrt(n))), 2 ** int(math.log2(n // 39))))
+    opq = cfg.opq == "on" or (cfg.opq == "auto" and dim >= 512)
+    work_dim = dim
+    if opq:
+        work_dim = dim // 2 if dim >= 512 else dim
+    target = cfg.pq_m or min(64, max(8, work_dim // 4 if work_dim <= 256 else work_dim // 8))
+    pq_m = max(m for m in range(1, target + 1) if work_dim % m == 0)
+    return IndexParams("ivfpq", dim, nlist, pq_m, work_dim if opq else 0, n)
+
+
+def gpu_available(use_gpu: str) -> bool:
+    if use_gpu == "off":
+        return False
+    n = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    if use_gpu == "on" and n == 0:
+        raise InvalidInputError("use_gpu=on but faiss sees no GPU (install the gpu extra on a GPU machine)")
+    return n > 0
+
+
+def new_index(params: IndexParams) -> faiss.Index:
+    index = faiss.index_factory(params.dim, params.factory, faiss.METRIC_INNER_PRODUCT)
+    if params.kind == "ivfpq":
+        # polysemous codes are never used for search here, and training them costs ~10× the PQ itself
+        faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training = False
+    return index
+
+
+def train(index: faiss.Index, sample: np.ndarray, *, gpu: bool) -> None:
+    if gpu:
+        res = faiss.StandardGpuResources()
+        ivf = faiss.extract_index_ivf(index)
+        # the coarse quantizer's k-means is the expensive part: run it on the GPU
+        ivf.clustering_index = faiss.index_cpu_to_gpu(res, 0, faiss.IndexFlatL2(ivf.d))
+    index.train(np.ascontiguousarray(sample, np.float32))
+
+
+def set_nprobe(index: faiss.Index, params: IndexParams, nprobe: int) -> None:
+    if params.kind == "ivfpq":
+        faiss.extract_index_ivf(index).nprobe = min(params.nlist, nprobe or params.nprobe or max(16, params.nlist // 32))
+
+
+def get_nprobe(index: faiss.Index, params: IndexParams) -> int | None:
+    return int(faiss.extract_index_ivf(index).nprobe) if params.kind == "ivfpq" else None
+
+
+def held_ids(index: faiss.Index) -> set[int]:
+    """The ids held by a flat IDMap2 or an IVF index."""
+    if isinstance(index, faiss.IndexIDMap2) or hasattr(index, "id_map"):
+        return set(faiss.vector_to_array(index.id_map).tolist())
+    ivf = faiss.extract_index_ivf(index)
+    inv = ivf.invlists
+    out: set[int] = set()
+    for lst in range(ivf.nlist):
+        n = inv.list_size(lst)
+        if n:
+            out.update(faiss.rev_swig_ptr(inv.get_ids(lst), n).tolist())
+    return out
+
+
+def serialize(index: faiss.Index) -> bytes:
+    return bytes(faiss.serialize_index(index).tobytes())
+
+
+def deserialize(data: bytes) -> faiss.Index:
+    return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+
+
+class ExactTopK:
+    """Exact top-k inner products of a few queries against vectors fed in chunks (the ground truth
+    for tuning, collected while the index is being filled)."""
+
+    def __init__(self, queries: np.ndarray, query_ids: np.ndarray, k: int) -> None:
+        self.q, self.qids, self.k = queries, query_ids, k
+        self.sims = np.full((len(queries), k), -np.inf, np.float32)
+        self.ids = np.full((len(queries), k), -1, np.int64)
+
+    def feed(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        if not len(self.q) or not len(ids):
+            return
+        s = self.q @ vectors.T
+        s[self.qids[:, None] == ids[None, :]] = -np.inf  # a query never counts itself
+        kk = min(self.k, s.shape[1])
+        part = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
+        cs = np.concatenate([self.sims, np.take_along_axis(s, part, 1)], axis=1)
+        ci = np.concatenate([self.ids, ids[part]], axis=1)
+        top = np.argsort(-cs, axis=1, kind="stable")[:, : self.k]
+        self.sims, self.ids = np.take_along_axis(cs, top, 1), np.take_along_axis(ci, top, 1)
+
+
+@dataclass(frozen=True)
+class Tuning:
+    nprobe: int
+    rerank: int
+    recall: float
+    p50_ms: float
+
+
+Reranker = Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+
+
+def tune(index: faiss.Index, params: IndexParams, truth: ExactTopK, rerank: Reranker, cfg: IndexConfig,
+         k: int = 10) -> Tuning:
+    """The cheapest (nprobe, rerank) whose recall@k on the held-out queries reaches the target.
+
+    nprobe grows in powers of two; for each, one search fetches the deepest candidate list and every
+    shallower re-rank depth is its prefix (IVF-PQ returns candidates best first). Settings fixed in the
+    config are kept and only measured. When nothing reaches the target within ``NPROBES`` the best
+    recall seen is kept, and the checkpoint records what it is."""
+    q, gt = truth.q, truth.ids[:, :k]
+    ivf = faiss.extract_index_ivf(index)
+    probes = [cfg.nprobe] if cfg.nprobe else [p for p in NPROBES if p <= params.nlist] or [params.nlist]
+    depths = [cfg.rerank] if cfg.rerank else list(RERANKS)
+    best: tuple[float, int, int] = (-1.0, probes[0], depths[0])
+    chosen: tuple[int, int] | None = None
+    for nprobe in probes:
+        ivf.nprobe = nprobe
+        _, cand = index.search(q, k * max(depths) + 1)
+        for depth in depths:
+            _, ids = rerank(q, cand[:, : k * depth + 1], k + 1)
+            got = _recall(ids, truth.qids, gt, k)
+            if got > best[0]:
+                best = (got, nprobe, depth)
+            if got >= cfg.target_recall:
+                chosen = (nprobe, depth)
+                break
+        if chosen:
+            break
+    nprobe, depth = chosen or (best[1], best[2])
+    ivf.nprobe = nprobe
+    p50 = _p50_ms(index, q[:100], lambda one: rerank(one, index.search(one, k * depth + 1)[1], k + 1))
+    _, ids = rerank(q, index.search(q, k * depth + 1)[1], k + 1)
+    return Tuning(nprobe, depth, _recall(ids, truth.qids, gt, k), p50)
+
+
+def _recall(ids: np.ndarray, qids: np.ndarray, gt: np.ndarray, k: int) -> float:
+    hit = total = 0
+    for row, qid, want in zip(ids, qids, gt):
+        got = [i for i in row.tolist() if i != qid and i >= 0][:k]
+        want_set = {i for i in want.tolist() if i >= 0}
+        hit += len(want_set.intersection(got))
+        total += len(want_set)
+    return hit / total if total else 1.0
+
+
+def _p50_ms(index: faiss.Index, q: np.ndarray, one: Callable[[np.ndarray], object]) -> float:
+    times = []
+    for row in q:
+        t = time.perf_counter()
+        one(row[None])
+        times.append((time.perf_counter() - t) * 1000)
+    return float(np.median(times)) if times else 0.0
+
+
+def with_tuning(params: IndexParams, t: Tuning) -> IndexParams:
+    return replace(params, nprobe=t.nprobe, rerank=t.rerank, recall=round(t.recall, 4),
+                   recall_p50_ms=round(t.p50_ms, 3))

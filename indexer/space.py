@@ -1,0 +1,176 @@
+"""The matching space: a transform fitted on the catalog's own raw vectors, applied before indexing
+and to every query.
+
+Raw model features spend most of their variance on what the model was trained for (here: how unsafe
+an image looks), so two unrelated unsafe images are already close and a re-encoded copy is not much
+closer. PCA-whitening fitted on the store's vectors centres them, keeps the top ``dim`` principal
+components and divides each by its eigenvalue to the power ``power`` (0.5: full whitening), so the
+directions every image shares stop dominating the cosine. Measured in ``benchmarks/match.py``.
+
+A space is versioned (``index/space-<version>.npz``, written atomically) and each index checkpoint
+records the version and checksum it was built with; the raw vectors never change, so a space can
+always be refitted. Below ``min_vectors`` the space is the identity (nothing to learn from yet)."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from indexer.store import Store
+
+log = logging.getLogger(__name__)
+_FILE = re.compile(r"space-(\d+)\.npz")
+
+
+@dataclass(frozen=True)
+class SpaceConfig:
+    dim: int = 256            # principal components kept (capped at the model's dimension)
+    power: float = 0.5        # each component divided by eigenvalue**power (0: PCA only, 0.5: whitening)
+    min_vectors: int = 2000   # below this many stored vectors the space is the identity
+    sample: int = 200_000     # vectors the fit reads at most
+    seed: int = 1234
+
+
+@dataclass(frozen=True)
+class MatchingSpace:
+    version: int              # 0: the identity
+    dim_in: int
+    mean: np.ndarray | None   # [dim_in]
+    proj: np.ndarray | None   # [dim, dim_in], each row already scaled
+    power: float = 0.0
+    fitted_n: int = 0
+    sha256: str = ""          # of the saved file ("" for the identity)
+
+    @classmethod
+    def identity(cls, dim: int) -> "MatchingSpace":
+        return cls(0, dim, None, None)
+
+    @property
+    def is_identity(self) -> bool:
+        return self.proj is None
+
+    @property
+    def dim(self) -> int:
+        return self.dim_in if self.proj is None else int(self.proj.shape[0])
+
+    @property
+    def kind(self) -> str:
+        return "identity" if self.is_identity else "pca-whiten"
+
+    def apply(self, raw: np.ndarray) -> np.ndarray:
+        """Rows of raw vectors → L2-normalised rows in this space (float32, C-contiguous)."""
+        x = np.ascontiguousarray(np.atleast_2d(raw), np.float32)
+        if self.proj is None or self.mean is None:
+            return x
+        y = (x - self.mean) @ self.proj.T
+        norms = np.linalg.norm(y, axis=1, keepdims=True)
+        np.maximum(norms, 1e-12, out=norms)
+        return np.ascontiguousarray(y / norms, np.float32)
+
+    def describe(self) -> dict[str, object]:
+        return {"version": self.version, "kind": self.kind, "dim": self.dim, "power": self.power,
+                "fitted_n": self.fitted_n}
+
+
+def fit(sample: np.ndarray, cfg: SpaceConfig, version: int) -> MatchingSpace:
+    """PCA-whitening of ``sample`` (raw vectors, one per row)."""
+    x = np.asarray(sample, np.float64)
+    n, d = x.shape
+    mean = x.mean(axis=0)
+    xc = x - mean
+    cov = (xc.T @ xc) / max(n - 1, 1)
+    vals, vecs = np.linalg.eigh(cov)
+    order = np.argsort(vals)[::-1]
+    keep = order[: min(cfg.dim, d, n - 1)]
+    lam = np.maximum(vals[keep], 0.0)
+    # a floor on the eigenvalues: components with (almost) no variance are noise, and dividing by
+    # their tiny eigenvalue would blow that noise up to the size of the real signal
+    lam = np.maximum(lam, 1e-3 * float(lam[0]) if len(lam) else 1.0)
+    proj = (vecs[:, keep] / lam ** cfg.power).T
+    return MatchingSpace(version, d, mean.astype(np.float32), np.ascontiguousarray(proj, np.float32),
+                         cfg.power, int(n))
+
+
+def path_for(directory: Path, version: int) -> Path:
+    return directory / f"space-{version:06d}.npz"
+
+
+def versions(directory: Path) -> list[int]:
+    return sorted(int(m.group(1)) for p in directory.glob("space-*.npz") if (m := _FILE.fullmatch(p.name)))
+
+
+def save(directory: Path, space: MatchingSpace) -> MatchingSpace:
+    """Write ``space`` atomically (temp file, fsync, rename, fsync the folder); returns it with its checksum."""
+    if space.is_identity:
+        return space
+    assert space.mean is not None and space.proj is not None
+    directory.mkdir(parents=True, exist_ok=True)
+    path = path_for(directory, space.version)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, mean=space.mean, proj=space.proj, power=np.float64(space.power),
+                 fitted_n=np.int64(space.fitted_n), version=np.int64(space.version))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return MatchingSpace(space.version, space.dim_in, space.mean, space.proj, space.power, space.fitted_n,
+                         hashlib.sha256(path.read_bytes()).hexdigest())
+
+
+def load(directory: Path, version: int, sha256: str, dim_in: int) -> MatchingSpace:
+    """The saved space ``version``; raises ValueError when it is missing, altered or does not fit."""
+    if version == 0:
+        return MatchingSpace.identity(dim_in)
+    path = path_for(directory, version)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read it ({exc.strerror})") from None
+    if sha256 and hashlib.sha256(data).hexdigest() != sha256:
+        raise ValueError(f"{path}: its checksum does not match the index checkpoint (altered or truncated)")
+    try:
+        import io
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            mean, proj = z["mean"].astype(np.float32), z["proj"].astype(np.float32)
+            power, fitted_n = float(z["power"]), int(z["fitted_n"])
+    except Exception as exc:  # numpy raises many kinds for a damaged archive
+        raise ValueError(f"{path}: not a readable space file ({type(exc).__name__})") from None
+    if mean.shape != (dim_in,) or proj.ndim != 2 or proj.shape[1] != dim_in or not np.isfinite(proj).all():
+        raise ValueError(f"{path}: shapes do not fit {dim_in}-d vectors")
+    return MatchingSpace(version, dim_in, mean, np.ascontiguousarray(proj), power, fitted_n, sha256)
+
+
+def prune(directory: Path, keep: set[int]) -> None:
+    """Remove space files no checkpoint uses any more (keeping ``keep``)."""
+    for v in versions(directory):
+        if v not in keep and v < max(keep | {0}):
+            try:
+                path_for(directory, v).unlink()
+            except OSError:
+                pass
+
+
+def current_space(store: "Store", dim: int) -> MatchingSpace:
+    """The matching space the store's ``all`` index was built with (the identity before any, or when
+    its file cannot be read: the index itself refits it on its next open)."""
+    cp = store.catalog.checkpoint("all")
+    version = int(cp.params.get("space_version", 0)) if cp is not None else 0
+    if cp is None or version == 0:
+        return MatchingSpace.identity(dim)
+    try:
+        return load(store.index_dir, version, str(cp.params.get("space_sha256", "")), dim)
+    except ValueError as exc:
+        log.warning("matching space %d: %s; using the raw features", version, exc)
+        return MatchingSpace.identity(dim)

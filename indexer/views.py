@@ -1,0 +1,111 @@
+"""Query views: the parts of an upload worth searching on their own.
+
+Re-uploads often arrive wrapped: letterboxed, with a uniform border, or pasted into a screenshot of
+an app (bars, menus, text around the picture). The model sees the whole frame, so the copy is searched
+with someone else's pixels around it. Two boxes undo that, both found on a small greyscale copy:
+
+- ``trimmed``: uniform borders cut away (each edge walks inward while its rows/columns are within
+  ``BORDER_TOL`` grey levels of the edge colour);
+- ``content``: the bounding box of the largest textured region, when flat UI surrounds it (the
+  picture in a screenshot-like frame; text blocks are smaller components and lose).
+
+``mirror`` is the horizontally flipped image (a search of the mirror finds mirrored re-uploads when
+the model is not flip-invariant). A view is kept only when it differs from the whole frame enough to
+matter (``MIN_CUT``) and is big enough to hold a picture (``MIN_AREA``)."""
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+ANALYSIS_SIDE = 256   # long side of the greyscale copy the boxes are found on
+BORDER_TOL = 10.0     # grey levels: JPEG ringing around a flat border stays within this
+BORDER_SHARE = 0.98   # share of a row's pixels within tolerance for the row to be border
+MIN_CUT = 0.06        # a box must drop at least 6 % of the frame's area to be a view of its own
+MIN_AREA = 0.08       # and keep at least 8 % of it (smaller boxes are icons and text, not pictures)
+BLOCK = 8             # texture is measured on 8×8 blocks of the analysis copy
+TEXTURE_STD = 6.0     # a block with a grey-level std below this is flat (UI, background, margins)
+
+Box = tuple[int, int, int, int]  # left, top, right, bottom in the source's pixels
+
+
+def analysis_copy(rgb: np.ndarray) -> tuple[np.ndarray, float]:
+    """A small float greyscale copy and its scale (source pixels per analysis pixel)."""
+    h, w = rgb.shape[:2]
+    step = max(1, int(np.ceil(max(h, w) / ANALYSIS_SIDE)))
+    small = rgb[::step, ::step].astype(np.float32)
+    grey = small @ np.array([0.299, 0.587, 0.114], np.float32) if small.ndim == 3 else small
+    return grey, float(step)
+
+
+def trim_box(grey: np.ndarray) -> Box | None:
+    """The box inside uniform borders (in analysis pixels), or None when there are none."""
+    h, w = grey.shape
+    if h < 8 or w < 8:
+        return None
+
+    def uniform(line: np.ndarray, colour: float) -> bool:
+        return bool(np.mean(np.abs(line - colour) <= BORDER_TOL) >= BORDER_SHARE)
+
+    top, bottom, left, right = 0, h, 0, w
+    colour = float(np.median(grey[0]))
+    while top < bottom - 1 and uniform(grey[top], colour):
+        top += 1
+    colour = float(np.median(grey[-1]))
+    while bottom - 1 > top and uniform(grey[bottom - 1], colour):
+        bottom -= 1
+    colour = float(np.median(grey[:, 0]))
+    while left < right - 1 and uniform(grey[top:bottom, left], colour):
+        left += 1
+    colour = float(np.median(grey[:, -1]))
+    while right - 1 > left and uniform(grey[top:bottom, right - 1], colour):
+        right -= 1
+    return (left, top, right, bottom)
+
+
+def content_box(grey: np.ndarray) -> Box | None:
+    """The bounding box of the largest connected textured region (in analysis pixels)."""
+    h, w = grey.shape
+    bh, bw = h // BLOCK, w // BLOCK
+    if bh < 3 or bw < 3:
+        return None
+    blocks = grey[: bh * BLOCK, : bw * BLOCK].reshape(bh, BLOCK, bw, BLOCK)
+    textured = blocks.std(axis=(1, 3)) >= TEXTURE_STD
+    # a picture has flat patches too (sky, a wall): close small holes before taking components
+    textured = ndimage.binary_closing(textured, structure=np.ones((3, 3)), iterations=1) | textured
+    labels, n = ndimage.label(textured)
+    if n == 0:
+        return None
+    sizes = ndimage.sum_labels(textured, labels, index=np.arange(1, n + 1))
+    biggest = int(np.argmax(sizes)) + 1
+    rows = np.flatnonzero((labels == biggest).any(axis=1))
+    cols = np.flatnonzero((labels == biggest).any(axis=0))
+    box = (int(cols[0]) * BLOCK, int(rows[0]) * BLOCK, int(cols[-1] + 1) * BLOCK, int(rows[-1] + 1) * BLOCK)
+    # the region must fill its own box: a sparse scatter of text blocks is not a picture
+    area = (box[2] - box[0]) * (box[3] - box[1]) / (BLOCK * BLOCK)
+    return box if sizes[biggest - 1] >= 0.6 * area else None
+
+
+def view_boxes(rgb: np.ndarray) -> dict[str, Box]:
+    """The source-pixel boxes of the ``trimmed`` and ``content`` views that are worth searching."""
+    grey, scale = analysis_copy(rgb)
+    h, w = grey.shape
+    out: dict[str, Box] = {}
+    for name, box in (("trimmed", trim_box(grey)), ("content", content_box(grey))):
+        if box is None:
+            continue
+        share = (box[2] - box[0]) * (box[3] - box[1]) / float(w * h)
+        if not MIN_AREA <= share <= 1 - MIN_CUT:
+            continue
+        src = (int(box[0] * scale), int(box[1] * scale), min(rgb.shape[1], int(box[2] * scale)),
+               min(rgb.shape[0], int(box[3] * scale)))
+        if any(_overlap(src, other) > 0.95 for other in out.values()):
+            continue  # the same box twice is one view
+        out[name] = src
+    return out
+
+
+def _overlap(a: Box, b: Box) -> float:
+    iw = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - iw * ih
+    return iw * ih / union if union else 0.0
