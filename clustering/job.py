@@ -158,6 +158,8 @@ def near_duplicate_families(x: np.ndarray, threshold: float, k: int = JOIN_NEIGH
 # ------------------------------------------------------------------ the job
 
 def _umap(n_components: int, neighbors: int, metric: str, min_dist: float, seed: int, n: int) -> Any:
+    from clustering import jit
+    jit.enable()
     import umap
     return umap.UMAP(n_components=n_components, n_neighbors=min(neighbors, n - 1), metric=metric,
                      min_dist=min_dist, random_state=seed, low_memory=True, init="spectral" if n > 50 else "random")

@@ -6,8 +6,8 @@ with someone else's pixels around it. Two boxes undo that, both found on a small
 
 - ``trimmed``: uniform borders cut away (each edge walks inward while its rows/columns are within
   ``BORDER_TOL`` grey levels of the edge colour);
-- ``content``: the bounding box of the largest textured region, when flat UI surrounds it (the
-  picture in a screenshot-like frame; text blocks are smaller components and lose).
+- ``content``: the bounding box of the largest region that is not the frame's background colour (the
+  picture in a screenshot-like frame; bars and text blocks are smaller components and lose).
 
 ``mirror`` is the horizontally flipped image (a search of the mirror finds mirrored re-uploads when
 the model is not flip-invariant). A view is kept only when it differs from the whole frame enough to
@@ -24,6 +24,7 @@ MIN_CUT = 0.06        # a box must drop at least 6 % of the frame's area to be a
 MIN_AREA = 0.08       # and keep at least 8 % of it (smaller boxes are icons and text, not pictures)
 BLOCK = 8             # texture is measured on 8×8 blocks of the analysis copy
 TEXTURE_STD = 6.0     # a block with a grey-level std below this is flat (UI, background, margins)
+BG_TOL = 12.0         # grey levels: a flat block this far from the frame's background colour is content
 
 Box = tuple[int, int, int, int]  # left, top, right, bottom in the source's pixels
 
@@ -63,15 +64,20 @@ def trim_box(grey: np.ndarray) -> Box | None:
 
 
 def content_box(grey: np.ndarray) -> Box | None:
-    """The bounding box of the largest connected textured region (in analysis pixels)."""
+    """The bounding box of the largest connected region that is not the frame's background (in
+    analysis pixels). The background is the commonest grey level of the outer ring; a block belongs to
+    the content when it is textured or its mean is away from the background."""
     h, w = grey.shape
     bh, bw = h // BLOCK, w // BLOCK
     if bh < 3 or bw < 3:
         return None
+    ring = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
+    background = float(np.bincount(np.clip(ring, 0, 255).astype(np.int64) // 4).argmax() * 4 + 2)
     blocks = grey[: bh * BLOCK, : bw * BLOCK].reshape(bh, BLOCK, bw, BLOCK)
-    textured = blocks.std(axis=(1, 3)) >= TEXTURE_STD
-    # a picture has flat patches too (sky, a wall): close small holes before taking components
-    textured = ndimage.binary_closing(textured, structure=np.ones((3, 3)), iterations=1) | textured
+    textured = (blocks.std(axis=(1, 3)) >= TEXTURE_STD) | (np.abs(blocks.mean(axis=(1, 3)) - background) > BG_TOL)
+    # a picture has patches of the background's colour too (sky, a white shirt): fill enclosed holes
+    # (filling never bridges the gap between the picture and a bar or a text line beside it)
+    textured = ndimage.binary_fill_holes(textured)
     labels, n = ndimage.label(textured)
     if n == 0:
         return None
@@ -79,10 +85,31 @@ def content_box(grey: np.ndarray) -> Box | None:
     biggest = int(np.argmax(sizes)) + 1
     rows = np.flatnonzero((labels == biggest).any(axis=1))
     cols = np.flatnonzero((labels == biggest).any(axis=0))
+    area = (cols[-1] + 1 - cols[0]) * (rows[-1] + 1 - rows[0])
+    if sizes[biggest - 1] < 0.6 * area:  # a sparse scatter of text blocks is not a picture
+        return None
     box = (int(cols[0]) * BLOCK, int(rows[0]) * BLOCK, int(cols[-1] + 1) * BLOCK, int(rows[-1] + 1) * BLOCK)
-    # the region must fill its own box: a sparse scatter of text blocks is not a picture
-    area = (box[2] - box[0]) * (box[3] - box[1]) / (BLOCK * BLOCK)
-    return box if sizes[biggest - 1] >= 0.6 * area else None
+    return _tighten(grey, box, background)
+
+
+def _tighten(grey: np.ndarray, box: Box, background: float) -> Box:
+    """Pull each edge of a block-aligned box in, pixel by pixel, past rows/columns that are mostly
+    background (the gap and a line of text that touched the picture's blocks)."""
+    left, top, right, bottom = box
+    bg = np.abs(grey - background) <= BG_TOL
+
+    def mostly_bg(a: np.ndarray) -> bool:
+        return bool(a.mean() >= 0.6)
+
+    while bottom - top > BLOCK and mostly_bg(bg[bottom - 1, left:right]):
+        bottom -= 1
+    while bottom - top > BLOCK and mostly_bg(bg[top, left:right]):
+        top += 1
+    while right - left > BLOCK and mostly_bg(bg[top:bottom, right - 1]):
+        right -= 1
+    while right - left > BLOCK and mostly_bg(bg[top:bottom, left]):
+        left += 1
+    return (left, top, right, bottom)
 
 
 def view_boxes(rgb: np.ndarray) -> dict[str, Box]:

@@ -171,3 +171,43 @@ def test_since_clusters_only_recent_flags(store, cstore, settings):
     r = CliRunner().invoke(main, ["cluster", "--home", settings.home, "--since", "7d", "--cluster-min-size", "10"])
     assert r.exit_code == 0 and "flagged since" in r.output
     assert cstore.current_run().scope == "full"  # a recent-only run never replaces the full one
+
+
+def test_near_duplicate_families_are_components_above_the_threshold():
+    from clustering.job import near_duplicate_families
+    rng = np.random.default_rng(3)
+    base = rng.normal(size=(40, 64)).astype(np.float32)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    # 10 families of 4 copies (tiny noise), 30 unrelated singletons
+    copies = np.repeat(base[:10], 4, axis=0) + rng.normal(scale=0.02, size=(40, 64)).astype(np.float32)
+    x = np.concatenate([copies, base[10:]])
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    fam = near_duplicate_families(x, 0.9)
+    assert (fam[40:] == -1).all()
+    for f in range(10):
+        assert len(set(fam[4 * f: 4 * f + 4].tolist())) == 1 and fam[4 * f] >= 0
+    assert len(set(fam[:40].tolist())) == 10
+
+
+def test_families_stay_whole_in_the_matching_space(store, cstore):
+    """Tight families (re-uploads) inside broad groups: HDBSCAN alone splits or merges them; with the
+    matching space and the near-duplicate join each family is one cluster."""
+    from indexer.space import SpaceConfig
+    from indexer.vector_index import IndexConfig, VectorIndex
+    v, groups = mixture(500, [0, 1, 2, 3, 4])  # 2,500 images in 5 broad groups
+    rng = np.random.default_rng(5)
+    fam_of = np.full(len(v), -1)
+    for f, start in enumerate(range(0, 2500, 125)):  # 20 families of 6 copies
+        members = np.arange(start, start + 6)
+        v[members] = v[start] + rng.normal(scale=0.01 / np.sqrt(DIM), size=(6, DIM)).astype(np.float32)
+        fam_of[members] = f
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    populate(store, v, np.ones(len(v), bool))
+    VectorIndex(store, IndexConfig(exact_threshold=10**9), SpaceConfig(dim=64, min_vectors=2000)).save()
+    report = run_clustering(store, cstore, ClusterParams(min_cluster_size=10, neighbors=15, seed=7, join=0.9))
+    got = labels_of(cstore, report.run.id, len(v))
+    for f in range(20):
+        members = got[fam_of == f]
+        assert members[0] >= 0 and (members == members[0]).all(), f"family {f} split: {members}"
+        # and nothing else joined it
+        assert (got == members[0]).sum() == 6

@@ -1,0 +1,74 @@
+"""The search service over a real store, index and tiny model: uploads and stored images in one call,
+flagged and all scopes, the liveness check at hydration, sweeps, and its refusals."""
+from __future__ import annotations
+
+import pytest
+
+from indexer.actions import delete_images, set_flags
+from indexer.audit import AuditLog
+from indexer.catalog import FlagRequest
+from indexer.errors import InvalidInputError, NotFoundError
+from search.service import SearchParams
+from tests.helpers import drawn_image, encode, write_images
+
+
+@pytest.fixture
+def svc(settings, store, tiny_embedder, tmp_path):
+    from flagmatch.wiring import ingest_into, open_index, search_service
+    from indexer.sources import iter_sources
+    write_images(tmp_path / "in", 10, fmt="PNG", ext="png")
+    ingest_into(settings.replace(flag_threshold=1.1), iter_sources([str(tmp_path / "in")]), store=store,
+                embedder=tiny_embedder)
+    store.catalog.set_flag([1, 2, 3, 4, 5], FlagRequest("import", "spam", "setup"), flag=True)
+    return search_service(settings, store, open_index(store, settings), tiny_embedder)
+
+
+def test_uploads_find_their_stored_copy_first(svc):
+    uploads = [(f"q{i}.png", encode(drawn_image(i), "PNG")) for i in (1, 3, 7)]
+    resp = svc.search_uploads(uploads, SearchParams(k=3, scope="all"))
+    assert [r.hits[0].record.id for r in resp.results] == [2, 4, 8]  # drawn_image(i) is image i+1
+    assert all(r.query.known_id == r.hits[0].record.id for r in resp.results)
+    assert all(r.hits[0].similarity > 0.999 and r.hits[0].view == "full" for r in resp.results)
+    # the flagged scope only ever returns flagged images
+    flagged = svc.search_uploads(uploads, SearchParams(k=10))
+    assert all(h.record.flagged for r in flagged.results for h in r.hits)
+    assert [len(r.hits) for r in flagged.results] == [5, 5, 5]
+
+
+def test_stored_images_leave_themselves_out(svc):
+    resp = svc.search_ids([1, 2], SearchParams(k=4))
+    assert [h.record.id for h in resp.results[0].hits if h.record.id == 1] == []
+    assert all(len(r.hits) == 4 for r in resp.results)
+    sims = [h.similarity for h in resp.results[0].hits]
+    assert sims == sorted(sims, reverse=True)
+    cut = svc.search_ids([1], SearchParams(k=10, min_similarity=sims[1])).results[0].hits
+    assert [h.similarity >= sims[1] for h in cut] == [True] * len(cut) and len(cut) == 2
+
+
+def test_unflagged_and_deleted_images_drop_out_at_once(svc, store):
+    audit = AuditLog(store.catalog.engine)
+    set_flags(store, svc.index, audit, [2], flag=False, actor="rita", source="review", reason="fine", label=None)
+    delete_images(store, svc.index, audit, [3], actor="rita", reason="legal")
+    ids = {h.record.id for h in svc.search_ids([1], SearchParams(k=10)).results[0].hits}
+    assert ids == {4, 5}
+    with pytest.raises(NotFoundError):
+        svc.search_ids([3], SearchParams())
+
+
+def test_sweep_finds_unflagged_images_near_the_seeds(svc):
+    hits = svc.sweep([1, 2], min_similarity=-1.0, per_seed=20)
+    assert {h.record.id for h in hits} == {6, 7, 8, 9, 10}
+    assert all(not h.record.flagged and h.seed in (1, 2) for h in hits)
+    with pytest.raises(InvalidInputError):
+        svc.sweep([], min_similarity=0.5)
+
+
+def test_bad_requests_are_refused(svc):
+    with pytest.raises(InvalidInputError):
+        SearchParams(k=0)
+    with pytest.raises(InvalidInputError):
+        SearchParams(scope="everything")
+    with pytest.raises(InvalidInputError, match="empty"):
+        svc.search_uploads([("e.png", b"")], SearchParams())
+    with pytest.raises(InvalidInputError):
+        svc.search_uploads([], SearchParams())
