@@ -227,22 +227,22 @@ main.command("unflag", cls=SettingsCommand, help="Unflag images by id, sha256 or
 
 @main.command(cls=SettingsCommand)
 @click.option("--scope", type=click.Choice(["all", "flagged"]), default=None, help="one scope (default: both)")
-@with_settings("index")
+@with_settings("model", "index")
 def reindex(scope: str | None, settings: Settings) -> None:
     """Refit the matching space, retrain and rebuild the vector indexes from the raw vectors (servers
     pick the new ones up); with --scope, rebuild that index alone in the current space."""
     import time
     store = wiring.open_store(settings)
-    index = wiring.open_index(store, settings)
+    # the model teaches the matching space which feature directions re-upload edits move along
+    embedder = wiring.load_embedder(settings, store) if scope is None and settings.space_dim > 0 else None
+    index = wiring.open_index(store, settings, embedder)
     t = time.perf_counter()
     index.rebuild(scope, refit=scope is None)  # one scope alone keeps the space the other shares
     index.save()
     for sc, st in index.stats().items():
         recall = f", recall@10 {st['recall_at_10']:.3f}" if st["recall_at_10"] is not None else ""
         click.echo(f"{sc:<8} {st['factory']:<28} {st['vectors']} vectors, generation {st['generation']}{recall}")
-    sp = index.space
-    click.echo(f"matching space: {sp.kind}" + (f" version {sp.version}, {sp.dim_in}→{sp.dim}-d, power {sp.power}, "
-                                               f"fitted on {sp.fitted_n} vectors" if not sp.is_identity else ""))
+    click.echo(f"matching space: {index.space.summary()}")
     click.echo(f"rebuilt in {time.perf_counter() - t:.1f} s")
 
 

@@ -89,10 +89,11 @@ class Settings:
     target_recall: float = setting(0.98, "recall@10 an IVF-PQ index is tuned to at build, measured against "
                                    "exact search on held-out stored vectors", "index")
     tune_ms: float = setting(2.0, "single-query latency the recall tuner warns above, in ms", "index")
-    space_dim: int = setting(256, "dimensions of the matching space fitted on the stored vectors (PCA-whitening; "
-                             "0: search the raw features)", "index")
-    space_power: float = setting(0.5, "matching space: each principal component is divided by its eigenvalue to "
-                                 "this power (0.5: full whitening, 0: PCA only)", "index")
+    space_dim: int = setting(256, "dimensions of the matching space fitted on the store (learned whitening from "
+                             "synthetic re-uploads when the model is at hand, else PCA-whitening; 0: search the "
+                             "raw features)", "index")
+    space_power: float = setting(0.25, "matching space fitted without the model (PCA-whitening): each principal "
+                                 "component is divided by its eigenvalue to this power", "index")
     space_min_vectors: int = setting(2000, "below this many stored vectors the matching space is the identity",
                                      "index")
     index_save_seconds: float = setting(30.0, "during ingest, save the indexes at most this often", "index")

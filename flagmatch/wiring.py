@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import numpy as np
 from typing import TYPE_CHECKING, Callable, Iterable
 
 from flagmatch.settings import DEFAULT_MODEL, Settings
@@ -69,10 +71,18 @@ def space_config(settings: Settings) -> SpaceConfig:
     return SpaceConfig(dim=settings.space_dim, power=settings.space_power, min_vectors=settings.space_min_vectors)
 
 
-def open_index(store: Store, settings: Settings) -> VectorIndex:
-    """The vector indexes of a store (bound to its model), caught up with the catalog."""
+def open_index(store: Store, settings: Settings, embedder: Embedder | None = None) -> VectorIndex:
+    """The vector indexes of a store (bound to its model), caught up with the catalog. With the model at
+    hand a matching space fitted here is learned from synthetic re-uploads of stored thumbnails."""
+    from indexer.space import reupload_pairs
     from indexer.vector_index import VectorIndex
-    return VectorIndex(store, index_config(settings), space_config(settings))
+    pairs = None
+    if embedder is not None:
+        model = embedder
+
+        def pairs(n: int) -> tuple[np.ndarray, np.ndarray]:
+            return reupload_pairs(store, model, n)
+    return VectorIndex(store, index_config(settings), space_config(settings), pairs=pairs)
 
 
 def search_service(settings: Settings, store: Store, index: VectorIndex, embedder: Embedder | None) -> SearchService:
@@ -107,8 +117,7 @@ def index_stats(store: Store, settings: Settings) -> dict[str, str]:
         try:
             sp = load_space(store.index_dir, version, str(cp.params.get("space_sha256", "")),
                             int(store.catalog.model_meta().get("dim", 0)))
-            out["space"] = (f"version {version}: PCA-whitening {sp.dim_in}→{sp.dim}-d, power {sp.power}, "
-                            f"fitted on {sp.fitted_n} vectors")
+            out["space"] = sp.summary()
         except ValueError as exc:
             out["space"] = f"version {version}: unreadable ({exc}); the next open refits it"
     elif settings.space_dim > 0:
@@ -144,7 +153,7 @@ def ingest_into(settings: Settings, sources: Iterable[Source], *, store: Store |
     embedder = embedder or load_embedder(settings, store)
     info = embedder.info
     store.bind_model(info.model_id, info.dim, info.preprocessing, info.source)
-    index = open_index(store, settings)
+    index = open_index(store, settings, embedder)
     after: Callable[[], None] = index.maybe_save
     counts = ingest(store, embedder, sources, options or ingest_options(settings), index=index,
                     progress=progress, after_batch=after)

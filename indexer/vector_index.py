@@ -21,7 +21,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import faiss
 import numpy as np
@@ -38,6 +38,8 @@ from indexer.vectors import VectorStore
 log = logging.getLogger(__name__)
 SCOPES = ("flagged", "all")
 TUNE_QUERIES = 500  # held-out stored vectors the recall tuner queries with
+MIN_PAIRS = 200     # fewer re-upload pairs than this cannot estimate the edit noise: PCA-whitening instead
+PairSource = Callable[[int], tuple[np.ndarray, np.ndarray]]
 
 __all__ = ["SCOPES", "Hits", "IndexConfig", "IndexParams", "VectorIndex", "choose_params"]
 
@@ -136,8 +138,10 @@ class VectorIndex:
     """The ``all`` and ``flagged`` indexes of one store, and the matching space they share."""
 
     def __init__(self, store: Store, cfg: IndexConfig, space_cfg: SpaceConfig = SpaceConfig(), *,
-                 vectors: VectorStore | None = None) -> None:
-        self.store, self.cfg, self.space_cfg = store, cfg, space_cfg
+                 vectors: VectorStore | None = None, pairs: PairSource | None = None) -> None:
+        """``pairs``: re-upload pairs for a learned space (a process with the model passes
+        ``indexer.space.reupload_pairs`` over it); without it a space is fitted by PCA-whitening."""
+        self.store, self.cfg, self.space_cfg, self.pairs = store, cfg, space_cfg, pairs
         self.vectors = vectors or store.open_vectors()
         self.dim = self.vectors.dim
         self._lock = _RWLock()
@@ -181,9 +185,14 @@ class VectorIndex:
         version = max(spaces.versions(self.store.index_dir) + [int(cp.params.get("space_version", 0))
                       for sc in SCOPES if (cp := self.store.catalog.checkpoint(sc)) is not None] + [0]) + 1
         t = time.perf_counter()
-        fitted = spaces.save(self.store.index_dir, spaces.fit(self.vectors.get(ids), self.space_cfg, version))
-        log.info("matching space %d: %s %d→%d-d fitted on %d vectors in %.1fs", version, fitted.kind, self.dim,
-                 fitted.dim, len(ids), time.perf_counter() - t)
+        sample = self.vectors.get(ids)
+        a, b = self.pairs(self.space_cfg.pairs) if self.pairs is not None else (None, None)
+        if a is not None and b is not None and len(a) >= MIN_PAIRS:
+            space = spaces.fit_learned(sample, a, b, self.space_cfg, version)
+        else:
+            space = spaces.fit(sample, self.space_cfg, version)
+        fitted = spaces.save(self.store.index_dir, space)
+        log.info("matching space %s, in %.1fs", fitted.summary(), time.perf_counter() - t)
         return fitted
 
     def _needs_space(self) -> bool:

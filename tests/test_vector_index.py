@@ -251,3 +251,26 @@ def test_ivfpq_build_is_tuned_to_the_target_recall(store, mixture):
     index.save()
     params = store.catalog.checkpoint("all").params
     assert params["recall"] >= 0.97 and params["nprobe"] >= 8 and params["rerank"] >= 2
+
+
+def test_learned_space_from_reupload_pairs(settings, store, tiny_embedder, tmp_path):
+    """Pairs of real thumbnails and synthetic re-uploads, embedded by a real (tiny) model, cached; the
+    learned space brings each re-upload nearer its image than the raw features do."""
+    from flagmatch.wiring import ingest_into
+    from indexer import space as spaces
+    from indexer.sources import iter_sources
+    from tests.helpers import write_images
+    write_images(tmp_path / "in", 48, fmt="PNG", ext="png")
+    ingest_into(settings, iter_sources([str(tmp_path / "in")]), store=store, embedder=tiny_embedder)
+    a, b = spaces.reupload_pairs(store, tiny_embedder, 40)
+    assert a.shape == b.shape == (40, tiny_embedder.info.dim)
+    again = spaces.reupload_pairs(store, tiny_embedder, 40)  # from the cache, not embedded again
+    assert (store.index_dir / "space-pairs.npz").exists() and np.array_equal(a, again[0])
+    sample = store.open_vectors().get(np.asarray(store.catalog.image_ids()))
+    learned = spaces.save(store.index_dir, spaces.fit_learned(sample, a, b, SpaceConfig(dim=24, shrink=0.1), 7))
+    loaded = spaces.load(store.index_dir, 7, learned.sha256, tiny_embedder.info.dim)
+    assert loaded.kind == "learned-whiten" and np.allclose(loaded.apply(a), learned.apply(a))
+
+    def top1(fa: np.ndarray, fb: np.ndarray) -> float:
+        return float(((fb @ fa.T).argmax(axis=1) == np.arange(len(fa))).mean())
+    assert top1(learned.apply(a), learned.apply(b)) >= top1(a, b)
