@@ -8,7 +8,7 @@ import re
 
 from common import OUT, ROOT
 
-SECTIONS = [("ingest", "Ingest"), ("index", "Vector index, 192-d"),
+SECTIONS = [("match", "Matching quality (re-uploads found and grouped)"), ("ingest", "Ingest"), ("index", "Vector index, 192-d"),
             ("index-1024", "Vector index, 1024-d (open_nsfw)"), ("search_api", "Search API"),
             ("cluster", "Clustering job"), ("web", "Viewer"), ("soak", "Soak: 10 minutes of mixed load")]
 
