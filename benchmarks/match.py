@@ -341,8 +341,9 @@ def main() -> None:
 
     if not a.skip_families:
         results["families"] = families(base_env, originals, queries, work, {
-            "raw features, no join": {"FLAGMATCH_SPACE_DIM": "0", "FLAGMATCH_CLUSTER_JOIN": "0"},
-            "default: matching space + near-duplicate join": {},
+            "raw features": {"FLAGMATCH_SPACE_DIM": "0"},
+            "default: matching space": {},
+            "matching space + near-duplicate join at 0.85": {"FLAGMATCH_CLUSTER_JOIN": "0.85"},
         })
 
     suffix = "" if a.model == "opennsfw" else "-" + Path(a.model).name

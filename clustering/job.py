@@ -24,13 +24,15 @@ from indexer.space import current_space
 from indexer.store import Store
 
 BACKENDS = ("fast_hdbscan", "hdbscan", "sklearn")
-# Near-duplicate join: cosine in the matching space (learned whitening, 256-d) between *mutual* nearest
-# neighbours. Measured on opennsfw features (benchmarks/match.py corpus, nine re-upload edits): an edit
-# and its original score a median 0.83–0.95 (screenshot frames 0.67), two copies of one image 0.76,
-# while 0.1 % of pairs of copies of different images still reach 0.84 — the corpus holds overlapping
-# crops of the same wallpapers. A plain threshold graph chains those into giant components; requiring
-# the pair to be among each other's JOIN_NEIGHBOURS nearest and above 0.85 keeps joins to copies.
-JOIN_SIMILARITY = 0.85
+# Near-duplicate join (off by default): cosine in the matching space between *mutual* nearest
+# neighbours. Measured on opennsfw features (benchmarks/match.py, 300 families of an original and nine
+# re-upload edits): an edit and its original score a median 0.83–0.95 (screenshot frames 0.67), two
+# copies of one image 0.76, while 0.1 % of pairs of copies of different images still reach 0.84 (the
+# corpus holds overlapping crops of the same wallpapers). No threshold separates them: joining at 0.85
+# split families into partial sub-families (ARI 0.32, 0.3 % of families whole) and at 0.7 still
+# (ARI 0.36, 17 % whole), against ARI 0.60 / 49 % whole for the matching space without a join. The join
+# stays available (--cluster-join) for features where copies do separate.
+JOIN_SIMILARITY = 0.0
 JOIN_NEIGHBOURS = 8
 EXEMPLARS = 6
 Progress = Callable[[str, str], None]  # (phase, message)

@@ -118,9 +118,9 @@ class Settings:
     # -- clustering
     cluster_min_size: int = setting(0, "HDBSCAN min_cluster_size (0: chosen from N)", "cluster")
     cluster_dims: int = setting(8, "UMAP dimensions of the clustering space", "cluster")
-    cluster_join: float = setting(-1.0, "near-duplicates (cosine in the matching space at or above this) form one "
-                                  "cluster before HDBSCAN groups the rest (-1: the measured default; 0: off)",
-                                  "cluster")
+    cluster_join: float = setting(0.0, "near-duplicates (mutual nearest neighbours with cosine in the matching space "
+                                  "at or above this) form one cluster before HDBSCAN groups the rest (0: off; off by "
+                                  "default: on open_nsfw features it split more families than it joined)", "cluster")
     cluster_neighbors: int = setting(15, "UMAP n_neighbors", "cluster")
     cluster_sample: int = setting(50_000, "above this many flagged images, fit on a sample and predict the rest",
                                   "cluster")

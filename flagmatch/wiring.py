@@ -129,11 +129,11 @@ def index_stats(store: Store, settings: Settings) -> dict[str, str]:
 
 
 def cluster_params(settings: Settings) -> ClusterParams:
-    from clustering.job import JOIN_SIMILARITY, ClusterParams
+    from clustering.job import ClusterParams
     return ClusterParams(min_cluster_size=settings.cluster_min_size, dims=settings.cluster_dims,
                          neighbors=settings.cluster_neighbors, sample=settings.cluster_sample,
                          backend=settings.cluster_backend, seed=settings.seed,
-                         join=JOIN_SIMILARITY if settings.cluster_join < 0 else settings.cluster_join)
+                         join=settings.cluster_join)
 
 
 @dataclass(frozen=True)
