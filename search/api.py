@@ -9,13 +9,14 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
+from flask import Blueprint, Flask, Response, current_app, g, jsonify, request, session
 from werkzeug.exceptions import HTTPException
 
 from indexer.actions import MAX_LABEL, MAX_REASON, delete_images, set_flags
 from indexer.catalog import ImageRecord
 from indexer.errors import (ClusteringError, DecodeError, FlagmatchError, InvalidInputError, ModelLoadError,
                             ModelMismatchError, NotFoundError, OverloadedError)
+from search import thumbnails
 from search.auth import csrf_ok, session_actor
 from search.openapi import openapi_document
 from search.service import Hit, SearchParams, SearchResponse
@@ -281,12 +282,22 @@ def image(image_id: int) -> Response:
 @bp.get("/images/<int:image_id>/thumbnail")
 @needs(write=False)
 def thumbnail(image_id: int) -> Response:
+    """The stored WebP for API clients; for the viewer's moderator, blurred unless blur is off for the
+    session or ``clear=1`` follows a reveal they made in the last 30 minutes (audited), and greyscale
+    when they chose it."""
     rt = runtime()
     rec = rt.store.catalog.get(image_id)
     path = rt.store.thumb_path(rec.thumb_key)
     if not rec.thumb_key or not path.is_file():
         raise NotFoundError(f"image {image_id} has no thumbnail")
-    resp = Response(path.read_bytes(), mimetype="image/webp")  # a few kB: no file handle to leak
+    blur = grey = False
+    moderator = session_actor()
+    if moderator is not None and not rt.tokens.from_header(request.headers.get("Authorization")):
+        blur = bool(session.get("blur", True))
+        grey = bool(session.get("grey", False))
+        if blur and request.args.get("clear") == "1" and rt.audit.revealed_recently(moderator, f"image:{image_id}"):
+            blur = False
+    resp = Response(thumbnails.render(path, blur=blur, grey=grey), mimetype="image/webp")
     resp.headers["Cache-Control"] = "no-store"
     return resp
 

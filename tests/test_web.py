@@ -40,9 +40,10 @@ def first_cluster(client) -> int:
 
 def test_pages_need_a_login(app):
     c = app.test_client()
-    for path in ("/", "/clusters", "/clusters/1", "/map", "/map/data", "/images/1", "/search", "/t/1", "/audit"):
+    for path in ("/", "/clusters", "/clusters/1", "/map", "/map/data", "/images/1", "/search", "/audit"):
         r = c.get(path)
         assert r.status_code == 302 and "/login" in r.headers["Location"], path
+    assert c.get("/api/v1/images/1/thumbnail").status_code == 401  # thumbnails need the session or a token
     assert c.post("/images/unflag", data={"ids": "1"}).status_code == 401
     assert login(c, "wrong").status_code == 401
     page = c.get("/login")
@@ -60,7 +61,7 @@ def test_session_cookie_and_security_headers(app):
     assert r.headers["Content-Security-Policy"].startswith("default-src 'self'")
     assert r.headers["X-Content-Type-Options"] == "nosniff" and r.headers["Referrer-Policy"] == "no-referrer"
     assert "<script>" not in r.text and " style=" not in r.text  # nothing inline for the CSP to block
-    t = c.get("/t/1")
+    t = c.get("/api/v1/images/1/thumbnail")
     assert t.headers["Cache-Control"] == "no-store" and t.mimetype == "image/webp"
 
 
@@ -134,21 +135,21 @@ def test_sweep_finds_unflagged_neighbours_and_flags_the_picked(client, app):
 
 
 def test_reveal_is_one_image_at_a_time_and_audited(client):
-    blurred = client.get("/t/2").data
-    assert client.get("/t/2?clear=1").data == blurred  # no reveal yet: still blurred
+    blurred = client.get("/api/v1/images/2/thumbnail").data
+    assert client.get("/api/v1/images/2/thumbnail?clear=1").data == blurred  # no reveal yet: still blurred
     csrf = token_of(client)
     r = client.post("/images/2/reveal", headers={"X-CSRF-Token": csrf})
-    assert r.status_code == 200 and r.json["url"].endswith("/t/2?clear=1")
-    clear = client.get("/t/2?clear=1").data
+    assert r.status_code == 200 and r.json["url"].endswith("/api/v1/images/2/thumbnail?clear=1")
+    clear = client.get("/api/v1/images/2/thumbnail?clear=1").data
     assert clear != blurred
     a = np.asarray(Image.open(io.BytesIO(blurred)).convert("L"), np.float32)
     b = np.asarray(Image.open(io.BytesIO(clear)).convert("L"), np.float32)
     assert np.abs(np.diff(b, axis=1)).mean() > 1.5 * np.abs(np.diff(a, axis=1)).mean()  # blur removes detail
-    blurred3 = client.get("/t/3").data
-    assert client.get("/t/3?clear=1").data == blurred3  # image 3 was not revealed
+    blurred3 = client.get("/api/v1/images/3/thumbnail").data
+    assert client.get("/api/v1/images/3/thumbnail?clear=1").data == blurred3  # image 3 was not revealed
     assert "reveal" in client.get("/audit").text
     client.post("/preferences", data={"csrf": csrf, "blur": "off"})
-    assert client.get("/t/3").data != blurred3  # blur off for the session
+    assert client.get("/api/v1/images/3/thumbnail").data != blurred3  # blur off for the session
     assert "blur_off" in client.get("/audit").text
 
 

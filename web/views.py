@@ -5,22 +5,19 @@ off for the session); every reveal and decision goes to the append-only audit lo
 from __future__ import annotations
 
 import hmac
-import io
 import secrets
-import struct
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-import numpy as np
 from flask import (Blueprint, Response, abort, current_app, flash, jsonify, redirect, render_template, request,
                    session, url_for)
-from PIL import Image, ImageFilter, ImageOps
 
 from indexer.actions import set_flags
 from indexer.errors import FlagmatchError, InvalidInputError, NotFoundError
 from search.api import http_status
 from search.service import SearchParams
+from web.mapdata import encode_points
 
 if TYPE_CHECKING:
     from flagmatch.runtime import Runtime
@@ -164,41 +161,11 @@ def preferences() -> Response:
 
 # ------------------------------------------------------------------ thumbnails
 
-@lru_cache(maxsize=4096)
-def _render_thumb(path: str, blur: bool, grey: bool, mtime: float) -> bytes:
-    im = Image.open(path)
-    im.load()
-    im = im.convert("RGB")
-    if blur:
-        im = im.filter(ImageFilter.GaussianBlur(radius=max(6, max(im.size) // 14)))
-    if grey:
-        im = ImageOps.grayscale(im)
-    buf = io.BytesIO()
-    im.save(buf, "WEBP", quality=70, method=1)
-    return buf.getvalue()
-
-
-@bp.get("/t/<int:image_id>")
-def thumb(image_id: int) -> Response:
-    r = rt()
-    rec = r.store.catalog.get(image_id)
-    path = r.store.thumb_path(rec.thumb_key)
-    if not rec.thumb_key or not path.is_file():
-        abort(404)
-    blur = bool(session.get("blur", True))
-    if blur and request.args.get("clear") == "1" and rt().audit.revealed_recently(actor(), f"image:{image_id}"):
-        blur = False
-    data = _render_thumb(str(path), blur, bool(session.get("grey", False)), path.stat().st_mtime)
-    resp = Response(data, mimetype="image/webp")
-    resp.headers["Cache-Control"] = "no-store"
-    return resp
-
-
 @bp.post("/images/<int:image_id>/reveal")
 def reveal(image_id: int) -> Response:
     rt().store.catalog.get(image_id)
     rt().audit.record(actor(), "reveal", f"image:{image_id}")
-    return jsonify({"url": url_for("viewer.thumb", image_id=image_id, clear=1)})
+    return jsonify({"url": url_for("api.thumbnail", image_id=image_id, clear=1)})
 
 
 # ------------------------------------------------------------------ clusters
@@ -338,22 +305,12 @@ def map_page() -> str:
 
 @lru_cache(maxsize=4)
 def _map_blob(run_id: int, version: int, db_key: str) -> bytes:
-    cstore = rt().clusters
-    ids, cl, xs, ys = cstore.map_points(run_id)
-    n = len(ids)
-    x, y = np.asarray(xs, np.float32), np.asarray(ys, np.float32)
-    bounds = [float(x.min()), float(x.max()), float(y.min()), float(y.max())] if n else [0.0, 1.0, 0.0, 1.0]
-
-    def q(v: np.ndarray, lo: float, hi: float) -> np.ndarray:
-        return np.round((v - lo) / max(hi - lo, 1e-9) * 65535).astype("<u2")
-    header = struct.pack("<I4f", n, *bounds)
-    return (header + q(x, bounds[0], bounds[1]).tobytes() + q(y, bounds[2], bounds[3]).tobytes()
-            + np.asarray(ids, "<i4").tobytes() + np.asarray(cl, "<i4").tobytes())
+    return encode_points(*rt().clusters.map_points(run_id))
 
 
 @bp.get("/map/data")
 def map_data() -> Response:
-    """Binary: uint32 n, float32 bounds[4]; uint16 x[n], uint16 y[n] (quantised); int32 id[n]; int32 cluster[n]."""
+    """The current run's points (``web.mapdata``)."""
     cstore = rt().clusters
     run = _current_run()
     version = cstore.count_members(run.id, None)  # provisional placements change the blob
