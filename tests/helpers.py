@@ -95,6 +95,27 @@ def write_families(folder: Path, families: int, per_family: int, seed: int = 0) 
     return out
 
 
+def clean_env(env: dict | None = None) -> dict:
+    """For CliRunner: no FLAGMATCH_* variable of the shell running the tests reaches the command (None
+    unsets it)."""
+    import os
+    return {**{k: None for k in os.environ if k.startswith("FLAGMATCH_")}, **(env or {})}
+
+
+def child_env(**env: str) -> dict:
+    """For a subprocess: this environment without any FLAGMATCH_* variable, plus ``env``."""
+    import os
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("FLAGMATCH_")}, **env}
+
+
+def private_copy(settings, dest: Path):  # type: ignore[no-untyped-def]
+    """A copy of a built store (catalog, vectors, indexes, thumbnails) for one test to change freely;
+    the module's pristine store stays as built for the next test."""
+    import shutil
+    shutil.copytree(settings.home_path, dest)
+    return settings.replace(home=str(dest))
+
+
 def free_port() -> int:
     import socket
     with socket.socket() as s:
@@ -114,7 +135,7 @@ def start_server(env: dict, log_path: Path, timeout: float = 120.0):  # type: ig
     port = free_port()
     log = open(log_path, "wb")
     proc = subprocess.Popen([sys.executable, "-m", "flagmatch.cli", "serve"],
-                            env={**os.environ, **env, "FLAGMATCH_PORT": str(port)}, stdout=log, stderr=log)
+                            env=child_env(**env, FLAGMATCH_PORT=str(port)), stdout=log, stderr=log)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:

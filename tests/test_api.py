@@ -9,14 +9,14 @@ from PIL import Image
 
 from flagmatch.settings import Settings
 from indexer.catalog import FlagRequest
-from tests.helpers import drawn_image, encode, write_images
+from tests.helpers import private_copy, drawn_image, encode, write_images
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture(scope="module")
-def api_home(tmp_path_factory, tiny_model_dir, tiny_embedder) -> tuple[Settings, list[Path]]:
+def api_pristine(tmp_path_factory, tiny_model_dir, tiny_embedder) -> tuple[Settings, list[Path]]:
     from flagmatch.wiring import ingest_into, open_index, open_store
     from indexer.sources import iter_sources
 
@@ -30,6 +30,12 @@ def api_home(tmp_path_factory, tiny_model_dir, tiny_embedder) -> tuple[Settings,
     open_index(store, s).save()
     store.close()
     return s, files
+
+
+@pytest.fixture
+def api_home(api_pristine, tmp_path) -> tuple[Settings, list[Path]]:
+    """The API store, copied for this test: what one test flags or deletes, the next does not see."""
+    return private_copy(api_pristine[0], tmp_path / "home"), api_pristine[1]
 
 
 @pytest.fixture

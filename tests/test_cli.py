@@ -7,12 +7,11 @@ from click.testing import CliRunner
 
 from flagmatch.cli import main
 from flagmatch.settings import SETTINGS, Settings, settings_table
-from tests.helpers import write_images
+from tests.helpers import clean_env, write_images
 
 
 def invoke(*args: str, input: str | None = None, env: dict | None = None):
-    result = CliRunner().invoke(main, list(args), input=input, env=env or {}, catch_exceptions=False)
-    return result
+    return CliRunner().invoke(main, list(args), input=input, env=clean_env(env), catch_exceptions=False)
 
 
 def test_settings_precedence_cli_over_env_over_default():
@@ -27,7 +26,7 @@ def test_settings_precedence_cli_over_env_over_default():
 
 
 def test_bad_setting_is_a_usage_error(tmp_path):
-    r = CliRunner().invoke(main, ["stats", "--home", str(tmp_path)], env={"FLAGMATCH_BATCH_SIZE": "many"})
+    r = CliRunner().invoke(main, ["stats", "--home", str(tmp_path)], env=clean_env({"FLAGMATCH_BATCH_SIZE": "many"}))
     assert r.exit_code == 2 and "FLAGMATCH_BATCH_SIZE" in r.output
 
 
@@ -52,7 +51,7 @@ def test_ingest_stats_flag_unflag_errors(tmp_path, tiny_model_dir):
     assert "unflagged 1 of 1" in r.output
     r = invoke("stats", "--home", home)
     assert "flagged      1" in r.output and "precision" in r.output
-    r = CliRunner().invoke(main, ["flag", "nope", "--home", home])
+    r = CliRunner().invoke(main, ["flag", "nope", "--home", home], env=clean_env())
     assert r.exit_code == 1 and "no image" in r.output
     r = invoke("reindex", "--home", home)
     assert r.exit_code == 0 and "generation 2" in r.output
@@ -64,7 +63,8 @@ def test_model_mismatch_is_a_clear_cli_error(tmp_path, tiny_model_dir):
     write_images(tmp_path / "in", 2)
     home = str(tmp_path / "home")
     assert invoke("ingest", str(tmp_path / "in"), "--home", home, "--model", str(tiny_model_dir)).exit_code == 0
-    r = CliRunner().invoke(main, ["ingest", str(tmp_path / "in"), "--home", home, "--model", "opennsfw"])
+    r = CliRunner().invoke(main, ["ingest", str(tmp_path / "in"), "--home", home, "--model", "opennsfw"],
+                           env=clean_env())
     assert r.exit_code == 1 and "model_mismatch" in r.output
 
 

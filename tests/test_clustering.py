@@ -16,6 +16,7 @@ from clustering.job import ClusterParams, assign_new, run_clustering
 from clustering.store import ClusterStore
 from indexer.catalog import FlagRequest
 from indexer.errors import ClusteringError
+from tests.helpers import child_env, clean_env
 from tests.test_vector_index import populate
 
 DIM = 192
@@ -125,9 +126,9 @@ def test_too_few_flagged_images_is_a_clear_error(store, cstore, settings):
     with pytest.raises(ClusteringError, match="only 6 flagged images: clustering needs at least"):
         run_clustering(store, cstore, PARAMS)
     from flagmatch.cli import main
-    r = CliRunner().invoke(main, ["cluster", "--home", settings.home])
+    r = CliRunner().invoke(main, ["cluster", "--home", settings.home], env=clean_env())
     assert r.exit_code == 1 and "too_few_images" in r.output
-    r = CliRunner().invoke(main, ["cluster", "--home", settings.home, "--since", "soon"])
+    r = CliRunner().invoke(main, ["cluster", "--home", settings.home, "--since", "soon"], env=clean_env())
     assert r.exit_code == 2 and "7d" in r.output
 
 
@@ -135,7 +136,7 @@ def test_a_killed_run_leaves_the_previous_run_current(store, cstore, settings):
     v, _ = mixture(150, [0, 1, 2, 3])
     populate(store, v, np.ones(len(v), bool))
     first = run_clustering(store, cstore, PARAMS)
-    env = dict(os.environ, FLAGMATCH_HOME=settings.home, FLAGMATCH_CLUSTER_MIN_SIZE="10")
+    env = child_env(FLAGMATCH_HOME=settings.home, FLAGMATCH_CLUSTER_MIN_SIZE="10")
     p = subprocess.Popen([sys.executable, "-m", "flagmatch.cli", "cluster"], env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
@@ -153,7 +154,7 @@ def test_a_killed_run_leaves_the_previous_run_current(store, cstore, settings):
     assert len(cstore.clusters(first.run.id)) == 4
     # the CLI lists the current (previous) run
     from flagmatch.cli import main
-    r = CliRunner().invoke(main, ["clusters", "--home", settings.home])
+    r = CliRunner().invoke(main, ["clusters", "--home", settings.home], env=clean_env())
     assert r.exit_code == 0 and f"run {first.run.id} (done" in r.output
 
 
@@ -162,13 +163,13 @@ def test_since_clusters_only_recent_flags(store, cstore, settings):
     v, _ = mixture(100, [0, 1, 2])
     populate(store, v, np.ones(len(v), bool))
     from flagmatch.cli import main
-    r = CliRunner().invoke(main, ["cluster", "--home", settings.home, "--cluster-min-size", "10"])
+    r = CliRunner().invoke(main, ["cluster", "--home", settings.home, "--cluster-min-size", "10"], env=clean_env())
     assert r.exit_code == 0, r.output
     assert "3 clusters" in r.output and "new 3" in r.output
     cutoff = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None) + dt.timedelta(days=1)
     with pytest.raises(ClusteringError, match="flagged since"):
         run_clustering(store, cstore, PARAMS, since=cutoff)
-    r = CliRunner().invoke(main, ["cluster", "--home", settings.home, "--since", "7d", "--cluster-min-size", "10"])
+    r = CliRunner().invoke(main, ["cluster", "--home", settings.home, "--since", "7d", "--cluster-min-size", "10"], env=clean_env())
     assert r.exit_code == 0 and "flagged since" in r.output
     assert cstore.current_run().scope == "full"  # a recent-only run never replaces the full one
 

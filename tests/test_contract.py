@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import start_server, stop_server, write_images
+from tests.helpers import child_env, start_server, stop_server, write_images
 
 TOKEN = "contract-token"
 
@@ -27,7 +27,7 @@ expected-statuses = ["2xx", "400", "404", "413", "415"]
 def served(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("contract")
     write_images(root / "in", 12)
-    env = dict(os.environ, FLAGMATCH_HOME=str(root / "home"), FLAGMATCH_MODEL=str(tiny_model_dir),
+    env = child_env(FLAGMATCH_HOME=str(root / "home"), FLAGMATCH_MODEL=str(tiny_model_dir),
                FLAGMATCH_API_TOKENS=f"ci:{TOKEN}", FLAGMATCH_WORKERS="1", FLAGMATCH_THREADS="4",
                FLAGMATCH_PRECISION="fp32", FLAGMATCH_FLAG_THRESHOLD="0.0", FLAGMATCH_MAX_UPLOAD_BYTES="2000000")
     subprocess.run([sys.executable, "-m", "flagmatch.cli", "ingest", str(root / "in")], env=env, check=True,

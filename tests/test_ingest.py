@@ -17,7 +17,7 @@ from indexer.catalog import FlagRequest
 from indexer.errors import ModelMismatchError, NotFoundError
 from indexer.ingest import ingest
 from indexer.sources import iter_sources
-from tests.helpers import drawn_image, encode, write_images
+from tests.helpers import child_env, drawn_image, encode, write_images
 
 
 class Counting:
@@ -147,7 +147,7 @@ def test_kill_9_at_any_moment_then_resume(tmp_path, tiny_model_dir):
     folder = tmp_path / "in"
     files = write_images(folder, 90)
     home, ref_home = tmp_path / "home", tmp_path / "ref"
-    env = dict(os.environ, FLAGMATCH_MODEL=str(tiny_model_dir), FLAGMATCH_BATCH_SIZE="6",
+    env = child_env(FLAGMATCH_MODEL=str(tiny_model_dir), FLAGMATCH_BATCH_SIZE="6",
                FLAGMATCH_PRECISION="fp32", FLAGMATCH_INDEX_SAVE_SECONDS="0")
     cmd = [sys.executable, "-m", "flagmatch.cli", "ingest", str(folder)]
     db = home / "catalog.sqlite"

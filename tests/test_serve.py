@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import drawn_image, encode, start_server, stop_server, write_images
+from tests.helpers import child_env, drawn_image, encode, start_server, stop_server, write_images
 
 TOKEN = "serve-token"
 
@@ -44,7 +44,7 @@ def request(port: int, method: str, path: str, body: bytes | None = None, ctype:
 def served(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("serve")
     files = write_images(root / "in", 24)
-    env = dict(os.environ, FLAGMATCH_HOME=str(root / "home"), FLAGMATCH_MODEL=str(tiny_model_dir),
+    env = child_env(FLAGMATCH_HOME=str(root / "home"), FLAGMATCH_MODEL=str(tiny_model_dir),
                FLAGMATCH_API_TOKENS=f"ops:{TOKEN}", FLAGMATCH_WORKERS="2",
                FLAGMATCH_THREADS="4", FLAGMATCH_MAX_UPLOAD_BYTES="1000000", FLAGMATCH_PRECISION="fp32",
                FLAGMATCH_FLAG_THRESHOLD="0.0")

@@ -9,12 +9,18 @@ import pytest
 from PIL import Image
 
 from tests.conftest_web import TOKEN, build_clustered_home, csrf_of, login
-from tests.helpers import encode, drawn_image
+from tests.helpers import drawn_image, encode, private_copy
 
 
 @pytest.fixture(scope="module")
-def web_settings(tmp_path_factory, tiny_model_dir, tiny_embedder):
+def web_pristine(tmp_path_factory, tiny_model_dir, tiny_embedder):
     return build_clustered_home(tmp_path_factory.mktemp("web"), tiny_model_dir, tiny_embedder)
+
+
+@pytest.fixture
+def web_settings(web_pristine, tmp_path):
+    """The clustered store, copied for this test (no test sees another's flags, names or deletions)."""
+    return private_copy(web_pristine, tmp_path / "home")
 
 
 @pytest.fixture
@@ -183,3 +189,18 @@ def test_api_accepts_the_viewer_session_with_csrf_for_writes(client):
     assert client.get("/api/v1/images/1").status_code == 200
     assert client.post("/api/v1/images/1/flag", json={"reason": "x"}).status_code == 403
     assert client.post("/api/v1/images/1/flag", json={"reason": "x"}, headers={"X-CSRF-Token": csrf}).status_code == 200
+
+
+def test_delete_from_the_viewer_keeps_only_the_hash(client, app):
+    store = app.extensions["flagmatch"].store
+    rec = store.catalog.get(5)
+    thumb = store.thumb_path(rec.thumb_key)
+    page = client.get("/images/5")
+    assert 'id="delete"' in page.text
+    assert client.post("/images/5/delete", data={"csrf": csrf_of(page.text), "reason": ""}).status_code == 400
+    r = client.post("/images/5/delete", data={"csrf": csrf_of(page.text), "reason": "legal request"})
+    assert r.status_code == 302
+    gone = store.catalog.get(5)
+    assert gone.deleted and gone.paths == () and not thumb.exists() and gone.sha256 == rec.sha256
+    assert client.get("/api/v1/images/5/thumbnail").status_code == 404
+    assert "delete" in client.get("/audit").text

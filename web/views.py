@@ -13,7 +13,7 @@ from urllib.parse import urlparse
 from flask import (Blueprint, Response, abort, current_app, flash, jsonify, redirect, render_template, request,
                    session, url_for)
 
-from indexer.actions import set_flags
+from indexer.actions import delete_images, set_flags
 from indexer.errors import FlagmatchError, InvalidInputError, NotFoundError
 from search.api import http_status
 from search.service import SearchParams
@@ -340,6 +340,16 @@ def image(image_id: int) -> str:
         near_flagged = r.service.search_ids([image_id], SearchParams(k=12, scope="flagged")).results[0].hits
         near_all = r.service.search_ids([image_id], SearchParams(k=12, scope="all")).results[0].hits
     return render_template("image.html", rec=rec, cluster=cl, near_flagged=near_flagged, near_all=near_all)
+
+
+@bp.post("/images/<int:image_id>/delete")
+def delete_image(image_id: int) -> Response:
+    """The viewer's delete: the same action as `flagmatch delete` and DELETE /api/v1/images/{id}."""
+    r = rt()
+    reason = (request.form.get("reason") or "").strip()[:2000] or None
+    delete_images(r.store, r.index, r.audit, [image_id], actor=actor(), reason=reason)
+    flash(f"Image {image_id} deleted: only its sha256 and the audit trail are kept.")
+    return redirect(url_for("viewer.clusters"))
 
 
 @bp.route("/search", methods=["GET", "POST"])
