@@ -60,6 +60,7 @@ def install_edges(app: Flask, runtime: Runtime) -> None:
     def _http(exc: HTTPException) -> Response | HTTPException:
         if exc.code == 413:
             exc.description = f"request body over {settings.max_upload_bytes:,} bytes"
+            _drain_body(2 * settings.max_upload_bytes)
         return http_error(exc) if _is_api() or exc.code == 413 else exc
 
     @app.errorhandler(InternalServerError)
@@ -80,6 +81,21 @@ def install_edges(app: Flask, runtime: Runtime) -> None:
         # per worker process (memory storage): with N workers a client gets up to N× the limit
         Limiter(key_func=_client_key, app=app, default_limits=[settings.rate_limit], storage_uri="memory://",
                 headers_enabled=True, default_limits_exempt_when=lambda: request.path in ("/healthz", "/readyz"))
+
+
+def _drain_body(limit: int) -> None:
+    """Read (and drop) what is left of a refused body, up to ``limit`` bytes: closing a socket with unread
+    input makes the kernel send a reset, and the client may lose the 413 that explains the refusal."""
+    stream = request.environ.get("wsgi.input")
+    left = limit
+    try:
+        while stream is not None and left > 0:
+            chunk = stream.read(min(65536, left))
+            if not chunk:
+                break
+            left -= len(chunk)
+    except Exception:  # a client that went away, a malformed chunk: nothing left to save
+        pass
 
 
 def _secret_key(settings: Settings) -> str:
