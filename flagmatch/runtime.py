@@ -4,6 +4,7 @@ once; the model, the indexes and the search service by ``load`` (``ready`` is se
 ``load_error`` says why not)."""
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import threading
 from typing import TYPE_CHECKING, Literal
@@ -15,6 +16,7 @@ from indexer.audit import AuditLog
 from indexer.embed import Embedder, SerialEmbedder
 from indexer.errors import FlagmatchError
 from search.auth import TokenSet
+from search.sessions import SessionStore
 from search.service import SearchService
 
 if TYPE_CHECKING:
@@ -32,6 +34,8 @@ class Runtime:
         self.store = wiring.open_store(settings)
         self.audit = AuditLog(self.store.catalog.engine)
         self.clusters = ClusterStore(self.store)
+        self.sessions = SessionStore(self.store.catalog.engine, idle=dt.timedelta(minutes=settings.session_idle),
+                                     absolute=dt.timedelta(hours=settings.session_max))
         self.embedder = embedder
         self.index: VectorIndex | None = None
         self.service: SearchService | None = None
@@ -51,6 +55,10 @@ class Runtime:
         except Exception as exc:  # reported by /readyz; the process stays up to say so
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.exception("flagmatch failed to load")
+
+    def session_actor(self, session_id: str | None) -> str | None:
+        """The moderator of a live viewer session bound to a token still configured, else None."""
+        return self.sessions.actor(session_id, self.tokens.fingerprints())
 
     def start(self, mode: LoadMode) -> None:
         """``now``: block until loaded; ``background``: load on a thread (the server answers /healthz

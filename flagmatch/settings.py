@@ -111,6 +111,8 @@ class Settings:
                                    "beyond it uploads wait, then get 503 with Retry-After", "server")
     admission_wait: float = setting(2.0, "how long an upload waits for decoding memory before a 503, in seconds",
                                     "server")
+    session_idle: float = setting(120.0, "a viewer session ends after this many minutes without a request", "server")
+    session_max: float = setting(12.0, "a viewer session ends this many hours after sign-in, in use or not", "server")
     rate_limit: str = setting("", "per token (or client address) request limit, e.g. '600/minute;20/second' "
                               "(empty: none); over it, 429 with Retry-After", "server")
     secret_key: str = setting("", "key that signs viewer sessions (default: generated, kept in the home directory)",

@@ -1,6 +1,7 @@
 """Bearer tokens from settings (``name:token`` or a bare token), compared in constant time."""
 from __future__ import annotations
 
+import hashlib
 import hmac
 from dataclasses import dataclass
 
@@ -36,6 +37,17 @@ class TokenSet:
                 found = name
         return found
 
+    def match(self, presented: str | None) -> tuple[str, str] | None:
+        """(actor name, token fingerprint) for a valid token, else None."""
+        name = self.actor(presented)
+        if name is None or presented is None:
+            return None
+        return name, fingerprint(presented.encode("ascii"))
+
+    def fingerprints(self) -> set[str]:
+        """The fingerprints of the configured tokens (sessions opened with another one are over)."""
+        return {fingerprint(token) for _, token in self.tokens}
+
     @staticmethod
     def from_header(value: str | None) -> str | None:
         if not value:
@@ -44,11 +56,16 @@ class TokenSet:
         return rest.strip() if scheme.lower() == "bearer" and rest.strip() else None
 
 
+def fingerprint(token: bytes) -> str:
+    return hashlib.sha256(b"flagmatch-token:" + token).hexdigest()
+
+
 def session_actor() -> str | None:
-    """The viewer's signed-in moderator, when the request carries its session cookie."""
-    from flask import session
+    """The viewer's signed-in moderator for this request (set by the app from the server-side session
+    store before the request is handled), or None."""
+    from flask import g
     try:
-        return session.get("actor")
+        return g.get("session_actor")
     except RuntimeError:  # outside a request
         return None
 

@@ -204,3 +204,56 @@ def test_delete_from_the_viewer_keeps_only_the_hash(client, app):
     assert gone.deleted and gone.paths == () and not thumb.exists() and gone.sha256 == rec.sha256
     assert client.get("/api/v1/images/5/thumbnail").status_code == 404
     assert "delete" in client.get("/audit").text
+
+
+def _cookie(client) -> str:
+    return client.get_cookie("flagmatch_session").value
+
+
+def test_a_copied_session_cookie_dies_at_sign_out(app):
+    c = app.test_client()
+    login(c)
+    stolen = _cookie(c)
+    thief = app.test_client()
+    thief.set_cookie("flagmatch_session", stolen)
+    assert thief.get("/clusters").status_code == 200  # the cookie is the session while it lives
+    c.post("/logout", data={"csrf": csrf_of(c.get("/clusters").text)})
+    r = thief.get("/clusters")
+    assert r.status_code == 302 and "/login" in r.headers["Location"]
+    assert thief.get("/api/v1/images/1/thumbnail").status_code == 401
+
+
+def test_sessions_end_when_their_token_is_removed(web_settings, tiny_embedder):
+    from flagmatch.runtime import build_app
+    first = build_app(web_settings, embedder=tiny_embedder)
+    c = first.test_client()
+    login(c)
+    cookie = _cookie(c)
+    # the same store and secret, restarted without that token (another one configured instead)
+    second = build_app(web_settings.replace(api_tokens=("sam:another-token",)), embedder=tiny_embedder)
+    c2 = second.test_client()
+    c2.set_cookie("flagmatch_session", cookie)
+    r = c2.get("/clusters")
+    assert r.status_code == 302 and "/login" in r.headers["Location"]
+    assert login(c2, "another-token").status_code == 302 and c2.get("/clusters").status_code == 200
+
+
+def test_sessions_expire_idle_and_absolute(tmp_path):
+    import datetime as dt
+    from indexer.catalog import Catalog, utcnow
+    from search.sessions import SessionStore
+    catalog = Catalog(f"sqlite:///{tmp_path / 'c.sqlite'}")
+    store = SessionStore(catalog.engine, idle=dt.timedelta(minutes=30), absolute=dt.timedelta(hours=8))
+    now = utcnow()
+    sid = store.open("rita", "fp1")
+    assert store.actor(sid, {"fp1"}, now) == "rita"
+    assert store.actor(sid, {"fp1"}, now + dt.timedelta(minutes=20)) == "rita"  # touched: idle restarts
+    assert store.actor(sid, {"fp1"}, now + dt.timedelta(minutes=45)) == "rita"
+    assert store.actor(sid, {"fp1"}, now + dt.timedelta(minutes=90)) is None    # 45 min idle
+    assert store.actor(sid, {"fp1"}, now + dt.timedelta(minutes=91)) is None    # and it stays ended
+    busy = store.open("sam", "fp1")
+    for minutes in range(0, 8 * 60, 20):
+        assert store.actor(busy, {"fp1"}, now + dt.timedelta(minutes=minutes)) == "sam"
+    assert store.actor(busy, {"fp1"}, now + dt.timedelta(hours=8, minutes=1)) is None  # absolute age
+    assert store.actor("not-a-session", {"fp1"}, now) is None and store.actor(None, {"fp1"}) is None
+    catalog.close()

@@ -10,7 +10,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flask import Flask, Response, g, request
+from flask import Flask, Response, g, request, session
 from werkzeug.exceptions import HTTPException, InternalServerError
 from werkzeug.routing import IntegerConverter
 
@@ -49,6 +49,13 @@ def install_edges(app: Flask, runtime: Runtime) -> None:
     def _request_id() -> None:
         sent = request.headers.get("X-Request-Id", "")
         g.request_id = sent if _REQUEST_ID.fullmatch(sent) else uuid.uuid4().hex
+
+    @app.before_request
+    def _viewer_session() -> None:
+        sid = session.get("sid")
+        g.session_actor = runtime.session_actor(sid)
+        if sid and g.session_actor is None:
+            session.clear()  # ended (signed out, token removed, idle, expired): the cookie is worth nothing
 
     @app.after_request
     def _echo_request_id(resp: Response) -> Response:

@@ -16,6 +16,7 @@ from flask import (Blueprint, Response, abort, current_app, flash, jsonify, redi
 from indexer.actions import delete_images, set_flags
 from indexer.errors import FlagmatchError, InvalidInputError, NotFoundError
 from search.api import http_status
+from search.auth import session_actor
 from search.service import SearchParams
 from web.mapdata import encode_points
 
@@ -37,7 +38,7 @@ def rt() -> Runtime:
 
 
 def actor() -> str:
-    return str(session.get("actor"))
+    return str(session_actor())
 
 
 def csrf_token() -> str:
@@ -50,7 +51,7 @@ def csrf_token() -> str:
 def _context() -> dict[str, Any]:
     if request.blueprint != "viewer":
         return {}
-    return {"csrf_token": csrf_token(), "actor": session.get("actor"), "blur": session.get("blur", True),
+    return {"csrf_token": csrf_token(), "actor": session_actor(), "blur": session.get("blur", True),
             "grey": session.get("grey", False)}
 
 
@@ -58,7 +59,7 @@ def _context() -> dict[str, Any]:
 def _guard() -> Response | None:
     if request.endpoint in PUBLIC:
         return None
-    if not session.get("actor"):
+    if session_actor() is None:
         if request.method == "GET":
             return redirect(url_for("viewer.login", next=request.full_path.rstrip("?")))
         abort(401)
@@ -129,11 +130,13 @@ def login() -> Any:
         sent = request.form.get("csrf") or ""
         if not hmac.compare_digest(sent.encode(), csrf_token().encode()):
             abort(403, "missing or wrong CSRF token")
-        name = rt().tokens.actor(request.form.get("token", "").strip())
-        if name is not None:
+        found = rt().tokens.match(request.form.get("token", "").strip())
+        if found is not None:
+            name, token_fingerprint = found
             nxt = _safe_next(url_for("viewer.clusters"))
             session.clear()
-            session["actor"], session["csrf"], session["blur"] = name, secrets.token_urlsafe(32), True
+            session["sid"] = rt().sessions.open(name, token_fingerprint)
+            session["csrf"], session["blur"] = secrets.token_urlsafe(32), True
             rt().audit.record(name, "login", "viewer")
             return redirect(nxt)
         error = "That token is not valid."
@@ -143,6 +146,7 @@ def login() -> Any:
 @bp.post("/logout")
 def logout() -> Response:
     rt().audit.record(actor(), "logout", "viewer")
+    rt().sessions.end(session.get("sid"), "signed out")
     session.clear()
     return redirect(url_for("viewer.login"))
 

@@ -1,0 +1,86 @@
+"""Viewer sessions kept server-side, in the catalog, and bound to the token that opened them.
+
+The browser holds only a random session id (in Flask's signed cookie); the catalog holds its sha256,
+the moderator, the fingerprint of the token they signed in with, and when it was opened and last
+used. A session ends at sign-out, when its token is no longer configured (a server restarted without
+it), after ``idle`` without a request and at ``absolute`` age — whichever comes first; a copied cookie
+is worth nothing after that."""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import secrets
+
+from sqlalchemy import DateTime, Engine, String, select, update
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from indexer.catalog import create_tables, utcnow
+
+TOUCH_EVERY = dt.timedelta(seconds=60)  # last_seen is written at most this often per session
+
+
+class SessionBase(DeclarativeBase):
+    pass
+
+
+class SessionRow(SessionBase):
+    __tablename__ = "viewer_sessions"
+    id_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    actor: Mapped[str] = mapped_column(String(200))
+    token_fingerprint: Mapped[str] = mapped_column(String(64))
+    opened_at: Mapped[dt.datetime] = mapped_column(DateTime)
+    last_seen: Mapped[dt.datetime] = mapped_column(DateTime)
+    ended_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    end_reason: Mapped[str | None] = mapped_column(String(40), nullable=True)
+
+
+def _key(session_id: str) -> str:
+    return hashlib.sha256(session_id.encode("utf-8", "replace")).hexdigest()
+
+
+class SessionStore:
+    def __init__(self, engine: Engine, *, idle: dt.timedelta, absolute: dt.timedelta) -> None:
+        self.engine, self.idle, self.absolute = engine, idle, absolute
+        create_tables(SessionBase.metadata, engine)
+
+    def open(self, actor: str, token_fingerprint: str) -> str:
+        """A new session; returns its id (only its hash is stored)."""
+        session_id = secrets.token_urlsafe(32)
+        now = utcnow()
+        with self.engine.begin() as c:
+            c.execute(SessionRow.__table__.insert().values(
+                id_sha256=_key(session_id), actor=actor, token_fingerprint=token_fingerprint, opened_at=now,
+                last_seen=now))
+        return session_id
+
+    def actor(self, session_id: str | None, live_tokens: set[str], now: dt.datetime | None = None) -> str | None:
+        """The moderator of a live session, or None (ending it when it has just expired)."""
+        if not session_id:
+            return None
+        now = now or utcnow()
+        key = _key(session_id)
+        with self.engine.connect() as c:
+            row = c.execute(select(SessionRow).where(SessionRow.id_sha256 == key)).first()
+        if row is None or row.ended_at is not None:
+            return None
+        reason = None
+        if row.token_fingerprint not in live_tokens:
+            reason = "token removed"
+        elif now - row.opened_at > self.absolute:
+            reason = "expired"
+        elif now - row.last_seen > self.idle:
+            reason = "idle"
+        if reason is not None:
+            self.end(session_id, reason, now=now)
+            return None
+        if now - row.last_seen > TOUCH_EVERY:
+            with self.engine.begin() as c:
+                c.execute(update(SessionRow).where(SessionRow.id_sha256 == key).values(last_seen=now))
+        return str(row.actor)
+
+    def end(self, session_id: str | None, reason: str, now: dt.datetime | None = None) -> None:
+        if not session_id:
+            return
+        with self.engine.begin() as c:
+            c.execute(update(SessionRow).where(SessionRow.id_sha256 == _key(session_id), SessionRow.ended_at.is_(None))
+                      .values(ended_at=now or utcnow(), end_reason=reason))
