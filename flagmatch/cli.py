@@ -140,6 +140,39 @@ def errors(limit: int, settings: Settings) -> None:
         click.echo(f"{code:<20} {path}: {message}")
 
 
+@main.command(cls=SettingsCommand)
+@click.option("--actor", default=None, help="only this actor")
+@click.option("--action", default=None, help="only this action (flag, unflag, delete, reveal, login, …)")
+@click.option("--target", default=None, help="only this target; a prefix ending in * ('cluster:*')")
+@click.option("--since", default=None, help="ISO time, or an age such as 7d or 12h")
+@click.option("--until", default=None, help="ISO time")
+@click.option("--before-id", type=int, default=None, help="page: events older than this id")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
+@with_settings()
+def audit(actor: str | None, action: str | None, target: str | None, since: str | None, until: str | None,
+          before_id: int | None, limit: int, fmt: str, settings: Settings) -> None:
+    """The audit log, newest first: every reveal and decision from the viewer, the API and the CLI."""
+    from indexer.audit import to_csv, to_json
+    from search.api import audit_query
+    args = {"actor": actor, "action": action, "target": target, "until": until,
+            "since": parse_since(since).isoformat() if since else None,
+            "before_id": str(before_id) if before_id else None, "limit": str(limit)}
+    q, n = audit_query({k: v for k, v in args.items() if v is not None})
+    events = AuditLog(wiring.open_store(settings).catalog.engine).events(n, query=q)
+    if fmt == "csv":
+        click.echo(to_csv(events), nl=False)
+    elif fmt == "json":
+        click.echo(json.dumps({"events": [to_json(e) for e in events],
+                               "next_before_id": events[-1].id if len(events) == n else None}, indent=2))
+    else:
+        for e in events:
+            click.echo(f"{e.id:>7} {e.at:%Y-%m-%d %H:%M:%S} {e.actor:<14} {e.action:<12} {e.target:<20} "
+                       f"{json.dumps(e.detail, ensure_ascii=False)}")
+        if len(events) == n:
+            click.echo(f"… older: flagmatch audit --before-id {events[-1].id}")
+
+
 def _flag_command(flag: bool) -> Callable[..., Any]:
     @click.argument("refs", nargs=-1, required=True)
     @click.option("--reason", default=None, help="why (kept in the flag history)")

@@ -53,7 +53,7 @@ def set_flags(store: Store, index: IndexFeed | None, audit: AuditLog, ids: Seque
     changed = store.catalog.set_flag(unique, FlagRequest(source, label, actor, reason), flag=flag)
     if index is not None:
         index.catch_up()
-    audit.record(actor, "flag" if flag else "unflag", "images", ids=changed, asked=unique, reason=reason,
+    audit.record(actor, "flag" if flag else "unflag", _target(unique), ids=changed, asked=unique, reason=reason,
                  label=label, source=source)
     return changed
 
@@ -83,5 +83,10 @@ def delete_images(store: Store, index: IndexFeed | None, audit: AuditLog, ids: S
         store.open_vectors().erase(unique)
     if index is not None:
         index.remove(unique)
-    audit.record(actor, "delete", "images", ids=unique, reason=reason, sha256=[recs[i].sha256 for i in unique])
+    audit.record(actor, "delete", _target(unique), ids=unique, reason=reason, sha256=[recs[i].sha256 for i in unique])
     return unique
+
+
+def _target(ids: Sequence[int]) -> str:
+    """The audit target: ``image:<id>`` for one image (filterable), ``images`` for a batch (ids in detail)."""
+    return f"image:{ids[0]}" if len(ids) == 1 else "images"

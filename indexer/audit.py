@@ -29,6 +29,19 @@ class AuditRow(AuditBase):
     detail: Mapped[str] = mapped_column(Text, default="{}")
 
 
+MAX_PAGE = 1000
+
+
+@dataclass(frozen=True)
+class AuditQuery:
+    actor: str | None = None
+    action: str | None = None
+    target: str | None = None      # exact, or a prefix ending in "*" ("cluster:*", "image:12")
+    since: dt.datetime | None = None
+    until: dt.datetime | None = None
+    before_id: int | None = None
+
+
 @dataclass(frozen=True)
 class AuditEvent:
     id: int
@@ -56,10 +69,43 @@ class AuditLog:
                                                        AuditRow.target == target, AuditRow.at >= since)
                              .limit(1)).first() is not None
 
-    def events(self, limit: int = 100, target: str | None = None) -> list[AuditEvent]:
-        q = select(AuditRow).order_by(AuditRow.id.desc()).limit(limit)
-        if target is not None:
-            q = q.where(AuditRow.target == target)
+    def events(self, limit: int = 100, target: str | None = None, *, query: "AuditQuery | None" = None
+               ) -> list[AuditEvent]:
+        """Newest first. ``query`` filters by actor, action, target (a trailing ``*`` matches a prefix)
+        and time, and pages with ``before_id`` (the id of the last row of the previous page)."""
+        q = query or AuditQuery(target=target)
+        stmt = select(AuditRow).order_by(AuditRow.id.desc()).limit(max(1, min(limit, MAX_PAGE)))
+        if q.actor:
+            stmt = stmt.where(AuditRow.actor == q.actor)
+        if q.action:
+            stmt = stmt.where(AuditRow.action == q.action)
+        if q.target:
+            stmt = stmt.where(AuditRow.target.startswith(q.target[:-1], autoescape=True) if q.target.endswith("*")
+                              else AuditRow.target == q.target)
+        if q.since is not None:
+            stmt = stmt.where(AuditRow.at >= q.since)
+        if q.until is not None:
+            stmt = stmt.where(AuditRow.at < q.until)
+        if q.before_id is not None:
+            stmt = stmt.where(AuditRow.id < q.before_id)
         with self.engine.connect() as c:
             return [AuditEvent(r.id, r.at, r.actor, r.action, r.target, json.loads(r.detail))
-                    for r in c.execute(q).all()]
+                    for r in c.execute(stmt).all()]
+
+
+def to_json(e: AuditEvent) -> dict[str, Any]:
+    return {"id": e.id, "at": e.at.replace(tzinfo=dt.timezone.utc).isoformat(), "actor": e.actor,
+            "action": e.action, "target": e.target, "detail": e.detail}
+
+
+def to_csv(events: list[AuditEvent]) -> str:
+    """id, at, actor, action, target, detail (JSON) — one row per event, RFC 4180 quoting."""
+    import csv
+    import io
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["id", "at", "actor", "action", "target", "detail"])
+    for e in events:
+        row = to_json(e)
+        w.writerow([row["id"], row["at"], e.actor, e.action, e.target, json.dumps(e.detail, sort_keys=True)])
+    return buf.getvalue()

@@ -13,6 +13,7 @@ from flask import Blueprint, Flask, Response, current_app, g, jsonify, request, 
 from werkzeug.exceptions import HTTPException
 
 from indexer.actions import MAX_LABEL, MAX_REASON, delete_images, set_flags
+from indexer.audit import MAX_PAGE as MAX_AUDIT_PAGE, AuditQuery, to_csv as audit_csv, to_json as audit_json
 from indexer.catalog import ImageRecord
 from indexer.errors import (ClusteringError, DecodeError, FlagmatchError, InvalidInputError, ModelLoadError,
                             ModelMismatchError, NotFoundError, OverloadedError)
@@ -391,6 +392,53 @@ def stats() -> Response:
         "model_id": rt.embedder.info.model_id, "backend": rt.embedder.info.backend,
         "precision": rt.embedder.info.precision}
     return jsonify(st)
+
+
+def audit_query(args: Any) -> tuple[AuditQuery, int]:
+    """Filters and a page size from query parameters (the API, the CLI's JSON and the viewer share them)."""
+    known = {"actor", "action", "target", "since", "until", "before_id", "limit", "format"}
+    unknown = set(args) - known
+    if unknown:
+        raise InvalidInputError(f"unknown parameter(s): {', '.join(sorted(unknown))}", code="bad_parameter")
+
+    def when(name: str) -> dt.datetime | None:
+        raw = args.get(name)
+        if not raw:
+            return None
+        try:
+            t = dt.datetime.fromisoformat(str(raw).replace("Z", "+00:00"))
+            return t.astimezone(dt.timezone.utc).replace(tzinfo=None) if t.tzinfo else t
+        except (ValueError, OverflowError):
+            raise InvalidInputError(f"{name} must be an ISO 8601 time", code="bad_parameter") from None
+
+    def integer(name: str, default: int | None, lo: int, hi: int) -> int | None:
+        raw = args.get(name)
+        if raw in (None, ""):
+            return default
+        if not re.fullmatch(r"[0-9]{1,19}", str(raw)) or not lo <= int(raw) <= hi:
+            raise InvalidInputError(f"{name} must be an integer from {lo} to {hi}", code="bad_parameter")
+        return int(raw)
+
+    text = {k: (str(args.get(k)).strip()[:200] or None) if args.get(k) else None for k in ("actor", "action", "target")}
+    q = AuditQuery(text["actor"], text["action"], text["target"], when("since"), when("until"),
+                   integer("before_id", None, 1, 2**63 - 1))
+    return q, int(integer("limit", 100, 1, MAX_AUDIT_PAGE) or 100)
+
+
+@bp.get("/audit")
+@needs(write=False)
+def audit() -> Response:
+    """The audit log, newest first, filtered and paged (``next_before_id``); ``format=csv`` exports it."""
+    q, limit = audit_query(request.args)
+    events = runtime().audit.events(limit, query=q)
+    if request.args.get("format") == "csv":
+        resp = Response(audit_csv(events), mimetype="text/csv")
+        resp.headers["Content-Disposition"] = "attachment; filename=flagmatch-audit.csv"
+        return resp
+    if request.args.get("format") not in (None, "", "json"):
+        raise InvalidInputError("format must be json or csv", code="bad_parameter")
+    return jsonify({"events": [audit_json(e) for e in events],
+                    "next_before_id": events[-1].id if len(events) == limit else None})
 
 
 @bp.get("/openapi.json")

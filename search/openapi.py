@@ -89,6 +89,29 @@ def openapi_document() -> dict[str, Any]:
                 "summary": "Unflag an image (recorded in its history)", "parameters": [image_id],
                 "requestBody": {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/FlagBody"}}}},
                 "responses": _resp(json_ok("#/components/schemas/FlagResult"), 400, 403, 404, 413, 415)}},
+            "/audit": {"get": {
+                "summary": "The audit log, newest first: filter, page with next_before_id, export as CSV",
+                "parameters": [
+                    {"name": n, "in": "query", "required": False, "schema": sch} for n, sch in (
+                        ("actor", {"type": "string", "maxLength": 200}),
+                        ("action", {"type": "string", "maxLength": 200}),
+                        ("target", {"type": "string", "maxLength": 200,
+                                    "description": "exact, or a prefix ending in *"}),
+                        ("since", {"type": "string", "format": "date-time"}),
+                        ("until", {"type": "string", "format": "date-time"}),
+                        ("before_id", {"type": "integer", "minimum": 1, "maximum": MAX_ID}),
+                        ("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}),
+                        ("format", {"type": "string", "enum": ["json", "csv"], "default": "json"}))],
+                "responses": _resp({"description": "OK", "content": {
+                    "application/json": {"schema": {"type": "object", "required": ["events", "next_before_id"],
+                                                    "properties": {
+                        "events": {"type": "array", "items": {"type": "object", "required": [
+                            "id", "at", "actor", "action", "target", "detail"], "properties": {
+                            "id": {"type": "integer"}, "at": {"type": "string", "format": "date-time"},
+                            "actor": {"type": "string"}, "action": {"type": "string"},
+                            "target": {"type": "string"}, "detail": {"type": "object"}}}},
+                        "next_before_id": {"type": ["integer", "null"]}}}},
+                    "text/csv": {"schema": {"type": "string"}}}}, 400)}},
             "/stats": {"get": {"summary": "What the catalog and indexes hold",
                                "responses": _resp({"description": "OK", "content": {"application/json": {
                                    "schema": {"type": "object"}}}})}},

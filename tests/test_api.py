@@ -309,3 +309,19 @@ def test_sweep_and_delete_through_the_api(api_home, tiny_embedder, tmp_path):
     assert victim not in {h["id"] for h in r.json["hits"]}
     r = c.post("/api/v1/search", headers=AUTH, json={"id": 1, "scope": "all", "k": 50})
     assert victim not in {h["id"] for h in r.json["results"][0]["hits"]}
+
+
+def test_audit_log_filtered_paged_and_exported(client):
+    for i in (1, 2, 3):
+        assert client.post(f"/api/v1/images/{i}/unflag", json={"reason": f"fp {i}"}, headers=AUTH).status_code == 200
+    r = client.get("/api/v1/audit?action=unflag&limit=2", headers=AUTH)
+    assert r.status_code == 200 and [e["target"] for e in r.json["events"]] == ["image:3", "image:2"]
+    assert r.json["events"][0]["actor"] == "alice" and r.json["events"][0]["detail"]["reason"] == "fp 3"
+    older = client.get(f"/api/v1/audit?action=unflag&limit=2&before_id={r.json['next_before_id']}", headers=AUTH)
+    assert [e["target"] for e in older.json["events"]] == ["image:1"] and older.json["next_before_id"] is None
+    csv_resp = client.get("/api/v1/audit?target=image:*&format=csv", headers=AUTH)
+    assert csv_resp.mimetype == "text/csv" and csv_resp.text.count("\n") == 4
+    for bad in ("since=yesterday", "limit=0", "before_id=%C2%B2", "format=xml", "colour=red"):
+        resp = client.get(f"/api/v1/audit?{bad}", headers=AUTH)
+        assert resp.status_code == 400 and resp.json["error"]["code"] == "bad_parameter", bad
+    assert client.get("/api/v1/audit").status_code == 401

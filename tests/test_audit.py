@@ -30,3 +30,26 @@ def test_reveals_are_remembered_per_actor_and_target(tmp_path):
     assert not log.revealed_recently("sam", "image:5") and not log.revealed_recently("rita", "image:6")
     assert not log.revealed_recently("rita", "image:5", minutes=-1)  # older than the window
     catalog.close()
+
+
+def test_filters_prefixes_time_and_paging(tmp_path):
+    import datetime as dt
+    from indexer.audit import AuditQuery, to_csv
+    catalog = Catalog(f"sqlite:///{tmp_path / 'c.sqlite'}")
+    log = AuditLog(catalog.engine)
+    for i in range(25):
+        log.record("rita" if i % 2 else "sam", "flag" if i % 3 else "unflag", f"cluster:{i}" if i < 20 else f"image:{i}",
+                   reason=f"r{i}")
+    assert len(log.events(100, query=AuditQuery(actor="rita"))) == 12
+    assert {e.target for e in log.events(100, query=AuditQuery(target="image:*"))} == {f"image:{i}" for i in range(20, 25)}
+    assert [e.target for e in log.events(100, query=AuditQuery(target="cluster:1"))] == ["cluster:1"]
+    assert log.events(100, query=AuditQuery(target="cluster%*")) == []  # wildcards are literal
+    page1 = log.events(10, query=AuditQuery(actor="sam"))
+    page2 = log.events(10, query=AuditQuery(actor="sam", before_id=page1[-1].id))
+    assert len(page1) == 10 and len(page2) == 3 and page1[-1].id > page2[0].id
+    future = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None) + dt.timedelta(minutes=5)
+    assert log.events(100, query=AuditQuery(since=future)) == []
+    assert len(log.events(100, query=AuditQuery(until=future))) == 25
+    csv_text = to_csv(log.events(2))
+    assert csv_text.splitlines()[0] == "id,at,actor,action,target,detail" and '"{""reason"": ""r24""}"' in csv_text
+    catalog.close()

@@ -128,3 +128,23 @@ def test_delete_and_sweep_commands(tmp_path, tiny_model_dir):
     actions = [e.action for e in AuditLog(store.catalog.engine).events()]
     assert {"flag", "sweep", "delete"} <= set(actions)
     store.close()
+
+
+def test_audit_command_filters_and_exports(tmp_path):
+    from indexer.audit import AuditLog
+    from indexer.catalog import Catalog
+    home = tmp_path / "home"
+    home.mkdir()
+    catalog = Catalog(f"sqlite:///{home / 'catalog.sqlite'}")
+    log = AuditLog(catalog.engine)
+    for i in range(5):
+        log.record("rita" if i % 2 else "sam", "unflag", f"image:{i}", reason=f"fp {i}")
+    catalog.close()
+    r = invoke("audit", "--home", str(home), "--actor", "sam", "--format", "json", "--limit", "2")
+    data = json.loads(r.output)
+    assert [e["target"] for e in data["events"]] == ["image:4", "image:2"] and data["next_before_id"]
+    r = invoke("audit", "--home", str(home), "--actor", "sam", "--before-id", str(data["next_before_id"]))
+    assert "image:0" in r.output and "image:4" not in r.output
+    r = invoke("audit", "--home", str(home), "--target", "image:*", "--format", "csv")
+    assert r.output.splitlines()[0] == "id,at,actor,action,target,detail" and len(r.output.splitlines()) == 6
+    assert invoke("audit", "--home", str(home), "--since", "soon").exit_code != 0

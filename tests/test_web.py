@@ -257,3 +257,10 @@ def test_sessions_expire_idle_and_absolute(tmp_path):
     assert store.actor(busy, {"fp1"}, now + dt.timedelta(hours=8, minutes=1)) is None  # absolute age
     assert store.actor("not-a-session", {"fp1"}, now) is None and store.actor(None, {"fp1"}) is None
     catalog.close()
+
+
+def test_audit_page_filters_and_pages(client):
+    page = client.get("/audit?action=login")
+    assert page.status_code == 200 and "login" in page.text and 'href="/api/v1/audit?format=csv' in page.text
+    assert "no events match" in client.get("/audit?actor=nobody").text
+    assert client.get("/audit?since=not-a-time").status_code == 400
