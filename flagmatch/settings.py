@@ -111,6 +111,12 @@ class Settings:
                                    "beyond it uploads wait, then get 503 with Retry-After", "server")
     admission_wait: float = setting(2.0, "how long an upload waits for decoding memory before a 503, in seconds",
                                     "server")
+    review_labels: tuple[str, ...] = setting(
+        ("adult_nudity", "sexual_activity", "violence", "gore", "hate_symbols", "self_harm", "spam", "other"),
+        "the policy labels a reviewer picks from (comma-separated)", "server")
+    review_reasons: tuple[str, ...] = setting(
+        ("matches_policy", "false_positive", "not_actionable", "duplicate_of_reviewed", "other"),
+        "the reason codes a cluster decision is given with (comma-separated)", "server")
     session_idle: float = setting(120.0, "a viewer session ends after this many minutes without a request", "server")
     session_max: float = setting(12.0, "a viewer session ends this many hours after sign-in, in use or not", "server")
     rate_limit: str = setting("", "per token (or client address) request limit, e.g. '600/minute;20/second' "

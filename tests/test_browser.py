@@ -79,10 +79,12 @@ def test_moderator_journey(server, page):
     page.shot("03-cluster-revealed")
 
     # name the cluster
-    page.fill("#name-form input[name=name]", "Beach set")
+    page.fill("#decision-form input[name=name]", "Beach set")
+    page.select_option("#decision-form select[name=label]", "adult_nudity")
+    page.select_option("#decision-form select[name=reason_code]", "matches_policy")
     with page.expect_navigation():
-        page.click("#name-form button")
-    assert "Beach set" in page.locator("h1").inner_text()
+        page.click("#decision-form button:has-text('Confirm')")
+    assert "Beach set" in page.locator("h1").inner_text() and "confirmed" in page.locator("p.meta").inner_text()
 
     # unflag one member as a false positive
     page.locator("form.members input.pick").first.check()
@@ -141,6 +143,6 @@ def test_moderator_journey(server, page):
     page.shot("09-image")
     page.goto(base + "/audit")
     audit = page.locator("table.audit").inner_text()
-    assert "reveal" in audit and "unflag" in audit and "flag" in audit and "name_cluster" in audit
+    assert "reveal" in audit and "unflag" in audit and "flag" in audit and "cluster_confirmed" in audit
     page.shot("10-audit")
     assert not page.problems, page.problems

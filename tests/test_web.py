@@ -74,7 +74,7 @@ def test_session_cookie_and_security_headers(app):
 def test_every_post_needs_the_csrf_token(client):
     cid = first_cluster(client)
     for path, data in (("/images/unflag", {"ids": "1", "reason": "x"}), ("/images/flag", {"ids": "70"}),
-                       (f"/clusters/{cid}/name", {"name": "x"}), (f"/clusters/{cid}/status", {"status": "confirmed"}),
+                       (f"/clusters/{cid}/name", {"name": "x"}), (f"/clusters/{cid}/decision", {"status": "confirmed", "reason_code": "matches_policy"}),
                        ("/images/1/reveal", {}), ("/preferences", {"blur": "off"}), ("/logout", {}),
                        ("/selection", {"ids": "1"})):
         assert client.post(path, data=data).status_code == 403, path
@@ -105,9 +105,11 @@ def test_cluster_page_name_confirm_and_unflag(client, app):
     assert r.status_code == 302
     page = client.get(f"/clusters/{cid}")
     assert "&lt;b&gt;beach&lt;/b&gt; set" in page.text and "<b>beach</b>" not in page.text  # escaped
-    r = client.post(f"/clusters/{cid}/status", data={"csrf": csrf, "status": "confirmed"})
+    r = client.post(f"/clusters/{cid}/decision", data={"csrf": csrf, "status": "confirmed", "reason_code": "matches_policy"})
     assert r.status_code == 302 and "confirmed" in client.get(f"/clusters/{cid}").text
-    assert client.post(f"/clusters/{cid}/status", data={"csrf": csrf, "status": "great"}).status_code == 400
+    assert client.post(f"/clusters/{cid}/decision", data={"csrf": csrf, "status": "great",
+                                                          "reason_code": "matches_policy"}).status_code == 400
+    assert client.post(f"/clusters/{cid}/decision", data={"csrf": csrf, "status": "confirmed"}).status_code == 400
     # unflag one member as a false positive: needs a reason, lands in the flag history and the audit log
     victim = ids[-1]
     r = client.post("/images/unflag", data={"csrf": csrf, "ids": victim, "next": f"/clusters/{cid}"})
@@ -264,3 +266,36 @@ def test_audit_page_filters_and_pages(client):
     assert page.status_code == 200 and "login" in page.text and 'href="/api/v1/audit?format=csv' in page.text
     assert "no events match" in client.get("/audit?actor=nobody").text
     assert client.get("/audit?since=not-a-time").status_code == 400
+
+
+def test_decision_bar_dismiss_unflags_members_and_undo_restores(client, app):
+    store = app.extensions["flagmatch"].store
+    cstore = app.extensions["flagmatch"].clusters
+    run = cstore.current_run()
+    clusters = sorted(cstore.clusters(run.id), key=lambda c: (-c.size, c.id))
+    cid, other = clusters[0].id, clusters[1].id
+    members = [m.image_id for m in cstore.members(run.id, cid)]
+    page = client.get(f"/clusters/{cid}")
+    assert 'id="decision-form"' in page.text and "sexual_activity" in page.text and "false_positive" in page.text
+    csrf = csrf_of(page.text)
+    r = client.post(f"/clusters/{cid}/decision", data={
+        "csrf": csrf, "status": "dismissed", "reason_code": "false_positive", "note": "beach photos",
+        "name": "Beach", "label": "other", "next": "1"})
+    # dismissed, every member unflagged with the reason, and on to the next unreviewed cluster
+    assert r.status_code == 302 and r.headers["Location"] == f"/clusters/{other}"
+    recs = store.catalog.get_many(members)
+    assert not any(rec.flagged for rec in recs.values())
+    assert "false_positive" in store.catalog.get(members[0]).history[-1].reason
+    info = cstore.cluster(run.id, cid)
+    assert (info.status, info.name, info.label) == ("dismissed", "Beach", "other")
+    assert client.post(f"/clusters/{cid}/decision", data={"csrf": csrf, "status": "confirmed",
+                                                          "reason_code": "matches_policy", "label": "nudity!"}
+                       ).status_code == 400  # labels come from the policy list
+    # undo: the previous state and the flags come back
+    assert client.post(f"/clusters/{cid}/undo", data={"csrf": csrf}).status_code == 302
+    info = cstore.cluster(run.id, cid)
+    assert info.status == "unreviewed" and info.name is None
+    assert all(rec.flagged for rec in store.catalog.get_many(members).values())
+    assert client.post(f"/clusters/{cid}/undo", data={"csrf": csrf}).status_code == 400  # nothing left to undo
+    audit = client.get(f"/audit?target=cluster:{cid}").text
+    assert "cluster_dismissed" in audit and "cluster_undo" in audit

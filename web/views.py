@@ -13,6 +13,7 @@ from urllib.parse import urlparse
 from flask import (Blueprint, Response, abort, current_app, flash, jsonify, redirect, render_template, request,
                    session, url_for)
 
+from clustering.review import Decision, decide_cluster, undo_decision
 from indexer.actions import delete_images, set_flags
 from indexer.errors import FlagmatchError, InvalidInputError, NotFoundError
 from search.api import audit_query, http_status
@@ -51,8 +52,10 @@ def csrf_token() -> str:
 def _context() -> dict[str, Any]:
     if request.blueprint != "viewer":
         return {}
+    settings = rt().settings
     return {"csrf_token": csrf_token(), "actor": session_actor(), "blur": session.get("blur", True),
-            "grey": session.get("grey", False)}
+            "grey": session.get("grey", False), "review_labels": settings.review_labels,
+            "review_reasons": settings.review_reasons}
 
 
 @bp.before_request
@@ -249,14 +252,31 @@ def name_cluster(cluster_id: int) -> Response:
     return redirect(url_for("viewer.cluster", cluster_id=cluster_id))
 
 
-@bp.post("/clusters/<int:cluster_id>/status")
-def review_cluster(cluster_id: int) -> Response:
+@bp.post("/clusters/<int:cluster_id>/decision")
+def decide(cluster_id: int) -> Response:
+    """The decision bar: name, policy label, confirm or dismiss, reason code and note in one submit;
+    ``next=1`` goes on to the next unreviewed cluster."""
     r = rt()
-    cstore, audit = r.clusters, r.audit
-    status = request.form.get("status", "")
-    cstore.update_identity(cluster_id, actor=actor(), status=status)
-    audit.record(actor(), f"cluster_{status}", f"cluster:{cluster_id}", reason=request.form.get("reason") or None)
-    flash(f"Cluster {cluster_id} marked {status}.")
+    label = request.form.get("label") or None
+    result = decide_cluster(r.store, r.index, r.audit, r.clusters, cluster_id, Decision(
+        status=request.form.get("status", ""), reason_code=request.form.get("reason_code", ""),
+        name=request.form.get("name"), label=label, note=request.form.get("note")),
+        actor=actor(), labels=r.settings.review_labels, reasons=r.settings.review_reasons)
+    done = f"Cluster {cluster_id} {result.cluster.status}"
+    flash(done + (f"; {len(result.unflagged)} image(s) unflagged." if result.unflagged else ".") + " Undo is on its page.")
+    if request.form.get("next") == "1":
+        if result.next_unreviewed is None:
+            flash("No unreviewed cluster left.")
+            return redirect(url_for("viewer.clusters"))
+        return redirect(url_for("viewer.cluster", cluster_id=result.next_unreviewed))
+    return redirect(url_for("viewer.cluster", cluster_id=cluster_id))
+
+
+@bp.post("/clusters/<int:cluster_id>/undo")
+def undo(cluster_id: int) -> Response:
+    r = rt()
+    info = undo_decision(r.store, r.index, r.audit, r.clusters, cluster_id, actor=actor())
+    flash(f"Cluster {cluster_id}: decision undone (now {info.status}).")
     return redirect(url_for("viewer.cluster", cluster_id=cluster_id))
 
 
