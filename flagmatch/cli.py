@@ -173,6 +173,45 @@ def audit(actor: str | None, action: str | None, target: str | None, since: str 
             click.echo(f"… older: flagmatch audit --before-id {events[-1].id}")
 
 
+@main.command(cls=SettingsCommand)
+@click.argument("cluster_id", type=int)
+@click.option("--status", type=click.Choice(["confirmed", "dismissed"]), required=True,
+              help="dismissed unflags every flagged member with the reason")
+@click.option("--reason-code", required=True, help="one of --review-reasons")
+@click.option("--note", default=None)
+@click.option("--name", default=None)
+@click.option("--label", default=None, help="one of --review-labels")
+@click.option("--actor", default=None, help="who (default: the OS user)")
+@with_settings("index", "server")
+def decide(cluster_id: int, status: str, reason_code: str, note: str | None, name: str | None, label: str | None,
+           actor: str | None, settings: Settings) -> None:
+    """Record a review decision on a cluster of the current run (as the viewer's decision bar)."""
+    from clustering.review import Decision, decide_cluster
+    from clustering.store import ClusterStore
+    store = wiring.open_store(settings)
+    result = decide_cluster(store, wiring.open_index(store, settings), AuditLog(store.catalog.engine),
+                            ClusterStore(store), cluster_id,
+                            Decision(status, reason_code, name, label, note), actor=actor or _os_user(),
+                            labels=settings.review_labels, reasons=settings.review_reasons)
+    click.echo(f"cluster {cluster_id}: {result.cluster.status}" +
+               (f", {len(result.unflagged)} image(s) unflagged" if result.unflagged else "") +
+               (f"; next unreviewed: {result.next_unreviewed}" if result.next_unreviewed else ""))
+
+
+@main.command(cls=SettingsCommand)
+@click.argument("cluster_id", type=int)
+@click.option("--actor", default=None, help="who (default: the OS user)")
+@with_settings("index")
+def undo(cluster_id: int, actor: str | None, settings: Settings) -> None:
+    """Undo the latest decision on a cluster (its previous state and flags come back)."""
+    from clustering.review import undo_decision
+    from clustering.store import ClusterStore
+    store = wiring.open_store(settings)
+    info = undo_decision(store, wiring.open_index(store, settings), AuditLog(store.catalog.engine),
+                         ClusterStore(store), cluster_id, actor=actor or _os_user())
+    click.echo(f"cluster {cluster_id}: decision undone, now {info.status}")
+
+
 def _flag_command(flag: bool) -> Callable[..., Any]:
     @click.argument("refs", nargs=-1, required=True)
     @click.option("--reason", default=None, help="why (kept in the flag history)")

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request, session
 from werkzeug.exceptions import HTTPException
 
+from clustering.review import Decision, decide_cluster, undo_decision
 from indexer.actions import MAX_LABEL, MAX_REASON, delete_images, set_flags
 from indexer.audit import MAX_PAGE as MAX_AUDIT_PAGE, AuditQuery, to_csv as audit_csv, to_json as audit_json
 from indexer.catalog import ImageRecord
@@ -392,6 +393,37 @@ def stats() -> Response:
         "model_id": rt.embedder.info.model_id, "backend": rt.embedder.info.backend,
         "precision": rt.embedder.info.precision}
     return jsonify(st)
+
+
+@bp.post("/clusters/<int:cluster_id>/decision")
+@needs(write=True)
+def cluster_decision(cluster_id: int) -> Response:
+    """JSON ``status`` (confirmed | dismissed), ``reason_code``, optional ``name``, ``label``, ``note``."""
+    body = _json_body()
+    unknown = set(body) - {"status", "reason_code", "name", "label", "note"}
+    if unknown:
+        raise InvalidInputError(f"unknown field(s): {', '.join(sorted(unknown))}", code="bad_parameter")
+    for key in ("status", "reason_code", "name", "label", "note"):
+        if body.get(key) is not None and not isinstance(body[key], str):
+            raise InvalidInputError(f"{key} must be a string", code="bad_parameter")
+    rt = runtime()
+    result = decide_cluster(rt.store, rt.index, rt.audit, rt.clusters, cluster_id, Decision(
+        status=body.get("status") or "", reason_code=body.get("reason_code") or "", name=body.get("name"),
+        label=body.get("label") or None, note=body.get("note")), actor=g.actor,
+        labels=rt.settings.review_labels, reasons=rt.settings.review_reasons)
+    c = result.cluster
+    return jsonify({"cluster": {"id": c.id, "name": c.name, "label": c.label, "status": c.status, "size": c.size,
+                                "reviewed_by": c.reviewed_by},
+                    "unflagged": result.unflagged, "next_unreviewed": result.next_unreviewed})
+
+
+@bp.post("/clusters/<int:cluster_id>/undo")
+@needs(write=True)
+def cluster_undo(cluster_id: int) -> Response:
+    rt = runtime()
+    c = undo_decision(rt.store, rt.index, rt.audit, rt.clusters, cluster_id, actor=g.actor)
+    return jsonify({"cluster": {"id": c.id, "name": c.name, "label": c.label, "status": c.status, "size": c.size,
+                                "reviewed_by": c.reviewed_by}})
 
 
 def audit_query(args: Any) -> tuple[AuditQuery, int]:

@@ -20,6 +20,8 @@ def _resp(ok: dict[str, Any], *errors: int) -> dict[str, Any]:
 
 def openapi_document() -> dict[str, Any]:
     image_id = {"name": "image_id", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1, "maximum": MAX_ID}}
+    cluster_id = {"name": "cluster_id", "in": "path", "required": True,
+                  "schema": {"type": "integer", "minimum": 1, "maximum": MAX_ID}}
     json_ok = lambda ref: {"description": "OK", "content": {"application/json": {"schema": {"$ref": ref}}}}  # noqa: E731
     params_props = {
         "k": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 10},
@@ -89,6 +91,19 @@ def openapi_document() -> dict[str, Any]:
                 "summary": "Unflag an image (recorded in its history)", "parameters": [image_id],
                 "requestBody": {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/FlagBody"}}}},
                 "responses": _resp(json_ok("#/components/schemas/FlagResult"), 400, 403, 404, 413, 415)}},
+            "/clusters/{cluster_id}/decision": {"post": {
+                "summary": "Confirm or dismiss a cluster (dismiss unflags its members) with a reason code",
+                "parameters": [cluster_id],
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["status", "reason_code"], "additionalProperties": False,
+                    "properties": {"status": {"type": "string", "enum": ["confirmed", "dismissed"]},
+                                   "reason_code": {"type": "string"}, "name": {"type": ["string", "null"], "maxLength": 200},
+                                   "label": {"type": ["string", "null"]}, "note": {"type": ["string", "null"]}}}}}},
+                "responses": _resp(json_ok("#/components/schemas/ClusterDecision"), 400, 403, 404, 413, 415)}},
+            "/clusters/{cluster_id}/undo": {"post": {
+                "summary": "Undo the latest decision on a cluster (its previous state and flags come back)",
+                "parameters": [cluster_id],
+                "responses": _resp(json_ok("#/components/schemas/ClusterDecision"), 400, 403, 404, 413, 415)}},
             "/audit": {"get": {
                 "summary": "The audit log, newest first: filter, page with next_before_id, export as CSV",
                 "parameters": [
@@ -129,6 +144,13 @@ def openapi_document() -> dict[str, Any]:
                                "headers": {"Retry-After": {"schema": {"type": "integer", "minimum": 0}}},
                                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}},
             "schemas": {
+                "ClusterDecision": {"type": "object", "required": ["cluster"], "properties": {
+                    "cluster": {"type": "object", "required": ["id", "status"], "properties": {
+                        "id": {"type": "integer"}, "name": {"type": ["string", "null"]},
+                        "label": {"type": ["string", "null"]}, "status": {"type": "string"},
+                        "size": {"type": "integer"}, "reviewed_by": {"type": ["string", "null"]}}},
+                    "unflagged": {"type": "array", "items": {"type": "integer"}},
+                    "next_unreviewed": {"type": ["integer", "null"]}}},
                 "Error": {"type": "object", "required": ["error"], "properties": {"error": {
                     "type": "object", "required": ["code", "message"],
                     "properties": {"code": {"type": "string"}, "message": {"type": "string"},

@@ -299,3 +299,32 @@ def test_decision_bar_dismiss_unflags_members_and_undo_restores(client, app):
     assert client.post(f"/clusters/{cid}/undo", data={"csrf": csrf}).status_code == 400  # nothing left to undo
     audit = client.get(f"/audit?target=cluster:{cid}").text
     assert "cluster_dismissed" in audit and "cluster_undo" in audit
+
+
+def test_cluster_decisions_through_the_api_and_the_cli(app, web_settings):
+    from click.testing import CliRunner
+    from flagmatch.cli import main
+    from tests.helpers import clean_env
+    api = app.test_client()
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    cstore = app.extensions["flagmatch"].clusters
+    run = cstore.current_run()
+    cid = sorted(cstore.clusters(run.id), key=lambda c: (-c.size, c.id))[0].id
+    r = api.post(f"/api/v1/clusters/{cid}/decision", json={"status": "confirmed", "reason_code": "matches_policy",
+                                                           "label": "adult_nudity"}, headers=auth)
+    assert r.status_code == 200 and r.json["cluster"]["status"] == "confirmed" and r.json["unflagged"] == []
+    assert r.json["cluster"]["reviewed_by"] == "rita" and r.json["next_unreviewed"] not in (None, cid)
+    for body in ({"status": "confirmed"}, {"status": "maybe", "reason_code": "other"},
+                 {"status": "confirmed", "reason_code": "other", "label": "made-up"},
+                 {"status": "confirmed", "reason_code": "other", "colour": "red"}):
+        assert api.post(f"/api/v1/clusters/{cid}/decision", json=body, headers=auth).status_code == 400, body
+    assert api.post("/api/v1/clusters/99999/decision", json={"status": "confirmed", "reason_code": "other"},
+                    headers=auth).status_code == 404
+    assert api.post(f"/api/v1/clusters/{cid}/undo", headers=auth).json["cluster"]["status"] == "unreviewed"
+    # the CLI: the same action on the same store
+    env = clean_env()
+    r = CliRunner().invoke(main, ["decide", str(cid), "--status", "dismissed", "--reason-code", "false_positive",
+                                  "--note", "fine", "--home", web_settings.home], env=env)
+    assert r.exit_code == 0 and "dismissed" in r.output and "unflagged" in r.output
+    r = CliRunner().invoke(main, ["undo", str(cid), "--home", web_settings.home], env=env)
+    assert r.exit_code == 0 and "unreviewed" in r.output
