@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from pathlib import Path
 
 import pytest
@@ -205,7 +206,7 @@ def test_openapi_is_valid_and_lists_every_route(client, app):
     documented = {(path, m.upper()) for path, ops in doc["paths"].items() for m in ops}
     for rule in app.url_map.iter_rules():
         if rule.rule.startswith("/api/v1"):
-            path = rule.rule[len("/api/v1"):].replace("<int:image_id>", "{image_id}")
+            path = re.sub(r"<int:(\w+)>", r"{\1}", rule.rule[len("/api/v1"):])
             for m in rule.methods - {"HEAD", "OPTIONS"}:
                 assert (path, m) in documented, (path, m)
 
