@@ -8,8 +8,8 @@ import re
 
 from common import OUT, ROOT
 
-SECTIONS = [("match", "Matching quality (re-uploads found and grouped)"), ("ingest", "Ingest"), ("index", "Vector index, 192-d"),
-            ("index-1024", "Vector index, 1024-d (open_nsfw)"), ("search_api", "Search API"),
+SECTIONS = [("match", "Matching quality (re-uploads found and grouped)"), ("ingest", "Ingest"), ("index-1m-192", "Vector index, 1M × 192-d (timm default)"),
+            ("index-1m-1024", "Vector index, 1M × 1024-d (open_nsfw)"), ("search_api", "Search API"),
             ("cluster", "Clustering job"), ("web", "Viewer"), ("soak", "Soak: 10 minutes of mixed load")]
 
 
