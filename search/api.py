@@ -435,7 +435,7 @@ def audit_query(args: Any) -> tuple[AuditQuery, int]:
 
     def when(name: str) -> dt.datetime | None:
         raw = args.get(name)
-        if not raw:
+        if raw is None:
             return None
         try:
             t = dt.datetime.fromisoformat(str(raw).replace("Z", "+00:00"))
@@ -445,13 +445,18 @@ def audit_query(args: Any) -> tuple[AuditQuery, int]:
 
     def integer(name: str, default: int | None, lo: int, hi: int) -> int | None:
         raw = args.get(name)
-        if raw in (None, ""):
+        if raw is None:
             return default
         if not re.fullmatch(r"[0-9]{1,19}", str(raw)) or not lo <= int(raw) <= hi:
             raise InvalidInputError(f"{name} must be an integer from {lo} to {hi}", code="bad_parameter")
         return int(raw)
 
-    text = {k: (str(args.get(k)).strip()[:200] or None) if args.get(k) else None for k in ("actor", "action", "target")}
+    text: dict[str, str | None] = {}
+    for key in ("actor", "action", "target"):
+        raw = args.get(key)
+        if raw is not None and len(str(raw)) > 200:
+            raise InvalidInputError(f"{key} is at most 200 characters", code="bad_parameter")
+        text[key] = str(raw).strip() or None if raw is not None else None
     q = AuditQuery(text["actor"], text["action"], text["target"], when("since"), when("until"),
                    integer("before_id", None, 1, 2**63 - 1))
     return q, int(integer("limit", 100, 1, MAX_AUDIT_PAGE) or 100)
@@ -467,7 +472,7 @@ def audit() -> Response:
         resp = Response(audit_csv(events), mimetype="text/csv")
         resp.headers["Content-Disposition"] = "attachment; filename=flagmatch-audit.csv"
         return resp
-    if request.args.get("format") not in (None, "", "json"):
+    if request.args.get("format") not in (None, "json"):
         raise InvalidInputError("format must be json or csv", code="bad_parameter")
     return jsonify({"events": [audit_json(e) for e in events],
                     "next_before_id": events[-1].id if len(events) == limit else None})

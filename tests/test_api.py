@@ -322,7 +322,8 @@ def test_audit_log_filtered_paged_and_exported(client):
     assert [e["target"] for e in older.json["events"]] == ["image:1"] and older.json["next_before_id"] is None
     csv_resp = client.get("/api/v1/audit?target=image:*&format=csv", headers=AUTH)
     assert csv_resp.mimetype == "text/csv" and csv_resp.text.count("\n") == 4
-    for bad in ("since=yesterday", "limit=0", "before_id=%C2%B2", "format=xml", "colour=red"):
+    for bad in ("since=yesterday", "until=", "limit=0", "limit=", "before_id=%C2%B2", "format=xml", "format=",
+                "colour=red"):
         resp = client.get(f"/api/v1/audit?{bad}", headers=AUTH)
         assert resp.status_code == 400 and resp.json["error"]["code"] == "bad_parameter", bad
     assert client.get("/api/v1/audit").status_code == 401
