@@ -53,8 +53,9 @@ def set_flags(store: Store, index: IndexFeed | None, audit: AuditLog, ids: Seque
     changed = store.catalog.set_flag(unique, FlagRequest(source, label, actor, reason), flag=flag)
     if index is not None:
         index.catch_up()
-    audit.record(actor, "flag" if flag else "unflag", _target(unique), ids=changed, asked=unique, reason=reason,
-                 label=label, source=source)
+    if changed:  # a repeated request (a double submit, a retry) changes nothing and records nothing
+        audit.record(actor, "flag" if flag else "unflag", _target(unique), ids=changed, asked=unique, reason=reason,
+                     label=label, source=source)
     return changed
 
 

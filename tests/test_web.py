@@ -328,3 +328,22 @@ def test_cluster_decisions_through_the_api_and_the_cli(app, web_settings):
     assert r.exit_code == 0 and "dismissed" in r.output and "unflagged" in r.output
     r = CliRunner().invoke(main, ["undo", str(cid), "--home", web_settings.home], env=env)
     assert r.exit_code == 0 and "unreviewed" in r.output
+
+
+def test_tiles_say_what_they_show_and_repeats_record_nothing(client, app):
+    cid = first_cluster(client)
+    page = client.get(f"/clusters/{cid}")
+    assert "P(unsafe)" in page.text and "membership" in page.text and "flagged · " in page.text
+    audit = app.extensions["flagmatch"].audit
+    before = len(audit.events(1000))
+    client.get(f"/clusters/{cid}/sweep?min_similarity=0.5")
+    client.get(f"/clusters/{cid}/sweep?min_similarity=0.5")
+    assert len(audit.events(1000)) == before  # loading the sweep page is a read
+    csrf = csrf_of(page.text)
+    ids = re.findall(r'name="ids" value="(\d+)"', page.text)[:1]
+    for _ in range(2):  # a double submit
+        r = client.post("/images/unflag", data={"csrf": csrf, "ids": ids, "reason": "fp", "next": f"/clusters/{cid}"})
+    assert r.status_code == 302
+    assert audit.events(1)[0].action == "unflag"
+    assert len(audit.events(1000)) == before + 1  # one decision, one row
+    assert "not flagged" in client.get(f"/clusters/{cid}").text  # the decision shows on its tile

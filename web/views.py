@@ -289,7 +289,10 @@ def _set_flags(flag: bool) -> Response:
     label = (request.form.get("label") or "").strip()[:200] or None
     changed = set_flags(r.store, r.index, rt().audit, ids, flag=flag, actor=actor(), source="review",
                         reason=reason, label=label)
-    flash(f"{'Flagged' if flag else 'Unflagged'} {len(changed)} image(s).")
+    if changed:
+        flash(f"{'Flagged' if flag else 'Unflagged'} {len(changed)} image(s).")
+    else:
+        flash(f"Nothing changed: the image(s) were already {'flagged' if flag else 'unflagged'}.")
     return redirect(_safe_next(url_for("viewer.clusters")))
 
 
@@ -305,9 +308,10 @@ def flag_images() -> Response:
 
 @bp.get("/clusters/<int:cluster_id>/sweep")
 def sweep(cluster_id: int) -> str:
-    """Unflagged images anywhere in the corpus near this cluster's most central members."""
+    """Unflagged images anywhere in the corpus near this cluster's most central members (a read: loading
+    the page records nothing; what is flagged from it is audited)."""
     r = rt()
-    cstore, audit = r.clusters, r.audit
+    cstore = r.clusters
     run = _current_run()
     if r.index is None:
         raise NotFoundError("the index is still loading")
@@ -315,7 +319,6 @@ def sweep(cluster_id: int) -> str:
     min_sim = _float_arg(request.args, "min_similarity", 0.8, -1.0, 1.0)
     seeds = [m.image_id for m in cstore.members(run.id, cluster_id, limit=50)]
     found = [(h.similarity, h.seed, h.record) for h in r.service.sweep(seeds, min_similarity=min_sim)]
-    audit.record(actor(), "sweep", f"cluster:{cluster_id}", min_similarity=min_sim, found=len(found))
     return render_template("sweep.html", cluster=info, found=found, min_similarity=min_sim)
 
 

@@ -30,6 +30,15 @@
     }
   });
 
+  // a form is submitted once: a double click must not send the same decision twice
+  document.addEventListener("submit", (ev) => {
+    const form = ev.target;
+    if (form.method.toLowerCase() !== "post") return;
+    if (form.dataset.sent === "1") { ev.preventDefault(); return; }
+    form.dataset.sent = "1";
+    window.setTimeout(() => { form.dataset.sent = ""; }, 5000);  // a failed navigation may be retried
+  });
+
   const zone = document.getElementById("search-form");
   if (zone) {
     const input = document.getElementById("search-file");
