@@ -185,6 +185,18 @@ class SearchService:
         out.sort(key=lambda h: -h.similarity)
         return out[:limit]
 
+    def suggest_sweep_threshold(self, seeds: Sequence[int]) -> float:
+        """A starting threshold for sweeping around ``seeds`` (a cluster's central members): the 10th
+        percentile of each seed's similarity to its nearest fellow seed, in the matching space — an
+        image at least that close to a seed is as alike to the cluster as its own members are."""
+        ids = list(dict.fromkeys(int(i) for i in seeds))
+        if len(ids) < 2:
+            return 0.8
+        v = self.index.space.apply(self.store.open_vectors().get(ids))
+        sims = v @ v.T
+        np.fill_diagonal(sims, -np.inf)
+        return round(float(np.clip(np.percentile(sims.max(axis=1), 10), -1.0, 1.0)), 2)
+
     def _search(self, queries: list[Query], vectors: np.ndarray, params: SearchParams, t: Timings,
                 exclude: list[set[int]], owner: list[int] | None = None,
                 views: list[str] | None = None) -> SearchResponse:

@@ -99,12 +99,16 @@ def test_moderator_journey(server, page):
     page.click("button:has-text('Sweep')")
     page.wait_for_url("**/sweep*")
     hits = page.locator(".sweep-hit")
-    assert hits.count() >= 1
+    before = hits.count()
+    assert before >= 2 and page.locator("#suggested").count() == 1 and page.locator("table.histogram").count() == 1
     page.shot("05-sweep")
     hits.first.locator("input.pick").check()
-    page.click("button:has-text('Flag selected')")
-    page.wait_for_url(cluster_url)
-    assert "Flagged 1 image(s)." in page.locator(".flash").inner_text()
+    with page.expect_navigation():
+        page.click("button:has-text('Flag selected')")
+    # back on the sweep, the other candidates still there
+    assert "/sweep" in page.url and "Flagged 1 image(s)." in page.locator(".flash").inner_text()
+    assert page.locator(".sweep-hit").count() == before - 1
+    page.goto(cluster_url)
 
     # the map draws its points; a box selection opens them as a list
     page.goto(base + "/map")

@@ -347,3 +347,15 @@ def test_tiles_say_what_they_show_and_repeats_record_nothing(client, app):
     assert audit.events(1)[0].action == "unflag"
     assert len(audit.events(1000)) == before + 1  # one decision, one row
     assert "not flagged" in client.get(f"/clusters/{cid}").text  # the decision shows on its tile
+
+
+def test_sweep_suggests_a_threshold_and_shows_the_distribution(client):
+    cid = first_cluster(client)
+    page = client.get(f"/clusters/{cid}/sweep")
+    assert page.status_code == 200 and 'id="suggested"' in page.text and "table class=\"histogram\"" in page.text
+    suggested = float(re.search(r'id="suggested">([-0-9.]+)<', page.text).group(1))
+    assert -1.0 <= suggested <= 1.0
+    assert f'value="{suggested:.2f}"' in page.text  # the sweep ran at the suggested threshold
+    counts = [int(n) for n in re.findall(r'class="bar" data-n="(\d+)"', page.text)]
+    wide = client.get(f"/clusters/{cid}/sweep?min_similarity=-1").text
+    assert sum(counts) == len(re.findall(r'class="card image sweep-hit"', wide))  # every candidate is in a bar

@@ -316,10 +316,18 @@ def sweep(cluster_id: int) -> str:
     if r.index is None:
         raise NotFoundError("the index is still loading")
     info = cstore.cluster(run.id, cluster_id)
-    min_sim = _float_arg(request.args, "min_similarity", 0.8, -1.0, 1.0)
     seeds = [m.image_id for m in cstore.members(run.id, cluster_id, limit=50)]
-    found = [(h.similarity, h.seed, h.record) for h in r.service.sweep(seeds, min_similarity=min_sim)]
-    return render_template("sweep.html", cluster=info, found=found, min_similarity=min_sim)
+    every = r.service.sweep(seeds, min_similarity=-1.0, per_seed=30, limit=500)
+    suggested = r.service.suggest_sweep_threshold(seeds)
+    min_sim = _float_arg(request.args, "min_similarity", suggested, -1.0, 1.0)
+    found = [(h.similarity, h.seed, h.record) for h in every if h.similarity >= min_sim]
+    # how the nearest unflagged images spread: one bar per 0.1 of similarity, best first
+    edges = [round(1.0 - 0.1 * i, 1) for i in range(11)]
+    bins = [(lo, hi, sum(lo <= h.similarity < hi or (hi == 1.0 and h.similarity >= 1.0) for h in every))
+            for hi, lo in zip(edges, edges[1:])]
+    exemplars = info.exemplars[:6]
+    return render_template("sweep.html", cluster=info, found=found, min_similarity=min_sim, suggested=suggested,
+                           bins=[b for b in bins if b[2]], scanned=len(every), exemplars=exemplars)
 
 
 # ------------------------------------------------------------------ map
