@@ -326,7 +326,12 @@ def main() -> None:
     ap.add_argument("--model", default="opennsfw")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--skip-families", action="store_true")
+    ap.add_argument("--render", help="redraw the Markdown table from a results JSON, measuring nothing")
     a = ap.parse_args()
+    if a.render:
+        data = json.loads(Path(a.render).read_text())
+        write(Path(a.render).stem, data, markdown(data))
+        return
     corpus, work = Path(a.corpus), Path(a.work)
     if not corpus.exists():
         subprocess.run([sys.executable, str(ROOT.parent / "shared" / "corpus" / "make-corpus"), str(corpus),
@@ -387,31 +392,42 @@ def main() -> None:
         })
 
     suffix = "" if a.model == "opennsfw" else "-" + Path(a.model).name
-    md = [f"Matching quality on {results['machine']}; model `{a.model}`; {len(originals)} flagged originals among "
-          f"{len(distractors)} distractors (photos and clipart from `make-corpus`), each original searched through "
-          f"`POST /api/v1/search` after one transform (R@1: the original is the first flagged hit; R@10: in the top "
-          f"10). p50: the request's latency on loopback.", ""]
-    labels = list(configs)
+    write(f"match{suffix}", results, markdown(results))
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The README table of one run's results (``--render FILE.json`` redraws it without measuring)."""
+    n_orig, n_fam = results["originals"], len(TRANSFORMS) + 1
+    md = [f"Matching quality on {results['machine']}; model `{results['model']}`; {n_orig} flagged originals among "
+          f"{results['distractors']} distractors (photos and clipart from `make-corpus`), each original searched "
+          f"through `POST /api/v1/search` after one edit. R@1: the original is the first flagged hit; R@10: in the "
+          f"top 10; same-picture R@1: the first hit is the original or another original cropped from the same "
+          f"picture ({results.get('originals_sharing_a_picture', 0)} of the originals share theirs). p50: the "
+          f"request's latency on loopback, median over the edits.", ""]
+    labels = list(results["search"])
     rows = []
     for name, (title, _) in TRANSFORMS.items():
         row: list[Any] = [title]
         for lab in labels:
             r = results["search"][lab][name]
             row += [f"{r['r1']:.3f}", f"{r['r10']:.3f}"]
+        last = results["search"][labels[-1]][name]
+        row.append(f"{last['r1_source']:.3f}" if "r1_source" in last else "")
         rows.append(row)
-    lat = ["p50 latency (ms)"]
+    lat: list[Any] = ["p50 latency (ms)"]
     for lab in labels:
         lat += [f"{median([results['search'][lab][n]['p50_ms'] for n in TRANSFORMS]):.0f}", ""]
-    rows.append(lat)
-    heads = ["transform"] + [f"{h} ({lab})" for lab in labels for h in ("R@1", "R@10")]
+    rows.append(lat + [""])
+    heads = (["edit"] + [f"{h} ({lab})" for lab in labels for h in ("R@1", "R@10")]
+             + [f"same-picture R@1 ({labels[-1]})"])
     md.append(table(heads, rows))
     if "families" in results:
         md += ["", f"Families: each original with its {len(TRANSFORMS)} copies, all flagged "
-               f"({len(originals) * (len(TRANSFORMS) + 1)} images), clustered by `flagmatch cluster`.", ""]
+               f"({n_orig * n_fam} images), clustered by `flagmatch cluster`.", ""]
         md.append(table(["pipeline", "ARI", "families kept whole", "noise share", "clusters", "time (s)"],
                         [[lab, f"{r['ari']:.3f}", f"{r['whole']:.3f}", f"{r['noise']:.3f}", r["clusters"],
                           f"{r['seconds']:.1f}"] for lab, r in results["families"].items()]))
-    write(f"match{suffix}", results, "\n".join(md))
+    return "\n".join(md)
 
 
 if __name__ == "__main__":
