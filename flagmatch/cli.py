@@ -260,11 +260,12 @@ def delete(refs: tuple[str, ...], reason: str, actor: str | None, settings: Sett
 @main.command(cls=SettingsCommand)
 @click.argument("refs", nargs=-1)
 @click.option("--cluster", "cluster_id", type=int, default=None, help="seed with a cluster's most central members")
-@click.option("--min-similarity", default=0.8, show_default=True, type=float)
+@click.option("--min-similarity", default=None, type=float,
+              help="default: suggested from the seeds (as alike as they are to each other)")
 @click.option("--limit", default=200, show_default=True, type=int)
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 @with_settings("index")
-def sweep(refs: tuple[str, ...], cluster_id: int | None, min_similarity: float, limit: int, as_json: bool,
+def sweep(refs: tuple[str, ...], cluster_id: int | None, min_similarity: float | None, limit: int, as_json: bool,
           settings: Settings) -> None:
     """Unflagged images anywhere in the corpus near flagged images (REFS) or a cluster (--cluster)."""
     from clustering.store import ClusterStore
@@ -279,6 +280,10 @@ def sweep(refs: tuple[str, ...], cluster_id: int | None, min_similarity: float, 
     if not seeds:
         raise click.UsageError("give image references or --cluster")
     svc = wiring.search_service(settings, store, wiring.open_index(store, settings), None)
+    if min_similarity is None:
+        min_similarity = svc.suggest_sweep_threshold(seeds)
+        if not as_json:
+            click.echo(f"similarity ≥ {min_similarity:.2f} (suggested from the seeds; --min-similarity to change)")
     hits = svc.sweep(seeds, min_similarity=min_similarity, limit=limit)
     AuditLog(store.catalog.engine).record(_os_user(), "sweep", f"cluster:{cluster_id}" if cluster_id else "images",
                                           seeds=seeds, min_similarity=min_similarity, found=len(hits))

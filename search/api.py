@@ -372,7 +372,13 @@ def sweep() -> Response:
     ids = body.get("ids")
     if not isinstance(ids, list) or not ids or not all(_is_id(i) for i in ids):
         raise InvalidInputError("ids must be a non-empty list of positive 64-bit integers", code="bad_parameter")
-    num = _params({"k": body.get("per_seed", 30), "min_similarity": body.get("min_similarity", 0.8)})
+    if len(ids) > 200:
+        raise InvalidInputError("give 1–200 seed images", code="bad_parameter")
+    if "min_similarity" in body:
+        threshold = body["min_similarity"]
+    else:  # as alike to the seeds as they are to each other
+        threshold = runtime().service.suggest_sweep_threshold(ids)
+    num = _params({"k": body.get("per_seed", 30), "min_similarity": threshold})
     limit = body.get("limit", 200)
     if not _is_id(limit):
         raise InvalidInputError("limit must be a positive integer", code="bad_parameter")

@@ -65,7 +65,9 @@ def openapi_document() -> dict[str, Any]:
                     "type": "object", "additionalProperties": False, "required": ["ids"], "properties": {
                         "ids": {"type": "array", "minItems": 1, "maxItems": 200,
                                 "items": {"type": "integer", "minimum": 1, "maximum": MAX_ID}},
-                        "min_similarity": {"type": "number", "minimum": -1, "maximum": 1, "default": 0.8},
+                        "min_similarity": {"type": "number", "minimum": -1, "maximum": 1,
+                                           "description": "default: suggested from the seeds (the 10th percentile "
+                                                          "of each seed's similarity to its nearest fellow seed)"},
                         "per_seed": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 30},
                         "limit": {"type": "integer", "minimum": 1, "maximum": 10000, "default": 200}}}}}},
                 "responses": _resp({"description": "OK", "content": {"application/json": {"schema": {

@@ -190,8 +190,12 @@ class SearchService:
         percentile of each seed's similarity to its nearest fellow seed, in the matching space — an
         image at least that close to a seed is as alike to the cluster as its own members are."""
         ids = list(dict.fromkeys(int(i) for i in seeds))
+        recs = self.store.catalog.get_many(ids)
+        missing = [i for i in ids if i not in recs or recs[i].deleted]
+        if missing:
+            raise NotFoundError(f"no image with id {missing[0]}")
         if len(ids) < 2:
-            return 0.8
+            return 0.8  # one seed says nothing about how alike its kind is
         v = self.index.space.apply(self.store.open_vectors().get(ids))
         sims = v @ v.T
         np.fill_diagonal(sims, -np.inf)

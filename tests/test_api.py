@@ -298,6 +298,12 @@ def test_sweep_and_delete_through_the_api(api_home, tiny_embedder, tmp_path):
     assert found and not found & {1, 2, 3, 4, 5, 6}  # only unflagged images come back
     assert all(h["seed"] in (1, 2) for h in r.json["hits"])
     assert c.post("/api/v1/sweep", headers=AUTH, json={"ids": []}).status_code == 400
+    # without a threshold, the one the seeds suggest (as alike as they are to each other)
+    rt = c.application.extensions["flagmatch"]
+    r = c.post("/api/v1/sweep", headers=AUTH, json={"ids": [1, 2, 3]})
+    assert r.status_code == 200 and r.json["min_similarity"] == rt.service.suggest_sweep_threshold([1, 2, 3])
+    assert all(h["similarity"] >= r.json["min_similarity"] for h in r.json["hits"])
+    assert c.post("/api/v1/sweep", headers=AUTH, json={"ids": [1, 999999]}).status_code == 404
     r = c.post("/api/v1/images/1/unflag", headers=AUTH, json={})
     assert r.status_code == 400 and r.json["error"]["code"] == "reason_required"
     victim = sorted(found)[0]

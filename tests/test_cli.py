@@ -112,6 +112,7 @@ def test_delete_and_sweep_commands(tmp_path, tiny_model_dir):
     assert r.exit_code == 0, r.output
     hits = json.loads(r.output)
     assert {h["id"] for h in hits} == {2, 3, 4, 5, 6} and all(h["seed"] == 1 for h in hits)
+    assert "suggested from the seeds" in invoke("sweep", "1", "--home", home).output
     r = invoke("unflag", "1", "--home", home)
     assert r.exit_code == 1 and "reason_required" in r.output
     r = invoke("delete", "2", "--home", home, "--reason", "legal hold released: must not retain")
