@@ -153,12 +153,11 @@ def errors(limit: int, settings: Settings) -> None:
 def audit(actor: str | None, action: str | None, target: str | None, since: str | None, until: str | None,
           before_id: int | None, limit: int, fmt: str, settings: Settings) -> None:
     """The audit log, newest first: every reveal and decision from the viewer, the API and the CLI."""
-    from indexer.audit import to_csv, to_json
-    from search.api import audit_query
+    from indexer.audit import parse_query, to_csv, to_json
     args = {"actor": actor, "action": action, "target": target, "until": until,
             "since": parse_since(since).isoformat() if since else None,
             "before_id": str(before_id) if before_id else None, "limit": str(limit)}
-    q, n = audit_query({k: v for k, v in args.items() if v is not None})
+    q, n = parse_query({k: v for k, v in args.items() if v is not None})
     events = AuditLog(wiring.open_store(settings).catalog.engine).events(n, query=q)
     if fmt == "csv":
         click.echo(to_csv(events), nl=False)
@@ -312,7 +311,7 @@ def reindex(scope: str | None, settings: Settings) -> None:
     store = wiring.open_store(settings)
     # the model teaches the matching space which feature directions re-upload edits move along
     embedder = wiring.load_embedder(settings, store) if scope is None and settings.space_dim > 0 else None
-    index = wiring.open_index(store, settings, embedder)
+    index = wiring.open_index(store, settings, embedder, for_rebuild=True)
     t = time.perf_counter()
     index.rebuild(scope, refit=scope is None)  # one scope alone keeps the space the other shares
     index.save()

@@ -12,7 +12,7 @@ from indexer.decode import DecodeLimits
 from indexer.embed import Embedder, ModelInfo, load_model
 from indexer.ingest import IngestOptions, Progress, ingest
 from indexer.sources import Source
-from indexer.space import SpaceConfig, load as load_space
+from indexer.space import SpaceConfig, for_checkpoint as space_for
 from indexer.store import Store
 
 if TYPE_CHECKING:
@@ -71,9 +71,11 @@ def space_config(settings: Settings) -> SpaceConfig:
     return SpaceConfig(dim=settings.space_dim, power=settings.space_power, min_vectors=settings.space_min_vectors)
 
 
-def open_index(store: Store, settings: Settings, embedder: Embedder | None = None) -> VectorIndex:
+def open_index(store: Store, settings: Settings, embedder: Embedder | None = None, *,
+               for_rebuild: bool = False) -> VectorIndex:
     """The vector indexes of a store (bound to its model), caught up with the catalog. With the model at
-    hand a matching space fitted here is learned from synthetic re-uploads of stored thumbnails."""
+    hand a matching space fitted here is learned from synthetic re-uploads of stored thumbnails.
+    ``for_rebuild``: the caller rebuilds next, so opening does not refit or retrain first."""
     from indexer.space import reupload_pairs
     from indexer.vector_index import VectorIndex
     pairs = None
@@ -82,7 +84,8 @@ def open_index(store: Store, settings: Settings, embedder: Embedder | None = Non
 
         def pairs(n: int) -> tuple[np.ndarray, np.ndarray]:
             return reupload_pairs(store, model, n)
-    return VectorIndex(store, index_config(settings), space_config(settings), pairs=pairs)
+    return VectorIndex(store, index_config(settings), space_config(settings), pairs=pairs,
+                       auto_rebuild=not for_rebuild)
 
 
 def search_service(settings: Settings, store: Store, index: VectorIndex, embedder: Embedder | None) -> SearchService:
@@ -115,8 +118,7 @@ def index_stats(store: Store, settings: Settings) -> dict[str, str]:
     version = int(cp.params.get("space_version", 0)) if cp else 0
     if cp is not None and version:
         try:
-            sp = load_space(store.index_dir, version, str(cp.params.get("space_sha256", "")),
-                            int(store.catalog.model_meta().get("dim", 0)))
+            sp = space_for(store.index_dir, cp, int(store.catalog.model_meta().get("dim", 0)))
             out["space"] = sp.summary()
         except ValueError as exc:
             out["space"] = f"version {version}: unreadable ({exc}); the next open refits it"

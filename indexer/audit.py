@@ -6,13 +6,15 @@ from __future__ import annotations
 import datetime as dt
 import json
 from dataclasses import dataclass
-from typing import Any
+import re
+from typing import Any, Mapping
 
 from sqlalchemy import DateTime, Integer, String, Text, insert, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from indexer.catalog import create_tables, utcnow
+from indexer.errors import InvalidInputError
 
 
 class AuditBase(DeclarativeBase):
@@ -109,3 +111,39 @@ def to_csv(events: list[AuditEvent]) -> str:
         row = to_json(e)
         w.writerow([row["id"], row["at"], e.actor, e.action, e.target, json.dumps(e.detail, sort_keys=True)])
     return buf.getvalue()
+
+
+def parse_query(args: Mapping[str, Any]) -> tuple[AuditQuery, int]:
+    """Filters and a page size from query parameters (the API, the CLI's JSON and the viewer share them)."""
+    known = {"actor", "action", "target", "since", "until", "before_id", "limit", "format"}
+    unknown = set(args) - known
+    if unknown:
+        raise InvalidInputError(f"unknown parameter(s): {', '.join(sorted(unknown))}", code="bad_parameter")
+
+    def when(name: str) -> dt.datetime | None:
+        raw = args.get(name)
+        if raw is None:
+            return None
+        try:
+            t = dt.datetime.fromisoformat(str(raw).replace("Z", "+00:00"))
+            return t.astimezone(dt.timezone.utc).replace(tzinfo=None) if t.tzinfo else t
+        except (ValueError, OverflowError):
+            raise InvalidInputError(f"{name} must be an ISO 8601 time", code="bad_parameter") from None
+
+    def integer(name: str, default: int | None, lo: int, hi: int) -> int | None:
+        raw = args.get(name)
+        if raw is None:
+            return default
+        if not re.fullmatch(r"[0-9]{1,19}", str(raw)) or not lo <= int(raw) <= hi:
+            raise InvalidInputError(f"{name} must be an integer from {lo} to {hi}", code="bad_parameter")
+        return int(raw)
+
+    text: dict[str, str | None] = {}
+    for key in ("actor", "action", "target"):
+        raw = args.get(key)
+        if raw is not None and len(str(raw)) > 200:
+            raise InvalidInputError(f"{key} is at most 200 characters", code="bad_parameter")
+        text[key] = str(raw).strip() or None if raw is not None else None
+    q = AuditQuery(text["actor"], text["action"], text["target"], when("since"), when("until"),
+                   integer("before_id", None, 1, 2**63 - 1))
+    return q, int(integer("limit", 100, 1, MAX_PAGE) or 100)

@@ -177,8 +177,7 @@ def tune(index: faiss.Index, params: IndexParams, truth: ExactTopK, rerank: Rera
     ivf = faiss.extract_index_ivf(index)
     probes = [cfg.nprobe] if cfg.nprobe else [p for p in NPROBES if p <= params.nlist] or [params.nlist]
     depths = [cfg.rerank] if cfg.rerank else list(RERANKS)
-    best: tuple[float, int, int] = (-1.0, probes[0], depths[0])
-    chosen: tuple[int, int] | None = None
+    best: tuple[float, int, int] = (-1.0, probes[0], depths[0])  # (recall, nprobe, depth): the best seen
     for nprobe in probes:
         ivf.nprobe = nprobe
         _, cand = index.search(q, k * max(depths) + 1)
@@ -188,15 +187,13 @@ def tune(index: faiss.Index, params: IndexParams, truth: ExactTopK, rerank: Rera
             if got > best[0]:
                 best = (got, nprobe, depth)
             if got >= cfg.target_recall:
-                chosen = (nprobe, depth)
                 break
-        if chosen:
+        if best[0] >= cfg.target_recall:
             break
-    nprobe, depth = chosen or (best[1], best[2])
+    recall, nprobe, depth = best
     ivf.nprobe = nprobe
-    p50 = _p50_ms(index, q[:100], lambda one: rerank(one, index.search(one, k * depth + 1)[1], k + 1))
-    _, ids = rerank(q, index.search(q, k * depth + 1)[1], k + 1)
-    return Tuning(nprobe, depth, _recall(ids, truth.qids, gt, k), p50)
+    p50 = _p50_ms(q[:100], lambda one: rerank(one, index.search(one, k * depth + 1)[1], k + 1))
+    return Tuning(nprobe, depth, recall, p50)
 
 
 def _recall(ids: np.ndarray, qids: np.ndarray, gt: np.ndarray, k: int) -> float:
@@ -209,7 +206,7 @@ def _recall(ids: np.ndarray, qids: np.ndarray, gt: np.ndarray, k: int) -> float:
     return hit / total if total else 1.0
 
 
-def _p50_ms(index: faiss.Index, q: np.ndarray, one: Callable[[np.ndarray], object]) -> float:
+def _p50_ms(q: np.ndarray, one: Callable[[np.ndarray], object]) -> float:
     times = []
     for row in q:
         t = time.perf_counter()

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
+    from indexer.catalog import Checkpoint
     from indexer.embed import Embedder
     from indexer.store import Store
 
@@ -200,17 +201,21 @@ def prune(directory: Path, keep: set[int]) -> None:
                 pass
 
 
+def for_checkpoint(directory: Path, cp: "Checkpoint", dim_in: int) -> MatchingSpace:
+    """The space an index checkpoint names (version and checksum); raises ValueError as ``load``."""
+    return load(directory, int(cp.params.get("space_version", 0)), str(cp.params.get("space_sha256", "")), dim_in)
+
+
 def current_space(store: "Store", dim: int) -> MatchingSpace:
     """The matching space the store's ``all`` index was built with (the identity before any, or when
     its file cannot be read: the index itself refits it on its next open)."""
     cp = store.catalog.checkpoint("all")
-    version = int(cp.params.get("space_version", 0)) if cp is not None else 0
-    if cp is None or version == 0:
+    if cp is None:
         return MatchingSpace.identity(dim)
     try:
-        return load(store.index_dir, version, str(cp.params.get("space_sha256", "")), dim)
+        return for_checkpoint(store.index_dir, cp, dim)
     except ValueError as exc:
-        log.warning("matching space %d: %s; using the raw features", version, exc)
+        log.warning("matching space: %s; using the raw features", exc)
         return MatchingSpace.identity(dim)
 
 

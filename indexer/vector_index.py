@@ -138,10 +138,14 @@ class VectorIndex:
     """The ``all`` and ``flagged`` indexes of one store, and the matching space they share."""
 
     def __init__(self, store: Store, cfg: IndexConfig, space_cfg: SpaceConfig = SpaceConfig(), *,
-                 vectors: VectorStore | None = None, pairs: PairSource | None = None) -> None:
+                 vectors: VectorStore | None = None, pairs: PairSource | None = None,
+                 auto_rebuild: bool = True) -> None:
         """``pairs``: re-upload pairs for a learned space (a process with the model passes
-        ``indexer.space.reupload_pairs`` over it); without it a space is fitted by PCA-whitening."""
+        ``indexer.space.reupload_pairs`` over it); without it a space is fitted by PCA-whitening.
+        ``auto_rebuild=False``: catching up never refits or retrains (a caller about to ``rebuild``
+        would otherwise build everything twice)."""
         self.store, self.cfg, self.space_cfg, self.pairs = store, cfg, space_cfg, pairs
+        self.auto_rebuild = auto_rebuild
         self.vectors = vectors or store.open_vectors()
         self.dim = self.vectors.dim
         self._lock = _RWLock()
@@ -166,8 +170,7 @@ class VectorIndex:
             return self._fit_space()
         newest = max(cps, key=lambda cp: int(cp.params.get("space_version", 0)))
         try:
-            return spaces.load(self.store.index_dir, int(newest.params.get("space_version", 0)),
-                               str(newest.params.get("space_sha256", "")), self.dim)
+            return spaces.for_checkpoint(self.store.index_dir, newest, self.dim)
         except ValueError as exc:
             log.warning("matching space: %s; refitting it from the raw vectors", exc)
             return self._fit_space()
@@ -304,7 +307,8 @@ class VectorIndex:
             with self._lock.write():
                 for scope in SCOPES:
                     changed |= self._apply(self._scopes[scope], image_head, event_head)
-            if self._needs_space() or any(self._needs_retrain(self._scopes[sc]) for sc in SCOPES):
+            if self.auto_rebuild and (self._needs_space()
+                                      or any(self._needs_retrain(self._scopes[sc]) for sc in SCOPES)):
                 log.info("refitting the matching space and rebuilding the indexes (%d vectors)",
                          self._scopes["all"].ntotal)
                 self._rebuild_all()
@@ -316,8 +320,7 @@ class VectorIndex:
         version = int(cp.params.get("space_version", 0))
         if version > self.space.version:
             try:
-                self.space = spaces.load(self.store.index_dir, version, str(cp.params.get("space_sha256", "")),
-                                         self.dim)
+                self.space = spaces.for_checkpoint(self.store.index_dir, cp, self.dim)
             except ValueError as exc:
                 log.warning("matching space %d: %s; keeping space %d", version, exc, self.space.version)
 

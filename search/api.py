@@ -14,7 +14,7 @@ from werkzeug.exceptions import HTTPException
 
 from clustering.review import Decision, decide_cluster, undo_decision
 from indexer.actions import MAX_LABEL, MAX_REASON, delete_images, set_flags
-from indexer.audit import MAX_PAGE as MAX_AUDIT_PAGE, AuditQuery, to_csv as audit_csv, to_json as audit_json
+from indexer.audit import parse_query, to_csv as audit_csv, to_json as audit_json
 from indexer.catalog import ImageRecord
 from indexer.errors import (ClusteringError, DecodeError, FlagmatchError, InvalidInputError, ModelLoadError,
                             ModelMismatchError, NotFoundError, OverloadedError)
@@ -372,8 +372,6 @@ def sweep() -> Response:
     ids = body.get("ids")
     if not isinstance(ids, list) or not ids or not all(_is_id(i) for i in ids):
         raise InvalidInputError("ids must be a non-empty list of positive 64-bit integers", code="bad_parameter")
-    if len(ids) > 200:
-        raise InvalidInputError("give 1–200 seed images", code="bad_parameter")
     if "min_similarity" in body:
         threshold = body["min_similarity"]
     else:  # as alike to the seeds as they are to each other
@@ -432,47 +430,11 @@ def cluster_undo(cluster_id: int) -> Response:
                                 "reviewed_by": c.reviewed_by}})
 
 
-def audit_query(args: Any) -> tuple[AuditQuery, int]:
-    """Filters and a page size from query parameters (the API, the CLI's JSON and the viewer share them)."""
-    known = {"actor", "action", "target", "since", "until", "before_id", "limit", "format"}
-    unknown = set(args) - known
-    if unknown:
-        raise InvalidInputError(f"unknown parameter(s): {', '.join(sorted(unknown))}", code="bad_parameter")
-
-    def when(name: str) -> dt.datetime | None:
-        raw = args.get(name)
-        if raw is None:
-            return None
-        try:
-            t = dt.datetime.fromisoformat(str(raw).replace("Z", "+00:00"))
-            return t.astimezone(dt.timezone.utc).replace(tzinfo=None) if t.tzinfo else t
-        except (ValueError, OverflowError):
-            raise InvalidInputError(f"{name} must be an ISO 8601 time", code="bad_parameter") from None
-
-    def integer(name: str, default: int | None, lo: int, hi: int) -> int | None:
-        raw = args.get(name)
-        if raw is None:
-            return default
-        if not re.fullmatch(r"[0-9]{1,19}", str(raw)) or not lo <= int(raw) <= hi:
-            raise InvalidInputError(f"{name} must be an integer from {lo} to {hi}", code="bad_parameter")
-        return int(raw)
-
-    text: dict[str, str | None] = {}
-    for key in ("actor", "action", "target"):
-        raw = args.get(key)
-        if raw is not None and len(str(raw)) > 200:
-            raise InvalidInputError(f"{key} is at most 200 characters", code="bad_parameter")
-        text[key] = str(raw).strip() or None if raw is not None else None
-    q = AuditQuery(text["actor"], text["action"], text["target"], when("since"), when("until"),
-                   integer("before_id", None, 1, 2**63 - 1))
-    return q, int(integer("limit", 100, 1, MAX_AUDIT_PAGE) or 100)
-
-
 @bp.get("/audit")
 @needs(write=False)
 def audit() -> Response:
     """The audit log, newest first, filtered and paged (``next_before_id``); ``format=csv`` exports it."""
-    q, limit = audit_query(request.args)
+    q, limit = parse_query(request.args)
     events = runtime().audit.events(limit, query=q)
     if request.args.get("format") == "csv":
         resp = Response(audit_csv(events), mimetype="text/csv")

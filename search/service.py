@@ -162,17 +162,11 @@ class SearchService:
               limit: int = 200) -> list[SweepHit]:
         """Unflagged images anywhere in the corpus near any of ``seeds`` (flagged images, or a cluster's
         most central members): each found once, with its best similarity and the seed it is near, best first."""
-        ids = list(dict.fromkeys(int(i) for i in seeds))
-        if not 1 <= len(ids) <= MAX_SWEEP_SEEDS:
-            raise InvalidInputError(f"give 1–{MAX_SWEEP_SEEDS} seed images", code="bad_parameter")
+        ids = self._seed_ids(seeds)
         if not -1.0 <= min_similarity <= 1.0:
             raise InvalidInputError("min_similarity must be between -1 and 1", code="bad_parameter")
         if not 1 <= per_seed <= MAX_K or not 1 <= limit <= 10_000:
             raise InvalidInputError(f"per_seed must be 1–{MAX_K} and limit 1–10000", code="bad_parameter")
-        recs = self.store.catalog.get_many(ids)
-        missing = [i for i in ids if i not in recs or recs[i].deleted]
-        if missing:
-            raise NotFoundError(f"no image with id {missing[0]}")
         best: dict[int, tuple[float, int]] = {}
         hits = self.index.search(self.store.open_vectors().get(ids), per_seed, "all", exclude=set(ids), live=False)
         for seed, h in zip(ids, hits):
@@ -185,15 +179,22 @@ class SearchService:
         out.sort(key=lambda h: -h.similarity)
         return out[:limit]
 
-    def suggest_sweep_threshold(self, seeds: Sequence[int]) -> float:
-        """A starting threshold for sweeping around ``seeds`` (a cluster's central members): the 10th
-        percentile of each seed's similarity to its nearest fellow seed, in the matching space — an
-        image at least that close to a seed is as alike to the cluster as its own members are."""
+    def _seed_ids(self, seeds: Sequence[int]) -> list[int]:
+        """Sweep seeds, each once: 1–MAX_SWEEP_SEEDS stored, live images."""
         ids = list(dict.fromkeys(int(i) for i in seeds))
+        if not 1 <= len(ids) <= MAX_SWEEP_SEEDS:
+            raise InvalidInputError(f"give 1–{MAX_SWEEP_SEEDS} seed images", code="bad_parameter")
         recs = self.store.catalog.get_many(ids)
         missing = [i for i in ids if i not in recs or recs[i].deleted]
         if missing:
             raise NotFoundError(f"no image with id {missing[0]}")
+        return ids
+
+    def suggest_sweep_threshold(self, seeds: Sequence[int]) -> float:
+        """A starting threshold for sweeping around ``seeds`` (a cluster's central members): the 10th
+        percentile of each seed's similarity to its nearest fellow seed, in the matching space — an
+        image at least that close to a seed is as alike to the cluster as its own members are."""
+        ids = self._seed_ids(seeds)
         if len(ids) < 2:
             return 0.8  # one seed says nothing about how alike its kind is
         v = self.index.space.apply(self.store.open_vectors().get(ids))

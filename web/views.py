@@ -15,8 +15,9 @@ from flask import (Blueprint, Response, abort, current_app, flash, jsonify, redi
 
 from clustering.review import Decision, decide_cluster, undo_decision
 from indexer.actions import delete_images, set_flags
+from indexer.audit import parse_query
 from indexer.errors import FlagmatchError, InvalidInputError, NotFoundError
-from search.api import audit_query, http_status
+from search.api import http_status
 from search.auth import session_actor
 from search.service import SearchParams
 from web.mapdata import encode_points
@@ -411,7 +412,7 @@ def search_page() -> Any:
 def audit_page() -> str:
     """The audit log: filter by actor, action, target (prefix*) and time, page to older rows, export."""
     args = {k: v for k, v in request.args.items() if v}
-    q, limit = audit_query(args)
+    q, limit = parse_query(args)
     events = rt().audit.events(limit, query=q)
     older = dict(args, before_id=events[-1].id) if len(events) == limit else None
     export = {k: v for k, v in args.items() if k != "before_id"}
