@@ -315,10 +315,14 @@ def reindex(scope: str | None, settings: Settings) -> None:
     t = time.perf_counter()
     index.rebuild(scope, refit=scope is None)  # one scope alone keeps the space the other shares
     index.save()
+    matcher = wiring.hash_matcher(settings, store)
+    matcher.rebuild()  # the PDQ indexes drop deleted images and bank entries
     for sc, st in index.stats().items():
         recall = f", recall@10 {st['recall_at_10']:.3f}" if st["recall_at_10"] is not None else ""
         click.echo(f"{sc:<8} {st['factory']:<28} {st['vectors']} vectors, generation {st['generation']}{recall}")
     click.echo(f"matching space: {index.space.summary()}")
+    hs = matcher.stats()
+    click.echo(f"PDQ indexes: {hs['pdq_images']} image hashes, {hs['pdq_banked']} banked hashes")
     click.echo(f"rebuilt in {time.perf_counter() - t:.1f} s")
 
 
@@ -371,6 +375,29 @@ def search(images: tuple[Path, ...], ids: tuple[str, ...], scope: str, k: int, m
                 cl = str(h.cluster.get("id")) if h.cluster else "-"
                 click.echo(f"  {i:>3} {rec.id:>8} {h.similarity:>6.3f} {rec.p_unsafe:>6.3f}  {flag[:18]:<18} "
                            f"{cl:<10} {rec.paths[0] if rec.paths else ''}")
+            if r.evidence is not None:
+                _print_evidence(r.evidence)
+
+
+def _print_evidence(ev: Any) -> None:
+    """A query's hashes, the banks they matched and the stored images that share them."""
+    pdq = ev.signals.pdq
+    own = (f"pdq {pdq.hash[:16]}… quality {pdq.quality}{'' if pdq.usable else ' (too low to match)'}"
+           if pdq else "no pdq")
+    click.echo(f"  hashes: {own}, md5 {ev.signals.md5 or '-'}")
+    for m in ev.bank_matches:
+        how = f"distance {m.distance} ≤ {m.threshold}" if m.signal_type == "pdq" else "same bytes"
+        state = "SUPPRESSED" if ev.negative_matches else "BANK MATCH"
+        click.echo(f"  {state}: bank {m.bank} entry {m.entry_id}{f' ({m.external_id})' if m.external_id else ''}"
+                   f" — {m.signal_type}, {how}{' · ' + ' '.join(m.tags) if m.tags else ''}")
+    for m in ev.negative_matches:
+        click.echo(f"  negative bank {m.bank} entry {m.entry_id} matched ({m.signal_type}, distance {m.distance}):"
+                   f" the content is known to be benign")
+    if not ev.bank_matches and not ev.negative_matches:
+        click.echo("  no bank matched")
+    for m in ev.image_matches:
+        click.echo(f"  same {m.signal_type}: #{m.record.id} distance {m.distance}"
+                   f"{' flagged' if m.record.flagged else ''}")
 
 
 @main.command(cls=SettingsCommand)
@@ -472,5 +499,8 @@ def export_onnx_cmd(out: Path, settings: Settings) -> None:
     click.echo(f"wrote {out} ({embedder.info.model_id}, {embedder.info.dim}-d); use it with --model {out}")
 
 
-if __name__ == "__main__":
-    main()
+from flagmatch import cli_hashes  # noqa: E402,F401  (registers the banks and hashes commands)
+
+if __name__ == "__main__":  # python -m flagmatch.cli: run the imported module's group, which has every command
+    from flagmatch.cli import main as _main
+    _main()

@@ -98,6 +98,12 @@ class Settings:
                                      "index")
     index_save_seconds: float = setting(30.0, "during ingest, save the indexes at most this often", "index")
     use_gpu: str = setting("auto", "FAISS on the GPU: auto (when faiss-gpu sees one), on or off", "index")
+    pdq_threshold: int = setting(31, "PDQ distance (bits of 256) within which a stored image matches a query's "
+                                 "hash; each bank has its own threshold", "index")
+    pdq_index: str = setting("auto", "PDQ binary index: flat (exhaustive, 32 bytes a hash), mih (multi-index "
+                             "hashing, faster past a few million, ~9x the memory) or auto", "index")
+    pdq_mih_min: int = setting(2_000_000, "with pdq_index auto, hashes from which multi-index hashing is used",
+                               "index")
     # -- server
     host: str = setting("127.0.0.1", "address `serve` listens on", "server")
     port: int = setting(8080, "port `serve` listens on", "server")

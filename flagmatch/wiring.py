@@ -10,6 +10,7 @@ from flagmatch.settings import DEFAULT_MODEL, Settings
 from indexer.catalog import IngestCounts
 from indexer.decode import DecodeLimits
 from indexer.embed import Embedder, ModelInfo, load_model
+from indexer.errors import InvalidInputError
 from indexer.ingest import IngestOptions, Progress, ingest
 from indexer.sources import Source
 from indexer.space import SpaceConfig, for_checkpoint as space_for
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
     from clustering.job import ClusterParams
     from indexer.faiss_index import IndexConfig
     from indexer.vector_index import VectorIndex
+    from search.hashmatch import HashMatcher
     from search.service import SearchService
 
 
@@ -93,10 +95,23 @@ def search_service(settings: Settings, store: Store, index: VectorIndex, embedde
     clustering job's per-image facts."""
     from clustering.store import ClusterStore
     from search.admission import Admission
+    from search.hashmatch import HashMatcher
     from search.service import SearchService
     return SearchService(store, index, embedder, limits=decode_limits(settings),
                          admission=Admission(settings.admission_bytes, settings.admission_wait),
-                         cluster_lookup=ClusterStore(store).lookup, views=settings.query_views)
+                         cluster_lookup=ClusterStore(store).lookup, views=settings.query_views,
+                         hashes=hash_matcher(settings, store))
+
+
+def hash_matcher(settings: Settings, store: Store) -> HashMatcher:
+    """The PDQ indexes (banks' and images') and bank lookups, with the settings' threshold and structure."""
+    from search.hashmatch import HashMatcher
+    if settings.pdq_index not in ("auto", "flat", "mih"):
+        raise InvalidInputError(f"pdq_index must be auto, flat or mih, not {settings.pdq_index!r}")
+    if not 0 <= settings.pdq_threshold <= 64:
+        raise InvalidInputError(f"pdq_threshold must be 0–64 bits, not {settings.pdq_threshold}")
+    return HashMatcher(store, image_threshold=settings.pdq_threshold, index_kind=settings.pdq_index,
+                       mih_min=settings.pdq_mih_min)
 
 
 def index_stats(store: Store, settings: Settings) -> dict[str, str]:
@@ -160,4 +175,5 @@ def ingest_into(settings: Settings, sources: Iterable[Source], *, store: Store |
     counts = ingest(store, embedder, sources, options or ingest_options(settings), index=index,
                     progress=progress, after_batch=after)
     index.save()
+    hash_matcher(settings, store).image_index.save()
     return IngestResult(counts, info)

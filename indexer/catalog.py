@@ -15,6 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from indexer.errors import InvalidInputError, ModelMismatchError, NotFoundError
+from indexer.hashes import Pdq, Signals
 
 FLAG_SOURCES = ("model", "manual", "import", "review")
 
@@ -98,6 +99,45 @@ class IngestRunRow(Base):
     counts: Mapped[str] = mapped_column(Text, default="{}")
 
 
+class ImageSignalRow(Base):
+    """The hashes an image is known by outside flagmatch (indexer.hashes). A row of its own, so stores made
+    before hashes existed gain the table on open and are back-filled by ``flagmatch hashes backfill``."""
+    __tablename__ = "image_signals"
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id"), primary_key=True, autoincrement=False)
+    md5: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
+    pdq: Mapped[str | None] = mapped_column(String(64), nullable=True)  # None: could not be hashed
+    pdq_quality: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+
+class BankRow(Base):
+    """A named list of signals from one source (indexer.banks)."""
+    __tablename__ = "banks"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    source: Mapped[str] = mapped_column(Text, default="")
+    role: Mapped[str] = mapped_column(String(16), default="match")  # match | negative
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    pdq_threshold: Mapped[int] = mapped_column(Integer, default=31)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class BankEntryRow(Base):
+    """One signal in a bank; its id is the "content id" HMA clients see. Needs no image."""
+    __tablename__ = "bank_entries"
+    __table_args__ = (UniqueConstraint("bank_id", "signal_type", "signal"),
+                      Index("ix_bank_entries_signal", "signal_type", "signal"))
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    bank_id: Mapped[int] = mapped_column(ForeignKey("banks.id"), index=True)
+    signal_type: Mapped[str] = mapped_column(String(16))
+    signal: Mapped[str] = mapped_column(String(64))
+    quality: Mapped[int | None] = mapped_column(Integer, nullable=True)  # PDQ quality when the list gives it
+    external_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    tags: Mapped[str] = mapped_column(Text, default="")  # space-separated
+    image_id: Mapped[int | None] = mapped_column(Integer, nullable=True)  # banked from a stored image
+    added_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
 class CheckpointRow(Base):
     """Which catalog state a saved index file covers."""
     __tablename__ = "index_checkpoints"
@@ -125,6 +165,8 @@ class NewImage:
     p_unsafe: float
     thumb_key: str
     paths: tuple[tuple[str, str | None], ...]  # (path, external_id)
+    md5: str | None = None
+    pdq: Pdq | None = None
 
 
 @dataclass(frozen=True)
@@ -370,6 +412,9 @@ class Catalog:
                                width=im.width, height=im.height, frames=im.frames, p_unsafe=float(im.p_unsafe),
                                model_id=model_id, thumb_key=im.thumb_key, created_at=now, updated_at=now))
             s.flush()
+            for im in images:
+                if im.md5 is not None or im.pdq is not None:
+                    s.add(_signal_row(im.id, im.md5, im.pdq))
             seen: set[tuple[int, str]] = set()
             for im in images:
                 for path, ext in im.paths:
@@ -438,6 +483,58 @@ class Catalog:
                 row.updated_at = now
                 s.execute(delete(PathRow).where(PathRow.image_id == image_id))  # where it came from goes too
 
+    # -- hashes
+    def signals(self, ids: Iterable[int]) -> dict[int, Signals]:
+        ids = list(dict.fromkeys(int(i) for i in ids))
+        out: dict[int, Signals] = {}
+        with self.session() as s:
+            for chunk in _chunks(ids, 500):
+                for r in s.scalars(select(ImageSignalRow).where(ImageSignalRow.image_id.in_(chunk))):
+                    out[r.image_id] = _signals(r)
+        return out
+
+    def pdq_rows_after(self, image_id: int, limit: int = 100_000) -> list[tuple[int, str]]:
+        """(image id, PDQ) of live images past ``image_id`` whose hash may match (quality ≥ the minimum)."""
+        from indexer.hashes import PDQ_MIN_QUALITY
+        with self.session() as s:
+            q = (select(ImageSignalRow.image_id, ImageSignalRow.pdq)
+                 .join(ImageRow, ImageRow.id == ImageSignalRow.image_id)
+                 .where(ImageSignalRow.image_id > image_id, ImageSignalRow.pdq.is_not(None),
+                        ImageSignalRow.pdq_quality >= PDQ_MIN_QUALITY, ImageRow.deleted.is_(False))
+                 .order_by(ImageSignalRow.image_id).limit(limit))
+            return [(int(i), str(h)) for i, h in s.execute(q)]
+
+    def images_with_md5(self, md5: str) -> list[int]:
+        with self.session() as s:
+            return list(s.scalars(select(ImageSignalRow.image_id).join(ImageRow, ImageRow.id == ImageSignalRow.image_id)
+                                  .where(ImageSignalRow.md5 == md5, ImageRow.deleted.is_(False))))
+
+    def unhashed(self, after: int = 0, limit: int = 1000) -> list[tuple[int, str, tuple[str, ...]]]:
+        """Live images past ``after`` with no hashes yet: (id, sha256, the paths they were seen at)."""
+        with self.session() as s:
+            rows = s.execute(select(ImageRow.id, ImageRow.sha256)
+                             .outerjoin(ImageSignalRow, ImageSignalRow.image_id == ImageRow.id)
+                             .where(ImageRow.id > after, ImageRow.deleted.is_(False),
+                                    ImageSignalRow.image_id.is_(None)).order_by(ImageRow.id).limit(limit)).all()
+            paths: dict[int, list[str]] = {}
+            for chunk in _chunks([r[0] for r in rows], 500):
+                for p in s.scalars(select(PathRow).where(PathRow.image_id.in_(chunk)).order_by(PathRow.id)):
+                    paths.setdefault(p.image_id, []).append(p.path)
+            return [(int(i), str(sha), tuple(paths.get(i, ()))) for i, sha in rows]
+
+    def count_unhashed(self) -> int:
+        with self.session() as s:
+            return int(s.scalar(select(func.count()).select_from(ImageRow)
+                                .outerjoin(ImageSignalRow, ImageSignalRow.image_id == ImageRow.id)
+                                .where(ImageRow.deleted.is_(False), ImageSignalRow.image_id.is_(None))) or 0)
+
+    def set_signals(self, rows: Sequence[tuple[int, str | None, Pdq | None]]) -> None:
+        """Record (image id, md5, PDQ) for images hashed after the fact; an image hashed already is left alone."""
+        with self.session() as s, s.begin():
+            for image_id, md5, pdq in rows:
+                if s.get(ImageSignalRow, image_id) is None:
+                    s.add(_signal_row(image_id, md5, pdq))
+
     # -- runs, errors, stats
     def start_run(self, model_id: str, backend: str, precision: str) -> int:
         with self.session() as s, s.begin():
@@ -495,6 +592,15 @@ class Catalog:
                 s.add(r)
             r.image_id, r.flag_event_id, r.generation = cp.image_id, cp.flag_event_id, cp.generation
             r.ntotal, r.params, r.checksum, r.saved_at = cp.ntotal, json.dumps(cp.params), cp.checksum, utcnow()
+
+
+def _signal_row(image_id: int, md5: str | None, pdq: Pdq | None) -> ImageSignalRow:
+    return ImageSignalRow(image_id=image_id, md5=md5, pdq=pdq.hash if pdq else None,
+                          pdq_quality=pdq.quality if pdq else None)
+
+
+def _signals(r: ImageSignalRow) -> Signals:
+    return Signals(r.md5 or "", Pdq(r.pdq, int(r.pdq_quality or 0)) if r.pdq else None)
 
 
 def _chunks(seq: Sequence[int], n: int) -> Iterator[Sequence[int]]:

@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from indexer.errors import DecodeError
+from indexer.hashes import Pdq, pdq_of
 from indexer.views import view_boxes
 
 # Formats we accept, told apart by their magic bytes (never by file name).
@@ -37,6 +38,7 @@ _MAGIC: tuple[tuple[bytes, int, str], ...] = (
 )
 ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white, always the same
+PDQ_SIDE = 256  # PDQ's input is box-reduced while its long side stays >= 2 × this
 _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
              "lanczos": Image.LANCZOS}
 
@@ -84,6 +86,7 @@ class DecodedImage:
     thumbnail: bytes    # WebP
     decoded_size: tuple[int, int] = (0, 0)  # what was really decoded (smaller when JPEG draft applied)
     views: dict[str, np.ndarray] = field(default_factory=dict)  # extra query views' model pixels, by name
+    pdq: Pdq | None = None  # the PDQ hash of the stored pixels (see indexer.hashes)
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -135,12 +138,12 @@ def plan(data: bytes, spec: InputSpec, limits: DecodeLimits = DEFAULT_LIMITS, *,
 
 
 def decode(data: bytes, spec: InputSpec, limits: DecodeLimits = DEFAULT_LIMITS, *,
-           thumb_size: int = 256, views: Sequence[str] = ()) -> DecodedImage:
+           thumb_size: int = 256, views: Sequence[str] = (), pdq: bool = True) -> DecodedImage:
     """Decode ``data`` into model input pixels and a thumbnail, or raise DecodeError. ``views``: extra
     query views to cut (``trimmed``, ``content``, ``mirror``; see ``indexer.views``) where they apply."""
     with _opened(data, limits) as (im, fmt, fp, data):
         p = _plan(im, fmt, limits, needed_side(spec, thumb_size))
-        return _decode_planned(im, p, data, fp, spec, limits, thumb_size, tuple(views))
+        return _decode_planned(im, p, data, fp, spec, limits, thumb_size, tuple(views), pdq)
 
 
 @contextmanager
@@ -263,7 +266,8 @@ def _plan(im: Image.Image, fmt: str, limits: DecodeLimits, need: int) -> DecodeP
 
 
 def _decode_planned(im: Image.Image, p: DecodePlan, data: bytes, fp: _Deadline, spec: InputSpec,
-                    limits: DecodeLimits, thumb_size: int, views: tuple[str, ...] = ()) -> DecodedImage:
+                    limits: DecodeLimits, thumb_size: int, views: tuple[str, ...] = (),
+                    want_pdq: bool = True) -> DecodedImage:
     frames = _count_frames(im, p.format, data, fp, limits.max_frames)
     if frames > 1:
         im.seek(0)
@@ -272,6 +276,8 @@ def _decode_planned(im: Image.Image, p: DecodePlan, data: bytes, fp: _Deadline, 
     orientation = _orientation(im)
     src = _shrink(im, needed_side(spec, thumb_size))
     pixels = _model_pixels(src, spec)
+    # PDQ reduces to 64 × 64 itself: a long side under 1,024 moves the hash by a few bits (indexer.hashes)
+    pdq = pdq_of(np.asarray(to_rgb(_shrink(src, PDQ_SIDE, long_side=True)))) if want_pdq else None
     extra: dict[str, np.ndarray] = {}
     if views:
         rgb = to_rgb(src)
@@ -296,7 +302,7 @@ def _decode_planned(im: Image.Image, p: DecodePlan, data: bytes, fp: _Deadline, 
         extra["mirror"] = np.ascontiguousarray(pixels[:, ::-1])
     width, height = (p.height, p.width) if orientation in (5, 6, 7, 8) else (p.width, p.height)
     return DecodedImage(format=p.format, width=width, height=height, frames=frames, pixels=pixels,
-                        thumbnail=thumbnail, decoded_size=p.decoded, views=extra)
+                        thumbnail=thumbnail, decoded_size=p.decoded, views=extra, pdq=pdq)
 
 
 def _count_frames(im: Image.Image, fmt: str, data: bytes, fp: _Deadline, cap: int) -> int:

@@ -7,7 +7,9 @@ Small collections use an exact inner-product index; past ``exact_threshold`` the
 from __future__ import annotations
 
 import math
+import os
 import time
+from pathlib import Path
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -122,6 +124,22 @@ def held_ids(index: faiss.Index) -> set[int]:
         if n:
             out.update(faiss.rev_swig_ptr(inv.get_ids(lst), n).tolist())
     return out
+
+
+def publish(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so a reader sees the old file or the whole new one: a temp file, fsynced,
+    renamed over, and the folder fsynced so the rename itself survives a power cut."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def serialize(index: faiss.Index) -> bytes:

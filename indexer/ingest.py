@@ -1,4 +1,4 @@
-"""The ingest pipeline: read → decode → embed → write.
+"""The ingest pipeline: read → decode (and hash: MD5 of the bytes, PDQ of the pixels) → embed → write.
 
 Reading, hashing and decoding run in a thread pool (Pillow releases the GIL while it decodes) while
 the model runs the previous batch on the main thread. Content already in the catalog (same sha256)
@@ -12,14 +12,15 @@ import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 
 from indexer.catalog import FlagRequest, IngestCounts, NewImage
-from indexer.decode import DEFAULT_LIMITS, DecodedImage, DecodeLimits, decode
+from indexer.decode import DEFAULT_LIMITS, DecodedImage, DecodeLimits, InputSpec, decode
 from indexer.embed import Embedder
 from indexer.errors import DecodeError
+from indexer.hashes import Pdq, md5_of
 from indexer.sources import Source, SourceError, SourceItem
 from indexer.store import Store
 
@@ -42,6 +43,7 @@ class Decoded:
     sha256: str
     size: int
     image: DecodedImage
+    md5: str
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,7 @@ class Reader:
                 self._failed[sha] = failed
                 self._pending.discard(sha)
             return failed
-        return Decoded(item, sha, len(data), image)
+        return Decoded(item, sha, len(data), image, md5_of(data))
 
     def committed(self, shas: Iterable[str]) -> None:
         with self._lock:
@@ -165,7 +167,8 @@ class Writer:
             by_sha[d.sha256] = image_id
             key = self.store.write_thumbnail(d.sha256, d.image.thumbnail)
             images.append(NewImage(image_id, d.sha256, d.size, d.image.format, d.image.width, d.image.height,
-                                   d.image.frames, float(p), key, ((d.item.path, d.item.external_id),)))
+                                   d.image.frames, float(p), key, ((d.item.path, d.item.external_id),),
+                                   md5=d.md5, pdq=d.image.pdq))
             if d.item.flag is not None:
                 flags.append((image_id, d.item.flag))
             elif p >= self.threshold:
@@ -198,6 +201,64 @@ class Writer:
                 self.index.added(np.arange(first, first + len(images), dtype=np.int64), eb.vectors)
             if newly_flagged:
                 self.index.flags_changed()
+
+
+# ------------------------------------------------------------------ back-filling hashes
+
+@dataclass
+class BackfillCounts:
+    hashed: int = 0
+    failed: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+
+def _hash_original(image_id: int, sha: str, paths: Sequence[str], opts: IngestOptions
+                   ) -> tuple[int, str, Pdq | None] | Failed:
+    """MD5 and PDQ of a stored image from the first of its paths that still holds the same bytes."""
+    last = Failed(f"image:{image_id}", "no_path", "no path is recorded for this image")
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                data = f.read(opts.max_file_bytes + 1)
+        except OSError as exc:
+            last = Failed(path, "unreadable", exc.strerror or str(exc))
+            continue
+        if hashlib.sha256(data).hexdigest() != sha:
+            last = Failed(path, "changed", f"the file no longer holds image {image_id}'s bytes (sha256 differs)")
+            continue
+        try:
+            image = decode(data, InputSpec(224), opts.limits, thumb_size=0)
+        except DecodeError as exc:
+            return Failed(path, exc.code, exc.message)
+        return image_id, md5_of(data), image.pdq
+    return last
+
+
+def backfill_hashes(store: Store, opts: IngestOptions, *, progress: Progress | None = None) -> BackfillCounts:
+    """Hash the stored images that have no hashes yet (stores made before hashes existed), streaming their
+    originals from the paths they were seen at, ``opts.decode_workers`` at a time. An original that is gone,
+    changed or unreadable is recorded as an ingest error and its image stays unhashed (a later run tries
+    again); the rest are written a page at a time."""
+    counts = BackfillCounts()
+    with store.writer(), ThreadPoolExecutor(max_workers=max(1, opts.decode_workers),
+                                            thread_name_prefix="hash") as pool:
+        run_id = store.catalog.start_run("hashes", "backfill", "-")
+        after = 0
+        while page := store.catalog.unhashed(after, 256):
+            results = list(pool.map(lambda row: _hash_original(row[0], row[1], row[2], opts), page))
+            done = [r for r in results if not isinstance(r, Failed)]
+            failed = [r for r in results if isinstance(r, Failed)]
+            store.catalog.set_signals(done)
+            store.catalog.write_batch([], "", errors=[(f.path, f.code, f.message) for f in failed], run_id=run_id)
+            counts.hashed += len(done)
+            counts.failed += len(failed)
+            for f in failed:
+                counts.reasons[f.code] = counts.reasons.get(f.code, 0) + 1
+            after = page[-1][0]
+            if progress is not None:
+                progress.update(len(page), errors=counts.failed)
+        store.catalog.finish_run(run_id, IngestCounts(new=counts.hashed, failed=counts.failed, reasons=counts.reasons))
+    return counts
 
 
 # ------------------------------------------------------------------ the job

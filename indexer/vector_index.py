@@ -126,14 +126,6 @@ class ScopeIndex:
             self.gpu_index = None
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class VectorIndex:
     """The ``all`` and ``flagged`` indexes of one store, and the matching space they share."""
 
@@ -520,14 +512,7 @@ class VectorIndex:
                     meta = (s.image_id, s.flag_event_id, s.generation, s.ntotal, asdict(s.params))
                 if cp is not None and (cp.image_id, cp.flag_event_id, cp.generation, cp.ntotal) == meta[:4]:
                     continue  # nothing changed since the last save
-                path = self.path(scope)
-                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-                _fsync_dir(path.parent)
+                fx.publish(self.path(scope), data)
                 self.store.catalog.save_checkpoint(Checkpoint(scope, meta[0], meta[1], meta[2], meta[3], meta[4],
                                                               hashlib.sha256(data).hexdigest()))
             spaces.prune(self.store.index_dir, {int(cp.params.get("space_version", 0)) for sc in SCOPES

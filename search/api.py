@@ -21,6 +21,8 @@ from indexer.errors import (ClusteringError, DecodeError, FlagmatchError, Invali
 from search import thumbnails
 from search.auth import csrf_ok, session_actor
 from search.openapi import openapi_document
+from indexer.hashes import Signals
+from search.hashmatch import HashEvidence
 from search.service import Hit, SearchParams, SearchResponse
 
 if TYPE_CHECKING:
@@ -179,13 +181,32 @@ def hit_json(h: Hit) -> dict[str, Any]:
     return d
 
 
+def signals_json(sig: Signals | None) -> dict[str, Any]:
+    pdq = sig.pdq if sig is not None else None
+    return {"md5": (sig.md5 or None) if sig is not None else None, "pdq": pdq.hash if pdq else None,
+            "pdq_quality": pdq.quality if pdq else None, "pdq_usable": bool(pdq and pdq.usable)}
+
+
+def evidence_json(ev: HashEvidence | None) -> dict[str, Any] | None:
+    """The hash evidence of one query: its own hashes, the banks it matched (or the negative bank that
+    suppressed them) and the stored images sharing its hash."""
+    if ev is None:
+        return None
+    return {**signals_json(ev.signals), "bank_matched": ev.matched,
+            "bank_matches": [m.to_json() for m in ev.bank_matches],
+            "negative_matches": [m.to_json() for m in ev.negative_matches],
+            "image_matches": [{**image_json(m.record), "signal_type": m.signal_type, "distance": m.distance}
+                              for m in ev.image_matches]}
+
+
 def response_json(resp: SearchResponse) -> dict[str, Any]:
     return {
         "model_id": resp.model_id, "scope": resp.scope, "index_checkpoint": resp.checkpoint,
         "results": [{"query": {"name": r.query.label, "sha256": r.query.sha256,
                                "p_unsafe": None if r.query.p_unsafe is None else round(r.query.p_unsafe, 6),
                                "known": r.query.known_id is not None, "known_id": r.query.known_id},
-                     "hits": [hit_json(h) for h in r.hits]} for r in resp.results],
+                     "hits": [hit_json(h) for h in r.hits],
+                     "hashes": evidence_json(r.evidence)} for r in resp.results],
     }
 
 
@@ -278,6 +299,7 @@ def image(image_id: int) -> Response:
     rec = runtime().store.catalog.get(image_id)
     d = image_json(rec, history=True)
     d["cluster"] = runtime().clusters.lookup([image_id]).get(image_id)
+    d["hashes"] = signals_json(runtime().store.catalog.signals([image_id]).get(image_id))
     return jsonify(d)
 
 

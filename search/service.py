@@ -16,7 +16,9 @@ from indexer.embed import Embedder
 from indexer.errors import InvalidInputError, ModelLoadError, NotFoundError
 from indexer.store import Store
 from indexer.vector_index import SCOPES, VectorIndex
+from indexer.hashes import Pdq, Signals, md5_of
 from search.admission import Admission
+from search.hashmatch import HashEvidence, HashMatcher
 
 MAX_K = 1000
 VIEWS = ("trimmed", "content", "mirror")
@@ -46,6 +48,7 @@ class Timings:
     decode: float = 0.0
     embed: float = 0.0
     search: float = 0.0
+    hashes: float = 0.0
     hydrate: float = 0.0
 
     def header(self) -> str:
@@ -73,6 +76,7 @@ class Hit:
 class QueryResult:
     query: Query
     hits: list[Hit]
+    evidence: HashEvidence | None = None  # bank and stored-image hash matches (None: no hash matcher)
 
 
 @dataclass(frozen=True)
@@ -98,8 +102,9 @@ class SearchResponse:
 class SearchService:
     def __init__(self, store: Store, index: VectorIndex, embedder: Embedder | None, *,
                  limits: DecodeLimits = DEFAULT_LIMITS, admission: Admission | None = None,
-                 cluster_lookup: ClusterLookup | None = None, views: Sequence[str] = DEFAULT_VIEWS) -> None:
-        self.store, self.index, self.embedder = store, index, embedder
+                 cluster_lookup: ClusterLookup | None = None, views: Sequence[str] = DEFAULT_VIEWS,
+                 hashes: HashMatcher | None = None) -> None:
+        self.store, self.index, self.embedder, self.hashes = store, index, embedder, hashes
         unknown = set(views) - set(VIEWS)
         if unknown:
             raise InvalidInputError(f"unknown query view(s) {', '.join(sorted(unknown))}; known: {', '.join(VIEWS)}")
@@ -120,7 +125,7 @@ class SearchService:
             raise InvalidInputError("no image in the request", code="missing_image")
         t = Timings()
         t0 = time.perf_counter()
-        pixels, owner, names, queries = [], [], [], []
+        pixels, owner, names, queries, signals = [], [], [], [], []
         for n, (name, data) in enumerate(uploads):
             if not data:
                 raise InvalidInputError(f"{name or 'upload'}: the file is empty", code="empty_image")
@@ -131,21 +136,34 @@ class SearchService:
                 owner.append(n)
                 names.append(view)
             queries.append((name, sha, self.store.catalog.known_sha(sha)))
+            signals.append(Signals(md5_of(data), img.pdq))
         t1 = time.perf_counter()
         vectors, p = self.embedder.embed(np.stack(pixels))
         t2 = time.perf_counter()
         t.decode, t.embed = (t1 - t0) * 1000, (t2 - t1) * 1000
         full = [i for i, v in enumerate(names) if v == "full"]  # P(unsafe) is the whole image's
         qs = [Query(name, sha, float(p[i]), known) for (name, sha, known), i in zip(queries, full)]
-        return self._search(qs, vectors, params, t, exclude=[set() for _ in owner], owner=owner, views=names)
+        return self._search(qs, vectors, params, t, exclude=[set() for _ in owner], owner=owner, views=names,
+                            signals=signals)
 
-    def _decode(self, data: bytes, spec: InputSpec) -> DecodedImage:
+    def _decode(self, data: bytes, spec: InputSpec, *, views: bool = True) -> DecodedImage:
         """Decode one upload within the worker's admission budget (reserved from its header first)."""
+        v = self.views if views else ()
         if self.admission is None:
-            return decode(data, spec, self.limits, thumb_size=0, views=self.views)
+            return decode(data, spec, self.limits, thumb_size=0, views=v)
         cost = plan(data, spec, self.limits)  # the header's promise, checked against the per-image budget
         with self.admission.reserve(cost.bytes):
-            return decode(data, spec, self.limits, thumb_size=0, views=self.views)
+            return decode(data, spec, self.limits, thumb_size=0, views=v)
+
+    def hash_image(self, data: bytes) -> Pdq | None:
+        """PDQ of an upload (decoded safely as for a search; no model needed)."""
+        spec = self.embedder.info.input if self.embedder is not None else InputSpec(224)
+        return self._decode(data, spec, views=False).pdq
+
+    def hash_evidence(self, signals: Sequence[Signals], *, scope: str = "flagged", k: int = 10) -> list[HashEvidence]:
+        if self.hashes is None:
+            raise ModelLoadError("this server has no hash matcher")
+        return self.hashes.lookup(signals, scope=scope, k=k)
 
     def search_ids(self, image_ids: Iterable[int], params: SearchParams) -> SearchResponse:
         """Nearest neighbours of stored images (the image itself is left out of its own hits)."""
@@ -156,7 +174,9 @@ class SearchService:
             raise NotFoundError(f"no image with id {missing[0]}")
         vectors = self.store.open_vectors().get(ids)
         qs = [Query(f"id:{i}", recs[i].sha256, recs[i].p_unsafe, i) for i in ids]
-        return self._search(qs, vectors, params, Timings(), exclude=[{i} for i in ids])
+        stored = self.store.catalog.signals(ids)
+        return self._search(qs, vectors, params, Timings(), exclude=[{i} for i in ids],
+                            signals=[stored.get(i, Signals("", None)) for i in ids])
 
     def sweep(self, seeds: Sequence[int], *, min_similarity: float = 0.8, per_seed: int = 30,
               limit: int = 200) -> list[SweepHit]:
@@ -204,7 +224,7 @@ class SearchService:
 
     def _search(self, queries: list[Query], vectors: np.ndarray, params: SearchParams, t: Timings,
                 exclude: list[set[int]], owner: list[int] | None = None,
-                views: list[str] | None = None) -> SearchResponse:
+                views: list[str] | None = None, signals: list[Signals] | None = None) -> SearchResponse:
         """One index search for every row (a query's views are rows of their own), one catalog read for
         every hit; a query keeps, per image, the best similarity over its views and the view it came from."""
         t0 = time.perf_counter()
@@ -224,10 +244,16 @@ class SearchService:
         top = [sorted(b.items(), key=lambda kv: -kv[1][0])[: params.k] for b in best]
         kept = sorted({i for row in top for i, _ in row})
         clusters = self.cluster_lookup(kept) if self.cluster_lookup and kept else {}
-        results = [QueryResult(q, [Hit(recs[i], sim, clusters.get(i), view) for i, (sim, view) in row])
-                   for q, row in zip(queries, top)]
+        t2 = time.perf_counter()
+        evidence: list[HashEvidence | None] = [None] * len(queries)
+        if self.hashes is not None and signals is not None:
+            evidence = list(self.hashes.lookup(signals, scope=params.scope, k=params.k,
+                                               exclude=[q.known_id for q in queries]))
+        results = [QueryResult(q, [Hit(recs[i], sim, clusters.get(i), view) for i, (sim, view) in row], ev)
+                   for q, row, ev in zip(queries, top, evidence)]
         t.search += (t1 - t0) * 1000
-        t.hydrate += (time.perf_counter() - t1) * 1000
+        t.hashes += (time.perf_counter() - t2) * 1000
+        t.hydrate += (t2 - t1) * 1000
         st = self.index.stats()[params.scope]
         cp = {"image_id": st["covers_image_id"], "flag_event_id": st["covers_flag_event"],
               "generation": st["generation"]}

@@ -15,6 +15,7 @@ from werkzeug.exceptions import HTTPException, InternalServerError
 from werkzeug.routing import IntegerConverter
 
 from search.api import bp as api_bp, error, http_error, register_health
+from search.hma import register_hma
 from web.views import bp as views_bp
 
 if TYPE_CHECKING:
@@ -35,8 +36,11 @@ class Int64Converter(IntegerConverter):
         super().__init__(map, *args, **kwargs)
 
 
+API_PREFIXES = ("/api/", "/h/", "/m/", "/c/")  # flagmatch's API and the HMA-compatible routes
+
+
 def _is_api() -> bool:
-    return request.path.startswith("/api/")
+    return request.path.startswith(API_PREFIXES)
 
 
 def install_edges(app: Flask, runtime: Runtime) -> None:
@@ -133,6 +137,7 @@ def create_app(runtime: Runtime) -> Flask:
     )
     app.extensions["flagmatch"] = runtime
     app.register_blueprint(api_bp)
+    register_hma(app)
     register_health(app)
     app.register_blueprint(views_bp)
 
@@ -142,7 +147,7 @@ def create_app(runtime: Runtime) -> Flask:
     def _headers(resp: Response) -> Response:
         resp.headers.setdefault("X-Content-Type-Options", "nosniff")
         resp.headers.setdefault("Referrer-Policy", "no-referrer")
-        if not request.path.startswith("/api/"):
+        if not _is_api():
             resp.headers.setdefault("Content-Security-Policy",
                                     "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; "
                                     "frame-ancestors 'none'; base-uri 'none'; form-action 'self'")

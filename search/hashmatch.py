@@ -1,0 +1,147 @@
+"""Hash evidence for a query: which bank entries its PDQ and MD5 match (each bank with its own threshold,
+enabled switch and role), and which stored images share its hash. The search service, the HMA routes and
+the CLI all ask this one object.
+
+Rules, in the order they apply:
+- a query's PDQ of quality below 50 matches nothing (PDQ's authors' advice), and neither do banked or
+  stored hashes below it (kept, never indexed);
+- a bank entry matches when its bank is enabled and the distance is within the bank's threshold (PDQ) or
+  the bytes' MD5 is equal;
+- any match in a ``negative`` bank suppresses the query's matches: they are reported as suppressed, and
+  ``matched`` is false."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Sequence
+
+from indexer.banks import Bank, Banks
+from indexer.catalog import ImageRecord
+from indexer.hash_index import PdqIndex
+from indexer.hashes import PDQ_DEFAULT_THRESHOLD, Signals
+from indexer.store import Store
+
+
+@dataclass(frozen=True)
+class BankMatch:
+    bank: str
+    role: str
+    entry_id: int
+    signal_type: str
+    signal: str
+    distance: int       # bits for PDQ, 0 for MD5
+    threshold: int
+    external_id: str | None
+    tags: tuple[str, ...]
+
+    def to_json(self) -> dict[str, object]:
+        return {"bank": self.bank, "role": self.role, "entry_id": self.entry_id, "signal_type": self.signal_type,
+                "signal": self.signal, "distance": self.distance, "threshold": self.threshold,
+                "external_id": self.external_id, "tags": list(self.tags)}
+
+
+@dataclass(frozen=True)
+class ImageHashMatch:
+    record: ImageRecord
+    signal_type: str
+    distance: int
+
+
+@dataclass(frozen=True)
+class HashEvidence:
+    signals: Signals
+    bank_matches: list[BankMatch] = field(default_factory=list)   # in enabled ``match`` banks
+    negative_matches: list[BankMatch] = field(default_factory=list)
+    image_matches: list[ImageHashMatch] = field(default_factory=list)
+
+    @property
+    def matched(self) -> bool:
+        """Did any bank match (and no negative bank say the content is known to be benign)?"""
+        return bool(self.bank_matches) and not self.negative_matches
+
+    @property
+    def pdq_usable(self) -> bool:
+        return self.signals.pdq is not None and self.signals.pdq.usable
+
+
+class HashMatcher:
+    def __init__(self, store: Store, *, image_threshold: int = PDQ_DEFAULT_THRESHOLD, index_kind: str = "auto",
+                 mih_min: int = 2_000_000) -> None:
+        self.store = store
+        self.banks = Banks(store.catalog)
+        self.image_threshold = image_threshold
+        self.index_kind, self.mih_min = index_kind, mih_min
+
+    @cached_property
+    def bank_index(self) -> PdqIndex:  # opened on first use: an ingest only touches the images' index
+        return PdqIndex(self.store.index_dir / "pdq-banks.faissb", self.store.catalog, "pdq:banks",
+                        self.banks.pdq_rows_after, kind=self.index_kind, mih_min=self.mih_min)
+
+    @cached_property
+    def image_index(self) -> PdqIndex:
+        return PdqIndex(self.store.index_dir / "pdq-images.faissb", self.store.catalog, "pdq:images",
+                        self.store.catalog.pdq_rows_after, kind=self.index_kind, mih_min=self.mih_min)
+
+    def save(self) -> None:
+        self.bank_index.save()
+        self.image_index.save()
+
+    def rebuild(self) -> None:
+        self.bank_index.rebuild()
+        self.image_index.rebuild()
+        self.save()
+
+    def lookup(self, queries: Sequence[Signals], *, scope: str = "flagged", k: int = 10,
+               exclude: Sequence[int | None] = ()) -> list[HashEvidence]:
+        """Bank matches and up to ``k`` stored images (flagged ones for scope ``flagged``) per query."""
+        banks = {b.name: b for b in self.banks.list(counts=False)}  # read fresh: a switch applies at once
+        pdqs = [q.pdq.hash if q.pdq is not None and q.pdq.usable else None for q in queries]
+        live = [b for b in banks.values() if b.enabled]
+        radius = max((b.pdq_threshold for b in live), default=-1)
+        bank_hits = self.bank_index.search([p for p in pdqs if p], radius) if radius >= 0 else []
+        image_hits = self.image_index.search([p for p in pdqs if p], self.image_threshold)
+        md5_entries = {q.md5: self.banks.md5_entries(q.md5) for q in queries if q.md5}
+        it_b, it_i = iter(bank_hits), iter(image_hits)
+        per_query = [(next(it_b, []) if p else [], next(it_i, []) if p else []) for p in pdqs]
+        entries = self.banks.entries({h.id for hits, _ in per_query for h in hits})
+        out: list[HashEvidence] = []
+        for n, (q, (bh, ih)) in enumerate(zip(queries, per_query)):
+            matches: list[BankMatch] = []
+            for h in bh:
+                e = entries.get(h.id)
+                b = banks.get(e.bank) if e is not None else None
+                if e is not None and b is not None and b.enabled and h.distance <= b.pdq_threshold:
+                    matches.append(_match(b, e.id, "pdq", e.signal, h.distance, b.pdq_threshold, e.external_id,
+                                          e.tags))
+            for e in md5_entries.get(q.md5, []):
+                b = banks.get(e.bank)
+                if b is not None and b.enabled:
+                    matches.append(_match(b, e.id, "md5", e.signal, 0, 0, e.external_id, e.tags))
+            images = self._images(q, ih, scope, k, exclude[n] if n < len(exclude) else None)
+            out.append(HashEvidence(q, [m for m in matches if m.role == "match"],
+                                    [m for m in matches if m.role == "negative"], images))
+        return out
+
+    def _images(self, q: Signals, hits: Sequence, scope: str, k: int,  # type: ignore[type-arg]
+                exclude: int | None) -> list[ImageHashMatch]:
+        found: dict[int, tuple[str, int]] = {h.id: ("pdq", h.distance) for h in hits}
+        if q.md5:
+            for i in self.store.catalog.images_with_md5(q.md5):
+                found[i] = ("md5", 0)
+        found.pop(exclude or 0, None)
+        recs = self.store.catalog.get_many(found)
+        keep = [ImageHashMatch(recs[i], st, d) for i, (st, d) in found.items()
+                if i in recs and not recs[i].deleted and (recs[i].flagged or scope != "flagged")]
+        keep.sort(key=lambda m: (m.distance, m.record.id))
+        return keep[:k]
+
+    def stats(self) -> dict[str, object]:
+        return {"banks": len(self.banks.list(counts=False)),
+                "pdq_banked": self.bank_index.ntotal, "pdq_images": self.image_index.ntotal,
+                "structure": {"banks": "mih" if self.bank_index.is_mih else "flat",
+                              "images": "mih" if self.image_index.is_mih else "flat"}}
+
+
+def _match(b: Bank, entry_id: int, st: str, signal: str, distance: int, threshold: int, ext: str | None,
+           tags: tuple[str, ...]) -> BankMatch:
+    return BankMatch(b.name, b.role, entry_id, st, signal, distance, threshold, ext, tags)
