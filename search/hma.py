@@ -349,9 +349,12 @@ def content_types() -> Response:
     return jsonify([{"name": ct, "enabled": True} for ct in CONTENT_TYPES])
 
 
+for _bp in (hashing, matching, curation):
+    _bp.register_error_handler(HTTPException, _http_error)
+
+
 def register_hma(app: Flask) -> None:
     for bp in (hashing, matching, curation):
-        bp.register_error_handler(HTTPException, _http_error)
         app.register_blueprint(bp)
 
 

@@ -1,0 +1,127 @@
+"""The HMA-compatible routes on a real `flagmatch serve` over loopback, called the way HMA's clients call
+Open Media Match (facebook/ThreatExchange, hasher-matcher-actioner): hash an upload, bank a signal or a
+file, look up a hash or an upload, switch a bank off — and flagmatch's own search showing the same match."""
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers import encode, photo_image, start_server, stop_server
+
+requests = pytest.importorskip("requests")
+from threatexchange.signal_type.pdq.pdq_hasher import pdq_from_bytes  # noqa: E402
+
+from indexer.hashes import pdq_distance  # noqa: E402
+from tests.test_hashes import PEER_TOLERANCE, _transformed  # noqa: E402
+
+TOKEN = "hma-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_model_dir, tiny_embedder):
+    from flagmatch.settings import Settings
+    from flagmatch.wiring import ingest_into, open_store
+    from indexer.sources import iter_sources
+    root = tmp_path_factory.mktemp("hma")
+    (root / "in").mkdir()
+    for i in range(6):
+        (root / "in" / f"p{i}.jpg").write_bytes(encode(photo_image(300 + i), "JPEG", quality=90))
+    s = Settings.load({"home": str(root / "home"), "model": str(tiny_model_dir)}, environ={})
+    store = open_store(s)
+    ingest_into(s, iter_sources([str(root / "in")]), store=store, embedder=tiny_embedder)
+    store.close()
+    env = {"FLAGMATCH_HOME": str(root / "home"), "FLAGMATCH_MODEL": str(tiny_model_dir),
+           "FLAGMATCH_API_TOKENS": f"hma:{TOKEN}", "FLAGMATCH_WORKERS": "1", "FLAGMATCH_THREADS": "2"}
+    proc, base, log = start_server(env, root / "server.log")
+    yield base
+    stop_server(proc, log)
+
+
+def test_an_hma_client_banks_hashes_and_matches_uploads(server):
+    base = server
+    original = photo_image(900)
+    banked_bytes = encode(original, "PNG")
+    copy = _transformed(original)
+
+    r = requests.post(f"{base}/c/banks", json={"name": "PARTNER_LIST"}, headers=AUTH, timeout=30)
+    assert r.status_code == 201 and r.json()["name"] == "PARTNER_LIST"
+    assert r.json()["matching_enabled_ratio"] == 1.0
+    assert requests.post(f"{base}/c/banks", json={"name": "PARTNER_LIST"}, headers=AUTH, timeout=30).status_code == 403
+
+    # /h/hash: HMA's hash of an upload, which threatexchange agrees with
+    r = requests.post(f"{base}/h/hash", files={"photo": ("x.png", banked_bytes)}, headers=AUTH, timeout=30)
+    assert r.status_code == 200, r.text
+    pdq = r.json()["pdq"]
+    assert pdq_distance(pdq, pdq_from_bytes(banked_bytes)[0]) <= PEER_TOLERANCE
+
+    # bank the signal, then look up the re-upload's hash and the re-upload itself
+    r = requests.post(f"{base}/c/bank/PARTNER_LIST/signal", json={"pdq": pdq}, headers=AUTH, timeout=30)
+    assert r.status_code == 200, r.text
+    content_id = r.json()["id"]
+    assert r.json()["signals"] == {"pdq": pdq}
+    copy_hash = pdq_from_bytes(copy)[0]
+    r = requests.get(f"{base}/m/raw_lookup", params={"signal_type": "pdq", "signal": copy_hash,
+                                                     "include_distance": "true"}, headers=AUTH, timeout=30)
+    assert r.status_code == 200, r.text
+    [match] = r.json()["matches"]
+    assert match["content_id"] == content_id and 0 < int(match["distance"]) <= 31
+    r = requests.get(f"{base}/m/raw_lookup", params={"signal_type": "pdq", "signal": copy_hash}, headers=AUTH,
+                     timeout=30)
+    assert r.json() == {"matches": [content_id]}
+    r = requests.get(f"{base}/m/lookup", params={"signal_type": "pdq", "signal": copy_hash}, headers=AUTH, timeout=30)
+    assert r.json() == ["PARTNER_LIST"]
+    r = requests.post(f"{base}/m/lookup", files={"photo": ("copy.jpg", copy)}, headers=AUTH, timeout=30)
+    assert r.status_code == 200 and r.json() == {"pdq": ["PARTNER_LIST"]}
+
+    # flagmatch's own search shows the bank match beside the embedding neighbours
+    r = requests.post(f"{base}/api/v1/search", files={"image": ("copy.jpg", copy)}, headers=AUTH, timeout=60)
+    assert r.status_code == 200, r.text
+    hashes = r.json()["results"][0]["hashes"]
+    assert hashes["bank_matched"] and hashes["bank_matches"][0]["bank"] == "PARTNER_LIST"
+    assert hashes["bank_matches"][0]["entry_id"] == content_id and hashes["pdq_usable"]
+
+    # switched off: no match from the next request on
+    r = requests.put(f"{base}/c/bank/PARTNER_LIST", json={"enabled": False}, headers=AUTH, timeout=30)
+    assert r.status_code == 200 and r.json()["matching_enabled_ratio"] == 0.0
+    r = requests.post(f"{base}/m/lookup", files={"photo": ("copy.jpg", copy)}, headers=AUTH, timeout=30)
+    assert r.json() == {"pdq": []}
+    requests.put(f"{base}/c/bank/PARTNER_LIST", json={"enabled_ratio": 1.0}, headers=AUTH, timeout=30)
+
+    # bank a file, list the banks, remove an entry
+    other = encode(photo_image(901), "JPEG", quality=90)
+    r = requests.post(f"{base}/c/bank/PARTNER_LIST/content", files={"photo": ("o.jpg", other)}, headers=AUTH,
+                      timeout=30)
+    assert r.status_code == 200 and r.json()["signals"]["pdq"] == requests.post(
+        f"{base}/h/hash", files={"photo": ("o.jpg", other)}, headers=AUTH, timeout=30).json()["pdq"]
+    banks = requests.get(f"{base}/c/banks", headers=AUTH, timeout=30).json()
+    assert [(b["name"], b["entries"]) for b in banks] == [("PARTNER_LIST", 2)]
+    assert requests.delete(f"{base}/c/bank/PARTNER_LIST/content/{content_id}", headers=AUTH,
+                           timeout=30).json() == {"deleted": 1}
+    r = requests.get(f"{base}/m/raw_lookup", params={"signal_type": "pdq", "signal": copy_hash}, headers=AUTH,
+                     timeout=30)
+    assert r.json() == {"matches": []}
+    assert requests.delete(f"{base}/c/bank/PARTNER_LIST", headers=AUTH, timeout=30).json() == {"message": "Done"}
+
+
+def test_hma_errors_are_messages_with_4xx(server):
+    base = server
+    r = requests.get(f"{base}/c/banks", timeout=30)
+    assert r.status_code == 401 and "token" in r.json()["message"]
+    r = requests.get(f"{base}/c/bank/NOPE", headers=AUTH, timeout=30)
+    assert r.status_code == 404 and "NOPE" in r.json()["message"]
+    r = requests.get(f"{base}/h/hash", params={"url": "http://169.254.169.254/latest"}, headers=AUTH, timeout=30)
+    assert r.status_code == 400 and "does not fetch URLs" in r.json()["message"]
+    r = requests.get(f"{base}/m/raw_lookup", params={"signal_type": "pdq", "signal": "xyz"}, headers=AUTH, timeout=30)
+    assert r.status_code == 400 and "hexadecimal" in r.json()["message"]
+    r = requests.get(f"{base}/m/raw_lookup", params={"signal_type": "tmk", "signal": "ab"}, headers=AUTH, timeout=30)
+    assert r.status_code == 400 and "unsupported signal type" in r.json()["message"]
+    r = requests.post(f"{base}/h/hash", files={"video": ("v.mp4", b"\x00" * 10)}, headers=AUTH, timeout=30)
+    assert r.status_code == 400 and "content_type" in r.json()["message"]
+    r = requests.post(f"{base}/h/hash", files={"photo": ("x.jpg", b"not an image")}, headers=AUTH, timeout=30)
+    assert r.status_code in (400, 415) and r.json()["message"]
+    r = requests.post(f"{base}/c/banks", json={"name": "lower case"}, headers=AUTH, timeout=30)
+    assert r.status_code == 400 and "upper-case" in r.json()["message"]
+    r = requests.post(f"{base}/c/banks", json={"name": "HALF", "enabled_ratio": 0.5}, headers=AUTH, timeout=30)
+    assert r.status_code == 400 and "fractional" in r.json()["message"]
+    r = requests.get(f"{base}/c/signal_type", headers=AUTH, timeout=30)
+    assert {t["name"] for t in r.json()} == {"pdq", "md5"}
