@@ -123,6 +123,11 @@ def stats(as_json: bool, settings: Settings) -> None:
     click.echo(f"paths seen   {st['paths']}")
     click.echo(f"errors       {sum(st['errors'].values())}  " + "  ".join(f"{k}: {v}" for k, v in st["errors"].items()))
     click.echo(f"model        {st['model_id']} ({st['dim']}-d)")
+    h = st["hashes"]
+    unhashed = st["images"] - h["images_hashed"]
+    click.echo(f"hashes       {h['images_hashed']} images with PDQ/MD5"
+               + (f" ({unhashed} without: flagmatch hashes backfill)" if unhashed > 0 else "")
+               + f"; {h['banks']} bank(s), {h['banked_signals']} banked signals")
     run = st["last_run"]
     if run:
         click.echo(f"last ingest  #{run['id']} {run['started_at']}  backend {run['backend']}, "

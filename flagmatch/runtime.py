@@ -51,6 +51,8 @@ class Runtime:
                 raise FlagmatchError("the store is empty: ingest images first", code="empty_store")
             self.index = wiring.open_index(self.store, self.settings)
             self.service = wiring.search_service(self.settings, self.store, self.index, self.embedder)
+            if self.service.hashes is not None:  # the PDQ indexes load before the first request, not during it
+                _ = self.service.hashes.bank_index, self.service.hashes.image_index
             self.ready.set()
         except Exception as exc:  # reported by /readyz; the process stays up to say so
             self.load_error = f"{type(exc).__name__}: {exc}"

@@ -569,6 +569,10 @@ class Catalog:
                 "errors": {str(k): int(v) for k, v in err.items()},
                 "model_id": meta.get("model_id"),
                 "dim": int(meta["dim"]) if "dim" in meta else None,
+                "hashes": {
+                    "images_hashed": int(s.scalar(select(func.count()).select_from(ImageSignalRow)) or 0),
+                    "banks": int(s.scalar(select(func.count()).select_from(BankRow)) or 0),
+                    "banked_signals": int(s.scalar(select(func.count()).select_from(BankEntryRow)) or 0)},
                 "last_run": None if last is None else {
                     "id": last.id, "started_at": last.started_at.isoformat(timespec="seconds"),
                     "finished_at": last.finished_at.isoformat(timespec="seconds") if last.finished_at else None,

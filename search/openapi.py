@@ -179,6 +179,7 @@ def openapi_document() -> dict[str, Any]:
                               "created_at": {"type": "string", "format": "date-time"},
                               "cluster": {"type": ["object", "null"]}}},
                 "ImageWithHistory": {"allOf": [{"$ref": "#/components/schemas/Image"}, {"type": "object", "properties": {
+                    "hashes": {"$ref": "#/components/schemas/Signals"},
                     "history": {"type": "array", "items": {"type": "object", "properties": {
                         "action": {"type": "string", "enum": ["flag", "unflag"]}, "source": {"type": "string"},
                         "label": {"type": ["string", "null"]}, "actor": {"type": "string"},
@@ -197,7 +198,32 @@ def openapi_document() -> dict[str, Any]:
                                                "name": {"type": "string"}, "sha256": {"type": ["string", "null"]},
                                                "p_unsafe": {"type": ["number", "null"]}, "known": {"type": "boolean"},
                                                "known_id": {"type": ["integer", "null"]}}},
-                                           "hits": {"type": "array", "items": {"$ref": "#/components/schemas/Hit"}}}}}}},
+                                           "hits": {"type": "array", "items": {"$ref": "#/components/schemas/Hit"}},
+                                           "hashes": {"anyOf": [{"$ref": "#/components/schemas/HashEvidence"},
+                                                                {"type": "null"}]}}}}}},
+                "Signals": {"type": "object", "properties": {
+                    "md5": {"type": ["string", "null"]}, "pdq": {"type": ["string", "null"]},
+                    "pdq_quality": {"type": ["integer", "null"]},
+                    "pdq_usable": {"type": "boolean", "description": "PDQ quality >= 50: only then is it matched"}}},
+                "BankMatch": {"type": "object", "required": ["bank", "entry_id", "signal_type", "distance", "threshold"],
+                              "properties": {
+                                  "bank": {"type": "string"}, "role": {"type": "string", "enum": ["match", "negative"]},
+                                  "entry_id": {"type": "integer"}, "signal_type": {"type": "string", "enum": ["pdq", "md5"]},
+                                  "signal": {"type": "string"}, "distance": {"type": "integer"},
+                                  "threshold": {"type": "integer"}, "external_id": {"type": ["string", "null"]},
+                                  "tags": {"type": "array", "items": {"type": "string"}}}},
+                "HashEvidence": {"type": "object", "description": "the query's hashes, the bank entries "
+                                 "they match, and stored images sharing them", "allOf": [
+                                     {"$ref": "#/components/schemas/Signals"},
+                                     {"type": "object", "required": ["bank_matched", "bank_matches"], "properties": {
+                                         "bank_matched": {"type": "boolean", "description": "a bank matched and no "
+                                                          "negative bank suppressed it"},
+                                         "bank_matches": {"type": "array", "items": {"$ref": "#/components/schemas/BankMatch"}},
+                                         "negative_matches": {"type": "array", "items": {"$ref": "#/components/schemas/BankMatch"}},
+                                         "image_matches": {"type": "array", "items": {"allOf": [
+                                             {"$ref": "#/components/schemas/Image"},
+                                             {"type": "object", "properties": {"signal_type": {"type": "string"},
+                                                                               "distance": {"type": "integer"}}}]}}}}]},
                 "FlagBody": {"type": "object", "additionalProperties": False, "properties": {
                     "reason": {"type": ["string", "null"], "maxLength": 2000},
                     "label": {"type": ["string", "null"], "maxLength": 200}}},

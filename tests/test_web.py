@@ -359,3 +359,34 @@ def test_sweep_suggests_a_threshold_and_shows_the_distribution(client):
     counts = [int(n) for n in re.findall(r'class="bar" data-n="(\d+)"', page.text)]
     wide = client.get(f"/clusters/{cid}/sweep?min_similarity=-1").text
     assert sum(counts) == len(re.findall(r'class="card image sweep-hit"', wide))  # every candidate is in a bar
+
+
+def test_bank_matches_show_on_the_search_and_image_pages_and_banks_switch(client, app):
+    from indexer.banks import Banks, NewEntry
+    from indexer.hashes import pdq_of
+    from tests.helpers import photo_image
+    store = app.extensions["flagmatch"].store
+    banks = Banks(store.catalog)
+    target = photo_image(77)
+    banks.create("NCMEC_TEST", source="test list")
+    banks.add("NCMEC_TEST", [NewEntry("pdq", pdq_of(np.asarray(target)).hash, external_id="case-9")])
+    sig = store.catalog.signals([5])[5]
+    banks.create("BENIGN", role="negative")
+    banks.add("BENIGN", [NewEntry("md5", sig.md5)])
+    csrf = token_of(client)
+    upload = encode(target.resize((480, 360)), "JPEG", quality=50)
+    r = client.post("/search", data={"csrf": csrf, "image": (io.BytesIO(upload), "q.jpg"), "k": "3"},
+                    content_type="multipart/form-data")
+    assert r.status_code == 200 and "Bank match" in r.text and "NCMEC_TEST" in r.text and "case-9" in r.text
+    page = client.get("/images/5").text
+    assert "Hash evidence" in page and sig.pdq.hash in page and "known benign" in page
+    r = client.get("/banks")
+    assert r.status_code == 200 and "NCMEC_TEST" in r.text and "test list" in r.text
+    r = client.post("/banks/NCMEC_TEST/switch", data={"csrf": csrf, "enabled": "0"})
+    assert r.status_code == 302 and not banks.get("NCMEC_TEST").enabled
+    assert client.post("/banks/NCMEC_TEST/switch", data={"enabled": "1"}).status_code == 403  # CSRF
+    r = client.post("/search", data={"csrf": csrf, "image": (io.BytesIO(upload), "q.jpg"), "k": "3"},
+                    content_type="multipart/form-data")
+    assert "No bank matched" in r.text
+    events = app.extensions["flagmatch"].audit.events(5, "bank:NCMEC_TEST")
+    assert [(e.action, e.actor) for e in events][:1] == [("bank_update", "rita")]

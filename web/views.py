@@ -10,6 +10,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
+from indexer.banks import Banks
 from flask import (Blueprint, Response, abort, current_app, flash, jsonify, redirect, render_template, request,
                    session, url_for)
 
@@ -371,11 +372,13 @@ def image(image_id: int) -> str:
     r = rt()
     rec = r.store.catalog.get(image_id)
     cl = rt().clusters.lookup([image_id]).get(image_id)
-    near_flagged, near_all = [], []
+    near_flagged, near_all, evidence = [], [], None
     if r.service is not None and not rec.deleted:
-        near_flagged = r.service.search_ids([image_id], SearchParams(k=12, scope="flagged")).results[0].hits
+        flagged = r.service.search_ids([image_id], SearchParams(k=12, scope="flagged")).results[0]
+        near_flagged, evidence = flagged.hits, flagged.evidence
         near_all = r.service.search_ids([image_id], SearchParams(k=12, scope="all")).results[0].hits
-    return render_template("image.html", rec=rec, cluster=cl, near_flagged=near_flagged, near_all=near_all)
+    return render_template("image.html", rec=rec, cluster=cl, near_flagged=near_flagged, near_all=near_all,
+                           evidence=evidence)
 
 
 @bp.post("/images/<int:image_id>/delete")
@@ -406,6 +409,22 @@ def search_page() -> Any:
             except FlagmatchError as exc:
                 error = exc.message
     return render_template("search.html", result=result, error=error), (400 if error else 200)
+
+
+@bp.get("/banks")
+def banks_page() -> str:
+    """The hash banks: source, role, threshold, size, and the switch (audited)."""
+    return render_template("banks.html", banks=Banks(rt().store.catalog).list())
+
+
+@bp.post("/banks/<name>/switch")
+def switch_bank(name: str) -> Response:
+    enabled = request.form.get("enabled") == "1"
+    b = Banks(rt().store.catalog).update(name, enabled=enabled)
+    rt().audit.record(actor(), "bank_update", f"bank:{b.name}", enabled=enabled)
+    flash(f"Bank {b.name} {'enabled' if enabled else 'disabled'}: it {'matches' if enabled else 'no longer matches'}"
+          f" from the next search on.")
+    return redirect(url_for("viewer.banks_page"))
 
 
 @bp.get("/audit")

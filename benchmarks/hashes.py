@@ -1,0 +1,242 @@
+"""Hashes: what PDQ costs at ingest, how fast bank lookups are at 1M and 10M banked hashes, what a hash
+costs in memory, and where PDQ and the embedding each find re-uploads.
+
+1. **Cost at ingest.** On a sample of the match benchmark's corpus (real photos and clipart from
+   ``make-corpus``), single-threaded: decode + thumbnail without PDQ, the PDQ part alone (the same decode
+   with PDQ, minus without), and the model per image (``opennsfw``, batches of 32). PDQ's share of the
+   end-to-end CPU per image is PDQ ÷ (decode + PDQ + model).
+2. **Lookups.** ``indexer.hash_index.PdqIndex`` (the class the server uses, with its per-query catch-up
+   read of the catalog) filled with N random banked hashes, flat and multi-index hashing; queries are
+   banked hashes with 8–30 of 256 bits flipped (must be found) and random hashes (must find nothing),
+   radius 31. p50 / p99 over single-hash lookups; memory per hash from the process's RSS growth and the
+   saved file's size.
+3. **PDQ vs embedding.** The match benchmark's originals, distractors and edited queries
+   (``benchmarks/match.py``, same seed): PDQ R@1 (the nearest corpus hash is the original's) and the share
+   matched within 31 bits, beside the embedding's R@1 / R@10 from ``results/match.json``.
+
+    python benchmarks/hashes.py [--sizes 1000000,10000000] [--sample 200]
+
+Run it from the repository root. Results: benchmarks/results/hashes.{json,md}."""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common import OUT, ROOT, machine, median, percentile, run_child, table, write
+
+
+def rss_mib() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**20
+
+
+def cpu_ms(fn, *args, **kw) -> tuple[float, Any]:  # type: ignore[no-untyped-def]
+    t = time.thread_time()
+    out = fn(*args, **kw)
+    return (time.thread_time() - t) * 1000, out
+
+
+# ------------------------------------------------------------------ 1. cost at ingest
+
+def ingest_cost(files: list[Path]) -> dict[str, Any]:
+    from indexer.decode import DecodeLimits, decode
+    from indexer.embed import load_model
+    emb = load_model("opennsfw")
+    limits = DecodeLimits(max_pixels=300_000_000, max_bytes=4 << 30, timeout_s=120)
+    plain, with_pdq, pixels = [], [], []
+    for p in files:
+        data = p.read_bytes()
+        a, _ = cpu_ms(decode, data, emb.info.input, limits, thumb_size=256, pdq=False)
+        b, img = cpu_ms(decode, data, emb.info.input, limits, thumb_size=256, pdq=True)
+        plain.append(a)
+        with_pdq.append(b)
+        pixels.append(img.pixels)
+    t = time.process_time()
+    for i in range(0, len(pixels), 32):
+        emb.embed(np.stack(pixels[i:i + 32]))
+    model = (time.process_time() - t) * 1000 / len(pixels)
+    pdq = [max(0.0, b - a) for a, b in zip(plain, with_pdq)]
+    decode_ms, pdq_ms = float(np.mean(plain)), float(np.mean(pdq))
+    return {"images": len(files), "decode_thumb_ms": decode_ms, "pdq_ms": pdq_ms, "pdq_ms_median": median(pdq),
+            "model_cpu_ms": model, "pdq_share": pdq_ms / (decode_ms + pdq_ms + model)}
+
+
+# ------------------------------------------------------------------ 2. lookups
+
+def lookups(n: int, kind: str, queries: int = 1000, seed: int = 0) -> dict[str, Any]:
+    from indexer.catalog import Catalog
+    from indexer.hash_index import PdqIndex
+    rng = np.random.default_rng(seed)
+    with tempfile.TemporaryDirectory() as d:
+        catalog = Catalog(f"sqlite:///{d}/c.sqlite")
+        idx = PdqIndex(Path(d) / "p.faissb", catalog, "pdq:bench", lambda after, limit: [], kind=kind)
+        r0 = rss_mib()
+        t = time.perf_counter()
+        codes_kept = None
+        for start in range(0, n, 1_000_000):
+            m = min(1_000_000, n - start)
+            codes = rng.integers(0, 256, (m, 32), dtype=np.uint8)
+            if codes_kept is None:
+                codes_kept = codes[: queries].copy()
+            idx.index.add_with_ids(codes, np.arange(start + 1, start + m + 1, dtype=np.int64))
+            del codes
+        build_s = time.perf_counter() - t
+        mem = rss_mib() - r0
+        assert codes_kept is not None
+        near = np.unpackbits(codes_kept, axis=1)
+        flips = rng.integers(8, 31, len(near))
+        for row, f in zip(near, flips):
+            row[rng.choice(256, int(f), replace=False)] ^= 1
+        near_hex = [bytes(r).hex() for r in np.packbits(near, axis=1)]
+        far_hex = [bytes(r).hex() for r in rng.integers(0, 256, (queries, 32), dtype=np.uint8)]
+        idx.search(near_hex[:5], 31)  # warm
+        lat, found, false = [], 0, 0
+        for i, h in enumerate(near_hex):
+            t = time.perf_counter()
+            hits = idx.search([h], 31)[0]
+            lat.append((time.perf_counter() - t) * 1000)
+            found += any(x.id == i + 1 for x in hits)
+        for h in far_hex:
+            t = time.perf_counter()
+            false += len(idx.search([h], 31)[0])
+            lat.append((time.perf_counter() - t) * 1000)
+        t = time.perf_counter()
+        idx.save()
+        save_s = time.perf_counter() - t
+        file_bytes = (Path(d) / "p.faissb").stat().st_size
+        catalog.close()
+    return {"n": n, "kind": kind, "build_s": build_s, "save_s": save_s, "p50_ms": median(lat),
+            "p99_ms": percentile(lat, 99), "recall": found / len(near_hex), "false_hits": false,
+            "rss_bytes_per_hash": mem * 2**20 / n, "file_bytes_per_hash": file_bytes / n}
+
+
+# ------------------------------------------------------------------ 3. PDQ vs embedding
+
+def pdq_vs_embedding(corpus: Path, work: Path, originals_n: int, distractors_n: int, seed: int) -> dict[str, Any]:
+    import match
+    from indexer.decode import DecodeLimits, InputSpec, decode
+    from indexer.hashes import pdq_codes
+    limits = DecodeLimits(max_pixels=300_000_000, max_bytes=4 << 30, timeout_s=120)
+    files = sorted(p for p in corpus.rglob("*") if p.suffix.lower() in (".jpg", ".png"))
+    rng = random.Random(seed)
+    rng.shuffle(files)
+    originals = files[:originals_n]
+    corpus_files = files[: originals_n + distractors_n]
+    queries = match.make_queries(originals, work / "queries", seed)
+
+    def pdq(path: Path) -> tuple[str, int]:
+        img = decode(path.read_bytes(), InputSpec(224), limits, thumb_size=0)
+        assert img.pdq is not None
+        return img.pdq.hash, img.pdq.quality
+
+    t = time.perf_counter()
+    stored = [pdq(p) for p in corpus_files]
+    print(f"hashed {len(stored)} corpus images in {time.perf_counter() - t:.0f} s", flush=True)
+    bits = np.unpackbits(pdq_codes(h for h, _ in stored), axis=1).astype(np.int16)
+    usable = np.array([q >= 50 for _, q in stored])
+    emb = json.loads((OUT / "match.json").read_text()) if (OUT / "match.json").exists() else None
+    out: dict[str, Any] = {"originals": len(originals), "corpus": len(corpus_files),
+                           "low_quality_share": float(1 - usable.mean()), "edits": {}}
+    for name, (title, _) in match.TRANSFORMS.items():
+        r1 = within = false = 0
+        for i, qpath in enumerate(queries[name]):
+            h, q = pdq(qpath)
+            if q < 50 or not usable[i]:
+                continue
+            qb = np.unpackbits(pdq_codes([h]), axis=1).astype(np.int16)
+            d = np.where(usable, (bits != qb).sum(axis=1), 999)
+            r1 += int(np.argmin(d) == i)
+            within += int(d[i] <= 31)
+            false += int((np.delete(d, i) <= 31).any())
+        n = len(queries[name])
+        row = {"title": title, "pdq_r1": r1 / n, "pdq_within_31": within / n, "pdq_false_match": false / n}
+        if emb is not None:
+            default = emb["search"].get("default: matching space + views", {}).get(name)
+            if default:
+                row["embedding_r1"], row["embedding_r10"] = default["r1"], default["r10"]
+        out["edits"][name] = row
+        print(name, row, flush=True)
+    return out
+
+
+def markdown(res: dict[str, Any]) -> str:
+    md = [f"Hashes on {res['machine']}.", ""]
+    c = res.get("ingest")
+    if c:
+        md += [f"PDQ at ingest ({c['images']} corpus images, single thread, CPU time per image): decode + thumbnail "
+               f"{c['decode_thumb_ms']:.1f} ms, PDQ {c['pdq_ms']:.1f} ms (median {c['pdq_ms_median']:.1f}), model "
+               f"(opennsfw) {c['model_cpu_ms']:.1f} ms: PDQ is **{100 * c['pdq_share']:.1f} %** of the end-to-end "
+               "CPU per image.", ""]
+    if res.get("lookups"):
+        md += ["Bank lookups (`PdqIndex.search`, one hash, radius 31; random banked hashes; 1,000 near and 1,000 "
+               "random queries):", ""]
+        md.append(table(["banked hashes", "structure", "p50 (ms)", "p99 (ms)", "recall ≤ 31 bits", "false hits",
+                         "RSS / hash (B)", "file / hash (B)", "build (s)"],
+                        [[f"{r['n']:,}", r["kind"], r["p50_ms"], r["p99_ms"], r["recall"], r["false_hits"],
+                          round(r["rss_bytes_per_hash"]), round(r["file_bytes_per_hash"]), r["build_s"]]
+                         for r in res["lookups"]]))
+        md.append("")
+    v = res.get("versus")
+    if v:
+        md += [f"PDQ vs the embedding on the match benchmark's edits ({v['originals']} originals among {v['corpus']} "
+               f"corpus images; {100 * v['low_quality_share']:.1f} % of corpus hashes are below quality 50 and never "
+               "match). PDQ R@1: the nearest corpus hash is the original's; within 31: the original is a PDQ match; "
+               "false match: some other corpus image is within 31 bits. Embedding: the default pipeline "
+               "(`results/match.json`).", ""]
+        md.append(table(["edit", "PDQ R@1", "PDQ within 31", "PDQ false match", "embedding R@1", "embedding R@10"],
+                        [[r["title"], r["pdq_r1"], r["pdq_within_31"], r["pdq_false_match"],
+                          r.get("embedding_r1", "—"), r.get("embedding_r10", "—")] for r in v["edits"].values()]))
+    return "\n".join(md)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="1000000,10000000")
+    ap.add_argument("--kinds", default="flat,mih")
+    ap.add_argument("--sample", type=int, default=200, help="corpus images for the ingest cost")
+    ap.add_argument("--corpus", default="/tmp/fm-match-corpus")
+    ap.add_argument("--work", default="/tmp/fm-bench-match")
+    ap.add_argument("--originals", type=int, default=300)
+    ap.add_argument("--distractors", type=int, default=3000)
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: ingest, lookups, versus")
+    ap.add_argument("--child-lookup", nargs=2, metavar=("N", "KIND"), help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child_lookup:  # one lookup configuration in a fresh process, so its RSS growth is the index's
+        print(json.dumps(lookups(int(a.child_lookup[0]), a.child_lookup[1])))
+        return
+    skip = set(filter(None, a.skip.split(",")))
+    corpus = Path(a.corpus)
+    if not corpus.exists() and not {"ingest", "versus"} <= skip:
+        import subprocess
+        import sys
+        subprocess.run([sys.executable, str(ROOT.parent / "shared" / "corpus" / "make-corpus"), str(corpus),
+                        "--photos", "1800", "--clipart", "1700", "--seed", str(a.seed)], check=True)
+    print(machine(), flush=True)
+    res: dict[str, Any] = {"machine": machine()}
+    if "ingest" not in skip:
+        files = sorted(p for p in corpus.rglob("*") if p.suffix.lower() in (".jpg", ".png"))
+        random.Random(a.seed + 1).shuffle(files)
+        res["ingest"] = ingest_cost(files[: a.sample])
+        print(res["ingest"], flush=True)
+    if "lookups" not in skip:
+        res["lookups"] = []
+        for n in (int(s) for s in a.sizes.split(",")):
+            for kind in a.kinds.split(","):
+                r, _ = run_child([__file__, "--child-lookup", str(n), kind])
+                print(r, flush=True)
+                res["lookups"].append(r)
+    if "versus" not in skip:
+        res["versus"] = pdq_vs_embedding(corpus, Path(a.work), a.originals, a.distractors, a.seed)
+    write("hashes", res, markdown(res))
+
+
+if __name__ == "__main__":
+    main()
