@@ -100,10 +100,10 @@ class Settings:
     use_gpu: str = setting("auto", "FAISS on the GPU: auto (when faiss-gpu sees one), on or off", "index")
     pdq_threshold: int = setting(31, "PDQ distance (bits of 256) within which a stored image matches a query's "
                                  "hash; each bank has its own threshold", "index")
-    pdq_index: str = setting("auto", "PDQ binary index: flat (exhaustive, 32 bytes a hash), mih (multi-index "
-                             "hashing, faster past a few million, ~9x the memory) or auto", "index")
-    pdq_mih_min: int = setting(2_000_000, "with pdq_index auto, hashes from which multi-index hashing is used",
-                               "index")
+    pdq_index: str = setting("auto", "PDQ binary index: flat (exhaustive, ~41 bytes a hash), mih (multi-index "
+                             "hashing as HMA does, ~6-9x the memory) or auto (flat below --pdq-mih-min)", "index")
+    pdq_mih_min: int = setting(100_000_000, "with pdq_index auto, hashes from which multi-index hashing is used "
+                               "(measured: flat answers faster up to 10M, see benchmarks/hashes.py)", "index")
     # -- server
     host: str = setting("127.0.0.1", "address `serve` listens on", "server")
     port: int = setting(8080, "port `serve` listens on", "server")

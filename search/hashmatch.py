@@ -66,7 +66,7 @@ class HashEvidence:
 
 class HashMatcher:
     def __init__(self, store: Store, *, image_threshold: int = PDQ_DEFAULT_THRESHOLD, index_kind: str = "auto",
-                 mih_min: int = 2_000_000) -> None:
+                 mih_min: int = 100_000_000) -> None:
         self.store = store
         self.banks = Banks(store.catalog)
         self.image_threshold = image_threshold

@@ -129,6 +129,13 @@ def test_a_list_exported_by_threatexchange_matches_transformed_uploads_of_images
     assert m.signal == pdq_from_bytes(originals[1].read_bytes())[0]
     assert res[0].query.known_id is None  # never ingested: the bank alone knew it
     assert not res[1].evidence.matched and res[1].evidence.bank_matches == []
+    # the CLI prints the same evidence under the neighbours
+    q = tmp_path / "copy.jpg"
+    q.write_bytes(uploads[0][1])
+    r = CliRunner(env=clean_env()).invoke(main, ["search", str(q), "--scope", "all", "--home", str(settings.home_path),
+                                                 "--model", str(settings.model)])
+    assert r.exit_code == 0, r.output
+    assert f"BANK MATCH: bank PEER entry {m.entry_id}" in r.output and f"distance {m.distance} ≤ 31" in r.output
 
 
 def test_flagmatch_export_is_read_by_threatexchange(svc, settings, store, photos, tmp_path):
@@ -325,6 +332,32 @@ def test_pdq_index_is_saved_caught_up_and_rebuilt_when_corrupt(svc, settings, st
     assert m3.bank_index.ntotal == 110
     hits = m3.bank_index.search([f"{5:064x}"], 1)[0]
     assert {h.distance for h in hits} <= {0, 1} and any(h.distance == 0 for h in hits)
+
+
+def test_multi_index_hashing_finds_exactly_what_the_exhaustive_index_finds(store, tmp_path):
+    from indexer.hash_index import PdqIndex
+    rng = np.random.default_rng(3)
+    stored = [bytes(r).hex() for r in rng.integers(0, 256, (3000, 32), dtype=np.uint8)]
+    rows = [(i + 1, h) for i, h in enumerate(stored)]
+
+    def source(after: int, limit: int) -> list[tuple[int, str]]:
+        return [r for r in rows if r[0] > after][:limit]
+    bits = np.unpackbits(np.frombuffer(bytes.fromhex("".join(stored[:200])), np.uint8).reshape(200, 32), axis=1)
+    for row in bits:
+        row[rng.choice(256, int(rng.integers(0, 40)), replace=False)] ^= 1
+    queries = [bytes(r).hex() for r in np.packbits(bits, axis=1)]
+    flat = PdqIndex(tmp_path / "f.faissb", store.catalog, "pdq:t-flat", source, kind="flat")
+    mih = PdqIndex(tmp_path / "m.faissb", store.catalog, "pdq:t-mih", source, kind="mih")
+    assert not flat.is_mih and mih.is_mih
+    for radius in (0, 15, 31):
+        a = [[(h.id, h.distance) for h in r] for r in flat.search(queries, radius)]
+        assert a == [[(h.id, h.distance) for h in r] for r in mih.search(queries, radius)]
+        assert all(d <= radius for r in a for _, d in r)
+    assert sum(any(i == n + 1 for i, _ in r) for n, r in enumerate(a)) == sum(
+        pdq_distance(q, stored[n]) <= 31 for n, q in enumerate(queries))
+    mih.save()
+    again = PdqIndex(tmp_path / "m.faissb", store.catalog, "pdq:t-mih", source, kind="mih")
+    assert again.is_mih and again.ntotal == 3000
 
 
 def test_backfill_hashes_an_old_store_and_records_what_it_cannot_read(svc, settings, store, photos):
