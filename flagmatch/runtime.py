@@ -16,7 +16,7 @@ from indexer.audit import AuditLog
 from indexer.embed import Embedder, SerialEmbedder
 from indexer.errors import FlagmatchError
 from search.auth import TokenSet
-from search.sessions import SessionStore
+from search.sessions import RequestLedger, SessionStore
 from search.service import SearchService
 
 if TYPE_CHECKING:
@@ -36,6 +36,7 @@ class Runtime:
         self.clusters = ClusterStore(self.store)
         self.sessions = SessionStore(self.store.catalog.engine, idle=dt.timedelta(minutes=settings.session_idle),
                                      absolute=dt.timedelta(hours=settings.session_max))
+        self.requests = RequestLedger(self.store.catalog.engine)  # idempotent writes
         self.embedder = embedder
         self.index: VectorIndex | None = None
         self.service: SearchService | None = None

@@ -84,3 +84,44 @@ class SessionStore:
         with self.engine.begin() as c:
             c.execute(update(SessionRow).where(SessionRow.id_sha256 == _key(session_id), SessionRow.ended_at.is_(None))
                       .values(ended_at=now or utcnow(), end_reason=reason))
+
+
+class RequestRow(SessionBase):
+    """A write request's id (the viewer's forms and ``Idempotency-Key`` on the API): claimed before the
+    action runs, so a double submit — two clicks, a retried POST, two racing requests — is one action."""
+    __tablename__ = "write_requests"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)  # sha256 of actor + request id
+    actor: Mapped[str] = mapped_column(String(200))
+    at: Mapped[dt.datetime] = mapped_column(DateTime)
+
+
+class RequestLedger:
+    """Claim a request id once. A claim is released when its action fails, so the same form can be sent again."""
+
+    KEEP = dt.timedelta(days=2)
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        create_tables(SessionBase.metadata, engine)
+
+    @staticmethod
+    def _key(actor: str, request_id: str) -> str:
+        return hashlib.sha256(f"{actor}\x00{request_id}".encode("utf-8", "replace")).hexdigest()
+
+    def claim(self, actor: str, request_id: str) -> bool:
+        """True for the first claim of (actor, request id); False when it was claimed already."""
+        from sqlalchemy.exc import IntegrityError
+        now = utcnow()
+        try:
+            with self.engine.begin() as c:
+                c.execute(RequestRow.__table__.insert().values(key=self._key(actor, request_id), actor=actor, at=now))
+        except IntegrityError:
+            return False
+        if secrets.randbelow(200) == 0:  # now and then, forget claims nobody can still be retrying
+            with self.engine.begin() as c:
+                c.execute(RequestRow.__table__.delete().where(RequestRow.at < now - self.KEEP))
+        return True
+
+    def release(self, actor: str, request_id: str) -> None:
+        with self.engine.begin() as c:
+            c.execute(RequestRow.__table__.delete().where(RequestRow.key == self._key(actor, request_id)))

@@ -19,7 +19,18 @@ def render(path: Path, *, blur: bool, grey: bool) -> bytes:
 @lru_cache(maxsize=4096)
 def _rendered(path: str, blur: bool, grey: bool, mtime: float) -> bytes:
     with Image.open(path) as src:
-        im = src.convert("RGB")
+        return _filtered(src.convert("RGB"), blur, grey)
+
+
+def render_bytes(webp: bytes, *, blur: bool, grey: bool) -> bytes:
+    """The same for a thumbnail held in memory (a search's query, never stored)."""
+    if not blur and not grey:
+        return webp
+    with Image.open(io.BytesIO(webp)) as src:
+        return _filtered(src.convert("RGB"), blur, grey)
+
+
+def _filtered(im: Image.Image, blur: bool, grey: bool) -> bytes:
     if blur:
         im = im.filter(ImageFilter.GaussianBlur(radius=max(6, max(im.size) // 14)))
     if grey:

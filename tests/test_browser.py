@@ -78,20 +78,24 @@ def test_moderator_journey(server, page):
     assert page.locator("figure.thumb").nth(1).locator("button.reveal").count() == 1  # only one revealed
     page.shot("03-cluster-revealed")
 
-    # name the cluster
+    # name, label and confirm the cluster in one decision, in place: no page load
+    navigations: list[str] = []
+    page.on("framenavigated", lambda f: navigations.append(f.url) if f == page.main_frame else None)
     page.fill("#decision-form input[name=name]", "Beach set")
     page.select_option("#decision-form select[name=label]", "adult_nudity")
     page.select_option("#decision-form select[name=reason_code]", "matches_policy")
-    with page.expect_navigation():
-        page.click("#decision-form button:has-text('Confirm')")
-    assert "Beach set" in page.locator("h1").inner_text() and "confirmed" in page.locator("p.meta").inner_text()
+    page.click("#decision-form button:has-text('Confirm')")
+    expect(page.locator("#cluster-status")).to_have_text("confirmed")
+    assert "Beach set" in page.locator("h1").inner_text() and navigations == []
 
-    # unflag one member as a false positive
+    # unflag one member as a false positive, in place: the tile says so at once
     page.locator("form.members input.pick").first.check()
     page.fill("form.members input[name=reason]", "not unsafe: a beach ball")
-    with page.expect_navigation():
-        page.click("button:has-text('Unflag selected')")
-    assert "Unflagged 1 image(s)." in page.locator(".flash").inner_text()
+    page.click("button:has-text('Unflag selected')")
+    expect(page.locator(".flash")).to_contain_text("Unflagged 1 image(s).")
+    expect(page.locator("form.members .card.image").first).to_have_class(re.compile("is-unflagged"))
+    expect(page.locator("form.members .card.image").first.locator(".flagstate")).to_have_text("not flagged")
+    assert navigations == []
     page.shot("04-cluster-after-unflag")
 
     # sweep the corpus for more like it, flag what we pick
@@ -129,6 +133,11 @@ def test_moderator_journey(server, page):
     page.wait_for_url("**/selection")
     assert page.locator(".card.image").count() == 60
     page.shot("07-selection")
+    page.click("header button[name=blur]")  # toggling blur here once answered a raw 405 page
+    expect(page.locator("header button[name=blur]")).to_have_text("Blur: off")
+    assert page.locator(".card.image").count() == 60 and "/selection" in page.url
+    page.click("header button[name=blur]")
+    expect(page.locator("header button[name=blur]")).to_have_text("Blur: on")
 
     # search by uploading a file
     query = root / "query.jpg"
@@ -137,7 +146,14 @@ def test_moderator_journey(server, page):
     page.set_input_files("#search-file", str(query))
     with page.expect_navigation():
         page.click("#search-form button")
-    assert page.locator(".card.image.hit").count() >= 5
+    hits = page.locator(".card.image.hit").count()
+    assert hits >= 5 and page.locator(".query-thumb img").count() == 1
+    assert page.locator("select[name=scope]").input_value() == "flagged"
+    page.click("header button[name=grey]")  # greyscale once threw the results away
+    expect(page.locator("header button[name=grey]")).to_have_text("Greyscale: on")
+    assert page.locator(".card.image.hit").count() == hits and "grey" in (page.locator("body").get_attribute("class") or "")
+    page.click("header button[name=grey]")
+    expect(page.locator("header button[name=grey]")).to_have_text("Greyscale: off")
     page.shot("08-search")
 
     # an image page
@@ -149,4 +165,50 @@ def test_moderator_journey(server, page):
     audit = page.locator("table.audit").inner_text()
     assert "reveal" in audit and "unflag" in audit and "flag" in audit and "cluster_confirmed" in audit
     page.shot("10-audit")
+    assert not page.problems, page.problems
+
+
+def test_selection_keyboard_and_double_submits(server, page):
+    """Runs after the journey (same signed-in page): select all N, shift ranges, keys, one action per
+    double click, Enter in an empty reason box."""
+    base, _root = server
+    page.goto(base + "/clusters")
+    page.locator("article.card.cluster[data-cluster] h2 a").nth(1).click()
+    page.wait_for_url("**/clusters/*")
+    total = page.locator("form.members").get_attribute("data-total")
+    page.click("button.select-every")
+    expect(page.locator(".selected-count").first).to_have_text(f"{total} selected")
+    page.click("button.select-none")
+    expect(page.locator(".selected-count").first).to_have_text("0 selected")
+    picks = page.locator("form.members input.pick")
+    picks.nth(0).click()
+    picks.nth(4).click(modifiers=["Shift"])
+    expect(page.locator(".selected-count").first).to_have_text("5 selected")
+    assert all(picks.nth(i).is_checked() for i in range(5)) and not picks.nth(5).is_checked()
+    # selected cards are highlighted
+    outline = page.locator("form.members .card.image").first.evaluate("e => getComputedStyle(e).outlineStyle")
+    assert outline == "solid"
+    page.click("button.select-none")
+    page.locator("h1").click()
+    page.keyboard.press("j")
+    page.keyboard.press("j")
+    page.keyboard.press("x")
+    expect(page.locator(".selected-count").first).to_have_text("1 selected")
+    assert picks.nth(1).is_checked()
+    # the selection survives leaving and coming back
+    url = page.url
+    page.goto(base + "/clusters")
+    page.goto(url)
+    expect(page.locator(".selected-count").first).to_have_text("1 selected")
+    # Enter in an empty reason box: nothing is sent, no error page
+    page.locator("form.members input[name=reason]").press("Enter")
+    assert page.url == url and page.locator("h1").count() == 1
+    # a double click on "Unflag selected" is one action
+    page.fill("form.members input[name=reason]", "false positive")
+    page.dblclick("button:has-text('Unflag selected')")
+    expect(page.locator(".flash")).to_contain_text("Unflagged 1 image(s).")
+    page.wait_for_timeout(500)
+    page.goto(base + "/audit?action=unflag")
+    rows = page.locator("table.audit tbody tr").all_inner_texts()
+    assert sum("false positive" in r for r in rows) == 1, rows
     assert not page.problems, page.problems

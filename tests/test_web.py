@@ -50,7 +50,9 @@ def test_pages_need_a_login(app):
         r = c.get(path)
         assert r.status_code == 302 and "/login" in r.headers["Location"], path
     assert c.get("/api/v1/images/1/thumbnail").status_code == 401  # thumbnails need the session or a token
-    assert c.post("/images/unflag", data={"ids": "1"}).status_code == 401
+    r = c.post("/images/unflag", data={"ids": "1", "reason": "typed before the session ended"})
+    assert r.status_code == 303 and "/login" in r.headers["Location"]  # nothing done; the form is kept (below)
+    assert c.post("/images/unflag", data=b"ids=1", content_type="application/octet-stream").status_code == 401
     assert login(c, "wrong").status_code == 401
     page = c.get("/login")
     assert c.post("/login", data={"token": TOKEN}).status_code == 403  # login form needs its CSRF token too
@@ -180,7 +182,7 @@ def test_selection_image_and_search_pages(client):
     assert client.get("/images/999999").status_code == 404
     data = {"csrf": csrf, "image": (io.BytesIO(encode(drawn_image(1000), "JPEG")), "q.jpg"), "k": "5"}
     r = client.post("/search", data=data, content_type="multipart/form-data")
-    assert r.status_code == 200 and r.text.count('class="card image hit"') == 5
+    assert r.status_code == 200 and r.text.count('class="card image hit ') == 5
     r = client.post("/search", data={"csrf": csrf, "image": (io.BytesIO(b"not an image"), "x.txt")},
                     content_type="multipart/form-data")
     assert r.status_code == 400 and "not an image format" in r.text
@@ -390,3 +392,73 @@ def test_bank_matches_show_on_the_search_and_image_pages_and_banks_switch(client
     assert "No bank matched" in r.text
     events = app.extensions["flagmatch"].audit.events(5, "bank:NCMEC_TEST")
     assert [(e.action, e.actor) for e in events][:1] == [("bank_update", "rita")]
+
+
+def test_a_request_id_makes_a_repeated_or_racing_form_one_action(client, app):
+    csrf = token_of(client)
+    rt = app.extensions["flagmatch"]
+    form = {"csrf": csrf, "ids": "3", "reason": "fp", "request_id": "req-1", "next": "/clusters"}
+    r1 = client.post("/images/unflag", data=form)
+    r2 = client.post("/images/unflag", data=form)
+    assert r1.status_code == 302 and r2.status_code == 302
+    assert "already done" in client.get("/clusters").text
+    assert len([e for e in rt.audit.events(50, "image:3") if e.action == "unflag"]) == 1
+    # a failed action releases its id: the corrected form goes through
+    bad = {"csrf": csrf, "ids": "", "reason": "fp", "request_id": "req-2"}
+    assert client.post("/images/flag", data=bad, headers={"Referer": "http://localhost/clusters"}).status_code == 303
+    assert client.post("/images/flag", data={**bad, "ids": "3"}).status_code == 302
+    assert rt.store.catalog.get(3).flagged
+    # the API: Idempotency-Key, a repeat is 409 and nothing happens twice
+    h = {"Authorization": f"Bearer {TOKEN}", "Idempotency-Key": "api-7"}
+    assert client.post("/api/v1/images/4/unflag", json={"reason": "fp"}, headers=h).status_code == 200
+    r = client.post("/api/v1/images/4/unflag", json={"reason": "fp"}, headers=h)
+    assert r.status_code == 409 and r.get_json()["error"]["code"] == "duplicate_request"
+
+
+def test_a_form_sent_after_the_session_ended_is_kept_through_sign_in(app):
+    from tests.conftest_web import login
+    c = app.test_client()
+    assert login(c).status_code == 302
+    page = c.get("/clusters/1")
+    csrf = csrf_of(page.text)
+    app.extensions["flagmatch"].sessions.end(None, "test")  # nothing: then end it for real
+    with c.session_transaction() as s:
+        sid = s["sid"]
+    app.extensions["flagmatch"].sessions.end(sid, "idle")
+    r = c.post("/images/unflag", data={"csrf": csrf, "ids": "1,2", "reason": "typed with care", "next": "/clusters/1"},
+               headers={"Referer": "http://localhost/clusters/1?page=1"})
+    assert r.status_code == 303 and "/login" in r.headers["Location"] and "next=" in r.headers["Location"]
+    assert app.extensions["flagmatch"].store.catalog.get(1).flagged  # nothing was done
+    page = c.get("/login")
+    r = c.post("/login", data={"csrf": csrf_of(page.text), "token": TOKEN, "next": "/clusters/1?page=1"})
+    assert r.status_code == 302 and r.headers["Location"] == "/clusters/1?page=1"
+    back = c.get("/clusters/1?page=1").text
+    assert 'id="pending-form"' in back and "typed with care" in back and "1,2" in back
+    assert 'id="pending-form"' not in c.get("/clusters/1").text  # filled in once
+
+
+def test_members_sort_select_all_and_form_errors_return_to_the_page(client, app):
+    cid = first_cluster(client)
+    rt = app.extensions["flagmatch"]
+    ids = client.get(f"/clusters/{cid}/ids").get_json()["ids"]
+    run = rt.clusters.current_run()
+    assert sorted(ids) == sorted(m.image_id for m in rt.clusters.members(run.id, cid))
+    page = client.get(f"/clusters/{cid}?sort=p_unsafe").text
+    shown = [int(x) for x in re.findall(r'class="card image [^"]*" data-id="(\d+)"', page)]
+    p = rt.store.catalog.get_many(shown)
+    assert [p[i].p_unsafe for i in shown] == sorted((p[i].p_unsafe for i in shown), reverse=True)
+    assert client.get(f"/clusters/{cid}?sort=bogus").status_code == 400
+    # a form that fails (nothing selected) goes back to its page with the message
+    r = client.post("/images/unflag", data={"csrf": token_of(client), "reason": "x"},
+                    headers={"Referer": f"http://localhost/clusters/{cid}"})
+    assert r.status_code == 303 and r.headers["Location"] == f"/clusters/{cid}"
+    assert "select at least one image" in client.get(f"/clusters/{cid}").text
+    # in-place requests get JSON
+    r = client.post("/images/unflag", data={"csrf": token_of(client), "ids": str(ids[0]), "reason": "x"},
+                    headers={"X-Requested-With": "fetch"})
+    assert r.status_code == 200 and r.get_json()["changed"] == [ids[0]] and r.get_json()["flagged"] is False
+    r = client.post("/images/unflag", data={"csrf": token_of(client), "reason": "x"}, headers={"X-Requested-With": "fetch"})
+    assert r.status_code == 400 and "select at least one" in r.get_json()["error"]["message"]
+    assert client.get("/selection").status_code == 200  # where Back and the blur toggle land
+    r = client.post("/preferences", data={"csrf": token_of(client), "grey": "on"}, headers={"X-Requested-With": "fetch"})
+    assert r.get_json() == {"blur": True, "grey": True}

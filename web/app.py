@@ -10,7 +10,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flask import Flask, Response, g, request, session
+from flask import Flask, Response, flash, g, redirect, request, session
 from werkzeug.exceptions import HTTPException, InternalServerError
 from werkzeug.routing import IntegerConverter
 
@@ -60,6 +60,36 @@ def install_edges(app: Flask, runtime: Runtime) -> None:
         g.session_actor = runtime.session_actor(sid)
         if sid and g.session_actor is None:
             session.clear()  # ended (signed out, token removed, idle, expired): the cookie is worth nothing
+
+    @app.before_request
+    def _once() -> Response | None:
+        """A write that carries a request id (the viewer's forms add one; API clients send
+        ``Idempotency-Key``) is done once: a repeat is answered without acting again."""
+        if request.method not in ("POST", "PUT", "DELETE", "PATCH"):
+            return None
+        rid = request.headers.get("Idempotency-Key") or (request.form.get("request_id") if request.mimetype in (
+            "application/x-www-form-urlencoded", "multipart/form-data") else None)
+        if not rid or not _REQUEST_ID.fullmatch(rid):
+            return None
+        token = runtime.tokens.from_header(request.headers.get("Authorization"))
+        who = runtime.tokens.actor(token) or g.get("session_actor")
+        if who is None:
+            return None  # not signed in: the route refuses it
+        if runtime.requests.claim(who, rid):
+            g.claimed = (who, rid)
+            return None
+        if _is_api():
+            return error(409, "duplicate_request", "a request with this Idempotency-Key was already processed")
+        flash("That was already done: the same form arrived twice, and was acted on once.")
+        nxt = request.form.get("next") or request.referrer or "/"
+        return redirect(nxt if nxt.startswith("/") and not nxt.startswith("//") else "/")
+
+    @app.after_request
+    def _release_failed(resp: Response) -> Response:
+        claimed = g.pop("claimed", None)
+        if claimed is not None and (resp.status_code >= 400 or g.pop("action_failed", False)):
+            runtime.requests.release(*claimed)  # it failed: the same form may be sent again
+        return resp
 
     @app.after_request
     def _echo_request_id(resp: Response) -> Response:

@@ -10,12 +10,13 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from indexer.banks import Banks
-from flask import (Blueprint, Response, abort, current_app, flash, jsonify, redirect, render_template, request,
+from flask import (Blueprint, Response, abort, current_app, flash, g, jsonify, redirect, render_template, request,
                    session, url_for)
 
 from clustering.review import Decision, decide_cluster, undo_decision
 from indexer.actions import delete_images, set_flags
+from indexer.banks import Banks
+from indexer.decode import DEFAULT_LIMITS
 from indexer.audit import parse_query
 from indexer.errors import FlagmatchError, InvalidInputError, NotFoundError
 from search.api import http_status
@@ -55,9 +56,11 @@ def _context() -> dict[str, Any]:
     if request.blueprint != "viewer":
         return {}
     settings = rt().settings
-    return {"csrf_token": csrf_token(), "actor": session_actor(), "blur": session.get("blur", True),
+    signed_in = session_actor()
+    pending = session.pop("pending", None) if signed_in and request.method == "GET" else None
+    return {"csrf_token": csrf_token(), "actor": signed_in, "blur": session.get("blur", True),
             "grey": session.get("grey", False), "review_labels": settings.review_labels,
-            "review_reasons": settings.review_reasons}
+            "review_reasons": settings.review_reasons, "pending": pending}
 
 
 @bp.before_request
@@ -67,6 +70,15 @@ def _guard() -> Response | None:
     if session_actor() is None:
         if request.method == "GET":
             return redirect(url_for("viewer.login", next=request.full_path.rstrip("?")))
+        if request.mimetype == "application/x-www-form-urlencoded":  # a form sent after the session ended
+            back = _local(request.referrer) or _local(request.form.get("next")) or url_for("viewer.clusters")
+            fields = {k: v[:2000] for k, v in request.form.items() if k not in ("csrf", "request_id")}
+            session.clear()  # (the cookie keeps what was typed, signed, until the form is filled in again)
+            if len(str(fields)) < 3000:
+                session["pending"] = {"action": request.path, "fields": fields,
+                                      "ids": request.form.getlist("ids")[:200]}
+            flash("Your session had ended. Sign in again: the form you were sending will be filled in as it was.")
+            return redirect(url_for("viewer.login", next=back), code=303)
         abort(401)
     if request.method == "POST":
         sent = request.form.get("csrf") or request.headers.get("X-CSRF-Token") or ""
@@ -76,8 +88,21 @@ def _guard() -> Response | None:
 
 
 @bp.errorhandler(FlagmatchError)
-def _domain_error(exc: FlagmatchError) -> tuple[str, int]:
+def _domain_error(exc: FlagmatchError) -> Any:
+    """A page that fails says why; a form that fails goes back to its page with the message (what was
+    chosen there is still in the browser), or answers JSON to the page's in-place requests."""
+    g.action_failed = True  # its request id may be sent again
+    if request.method == "POST" and _wants_json():
+        return jsonify({"error": {"code": exc.code, "message": exc.message}}), http_status(exc)
+    back = _local(request.referrer) if request.method == "POST" else None
+    if back is not None and http_status(exc) < 500:
+        flash(exc.message)
+        return redirect(back, code=303)
     return render_template("error.html", code=exc.code, message=exc.message), http_status(exc)
+
+
+def _wants_json() -> bool:
+    return request.headers.get("X-Requested-With") == "fetch"
 
 
 def _ids(values: list[str]) -> list[int]:
@@ -120,6 +145,17 @@ def _current_run() -> Any:
     return run
 
 
+def _local(url: str | None) -> str | None:
+    """``url`` as a path on this server (a referrer or a ``next`` field), or None when it points elsewhere."""
+    if not url:
+        return None
+    u = urlparse(url)
+    if u.netloc and u.netloc != request.host:
+        return None
+    path = u.path + (f"?{u.query}" if u.query else "")
+    return path if path.startswith("/") and not path.startswith("//") else None
+
+
 def _safe_next(default: str) -> str:
     nxt = request.form.get("next") or request.args.get("next") or default
     u = urlparse(nxt)
@@ -139,7 +175,10 @@ def login() -> Any:
         if found is not None:
             name, token_fingerprint = found
             nxt = _safe_next(url_for("viewer.clusters"))
+            pending = session.get("pending")  # a form the ended session was sending: filled in again on `nxt`
             session.clear()
+            if pending:
+                session["pending"] = pending
             session["sid"] = rt().sessions.open(name, token_fingerprint)
             session["csrf"], session["blur"] = secrets.token_urlsafe(32), True
             rt().audit.record(name, "login", "viewer")
@@ -165,6 +204,8 @@ def preferences() -> Response:
         audit.record(actor(), "blur_on" if session["blur"] else "blur_off", "session")
     if "grey" in request.form:
         session["grey"] = request.form["grey"] == "on"
+    if _wants_json():  # toggled in place: the page (search results, a posted selection) stays
+        return jsonify({"blur": session.get("blur", True), "grey": session.get("grey", False)})
     return redirect(_safe_next(url_for("viewer.clusters")))
 
 
@@ -211,18 +252,40 @@ def clusters() -> str:
                            page=page, pages=max(1, -(-total // CARDS)), total=total)
 
 
+MEMBER_SORTS = ("membership", "p_unsafe", "newest")
+
+
 def _member_page(run_id: int, cluster_id: int | None) -> dict[str, Any]:
     cstore = rt().clusters
     page = _int_arg("page", 1, 1, 10**6)
-    members = cstore.members(run_id, cluster_id, offset=(page - 1) * PAGE, limit=PAGE,
-                             outliers=None if cluster_id is None else False, outlier_cut=OUTLIER_CUT)
+    sort = request.args.get("sort", "membership")
+    if sort not in MEMBER_SORTS:
+        raise InvalidInputError(f"sort must be one of {', '.join(MEMBER_SORTS)}", code="bad_parameter")
+    kind = None if cluster_id is None else False
+    if sort == "membership":  # the store's own order, paged in SQL
+        members = cstore.members(run_id, cluster_id, offset=(page - 1) * PAGE, limit=PAGE, outliers=kind,
+                                 outlier_cut=OUTLIER_CUT)
+    else:  # every member's facts, sorted, then the page
+        every = cstore.members(run_id, cluster_id, outliers=kind, outlier_cut=OUTLIER_CUT)
+        facts = rt().store.catalog.get_many([m.image_id for m in every])
+        key = (lambda m: -facts[m.image_id].p_unsafe) if sort == "p_unsafe" else \
+            (lambda m: -facts[m.image_id].created_at.timestamp())
+        every = sorted((m for m in every if m.image_id in facts), key=key)
+        members = every[(page - 1) * PAGE:page * PAGE]
     outliers = [] if cluster_id is None else cstore.members(run_id, cluster_id, outliers=True,
                                                             outlier_cut=OUTLIER_CUT, limit=PAGE)
     total = cstore.count_members(run_id, cluster_id)
     recs = rt().store.catalog.get_many([m.image_id for m in members + outliers])
     return {"members": [(m, recs.get(m.image_id)) for m in members],
             "outliers": [(m, recs.get(m.image_id)) for m in outliers],
-            "page": page, "pages": max(1, -(-total // PAGE)), "total": total}
+            "page": page, "pages": max(1, -(-total // PAGE)), "total": total, "sort": sort}
+
+
+@bp.get("/clusters/<int:cluster_id>/ids")
+def cluster_ids(cluster_id: int) -> Response:
+    """Every member's id (outliers included): what "select all N" selects across pages."""
+    run = _current_run()
+    return jsonify({"ids": [m.image_id for m in rt().clusters.members(run.id, cluster_id)]})
 
 
 @bp.get("/clusters/<int:cluster_id>")
@@ -265,7 +328,14 @@ def decide(cluster_id: int) -> Response:
         name=request.form.get("name"), label=label, note=request.form.get("note")),
         actor=actor(), labels=r.settings.review_labels, reasons=r.settings.review_reasons)
     done = f"Cluster {cluster_id} {result.cluster.status}"
-    flash(done + (f"; {len(result.unflagged)} image(s) unflagged." if result.unflagged else ".") + " Undo is on its page.")
+    message = done + (f"; {len(result.unflagged)} image(s) unflagged." if result.unflagged else ".") + " Undo is on its page."
+    if _wants_json():  # the decision bar, in place
+        nxt = result.next_unreviewed
+        return jsonify({"message": message, "status": result.cluster.status, "name": result.cluster.name,
+                        "label": result.cluster.label, "reviewed_by": result.cluster.reviewed_by,
+                        "unflagged": sorted(result.unflagged),
+                        "next_url": url_for("viewer.cluster", cluster_id=nxt) if nxt is not None else None})
+    flash(message)
     if request.form.get("next") == "1":
         if result.next_unreviewed is None:
             flash("No unreviewed cluster left.")
@@ -291,6 +361,10 @@ def _set_flags(flag: bool) -> Response:
     label = (request.form.get("label") or "").strip()[:200] or None
     changed = set_flags(r.store, r.index, rt().audit, ids, flag=flag, actor=actor(), source="review",
                         reason=reason, label=label)
+    if _wants_json():
+        return jsonify({"changed": sorted(changed), "flagged": flag,
+                        "message": f"{'Flagged' if flag else 'Unflagged'} {len(changed)} image(s)." if changed else
+                        f"Nothing changed: the image(s) were already {'flagged' if flag else 'unflagged'}."})
     if changed:
         flash(f"{'Flagged' if flag else 'Unflagged'} {len(changed)} image(s).")
     else:
@@ -357,9 +431,9 @@ def map_data() -> Response:
     return resp
 
 
-@bp.post("/selection")
+@bp.route("/selection", methods=["GET", "POST"])
 def selection() -> str:
-    ids = _ids(request.form.getlist("ids"))[:5000]
+    ids = _ids(request.form.getlist("ids") if request.method == "POST" else request.args.getlist("ids"))[:5000]
     recs = rt().store.catalog.get_many(ids)
     lookup = rt().clusters.lookup(ids)
     return render_template("selection.html", items=[(recs[i], lookup.get(i)) for i in ids if i in recs])
@@ -393,7 +467,10 @@ def delete_image(image_id: int) -> Response:
 
 @bp.route("/search", methods=["GET", "POST"])
 def search_page() -> Any:
-    result, error = None, None
+    """Search by upload: the query (blurred as the session's thumbnails are) beside its hits, flagged and
+    unflagged hits told apart, the scope kept, and flag / unflag on the hits."""
+    result, error, preview = None, None, None
+    scope = request.form.get("scope", "flagged") if request.method == "POST" else "flagged"
     if request.method == "POST":
         r = rt()
         f = request.files.get("image")
@@ -404,11 +481,28 @@ def search_page() -> Any:
         else:
             try:
                 k = request.form.get("k", "20")
-                params = SearchParams(k=int(k) if k.isdigit() else 0, scope=request.form.get("scope", "flagged"))
-                result = r.service.search_uploads([(f.filename, f.read())], params).results[0]
+                params = SearchParams(k=int(k) if k.isdigit() else 0, scope=scope)
+                data = f.read()
+                result = r.service.search_uploads([(f.filename, data)], params).results[0]
+                preview = _query_preview(data)
             except FlagmatchError as exc:
                 error = exc.message
-    return render_template("search.html", result=result, error=error), (400 if error else 200)
+    return render_template("search.html", result=result, error=error, scope=scope, preview=preview,
+                           k=request.form.get("k", "20")), (400 if error else 200)
+
+
+def _query_preview(data: bytes) -> str | None:
+    """A data: URL of the uploaded query's thumbnail, blurred and greyed as the session's thumbnails are."""
+    import base64
+    from indexer.decode import InputSpec, decode
+    from search.thumbnails import render_bytes
+    try:
+        img = decode(data, InputSpec(64), rt().service.limits if rt().service else DEFAULT_LIMITS, thumb_size=192,
+                     pdq=False)
+    except FlagmatchError:
+        return None
+    webp = render_bytes(img.thumbnail, blur=bool(session.get("blur", True)), grey=bool(session.get("grey", False)))
+    return "data:image/webp;base64," + base64.b64encode(webp).decode()
 
 
 @bp.get("/banks")

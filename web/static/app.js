@@ -1,44 +1,296 @@
-// flagmatch viewer: reveal one thumbnail at a time (recorded), select-all, drop-to-search. No inline JS (CSP).
+// flagmatch viewer: reveal one thumbnail at a time (recorded), selections that survive paging, keyboard
+// review, decisions and flag changes in place, a request id on every form (the server acts on it once),
+// forms kept across an ended session, drop-to-search. No inline JS (CSP), no build step.
 "use strict";
 (function () {
   const csrf = () => document.querySelector('meta[name="csrf-token"]').content;
+  const $$ = (sel, root) => Array.from((root || document).querySelectorAll(sel));
+
+  function newId() {
+    const b = new Uint8Array(16);
+    crypto.getRandomValues(b);
+    return Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
+  }
+
+  function say(message, kind) {
+    const box = document.getElementById("flashes");
+    if (!box) return;
+    const p = document.createElement("p");
+    p.className = kind === "error" ? "flash error" : "flash";
+    p.textContent = message;
+    box.replaceChildren(p);
+  }
+
+  // ---------------------------------------------------------------- request ids: one action per form
+  function stamp(form) {
+    let input = form.querySelector('input[name="request_id"]');
+    if (!input) {
+      input = document.createElement("input");
+      input.type = "hidden";
+      input.name = "request_id";
+      form.appendChild(input);
+    }
+    input.value = newId();
+  }
+  $$('form[method="post"]').forEach(stamp);
+
+  // ---------------------------------------------------------------- selection (kept per page across paging)
+  const selForm = document.querySelector("form[data-selection]");
+  const selKey = selForm ? "flagmatch-selection:" + selForm.dataset.selection : null;
+  let selected = new Set();
+  if (selKey && selForm.dataset.selection !== "search") {
+    try { selected = new Set(JSON.parse(sessionStorage.getItem(selKey) || "[]")); } catch (e) { selected = new Set(); }
+  }
+  function saveSelection() {
+    if (selKey) sessionStorage.setItem(selKey, JSON.stringify(Array.from(selected)));
+    $$(".selected-count").forEach((el) => { el.textContent = selected.size + " selected"; });
+    $$("input.pick").forEach((b) => { b.checked = selected.has(b.value); });
+  }
+  const every = document.querySelector("button.select-every");
+  if (every && selForm && selForm.dataset.allUrl) {
+    every.hidden = false;
+    every.textContent = "Select all " + selForm.dataset.total;
+  }
+  saveSelection();
+
+  let lastPick = null;
+  document.addEventListener("click", (ev) => {
+    const box = ev.target.closest("input.pick");
+    if (!box) return;
+    const boxes = $$("input.pick");
+    if (ev.shiftKey && lastPick !== null) {  // a range: everything between the last box and this one
+      const a = boxes.indexOf(lastPick), b = boxes.indexOf(box);
+      boxes.slice(Math.min(a, b), Math.max(a, b) + 1).forEach((x) => {
+        if (box.checked) selected.add(x.value); else selected.delete(x.value);
+      });
+    } else if (box.checked) {
+      selected.add(box.value);
+    } else {
+      selected.delete(box.value);
+    }
+    lastPick = box;
+    saveSelection();
+  });
+
+  // ---------------------------------------------------------------- clicks: reveal, select page / all / none
+  async function reveal(btn) {
+    btn.disabled = true;
+    const resp = await fetch(btn.dataset.url, {method: "POST", headers: {"X-CSRF-Token": csrf()},
+                                               credentials: "same-origin"});
+    if (resp.ok) {
+      const {url} = await resp.json();
+      const img = btn.closest("figure").querySelector("img");
+      img.src = url;
+      img.classList.remove("blurred");
+      img.classList.add("revealed");
+      btn.remove();
+    } else {
+      btn.disabled = false;
+    }
+  }
 
   document.addEventListener("click", async (ev) => {
     const btn = ev.target.closest("button.reveal");
-    if (btn) {
-      ev.preventDefault();
-      btn.disabled = true;
-      const resp = await fetch(btn.dataset.url, {method: "POST", headers: {"X-CSRF-Token": csrf()},
-                                                 credentials: "same-origin"});
-      if (resp.ok) {
-        const {url} = await resp.json();
-        const img = btn.closest("figure").querySelector("img");
-        img.src = url;
-        img.classList.remove("blurred");
-        img.classList.add("revealed");
-        btn.remove();
-      } else {
-        btn.disabled = false;
-      }
+    if (btn) { ev.preventDefault(); await reveal(btn); return; }
+    if (ev.target.closest("button.select-all")) {
+      const boxes = $$("input.pick");
+      const on = boxes.some((b) => !selected.has(b.value));
+      boxes.forEach((b) => { if (on) selected.add(b.value); else selected.delete(b.value); });
+      saveSelection();
       return;
     }
-    const all = ev.target.closest("button.select-all");
-    if (all) {
-      const boxes = all.closest("form").querySelectorAll("input.pick");
-      const on = Array.from(boxes).some((b) => !b.checked);
-      boxes.forEach((b) => { b.checked = on; });
+    if (ev.target.closest("button.select-none")) { selected.clear(); saveSelection(); return; }
+    if (ev.target.closest("button.select-every")) {
+      const resp = await fetch(selForm.dataset.allUrl, {credentials: "same-origin"});
+      if (resp.ok) {
+        (await resp.json()).ids.forEach((i) => selected.add(String(i)));
+        saveSelection();
+      }
     }
   });
 
-  // a form is submitted once: a double click must not send the same decision twice
-  document.addEventListener("submit", (ev) => {
+  // ---------------------------------------------------------------- preferences in place (no navigation:
+  // search results and a posted selection stay on screen)
+  async function post(form, submitter) {
+    const body = new FormData(form);
+    if (submitter && submitter.name) body.set(submitter.name, submitter.value);
+    const action = (submitter && submitter.getAttribute("formaction")) || form.action;
+    const resp = await fetch(action, {method: "POST", body, credentials: "same-origin",
+                                      headers: {"X-Requested-With": "fetch", "X-CSRF-Token": csrf()}});
+    stamp(form);  // the next submit is a new action
+    return resp;
+  }
+
+  function refreshThumbs(blur, grey) {
+    document.body.classList.toggle("grey", grey);
+    $$("figure.thumb img").forEach((img) => {
+      if (img.classList.contains("revealed") || img.src.startsWith("data:")) return;
+      const u = new URL(img.src, location.href);
+      u.searchParams.set("v", Date.now());
+      img.src = u.toString();
+      img.classList.toggle("blurred", blur);
+    });
+  }
+
+  // ---------------------------------------------------------------- submits
+  document.addEventListener("submit", async (ev) => {
     const form = ev.target;
     if (form.method.toLowerCase() !== "post") return;
-    if (form.dataset.sent === "1") { ev.preventDefault(); return; }
+    if (form.dataset.sent === "1") { ev.preventDefault(); return; }  // a double click is one submit
+    const submitter = ev.submitter;
+
+    if (form.classList.contains("prefs")) {
+      ev.preventDefault();
+      const resp = await post(form, submitter);
+      if (resp.ok || resp.redirected) {
+        const blurBtn = form.querySelector('button[name="blur"]');
+        const greyBtn = form.querySelector('button[name="grey"]');
+        if (submitter === blurBtn) {
+          const nowBlur = blurBtn.value === "on";
+          blurBtn.value = nowBlur ? "off" : "on";
+          blurBtn.textContent = "Blur: " + (nowBlur ? "on" : "off");
+        } else if (submitter === greyBtn) {
+          const nowGrey = greyBtn.value === "on";
+          greyBtn.value = nowGrey ? "off" : "on";
+          greyBtn.textContent = "Greyscale: " + (nowGrey ? "on" : "off");
+        }
+        refreshThumbs(blurBtn.value === "off", greyBtn.value === "off");  // (reveal buttons come with the next page)
+      }
+      return;
+    }
+
+    const formaction = submitter && submitter.getAttribute("formaction");
+    const isFlagAction = formaction && /\/images\/(un)?flag$/.test(formaction);
+    if (isFlagAction) {
+      ev.preventDefault();
+      const ids = Array.from(selected);
+      if (!ids.length) { say("Select at least one image first.", "error"); return; }
+      const reason = form.querySelector('input[name="reason"]');
+      if (reason && reason.required && !reason.value.trim()) {
+        say("Give a reason first.", "error");
+        reason.focus();
+        return;
+      }
+      $$('input.pick', form).forEach((b) => { b.disabled = true; });  // the ids travel in one field
+      let hidden = form.querySelector('input[name="ids"][type="hidden"]');
+      if (!hidden) {
+        hidden = document.createElement("input");
+        hidden.type = "hidden";
+        hidden.name = "ids";
+        form.appendChild(hidden);
+      }
+      hidden.value = ids.join(",");
+      form.dataset.sent = "1";
+      const resp = await post(form, submitter);
+      form.dataset.sent = "";
+      $$('input.pick', form).forEach((b) => { b.disabled = false; });
+      hidden.remove();
+      const data = await resp.json().catch(() => ({}));
+      if (!resp.ok) { say((data.error && data.error.message) || "That did not work.", "error"); return; }
+      say(data.message);
+      data.changed.forEach((id) => {
+        const card = document.querySelector(`.card[data-id="${id}"]`);
+        if (!card) return;
+        card.classList.toggle("is-flagged", data.flagged);
+        card.classList.toggle("is-unflagged", !data.flagged);
+        const st = card.querySelector(".flagstate");
+        if (st) {
+          st.className = "flagstate " + (data.flagged ? "flagged" : "unflagged");
+          st.textContent = data.flagged ? "flagged · review" : "not flagged";
+        }
+      });
+      selected.clear();
+      saveSelection();
+      if (reason) reason.value = "";
+      return;
+    }
+
+    if (form.id === "decision-form") {
+      ev.preventDefault();
+      form.dataset.sent = "1";
+      const resp = await post(form, submitter);
+      form.dataset.sent = "";
+      const data = await resp.json().catch(() => ({}));
+      if (!resp.ok) { say((data.error && data.error.message) || "That did not work.", "error"); return; }
+      if (data.next_url && form.querySelector('input[name="next"]').checked) { location.href = data.next_url; return; }
+      say(data.message);
+      const st = document.getElementById("cluster-status");
+      if (st) st.textContent = data.status;
+      const by = document.getElementById("reviewed-by");
+      if (by) by.textContent = data.reviewed_by ? " by " + data.reviewed_by : "";
+      const h1 = document.querySelector("h1 .name");
+      if (h1 && data.name) h1.textContent = data.name;
+      data.unflagged.forEach((id) => {
+        const card = document.querySelector(`.card[data-id="${id}"]`);
+        if (card) {
+          card.classList.replace("is-flagged", "is-unflagged");
+          const s = card.querySelector(".flagstate");
+          if (s) { s.className = "flagstate unflagged"; s.textContent = "not flagged"; }
+        }
+      });
+      return;
+    }
+
     form.dataset.sent = "1";
     window.setTimeout(() => { form.dataset.sent = ""; }, 5000);  // a failed navigation may be retried
   });
 
+  // ---------------------------------------------------------------- keyboard review
+  const cards = () => $$(".card.image");
+  let cursor = -1;
+  function focusCard(i) {
+    const all = cards();
+    if (!all.length) return;
+    cursor = Math.max(0, Math.min(all.length - 1, i));
+    all.forEach((c) => c.classList.remove("cursor"));
+    all[cursor].classList.add("cursor");
+    all[cursor].scrollIntoView({block: "nearest"});
+    const pick = all[cursor].querySelector("input.pick");
+    if (pick) pick.focus({preventScroll: true});
+  }
+  document.addEventListener("keydown", (ev) => {
+    if (ev.ctrlKey || ev.metaKey || ev.altKey) return;
+    const t = ev.target;
+    if (t.matches && t.matches("input[type=text], input[type=number], textarea, select")) return;
+    const all = cards();
+    if (ev.key === "j") { focusCard(cursor + 1); ev.preventDefault(); }
+    else if (ev.key === "k") { focusCard(cursor - 1); ev.preventDefault(); }
+    else if (ev.key === "x" && all[cursor]) {
+      const pick = all[cursor].querySelector("input.pick");
+      if (pick) pick.click();
+      ev.preventDefault();
+    } else if (ev.key === "r" && all[cursor]) {
+      const btn = all[cursor].querySelector("button.reveal");
+      if (btn) reveal(btn);
+      ev.preventDefault();
+    } else if (ev.key === "u") {
+      const reason = selForm && selForm.querySelector('input[name="reason"]');
+      if (reason) { reason.focus(); ev.preventDefault(); }
+    } else if (ev.key === "c") {
+      const d = document.querySelector('#decision-form select[name="reason_code"]');
+      if (d) { d.focus(); ev.preventDefault(); }
+    }
+  });
+
+  // ---------------------------------------------------------------- a form the ended session was sending
+  const pending = document.getElementById("pending-form");
+  if (pending) {
+    try {
+      const p = JSON.parse(pending.textContent);
+      const form = $$('form[method="post"]').find((f) => new URL(f.action, location.href).pathname === p.action) ||
+        $$("form").find((f) => $$("button[formaction]", f).some((b) => new URL(b.getAttribute("formaction"), location.href).pathname === p.action));
+      if (form) {
+        Object.entries(p.fields || {}).forEach(([k, v]) => {
+          const el = form.querySelector(`[name="${CSS.escape(k)}"]`);
+          if (el && el.type !== "hidden" && el.type !== "checkbox") el.value = v;
+        });
+        (p.ids || []).forEach((v) => String(v).split(",").forEach((i) => { if (i) selected.add(i.trim()); }));
+        saveSelection();
+      }
+    } catch (e) { /* a stale or foreign blob: nothing to restore */ }
+  }
+
+  // ---------------------------------------------------------------- drop to search
   const zone = document.getElementById("search-form");
   if (zone) {
     const input = document.getElementById("search-file");
