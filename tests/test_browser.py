@@ -122,7 +122,31 @@ def test_moderator_journey(server, page):
         const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let n = 0;
         for (let i = 0; i < d.length; i += 4) if (d[i] < 250 || d[i+1] < 250 || d[i+2] < 250) n++; return n; }""")
     assert painted >= 60 * 2
+    page.wait_for_selector("body[data-map-colours='1']", timeout=20_000)
+    # colour by flag state, with a legend; the choice and the view are kept in the URL
+    page.select_option("#colour-by", "flag")
+    assert "c=flag" in page.url and page.locator("#legend li").count() == 3
+    page.locator("#map").focus()
+    before = page.url
+    page.keyboard.press("+")  # keyboard zoom
+    assert page.url != before and "v=" in page.url
+    page.keyboard.press("0")
+    page.reload()
+    page.wait_for_selector("body[data-map-colours='1']", timeout=20_000)
+    assert page.locator("#colour-by").input_value() == "flag"
+    page.select_option("#colour-by", "cluster")
+    assert page.locator("#legend li").count() == 5  # four clusters and "unclustered"
+    # a plain drag pans (the points move); shift-drag selects a box
     box = page.locator("#map").bounding_box()
+    v0 = page.url
+    page.mouse.move(box["x"] + 200, box["y"] + 200)
+    page.mouse.down()
+    page.mouse.move(box["x"] + 260, box["y"] + 230, steps=4)
+    page.mouse.up()
+    assert page.url != v0 and page.locator("#map").get_attribute("data-selected") is None
+    page.locator("#map").focus()
+    page.keyboard.press("0")
+    page.click("#box-mode")  # (shift-drag does the same)
     page.mouse.move(box["x"] + 3, box["y"] + 3)
     page.mouse.down()
     page.mouse.move(box["x"] + box["width"] - 3, box["y"] + box["height"] - 3, steps=8)
@@ -132,6 +156,10 @@ def test_moderator_journey(server, page):
     page.click("#selection-form button")
     page.wait_for_url("**/selection")
     assert page.locator(".card.image").count() == 60
+    expect(page.locator(".selected-count")).to_have_text("60 selected")  # a map selection arrives ticked
+    page.select_option("#filter-state", "is-unflagged")  # the one unflagged above
+    expect(page.locator(".selected-count")).to_have_text("1 selected")
+    page.select_option("#filter-state", "")
     page.shot("07-selection")
     page.click("header button[name=blur]")  # toggling blur here once answered a raw 405 page
     expect(page.locator("header button[name=blur]")).to_have_text("Blur: off")
@@ -166,6 +194,17 @@ def test_moderator_journey(server, page):
     assert "reveal" in audit and "unflag" in audit and "flag" in audit and "cluster_confirmed" in audit
     page.shot("10-audit")
     assert not page.problems, page.problems
+
+
+def test_the_map_fits_a_narrow_window(server, page):
+    base, _root = server
+    page.set_viewport_size({"width": 800, "height": 700})
+    page.goto(base + "/map")
+    page.wait_for_selector("body[data-map-ready='1']", timeout=20_000)
+    width = page.locator("#map").evaluate("c => c.getBoundingClientRect().width")
+    scroll = page.evaluate("() => document.documentElement.scrollWidth")
+    assert width <= 800 and scroll <= 800, (width, scroll)
+    page.set_viewport_size({"width": 1280, "height": 900})
 
 
 def test_selection_keyboard_and_double_submits(server, page):

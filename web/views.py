@@ -431,12 +431,38 @@ def map_data() -> Response:
     return resp
 
 
+@bp.get("/map/attrs")
+def map_attrs() -> Response:
+    """Per point of ``/map/data`` (same order): uint8 P(unsafe)×255, then uint8 flag state now (1 flagged,
+    0 not, 2 deleted) — what the map colours by besides the cluster."""
+    import numpy as np
+    run = _current_run()
+    ids = rt().clusters.map_points(run.id)[0]
+    recs = rt().store.catalog.get_many(ids)
+    p = np.array([round(recs[i].p_unsafe * 255) if i in recs else 0 for i in ids], np.uint8)
+    f = np.array([2 if i not in recs or recs[i].deleted else int(recs[i].flagged) for i in ids], np.uint8)
+    resp = Response(p.tobytes() + f.tobytes(), mimetype="application/octet-stream")
+    resp.headers["Cache-Control"] = "no-store"
+    return resp
+
+
+@bp.get("/map/legend")
+def map_legend() -> Response:
+    """The run's clusters (id, name, review status, size) for the map's legend and its review colouring."""
+    run = _current_run()
+    return jsonify({"run": run.id, "clusters": [{"id": c.id, "name": c.name, "status": c.status, "size": c.size}
+                                                for c in rt().clusters.clusters(run.id)]})
+
+
 @bp.route("/selection", methods=["GET", "POST"])
 def selection() -> str:
     ids = _ids(request.form.getlist("ids") if request.method == "POST" else request.args.getlist("ids"))[:5000]
     recs = rt().store.catalog.get_many(ids)
     lookup = rt().clusters.lookup(ids)
-    return render_template("selection.html", items=[(recs[i], lookup.get(i)) for i in ids if i in recs])
+    items = [(recs[i], lookup.get(i)) for i in ids if i in recs]
+    clusters = sorted({str(c["id"]) if c and c.get("id") is not None else "-" for _, c in items},
+                      key=lambda v: (v == "-", int(v) if v != "-" else 0))
+    return render_template("selection.html", items=items, clusters=clusters)
 
 
 # ------------------------------------------------------------------ image and search

@@ -46,6 +46,25 @@
     $$(".selected-count").forEach((el) => { el.textContent = selected.size + " selected"; });
     $$("input.pick").forEach((b) => { b.checked = selected.has(b.value); });
   }
+  if (selForm && selForm.dataset.preselect === "1") {  // a map selection arrives ticked
+    $$("input.pick", selForm).forEach((b) => selected.add(b.value));
+  }
+  // the selection page's filters: hide what does not match (the selection keeps only what is shown)
+  function applyFilters() {
+    const state = document.getElementById("filter-state"), cl = document.getElementById("filter-cluster");
+    if (!state || !cl) return;
+    $$(".card.image").forEach((c) => {
+      const show = (!state.value || c.classList.contains(state.value)) && (!cl.value || c.dataset.cluster === cl.value);
+      c.hidden = !show;
+      const pick = c.querySelector("input.pick");
+      if (!show && pick) selected.delete(pick.value);
+    });
+    saveSelection();
+  }
+  ["filter-state", "filter-cluster"].forEach((id) => {
+    const el = document.getElementById(id);
+    if (el) el.addEventListener("change", applyFilters);
+  });
   const every = document.querySelector("button.select-every");
   if (every && selForm && selForm.dataset.allUrl) {
     every.hidden = false;
@@ -93,7 +112,7 @@
     const btn = ev.target.closest("button.reveal");
     if (btn) { ev.preventDefault(); await reveal(btn); return; }
     if (ev.target.closest("button.select-all")) {
-      const boxes = $$("input.pick");
+      const boxes = $$("input.pick").filter((b) => !b.closest(".card").hidden);
       const on = boxes.some((b) => !selected.has(b.value));
       boxes.forEach((b) => { if (on) selected.add(b.value); else selected.delete(b.value); });
       saveSelection();
