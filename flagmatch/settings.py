@@ -123,6 +123,8 @@ class Settings:
     review_reasons: tuple[str, ...] = setting(
         ("matches_policy", "false_positive", "not_actionable", "duplicate_of_reviewed", "other"),
         "the reason codes a cluster decision is given with (comma-separated)", "server")
+    blur_strength: str = setting("strong", "how blurred the viewer's thumbnails are by default: light (shapes of "
+                                 "icons stay readable), medium or strong; each moderator can change it", "server")
     session_idle: float = setting(120.0, "a viewer session ends after this many minutes without a request", "server")
     session_max: float = setting(12.0, "a viewer session ends this many hours after sign-in, in use or not", "server")
     rate_limit: str = setting("", "per token (or client address) request limit, e.g. '600/minute;20/second' "

@@ -321,7 +321,8 @@ def thumbnail(image_id: int) -> Response:
         grey = bool(session.get("grey", False))
         if blur and request.args.get("clear") == "1" and rt.audit.revealed_recently(moderator, f"image:{image_id}"):
             blur = False
-    resp = Response(thumbnails.render(path, blur=blur, grey=grey), mimetype="image/webp")
+    strength = str(session.get("blur_strength", rt.settings.blur_strength))
+    resp = Response(thumbnails.render(path, blur=blur, grey=grey, strength=strength), mimetype="image/webp")
     resp.headers["Cache-Control"] = "no-store"
     return resp
 

@@ -462,3 +462,25 @@ def test_members_sort_select_all_and_form_errors_return_to_the_page(client, app)
     assert client.get("/selection").status_code == 200  # where Back and the blur toggle land
     r = client.post("/preferences", data={"csrf": token_of(client), "grey": "on"}, headers={"X-Requested-With": "fetch"})
     assert r.get_json() == {"blur": True, "grey": True}
+
+
+def test_blur_strength_and_the_larger_audited_view(client, app):
+    csrf = token_of(client)
+    strong = client.get("/api/v1/images/5/thumbnail").data
+    r = client.post("/preferences", data={"csrf": csrf, "blur_strength": "light"}, headers={"X-Requested-With": "fetch"})
+    assert r.get_json()["blur_strength"] == "light"
+    light = client.get("/api/v1/images/5/thumbnail").data
+    assert light != strong
+    with Image.open(io.BytesIO(light)) as a, Image.open(io.BytesIO(strong)) as b:
+        # a lighter blur keeps more detail: more variation between neighbouring pixels
+        da = np.abs(np.diff(np.asarray(a.convert("L"), np.int16), axis=1)).mean()
+        db = np.abs(np.diff(np.asarray(b.convert("L"), np.int16), axis=1)).mean()
+    assert da > db
+    assert client.post("/preferences", data={"csrf": csrf, "blur_strength": "nuclear"}).status_code in (303, 400)
+    r = client.get("/images/5/large")
+    assert r.status_code == 200 and r.mimetype == "image/webp"
+    with Image.open(io.BytesIO(r.data)) as im:
+        assert max(im.size) > 256
+    events = app.extensions["flagmatch"].audit.events(5, "image:5")
+    assert events[0].action == "view_large" and events[0].detail["blurred"] is True
+    assert "View larger" in client.get("/images/5").text

@@ -151,6 +151,23 @@
     });
   }
 
+  const strength = document.querySelector("select.blur-strength");
+  if (strength) {
+    strength.addEventListener("change", async () => {
+      const form = strength.form;
+      const body = new FormData();
+      body.set("csrf", csrf());
+      body.set("blur_strength", strength.value);
+      const resp = await fetch(form.action, {method: "POST", body, credentials: "same-origin",
+                                             headers: {"X-Requested-With": "fetch", "X-CSRF-Token": csrf()}});
+      if (resp.ok) {
+        const blurBtn = form.querySelector('button[name="blur"]');
+        const greyBtn = form.querySelector('button[name="grey"]');
+        refreshThumbs(blurBtn.value === "off", greyBtn.value === "off");
+      }
+    });
+  }
+
   // ---------------------------------------------------------------- submits
   document.addEventListener("submit", async (ev) => {
     const form = ev.target;
