@@ -176,7 +176,7 @@ def test_map_data_is_compact_binary(client, app):
 def test_selection_image_and_search_pages(client):
     csrf = token_of(client)
     r = client.post("/selection", data={"csrf": csrf, "ids": "1,2,3"})
-    assert r.status_code == 200 and r.text.count('class="card image"') == 3
+    assert r.status_code == 200 and r.text.count('class="card image ') == 3
     r = client.get("/images/5")
     assert r.status_code == 200 and "Nearest flagged" in r.text and "Flag history" in r.text
     assert client.get("/images/999999").status_code == 404
@@ -461,7 +461,7 @@ def test_members_sort_select_all_and_form_errors_return_to_the_page(client, app)
     assert r.status_code == 400 and "select at least one" in r.get_json()["error"]["message"]
     assert client.get("/selection").status_code == 200  # where Back and the blur toggle land
     r = client.post("/preferences", data={"csrf": token_of(client), "grey": "on"}, headers={"X-Requested-With": "fetch"})
-    assert r.get_json() == {"blur": True, "grey": True}
+    assert r.get_json() == {"blur": True, "grey": True, "blur_strength": "strong"}
 
 
 def test_blur_strength_and_the_larger_audited_view(client, app):
