@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from clustering.store import ClusterInfo, ClusterStore
+from indexer import verdicts
 from indexer.actions import IndexFeed, set_flags
 from indexer.audit import AuditLog, AuditQuery
 from indexer.errors import InvalidInputError, NotFoundError
@@ -59,7 +60,13 @@ def decide_cluster(store: Store, index: IndexFeed | None, audit: AuditLog, cstor
         if flagged:
             reason = f"cluster {cluster_id} dismissed: {decision.reason_code}" + (f" — {note}" if note else "")
             unflagged = set_flags(store, index, audit, flagged, flag=False, actor=actor, source="review",
-                                  reason=reason)
+                                  via="cluster", reason=reason, label=decision.label)
+    elif decision.status == "confirmed":  # every flagged member is a positive example of the cluster's label
+        members = [m.image_id for m in cstore.members(run.id, cluster_id)]
+        live = [i for i, r in store.catalog.get_many(members).items() if r.flagged and not r.deleted]
+        verdicts.record(store.catalog, [verdicts.Verdict(i, decision.label or verdicts.DEFAULT_LABEL, True, actor,
+                                                         f"cluster {cluster_id} confirmed: {decision.reason_code}",
+                                                         "cluster") for i in live])
     cstore.update_identity(cluster_id, actor=actor, name=decision.name, label=decision.label, status=decision.status)
     audit.record(actor, f"cluster_{decision.status}", f"cluster:{cluster_id}", reason_code=decision.reason_code,
                  note=note, name=decision.name, label=decision.label, unflagged=unflagged,
@@ -83,7 +90,7 @@ def undo_decision(store: Store, index: IndexFeed | None, audit: AuditLog, cstore
     refl = [int(i) for i in last.detail.get("unflagged") or []]
     live = [i for i, r in store.catalog.get_many(refl).items() if not r.deleted and not r.flagged]
     if live:
-        set_flags(store, index, audit, live, flag=True, actor=actor, source="review",
+        set_flags(store, index, audit, live, flag=True, actor=actor, source="review", via="cluster",
                   reason=f"undo of cluster {cluster_id} decision #{last.id}")
     cstore.update_identity(cluster_id, actor=actor, name=previous.get("name") or "",
                            label=previous.get("label") or "", status=previous.get("status") or "unreviewed")

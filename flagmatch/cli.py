@@ -504,7 +504,7 @@ def export_onnx_cmd(out: Path, settings: Settings) -> None:
     click.echo(f"wrote {out} ({embedder.info.model_id}, {embedder.info.dim}-d); use it with --model {out}")
 
 
-from flagmatch import cli_hashes  # noqa: E402,F401  (registers the banks and hashes commands)
+from flagmatch import cli_hashes, cli_heads  # noqa: E402,F401  (register the banks/hashes and learning commands)
 
 if __name__ == "__main__":  # python -m flagmatch.cli: run the imported module's group, which has every command
     from flagmatch.cli import main as _main

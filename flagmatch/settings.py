@@ -19,6 +19,7 @@ GROUPS: dict[str, str] = {
     "decode": "Decoding limits",
     "index": "Vector index",
     "server": "Server",
+    "heads": "Learning from verdicts",
     "cluster": "Clustering",
 }
 
@@ -131,6 +132,13 @@ class Settings:
                               "(empty: none); over it, 429 with Retry-After", "server")
     secret_key: str = setting("", "key that signs viewer sessions (default: generated, kept in the home directory)",
                               "server")
+    # -- heads
+    target_precision: float = setting(0.95, "precision a head's threshold is chosen for, on the newest verdicts "
+                                      "(held out)", "heads")
+    head_test_share: float = setting(0.2, "share of the newest verdicts held out to choose and check a head's "
+                                     "threshold", "heads")
+    queue_similarity: float = setting(0.85, "when a reviewer flags an image, unflagged images at least this alike "
+                                      "(cosine in the matching space) join the review queue", "heads")
     # -- clustering
     cluster_min_size: int = setting(0, "HDBSCAN min_cluster_size (0: chosen from N)", "cluster")
     cluster_dims: int = setting(8, "UMAP dimensions of the clustering space", "cluster")

@@ -172,8 +172,9 @@ def ingest_into(settings: Settings, sources: Iterable[Source], *, store: Store |
     store.bind_model(info.model_id, info.dim, info.preprocessing, info.source)
     index = open_index(store, settings, embedder)
     after: Callable[[], None] = index.maybe_save
+    from indexer.heads import load_active
     counts = ingest(store, embedder, sources, options or ingest_options(settings), index=index,
-                    progress=progress, after_batch=after)
+                    progress=progress, after_batch=after, heads=load_active(store))
     index.save()
     hash_matcher(settings, store).image_index.save()
     return IngestResult(counts, info)

@@ -8,6 +8,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from indexer import verdicts
 from indexer.audit import AuditLog
 from indexer.catalog import FlagRequest
 from indexer.errors import InvalidInputError, NotFoundError
@@ -42,15 +43,27 @@ def _live_ids(store: Store, ids: Sequence[int]) -> list[int]:
     return unique
 
 
+PERSON_SOURCES = ("review", "manual")  # a person's decision: each is also a verdict (indexer.verdicts)
+
+
 def set_flags(store: Store, index: IndexFeed | None, audit: AuditLog, ids: Sequence[int], *, flag: bool,
-              actor: str, source: str, reason: str | None = None, label: str | None = None) -> list[int]:
+              actor: str, source: str, reason: str | None = None, label: str | None = None,
+              via: str = "cli") -> list[int]:
     """Flag or unflag ``ids`` (all must exist: nothing changes otherwise). Returns the ids whose state
-    changed. Unflagging needs a reason: it is the decision a later reviewer will ask about."""
+    changed. Unflagging needs a reason: it is the decision a later reviewer will ask about. A person's
+    flag or unflag is also a verdict on every id asked about — positive or negative for ``label``, else
+    the label the image was flagged with, else the default — even when the flag was already so (a
+    reviewer confirming what the model flagged is the example heads learn most from). ``via`` says where
+    it was taken (viewer, api, cli, cluster, queue)."""
     reason, label = _clean(reason, MAX_REASON, "reason"), _clean(label, MAX_LABEL, "label")
     if not flag and not reason:
         raise InvalidInputError("say why these images are not unsafe (reason)", code="reason_required")
     unique = _live_ids(store, ids)
+    before = store.catalog.get_many(unique) if source in PERSON_SOURCES else {}
     changed = store.catalog.set_flag(unique, FlagRequest(source, label, actor, reason), flag=flag)
+    if source in PERSON_SOURCES:
+        verdicts.record(store.catalog, [verdicts.Verdict(i, label or before[i].flag_label or verdicts.DEFAULT_LABEL,
+                                                          flag, actor, reason, via) for i in unique])
     if index is not None:
         index.catch_up()
     if changed:  # a repeated request (a double submit, a retry) changes nothing and records nothing

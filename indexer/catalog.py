@@ -47,7 +47,7 @@ class ImageRow(Base):
     model_id: Mapped[str] = mapped_column(String(128))
     thumb_key: Mapped[str] = mapped_column(String(128))
     flagged: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
-    flag_source: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    flag_source: Mapped[str | None] = mapped_column(String(64), nullable=True)  # model, manual, … head:<label>@v<n>
     flag_label: Mapped[str | None] = mapped_column(String(200), nullable=True)
     flagged_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     deleted: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -71,7 +71,7 @@ class FlagEventRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id"), index=True)
     action: Mapped[str] = mapped_column(String(8))  # flag | unflag
-    source: Mapped[str] = mapped_column(String(16))
+    source: Mapped[str] = mapped_column(String(64))
     label: Mapped[str | None] = mapped_column(String(200), nullable=True)
     actor: Mapped[str] = mapped_column(String(200))
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -279,6 +279,7 @@ def create_tables(metadata: Any, engine: Engine) -> None:
 
 class Catalog:
     def __init__(self, url: str) -> None:
+        from indexer import heads, verdicts  # noqa: F401  (their tables: verdicts, head scores)
         self.engine = make_engine(url)
         create_tables(Base.metadata, self.engine)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
@@ -438,8 +439,9 @@ class Catalog:
 
     def _apply_flag(self, s: Session, image_id: int, req: FlagRequest, *, flag: bool,
                     only_if_changed: bool, now: dt.datetime) -> bool:
-        if req.source not in FLAG_SOURCES:
-            raise InvalidInputError(f"flag source must be one of {', '.join(FLAG_SOURCES)}, not {req.source!r}")
+        if req.source not in FLAG_SOURCES and not req.source.startswith("head:"):
+            raise InvalidInputError(f"flag source must be one of {', '.join(FLAG_SOURCES)} or head:<label>@v<n>, "
+                                    f"not {req.source!r}")
         row = s.get(ImageRow, image_id)
         if row is None:
             raise NotFoundError(f"no image with id {image_id}")

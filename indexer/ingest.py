@@ -20,7 +20,9 @@ from indexer.catalog import FlagRequest, IngestCounts, NewImage
 from indexer.decode import DEFAULT_LIMITS, DecodedImage, DecodeLimits, InputSpec, decode
 from indexer.embed import Embedder
 from indexer.errors import DecodeError
+from indexer import verdicts
 from indexer.hashes import Pdq, md5_of
+from indexer.heads import Head, save_scores
 from indexer.sources import Source, SourceError, SourceItem
 from indexer.store import Store
 
@@ -151,8 +153,9 @@ class Writer:
     """Thumbnails → raw vectors (fsync) → one catalog transaction → index."""
 
     def __init__(self, store: Store, model_id: str, threshold: float, run_id: int,
-                 index: IndexSink | None) -> None:
+                 index: IndexSink | None, heads: Sequence[Head] = ()) -> None:
         self.store, self.model_id, self.threshold, self.run_id, self.index = store, model_id, threshold, run_id, index
+        self.heads = list(heads)
         self.next_id = store.catalog.max_image_id() + 1
         self.counts = IngestCounts()
 
@@ -162,6 +165,7 @@ class Writer:
         flags: list[tuple[int, FlagRequest]] = []
         by_sha: dict[str, int] = {}
         first = self.next_id
+        scores = {h.label: h.predict(eb.vectors) for h in self.heads} if b.decoded else {}
         for i, (d, p) in enumerate(zip(b.decoded, eb.p_unsafe)):
             image_id = first + i
             by_sha[d.sha256] = image_id
@@ -174,6 +178,14 @@ class Writer:
             elif p >= self.threshold:
                 flags.append((image_id, FlagRequest("model", None, "ingest",
                                                     f"P(unsafe) {float(p):.3f} >= threshold {self.threshold}")))
+            else:  # a policy head may flag what the seed model's threshold does not
+                h = next((h for h in self.heads if scores[h.label][i] >= h.threshold and not (
+                    d.item.verdict is not None and d.item.verdict[0] == h.label and not d.item.verdict[1])), None)
+                if h is not None:
+                    flags.append((image_id, FlagRequest(h.source, h.label, h.source, f"P({h.label}) "
+                                                        f"{float(scores[h.label][i]):.3f} >= threshold {h.threshold:.3f}")))
+        said = [(image_id, d.item.verdict) for d, image_id in ((d, by_sha[d.sha256]) for d in b.decoded)
+                if d.item.verdict is not None]
         extra_paths: list[tuple[int, str, str | None]] = []
         failed = list(b.failed)
         for dup in b.duplicates:
@@ -184,10 +196,16 @@ class Writer:
             extra_paths.append((image_id, dup.item.path, dup.item.external_id))
             if dup.item.flag is not None:
                 flags.append((image_id, dup.item.flag))
+            if dup.item.verdict is not None:
+                said.append((image_id, dup.item.verdict))
         if images:
             self.store.open_vectors().append(first, eb.vectors)
         newly_flagged = self.store.catalog.write_batch(images, self.model_id, extra_paths, flags,
                                                        [(f.path, f.code, f.message) for f in failed], self.run_id)
+        verdicts.record(self.store.catalog, [verdicts.Verdict(i, label, positive, who, "manifest", "manifest")
+                                             for i, (label, positive, who) in said])
+        if self.heads and images:
+            save_scores(self.store, self.heads, [im.id for im in images], scores)
         self.next_id = first + len(images)
         c = self.counts
         c.new += len(images)
@@ -265,14 +283,14 @@ def backfill_hashes(store: Store, opts: IngestOptions, *, progress: Progress | N
 
 def ingest(store: Store, embedder: Embedder, sources: Iterable[Source], opts: IngestOptions, *,
            index: IndexSink | None = None, progress: Progress | None = None,
-           after_batch: Callable[[], None] | None = None) -> IngestCounts:
+           after_batch: Callable[[], None] | None = None, heads: Sequence[Head] = ()) -> IngestCounts:
     """Ingest ``sources`` into ``store``. Bad files are recorded and skipped; returns the counts."""
     info = embedder.info
     store.bind_model(info.model_id, info.dim, info.preprocessing, info.source)
     with store.writer():  # cuts raw vector rows a crashed writer never committed
         run_id = store.catalog.start_run(info.model_id, info.backend, info.precision)
         reader = Reader(store, embedder, opts)
-        writer = Writer(store, info.model_id, opts.flag_threshold, run_id, index)
+        writer = Writer(store, info.model_id, opts.flag_threshold, run_id, index, heads)
         inflight: deque[Future] = deque()
         batch = Batch()
         max_inflight = max(2 * opts.batch_size, 4)

@@ -1,5 +1,6 @@
 """Where images come from: folders (walked recursively), single files, a list of paths on stdin
-(``-``) and manifests (CSV or JSONL with ``path`` and optional ``external_id``, ``flagged``,
+(``-``) and manifests (CSV or JSONL with ``path`` and optional ``external_id``, ``verdict`` (a reviewer's
+positive/negative for ``label``, with ``reviewer``), ``flagged``,
 ``label``, ``source``). A bad manifest row becomes a ``SourceError``; the rest goes on."""
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ class SourceItem:
     path: str
     external_id: str | None = None
     flag: FlagRequest | None = None
+    verdict: tuple[str, bool, str] | None = None  # a manifest's reviewer verdict: (label, positive, who)
 
 
 @dataclass(frozen=True)
@@ -127,7 +129,18 @@ def _row(manifest: Path, where: str, row: dict) -> Source:
                        reason=f"{where}") if flagged else None
     if label is not None and not flagged:
         flag = None
-    return SourceItem(str(p.resolve()), ext, flag)
+    verdict = None
+    if str(row.get("verdict") or "").strip():
+        v = str(row.get("verdict")).strip().lower()
+        if v not in _POSITIVE + _NEGATIVE:
+            return SourceError(where, "bad_manifest_row", f"verdict must be positive or negative, not {row.get('verdict')!r}")
+        who = str(row.get("reviewer") or f"manifest:{manifest.name}").strip()[:200]
+        verdict = (label or "unsafe", v in _POSITIVE, who)
+    return SourceItem(str(p.resolve()), ext, flag, verdict)
+
+
+_POSITIVE = ("positive", "pos", "yes", "true", "1", "violating")
+_NEGATIVE = ("negative", "neg", "no", "false", "0", "benign")
 
 
 def parse_manifest(manifest: Path) -> Iterator[Source]:

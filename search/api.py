@@ -347,7 +347,7 @@ def _flag(image_id: int, flag: bool) -> Response:
     rt = runtime()
     body = FlagBody.parse(_json_body())
     changed = set_flags(rt.store, rt.index, rt.audit, [image_id], flag=flag, actor=g.actor, source="review",
-                        reason=body.reason, label=body.label)
+                        via="api", reason=body.reason, label=body.label)
     return jsonify({"changed": bool(changed), "image": image_json(rt.store.catalog.get(image_id), history=True)})
 
 

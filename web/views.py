@@ -370,7 +370,7 @@ def _set_flags(flag: bool) -> Response:
     reason = (request.form.get("reason") or "").strip()[:2000] or None
     label = (request.form.get("label") or "").strip()[:200] or None
     changed = set_flags(r.store, r.index, rt().audit, ids, flag=flag, actor=actor(), source="review",
-                        reason=reason, label=label)
+                        via="viewer", reason=reason, label=label)
     if _wants_json():
         return jsonify({"changed": sorted(changed), "flagged": flag,
                         "message": f"{'Flagged' if flag else 'Unflagged'} {len(changed)} image(s)." if changed else

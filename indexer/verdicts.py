@@ -1,0 +1,131 @@
+"""Reviewer verdicts: what a person decided about an image for one policy label — positive (it breaks the
+policy) or negative (it does not) — with who, when, why and where from. The flag history says what
+happened to a flag; verdicts are what the heads learn from.
+
+Every review action writes them through ``record`` (``indexer.actions.set_flags`` for the viewer, the
+API and the CLI; cluster decisions; the review queue; manifests with a ``verdict`` column). A later
+verdict on the same image and label supersedes an earlier one: training reads the latest per pair, and
+counts the pairs whose verdicts disagreed. Verdicts on images deleted since are kept (the audit trail)
+and never trained on."""
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from sqlalchemy import Boolean, DateTime, ForeignKey, Index, Integer, String, Text, func, select
+from sqlalchemy.orm import Mapped, mapped_column
+
+from indexer.catalog import Base, Catalog, ImageRow, utcnow
+from indexer.errors import InvalidInputError
+
+DEFAULT_LABEL = "unsafe"  # the seed model's own notion: a flag with no label is a verdict on it
+MAX_LABEL = 200
+
+
+class VerdictRow(Base):
+    __tablename__ = "verdicts"
+    __table_args__ = (Index("ix_verdicts_label_image", "label", "image_id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id"), index=True)
+    label: Mapped[str] = mapped_column(String(MAX_LABEL))
+    positive: Mapped[bool] = mapped_column(Boolean)
+    actor: Mapped[str] = mapped_column(String(200))
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    source: Mapped[str] = mapped_column(String(32))  # viewer | api | cli | cluster | queue | manifest
+    at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    image_id: int
+    label: str
+    positive: bool
+    actor: str
+    reason: str | None = None
+    source: str = "cli"
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    """The latest verdict per image for one label, over live images, oldest first (for a split by time)."""
+    label: str
+    image_ids: list[int]
+    positive: list[bool]
+    at: list[dt.datetime]
+    conflicts: int        # images whose verdicts for this label disagreed over time
+    on_deleted: int       # verdicts left out because their image was deleted
+
+    @property
+    def counts(self) -> tuple[int, int]:
+        pos = sum(self.positive)
+        return pos, len(self.positive) - pos
+
+
+def clean_label(label: str | None) -> str:
+    text = (label or "").strip() or DEFAULT_LABEL
+    if len(text) > MAX_LABEL:
+        raise InvalidInputError(f"a label is at most {MAX_LABEL} characters", code="bad_parameter")
+    return text
+
+
+def record(catalog: Catalog, verdicts: Sequence[Verdict]) -> int:
+    """Append verdicts in one transaction; returns how many."""
+    if not verdicts:
+        return 0
+    now = utcnow()
+    with catalog.session() as s, s.begin():
+        for v in verdicts:
+            s.add(VerdictRow(image_id=v.image_id, label=clean_label(v.label), positive=bool(v.positive),
+                             actor=v.actor[:200], reason=v.reason, source=v.source[:32], at=now))
+    return len(verdicts)
+
+
+def labels(catalog: Catalog) -> dict[str, tuple[int, int]]:
+    """Every label with verdicts: (positive, negative) counts of the latest verdict per live image."""
+    out: dict[str, tuple[int, int]] = {}
+    for label in _label_names(catalog):
+        out[label] = latest(catalog, label).counts
+    return out
+
+
+def _label_names(catalog: Catalog) -> list[str]:
+    with catalog.session() as s:
+        return list(s.scalars(select(VerdictRow.label).distinct().order_by(VerdictRow.label)))
+
+
+def latest(catalog: Catalog, label: str) -> LabelSet:
+    with catalog.session() as s:
+        rows = s.execute(select(VerdictRow.image_id, VerdictRow.positive, VerdictRow.at, ImageRow.deleted)
+                         .join(ImageRow, ImageRow.id == VerdictRow.image_id)
+                         .where(VerdictRow.label == label).order_by(VerdictRow.id)).all()
+    last: dict[int, tuple[bool, dt.datetime]] = {}
+    seen: dict[int, set[bool]] = {}
+    deleted: set[int] = set()
+    for image_id, positive, at, is_deleted in rows:
+        if is_deleted:
+            deleted.add(image_id)
+            continue
+        last[image_id] = (bool(positive), at)
+        seen.setdefault(image_id, set()).add(bool(positive))
+    order = sorted(last, key=lambda i: (last[i][1], i))
+    return LabelSet(label, order, [last[i][0] for i in order], [last[i][1] for i in order],
+                    sum(len(v) > 1 for v in seen.values()), len(deleted))
+
+
+def for_images(catalog: Catalog, ids: Iterable[int]) -> dict[int, dict[str, bool]]:
+    """The latest verdict per label for each of ``ids``: what a head must never overrule."""
+    ids = list(dict.fromkeys(int(i) for i in ids))
+    out: dict[int, dict[str, bool]] = {}
+    with catalog.session() as s:
+        for i in range(0, len(ids), 500):
+            for image_id, label, positive in s.execute(
+                    select(VerdictRow.image_id, VerdictRow.label, VerdictRow.positive)
+                    .where(VerdictRow.image_id.in_(ids[i:i + 500])).order_by(VerdictRow.id)):
+                out.setdefault(image_id, {})[label] = bool(positive)
+    return out
+
+
+def count(catalog: Catalog) -> int:
+    with catalog.session() as s:
+        return int(s.scalar(select(func.count()).select_from(VerdictRow)) or 0)
