@@ -91,16 +91,16 @@ def open_index(store: Store, settings: Settings, embedder: Embedder | None = Non
 
 
 def search_service(settings: Settings, store: Store, index: VectorIndex, embedder: Embedder | None) -> SearchService:
-    """The search service over built parts, with the settings' decode limits, query views and the
-    clustering job's per-image facts."""
+    """The search service over built parts, with the settings' decode limits, query views, the
+    clustering job's per-image facts, the hash matcher and the active heads."""
     from clustering.store import ClusterStore
+    from indexer.heads import ActiveHeads
     from search.admission import Admission
-    from search.hashmatch import HashMatcher
     from search.service import SearchService
     return SearchService(store, index, embedder, limits=decode_limits(settings),
                          admission=Admission(settings.admission_bytes, settings.admission_wait),
                          cluster_lookup=ClusterStore(store).lookup, views=settings.query_views,
-                         hashes=hash_matcher(settings, store))
+                         hashes=hash_matcher(settings, store), heads=ActiveHeads(store))
 
 
 def hash_matcher(settings: Settings, store: Store) -> HashMatcher:
@@ -172,9 +172,9 @@ def ingest_into(settings: Settings, sources: Iterable[Source], *, store: Store |
     store.bind_model(info.model_id, info.dim, info.preprocessing, info.source)
     index = open_index(store, settings, embedder)
     after: Callable[[], None] = index.maybe_save
-    from indexer.heads import load_active
+    from indexer.heads import ActiveHeads
     counts = ingest(store, embedder, sources, options or ingest_options(settings), index=index,
-                    progress=progress, after_batch=after, heads=load_active(store))
+                    progress=progress, after_batch=after, heads=ActiveHeads(store).get())
     index.save()
     hash_matcher(settings, store).image_index.save()
     return IngestResult(counts, info)

@@ -46,9 +46,12 @@ def _live_ids(store: Store, ids: Sequence[int]) -> list[int]:
 PERSON_SOURCES = ("review", "manual")  # a person's decision: each is also a verdict (indexer.verdicts)
 
 
+QUEUE_SIMILARITY = 0.85  # the queue_similarity setting's default
+
+
 def set_flags(store: Store, index: IndexFeed | None, audit: AuditLog, ids: Sequence[int], *, flag: bool,
               actor: str, source: str, reason: str | None = None, label: str | None = None,
-              via: str = "cli") -> list[int]:
+              via: str = "cli", queue_similarity: float = QUEUE_SIMILARITY) -> list[int]:
     """Flag or unflag ``ids`` (all must exist: nothing changes otherwise). Returns the ids whose state
     changed. Unflagging needs a reason: it is the decision a later reviewer will ask about. A person's
     flag or unflag is also a verdict on every id asked about — positive or negative for ``label``, else
@@ -64,12 +67,31 @@ def set_flags(store: Store, index: IndexFeed | None, audit: AuditLog, ids: Seque
     if source in PERSON_SOURCES:
         verdicts.record(store.catalog, [verdicts.Verdict(i, label or before[i].flag_label or verdicts.DEFAULT_LABEL,
                                                           flag, actor, reason, via) for i in unique])
+        if flag and changed:
+            queue_neighbours(store, index, changed, label or verdicts.DEFAULT_LABEL, queue_similarity)
     if index is not None:
         index.catch_up()
     if changed:  # a repeated request (a double submit, a retry) changes nothing and records nothing
         audit.record(actor, "flag" if flag else "unflag", _target(unique), ids=changed, asked=unique, reason=reason,
                      label=label, source=source)
     return changed
+
+
+def queue_neighbours(store: Store, index: object, ids: Sequence[int], label: str, min_similarity: float,
+                     k: int = 10) -> int:
+    """Retroactive matching: the unflagged images at least ``min_similarity`` alike to images a reviewer
+    just flagged join the review queue (for that label). Returns how many joined."""
+    search = getattr(index, "search", None)
+    if search is None or not ids:
+        return 0
+    vectors = store.open_vectors().get(list(ids))
+    hits = search(vectors, k, "all", exclude=set(ids), live=False)
+    near = {int(i): (seed, float(sim)) for seed, h in zip(ids, hits)
+            for i, sim in zip(h.ids.tolist(), h.similarities.tolist()) if sim >= min_similarity}
+    recs = store.catalog.get_many(near)
+    rows = [(i, label, seed, sim) for i, (seed, sim) in near.items()
+            if i in recs and not recs[i].flagged and not recs[i].deleted]
+    return verdicts.add_candidates(store.catalog, rows)
 
 
 def delete_images(store: Store, index: IndexFeed | None, audit: AuditLog, ids: Sequence[int], *, actor: str,

@@ -343,3 +343,25 @@ def _chunks(seq: Sequence[int], n: int) -> Iterator[list[int]]:
 
 __all__ = ["Head", "HeadReport", "NotEnoughVerdicts", "train_head", "load_active", "score_catalog", "activate",
            "reports", "scores_for", "uncertain", "head_flags", "save_scores", "dt"]
+
+
+class ActiveHeads:
+    """The active heads, reloaded when ``flagmatch train`` or ``heads activate`` changes them (a server
+    picks up a new head at its next request, without a restart)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._stamp: tuple[tuple[str, float], ...] | None = None
+        self._heads: list[Head] = []
+
+    def get(self) -> list[Head]:
+        import logging
+        stamp = tuple(sorted((str(p), p.stat().st_mtime) for p in heads_dir(self.store).glob("*/active.json")))
+        if stamp != self._stamp:
+            try:
+                self._heads = load_active(self.store)
+            except FlagmatchError as exc:
+                logging.getLogger(__name__).warning("heads not loaded: %s", exc.message)
+                self._heads = []
+            self._stamp = stamp
+        return self._heads

@@ -13,7 +13,7 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from sqlalchemy import Boolean, DateTime, ForeignKey, Index, Integer, String, Text, func, select
+from sqlalchemy import Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, func, select
 from sqlalchemy.orm import Mapped, mapped_column
 
 from indexer.catalog import Base, Catalog, ImageRow, utcnow
@@ -129,3 +129,43 @@ def for_images(catalog: Catalog, ids: Iterable[int]) -> dict[int, dict[str, bool
 def count(catalog: Catalog) -> int:
     with catalog.session() as s:
         return int(s.scalar(select(func.count()).select_from(VerdictRow)) or 0)
+
+
+class QueueCandidateRow(Base):
+    """An unflagged image found near one a reviewer just flagged (retroactive matching): it joins the
+    review queue until someone gives a verdict on it for that label."""
+    __tablename__ = "queue_candidates"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id"), index=True)
+    label: Mapped[str] = mapped_column(String(MAX_LABEL))
+    seed_image_id: Mapped[int] = mapped_column(Integer)
+    similarity: Mapped[float] = mapped_column(Float)
+    added_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+def add_candidates(catalog: Catalog, rows: Sequence[tuple[int, str, int, float]]) -> int:
+    """(image id, label, seed image id, similarity) rows into the queue; an image already waiting for the
+    same label is not added twice."""
+    if not rows:
+        return 0
+    with catalog.session() as s, s.begin():
+        waiting = set(s.execute(select(QueueCandidateRow.image_id, QueueCandidateRow.label).where(
+            QueueCandidateRow.image_id.in_([r[0] for r in rows]))).all())
+        new = [r for r in dict.fromkeys(rows) if (r[0], clean_label(r[1])) not in waiting]
+        for image_id, label, seed, sim in new:
+            s.add(QueueCandidateRow(image_id=image_id, label=clean_label(label), seed_image_id=seed,
+                                    similarity=float(sim), added_at=utcnow()))
+    return len(new)
+
+
+def candidates(catalog: Catalog, limit: int = 200) -> list[tuple[int, str, int, float]]:
+    """Waiting candidates without a verdict for their label yet, newest first: (image, label, seed, similarity)."""
+    with catalog.session() as s:
+        rows = s.execute(select(QueueCandidateRow.image_id, QueueCandidateRow.label, QueueCandidateRow.seed_image_id,
+                                QueueCandidateRow.similarity)
+                         .join(ImageRow, ImageRow.id == QueueCandidateRow.image_id)
+                         .where(ImageRow.deleted.is_(False)).order_by(QueueCandidateRow.id.desc())
+                         .limit(limit * 3)).all()
+    said = for_images(catalog, [r[0] for r in rows])
+    return [(int(i), str(lab), int(seed), float(sim)) for i, lab, seed, sim in rows
+            if lab not in said.get(int(i), {})][:limit]

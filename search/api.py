@@ -22,6 +22,7 @@ from search import thumbnails
 from search.auth import csrf_ok, session_actor
 from search.openapi import openapi_document
 from indexer.hashes import Signals
+from indexer.heads import scores_for
 from search.hashmatch import HashEvidence
 from search.service import Hit, SearchParams, SearchResponse
 
@@ -178,6 +179,7 @@ def hit_json(h: Hit) -> dict[str, Any]:
     d["similarity"] = round(h.similarity, 6)
     d["view"] = h.view
     d["cluster"] = h.cluster
+    d["p_labels"] = h.p_labels
     return d
 
 
@@ -204,7 +206,8 @@ def response_json(resp: SearchResponse) -> dict[str, Any]:
         "model_id": resp.model_id, "scope": resp.scope, "index_checkpoint": resp.checkpoint,
         "results": [{"query": {"name": r.query.label, "sha256": r.query.sha256,
                                "p_unsafe": None if r.query.p_unsafe is None else round(r.query.p_unsafe, 6),
-                               "known": r.query.known_id is not None, "known_id": r.query.known_id},
+                               "known": r.query.known_id is not None, "known_id": r.query.known_id,
+                               "p_labels": r.query.p_labels},
                      "hits": [hit_json(h) for h in r.hits],
                      "hashes": evidence_json(r.evidence)} for r in resp.results],
     }
@@ -300,6 +303,7 @@ def image(image_id: int) -> Response:
     d = image_json(rec, history=True)
     d["cluster"] = runtime().clusters.lookup([image_id]).get(image_id)
     d["hashes"] = signals_json(runtime().store.catalog.signals([image_id]).get(image_id))
+    d["p_labels"] = scores_for(runtime().store, [image_id]).get(image_id, {})
     return jsonify(d)
 
 
@@ -347,7 +351,8 @@ def _flag(image_id: int, flag: bool) -> Response:
     rt = runtime()
     body = FlagBody.parse(_json_body())
     changed = set_flags(rt.store, rt.index, rt.audit, [image_id], flag=flag, actor=g.actor, source="review",
-                        via="api", reason=body.reason, label=body.label)
+                        via="api", reason=body.reason, label=body.label,
+                        queue_similarity=rt.settings.queue_similarity)
     return jsonify({"changed": bool(changed), "image": image_json(rt.store.catalog.get(image_id), history=True)})
 
 

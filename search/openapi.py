@@ -180,12 +180,14 @@ def openapi_document() -> dict[str, Any]:
                               "cluster": {"type": ["object", "null"]}}},
                 "ImageWithHistory": {"allOf": [{"$ref": "#/components/schemas/Image"}, {"type": "object", "properties": {
                     "hashes": {"$ref": "#/components/schemas/Signals"},
+                    "p_labels": {"$ref": "#/components/schemas/PLabels"},
                     "history": {"type": "array", "items": {"type": "object", "properties": {
                         "action": {"type": "string", "enum": ["flag", "unflag"]}, "source": {"type": "string"},
                         "label": {"type": ["string", "null"]}, "actor": {"type": "string"},
                         "reason": {"type": ["string", "null"]}, "at": {"type": "string"}}}}}}]},
                 "Hit": {"allOf": [{"$ref": "#/components/schemas/Image"}, {"type": "object", "required": ["similarity", "view"],
-                                                                          "properties": {"similarity": {"type": "number", "description": "cosine in the matching space"},
+                                                                          "properties": {"p_labels": {"$ref": "#/components/schemas/PLabels"},
+                                                                                         "similarity": {"type": "number", "description": "cosine in the matching space"},
                                                                                          "view": {"type": "string", "enum": ["full", "trimmed", "content", "mirror"], "description": "the query view that matched best"}}}]},
                 "SearchResponse": {"type": "object", "required": ["model_id", "scope", "index_checkpoint", "results"],
                                    "properties": {
@@ -197,10 +199,13 @@ def openapi_document() -> dict[str, Any]:
                                            "query": {"type": "object", "properties": {
                                                "name": {"type": "string"}, "sha256": {"type": ["string", "null"]},
                                                "p_unsafe": {"type": ["number", "null"]}, "known": {"type": "boolean"},
-                                               "known_id": {"type": ["integer", "null"]}}},
+                                               "known_id": {"type": ["integer", "null"]},
+                                               "p_labels": {"$ref": "#/components/schemas/PLabels"}}},
                                            "hits": {"type": "array", "items": {"$ref": "#/components/schemas/Hit"}},
                                            "hashes": {"anyOf": [{"$ref": "#/components/schemas/HashEvidence"},
                                                                 {"type": "null"}]}}}}}},
+                "PLabels": {"type": "object", "additionalProperties": {"type": "number"},
+                            "description": "P(label) from each active head (label → probability)"},
                 "Signals": {"type": "object", "properties": {
                     "md5": {"type": ["string", "null"]}, "pdq": {"type": ["string", "null"]},
                     "pdq_quality": {"type": ["integer", "null"]},

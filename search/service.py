@@ -17,6 +17,7 @@ from indexer.errors import InvalidInputError, ModelLoadError, NotFoundError
 from indexer.store import Store
 from indexer.vector_index import SCOPES, VectorIndex
 from indexer.hashes import Pdq, Signals, md5_of
+from indexer.heads import ActiveHeads, Head, scores_for
 from search.admission import Admission
 from search.hashmatch import HashEvidence, HashMatcher
 
@@ -62,6 +63,7 @@ class Query:
     sha256: str | None
     p_unsafe: float | None
     known_id: int | None
+    p_labels: dict[str, float] = field(default_factory=dict)  # the active heads' P(label)
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ class Hit:
     similarity: float
     cluster: dict[str, Any] | None
     view: str = "full"   # the query view that matched best (full, trimmed, content, mirror)
+    p_labels: dict[str, float] = field(default_factory=dict)  # the heads' scores from the last scoring
 
 
 @dataclass(frozen=True)
@@ -103,8 +106,9 @@ class SearchService:
     def __init__(self, store: Store, index: VectorIndex, embedder: Embedder | None, *,
                  limits: DecodeLimits = DEFAULT_LIMITS, admission: Admission | None = None,
                  cluster_lookup: ClusterLookup | None = None, views: Sequence[str] = DEFAULT_VIEWS,
-                 hashes: HashMatcher | None = None) -> None:
+                 hashes: HashMatcher | None = None, heads: ActiveHeads | None = None) -> None:
         self.store, self.index, self.embedder, self.hashes = store, index, embedder, hashes
+        self.active_heads = heads
         unknown = set(views) - set(VIEWS)
         if unknown:
             raise InvalidInputError(f"unknown query view(s) {', '.join(sorted(unknown))}; known: {', '.join(VIEWS)}")
@@ -115,6 +119,10 @@ class SearchService:
         self.model_id = store.catalog.model_meta().get("model_id", "")
         if embedder is not None:
             store.check_model(embedder.info.model_id)
+
+    @property
+    def heads(self) -> list[Head]:
+        return self.active_heads.get() if self.active_heads is not None else []
 
     # -- queries
     def search_uploads(self, uploads: Sequence[tuple[str, bytes]], params: SearchParams) -> SearchResponse:
@@ -142,7 +150,10 @@ class SearchService:
         t2 = time.perf_counter()
         t.decode, t.embed = (t1 - t0) * 1000, (t2 - t1) * 1000
         full = [i for i, v in enumerate(names) if v == "full"]  # P(unsafe) is the whole image's
-        qs = [Query(name, sha, float(p[i]), known) for (name, sha, known), i in zip(queries, full)]
+        heads = self.heads
+        by_head = {h.label: h.predict(vectors[full]) for h in heads}
+        qs = [Query(name, sha, float(p[i]), known, {lab: round(float(v[n]), 6) for lab, v in by_head.items()})
+              for n, ((name, sha, known), i) in enumerate(zip(queries, full))]
         return self._search(qs, vectors, params, t, exclude=[set() for _ in owner], owner=owner, views=names,
                             signals=signals)
 
@@ -173,7 +184,8 @@ class SearchService:
         if missing:
             raise NotFoundError(f"no image with id {missing[0]}")
         vectors = self.store.open_vectors().get(ids)
-        qs = [Query(f"id:{i}", recs[i].sha256, recs[i].p_unsafe, i) for i in ids]
+        scored = scores_for(self.store, ids) if self.heads else {}
+        qs = [Query(f"id:{i}", recs[i].sha256, recs[i].p_unsafe, i, scored.get(i, {})) for i in ids]
         stored = self.store.catalog.signals(ids)
         return self._search(qs, vectors, params, Timings(), exclude=[{i} for i in ids],
                             signals=[stored.get(i, Signals("", None)) for i in ids])
@@ -244,12 +256,14 @@ class SearchService:
         top = [sorted(b.items(), key=lambda kv: -kv[1][0])[: params.k] for b in best]
         kept = sorted({i for row in top for i, _ in row})
         clusters = self.cluster_lookup(kept) if self.cluster_lookup and kept else {}
+        scored = scores_for(self.store, kept) if self.heads and kept else {}
         t2 = time.perf_counter()
         evidence: list[HashEvidence | None] = [None] * len(queries)
         if self.hashes is not None and signals is not None:
             evidence = list(self.hashes.lookup(signals, scope=params.scope, k=params.k,
                                                exclude=[q.known_id for q in queries]))
-        results = [QueryResult(q, [Hit(recs[i], sim, clusters.get(i), view) for i, (sim, view) in row], ev)
+        results = [QueryResult(q, [Hit(recs[i], sim, clusters.get(i), view, scored.get(i, {}))
+                                   for i, (sim, view) in row], ev)
                    for q, row, ev in zip(queries, top, evidence)]
         t.search += (t1 - t0) * 1000
         t.hashes += (time.perf_counter() - t2) * 1000

@@ -203,3 +203,57 @@ def test_a_tiny_fine_tune_writes_a_model_that_loads_back(tmp_path, settings, sto
     assert tuned.info.model_id != base.info.model_id and tuned.info.dim == base.info.dim
     px = np.stack([np.asarray(coloured(0, True).resize((384, 384)))])
     assert not np.allclose(tuned.embed(px)[1], base.embed(px)[1])  # the weights changed
+
+
+def test_the_viewer_queue_model_page_and_scores(learned, store_copy, opennsfw):
+    from flagmatch.runtime import build_app
+    from flagmatch.wiring import open_index
+    from tests.conftest_web import csrf_of, login
+    s, store = store_copy
+    _, root, truth, by_path, reviewed = learned
+    train_head(store, "warm", target_precision=0.9)
+    score_catalog(store, load_active(store))
+    open_index(store, s).save()
+    app = build_app(s.replace(api_tokens=("rita:reviewer-token",)), embedder=opennsfw)
+    c = app.test_client()
+    assert login(c).status_code == 302
+    page = c.get("/queue").text
+    flagged_by_head = [i for p, i in by_path.items() if i not in reviewed and truth[p]]
+    assert "flagged by head:warm@v1" in page and f'data-id="{flagged_by_head[0]}"' in page
+    csrf = csrf_of(page)
+    r = c.post("/queue/verdict", data={"csrf": csrf, "image_id": str(flagged_by_head[0]), "label": "warm",
+                                       "positive": "0"}, headers={"X-Requested-With": "fetch"})
+    assert r.status_code == 200 and r.get_json()["flagged"] is False
+    latest = vd.latest(store.catalog, "warm")
+    assert latest.positive[latest.image_ids.index(flagged_by_head[0])] is False
+    assert f'data-id="{flagged_by_head[0]}" data-label="warm"' not in c.get("/queue").text  # judged: gone
+    model = c.get("/model").text
+    assert "<svg" in model and "Precision–recall" in model and "v1, active" in model and 'class="threshold"' in model
+    # p_warm on the image page and in the search results
+    assert "P(warm)" in c.get(f"/images/{flagged_by_head[1]}").text
+    up = encode(coloured(999, True), "JPEG")
+    import io
+    r = c.post("/search", data={"csrf": csrf, "image": (io.BytesIO(up), "q.jpg"), "k": "3", "scope": "all"},
+               content_type="multipart/form-data")
+    assert "P(warm)" in r.text
+    api = app.test_client().post("/api/v1/search", data={"image": (io.BytesIO(up), "q.jpg"), "scope": "all"},
+                                 headers={"Authorization": "Bearer reviewer-token"}, content_type="multipart/form-data")
+    body = api.get_json()["results"][0]
+    assert body["query"]["p_labels"]["warm"] > 0.5 and all("warm" in h["p_labels"] for h in body["hits"])
+
+
+def test_flagging_puts_look_alikes_in_the_queue(store_copy, opennsfw):
+    from flagmatch.wiring import open_index
+    s, store = store_copy
+    index = open_index(store, s)
+    target = next(i for i in store.catalog.image_ids() if not store.catalog.get(i).flagged)
+    hits = index.search(store.open_vectors().get([target]), 5, "all", exclude={target}, live=False)[0]
+    near = [int(i) for i, sim in zip(hits.ids, hits.similarities) if sim >= 0.3]
+    for i in near:  # unflag its look-alikes first, so they can join the queue
+        if store.catalog.get(i).flagged:
+            set_flags(store, index, AuditLog(store.catalog.engine), [i], flag=False, actor="rita", source="review",
+                      reason="setup", label="spots")
+    set_flags(store, index, AuditLog(store.catalog.engine), [target], flag=True, actor="rita", source="review",
+              label="spots", queue_similarity=0.3)
+    waiting = vd.candidates(store.catalog)
+    assert {i for i, lab, seed, _ in waiting if lab == "spots" and seed == target} >= set(near) - {target}

@@ -370,7 +370,7 @@ def _set_flags(flag: bool) -> Response:
     reason = (request.form.get("reason") or "").strip()[:2000] or None
     label = (request.form.get("label") or "").strip()[:200] or None
     changed = set_flags(r.store, r.index, rt().audit, ids, flag=flag, actor=actor(), source="review",
-                        via="viewer", reason=reason, label=label)
+                        via="viewer", reason=reason, label=label, queue_similarity=r.settings.queue_similarity)
     if _wants_json():
         return jsonify({"changed": sorted(changed), "flagged": flag,
                         "message": f"{'Flagged' if flag else 'Unflagged'} {len(changed)} image(s)." if changed else
@@ -487,8 +487,9 @@ def image(image_id: int) -> str:
         flagged = r.service.search_ids([image_id], SearchParams(k=12, scope="flagged")).results[0]
         near_flagged, evidence = flagged.hits, flagged.evidence
         near_all = r.service.search_ids([image_id], SearchParams(k=12, scope="all")).results[0].hits
+    from indexer.heads import scores_for
     return render_template("image.html", rec=rec, cluster=cl, near_flagged=near_flagged, near_all=near_all,
-                           evidence=evidence)
+                           evidence=evidence, p_labels=scores_for(r.store, [image_id]).get(image_id, {}))
 
 
 @bp.get("/images/<int:image_id>/large")
@@ -588,6 +589,101 @@ def switch_bank(name: str) -> Response:
     flash(f"Bank {b.name} {'enabled' if enabled else 'disabled'}: it {'matches' if enabled else 'no longer matches'}"
           f" from the next search on.")
     return redirect(url_for("viewer.banks_page"))
+
+
+# ------------------------------------------------------------------ the learning loop
+
+@bp.get("/queue")
+def queue() -> str:
+    """What to review next: images a head flagged that no one has judged (newest first), unflagged images
+    found near ones a reviewer just flagged, and those the heads are least sure of."""
+    from indexer import verdicts as vd
+    from indexer.heads import load_active, scores_for, uncertain
+    from indexer.catalog import ImageRow
+    from sqlalchemy import select
+    r = rt()
+    cat = r.store.catalog
+    heads = r.service.heads if r.service is not None else load_active(r.store)  # (reloaded when retrained)
+    items: list[tuple[int, str, str]] = []  # (image id, label, why)
+    with cat.session() as s:
+        head_flagged = s.execute(select(ImageRow.id, ImageRow.flag_label, ImageRow.flag_source)
+                                 .where(ImageRow.flagged, ImageRow.deleted.is_(False),
+                                        ImageRow.flag_source.like("head:%"))
+                                 .order_by(ImageRow.flagged_at.desc()).limit(300)).all()
+    said = vd.for_images(cat, [i for i, _, _ in head_flagged])
+    items += [(int(i), str(lab or vd.DEFAULT_LABEL), f"flagged by {src}") for i, lab, src in head_flagged
+              if (lab or vd.DEFAULT_LABEL) not in said.get(int(i), {})][:100]
+    items += [(i, lab, f"near #{seed} (similarity {sim:.2f}), which a reviewer flagged")
+              for i, lab, seed, sim in vd.candidates(cat, 100)]
+    items += [(i, lab, f"the {lab} head is unsure (P {p:.2f})") for i, lab, p in uncertain(r.store, heads, limit=100)]
+    seen: set[tuple[int, str]] = set()
+    unique = [it for it in items if (it[0], it[1]) not in seen and not seen.add((it[0], it[1]))][:PAGE]
+    recs = cat.get_many([i for i, _, _ in unique])
+    scores = scores_for(r.store, [i for i, _, _ in unique])
+    cards = [(recs[i], lab, why, scores.get(i, {}).get(lab)) for i, lab, why in unique if i in recs]
+    return render_template("queue.html", cards=cards, heads=heads)
+
+
+@bp.post("/queue/verdict")
+def queue_verdict() -> Response:
+    """One verdict from the queue: positive flags the image for the label, negative unflags it (or records
+    the verdict alone when it is not flagged)."""
+    from indexer import verdicts as vd
+    r = rt()
+    ids = _ids(request.form.getlist("image_id"))
+    label = vd.clean_label(request.form.get("label"))
+    positive = request.form.get("positive") == "1"
+    if len(ids) != 1:
+        raise InvalidInputError("one image_id", code="bad_parameter")
+    rec = r.store.catalog.get(ids[0])
+    reason = (request.form.get("reason") or "").strip()[:2000] or (
+        f"{label} (review queue)" if positive else f"not {label} (review queue)")
+    if positive or rec.flagged:
+        set_flags(r.store, r.index, r.audit, ids, flag=positive, actor=actor(), source="review", via="queue",
+                  reason=reason, label=label, queue_similarity=r.settings.queue_similarity)
+    else:
+        vd.record(r.store.catalog, [vd.Verdict(ids[0], label, False, actor(), reason, "queue")])
+        r.audit.record(actor(), "verdict", f"image:{ids[0]}", label=label, positive=False, reason=reason)
+    return jsonify({"image_id": ids[0], "label": label, "positive": positive,
+                    "flagged": r.store.catalog.get(ids[0]).flagged})
+
+
+@bp.get("/model")
+def model_page() -> str:
+    """Each label's active head: its held-out report with PR and calibration curves (inline SVG), its
+    threshold, and every version trained."""
+    from indexer.heads import active_labels, reports
+    from indexer import verdicts as vd
+    r = rt()
+    labels = []
+    for label, version in active_labels(r.store):
+        history = reports(r.store, label)
+        active = next((h for h in history if h.version == version), None)
+        labels.append({"label": label, "active": active, "history": history,
+                       "pr_svg": _curve_svg([(x, y) for x, y, _ in active.pr_curve] if active else [], "recall",
+                                            "precision"),
+                       "cal_svg": _curve_svg([(x, y) for x, y, _ in active.calibration] if active else [],
+                                             "predicted", "observed", diagonal=True)})
+    return render_template("model.html", labels=labels, verdict_counts=vd.labels(r.store.catalog))
+
+
+def _curve_svg(points: list[tuple[float, float]], xlabel: str, ylabel: str, *, diagonal: bool = False) -> str:
+    """A small line chart on [0, 1]², as inline SVG markup (no script, no CDN)."""
+    from markupsafe import Markup
+    w, h, pad = 260, 200, 30
+    px = lambda x: pad + x * (w - pad - 8)  # noqa: E731
+    py = lambda y: h - pad - y * (h - pad - 8)  # noqa: E731
+    pts = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in sorted(points))
+    diag = f'<line x1="{px(0)}" y1="{py(0)}" x2="{px(1)}" y2="{py(1)}" stroke="#bbb" stroke-dasharray="4 3"/>' \
+        if diagonal else ""
+    return Markup(
+        f'<svg class="curve" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" aria-label="{ylabel} against {xlabel}">'
+        f'<rect x="{pad}" y="8" width="{w - pad - 8}" height="{h - pad - 8}" fill="#fff" stroke="#ccc"/>{diag}'
+        f'<polyline points="{pts}" fill="none" stroke="#2454c5" stroke-width="2"/>'
+        f'<text x="{w / 2}" y="{h - 6}" text-anchor="middle" font-size="11">{xlabel}</text>'
+        f'<text x="10" y="{h / 2}" font-size="11" transform="rotate(-90 10 {h / 2})" text-anchor="middle">{ylabel}</text>'
+        f'<text x="{pad}" y="{h - pad + 12}" font-size="10">0</text><text x="{w - 14}" y="{h - pad + 12}" font-size="10">1</text>'
+        f"</svg>")
 
 
 @bp.get("/audit")

@@ -271,6 +271,34 @@
     window.setTimeout(() => { form.dataset.sent = ""; }, 5000);  // a failed navigation may be retried
   });
 
+  // ---------------------------------------------------------------- the review queue: one verdict per card
+  const queue = document.querySelector(".grid.queue");
+  async function verdict(card, positive) {
+    if (!card || card.classList.contains("done")) return;
+    const body = new FormData();
+    body.set("csrf", csrf());
+    body.set("request_id", newId());
+    body.set("image_id", card.dataset.id);
+    body.set("label", card.dataset.label);
+    body.set("positive", positive ? "1" : "0");
+    const resp = await fetch(queue.dataset.verdictUrl, {method: "POST", body, credentials: "same-origin",
+                                                        headers: {"X-Requested-With": "fetch", "X-CSRF-Token": csrf()}});
+    const data = await resp.json().catch(() => ({}));
+    if (!resp.ok) { say((data.error && data.error.message) || "That did not work.", "error"); return; }
+    card.classList.add("done");
+    card.classList.toggle("is-flagged", data.flagged);
+    card.classList.toggle("is-unflagged", !data.flagged);
+    const st = card.querySelector(".flagstate");
+    if (st) { st.className = "flagstate " + (data.flagged ? "flagged" : "unflagged"); st.textContent = (positive ? "confirmed " : "dismissed ") + data.label; }
+    say("#" + data.image_id + ": " + (positive ? "confirmed " : "not ") + data.label + ".");
+  }
+  if (queue) {
+    queue.addEventListener("click", (ev) => {
+      const b = ev.target.closest("button.verdict");
+      if (b) verdict(b.closest(".card"), b.dataset.positive === "1");
+    });
+  }
+
   // ---------------------------------------------------------------- keyboard review
   const cards = () => $$(".card.image");
   let cursor = -1;
@@ -283,6 +311,7 @@
     all[cursor].scrollIntoView({block: "nearest"});
     const pick = all[cursor].querySelector("input.pick");
     if (pick) pick.focus({preventScroll: true});
+    else if (all[cursor].tabIndex >= 0) all[cursor].focus({preventScroll: true});
   }
   document.addEventListener("keydown", (ev) => {
     if (ev.ctrlKey || ev.metaKey || ev.altKey) return;
@@ -302,6 +331,10 @@
     } else if (ev.key === "u") {
       const reason = selForm && selForm.querySelector('input[name="reason"]');
       if (reason) { reason.focus(); ev.preventDefault(); }
+    } else if (queue && (ev.key === "c" || ev.key === "d") && all[cursor]) {
+      verdict(all[cursor], ev.key === "c");
+      focusCard(cursor + 1);
+      ev.preventDefault();
     } else if (ev.key === "c") {
       const d = document.querySelector('#decision-form select[name="reason_code"]');
       if (d) { d.focus(); ev.preventDefault(); }
