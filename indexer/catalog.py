@@ -376,6 +376,15 @@ class Catalog:
                 out.update(s.scalars(q.where(ImageRow.flagged) if flagged else q))
         return out
 
+    def flag_states(self, ids: Sequence[int]) -> dict[int, bool]:
+        """Whether each of ``ids`` is flagged now (live images only): one light query per 500."""
+        out: dict[int, bool] = {}
+        with self.session() as s:
+            for chunk in _chunks(list(ids), 500):
+                out.update((int(i), bool(f)) for i, f in s.execute(
+                    select(ImageRow.id, ImageRow.flagged).where(ImageRow.id.in_(chunk), ImageRow.deleted.is_(False))))
+        return out
+
     def image_ids(self, *, flagged: bool | None = None, after: int = 0, upto: int | None = None,
                   flagged_since: dt.datetime | None = None) -> list[int]:
         with self.session() as s:

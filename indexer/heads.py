@@ -245,10 +245,11 @@ class ScoreCounts:
 
 
 def head_flags(store: Store, heads: Sequence[Head], ids: Sequence[int], scores: dict[str, np.ndarray],
-               flagged_now: dict[int, bool]) -> list[tuple[int, FlagRequest]]:
+               flagged_now: dict[int, bool], said: dict[int, dict[str, bool]] | None = None
+               ) -> list[tuple[int, FlagRequest]]:
     """The flag requests the heads make for ``ids``: at or above a head's threshold, not flagged already,
     and no negative verdict of a person for that label (a head never overrules a reviewer)."""
-    said = vd.for_images(store.catalog, ids)
+    said = vd.for_images(store.catalog, ids) if said is None else said
     out: list[tuple[int, FlagRequest]] = []
     taken: set[int] = set()
     for h in heads:
@@ -286,14 +287,14 @@ def score_catalog(store: Store, heads: Sequence[Head], *, chunk: int = 20_000,
         x = vectors.get(ids)
         scores = {h.label: h.predict(x) for h in heads}
         save_scores(store, heads, ids, scores)
-        recs = store.catalog.get_many(ids)
-        flagged_now = {i: r.flagged for i, r in recs.items()}
-        reqs = head_flags(store, heads, ids, scores, flagged_now)
+        flagged_now = store.catalog.flag_states(ids)
         said = vd.for_images(store.catalog, ids)
+        reqs = head_flags(store, heads, ids, scores, flagged_now, said)
         counts.kept_by_verdict += sum(1 for h in heads for j, i in enumerate(ids)
                                       if scores[h.label][j] >= h.threshold and said.get(i, {}).get(h.label) is False)
-        for image_id, req in reqs:
-            if store.catalog.set_flag([image_id], req, flag=True):
+        if reqs:  # one transaction a chunk
+            store.catalog.write_batch([], "", flags=reqs)
+            for image_id, req in reqs:
                 newly.append(image_id)
                 counts.flagged[req.label or ""] = counts.flagged.get(req.label or "", 0) + 1
         counts.scored += len(ids)
