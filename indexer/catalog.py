@@ -376,6 +376,16 @@ class Catalog:
                 out.update(s.scalars(q.where(ImageRow.flagged) if flagged else q))
         return out
 
+    def point_facts(self, ids: Sequence[int]) -> dict[int, tuple[float, bool, bool]]:
+        """(P(unsafe), flagged, deleted) of each of ``ids``, without hydrating records (the map's colours)."""
+        out: dict[int, tuple[float, bool, bool]] = {}
+        with self.session() as s:
+            for chunk in _chunks(list(ids), 20_000):
+                out.update((int(i), (float(p), bool(f), bool(d))) for i, p, f, d in s.execute(
+                    select(ImageRow.id, ImageRow.p_unsafe, ImageRow.flagged, ImageRow.deleted)
+                    .where(ImageRow.id.in_(chunk))))
+        return out
+
     def flag_states(self, ids: Sequence[int]) -> dict[int, bool]:
         """Whether each of ``ids`` is flagged now (live images only): one light query per 500."""
         out: dict[int, bool] = {}
