@@ -126,7 +126,7 @@ def main() -> None:
         shutil.rmtree(cache, ignore_errors=True)
     md = (f"Clustering job on {machine()}: {a.dim}-d flagged vectors (300 groups of skewed sizes + 5 % scattered), "
           f"default settings (UMAP → 8-d cosine and the 2-D map from the same neighbour graph, 100 epochs, fit on at "
-          f"most {a.sample:,}, the rest placed from their nearest fitted neighbours; HDBSCAN backend fast_hdbscan); "
+          f"most {a.sample:,}, the rest placed from their nearest fitted neighbours; HDBSCAN backend hdbscan); "
           f"seconds per phase, each size run with a cold numba cache (a new machine) and then warm.\n\n"
           + table(["flagged", "JIT cache", "fit on", "load s", "UMAP fit s", "map fit s", "place s", "cluster s",
                    "store s", "total s", "peak RSS", "clusters", "unclustered", "ARI vs truth"], rows)

@@ -150,8 +150,9 @@ class Settings:
                                   "default, 200 above 10k images; 100 measured as good and ~1.4x faster)", "cluster")
     cluster_sample: int = setting(50_000, "above this many flagged images, fit on a sample and predict the rest",
                                   "cluster")
-    cluster_backend: str = setting("fast_hdbscan", "HDBSCAN implementation: fast_hdbscan, hdbscan or sklearn",
-                                   "cluster")
+    cluster_backend: str = setting("hdbscan", "HDBSCAN implementation: hdbscan (compiled ahead: no JIT), "
+                                   "fast_hdbscan (numba: ~40 s of compiling on a machine's first run, then the "
+                                   "fastest) or sklearn", "cluster")
     seed: int = setting(42, "random seed of the clustering job", "cluster")
 
     @classmethod
