@@ -191,6 +191,11 @@ class NeighbourPlacer:
         self.index.add(x)
 
     def place(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        emb, xy, _, _ = self.place_with_neighbours(x)
+        return emb, xy
+
+    def place_with_neighbours(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Positions, and the fitted neighbours (row numbers in the fitted sample) with their weights."""
         sims, idx = self.index.search(_unit(x), self.k)
         idx = np.where(idx < 0, idx[:, :1], idx)
         dist = 1.0 - sims
@@ -200,23 +205,25 @@ class NeighbourPlacer:
         w /= w.sum(axis=1, keepdims=True)
         emb = np.einsum("nk,nkd->nd", w, self.fit_emb[idx]).astype(np.float32)
         xy = np.einsum("nk,nkd->nd", w, self.fit_xy[idx]).astype(np.float32)
-        return emb, xy
+        return emb, xy, idx, w.astype(np.float32)
 
 
-def exact_knn(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, None]:
-    """Each row's ``k`` nearest rows by cosine (itself first, at distance 0), exactly, with FAISS: UMAP's
-    ``precomputed_knn``. 50k × 192-d takes a few seconds on two cores (a BLAS product per block)."""
-    import faiss
-    u = _unit(x)
-    index = faiss.IndexFlatIP(u.shape[1])
-    index.add(u)
-    sims, idx = index.search(u, k)
-    own = np.arange(len(u))
-    missing = idx[:, 0] != own  # duplicates may put a twin first: the point itself goes first, as UMAP expects
-    idx[missing, 1:] = idx[missing, :-1]
-    sims[missing, 1:] = sims[missing, :-1]
-    idx[:, 0], sims[:, 0] = own, 1.0
-    return idx.astype(np.int64), np.maximum(1.0 - sims, 0.0).astype(np.float32), None
+def vote(labels: np.ndarray, probs: np.ndarray, idx: np.ndarray, w: np.ndarray
+         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cluster of each placed image: the weighted majority of its fitted neighbours' clusters (noise
+    included, so an image among noise stays noise); membership = the winning weight × the neighbours'
+    mean membership in it; outlier score = 1 − the winning weight. At 1M images this replaced hdbscan's
+    ``approximate_predict`` of 950k points (~190 s) with array arithmetic."""
+    nl = labels[idx]
+    out_l = np.full(len(idx), -1, np.int64)
+    best = np.zeros(len(idx), np.float32)
+    for lab in np.unique(nl):
+        share = (w * (nl == lab)).sum(axis=1)
+        better = share > best
+        out_l[better], best[better] = lab, share[better]
+    member = (w * (nl == out_l[:, None]) * probs[idx]).sum(axis=1) / np.maximum(best, 1e-9)
+    out_p = np.where(out_l >= 0, best * member, 0.0).astype(np.float32)
+    return out_l, out_p, (1.0 - best).astype(np.float32)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -293,24 +300,28 @@ def _cluster(store: Store, cstore: ClusterStore, run_id: int, ids: np.ndarray, x
         + (f", then placing {len(rest_idx):,} more" if sampled else ""))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # umap warns that random_state disables parallelism: that is the point
-        # one exact neighbour graph from FAISS for both embeddings: no NN-descent to compile and run, and the
-        # map comes from the same graph as the clustering space
-        knn = exact_knn(x[fit_idx], min(p.neighbors, len(fit_idx) - 1))
-        timings["knn"] = time.perf_counter() - t
-        reducer = _umap(p.dims, p.neighbors, "cosine", 0.0, p.seed, len(fit_idx), p.epochs, knn)
+        # UMAP's own approximate neighbour graph (NN-descent). An exact graph from FAISS was measured too: 20 s
+        # instead of 43 s for the 50k fit, but ARI 0.906 against 0.947 (NN-descent's graph, recall 0.83, keeps
+        # the groups together better), so quality wins.
+        reducer = _umap(p.dims, p.neighbors, "cosine", 0.0, p.seed, len(fit_idx), p.epochs)
         emb = np.empty((n, p.dims), np.float32)
         emb[fit_idx] = reducer.fit_transform(x[fit_idx])
         timings["reduce_fit"] = time.perf_counter() - t
         t1 = time.perf_counter()
+        # the map from the same neighbour graph (no second search): 21 s instead of 30 s at 50k points
+        graph = getattr(reducer, "_knn_indices", None)
+        knn = (graph, reducer._knn_dists, reducer._knn_search_index) if graph is not None else None
         mapper = _umap(2, p.neighbors, "cosine", 0.1, p.seed, len(fit_idx), p.epochs, knn)
         xy = np.empty((n, 2), np.float32)
         xy[fit_idx] = mapper.fit_transform(x[fit_idx])
         timings["map_fit"] = time.perf_counter() - t1
         t1 = time.perf_counter()
         placer = NeighbourPlacer(x[fit_idx], emb[fit_idx], xy[fit_idx], k=p.neighbors)
+        nbr = np.zeros((n, placer.k), np.int64)
+        nbr_w = np.zeros((n, placer.k), np.float32)
         for i in range(0, len(rest_idx), 50_000):
             chunk = rest_idx[i:i + 50_000]
-            emb[chunk], xy[chunk] = placer.place(x[chunk])
+            emb[chunk], xy[chunk], nbr[chunk], nbr_w[chunk] = placer.place_with_neighbours(x[chunk])
             say("reduce", f"placed {min(i + 50_000, len(rest_idx)):,} / {len(rest_idx):,}")
         timings["place"] = time.perf_counter() - t1
     timings["reduce"] = time.perf_counter() - t
@@ -335,8 +346,8 @@ def _cluster(store: Store, cstore: ClusterStore, run_id: int, ids: np.ndarray, x
     if len(hfit) >= max(p.min_cluster_size * 2, 4):
         fitted = fit_hdbscan(emb[hfit], p)
         labels[hfit], probs[hfit], outl[hfit] = fitted.labels, fitted.probabilities, fitted.outlier_scores
-        if len(hrest):
-            labels[hrest], probs[hrest], outl[hrest] = predict(fitted, emb[hfit], emb[hrest])
+        if len(hrest):  # by their fitted neighbours (rows of fit_idx), as they were placed
+            labels[hrest], probs[hrest], outl[hrest] = vote(labels[fit_idx], probs[fit_idx], nbr[hrest], nbr_w[hrest])
     else:
         fitted = Fitted(np.full(len(hfit), -1, np.int64), np.zeros(len(hfit), np.float32),
                         np.ones(len(hfit), np.float32), None, None)

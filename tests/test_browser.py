@@ -146,6 +146,16 @@ def test_moderator_journey(server, page):
     assert page.url != v0 and page.locator("#map").get_attribute("data-selected") is None
     page.locator("#map").focus()
     page.keyboard.press("0")
+    # a lasso around the whole map selects every point; a thin one selects none of the far clusters
+    page.click("#lasso-mode")
+    corners = [(3, 3), (box["width"] - 3, 3), (box["width"] - 3, box["height"] - 3), (3, box["height"] - 3), (3, 6)]
+    page.mouse.move(box["x"] + corners[0][0], box["y"] + corners[0][1])
+    page.mouse.down()
+    for cx, cy in corners[1:]:
+        page.mouse.move(box["x"] + cx, box["y"] + cy, steps=6)
+    page.mouse.up()
+    assert int(page.locator("#map").get_attribute("data-selected")) == 60
+    page.click("#lasso-mode")
     page.click("#box-mode")  # (shift-drag does the same)
     page.mouse.move(box["x"] + 3, box["y"] + 3)
     page.mouse.down()

@@ -1,6 +1,7 @@
 // flagmatch map: the run's 2-D coordinates as a scatter on a canvas (one pixel write per point, so
 // 100k points draw in milliseconds). Colour by cluster, flag state, review status or P(unsafe), with a
-// legend. Drag pans; shift-drag (or "Box select") selects; wheel or +/- zooms; arrows pan; 0 resets;
+// legend. Drag pans; shift-drag (or "Box select") selects a box, alt-drag (or "Lasso") a free shape;
+// wheel or +/- zooms; arrows pan; 0 resets;
 // hover shows a blurred thumbnail; click opens the image. The view and colouring live in the URL hash.
 "use strict";
 (function () {
@@ -12,12 +13,13 @@
   const legendBox = document.getElementById("legend");
   const colourSel = document.getElementById("colour-by");
   const boxBtn = document.getElementById("box-mode");
+  const lassoBtn = document.getElementById("lasso-mode");
   const PAD = 12;
   let W = canvas.width, H = canvas.height;
   let pts = null;           // {n, x: Float32Array (0..1), y, id: Int32Array, cl: Int32Array, p: Uint8Array, f: Uint8Array}
   let clusters = new Map(); // id -> {name, status, size}
   let view = {x0: 0, x1: 1, y0: 0, y1: 1};
-  let grid = null, drag = null, boxMode = false, lastBox = null;
+  let grid = null, drag = null, boxMode = false, lassoMode = false, lastBox = null;
   const palette = [];
   for (let i = 0; i < 64; i++) {  // well-spread hues
     const h = (i * 137.508) % 360, s = 65 + (i % 3) * 10, l = 38 + (i % 4) * 7;
@@ -120,7 +122,13 @@
       cell.push(i);
     }
     ctx.putImageData(img, 0, 0);
-    if (box) {
+    if (box && box.path) {
+      ctx.strokeStyle = "#2454c5"; ctx.lineWidth = 1.5;
+      ctx.fillStyle = "rgba(36,84,197,.08)";
+      ctx.beginPath();
+      box.path.forEach(([px, py], i) => (i ? ctx.lineTo(px, py) : ctx.moveTo(px, py)));
+      ctx.closePath(); ctx.fill(); ctx.stroke();
+    } else if (box) {
       ctx.strokeStyle = "#2454c5"; ctx.lineWidth = 1;
       ctx.fillStyle = "rgba(36,84,197,.08)";
       ctx.fillRect(box.x, box.y, box.w, box.h);
@@ -185,11 +193,22 @@
     draw(lastBox = null);
   }
 
+  function inside(path, px, py) {  // ray casting: a point is inside when a ray crosses the path an odd number of times
+    let hit = false;
+    for (let a = 0, b = path.length - 1; a < path.length; b = a++) {
+      const [xa, ya] = path[a], [xb, yb] = path[b];
+      if ((ya > py) !== (yb > py) && px < (xb - xa) * (py - ya) / (yb - ya) + xa) hit = !hit;
+    }
+    return hit;
+  }
+
   function select(b) {
     const picked = [];
     for (let i = 0; i < pts.n; i++) {
       const px = sx(pts.x[i]), py = sy(pts.y[i]);
-      if (px >= b.x && px <= b.x + b.w && py >= b.y && py <= b.y + b.h) picked.push(pts.id[i]);
+      if (b.path ? inside(b.path, px, py) : (px >= b.x && px <= b.x + b.w && py >= b.y && py <= b.y + b.h)) {
+        picked.push(pts.id[i]);
+      }
     }
     draw(lastBox = b);
     const form = document.getElementById("selection-form");
@@ -203,7 +222,10 @@
     if (!pts) return;
     const [mx, my] = pos(e);
     if (drag) {
-      if (drag.box) {
+      if (drag.lasso) {
+        drag.path.push([mx, my]);
+        draw({path: drag.path});
+      } else if (drag.box) {
         drag.w = mx - drag.x; drag.h = my - drag.y;
         draw(norm(drag));
       } else {
@@ -230,13 +252,15 @@
   canvas.addEventListener("mouseleave", () => tip.classList.add("hidden"));
   canvas.addEventListener("mousedown", (e) => {
     const [x, y] = pos(e);
-    drag = {x, y, w: 0, h: 0, lx: x, ly: y, box: boxMode || e.shiftKey, moved: false};
+    drag = {x, y, w: 0, h: 0, lx: x, ly: y, box: boxMode || e.shiftKey, lasso: lassoMode || e.altKey,
+            path: [[x, y]], moved: false};
   });
   window.addEventListener("mouseup", (e) => {  // (on the window: a drag may end outside the canvas)
     if (!pts || !drag) return;
     const d = drag;
     drag = null;
     const b = norm(d);
+    if (d.lasso && d.path.length > 3) { select({path: d.path}); return; }
     if (d.box && (b.w >= 4 || b.h >= 4)) { select(b); return; }
     if (!d.box && d.moved) return;  // a pan
     if (e.target !== canvas) return;
@@ -261,12 +285,16 @@
     if (keys[e.key]) { keys[e.key](); e.preventDefault(); }
   });
   colourSel.addEventListener("change", () => draw(lastBox));
-  boxBtn.addEventListener("click", () => {
-    boxMode = !boxMode;
+  function setMode(box, lasso) {
+    boxMode = box; lassoMode = lasso;
     boxBtn.setAttribute("aria-pressed", String(boxMode));
     boxBtn.textContent = boxMode ? "Box select: on" : "Box select: off";
-    canvas.style.cursor = boxMode ? "crosshair" : "grab";
-  });
+    lassoBtn.setAttribute("aria-pressed", String(lassoMode));
+    lassoBtn.textContent = lassoMode ? "Lasso: on" : "Lasso: off";
+    canvas.style.cursor = boxMode || lassoMode ? "crosshair" : "grab";
+  }
+  boxBtn.addEventListener("click", () => setMode(!boxMode, false));
+  lassoBtn.addEventListener("click", () => setMode(false, !lassoMode));
   window.addEventListener("resize", fit);
   readState();
   load().catch((err) => { status.textContent = "could not load the map: " + err; });
