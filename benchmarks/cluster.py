@@ -125,7 +125,7 @@ def main() -> None:
                     brows.append([f"{n:,}", b, v["seconds"], v["clusters"], f"{v['noise']:.0%}", v["ari_vs_hdbscan"]])
         shutil.rmtree(cache, ignore_errors=True)
     md = (f"Clustering job on {machine()}: {a.dim}-d flagged vectors (300 groups of skewed sizes + 5 % scattered), "
-          f"default settings (UMAP → 8-d cosine and the 2-D map from the same neighbour graph, 100 epochs, fit on at "
+          f"default settings (UMAP → 8-d cosine, 200 epochs, and the 2-D map from the same neighbour graph, 100 epochs, fit on at "
           f"most {a.sample:,}, the rest placed from their nearest fitted neighbours; HDBSCAN backend hdbscan); "
           f"seconds per phase, each size run with a cold numba cache (a new machine) and then warm.\n\n"
           + table(["flagged", "JIT cache", "fit on", "load s", "UMAP fit s", "map fit s", "place s", "cluster s",

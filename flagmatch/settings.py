@@ -146,8 +146,9 @@ class Settings:
                                   "at or above this) form one cluster before HDBSCAN groups the rest (0: off; off by "
                                   "default: on open_nsfw features it split more families than it joined)", "cluster")
     cluster_neighbors: int = setting(15, "UMAP n_neighbors", "cluster")
-    cluster_epochs: int = setting(100, "UMAP optimisation epochs for the clustering space and the map (0: UMAP's "
-                                  "default, 200 above 10k images; 100 measured as good and ~1.4x faster)", "cluster")
+    cluster_epochs: int = setting(0, "UMAP optimisation epochs of the clustering space (0: UMAP's default, 200 "
+                                  "above 10k images; 100 is ~1.3x faster but grouped re-upload families worse)",
+                                  "cluster")
     cluster_sample: int = setting(50_000, "above this many flagged images, fit on a sample and predict the rest",
                                   "cluster")
     cluster_backend: str = setting("hdbscan", "HDBSCAN implementation: hdbscan (compiled ahead: no JIT), "
