@@ -22,15 +22,18 @@
   }
 
   // ---------------------------------------------------------------- request ids: one action per form
-  function stamp(form) {
-    let input = form.querySelector('input[name="request_id"]');
+  function hiddenField(form, name) {  // the form's hidden input of that name, made when missing
+    let input = form.querySelector(`input[type="hidden"][name="${name}"]`);
     if (!input) {
       input = document.createElement("input");
       input.type = "hidden";
-      input.name = "request_id";
+      input.name = name;
       form.appendChild(input);
     }
-    input.value = newId();
+    return input;
+  }
+  function stamp(form) {
+    hiddenField(form, "request_id").value = newId();
   }
   $$('form[method="post"]').forEach(stamp);
 
@@ -208,13 +211,7 @@
         return;
       }
       $$('input.pick', form).forEach((b) => { b.disabled = true; });  // the ids travel in one field
-      let hidden = form.querySelector('input[name="ids"][type="hidden"]');
-      if (!hidden) {
-        hidden = document.createElement("input");
-        hidden.type = "hidden";
-        hidden.name = "ids";
-        form.appendChild(hidden);
-      }
+      const hidden = hiddenField(form, "ids");
       hidden.value = ids.join(",");
       form.dataset.sent = "1";
       const resp = await post(form, submitter);
