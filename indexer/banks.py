@@ -140,8 +140,9 @@ class Banks:
             s.add(BankRow(name=name, source=source, role=role, enabled=enabled, pdq_threshold=pdq_threshold))
         return self.get(name)
 
-    def get(self, name: str) -> Bank:
-        for b in self._banks(name):
+    def get(self, name: str, *, counts: bool = True) -> Bank:
+        """A bank; ``counts=False`` leaves ``entries`` at 0 instead of counting them (for internal lookups)."""
+        for b in self._banks(name, counts):
             return b
         raise NotFoundError(f"no bank named {name!r}")
 
@@ -198,7 +199,7 @@ class Banks:
     def add(self, name: str, entries: Iterable[NewEntry]) -> tuple[list[int], int]:
         """Add entries to a bank in one transaction; entries already there are skipped.
         Returns (the new entries' ids, how many were already banked)."""
-        bank = self.get(name)
+        bank = self.get(name, counts=False)
         ids: list[int] = []
         dup = 0
         with self.catalog.session() as s, s.begin():
@@ -234,7 +235,7 @@ class Banks:
         return sorted(new), len(chunk) - len(rows)
 
     def remove_entry(self, name: str, entry_id: int) -> int:
-        bank = self.get(name)
+        bank = self.get(name, counts=False)
         with self.catalog.session() as s, s.begin():
             return int(s.execute(delete(BankEntryRow).where(BankEntryRow.bank_id == bank.id,
                                                             BankEntryRow.id == int(entry_id))).rowcount or 0)
@@ -261,7 +262,7 @@ class Banks:
         return out
 
     def page(self, name: str, *, after: int = 0, limit: int = 1000, signal_type: str | None = None) -> list[BankEntry]:
-        bank = self.get(name)
+        bank = self.get(name, counts=False)
         with self.catalog.session() as s:
             q = select(BankEntryRow).where(BankEntryRow.bank_id == bank.id, BankEntryRow.id > after)
             if signal_type is not None:
@@ -292,7 +293,7 @@ class Banks:
                     on_bad: Callable[[BadRow], None] | None = None) -> ImportReport:
         """Stream a hash list into a bank, committing every few thousand rows (an interrupted import keeps
         what it committed; running it again adds the rest)."""
-        bank = self.get(name)
+        bank = self.get(name, counts=False)
         report = ImportReport(bank.name)
         seen: dict[tuple[str, str], int] = {}
 
@@ -343,7 +344,7 @@ class Banks:
         return write_list(out, rows(), fmt=fmt, collab=collab)
 
     def export_bank(self, name: str, out: IO[str], *, fmt: str = "te") -> int:
-        bank = self.get(name)
+        bank = self.get(name, counts=False)
 
         def rows() -> Iterator[tuple[str, str, str]]:
             after = 0

@@ -12,7 +12,6 @@ loads. It is measured against what the store already has: a head fitted on the f
 same training verdicts, both scored by average precision on the held-out verdicts."""
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -24,22 +23,18 @@ from indexer.decode import DEFAULT_LIMITS, decode
 from indexer.embed import TimmEmbedder, load_model, to_input
 from indexer.errors import FlagmatchError, InvalidInputError
 from indexer.heads import MIN_PER_CLASS, MIN_TEST_PER_CLASS, NotEnoughVerdicts
-from indexer.store import Store
+from indexer.store import Store, read_original
 
 
 def _pixels(store: Store, image_id: int, emb: TimmEmbedder) -> np.ndarray | None:
     """Model input pixels of a stored image: from its original when it is still there, else its thumbnail."""
     rec = store.catalog.get(image_id)
-    for path in rec.paths:
+    found = read_original(rec.paths, rec.sha256, 200 * 1024 * 1024)
+    if found.data is not None:
         try:
-            data = Path(path).read_bytes()
-        except OSError:
-            continue
-        if hashlib.sha256(data).hexdigest() == rec.sha256:
-            try:
-                return decode(data, emb.info.input, DEFAULT_LIMITS, thumb_size=0, pdq=False).pixels
-            except FlagmatchError:
-                break
+            return decode(found.data, emb.info.input, DEFAULT_LIMITS, thumb_size=0, pdq=False).pixels
+        except FlagmatchError:
+            pass
     thumb = store.thumb_path(rec.thumb_key) if rec.thumb_key else None
     if thumb is not None and thumb.is_file():
         return decode(thumb.read_bytes(), emb.info.input, DEFAULT_LIMITS, thumb_size=0, pdq=False).pixels

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
-from sqlalchemy import Float, ForeignKey, Integer, String, delete, insert, select
+from sqlalchemy import Float, ForeignKey, Integer, String, delete, func, insert, select
 from sqlalchemy.orm import Mapped, mapped_column
 
 from indexer import verdicts as vd
@@ -320,19 +320,15 @@ def uncertain(store: Store, heads: Sequence[Head], *, limit: int = 200) -> list[
     (image id, label, p), least certain first — where a verdict teaches the head most."""
     out: list[tuple[float, int, str, float]] = []
     for h in heads:
+        gap = func.abs(HeadScoreRow.p - h.threshold)
         with store.catalog.session() as s:
             rows = s.execute(select(HeadScoreRow.image_id, HeadScoreRow.p)
                              .join(ImageRow, ImageRow.id == HeadScoreRow.image_id)
-                             .where(HeadScoreRow.label == h.label, ImageRow.deleted.is_(False))).all()
-        if not rows:
-            continue
-        ids = np.array([r[0] for r in rows])
-        p = np.array([r[1] for r in rows])
-        order = np.argsort(np.abs(p - h.threshold))[: limit * 3]
-        said = vd.for_images(store.catalog, ids[order].tolist())
-        for j in order:
-            if h.label not in said.get(int(ids[j]), {}):
-                out.append((abs(float(p[j]) - h.threshold), int(ids[j]), h.label, float(p[j])))
+                             .where(HeadScoreRow.label == h.label, ImageRow.deleted.is_(False))
+                             .order_by(gap, HeadScoreRow.image_id).limit(limit * 3)).all()
+        said = vd.for_images(store.catalog, [int(i) for i, _ in rows])
+        out += [(abs(float(p) - h.threshold), int(i), h.label, float(p)) for i, p in rows
+                if h.label not in said.get(int(i), {})]
     out.sort()
     return [(i, label, p) for _, i, label, p in out[:limit]]
 

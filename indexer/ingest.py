@@ -24,7 +24,7 @@ from indexer import verdicts
 from indexer.hashes import Pdq, md5_of
 from indexer.heads import Head, save_scores
 from indexer.sources import Source, SourceError, SourceItem
-from indexer.store import Store
+from indexer.store import Store, read_original
 
 
 @dataclass(frozen=True)
@@ -233,23 +233,14 @@ class BackfillCounts:
 def _hash_original(image_id: int, sha: str, paths: Sequence[str], opts: IngestOptions
                    ) -> tuple[int, str, Pdq | None] | Failed:
     """MD5 and PDQ of a stored image from the first of its paths that still holds the same bytes."""
-    last = Failed(f"image:{image_id}", "no_path", "no path is recorded for this image")
-    for path in paths:
-        try:
-            with open(path, "rb") as f:
-                data = f.read(opts.max_file_bytes + 1)
-        except OSError as exc:
-            last = Failed(path, "unreadable", exc.strerror or str(exc))
-            continue
-        if hashlib.sha256(data).hexdigest() != sha:
-            last = Failed(path, "changed", f"the file no longer holds image {image_id}'s bytes (sha256 differs)")
-            continue
-        try:
-            image = decode(data, InputSpec(224), opts.limits, thumb_size=0)
-        except DecodeError as exc:
-            return Failed(path, exc.code, exc.message)
-        return image_id, md5_of(data), image.pdq
-    return last
+    found = read_original(paths, sha, opts.max_file_bytes)
+    if found.data is None:
+        return Failed(found.path or f"image:{image_id}", found.code, found.message)
+    try:
+        image = decode(found.data, InputSpec(224), opts.limits, thumb_size=0)
+    except DecodeError as exc:
+        return Failed(found.path, exc.code, exc.message)
+    return image_id, md5_of(found.data), image.pdq
 
 
 def backfill_hashes(store: Store, opts: IngestOptions, *, progress: Progress | None = None) -> BackfillCounts:

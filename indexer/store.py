@@ -3,14 +3,44 @@ so that they are always reconciled with each other before anything reads or writ
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from indexer.catalog import Catalog
 from indexer.errors import FlagmatchError, ModelMismatchError
 from indexer.vectors import VectorStore
+
+
+@dataclass(frozen=True)
+class Original:
+    """A stored image's bytes read back from where it was ingested, or why not (``code``: no_path,
+    unreadable, changed)."""
+    data: bytes | None
+    path: str
+    code: str = ""
+    message: str = ""
+
+
+def read_original(paths: Sequence[str], sha256: str, max_bytes: int) -> Original:
+    """The first of ``paths`` that still holds the bytes with this sha256 (a file since edited or replaced
+    is not the image any more)."""
+    last = Original(None, "", "no_path", "no path is recorded for this image")
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                data = f.read(max_bytes + 1)
+        except OSError as exc:
+            last = Original(None, path, "unreadable", exc.strerror or str(exc))
+            continue
+        if hashlib.sha256(data).hexdigest() != sha256:
+            last = Original(None, path, "changed", "the file no longer holds the image's bytes (sha256 differs)")
+            continue
+        return Original(data, path)
+    return last
 
 
 class Store:

@@ -497,24 +497,15 @@ def large_view(image_id: int) -> Response:
     """The image at up to 1,024 px, decoded from its original (still on disk, same bytes), for a closer
     look than the 256 px thumbnail: every view is recorded in the audit log; blurred as the session's
     thumbnails are unless the moderator revealed this image in the last 30 minutes."""
-    import hashlib
     from indexer.decode import InputSpec, decode
+    from indexer.store import read_original
     from search.thumbnails import render_bytes
     r = rt()
     rec = r.store.catalog.get(image_id)
-    data = None
-    for path in rec.paths:
-        try:
-            with open(path, "rb") as f:
-                candidate = f.read(r.settings.max_file_bytes + 1)
-        except OSError:
-            continue
-        if hashlib.sha256(candidate).hexdigest() == rec.sha256:
-            data = candidate
-            break
-    if data is None:
+    found = read_original(rec.paths, rec.sha256, r.settings.max_file_bytes)
+    if found.data is None:
         raise NotFoundError(f"image {image_id}'s original is no longer where it was ingested from")
-    img = decode(data, InputSpec(64), r.service.limits if r.service else DEFAULT_LIMITS, thumb_size=1024, pdq=False)
+    img = decode(found.data, InputSpec(64), r.service.limits if r.service else DEFAULT_LIMITS, thumb_size=1024, pdq=False)
     who = actor()
     blur = bool(session.get("blur", True)) and not r.audit.revealed_recently(who, f"image:{image_id}")
     r.audit.record(who, "view_large", f"image:{image_id}", blurred=blur)
