@@ -1,6 +1,12 @@
 """Ingest throughput: model-only (pre-decoded pixels) vs end-to-end `ingest` on the same real images,
 for both backends, plus peak RSS at two corpus sizes (it must not grow with the number of images).
 
+It also measures, in the same run, what each stage costs in CPU per image on one thread — reading and
+hashing the bytes (sha256, MD5), decoding to the model's input, the thumbnail (resample + WebP), PDQ —
+and from those and the model's CPU per image (cores ÷ model-only rate) the ideal end-to-end rate:
+cores ÷ (model CPU + everything else's CPU). measured ÷ ideal says how much of the machine the pipeline
+itself loses (waiting, oversubscription, batch formation).
+
     python benchmarks/ingest.py [--photos 300] [--clipart 100] [--work /tmp/fm-bench-ingest]
 
 The corpus comes from ../shared/corpus/make-corpus (photos and clipart from Debian packages). The
@@ -63,6 +69,39 @@ def worker_model(args: argparse.Namespace) -> dict:
             "model_id": emb.info.model_id, "peak_rss_kib": peak_rss_kib()}
 
 
+def worker_stages(args: argparse.Namespace) -> dict:
+    """CPU per image of each non-model stage, on one thread (process time, median of 3 passes)."""
+    import hashlib
+    import os
+    from indexer.decode import decode
+    from indexer.embed import load_model
+    from indexer.errors import DecodeError
+    from indexer.hashes import md5_of
+
+    spec = load_model(args.model).info.input
+    datas = [Path(p).read_bytes() for p in json.loads(Path(args.files).read_text())]
+
+    def cpu(fn) -> float:
+        times = []
+        for _ in range(3):
+            t = time.process_time()
+            for d in datas:
+                try:
+                    fn(d)
+                except DecodeError:
+                    pass
+            times.append((time.process_time() - t) / len(datas) * 1000)
+        return median(times)
+
+    hashing = cpu(lambda d: (hashlib.sha256(d).hexdigest(), md5_of(d)))
+    model_input = cpu(lambda d: decode(d, spec, thumb_size=0, pdq=False))
+    with_thumb = cpu(lambda d: decode(d, spec, thumb_size=256, pdq=False))
+    everything = cpu(lambda d: decode(d, spec, thumb_size=256, pdq=True))
+    return {"hash_ms": hashing, "decode_ms": model_input, "thumbnail_ms": max(with_thumb - model_input, 0.0),
+            "pdq_ms": max(everything - with_thumb, 0.0), "total_ms": hashing + everything,
+            "cores": os.cpu_count() or 1}
+
+
 def worker_ingest(args: argparse.Namespace) -> dict:
     from flagmatch.settings import Settings
     from flagmatch.wiring import ingest_into, load_embedder
@@ -87,14 +126,14 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/fm-bench-ingest")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--model-images", type=int, default=256)
-    ap.add_argument("--worker", choices=["model", "ingest"])
+    ap.add_argument("--worker", choices=["model", "ingest", "stages"])
     ap.add_argument("--model")
     ap.add_argument("--files")
     ap.add_argument("--home")
     ap.add_argument("--limit", type=int, default=10**9)
     a = ap.parse_args()
     if a.worker:
-        fn = worker_model if a.worker == "model" else worker_ingest
+        fn = {"model": worker_model, "ingest": worker_ingest, "stages": worker_stages}[a.worker]
         print(json.dumps(fn(a)))
         return
 
@@ -107,11 +146,13 @@ def main() -> None:
     listing = work / "files.json"
     listing.write_text(json.dumps(mixed))
     models = {"timm (vit_tiny_patch16_384)": str(default_arch_model(work)), "onnx (opennsfw)": "opennsfw"}
-    rows, data = [], {"machine": machine(), "corpus": {"photos": a.photos, "clipart": a.clipart}, "runs": {}}
+    rows, ideal_rows = [], []
+    data = {"machine": machine(), "corpus": {"photos": a.photos, "clipart": a.clipart}, "runs": {}}
     half = len(mixed) // 2
     for name, model in models.items():
         common = [__file__, "--model", model, "--files", str(listing), "--batch-size", str(a.batch_size)]
         m, _ = run_child(common + ["--worker", "model", "--model-images", str(a.model_images)])
+        st, _ = run_child(common + ["--worker", "stages"])
         results = {}
         for n in (half, len(mixed)):
             home = work / f"home-{abs(hash((name, n)))}"
@@ -120,7 +161,15 @@ def main() -> None:
             results[n] = r
         full = results[len(mixed)]
         ratio = full["images_per_s"] / m["images_per_s"]
-        data["runs"][name] = {"model_only": m, "ingest": results, "ratio": ratio}
+        model_ms = st["cores"] / m["images_per_s"] * 1000
+        ideal = st["cores"] / ((model_ms + st["total_ms"]) / 1000)
+        data["runs"][name] = {"model_only": m, "ingest": results, "ratio": ratio, "stages": st,
+                              "model_cpu_ms": model_ms, "ideal_images_per_s": ideal,
+                              "measured_over_ideal": full["images_per_s"] / ideal}
+        ideal_rows.append([name, m["images_per_s"], f"{model_ms:.1f}", f"{st['hash_ms']:.2f}", f"{st['decode_ms']:.2f}",
+                           f"{st['thumbnail_ms']:.2f}", f"{st['pdq_ms']:.2f}",
+                           f"{ideal:.1f} ({ideal / m['images_per_s']:.2f} of model-only)",
+                           full["images_per_s"], f"{full['images_per_s'] / ideal:.2f}"])
         rows.append([name, m["precision"], m["images_per_s"], full["images_per_s"], f"{ratio:.0%}",
                      f"{results[half]['peak_rss_kib'] / 1024:.0f} MiB ({half} img)",
                      f"{full['peak_rss_kib'] / 1024:.0f} MiB ({len(mixed)} img)", full["failed"]])
@@ -128,7 +177,12 @@ def main() -> None:
           f"clipart PNGs from make-corpus, batch {a.batch_size}; model-only = median of 3 passes over "
           f"{a.model_images} pre-decoded images.\n\n"
           + table(["backend", "precision", "model-only img/s", "end-to-end img/s", "e2e / model",
-                   "peak RSS (half corpus)", "peak RSS (full corpus)", "failed"], rows))
+                   "peak RSS (half corpus)", "peak RSS (full corpus)", "failed"], rows)
+          + "\n\nWhere the time goes (CPU ms per image, one thread, median of 3 passes over the corpus; model CPU = "
+          "cores ÷ model-only rate; ideal = cores ÷ (model + read/hash + decode + thumbnail + PDQ CPU)):\n\n"
+          + table(["backend", "model-only img/s", "model CPU ms", "sha256+MD5 ms", "decode to model input ms",
+                   "thumbnail ms", "PDQ ms", "ideal end-to-end img/s", "measured img/s", "measured ÷ ideal"],
+                  ideal_rows))
     write("ingest", data, md)
 
 

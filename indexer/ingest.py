@@ -35,6 +35,7 @@ class IngestOptions:
     limits: DecodeLimits = DEFAULT_LIMITS
     max_file_bytes: int = 200 * 1024 * 1024
     thumb_size: int = 256
+    decode_nice: int = 19  # the decode threads' niceness, above the model's (see _lower_priority)
 
 
 # ------------------------------------------------------------------ what the stages pass along
@@ -139,6 +140,18 @@ class Reader:
     def committed(self, shas: Iterable[str]) -> None:
         with self._lock:
             self._pending.difference_update(shas)
+
+
+def _lower_priority(nice: int) -> None:
+    """Lower the calling decode thread's scheduling priority. The model's parallel operators wait for their
+    slowest thread, so a decode thread that preempts one of the model's threads stalls the whole operator;
+    at a lower priority the scheduler runs decoding in the model's gaps instead. Measured on 2 cores
+    (open_nsfw, make-corpus): 51–53 → 55–56 images/s end to end; the ViT's rate unchanged within noise."""
+    if nice > 0:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        except (OSError, AttributeError):  # not permitted or not Linux: run at the normal priority
+            pass
 
 
 def embed_batch(embedder: Embedder, batch: Batch) -> EmbeddedBatch:
@@ -309,17 +322,30 @@ def ingest(store: Store, embedder: Embedder, sources: Iterable[Source], opts: In
             if len(batch) >= opts.batch_size or len(batch.duplicates) + len(batch.failed) >= 4 * opts.batch_size:
                 flush()
 
-        with ThreadPoolExecutor(max_workers=max(1, opts.decode_workers), thread_name_prefix="decode") as pool:
-            try:
-                for src in sources:
+        with ThreadPoolExecutor(max_workers=max(1, opts.decode_workers), thread_name_prefix="decode",
+                                initializer=_lower_priority, initargs=(opts.decode_nice,)) as pool:
+            items = iter(sources)
+
+            def top_up() -> None:
+                # keep max_inflight items queued for the decode threads before the model takes the next batch:
+                # submitting only between batches left them idle during each forward pass (a tenth of the
+                # ingest thread's time was spent waiting for decodes that could have run meanwhile)
+                while len(inflight) < max_inflight:
+                    src = next(items, None)
+                    if src is None:
+                        return
                     if isinstance(src, SourceError):
                         batch.failed.append(Failed(src.path, src.code, src.message))
-                        continue
-                    inflight.append(pool.submit(reader, src))
-                    while len(inflight) > max_inflight or (inflight and inflight[0].done()):
-                        take(inflight.popleft().result())
+                        if len(batch.duplicates) + len(batch.failed) >= 4 * opts.batch_size:
+                            flush()  # a source of nothing but errors is recorded as it goes, not held
+                    else:
+                        inflight.append(pool.submit(reader, src))
+
+            try:
+                top_up()
                 while inflight:
                     take(inflight.popleft().result())
+                    top_up()
                 flush()
             finally:
                 for fut in inflight:
