@@ -67,6 +67,8 @@ class Settings:
                                     "ingest")
     batch_size: int = setting(32, "images per model batch", "ingest")
     decode_workers: int = setting(2, "threads that decode images while the model runs", "ingest")
+    model_lanes: int = setting(0, "batches the model runs at once during ingest, one thread each (0: one per core "
+                               "for ONNX models, where it measured faster; timm runs one)", "ingest")
     decode_nice: int = setting(19, "niceness of the decode threads (0-19): above the model's, so decoding runs "
                                "in the model's gaps instead of stalling its parallel operators", "ingest")
     thumb_size: int = setting(256, "long side of stored thumbnails, in pixels", "ingest")

@@ -58,6 +58,7 @@ def decode_limits(settings: Settings) -> DecodeLimits:
 def ingest_options(settings: Settings) -> IngestOptions:
     return IngestOptions(flag_threshold=settings.flag_threshold, batch_size=settings.batch_size,
                          decode_workers=settings.decode_workers, decode_nice=settings.decode_nice,
+                         model_lanes=settings.model_lanes,
                          limits=decode_limits(settings),
                          max_file_bytes=settings.max_file_bytes, thumb_size=settings.thumb_size)
 

@@ -14,7 +14,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from indexer.errors import InvalidInputError, ModelMismatchError, NotFoundError
+from indexer.errors import FlagmatchError, InvalidInputError, ModelMismatchError, NotFoundError
 from indexer.hashes import Pdq, Signals
 
 FLAG_SOURCES = ("model", "manual", "import", "review")
@@ -249,7 +249,23 @@ def _event(e: FlagEventRow) -> FlagEvent:
 
 # ---------------------------------------------------------------------------------- catalog
 
+def engine_url(url: str) -> str:
+    """The URL with its driver: PostgreSQL runs on psycopg 3 (``pip install 'flagmatch[postgres]'``), so a
+    plain ``postgresql://`` URL is read as ``postgresql+psycopg://``."""
+    for plain in ("postgresql://", "postgres://"):
+        if url.startswith(plain):
+            return "postgresql+psycopg://" + url[len(plain):]
+    return url
+
+
 def make_engine(url: str) -> Engine:
+    url = engine_url(url)
+    if url.startswith("postgresql+psycopg"):
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            raise FlagmatchError("the catalog URL names PostgreSQL, which needs the psycopg driver: "
+                                 "pip install 'flagmatch[postgres]'", code="config") from None
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
 

@@ -352,6 +352,17 @@ class OnnxEmbedder:
         self._input = self.session.get_inputs()[0].name
         self._outputs = [emb_output, p_output]
         self._p_column = p_column
+        self._args = (graph, info, emb_output, p_output, p_column)
+        self.threads = default_threads(threads)
+
+    def for_lanes(self, lanes: int) -> "OnnxEmbedder":
+        """The same model for ``lanes`` batches at once, one thread each (bulk ingest). A parallel operator
+        waits for its slowest thread, so when decoding shares the cores, a model thread it preempts stalls
+        the whole operator; single-threaded lanes have no such barrier. Measured on 2 cores (open_nsfw,
+        make-corpus, ingest end to end): 53–57 → 57–60 images/s; model-only rates are equal (92–94)."""
+        if lanes <= 1 or self.threads == 1:
+            return self
+        return OnnxEmbedder(*self._args, threads=1)
 
     def embed(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         emb, p = self.session.run(self._outputs, {self._input: to_input(pixels, self.info.norm)})

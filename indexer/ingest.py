@@ -35,6 +35,7 @@ class IngestOptions:
     limits: DecodeLimits = DEFAULT_LIMITS
     max_file_bytes: int = 200 * 1024 * 1024
     thumb_size: int = 256
+    model_lanes: int = 0  # batches the model runs at once, one thread each (0: as many as cores where it helps)
     decode_nice: int = 19  # the decode threads' niceness, above the model's (see _lower_priority)
 
 
@@ -152,6 +153,17 @@ def _lower_priority(nice: int) -> None:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
         except (OSError, AttributeError):  # not permitted or not Linux: run at the normal priority
             pass
+
+
+def model_lanes(embedder: Embedder, requested: int) -> tuple[int, Embedder]:
+    """How many batches the model runs at once, and the embedder to run them with. A backend that can run
+    in single-threaded lanes (``for_lanes``: ONNX) gets one lane per core by default; timm keeps one lane
+    (its calls run on one model thread, see ``indexer.embed.on_model_thread``)."""
+    for_lanes = getattr(embedder, "for_lanes", None)
+    lanes = requested if requested > 0 else (os.cpu_count() or 1) if for_lanes is not None else 1
+    if lanes <= 1 or for_lanes is None:
+        return 1, embedder
+    return lanes, for_lanes(lanes)
 
 
 def embed_batch(embedder: Embedder, batch: Batch) -> EmbeddedBatch:
@@ -299,18 +311,27 @@ def ingest(store: Store, embedder: Embedder, sources: Iterable[Source], opts: In
         batch = Batch()
         max_inflight = max(2 * opts.batch_size, 4)
 
+        lanes, model = model_lanes(embedder, opts.model_lanes)
+        embedding: deque[Future] = deque()  # batches with the model, oldest first (written in this order)
+
+        def write_oldest() -> None:
+            eb = embedding.popleft().result()
+            writer(eb)
+            reader.committed(d.sha256 for d in eb.batch.decoded)
+            if progress is not None:
+                progress.update(len(eb.batch.decoded) + len(eb.batch.duplicates) + len(eb.batch.failed),
+                                errors=writer.counts.failed)
+            if after_batch is not None:
+                after_batch()
+
         def flush() -> None:
             nonlocal batch
             if not (batch.decoded or batch.duplicates or batch.failed):
                 return
             done, batch = batch, Batch()
-            writer(embed_batch(embedder, done))
-            reader.committed(d.sha256 for d in done.decoded)
-            if progress is not None:
-                progress.update(len(done.decoded) + len(done.duplicates) + len(done.failed),
-                                errors=writer.counts.failed)
-            if after_batch is not None:
-                after_batch()
+            embedding.append(model_pool.submit(embed_batch, model, done))
+            while len(embedding) >= lanes or (embedding and embedding[0].done()):
+                write_oldest()
 
         def take(result: Decoded | Duplicate | Failed) -> None:
             if isinstance(result, Decoded):
@@ -323,7 +344,8 @@ def ingest(store: Store, embedder: Embedder, sources: Iterable[Source], opts: In
                 flush()
 
         with ThreadPoolExecutor(max_workers=max(1, opts.decode_workers), thread_name_prefix="decode",
-                                initializer=_lower_priority, initargs=(opts.decode_nice,)) as pool:
+                                initializer=_lower_priority, initargs=(opts.decode_nice,)) as pool, \
+                ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="lane") as model_pool:
             items = iter(sources)
 
             def top_up() -> None:
@@ -347,6 +369,8 @@ def ingest(store: Store, embedder: Embedder, sources: Iterable[Source], opts: In
                     take(inflight.popleft().result())
                     top_up()
                 flush()
+                while embedding:
+                    write_oldest()
             finally:
                 for fut in inflight:
                     fut.cancel()

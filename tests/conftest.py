@@ -35,9 +35,33 @@ def home(tmp_path: Path) -> Path:
     return tmp_path / "home"
 
 
+ENGINES = ("sqlite", "postgresql")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _drop_test_databases():
+    yield
+    from tests import pg
+    pg.drop_all()
+
+
+@pytest.fixture(params=ENGINES)
+def catalog_url(request: pytest.FixtureRequest):
+    """The catalog each store-using test runs against: SQLite in the home directory, then a database of
+    its own on the real PostgreSQL server (skipped, with the reason, where there is none)."""
+    if request.param == "sqlite":
+        yield ""
+        return
+    from tests import pg
+    url = pg.create_database()
+    yield url
+    pg.drop_database(url)
+
+
 @pytest.fixture
-def settings(home: Path, tiny_model_dir: Path) -> Settings:
-    return Settings.load({"home": str(home), "model": str(tiny_model_dir), "batch_size": 8}, environ={})
+def settings(home: Path, tiny_model_dir: Path, catalog_url: str) -> Settings:
+    return Settings.load({"home": str(home), "model": str(tiny_model_dir), "batch_size": 8,
+                          "catalog_url": catalog_url}, environ={})
 
 
 @pytest.fixture
