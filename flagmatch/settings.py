@@ -187,7 +187,20 @@ class Settings:
 
     @property
     def resolved_catalog_url(self) -> str:
-        return self.catalog_url or f"sqlite:///{self.home_path / 'catalog.sqlite'}"
+        """``catalog_url`` when set; else the catalog the home directory was created with (a home on a
+        database records its URL in ``catalog.url``, so every host and command pointed at the home finds
+        it); else the SQLite file in the home directory."""
+        if self.catalog_url:
+            return self.catalog_url
+        recorded = self.home_path / CATALOG_URL_FILE
+        try:
+            url = recorded.read_text().strip()
+        except OSError:
+            url = ""
+        return url or f"sqlite:///{self.home_path / 'catalog.sqlite'}"
+
+
+CATALOG_URL_FILE = "catalog.url"
 
 
 DEFAULT_MODEL = "Marqo/nsfw-image-detection-384"

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
 
 from sqlalchemy import (Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text,
-                        UniqueConstraint, create_engine, delete, event, func, select, update)
+                        UniqueConstraint, create_engine, delete, event, func, select, text, update)
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -18,6 +19,11 @@ from indexer.errors import FlagmatchError, InvalidInputError, ModelMismatchError
 from indexer.hashes import Pdq, Signals
 
 FLAG_SOURCES = ("model", "manual", "import", "review")
+
+
+# PostgreSQL advisory lock keys (one 64-bit space per database): flagmatch's, told apart by their low bits
+ADVISORY_IDS = 0x666D_0001      # giving out image ids (held by each catalog transaction that adds images)
+ADVISORY_WRITERS = 0x666D_0002  # ingest runs hold it shared; an operation that must run alone, exclusive
 
 
 def utcnow() -> dt.datetime:
@@ -53,6 +59,10 @@ class ImageRow(Base):
     deleted: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    # where the raw vector is (indexer.vectors): a writer run's segment file and its row there; NULL for
+    # images written before segments existed (row = image id in the single vectors.f32)
+    vec_segment: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    vec_row: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class PathRow(Base):
@@ -167,6 +177,16 @@ class NewImage:
     paths: tuple[tuple[str, str | None], ...]  # (path, external_id)
     md5: str | None = None
     pdq: Pdq | None = None
+    flags: "tuple[FlagRequest, ...]" = ()  # applied in the same transaction, to whatever id the image ends up with
+    vec_segment: int | None = None     # where its raw vector was written (None: row = id in vectors.f32)
+    vec_row: int | None = None
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    ids: list[int]      # the id of each image written, in order (an image another writer committed first: its id)
+    new: list[bool]     # whether that id is this batch's (False: the same bytes were already in the catalog)
+    flagged: int        # how many images became flagged
 
 
 @dataclass(frozen=True)
@@ -333,6 +353,32 @@ class Catalog:
         with self.session() as s:
             return int(s.scalar(select(func.max(ImageRow.id))) or 0)
 
+    def max_legacy_id(self) -> int:
+        """The highest id whose raw vector is a row of the legacy vectors.f32 (no segment)."""
+        with self.session() as s:
+            return int(s.scalar(select(func.max(ImageRow.id)).where(ImageRow.vec_segment.is_(None))) or 0)
+
+    @contextmanager
+    def advisory_lock(self, key: int, *, shared: bool = False, wait: bool = True) -> Iterator[None]:
+        """A PostgreSQL session-level advisory lock, held on a connection of its own until the block ends
+        (or the process dies: the server drops its locks with the connection)."""
+        fn = ("pg_advisory_lock_shared" if shared else "pg_advisory_lock") if wait else \
+             ("pg_try_advisory_lock_shared" if shared else "pg_try_advisory_lock")
+        conn = self.engine.connect()
+        try:
+            got = conn.execute(text(f"SELECT {fn}(:k)"), {"k": key}).scalar()
+            conn.commit()
+            if not wait and not got:
+                raise FlagmatchError("another flagmatch process holds this catalog's lock; wait for it to finish",
+                                     code="busy")
+            try:
+                yield
+            finally:
+                conn.execute(text(f"SELECT pg_advisory_unlock{'_shared' if shared else ''}(:k)"), {"k": key})
+                conn.commit()
+        finally:
+            conn.close()
+
     def known_sha(self, sha: str) -> int | None:
         with self.session() as s:
             return s.scalar(select(ImageRow.id).where(ImageRow.sha256 == sha))
@@ -441,22 +487,59 @@ class Catalog:
                     errors: Sequence[tuple[str, str, str]] = (), run_id: int | None = None) -> int:
         """One transaction: new images with their paths, paths seen for known images, flags, errors.
         Returns how many images became flagged."""
+        return self.write_images(images, model_id, extra_paths, flags, errors, run_id).flagged
+
+    def write_images(self, images: Sequence[NewImage], model_id: str,
+                     extra_paths: Sequence[tuple[int, str, str | None]] = (),
+                     flags: Sequence[tuple[int, FlagRequest]] = (),
+                     errors: Sequence[tuple[str, str, str]] = (), run_id: int | None = None) -> BatchResult:
+        """``write_batch`` for writers that let the catalog choose ids (``NewImage.id`` 0): ids are given out
+        inside the transaction under the catalog's id lock, so they are committed in increasing order
+        whatever the number of writers (readers that follow the catalog by id never skip one). Bytes another
+        writer committed first (same sha256) become a path of that image — its path, external id and flag
+        are kept — and their id is returned with ``new`` False."""
         now = utcnow()
         with self.session() as s, s.begin():
+            if any(im.id <= 0 for im in images):
+                self._lock_ids(s)
+            wanted = [im.sha256 for im in images if im.id <= 0]
+            taken: dict[str, int] = {sha: int(i) for sha, i in s.execute(
+                select(ImageRow.sha256, ImageRow.id).where(ImageRow.sha256.in_(wanted)))} if wanted else {}
+            next_id = int(s.scalar(select(func.max(ImageRow.id))) or 0) + 1
+            ids: list[int] = []
+            new: list[bool] = []
+            fresh: list[tuple[int, NewImage]] = []
+            extra = list(extra_paths)
+            flag_list = list(flags)
             for im in images:
-                s.add(ImageRow(id=im.id, sha256=im.sha256, size_bytes=im.size_bytes, format=im.format,
+                if im.id <= 0 and im.sha256 in taken:  # another writer was first with these bytes
+                    image_id = taken[im.sha256]
+                    ids.append(image_id)
+                    new.append(False)
+                    extra.extend((image_id, path, ext) for path, ext in im.paths)
+                else:
+                    image_id = im.id if im.id > 0 else next_id
+                    next_id = max(next_id, image_id + 1)
+                    taken[im.sha256] = image_id
+                    ids.append(image_id)
+                    new.append(True)
+                    fresh.append((image_id, im))
+                flag_list.extend((image_id, req) for req in im.flags)
+            for image_id, im in fresh:
+                s.add(ImageRow(id=image_id, sha256=im.sha256, size_bytes=im.size_bytes, format=im.format,
                                width=im.width, height=im.height, frames=im.frames, p_unsafe=float(im.p_unsafe),
-                               model_id=model_id, thumb_key=im.thumb_key, created_at=now, updated_at=now))
+                               model_id=model_id, thumb_key=im.thumb_key, created_at=now, updated_at=now,
+                               vec_segment=im.vec_segment, vec_row=im.vec_row))
             s.flush()
-            for im in images:
+            for image_id, im in fresh:
                 if im.md5 is not None or im.pdq is not None:
-                    s.add(_signal_row(im.id, im.md5, im.pdq))
+                    s.add(_signal_row(image_id, im.md5, im.pdq))
             seen: set[tuple[int, str]] = set()
-            for im in images:
+            for image_id, im in fresh:
                 for path, ext in im.paths:
-                    seen.add((im.id, path))
-                    s.add(PathRow(image_id=im.id, path=path, external_id=ext, first_seen=now))
-            for image_id, path, ext in extra_paths:
+                    seen.add((image_id, path))
+                    s.add(PathRow(image_id=image_id, path=path, external_id=ext, first_seen=now))
+            for image_id, path, ext in extra:
                 if (image_id, path) in seen:
                     continue
                 seen.add((image_id, path))
@@ -466,11 +549,28 @@ class Catalog:
                 elif ext and existing.external_id != ext:
                     existing.external_id = ext
             s.flush()
-            flagged = {image_id for image_id, req in flags
+            flagged = {image_id for image_id, req in flag_list
                        if self._apply_flag(s, image_id, req, flag=True, only_if_changed=True, now=now)}
             for path, code, message in errors:
                 s.add(IngestErrorRow(run_id=run_id, path=path, code=code, message=message, at=now))
-        return len(flagged)
+        return BatchResult(ids, new, len(flagged))
+
+    def _lock_ids(self, s: Session) -> None:
+        """Hold the catalog's id lock until this transaction ends. PostgreSQL: a transaction-level advisory
+        lock (several ingest hosts); SQLite: its one database write lock, taken now rather than at the first
+        write (``BEGIN IMMEDIATE`` semantics), so reading the highest id and writing after it are one step."""
+        if self.engine.dialect.name == "postgresql":
+            s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": ADVISORY_IDS})
+        elif self.engine.dialect.name == "sqlite":
+            s.execute(text("UPDATE meta SET value = value WHERE key = 'model_id'"))  # takes the write lock
+
+    def vector_locations(self, after: int, limit: int = 1_000_000) -> list[tuple[int, int | None, int | None]]:
+        """(image id, segment, row) for ids above ``after``, in id order (deleted images too: their rows
+        are zeroed, never reused)."""
+        with self.session() as s:
+            return [(int(i), seg, row) for i, seg, row in s.execute(
+                select(ImageRow.id, ImageRow.vec_segment, ImageRow.vec_row).where(ImageRow.id > after)
+                .order_by(ImageRow.id).limit(limit))]
 
     def _apply_flag(self, s: Session, image_id: int, req: FlagRequest, *, flag: bool,
                     only_if_changed: bool, now: dt.datetime) -> bool:

@@ -181,40 +181,50 @@ class Writer:
                  index: IndexSink | None, heads: Sequence[Head] = ()) -> None:
         self.store, self.model_id, self.threshold, self.run_id, self.index = store, model_id, threshold, run_id, index
         self.heads = list(heads)
-        self.next_id = store.catalog.max_image_id() + 1
+        self.segment = store.open_vectors().segment(run_id)  # this run's own vector file
         self.counts = IngestCounts()
+
+    def _flag_of(self, d: Decoded, p: float, i: int, scores: dict[str, np.ndarray]) -> FlagRequest | None:
+        if d.item.flag is not None:
+            return d.item.flag
+        if p >= self.threshold:
+            return FlagRequest("model", None, "ingest", f"P(unsafe) {p:.3f} >= threshold {self.threshold}")
+        # a policy head may flag what the seed model's threshold does not
+        h = next((h for h in self.heads if scores[h.label][i] >= h.threshold and not (
+            d.item.verdict is not None and d.item.verdict[0] == h.label and not d.item.verdict[1])), None)
+        if h is None:
+            return None
+        return FlagRequest(h.source, h.label, h.source,
+                           f"P({h.label}) {float(scores[h.label][i]):.3f} >= threshold {h.threshold:.3f}")
 
     def __call__(self, eb: EmbeddedBatch) -> None:
         b = eb.batch
-        images: list[NewImage] = []
-        flags: list[tuple[int, FlagRequest]] = []
-        by_sha: dict[str, int] = {}
-        first = self.next_id
-        scores = {h.label: h.predict(eb.vectors) for h in self.heads} if b.decoded else {}
+        n = len(b.decoded)
+        scores = {h.label: h.predict(eb.vectors) for h in self.heads} if n else {}
+        at = {d.sha256: i for i, d in enumerate(b.decoded)}  # in-batch position by content
+        paths: list[list[tuple[str, str | None]]] = [[(d.item.path, d.item.external_id)] for d in b.decoded]
+        image_flags: list[list[FlagRequest]] = [[] for _ in b.decoded]
+        said_at: list[tuple[int, tuple[str, bool, str]]] = []  # verdicts of this batch's images, by position
         for i, (d, p) in enumerate(zip(b.decoded, eb.p_unsafe)):
-            image_id = first + i
-            by_sha[d.sha256] = image_id
-            key = self.store.write_thumbnail(d.sha256, d.image.thumbnail)
-            images.append(NewImage(image_id, d.sha256, d.size, d.image.format, d.image.width, d.image.height,
-                                   d.image.frames, float(p), key, ((d.item.path, d.item.external_id),),
-                                   md5=d.md5, pdq=d.image.pdq))
-            if d.item.flag is not None:
-                flags.append((image_id, d.item.flag))
-            elif p >= self.threshold:
-                flags.append((image_id, FlagRequest("model", None, "ingest",
-                                                    f"P(unsafe) {float(p):.3f} >= threshold {self.threshold}")))
-            else:  # a policy head may flag what the seed model's threshold does not
-                h = next((h for h in self.heads if scores[h.label][i] >= h.threshold and not (
-                    d.item.verdict is not None and d.item.verdict[0] == h.label and not d.item.verdict[1])), None)
-                if h is not None:
-                    flags.append((image_id, FlagRequest(h.source, h.label, h.source, f"P({h.label}) "
-                                                        f"{float(scores[h.label][i]):.3f} >= threshold {h.threshold:.3f}")))
-        said = [(image_id, d.item.verdict) for d, image_id in ((d, by_sha[d.sha256]) for d in b.decoded)
-                if d.item.verdict is not None]
+            req = self._flag_of(d, float(p), i, scores)
+            if req is not None:
+                image_flags[i].append(req)
+            if d.item.verdict is not None:
+                said_at.append((i, d.item.verdict))
         extra_paths: list[tuple[int, str, str | None]] = []
+        flags: list[tuple[int, FlagRequest]] = []
+        said: list[tuple[int, tuple[str, bool, str]]] = []
         failed = list(b.failed)
+        in_batch = 0
         for dup in b.duplicates:
-            image_id = dup.image_id or by_sha.get(dup.sha256) or self.store.catalog.known_sha(dup.sha256)
+            if dup.image_id is None and dup.sha256 in at:  # a copy of an image this very batch adds
+                i = at[dup.sha256]
+                paths[i].append((dup.item.path, dup.item.external_id))
+                image_flags[i].extend([dup.item.flag] if dup.item.flag is not None else [])
+                said_at.extend([(i, dup.item.verdict)] if dup.item.verdict is not None else [])
+                in_batch += 1
+                continue
+            image_id = dup.image_id or self.store.catalog.known_sha(dup.sha256)
             if image_id is None:  # its first copy failed after this one was read
                 failed.append(Failed(dup.item.path, "duplicate_of_failed", "same bytes as a file that failed"))
                 continue
@@ -223,26 +233,32 @@ class Writer:
                 flags.append((image_id, dup.item.flag))
             if dup.item.verdict is not None:
                 said.append((image_id, dup.item.verdict))
-        if images:
-            self.store.open_vectors().append(first, eb.vectors)
-        newly_flagged = self.store.catalog.write_batch(images, self.model_id, extra_paths, flags,
-                                                       [(f.path, f.code, f.message) for f in failed], self.run_id)
+        first_row = self.segment.append(eb.vectors) if n else 0  # fsynced before the catalog commits
+        images = [NewImage(0, d.sha256, d.size, d.image.format, d.image.width, d.image.height, d.image.frames,
+                           float(p), self.store.write_thumbnail(d.sha256, d.image.thumbnail), tuple(paths[i]),
+                           md5=d.md5, pdq=d.image.pdq, flags=tuple(image_flags[i]),
+                           vec_segment=self.segment.number, vec_row=first_row + i)
+                  for i, (d, p) in enumerate(zip(b.decoded, eb.p_unsafe))]
+        res = self.store.catalog.write_images(images, self.model_id, extra_paths, flags,
+                                              [(f.path, f.code, f.message) for f in failed], self.run_id)
+        said += [(res.ids[i], v) for i, v in said_at]
         verdicts.record(self.store.catalog, [verdicts.Verdict(i, label, positive, who, "manifest", "manifest")
                                              for i, (label, positive, who) in said])
-        if self.heads and images:
-            save_scores(self.store, self.heads, [im.id for im in images], scores)
-        self.next_id = first + len(images)
+        fresh = np.asarray(res.new, dtype=bool)
+        new_ids = np.asarray(res.ids, dtype=np.int64)[fresh] if n else np.zeros(0, np.int64)
+        if self.heads and len(new_ids):
+            save_scores(self.store, self.heads, new_ids.tolist(), {k: v[fresh] for k, v in scores.items()})
         c = self.counts
-        c.new += len(images)
-        c.duplicates += len(extra_paths)
-        c.flagged += newly_flagged
+        c.new += len(new_ids)
+        c.duplicates += len(extra_paths) + in_batch + int(n - len(new_ids))  # the last: another writer was first
+        c.flagged += res.flagged
         c.failed += len(failed)
         for f in failed:
             c.reasons[f.code] = c.reasons.get(f.code, 0) + 1
         if self.index is not None:
-            if images:
-                self.index.added(np.arange(first, first + len(images), dtype=np.int64), eb.vectors)
-            if newly_flagged:
+            if len(new_ids):
+                self.index.added(new_ids, eb.vectors[fresh])
+            if res.flagged:
                 self.index.flags_changed()
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from indexer.catalog import Catalog
+from indexer.catalog import ADVISORY_WRITERS, Catalog
 from indexer.errors import FlagmatchError, ModelMismatchError
 from indexer.vectors import VectorStore
 
@@ -51,6 +51,20 @@ class Store:
         (self.home / "index").mkdir(exist_ok=True)
         self.catalog = Catalog(catalog_url)
         self._vectors: VectorStore | None = None
+        if not catalog_url.startswith("sqlite"):
+            self._record_catalog(catalog_url)
+
+    def _record_catalog(self, url: str) -> None:
+        """Write the catalog's URL into the home directory once (readable by its owner only: it may hold a
+        password), so other hosts and commands given only the home use the same database."""
+        path = self.home / "catalog.url"
+        if path.exists():
+            return
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(url + "\n")
+        os.replace(tmp, path)
 
     @property
     def thumbs_dir(self) -> Path:
@@ -64,7 +78,7 @@ class Store:
         """Tie the store to a model (refusing a different one) and open the raw vectors (once)."""
         self.catalog.bind_model(model_id, dim, preprocessing, source)
         if self._vectors is None or self._vectors.dim != dim:
-            self._vectors = VectorStore(self.home / "vectors", dim)
+            self._vectors = VectorStore(self.home / "vectors", dim, self.catalog.vector_locations)
         return self._vectors
 
     def open_vectors(self) -> VectorStore:
@@ -73,7 +87,7 @@ class Store:
             meta = self.catalog.model_meta()
             if "dim" not in meta:
                 raise FlagmatchError("the store is empty: ingest some images first", code="empty_store")
-            self._vectors = VectorStore(self.home / "vectors", int(meta["dim"]))
+            self._vectors = VectorStore(self.home / "vectors", int(meta["dim"]), self.catalog.vector_locations)
         return self._vectors
 
     def check_model(self, model_id: str) -> None:
@@ -84,8 +98,16 @@ class Store:
 
     @contextmanager
     def writer(self) -> Iterator[None]:
-        """The one-writer lock (released by the kernel if the process dies). On entry, cut raw vector rows
-        that a crashed writer appended but never committed."""
+        """A writer's lock for the length of a run. SQLite: the one-writer file lock (released by the kernel
+        if the process dies). PostgreSQL: a shared advisory lock — any number of ingest processes, on any
+        hosts, write one catalog at once (ids are given out per transaction, raw vectors go to each run's
+        own segment); it is held on a connection of its own, so the server releases it if the process dies.
+        On entry, rows of the legacy vectors.f32 a crashed writer appended but never committed are cut."""
+        if self.catalog.engine.dialect.name == "postgresql":
+            with self.catalog.advisory_lock(ADVISORY_WRITERS, shared=True):
+                self._reconcile()
+                yield
+            return
         lock_path = self.home / ".writer.lock"
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -94,11 +116,14 @@ class Store:
             except BlockingIOError:
                 raise FlagmatchError(f"another flagmatch process is writing to {self.home} "
                                      f"(ingest or reindex); wait for it to finish", code="busy") from None
-            if self._vectors is not None:
-                self._vectors.reconcile(self.catalog.max_image_id())
+            self._reconcile()
             yield
         finally:
             os.close(fd)
+
+    def _reconcile(self) -> None:
+        if self._vectors is not None:
+            self._vectors.reconcile(self.catalog.max_legacy_id())
 
     def thumb_path(self, key: str) -> Path:
         return self.thumbs_dir / key

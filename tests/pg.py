@@ -81,3 +81,4 @@ def drop_all() -> None:
         for name in _created:
             c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     _created.clear()
+    engine.dispose()  # type: ignore[attr-defined]
