@@ -484,6 +484,11 @@ class VectorIndex:
                 for sc in ([scope] if scope else list(SCOPES)):
                     self._swap(self._build(sc, self._scopes[sc].generation + 1, params))
 
+    def generations(self) -> dict:
+        """{"scopes": {scope: generation}, "space": version} of what searches use now."""
+        with self._lock.read():
+            return {"scopes": {sc: s.generation for sc, s in self._scopes.items()}, "space": self.space.version}
+
     def stats(self) -> dict[str, dict]:
         with self._lock.read():
             return {sc: {"kind": s.params.kind, "factory": s.params.factory, "vectors": s.ntotal,

@@ -487,6 +487,12 @@ def register_health(app: Flask) -> None:
     @app.get("/readyz")
     def readyz() -> Response:
         rt: Runtime = app.extensions["flagmatch"]
+        if rt.ready.is_set() and rt.index is not None:
+            # which index generation (and matching space) this replica answers from: after a reindex
+            # every replica moves to the published generation within the index refresh interval
+            rt.index.maybe_refresh()
+            gens = rt.index.generations()
+            return jsonify({"status": "ready", "generation": gens["scopes"], "space": gens["space"]})
         if rt.ready.is_set():
             return jsonify({"status": "ready"})
         resp = jsonify({"status": "loading" if rt.load_error is None else "failed", "error": rt.load_error})
