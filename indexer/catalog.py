@@ -53,7 +53,7 @@ class ImageRow(Base):
     model_id: Mapped[str] = mapped_column(String(128))
     thumb_key: Mapped[str] = mapped_column(String(128))
     flagged: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
-    flag_source: Mapped[str | None] = mapped_column(String(64), nullable=True)  # model, manual, … head:<label>@v<n>
+    flag_source: Mapped[str | None] = mapped_column(String(128), nullable=True)  # model, manual, … head:<label>@v<n>
     flag_label: Mapped[str | None] = mapped_column(String(200), nullable=True)
     flagged_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     deleted: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -81,7 +81,7 @@ class FlagEventRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id"), index=True)
     action: Mapped[str] = mapped_column(String(8))  # flag | unflag
-    source: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(String(128))
     label: Mapped[str | None] = mapped_column(String(200), nullable=True)
     actor: Mapped[str] = mapped_column(String(200))
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -317,7 +317,8 @@ class Catalog:
     def __init__(self, url: str) -> None:
         from indexer import heads, verdicts  # noqa: F401  (their tables: verdicts, head scores)
         self.engine = make_engine(url)
-        create_tables(Base.metadata, self.engine)
+        from indexer import schema
+        schema.upgrade(self.engine, Base.metadata)  # create, or migrate in place (Alembic)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
 
     def session(self) -> Session:
@@ -500,8 +501,8 @@ class Catalog:
         are kept — and their id is returned with ``new`` False."""
         now = utcnow()
         with self.session() as s, s.begin():
-            if any(im.id <= 0 for im in images):
-                self._lock_ids(s)
+            if any(im.id <= 0 for im in images) or flags or any(im.flags for im in images):
+                self._lock_ids(s)  # new ids and flag events are committed in id order
             wanted = [im.sha256 for im in images if im.id <= 0]
             taken: dict[str, int] = {sha: int(i) for sha, i in s.execute(
                 select(ImageRow.sha256, ImageRow.id).where(ImageRow.sha256.in_(wanted)))} if wanted else {}
@@ -596,6 +597,7 @@ class Catalog:
         changed: list[int] = []
         now = utcnow()
         with self.session() as s, s.begin():
+            self._lock_ids(s)  # flag events are committed in id order (replicas follow them by id)
             for image_id in image_ids:
                 row = s.get(ImageRow, image_id)
                 if row is None:
@@ -608,6 +610,7 @@ class Catalog:
     def mark_deleted(self, image_ids: Sequence[int], actor: str, reason: str | None) -> None:
         now = utcnow()
         with self.session() as s, s.begin():
+            self._lock_ids(s)
             for image_id in image_ids:
                 row = s.get(ImageRow, image_id)
                 if row is None:

@@ -121,6 +121,23 @@ class Store:
         finally:
             os.close(fd)
 
+    @contextmanager
+    def exclusive(self, name: str) -> Iterator[None]:
+        """One process at a time, across hosts, for ``name`` (publishing index files): a PostgreSQL advisory
+        lock when the catalog is there (a file lock on shared storage is not reliable between hosts), else a
+        file lock in the home directory."""
+        if self.catalog.engine.dialect.name == "postgresql":
+            key = int.from_bytes(hashlib.sha256(f"flagmatch:{name}".encode()).digest()[:8], "big", signed=True)
+            with self.catalog.advisory_lock(key):
+                yield
+            return
+        fd = os.open(self.home / f".{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
     def _reconcile(self) -> None:
         if self._vectors is not None:
             self._vectors.reconcile(self.catalog.max_legacy_id())

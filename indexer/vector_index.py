@@ -12,7 +12,6 @@ is built aside and swapped in, so readers keep answering from the old index unti
 published."""
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
 import os
@@ -455,10 +454,22 @@ class VectorIndex:
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         """New images (ingest): into ``all`` now; flagged ones reach ``flagged`` through the flag events."""
         ids = np.asarray(ids, np.int64)
-        with self._mutate, self._lock.write():
+        if not len(ids):
+            return
+        with self._mutate:
             s = self._scopes["all"]
-            s.add(ids, np.asarray(vectors, np.float32))
-            s.image_id = max(s.image_id, int(np.max(ids)))
+            if int(ids.min()) > s.image_id + 1:
+                # other writers committed ids in between (several ingest processes on one catalog): take
+                # theirs from the catalog first, so the covered id never passes an image the index lacks
+                image_head, event_head = self.store.catalog.head()
+                with self._lock.write():
+                    for sc in SCOPES:
+                        self._apply(self._scopes[sc], min(image_head, int(ids.min()) - 1),
+                                    self._scopes[sc].flag_event_id)
+            with self._lock.write():
+                keep = ids > s.image_id
+                s.add(ids[keep], np.asarray(vectors, np.float32)[keep])
+                s.image_id = max(s.image_id, int(np.max(ids)))
 
     # IndexSink protocol, for ingest
     def added(self, ids: np.ndarray, vectors: np.ndarray) -> None:
@@ -502,10 +513,7 @@ class VectorIndex:
     def save(self, scopes: tuple[str, ...] = SCOPES) -> None:
         """Write each scope atomically and record its checkpoint. A scope whose published generation
         is newer than ours (another process rebuilt it) is reloaded instead of overwritten."""
-        lock_path = self.store.index_dir / ".save.lock"
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with self.store.exclusive("index-save"):
             self.catch_up()
             for scope in scopes:
                 cp = self.store.catalog.checkpoint(scope)
@@ -522,8 +530,6 @@ class VectorIndex:
                                                               hashlib.sha256(data).hexdigest()))
             spaces.prune(self.store.index_dir, {int(cp.params.get("space_version", 0)) for sc in SCOPES
                                                 if (cp := self.store.catalog.checkpoint(sc)) is not None})
-        finally:
-            os.close(fd)
         self._last_save = time.monotonic()
 
     def maybe_save(self) -> None:

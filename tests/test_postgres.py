@@ -62,7 +62,7 @@ def assert_union_once(home: Path, url: str, files: list[Path], ref_vectors: dict
         assert paths == sorted(map(str, files)), "every path recorded, none twice"
         assert ids == list(range(1, len(ids) + 1)), "ids from the database, without gaps"
         vec = st.open_vectors().get(ids)
-        want = np.stack([ref_vectors[r.sha256] for r in recs.values()])
+        want = np.stack([ref_vectors[recs[i].sha256] for i in ids])
         assert np.einsum("ij,ij->i", vec, want).min() > 0.999, "each image's own vector"
         idx = open_index(st, s)
         assert idx.stats()["all"]["vectors"] == len(ids)
