@@ -69,6 +69,11 @@ class Settings:
     decode_workers: int = setting(2, "threads that decode images while the model runs", "ingest")
     model_lanes: int = setting(0, "batches the model runs at once during ingest, one thread each (0: one per core "
                                "for ONNX models, where it measured faster; timm runs one)", "ingest")
+    ray: str = setting("", "ingest on a Ray cluster: its address, or 'auto' (the cluster started on this host, else "
+                       "a local one); empty: on this machine", "ingest")
+    ray_actors: int = setting(0, "model actors on the Ray cluster (0: one per --ray-actor-cpus CPUs)", "ingest")
+    ray_actor_cpus: int = setting(2, "CPUs (model threads) each Ray model actor takes", "ingest")
+    ray_chunk: int = setting(4096, "source items the driver hands to Ray at a time (bounds its memory)", "ingest")
     decode_nice: int = setting(19, "niceness of the decode threads (0-19): above the model's, so decoding runs "
                                "in the model's gaps instead of stalling its parallel operators", "ingest")
     thumb_size: int = setting(256, "long side of stored thumbnails, in pixels", "ingest")

@@ -28,6 +28,11 @@ def open_store(settings: Settings) -> Store:
     return Store(settings.home_path, settings.resolved_catalog_url)
 
 
+def store_catalog_url(settings: Settings) -> str:
+    """The catalog URL other processes (Ray workers) use for this store."""
+    return settings.resolved_catalog_url
+
+
 def model_ref(settings: Settings, store: Store | None = None) -> str:
     """The model to load: --model when given; otherwise the one the store was built with; for a new
     store, the default model."""
@@ -175,8 +180,17 @@ def ingest_into(settings: Settings, sources: Iterable[Source], *, store: Store |
     index = open_index(store, settings, embedder)
     after: Callable[[], None] = index.maybe_save
     from indexer.heads import ActiveHeads
-    counts = ingest(store, embedder, sources, options or ingest_options(settings), index=index,
-                    progress=progress, after_batch=after, heads=ActiveHeads(store).get())
+    opts = options or ingest_options(settings)
+    if settings.ray:  # reading, decoding and the model on a Ray cluster; the writes stay here
+        from indexer.distributed import RayOptions, ray_ingest
+        counts = ray_ingest(store, store_catalog_url(settings), embedder,
+                            (model_ref(settings, store), settings.arch, settings.precision), sources, opts,
+                            RayOptions(settings.ray, actors=settings.ray_actors, actor_cpus=settings.ray_actor_cpus,
+                                       chunk=settings.ray_chunk),
+                            index=index, progress=progress, heads=ActiveHeads(store).get())
+    else:
+        counts = ingest(store, embedder, sources, opts, index=index, progress=progress, after_batch=after,
+                        heads=ActiveHeads(store).get())
     index.save()
     hash_matcher(settings, store).image_index.save()
     return IngestResult(counts, info)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
@@ -319,6 +320,9 @@ class Catalog:
         self.engine = make_engine(url)
         from indexer import schema
         schema.upgrade(self.engine, Base.metadata)  # create, or migrate in place (Alembic)
+        # a catalog dropped without close() (a short command, a test) still closes its pooled connections:
+        # a database server would otherwise keep a session per forgotten connection until the process ends
+        weakref.finalize(self, self.engine.dispose)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
 
     def session(self) -> Session:
@@ -383,6 +387,16 @@ class Catalog:
     def known_sha(self, sha: str) -> int | None:
         with self.session() as s:
             return s.scalar(select(ImageRow.id).where(ImageRow.sha256 == sha))
+
+    def lookup_shas(self, shas: Sequence[str]) -> dict[str, tuple[int, bool]]:
+        """{sha256: (image id, deleted)} for the given contents the catalog has."""
+        out: dict[str, tuple[int, bool]] = {}
+        with self.session() as s:
+            for part in range(0, len(shas), 500):
+                for sha, i, deleted in s.execute(select(ImageRow.sha256, ImageRow.id, ImageRow.deleted)
+                                                 .where(ImageRow.sha256.in_(list(shas[part:part + 500])))):
+                    out[sha] = (int(i), bool(deleted))
+        return out
 
     def deleted_sha(self, sha: str) -> bool:
         """Whether these bytes were deleted (kept by sha256 only, so they are never taken in again)."""

@@ -1,0 +1,268 @@
+"""Ingest on a Ray cluster, for corpora one machine cannot embed.
+
+Ray Data runs the pipeline: the source items of one chunk → ``map_batches(prepare)`` as tasks on any node
+(read the bytes, sha256 and MD5, look the content up in the catalog, decode what is new: model pixels,
+thumbnail, PDQ) → ``map_batches(Embed)`` on an actor pool, one model per actor → the driver, which writes
+each batch exactly as a local ingest does (``indexer.ingest.Writer``: the run's vector segment, thumbnails,
+one catalog transaction, the index). Content already in the catalog never reaches a model; a worker that
+dies has its tasks retried and its actors restarted by Ray; a driver that dies leaves committed batches
+committed, so running the same command again resumes where it stopped.
+
+The driver holds one chunk of source items at a time (``chunk`` paths, not images) and Ray's streaming
+executor bounds what is in flight between the stages, so the driver's memory does not grow with the
+corpus. Workers need the same flagmatch installed and the files (and the catalog) reachable at the same
+paths: shared storage on a real cluster, the local disk on a one-host cluster."""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from indexer.catalog import Catalog, IngestCounts
+from indexer.decode import DecodedImage, DecodeLimits, InputSpec, decode
+from indexer.embed import Embedder
+from indexer.errors import DecodeError, FlagmatchError
+from indexer.hashes import Pdq, md5_of
+from indexer.heads import Head
+from indexer.ingest import (Batch, Decoded, Duplicate, EmbeddedBatch, Failed, IndexSink, IngestOptions,
+                            Progress, Writer)
+from indexer.sources import Source, SourceError, SourceItem
+from indexer.store import Store
+
+
+# A decode task asks for a little less than a CPU: Ray then keeps it a task of its own instead of fusing it
+# into the model actors' processes (where each actor would decode and embed in turn, its model idle while
+# it decodes), and the scheduler still runs about one per free CPU.
+DECODE_CPUS = 0.99
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    address: str              # a cluster's address, or "auto": the running local cluster, else a new one
+    actors: int = 0           # model actors (0: one per `actor_cpus` CPUs, leaving CPUs for decoding)
+    actor_cpus: int = 2       # CPUs (and model threads) per model actor
+    chunk: int = 4096         # source items the driver hands to Ray at a time
+
+
+def connect(address: str) -> None:
+    """Join the cluster at ``address`` (``auto``: the one started on this host with ``ray start``, or a
+    new local one when there is none). A cluster that cannot be reached is a clear error."""
+    import logging
+
+    import ray
+    if ray.is_initialized():
+        return
+    logging.getLogger("ray").setLevel(logging.WARNING)  # the progress bar and summary are ours
+    kwargs: dict[str, Any] = {"log_to_driver": False, "configure_logging": False, "include_dashboard": False}
+    try:
+        if address == "auto":
+            try:
+                ray.init(address="auto", **kwargs)
+            except ConnectionError:
+                ray.init(**kwargs)  # no cluster running here: a local one for this process
+        else:
+            ray.init(address=address, **kwargs)
+    except Exception as exc:
+        raise FlagmatchError(f"cannot join the Ray cluster at {address!r}: {type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''}", code="ray_unavailable") from None
+
+
+# ------------------------------------------------------------------ the stages (run on the workers)
+
+_CATALOGS: dict[str, Catalog] = {}
+
+
+def _catalog(url: str) -> Catalog:
+    if url not in _CATALOGS:  # one engine per worker process
+        _CATALOGS[url] = Catalog(url)
+    return _CATALOGS[url]
+
+
+def prepare(batch: dict[str, np.ndarray], *, catalog_url: str, spec: InputSpec, limits: DecodeLimits,
+            thumb_size: int, max_file_bytes: int) -> dict[str, np.ndarray]:
+    """Read, hash, look up and decode one batch of paths. Every row comes back with its ``kind``: ``new``
+    (decoded: pixels, thumbnail, PDQ …), ``known`` (its id in ``known_id``), ``deleted`` or ``failed``."""
+    n = len(batch["path"])
+    out: dict[str, list[Any]] = {k: [] for k in ("i", "kind", "sha256", "size", "md5", "known_id", "code",
+                                                 "message", "format", "width", "height", "frames", "thumbnail",
+                                                 "pdq", "pdq_quality", "decoded_w", "decoded_h")}
+    pixels = np.zeros((n, spec.size, spec.size, 3), np.uint8)
+    datas: list[bytes | None] = []
+    for k in range(n):
+        path = str(batch["path"][k])
+        data, code, msg = None, "", ""
+        try:
+            size = os.stat(path).st_size
+            if size > max_file_bytes:
+                code, msg = "too_large", f"file is {size:,} bytes, over the cap of {max_file_bytes:,}"
+            else:
+                with open(path, "rb") as f:
+                    data = f.read(max_file_bytes + 1)
+        except OSError as exc:
+            code, msg = "unreadable", exc.strerror or str(exc)
+        datas.append(data)
+        out["i"].append(int(batch["i"][k]))
+        out["sha256"].append(hashlib.sha256(data).hexdigest() if data is not None else "")
+        out["size"].append(len(data) if data is not None else 0)
+        out["code"].append(code)
+        out["message"].append(msg)
+    shas = [s for s in out["sha256"] if s]
+    known = _catalog(catalog_url).lookup_shas(shas) if shas else {}
+    first_here: dict[str, int] = {}
+    for k in range(n):
+        sha, data = out["sha256"][k], datas[k]
+        fields = {"md5": "", "known_id": 0, "format": "", "width": 0, "height": 0, "frames": 0, "thumbnail": b"",
+                  "pdq": "", "pdq_quality": -1, "decoded_w": 0, "decoded_h": 0}
+        if data is None:
+            kind = "failed"
+        elif sha in known:
+            image_id, deleted = known[sha]
+            kind = "deleted" if deleted else "known"
+            fields["known_id"] = image_id
+        elif sha in first_here:  # the same bytes twice in one batch: the model sees them once
+            kind = "copy"
+            fields["known_id"] = first_here[sha]
+        else:
+            try:
+                im = decode(data, spec, limits, thumb_size=thumb_size)
+            except DecodeError as exc:
+                kind = "failed"
+                out["code"][k], out["message"][k] = exc.code, exc.message
+            else:
+                kind = "new"
+                first_here[sha] = out["i"][k]
+                pixels[k] = im.pixels
+                fields.update(md5=md5_of(data), format=im.format, width=im.width, height=im.height,
+                              frames=im.frames, thumbnail=im.thumbnail, decoded_w=im.decoded_size[0],
+                              decoded_h=im.decoded_size[1])
+                if im.pdq is not None:
+                    fields.update(pdq=im.pdq.hash, pdq_quality=im.pdq.quality)
+        out["kind"].append(kind)
+        for key, value in fields.items():
+            out[key].append(value)
+    result = {k: np.asarray(v, dtype=object if k in ("thumbnail",) else None) for k, v in out.items()}
+    result["pixels"] = pixels
+    return result
+
+
+class Embed:
+    """One model per actor: embeds the batch's ``new`` rows, drops every row's pixels."""
+
+    def __init__(self, model: str, arch: str, precision: str, threads: int) -> None:
+        from indexer.embed import load_model
+        self.embedder = load_model(model, arch=arch, precision=precision, threads=threads)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        new = np.asarray(batch["kind"]) == "new"
+        dim = self.embedder.info.dim
+        vectors = np.zeros((len(new), dim), np.float32)
+        p = np.zeros(len(new), np.float32)
+        if new.any():
+            v, pn = self.embedder.embed(np.asarray(batch["pixels"])[new])
+            vectors[new], p[new] = v, pn
+        out = {k: v for k, v in batch.items() if k != "pixels"}
+        out["vector"], out["p_unsafe"] = vectors, p
+        return out
+
+
+# ------------------------------------------------------------------ the driver
+
+def ray_ingest(store: Store, catalog_url: str, embedder: Embedder, model: tuple[str, str, str],
+               sources: Iterable[Source], opts: IngestOptions, ray_opts: RayOptions, *,
+               index: IndexSink | None = None, progress: Progress | None = None,
+               heads: Sequence[Head] = ()) -> IngestCounts:
+    """``indexer.ingest.ingest`` with reading, decoding and the model on a Ray cluster. ``embedder`` is
+    the driver's copy (it binds the store; the actors load ``model`` = (reference, arch, precision))."""
+    import ray
+    import ray.data
+    connect(ray_opts.address)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    import logging
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    info = embedder.info
+    store.bind_model(info.model_id, info.dim, info.preprocessing, info.source)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    threads = max(1, min(ray_opts.actor_cpus, cpus - 1)) if cpus > 1 else 1
+    # the model actors leave CPUs for the decode tasks: about one in eight (a ViT image costs ~10× its
+    # decoding, measured in benchmarks/ingest.py), at least one, or the decode tasks could never be placed
+    spare = max(1, -(-cpus // 8))
+    actors = ray_opts.actors or max(1, (cpus - spare) // threads)
+    with store.writer():
+        run_id = store.catalog.start_run(info.model_id, info.backend, f"{info.precision} ray×{actors}")
+        writer = Writer(store, info.model_id, opts.flag_threshold, run_id, index, heads)
+        items = iter(sources)
+        while chunk := list(islice(items, ray_opts.chunk)):
+            _ingest_chunk(chunk, writer, catalog_url, info.input, model, opts, actors, threads, progress)
+        store.catalog.finish_run(run_id, writer.counts)
+        return writer.counts
+
+
+def _ingest_chunk(chunk: list[Source], writer: Writer, catalog_url: str, spec: InputSpec,
+                  model: tuple[str, str, str], opts: IngestOptions, actors: int, threads: int,
+                  progress: Progress | None) -> None:
+    import ray.data
+
+    early = Batch()
+    rows = []
+    for i, src in enumerate(chunk):
+        if isinstance(src, SourceError):
+            early.failed.append(Failed(src.path, src.code, src.message))
+        else:
+            rows.append({"i": i, "path": src.path})
+    if rows:
+        ds = (ray.data.from_items(rows)
+              .map_batches(prepare, batch_size=16, batch_format="numpy", num_cpus=DECODE_CPUS,
+                           fn_kwargs={"catalog_url": catalog_url, "spec": spec, "limits": opts.limits,
+                                      "thumb_size": opts.thumb_size, "max_file_bytes": opts.max_file_bytes})
+              .map_batches(Embed, batch_size=opts.batch_size, batch_format="numpy",
+                           compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=threads,
+                           fn_constructor_args=(*model, threads)))
+        batches: Iterable[dict[str, np.ndarray]] = ds.iter_batches(batch_size=opts.batch_size, batch_format="numpy")
+    else:
+        batches = []
+    copies = Batch()  # the same bytes again in this chunk: written after every first copy is committed
+    pending = early
+    for out in batches:
+        b, vecs, ps = pending, [], []
+        pending = Batch()
+        for k in range(len(out["i"])):
+            item = chunk[int(out["i"][k])]
+            assert isinstance(item, SourceItem)
+            kind, sha = str(out["kind"][k]), str(out["sha256"][k])
+            if kind == "failed":
+                b.failed.append(Failed(item.path, str(out["code"][k]), str(out["message"][k]), sha or None))
+            elif kind == "deleted":
+                b.failed.append(Failed(item.path, "deleted", f"these bytes were deleted (image "
+                                                             f"{int(out['known_id'][k])}): not taken in again", sha))
+            elif kind == "known":
+                b.duplicates.append(Duplicate(item, sha, int(out["known_id"][k])))
+            elif kind == "copy":
+                copies.duplicates.append(Duplicate(item, sha, None))
+            else:
+                pdq = Pdq(str(out["pdq"][k]), int(out["pdq_quality"][k])) if out["pdq"][k] else None
+                image = DecodedImage(str(out["format"][k]), int(out["width"][k]), int(out["height"][k]),
+                                     int(out["frames"][k]), np.zeros((0, 0, 3), np.uint8), bytes(out["thumbnail"][k]),
+                                     (int(out["decoded_w"][k]), int(out["decoded_h"][k])), pdq=pdq)
+                b.decoded.append(Decoded(item, sha, int(out["size"][k]), image, str(out["md5"][k])))
+                vecs.append(out["vector"][k])
+                ps.append(out["p_unsafe"][k])
+        vectors = np.asarray(vecs, np.float32).reshape(len(vecs), -1) if vecs else \
+            np.zeros((0, int(out["vector"].shape[1])), np.float32)
+        _write(writer, EmbeddedBatch(b, vectors, np.asarray(ps, np.float32)), progress)
+    pending.failed += copies.failed
+    pending.duplicates += copies.duplicates  # their first copies are committed now (or failed: recorded so)
+    if pending.failed or pending.duplicates:
+        _write(writer, EmbeddedBatch(pending, np.zeros((0, 1), np.float32), np.zeros(0, np.float32)), progress)
+
+
+def _write(writer: Writer, eb: EmbeddedBatch, progress: Progress | None) -> None:
+    writer(eb)
+    if progress is not None:
+        b = eb.batch
+        progress.update(len(b.decoded) + len(b.duplicates) + len(b.failed), errors=writer.counts.failed)
