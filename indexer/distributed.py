@@ -34,10 +34,13 @@ from indexer.sources import Source, SourceError, SourceItem
 from indexer.store import Store
 
 
-# A decode task asks for a little less than a CPU: Ray then keeps it a task of its own instead of fusing it
-# into the model actors' processes (where each actor would decode and embed in turn, its model idle while
-# it decodes), and the scheduler still runs about one per free CPU.
-DECODE_CPUS = 0.99
+# Logical CPUs a decode task asks for, and what a model actor leaves free on its node: an actor with t
+# threads asks for t − DECODE_CPUS, so every node that can hold an actor can also run a decode task beside
+# it. Sized exactly (t CPUs an actor, 1 a task), a cluster that lost a node could be left with actors on
+# every CPU and decode tasks that never get placed — the run would wait forever (seen with a 2 + 1 CPU
+# cluster losing its 1-CPU node). Different requests also keep Ray from fusing decoding into the actors'
+# processes, where each actor would decode and embed in turn, its model idle while it decodes.
+DECODE_CPUS = 0.25
 
 
 @dataclass(frozen=True)
@@ -188,11 +191,8 @@ def ray_ingest(store: Store, catalog_url: str, embedder: Embedder, model: tuple[
     info = embedder.info
     store.bind_model(info.model_id, info.dim, info.preprocessing, info.source)
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    threads = max(1, min(ray_opts.actor_cpus, cpus - 1)) if cpus > 1 else 1
-    # the model actors leave CPUs for the decode tasks: about one in eight (a ViT image costs ~10× its
-    # decoding, measured in benchmarks/ingest.py), at least one, or the decode tasks could never be placed
-    spare = max(1, -(-cpus // 8))
-    actors = ray_opts.actors or max(1, (cpus - spare) // threads)
+    threads = max(1, min(ray_opts.actor_cpus, cpus))
+    actors = ray_opts.actors or max(1, cpus // threads)
     with store.writer():
         run_id = store.catalog.start_run(info.model_id, info.backend, f"{info.precision} ray×{actors}")
         writer = Writer(store, info.model_id, opts.flag_threshold, run_id, index, heads)
@@ -221,7 +221,8 @@ def _ingest_chunk(chunk: list[Source], writer: Writer, catalog_url: str, spec: I
                            fn_kwargs={"catalog_url": catalog_url, "spec": spec, "limits": opts.limits,
                                       "thumb_size": opts.thumb_size, "max_file_bytes": opts.max_file_bytes})
               .map_batches(Embed, batch_size=opts.batch_size, batch_format="numpy",
-                           compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=threads,
+                           compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
+                           num_cpus=max(0.5, threads - DECODE_CPUS), max_restarts=-1, max_task_retries=-1,
                            fn_constructor_args=(*model, threads)))
         batches: Iterable[dict[str, np.ndarray]] = ds.iter_batches(batch_size=opts.batch_size, batch_format="numpy")
     else:
