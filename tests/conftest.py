@@ -58,6 +58,18 @@ def catalog_url(request: pytest.FixtureRequest):
     pg.drop_database(url)
 
 
+@pytest.fixture(scope="module", params=ENGINES)
+def module_catalog_url(request: pytest.FixtureRequest):
+    """``catalog_url`` for a module's shared store (the API and viewer tests, which copy it per test)."""
+    if request.param == "sqlite":
+        yield ""
+        return
+    from tests import pg
+    url = pg.create_database()
+    yield url
+    pg.drop_database(url)
+
+
 @pytest.fixture
 def settings(home: Path, tiny_model_dir: Path, catalog_url: str) -> Settings:
     return Settings.load({"home": str(home), "model": str(tiny_model_dir), "batch_size": 8,

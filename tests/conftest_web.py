@@ -8,7 +8,8 @@ from pathlib import Path
 TOKEN = "reviewer-token"
 
 
-def build_clustered_home(root: Path, model_dir: Path, embedder, families: int = 4, per_family: int = 15):
+def build_clustered_home(root: Path, model_dir: Path, embedder, families: int = 4, per_family: int = 15,
+                         catalog_url: str = ""):
     from clustering.job import run_clustering
     from clustering.store import ClusterStore
     from flagmatch.settings import Settings
@@ -19,7 +20,8 @@ def build_clustered_home(root: Path, model_dir: Path, embedder, families: int = 
     write_families(root / "in" / "flagged", families, per_family)
     write_images(root / "in2", 12, start=500)
     s = Settings.load({"home": str(root / "home"), "model": str(model_dir), "api_tokens": f"rita:{TOKEN}",
-                       "flag_threshold": 0.0, "cluster_min_size": 5, "cluster_neighbors": 10}, environ={})
+                       "flag_threshold": 0.0, "cluster_min_size": 5, "cluster_neighbors": 10,
+                       "catalog_url": catalog_url}, environ={})
     store = open_store(s)
     ingest_into(s, iter_sources([str(root / "in" / "flagged")]), store=store, embedder=embedder)
     # a second batch that is not flagged: what a sweep should find

@@ -50,6 +50,9 @@ def create_database(template: str | None = None) -> str:
     with engine.connect() as c:  # type: ignore[attr-defined]
         if template:
             src = make_url(template).database
+            # a template may have no other session: close what the module's own store left open
+            c.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                           "WHERE datname = :d AND pid <> pg_backend_pid()"), {"d": src})
             c.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{src}"'))
         else:
             c.execute(text(f'CREATE DATABASE "{name}"'))

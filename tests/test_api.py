@@ -17,14 +17,15 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture(scope="module")
-def api_pristine(tmp_path_factory, tiny_model_dir, tiny_embedder) -> tuple[Settings, list[Path]]:
+def api_pristine(tmp_path_factory, tiny_model_dir, tiny_embedder, module_catalog_url) -> tuple[Settings, list[Path]]:
     from flagmatch.wiring import ingest_into, open_index, open_store
     from indexer.sources import iter_sources
 
     root = tmp_path_factory.mktemp("api")
     files = write_images(root / "in", 16)
     s = Settings.load({"home": str(root / "home"), "model": str(tiny_model_dir), "api_tokens": f"alice:{TOKEN}",
-                       "max_upload_bytes": 2_000_000, "max_pixels": 4_000_000}, environ={})
+                       "max_upload_bytes": 2_000_000, "max_pixels": 4_000_000,
+                       "catalog_url": module_catalog_url}, environ={})
     store = open_store(s)
     ingest_into(s, iter_sources([str(root / "in")]), store=store, embedder=tiny_embedder)
     store.catalog.set_flag([1, 2, 3, 4, 5, 6], FlagRequest("import", "spam", "setup"), flag=True)

@@ -13,8 +13,9 @@ from tests.helpers import drawn_image, encode, private_copy
 
 
 @pytest.fixture(scope="module")
-def web_pristine(tmp_path_factory, tiny_model_dir, tiny_embedder):
-    return build_clustered_home(tmp_path_factory.mktemp("web"), tiny_model_dir, tiny_embedder)
+def web_pristine(tmp_path_factory, tiny_model_dir, tiny_embedder, module_catalog_url):
+    return build_clustered_home(tmp_path_factory.mktemp("web"), tiny_model_dir, tiny_embedder,
+                                catalog_url=module_catalog_url)
 
 
 @pytest.fixture

@@ -407,9 +407,10 @@ def sweep(cluster_id: int) -> str:
     suggested = r.service.suggest_sweep_threshold(seeds)
     min_sim = _float_arg(request.args, "min_similarity", suggested, -1.0, 1.0)
     found = [(h.similarity, h.seed, h.record) for h in every if h.similarity >= min_sim]
-    # how the nearest unflagged images spread: one bar per 0.1 of similarity, best first
-    edges = [round(1.0 - 0.1 * i, 1) for i in range(11)]
-    bins = [(lo, hi, sum(lo <= h.similarity < hi or (hi == 1.0 and h.similarity >= 1.0) for h in every))
+    # how the nearest unflagged images spread: one bar per 0.1 of similarity (cosine: 1 down to −1), best first
+    edges = [round(1.0 - 0.1 * i, 1) for i in range(21)]
+    bins = [(lo, hi, sum(lo <= h.similarity < hi or (hi == 1.0 and h.similarity >= 1.0)
+                         or (lo == -1.0 and h.similarity < lo) for h in every))
             for hi, lo in zip(edges, edges[1:])]
     exemplars = info.exemplars[:6]
     return render_template("sweep.html", cluster=info, found=found, min_similarity=min_sim, suggested=suggested,
