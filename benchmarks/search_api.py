@@ -81,15 +81,17 @@ def build_store(work: Path, n_vectors: int, photos: int) -> tuple[dict, list[Pat
     rng = np.random.default_rng(0)
     start = real + 1
     now = utcnow()
+    seg = vs.segment(10**8)  # the synthetic rows' own segment
     for i in range(start, n_vectors + 1, 50_000):
         m = min(50_000, n_vectors + 1 - i)
         v = base[rng.integers(0, real, m)] + rng.normal(scale=0.05, size=(m, base.shape[1])).astype(np.float32)
-        vs.append(i, v / np.linalg.norm(v, axis=1, keepdims=True))
+        first = seg.append(v / np.linalg.norm(v, axis=1, keepdims=True))
         with store.catalog.engine.begin() as conn:
             conn.execute(insert(ImageRow), [dict(
                 id=k, sha256=hashlib.sha256(f"synthetic{k}".encode()).hexdigest(), size_bytes=1, format="JPEG",
                 width=1, height=1, frames=1, p_unsafe=0.0, model_id=emb.info.model_id, thumb_key="",
-                flagged=False, deleted=False, created_at=now, updated_at=now) for k in range(i, i + m)])
+                flagged=False, deleted=False, created_at=now, updated_at=now, vec_segment=seg.number,
+                vec_row=first + (k - i)) for k in range(i, i + m)])
     flagged = [int(i) for i in rng.choice(np.arange(1, n_vectors + 1), n_vectors // 10, replace=False)]
     for i in range(0, len(flagged), 5000):
         store.catalog.set_flag(flagged[i:i + 5000], FlagRequest("import", None, "bench"), flag=True)
