@@ -15,7 +15,6 @@ paths: shared storage on a real cluster, the local disk on a one-host cluster.""
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any, Iterable, Sequence
@@ -29,7 +28,7 @@ from indexer.errors import DecodeError, FlagmatchError
 from indexer.hashes import Pdq, md5_of
 from indexer.heads import Head
 from indexer.ingest import (Batch, Decoded, Duplicate, EmbeddedBatch, Failed, IndexSink, IngestOptions,
-                            Progress, Writer)
+                            Progress, Writer, deleted_failure, read_source)
 from indexer.sources import Source, SourceError, SourceItem
 from indexer.store import Store
 
@@ -96,17 +95,9 @@ def prepare(batch: dict[str, np.ndarray], *, catalog_url: str, spec: InputSpec, 
     pixels = np.zeros((n, spec.size, spec.size, 3), np.uint8)
     datas: list[bytes | None] = []
     for k in range(n):
-        path = str(batch["path"][k])
-        data, code, msg = None, "", ""
-        try:
-            size = os.stat(path).st_size
-            if size > max_file_bytes:
-                code, msg = "too_large", f"file is {size:,} bytes, over the cap of {max_file_bytes:,}"
-            else:
-                with open(path, "rb") as f:
-                    data = f.read(max_file_bytes + 1)
-        except OSError as exc:
-            code, msg = "unreadable", exc.strerror or str(exc)
+        read = read_source(str(batch["path"][k]), max_file_bytes)
+        data = None if isinstance(read, Failed) else read
+        code, msg = (read.code, read.message) if isinstance(read, Failed) else ("", "")
         datas.append(data)
         out["i"].append(int(batch["i"][k]))
         out["sha256"].append(hashlib.sha256(data).hexdigest() if data is not None else "")
@@ -239,8 +230,7 @@ def _ingest_chunk(chunk: list[Source], writer: Writer, catalog_url: str, spec: I
             if kind == "failed":
                 b.failed.append(Failed(item.path, str(out["code"][k]), str(out["message"][k]), sha or None))
             elif kind == "deleted":
-                b.failed.append(Failed(item.path, "deleted", f"these bytes were deleted (image "
-                                                             f"{int(out['known_id'][k])}): not taken in again", sha))
+                b.failed.append(deleted_failure(item.path, sha, int(out["known_id"][k])))
             elif kind == "known":
                 b.duplicates.append(Duplicate(item, sha, int(out["known_id"][k])))
             elif kind == "copy":

@@ -95,6 +95,23 @@ class IndexSink(Protocol):
 
 # ------------------------------------------------------------------ the stages
 
+def read_source(path: str, max_bytes: int) -> bytes | Failed:
+    """A source file's bytes, or why not (``too_large`` over ``max_bytes``, ``unreadable``)."""
+    try:
+        size = os.stat(path).st_size
+        if size > max_bytes:
+            return Failed(path, "too_large", f"file is {size:,} bytes, over the cap of {max_bytes:,}")
+        with open(path, "rb") as f:
+            return f.read(max_bytes + 1)
+    except OSError as exc:
+        return Failed(path, "unreadable", exc.strerror or str(exc))
+
+
+def deleted_failure(path: str, sha: str, image_id: int) -> Failed:
+    """Bytes a reviewer deleted are never taken in again."""
+    return Failed(path, "deleted", f"these bytes were deleted (image {image_id}): not taken in again", sha)
+
+
 class Reader:
     """Read + hash + claim + decode one source item (runs in the decode threads)."""
 
@@ -105,15 +122,9 @@ class Reader:
         self._failed: dict[str, Failed] = {}  # shas that failed to decode in this run
 
     def __call__(self, item: SourceItem) -> Decoded | Duplicate | Failed:
-        try:
-            size = os.stat(item.path).st_size
-            if size > self.opts.max_file_bytes:
-                return Failed(item.path, "too_large", f"file is {size:,} bytes, over the cap of "
-                                                      f"{self.opts.max_file_bytes:,}")
-            with open(item.path, "rb") as f:
-                data = f.read(self.opts.max_file_bytes + 1)
-        except OSError as exc:
-            return Failed(item.path, "unreadable", exc.strerror or str(exc))
+        data = read_source(item.path, self.opts.max_file_bytes)
+        if isinstance(data, Failed):
+            return data
         sha = hashlib.sha256(data).hexdigest()
         with self._lock:
             if sha in self._failed:
@@ -121,12 +132,10 @@ class Reader:
                 return Failed(item.path, f0.code, f0.message, sha)
             if sha in self._pending:
                 return Duplicate(item, sha, None)
-            known = self.store.catalog.known_sha(sha)
-            if known is not None and self.store.catalog.deleted_sha(sha):
-                return Failed(item.path, "deleted", f"these bytes were deleted (image {known}): not taken in again",
-                              sha)
-            if known is not None:
-                return Duplicate(item, sha, known)
+            found = self.store.catalog.lookup_shas([sha]).get(sha)
+            if found is not None:
+                known, deleted = found
+                return deleted_failure(item.path, sha, known) if deleted else Duplicate(item, sha, known)
             self._pending.add(sha)
         try:
             image = decode(data, self.spec, self.opts.limits, thumb_size=self.opts.thumb_size)

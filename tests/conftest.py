@@ -45,29 +45,28 @@ def _drop_test_databases():
     pg.drop_all()
 
 
-@pytest.fixture(params=ENGINES)
-def catalog_url(request: pytest.FixtureRequest):
-    """The catalog each store-using test runs against: SQLite in the home directory, then a database of
-    its own on the real PostgreSQL server (skipped, with the reason, where there is none)."""
-    if request.param == "sqlite":
+def _catalog_for(engine: str):
+    """"" (SQLite in the home directory) or a new database on the PostgreSQL server, dropped afterwards."""
+    if engine == "sqlite":
         yield ""
         return
     from tests import pg
     url = pg.create_database()
     yield url
     pg.drop_database(url)
+
+
+@pytest.fixture(params=ENGINES)
+def catalog_url(request: pytest.FixtureRequest):
+    """The catalog each store-using test runs against: SQLite in the home directory, then a database of
+    its own on the real PostgreSQL server (skipped, with the reason, where there is none)."""
+    yield from _catalog_for(request.param)
 
 
 @pytest.fixture(scope="module", params=ENGINES)
 def module_catalog_url(request: pytest.FixtureRequest):
     """``catalog_url`` for a module's shared store (the API and viewer tests, which copy it per test)."""
-    if request.param == "sqlite":
-        yield ""
-        return
-    from tests import pg
-    url = pg.create_database()
-    yield url
-    pg.drop_database(url)
+    yield from _catalog_for(request.param)
 
 
 @pytest.fixture
