@@ -339,6 +339,7 @@ class Catalog:
     def bind_model(self, model_id: str, dim: int, preprocessing: str, source: str = "") -> None:
         """Record the model on first use (and where to load it from); refuse a different one afterwards."""
         with self.session() as s, s.begin():
+            self._lock_ids(s)  # two writers binding a new catalog at once: one records, the other checks
             meta = {r.key: r.value for r in s.scalars(select(MetaRow))}
             if "model_id" not in meta:
                 s.add_all([MetaRow(key="model_id", value=model_id), MetaRow(key="dim", value=str(dim)),
