@@ -308,8 +308,13 @@ main.command("unflag", cls=SettingsCommand, help="Unflag images by id, sha256 or
 
 @main.command(cls=SettingsCommand)
 @click.option("--scope", type=click.Choice(["all", "flagged"]), default=None, help="one scope (default: both)")
+@click.option("--ray", "ray_address", default="", metavar="ADDRESS",
+              help="fill IVF-PQ indexes in shards on this Ray cluster ('auto': the one on this host) and serve "
+                   "them memory-mapped")
+@click.option("--on-disk", is_flag=True, help="fill IVF-PQ indexes in shards here and serve them memory-mapped "
+                                              "(an index larger than RAM)")
 @with_settings("model", "index")
-def reindex(scope: str | None, settings: Settings) -> None:
+def reindex(scope: str | None, ray_address: str, on_disk: bool, settings: Settings) -> None:
     """Refit the matching space, retrain and rebuild the vector indexes from the raw vectors (servers
     pick the new ones up); with --scope, rebuild that index alone in the current space."""
     import time
@@ -318,13 +323,21 @@ def reindex(scope: str | None, settings: Settings) -> None:
     embedder = wiring.load_embedder(settings, store) if scope is None and settings.space_dim > 0 else None
     index = wiring.open_index(store, settings, embedder, for_rebuild=True)
     t = time.perf_counter()
-    index.rebuild(scope, refit=scope is None)  # one scope alone keeps the space the other shares
+    shards = None
+    if ray_address:
+        from indexer.distributed import shard_runner
+        shards = shard_runner(ray_address, store, wiring.store_catalog_url(settings))
+    elif on_disk:
+        from indexer.sharded import local_runner
+        shards = local_runner(index.vectors)
+    index.rebuild(scope, refit=scope is None, shards=shards)  # one scope alone keeps the space the other shares
     index.save()
     matcher = wiring.hash_matcher(settings, store)
     matcher.rebuild()  # the PDQ indexes drop deleted images and bank entries
     for sc, st in index.stats().items():
         recall = f", recall@10 {st['recall_at_10']:.3f}" if st["recall_at_10"] is not None else ""
-        click.echo(f"{sc:<8} {st['factory']:<28} {st['vectors']} vectors, generation {st['generation']}{recall}")
+        disk = f", memory-mapped lists {st['on_disk']['lists']}" if st["on_disk"] else ""
+        click.echo(f"{sc:<8} {st['factory']:<28} {st['vectors']} vectors, generation {st['generation']}{recall}{disk}")
     click.echo(f"matching space: {index.space.summary()}")
     hs = matcher.stats()
     click.echo(f"PDQ indexes: {hs['pdq_images']} image hashes, {hs['pdq_banked']} banked hashes")

@@ -106,6 +106,8 @@ class Settings:
                                  "component is divided by its eigenvalue to this power", "index")
     space_min_vectors: int = setting(2000, "below this many stored vectors the matching space is the identity",
                                      "index")
+    shard_rows: int = setting(250_000, "vectors per shard when reindex --ray or --on-disk fills an IVF-PQ index in "
+                              "shards", "index")
     index_save_seconds: float = setting(30.0, "during ingest, save the indexes at most this often", "index")
     use_gpu: str = setting("auto", "FAISS on the GPU: auto (when faiss-gpu sees one), on or off", "index")
     pdq_threshold: int = setting(31, "PDQ distance (bits of 256) within which a stored image matches a query's "

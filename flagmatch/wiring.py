@@ -73,7 +73,8 @@ def index_config(settings: Settings) -> IndexConfig:
     return IndexConfig(exact_threshold=settings.exact_threshold, nlist=settings.nlist, pq_m=settings.pq_m,
                        opq=settings.opq, nprobe=settings.nprobe, rerank=settings.rerank,
                        target_recall=settings.target_recall, tune_ms=settings.tune_ms,
-                       use_gpu=settings.use_gpu, save_seconds=settings.index_save_seconds)
+                       use_gpu=settings.use_gpu, save_seconds=settings.index_save_seconds,
+                       shard_rows=settings.shard_rows)
 
 
 def space_config(settings: Settings) -> SpaceConfig:

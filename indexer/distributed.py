@@ -1,4 +1,4 @@
-"""Ingest on a Ray cluster, for corpora one machine cannot embed.
+"""Ingest and sharded index builds on a Ray cluster, for corpora one machine cannot embed.
 
 Ray Data runs the pipeline: the source items of one chunk → ``map_batches(prepare)`` as tasks on any node
 (read the bytes, sha256 and MD5, look the content up in the catalog, decode what is new: model pixels,
@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from itertools import islice
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -29,8 +30,11 @@ from indexer.hashes import Pdq, md5_of
 from indexer.heads import Head
 from indexer.ingest import (Batch, Decoded, Duplicate, EmbeddedBatch, Failed, IndexSink, IngestOptions,
                             Progress, Writer, deleted_failure, read_source)
+from indexer.sharded import ShardPlan, ShardResult, ShardRunner, build_shard
 from indexer.sources import Source, SourceError, SourceItem
+from indexer.space import MatchingSpace
 from indexer.store import Store
+from indexer.vectors import VectorStore
 
 
 # Logical CPUs a decode task asks for, and what a model actor leaves free on its node: an actor with t
@@ -257,3 +261,37 @@ def _write(writer: Writer, eb: EmbeddedBatch, progress: Progress | None) -> None
     if progress is not None:
         b = eb.batch
         progress.update(len(b.decoded) + len(b.duplicates) + len(b.failed), errors=writer.counts.failed)
+
+
+# ------------------------------------------------------------------ sharded index builds
+
+_VECTORS: dict[tuple[str, int], VectorStore] = {}
+
+
+def _shard_task(trained: bytes, space: MatchingSpace, queries: np.ndarray, query_ids: np.ndarray, ids: np.ndarray,
+                path: str, home: str, catalog_url: str, dim: int) -> ShardResult:
+    """One shard on a worker: the store's raw vectors read where they are (shared storage, like the catalog)."""
+    import faiss
+    faiss.omp_set_num_threads(1)  # the task holds one CPU; FAISS would otherwise start a thread per core
+    key = (home, dim)
+    if key not in _VECTORS:
+        _VECTORS[key] = VectorStore(Path(home) / "vectors", dim, _catalog(catalog_url).vector_locations)
+    return build_shard(trained, space, queries, query_ids, ids, Path(path), _VECTORS[key])
+
+
+def shard_runner(address: str, store: Store, catalog_url: str) -> ShardRunner:
+    """Shards built as Ray tasks, one CPU each, at least one shard per CPU of the cluster; a task lost with its
+    node is retried (a shard file is written whole or rewritten by the retry). The trained index, the space
+    and the queries go to the object store once."""
+    import ray
+    connect(address)
+    dim = store.open_vectors().dim
+    task = ray.remote(num_cpus=1, max_retries=4)(_shard_task)
+
+    def run(plan: ShardPlan) -> list[ShardResult]:
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        shared = [ray.put(x) for x in (plan.trained, plan.space, plan.queries, plan.query_ids)]
+        refs = [task.remote(*shared, part, str(plan.folder / f"shard-{k:05d}.faiss"), str(store.home), catalog_url, dim)
+                for k, part in enumerate(plan.parts(at_least=cpus))]
+        return list(ray.get(refs))
+    return run

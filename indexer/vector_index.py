@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import threading
 import time
 from contextlib import contextmanager
@@ -28,8 +29,9 @@ import numpy as np
 from indexer import faiss_index as fx
 from indexer import space as spaces
 from indexer.catalog import Checkpoint
-from indexer.errors import InvalidInputError
-from indexer.faiss_index import IndexConfig, IndexParams, choose_params
+from indexer.errors import FlagmatchError, InvalidInputError
+from indexer.faiss_index import IndexConfig, IndexParams, LayeredIndex, choose_params
+from indexer.sharded import ShardPlan, ShardRunner, local_runner
 from indexer.space import MatchingSpace, SpaceConfig
 from indexer.store import Store
 from indexer.vectors import VectorStore
@@ -88,7 +90,7 @@ class _RWLock:
 class ScopeIndex:
     """One faiss index, the space its vectors are in, the ids it holds, and the catalog state it covers."""
 
-    def __init__(self, scope: str, index: faiss.Index, params: IndexParams, space: MatchingSpace, image_id: int,
+    def __init__(self, scope: str, index: fx.AnyIndex, params: IndexParams, space: MatchingSpace, image_id: int,
                  flag_event_id: int, generation: int, ids: set[int] | None) -> None:
         self.scope, self.index, self.params, self.space = scope, index, params, space
         self.image_id, self.flag_event_id, self.generation = image_id, flag_event_id, generation
@@ -119,7 +121,7 @@ class ScopeIndex:
         if self.ids is not None:
             ids = np.array([i for i in ids.tolist() if i in self.ids], dtype=np.int64)
         if len(ids):
-            self.index.remove_ids(faiss.IDSelectorBatch(np.ascontiguousarray(ids, np.int64)))
+            fx.remove_ids(self.index, ids)
             if self.ids is not None:
                 self.ids.difference_update(ids.tolist())
             self.gpu_index = None
@@ -220,7 +222,7 @@ class VectorIndex:
                 problem = "its checksum does not match the checkpoint (truncated or corrupt)"
         if problem is None:
             try:
-                index = fx.deserialize(data)
+                index = fx.deserialize(data, self.store.index_dir)
                 params = IndexParams(**cp.params)
                 if index.d != params.dim:
                     raise ValueError(f"index is {index.d}-d, its checkpoint says {params.dim}-d")
@@ -242,15 +244,17 @@ class VectorIndex:
         return np.asarray(ids, dtype=np.int64)
 
     def _build(self, scope: str, generation: int, params: IndexParams | None = None,
-               space: MatchingSpace | None = None) -> ScopeIndex:
+               space: MatchingSpace | None = None, shards: ShardRunner | None = None) -> ScopeIndex:
         """Build a scope from the raw vectors (outside any lock; the caller swaps it in). An IVF-PQ
-        index is tuned to ``cfg.target_recall`` on held-out stored vectors while it is filled."""
+        index is tuned to ``cfg.target_recall`` on held-out stored vectors while it is filled. With
+        ``shards`` an IVF-PQ index is filled in shards (here or on a cluster) and merged into
+        memory-mapped lists (``indexer.sharded``)."""
         space = space or self.space
         image_head, event_head = self.store.catalog.head()
         ids = self._members(scope, image_head)
         params = params or choose_params(len(ids), space.dim, self.cfg)
         params = replace(params, dim=space.dim, space_version=space.version, space_sha256=space.sha256)
-        index = fx.new_index(params)
+        index: fx.AnyIndex = fx.new_index(params)
         rng = np.random.default_rng(self.cfg.seed)
         truth = None
         if params.kind == "ivfpq":
@@ -260,13 +264,17 @@ class VectorIndex:
             params = replace(params, trained_n=int(len(ids)))
             qids = np.sort(rng.choice(ids, size=min(TUNE_QUERIES, len(ids)), replace=False))
             truth = fx.ExactTopK(space.apply(self.vectors.get(qids)), qids, 10)
-        for part, raw in self.vectors.iter_rows(ids):
-            vecs = space.apply(raw)
-            index.add_with_ids(vecs, part)
-            if truth is not None:
-                truth.feed(part, vecs)
+        if truth is not None and shards is not None:
+            index, params = self._fill_sharded(scope, generation, index, params, space, ids, truth, shards)
+        else:
+            for part, raw in self.vectors.iter_rows(ids):
+                vecs = space.apply(raw)
+                index.add_with_ids(vecs, part)
+                if truth is not None:
+                    truth.feed(part, vecs)
         if truth is not None:
-            t = fx.tune(index, params, truth, lambda q, c, k: self._rerank(space, q, c, k), self.cfg)
+            t = fx.tune(index.base if isinstance(index, LayeredIndex) else index, params, truth,
+                        lambda q, c, k: self._rerank(space, q, c, k), self.cfg)
             params = fx.with_tuning(params, t)
             log.info("index %s: %s tuned to nprobe %d, re-rank %d×: recall@10 %.3f, p50 %.2f ms",
                      scope, params.factory, t.nprobe, t.rerank, t.recall, t.p50_ms)
@@ -277,6 +285,34 @@ class VectorIndex:
                        set(ids.tolist()) if scope == "flagged" else None)
         fx.set_nprobe(s.index, params, self.cfg.nprobe)
         return s
+
+    def _fill_sharded(self, scope: str, generation: int, trained_index: faiss.Index, params: IndexParams,
+                      space: MatchingSpace, ids: np.ndarray, truth: fx.ExactTopK,
+                      shards: ShardRunner) -> tuple[LayeredIndex, IndexParams]:
+        """Fill a trained IVF index in shards, merge them into ``<scope>-g<generation>.ivfdata`` and open it
+        memory-mapped; the shards' exact top lists become the tuner's truth."""
+        trained = fx.serialize(trained_index)
+        folder = self.store.index_dir / f".shards-{scope}-g{generation}-{os.getpid()}"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        lists = self.store.index_dir / f"{scope}-g{generation}.ivfdata"
+        t = time.perf_counter()
+        try:
+            results = shards(ShardPlan(scope, trained, space, ids, truth.q, truth.qids, folder, self.cfg.shard_rows))
+            added = sum(r.added for r in results)
+            if added != len(ids):
+                raise FlagmatchError(f"the shards of {scope} hold {added} vectors; the scope has {len(ids)}",
+                                     code="shard_mismatch")
+            for r in results:
+                truth.merge(r.sims, r.ids)
+            t_shards = time.perf_counter() - t
+            base = fx.merge_shards(trained, [r.path for r in results], lists)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        log.info("index %s: %d vectors in %d shards (%.1fs), merged into %s (%.1fs)", scope, added, len(results),
+                 t_shards, lists.name, time.perf_counter() - t - t_shards)
+        layered = LayeredIndex.open_built(base, trained, lists, int(ids.max()) if len(ids) else 0)
+        return layered, replace(params, on_disk=lists.name)
 
     # ------------------------------------------------------------------ keeping up with the catalog
     def catch_up(self) -> bool:
@@ -302,7 +338,9 @@ class VectorIndex:
                                       or any(self._needs_retrain(self._scopes[sc]) for sc in SCOPES)):
                 log.info("refitting the matching space and rebuilding the indexes (%d vectors)",
                          self._scopes["all"].ntotal)
-                self._rebuild_all()
+                # an index served memory-mapped is rebuilt the same way (in shards, here)
+                layered = any(isinstance(sc.index, LayeredIndex) for sc in self._scopes.values())
+                self._rebuild_all(shards=local_runner(self.vectors) if layered else None)
                 changed = True
         return changed
 
@@ -315,11 +353,12 @@ class VectorIndex:
             except ValueError as exc:
                 log.warning("matching space %d: %s; keeping space %d", version, exc, self.space.version)
 
-    def _rebuild_all(self, params: dict[str, IndexParams] | None = None) -> None:
+    def _rebuild_all(self, params: dict[str, IndexParams] | None = None, shards: ShardRunner | None = None) -> None:
         """(under ``_mutate``) Refit the space, build both scopes with it aside (``params`` per scope where
         given), swap them in."""
         space = self._fit_space()
-        fresh = [self._build(sc, self._scopes[sc].generation + 1, (params or {}).get(sc), space) for sc in SCOPES]
+        fresh = [self._build(sc, self._scopes[sc].generation + 1, (params or {}).get(sc), space, shards)
+                 for sc in SCOPES]
         self.space = space
         for f in fresh:
             self._swap(f)
@@ -426,6 +465,8 @@ class VectorIndex:
 
     def _search_index(self, s: ScopeIndex, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         index = s.index
+        if isinstance(index, LayeredIndex):  # memory-mapped lists stay on this host's page cache
+            return index.search(q, k)
         if self._gpu:
             if s.gpu_index is None:
                 s.gpu_index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, s.index)
@@ -485,15 +526,17 @@ class VectorIndex:
             for s in self._scopes.values():
                 s.remove(arr)
 
-    def rebuild(self, scope: str | None = None, params: IndexParams | None = None, *, refit: bool = True) -> None:
+    def rebuild(self, scope: str | None = None, params: IndexParams | None = None, *, refit: bool = True,
+                shards: ShardRunner | None = None) -> None:
         """Retrain and rebuild from the raw vectors (``reindex``), refitting the matching space first
-        (both scopes are rebuilt then: they share it); readers use the old indexes until the swap."""
+        (both scopes are rebuilt then: they share it); readers use the old indexes until the swap.
+        ``shards``: fill IVF-PQ indexes in shards and serve them memory-mapped (``indexer.sharded``)."""
         with self._mutate:
             if refit:
-                self._rebuild_all({sc: params for sc in ([scope] if scope else SCOPES)} if params else None)
+                self._rebuild_all({sc: params for sc in ([scope] if scope else SCOPES)} if params else None, shards)
             else:
                 for sc in ([scope] if scope else list(SCOPES)):
-                    self._swap(self._build(sc, self._scopes[sc].generation + 1, params))
+                    self._swap(self._build(sc, self._scopes[sc].generation + 1, params, shards=shards))
 
     def generations(self) -> dict:
         """{"scopes": {scope: generation}, "space": version} of what searches use now."""
@@ -506,8 +549,15 @@ class VectorIndex:
                          "covers_image_id": s.image_id, "covers_flag_event": s.flag_event_id,
                          "generation": s.generation, "nprobe": fx.get_nprobe(s.index, s.params),
                          "rerank": s.params.rerank or self.cfg.rerank, "recall_at_10": s.params.recall,
-                         "space": s.space.describe(), "gpu": self._gpu}
+                         "space": s.space.describe(), "gpu": self._gpu and not isinstance(s.index, LayeredIndex),
+                         "on_disk": self._on_disk(s)}
                     for sc, s in self._scopes.items()}
+
+    def _on_disk(self, s: ScopeIndex) -> dict | None:
+        if not isinstance(s.index, LayeredIndex):
+            return None
+        return {"lists": s.index.lists_file.name, "bytes": s.index.lists_file.stat().st_size,
+                "added_since": int(s.index.delta.ntotal), "hidden_since": s.index.base_removed}
 
     # ------------------------------------------------------------------ persistence
     def save(self, scopes: tuple[str, ...] = SCOPES) -> None:
@@ -530,7 +580,21 @@ class VectorIndex:
                                                               hashlib.sha256(data).hexdigest()))
             spaces.prune(self.store.index_dir, {int(cp.params.get("space_version", 0)) for sc in SCOPES
                                                 if (cp := self.store.catalog.checkpoint(sc)) is not None})
+            self._prune_lists()
         self._last_save = time.monotonic()
+
+    def _prune_lists(self) -> None:
+        """Delete memory-mapped lists two or more generations behind their scope's checkpoint. The previous
+        generation's stays: a process that read the old checkpoint a moment ago may be opening it now
+        (processes that already map a deleted file keep reading it)."""
+        for scope in SCOPES:
+            cp = self.store.catalog.checkpoint(scope)
+            if cp is None:
+                continue
+            for f in self.store.index_dir.glob(f"{scope}-g*.ivfdata"):
+                gen = f.name[len(scope) + 2:-len(".ivfdata")]
+                if gen.isdigit() and int(gen) < cp.generation - 1:
+                    f.unlink(missing_ok=True)
 
     def maybe_save(self) -> None:
         if time.monotonic() - self._last_save >= self.cfg.save_seconds:

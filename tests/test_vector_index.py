@@ -274,3 +274,86 @@ def test_learned_space_from_reupload_pairs(settings, store, tiny_embedder, tmp_p
     def top1(fa: np.ndarray, fb: np.ndarray) -> float:
         return float(((fb @ fa.T).argmax(axis=1) == np.arange(len(fa))).mean())
     assert top1(learned.apply(a), learned.apply(b)) >= top1(a, b)
+
+
+def _overlap(a, b) -> float:
+    return float(np.mean([len(set(x.ids.tolist()) & set(y.ids.tolist())) / max(len(y.ids), 1) for x, y in zip(a, b)]))
+
+
+def test_sharded_build_is_served_memory_mapped_and_answers_like_a_local_build(settings, store, mixture, caplog):
+    """reindex --on-disk: shards filled one after another and merged with faiss.contrib.ondisk into lists
+    that are memory-mapped read-only; later adds, unflags and deletes layer on top and survive a reopen."""
+    import dataclasses
+    from flagmatch.settings import Settings
+    from flagmatch.wiring import open_store
+    from indexer.sharded import local_runner
+    vecs, _ = mixture
+    rng = np.random.default_rng(5)
+    flagged = rng.random(len(vecs)) < 0.9  # ≥ 10k: both scopes are IVF-PQ
+    ids = populate(store, vecs, flagged)
+    cfg = dataclasses.replace(CFG, shard_rows=5000)
+    index = VectorIndex(store, cfg)
+    q = vecs[rng.choice(len(vecs), 200, replace=False)] + rng.normal(0, 0.02, (200, DIM)).astype(np.float32)
+    local = {sc: index.search(q, 10, sc) for sc in ("all", "flagged")}
+    index.rebuild(refit=False, shards=local_runner(index.vectors))  # the same space: comparable answers
+    st = index.stats()
+    for sc in ("all", "flagged"):
+        assert st[sc]["on_disk"] is not None and st[sc]["kind"] == "ivfpq" and st[sc]["recall_at_10"] >= 0.95, st[sc]
+        assert (store.index_dir / st[sc]["on_disk"]["lists"]).stat().st_size == st[sc]["on_disk"]["bytes"] > 0
+        assert _overlap(index.search(q, 10, sc), local[sc]) >= 0.97
+    assert st["all"]["vectors"] == len(ids) and st["flagged"]["vectors"] == int(flagged.sum())
+    assert not list(store.index_dir.glob(".shards-*")), "shard files are removed after the merge"
+    index.save()
+
+    # what comes after the build: new images, an unflag and a delete of images in the mapped lists
+    new_vecs = vecs[:50] + rng.normal(0, 0.01, (50, DIM)).astype(np.float32)
+    new_ids = populate(store, new_vecs, np.ones(50, bool), start=len(ids) + 1)
+    base_flagged = [int(i) for i in ids[flagged][:5]]
+    store.catalog.set_flag(base_flagged, FlagRequest("manual", None, "bob"), flag=False)
+    store.catalog.mark_deleted([int(ids[1])], "carol", "takedown")
+    index.catch_up()
+    index.remove([int(ids[1])])  # as delete_images does
+
+    def check(ix: VectorIndex) -> None:
+        got = ix.search(new_vecs[:20], 1, "flagged", live=False)
+        assert [int(h.ids[0]) for h in got] == new_ids[:20].tolist()
+        for i in base_flagged:
+            assert i not in ix.search(vecs[i - 1:i], 20, "flagged", live=False)[0].ids.tolist()
+        assert int(ids[1]) not in ix.search(vecs[1:2], 20, "all", live=False)[0].ids.tolist()
+        s = ix.stats()
+        assert s["flagged"]["vectors"] == int(flagged.sum()) + 50 - 5
+        assert s["all"]["vectors"] == len(ids) + 50 - 1
+        assert s["all"]["on_disk"]["added_since"] == 50 and s["flagged"]["on_disk"]["hidden_since"] == 5
+
+    check(index)
+    index.save()
+    check(VectorIndex(store, cfg))  # another process: the mapped lists, the layer on top, the hidden ids
+
+    # re-flag one of the unflagged: it is found again (from the layer, the mapped copy stays hidden)
+    store.catalog.set_flag(base_flagged[:1], FlagRequest("manual", "x", "alice"), flag=True)
+    index.catch_up()
+    i = base_flagged[0]
+    assert index.search(vecs[i - 1:i], 1, "flagged", live=False)[0].ids[:1].tolist() == [i]
+
+    # the store moved to another folder: the lists are found where the index now is
+    moved = store.home.parent / "moved-home"
+    import shutil
+    shutil.copytree(store.home, moved)
+    other = open_store(Settings.load({**{f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)},
+                                      "home": str(moved)}, environ={})) if not settings.catalog_url else None
+    if other is not None:
+        try:
+            lists = VectorIndex(other, cfg).stats()["all"]["on_disk"]["lists"]
+            assert lists.startswith("all-g")
+        finally:
+            other.close()
+
+    # lists truncated on disk: rebuilt from the raw vectors with a warning, never served damaged
+    index.save()
+    cur = index.stats()["all"]["on_disk"]["lists"]
+    with open(store.index_dir / cur, "r+b") as f:
+        f.truncate(100)
+    with caplog.at_level(logging.WARNING):
+        again = VectorIndex(store, cfg)
+    assert any("truncated or replaced" in r.getMessage() for r in caplog.records)
+    assert again.stats()["all"]["vectors"] == len(ids) + 50 - 1
