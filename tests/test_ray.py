@@ -174,3 +174,49 @@ def test_a_worker_node_killed_mid_run_and_a_killed_driver_resumed(cluster, tmp_p
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"new {60 - before}  duplicates {before + 1}" in again.stdout, (before, again.stdout)
     assert_same(home2, tmp_path / "local")
+
+
+def test_a_sharded_index_built_on_the_cluster_answers_like_a_local_build(cluster, tmp_path):
+    """reindex --ray: the shards are filled by tasks on both nodes, merged here with faiss.contrib.ondisk, and
+    the published generation — memory-mapped lists — is what a new process opens."""
+    from flagmatch.settings import Settings
+    from flagmatch.wiring import open_store
+    from indexer.faiss_index import IndexConfig
+    from indexer.vector_index import VectorIndex
+    from tests.helpers import gaussian_mixture
+    from tests.test_vector_index import _overlap, populate
+    address, renv = cluster
+    home = tmp_path / "home"
+    cfg = IndexConfig(exact_threshold=3000, nprobe=16, rerank=10)
+    vecs, _ = gaussian_mixture(12_000, 64, 40, seed=3, spread=0.5)
+    rng = np.random.default_rng(2)
+    flagged = rng.random(len(vecs)) < 0.9
+    q = vecs[rng.choice(len(vecs), 200, replace=False)] + rng.normal(0, 0.02, (200, 64)).astype(np.float32)
+    store = open_store(Settings.load({"home": str(home)}, environ={}))
+    try:
+        populate(store, vecs, flagged)
+        local = VectorIndex(store, cfg)
+        local.save()
+        before = {sc: local.search(q, 10, sc) for sc in ("all", "flagged")}
+    finally:
+        store.close()
+    env = child_env(FLAGMATCH_HOME=str(home), FLAGMATCH_EXACT_THRESHOLD="3000", FLAGMATCH_NPROBE="16",
+                    FLAGMATCH_RERANK="10", FLAGMATCH_SHARD_ROWS="5000",
+                    **{k: v for k, v in renv.items() if k.startswith("RAY_")})
+    for scope in ("all", "flagged"):  # one scope at a time keeps the space, so the answers compare
+        r = subprocess.run(CLI + ["reindex", "--scope", scope, "--ray", address], env=env, capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert f"memory-mapped lists {scope}-g2.ivfdata" in r.stdout, r.stdout
+    store = open_store(Settings.load({"home": str(home)}, environ={}))
+    try:
+        index = VectorIndex(store, cfg)
+        st = index.stats()
+        assert st["all"]["vectors"] == len(vecs) and st["flagged"]["vectors"] == int(flagged.sum())
+        for sc in ("all", "flagged"):
+            assert st[sc]["on_disk"]["lists"] == f"{sc}-g2.ivfdata" and st[sc]["generation"] == 2
+            assert st[sc]["recall_at_10"] >= 0.95
+            assert _overlap(index.search(q, 10, sc), before[sc]) >= 0.97
+        assert not list(store.index_dir.glob(".shards-*"))
+    finally:
+        store.close()
