@@ -100,11 +100,15 @@ def build_store(work: Path, n_vectors: int, photos: int) -> tuple[dict, list[Pat
     return {"FLAGMATCH_HOME": str(home), "FLAGMATCH_MODEL": str(model), "FLAGMATCH_API_TOKENS": "bench:bench"}, files
 
 
-def model_latency(model: str, files: list[Path]) -> tuple[float, str]:
+def model_costs(model: str, files: list[Path]) -> dict:
+    """In this process, before the server starts: the model's single-image latency, its batched rate (the
+    server's embed thread merges concurrent requests into batches of up to 8), and the per-upload CPU of
+    the server's decode (model input, query views, PDQ) with the number of images each upload embeds."""
     from flagmatch.settings import Settings
     from flagmatch.wiring import load_embedder
     from indexer.decode import decode
-    emb = load_embedder(Settings.load({"model": model}, environ={}))
+    settings = Settings.load({"model": model}, environ={})
+    emb = load_embedder(settings)
     px = [decode(f.read_bytes(), emb.info.input).pixels[None] for f in files[:8]]
     emb.embed(px[0])
     lat = []
@@ -113,7 +117,22 @@ def model_latency(model: str, files: list[Path]) -> tuple[float, str]:
             t = time.perf_counter()
             emb.embed(p)
             lat.append((time.perf_counter() - t) * 1000)
-    return median(lat), emb.info.precision
+    batch = np.concatenate(px)
+    rates = []
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(4):
+            emb.embed(batch)
+        rates.append(4 * len(batch) / (time.perf_counter() - t))
+    cpu, views = [], []
+    for f in files[:8]:
+        data = f.read_bytes()
+        t = time.process_time()
+        img = decode(data, emb.info.input, thumb_size=0, views=settings.query_views)
+        cpu.append((time.process_time() - t) * 1000)
+        views.append(1 + len(img.views))
+    return {"latency_ms": median(lat), "batched_rate": median(rates), "precision": emb.info.precision,
+            "decode_cpu_ms": median(cpu), "images_per_upload": float(np.mean(views))}
 
 
 def multipart(data: bytes) -> tuple[bytes, str]:
@@ -156,7 +175,8 @@ def main() -> None:
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     env, files = build_store(work, a.vectors, a.photos)
-    lat_model, precision = model_latency(env["FLAGMATCH_MODEL"], files)
+    costs = model_costs(env["FLAGMATCH_MODEL"], files)
+    lat_model, precision = costs["latency_ms"], costs["precision"]
     sys.path.insert(0, str(ROOT))
     from tests.helpers import start_server, stop_server
     server, base, log = start_server({**env, "FLAGMATCH_WORKERS": str(a.workers),
@@ -171,7 +191,7 @@ def main() -> None:
         lua = work / "search.lua"
         lua.write_text(LUA)
         rows, data = [], {"machine": machine(), "vectors": a.vectors, "model_latency_ms": lat_model,
-                          "precision": precision, "runs": []}
+                          "precision": precision, "costs": costs, "runs": []}
         for kind in ("id", "upload"):
             wenv = dict(os.environ, FM_IDS=str(a.vectors),
                         FM_CTYPE=uploads[0][1] if kind == "upload" else "application/json",
@@ -191,13 +211,26 @@ def main() -> None:
     finally:
         stop_server(server, log)
     up1 = next(r for r in data["runs"] if r["kind"] == "upload" and r["connections"] == 1)
+    # the most uploads a second the model allows (its batched rate over the images each upload embeds), and the
+    # ideal with the server's decoding on the same cores: cores ÷ (model CPU + decode CPU) per upload
+    cores = os.cpu_count() or 1
+    model_bound = costs["batched_rate"] / costs["images_per_upload"]
+    ideal = cores / (costs["images_per_upload"] * cores / costs["batched_rate"] + costs["decode_cpu_ms"] / 1000)
+    conc = [r for r in data["runs"] if r["kind"] == "upload" and r["connections"] > 1]
+    data.update(model_bound_rps=model_bound, ideal_rps=ideal)
     share_rows = [[k] + [f"{v.get(s, 0):.0%}" for s in ("decode", "embed", "search", "hydrate", "http+wsgi")]
                   for k, v in shares.items()]
     md = (f"Search API on {machine()}: `flagmatch serve` (gunicorn, {a.workers} worker × {a.threads} threads) "
           f"on loopback, wrk for {a.seconds} s per row, {a.vectors:,} images ({a.vectors // 10:,} flagged), "
           f"default model architecture in {precision}; latencies in ms. The model's own single-image "
           f"latency (pre-decoded, same machine): {lat_model:.1f} ms; search-by-upload p50 at 1 connection is "
-          f"{up1['p50'] / lat_model:.2f}× that.\n\n"
+          f"{up1['p50'] / lat_model:.2f}× that. The model's batched rate (batches of 8, pre-decoded): "
+          f"{costs['batched_rate']:.1f} images/s; each upload embeds {costs['images_per_upload']:.2f} images (the "
+          f"whole image and the query views that apply) and its decode takes {costs['decode_cpu_ms']:.1f} ms CPU, "
+          f"so the model allows {model_bound:.1f} uploads/s and the ideal with decoding on the same cores is "
+          f"{ideal:.1f}/s; concurrent uploads reached "
+          + ", ".join(f"{r['rps'] / model_bound:.2f} of the model's rate ({r['rps'] / ideal:.2f} of the ideal) at "
+                      f"{r['connections']} connections" for r in conc) + ".\n\n"
           + table(["query", "connections", "p50 ms", "p95 ms", "p99 ms", "requests/s", "errors"], rows)
           + "\n\nShare of request time per stage (100 sequential requests, from the Server-Timing header; "
             "hydrate = catalog lookups + JSON):\n\n"

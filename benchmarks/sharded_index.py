@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from common import ROOT, machine, median, table, write
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from index import build_store, make_vectors  # noqa: E402
-from ray_ingest import Cluster, run  # noqa: E402
+from ray_ingest import Cluster  # noqa: E402
 
 CLI = [sys.executable, "-m", "flagmatch.cli"]
 
@@ -42,18 +43,52 @@ index = VectorIndex(store, index_config(settings), SpaceConfig(), auto_rebuild=F
 open_s = time.perf_counter() - t
 d = np.load(sys.argv[2])
 faiss.omp_set_num_threads(1)
-lat, hit = [], 0
-for row, want in zip(d["q"], d["truth"]):
-    t = time.perf_counter()
-    h = index.search(row[None], 10, "all")[0]
-    lat.append((time.perf_counter() - t) * 1000)
-    hit += len(set(h.ids.tolist()) & set(want.tolist()))
+p50s = []
+for _ in range(2):  # the first pass faults in the pages it touches; the second finds them resident
+    lat, hit = [], 0
+    for row, want in zip(d["q"], d["truth"]):
+        t = time.perf_counter()
+        h = index.search(row[None], 10, "all")[0]
+        lat.append((time.perf_counter() - t) * 1000)
+        hit += len(set(h.ids.tolist()) & set(want.tolist()))
+    p50s.append(float(np.median(lat)))
 status = dict(l.split(":", 1) for l in open("/proc/self/status").read().splitlines() if ":" in l)
 kib = lambda k: int(status[k].split()[0])
-print(json.dumps({"open_s": open_s, "p50_ms": float(np.median(lat)), "recall": hit / (10 * len(lat)),
+print(json.dumps({"open_s": open_s, "p50_ms": p50s[1], "first_p50_ms": p50s[0], "recall": hit / (10 * len(lat)),
                   "rss_mib": kib("VmRSS") / 1024, "anon_mib": kib("RssAnon") / 1024, "file_mib": kib("RssFile") / 1024,
                   "stats": index.stats()["all"]}, default=str))
 """
+
+
+def run(cmd: list[str], env: dict) -> tuple[float, float, str]:
+    """(wall seconds, the process's peak RSS in MiB, stdout). The peak is the child's own VmHWM, polled: the
+    kernel's ru_maxrss of a child carries over the forking parent's peak, which here holds the whole corpus."""
+    t = time.perf_counter()
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    peak = [0.0]
+
+    def poll() -> None:
+        while p.poll() is None:
+            try:
+                for line in Path(f"/proc/{p.pid}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        peak[0] = max(peak[0], int(line.split()[1]) / 1024)
+            except OSError:
+                return
+            time.sleep(0.1)
+    watcher = threading.Thread(target=poll, daemon=True)
+    watcher.start()
+    out = p.stdout.read() if p.stdout else ""
+    if p.wait() != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}): {out[-2000:]}")
+    watcher.join()
+    return time.perf_counter() - t, peak[0], out
+
+
+def serve(home: Path, qfile: Path, env: dict) -> dict:
+    out = subprocess.run([sys.executable, "-c", SERVE, str(home), str(qfile)], env=env, capture_output=True,
+                         text=True, check=True, cwd=ROOT).stdout
+    return json.loads(out.splitlines()[-1])
 
 
 def exact_truth(home: Path, q: np.ndarray, n: int) -> np.ndarray:
@@ -117,14 +152,14 @@ def main() -> None:
             menv = cluster.env if cluster else env
             times, peaks = [], []
             for _ in range(args.repeat):
-                wall, peak_kib, out = run(CLI + ["reindex", "--scope", "all", *flags, *extra], menv)
+                wall, peak_mib, out = run(CLI + ["reindex", "--scope", "all", *flags, *extra], menv)
                 times.append(wall)
-                peaks.append(peak_kib / 1024)
+                peaks.append(peak_mib)
         finally:
             if cluster:
                 cluster.stop()
-        served = json.loads(subprocess.run([sys.executable, "-c", SERVE, str(home), str(qfile)], env=env,
-                                           capture_output=True, text=True, check=True, cwd=ROOT).stdout.splitlines()[-1])
+        time.sleep(5)  # the stopped cluster's processes exit before the serving process is timed
+        served = serve(home, qfile, env)
         st = served["stats"]
         lists = st["on_disk"]["bytes"] / 2**20 if st["on_disk"] else None
         r = {"build_s": median(times), "builds_s": times, "builder_peak_rss_mib": max(peaks), **served,
@@ -132,7 +167,8 @@ def main() -> None:
         data["modes"][name] = r
         rows.append([name, r["build_s"], f"{r['builder_peak_rss_mib']:.0f}", f"{served['rss_mib']:.0f}",
                      f"{served['anon_mib']:.0f} / {served['file_mib']:.0f}",
-                     f"{lists:.0f}" if lists is not None else "in RAM", served["open_s"], served["p50_ms"],
+                     f"{lists:.0f}" if lists is not None else "in RAM", served["open_s"],
+                     f"{served['first_p50_ms']:.2f} / {served['p50_ms']:.2f}",
                      f"{served['recall']:.3f}"])
         print(name, json.dumps(r, default=str)[:400], flush=True)
     base = data["modes"]["in memory (one host)"]["build_s"]
@@ -142,8 +178,11 @@ def main() -> None:
           "the driver included); then a new serving process opens the published index and answers "
           f"{args.queries} single queries (1 FAISS thread, catalog guard included).\n\n"
           + table(["build", "build s", "builder peak RSS MiB", "server RSS MiB", "server anon / file-backed MiB",
-                   "lists on disk MiB", "server open s", "query p50 ms", "recall@10"], rows)
-          + "\n\nBuild time against the in-memory build: "
+                   "lists on disk MiB", "server open s", "query p50 ms (first / second pass)", "recall@10"], rows)
+          + "\n\nBuilder peak RSS is the `reindex` process's own (VmHWM; on Ray the driver's — the shard tasks "
+            "run in Ray's worker processes). Server RSS splits into anonymous memory (the index structures in "
+            "RAM) and file-backed pages (memory-mapped raw vectors and lists: the kernel's page cache, dropped "
+            "under memory pressure and read again on demand).\n\nBuild time against the in-memory build: "
           + ", ".join(f"{k} {v['build_s'] / base:.2f}×" for k, v in data["modes"].items()) + ".")
     write("sharded_index", data, md)
 
