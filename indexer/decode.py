@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import threading
 import struct
 import time
 import warnings
@@ -421,3 +423,15 @@ def to_rgb(im: Image.Image) -> Image.Image:
     if mode == "RGB":
         return im
     return im.convert("RGB")  # 1, L, CMYK, YCbCr, LAB, HSV
+
+
+def lower_priority(nice: int) -> None:
+    """Lower the calling (decode) thread's scheduling priority. The model's parallel operators wait for their
+    slowest thread, so a decode thread that preempts one of the model's threads stalls the whole operator;
+    at a lower priority the scheduler runs decoding in the model's gaps instead. Measured on 2 cores
+    (open_nsfw, make-corpus): 51–53 → 55–56 images/s end to end; the ViT's rate unchanged within noise."""
+    if nice > 0:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        except (OSError, AttributeError):  # not permitted or not Linux: run at the normal priority
+            pass

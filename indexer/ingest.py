@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Protocol, Sequence
 import numpy as np
 
 from indexer.catalog import FlagRequest, IngestCounts, NewImage
-from indexer.decode import DEFAULT_LIMITS, DecodedImage, DecodeLimits, InputSpec, decode
+from indexer.decode import DEFAULT_LIMITS, DecodedImage, DecodeLimits, InputSpec, decode, lower_priority
 from indexer.embed import Embedder
 from indexer.errors import DecodeError
 from indexer import verdicts
@@ -36,7 +36,7 @@ class IngestOptions:
     max_file_bytes: int = 200 * 1024 * 1024
     thumb_size: int = 256
     model_lanes: int = 0  # batches the model runs at once, one thread each (0: as many as cores where it helps)
-    decode_nice: int = 19  # the decode threads' niceness, above the model's (see _lower_priority)
+    decode_nice: int = 19  # the decode threads' niceness, above the model's (see indexer.decode.lower_priority)
 
 
 # ------------------------------------------------------------------ what the stages pass along
@@ -150,18 +150,6 @@ class Reader:
     def committed(self, shas: Iterable[str]) -> None:
         with self._lock:
             self._pending.difference_update(shas)
-
-
-def _lower_priority(nice: int) -> None:
-    """Lower the calling decode thread's scheduling priority. The model's parallel operators wait for their
-    slowest thread, so a decode thread that preempts one of the model's threads stalls the whole operator;
-    at a lower priority the scheduler runs decoding in the model's gaps instead. Measured on 2 cores
-    (open_nsfw, make-corpus): 51–53 → 55–56 images/s end to end; the ViT's rate unchanged within noise."""
-    if nice > 0:
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-        except (OSError, AttributeError):  # not permitted or not Linux: run at the normal priority
-            pass
 
 
 def model_lanes(embedder: Embedder, requested: int) -> tuple[int, Embedder]:
@@ -369,7 +357,7 @@ def ingest(store: Store, embedder: Embedder, sources: Iterable[Source], opts: In
                 flush()
 
         with ThreadPoolExecutor(max_workers=max(1, opts.decode_workers), thread_name_prefix="decode",
-                                initializer=_lower_priority, initargs=(opts.decode_nice,)) as pool, \
+                                initializer=lower_priority, initargs=(opts.decode_nice,)) as pool, \
                 ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="lane") as model_pool:
             items = iter(sources)
 

@@ -4,14 +4,16 @@ the CLI are thin wrappers over it."""
 from __future__ import annotations
 
 import hashlib
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
 from indexer.catalog import ImageRecord
-from indexer.decode import DEFAULT_LIMITS, DecodedImage, DecodeLimits, InputSpec, decode, plan
+from indexer.decode import DEFAULT_LIMITS, DecodedImage, DecodeLimits, InputSpec, decode, lower_priority, plan
 from indexer.embed import Embedder
 from indexer.errors import InvalidInputError, ModelLoadError, NotFoundError
 from indexer.store import Store
@@ -106,8 +108,13 @@ class SearchService:
     def __init__(self, store: Store, index: VectorIndex, embedder: Embedder | None, *,
                  limits: DecodeLimits = DEFAULT_LIMITS, admission: Admission | None = None,
                  cluster_lookup: ClusterLookup | None = None, views: Sequence[str] = DEFAULT_VIEWS,
-                 hashes: HashMatcher | None = None, heads: ActiveHeads | None = None) -> None:
+                 hashes: HashMatcher | None = None, heads: ActiveHeads | None = None, decode_nice: int = 19) -> None:
         self.store, self.index, self.embedder, self.hashes = store, index, embedder, hashes
+        # uploads decode on a small pool at a lower priority than the model's threads (as ingest's decoders do,
+        # see indexer.decode.lower_priority): under concurrent uploads the model's parallel operators are not
+        # stalled by a request thread's decode, and at most one decode per core runs at once
+        self._decoders = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="upload-decode",
+                                            initializer=lower_priority, initargs=(decode_nice,))
         self.active_heads = heads
         unknown = set(views) - set(VIEWS)
         if unknown:
@@ -161,10 +168,10 @@ class SearchService:
         """Decode one upload within the worker's admission budget (reserved from its header first)."""
         v = self.views if views else ()
         if self.admission is None:
-            return decode(data, spec, self.limits, thumb_size=0, views=v)
+            return self._decoders.submit(decode, data, spec, self.limits, thumb_size=0, views=v).result()
         cost = plan(data, spec, self.limits)  # the header's promise, checked against the per-image budget
         with self.admission.reserve(cost.bytes):
-            return decode(data, spec, self.limits, thumb_size=0, views=v)
+            return self._decoders.submit(decode, data, spec, self.limits, thumb_size=0, views=v).result()
 
     def hash_image(self, data: bytes) -> Pdq | None:
         """PDQ of an upload (decoded safely as for a search; no model needed)."""

@@ -40,6 +40,9 @@ def request(port: int, method: str, path: str, body: bytes | None = None, ctype:
         conn.close()
 
 
+SERVERS: dict[int, int] = {}  # port → pid of `flagmatch serve` (gunicorn's master)
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("serve")
@@ -53,6 +56,7 @@ def served(tmp_path_factory, tiny_model_dir):
     proc, base, log = start_server(env, root / "server.log")
     port = int(base.rsplit(":", 1)[1])
     env["FLAGMATCH_PORT"] = str(port)
+    SERVERS[port] = proc.pid
     yield port, files, env, cli
     stop_server(proc, log)
 
@@ -69,6 +73,38 @@ def test_served_instance_answers_real_requests(served):
     assert status == 401 and body["error"]["code"] == "unauthorized"
     status, body = request(port, "POST", "/api/v1/search", *multipart(b"GIF89a broken"))
     assert status == 400 and body["error"]["code"] in ("corrupt", "truncated")
+
+
+
+def _thread_niceness(pid: int) -> dict[int, int]:
+    """tid → niceness of every thread of a process (field 19 of /proc/<pid>/task/<tid>/stat)."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue
+        out[int(task.name)] = int(stat.rsplit(")", 1)[1].split()[16])
+    return out
+
+
+def test_request_threads_run_below_the_model(served):
+    """Request and decode threads run at the request niceness (19); the model's threads stay at 0, so a busy
+    request thread never preempts the model's parallel operators."""
+    port, files, _, _ = served
+    for k in range(4):  # uploads and lookups on both workers
+        assert request(port, "POST", "/api/v1/search", *multipart(files[k].read_bytes()))[0] == 200
+        assert request(port, "POST", "/api/v1/search", json.dumps({"id": 3}).encode(), "application/json")[0] == 200
+    master = SERVERS[port]
+    workers = [int(c) for c in Path(f"/proc/{master}/task/{master}/children").read_text().split()]
+    assert workers
+    seen = {}
+    for w in workers:
+        seen.update({(w, t): n for t, n in _thread_niceness(w).items()})
+    assert all(seen[(w, w)] == 0 for w in workers), "a worker's main thread keeps the normal priority"
+    assert any(n == 19 for n in seen.values()), seen
+    # the model (its thread and torch's) runs at 0: more threads at 0 than the workers' main threads
+    assert sum(1 for n in seen.values() if n == 0) > len(workers), seen
 
 
 def test_chunked_upload_over_the_limit_is_413(served):

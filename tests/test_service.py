@@ -33,6 +33,11 @@ def test_uploads_find_their_stored_copy_first(svc):
     flagged = svc.search_uploads(uploads, SearchParams(k=10))
     assert all(h.record.flagged for r in flagged.results for h in r.hits)
     assert [len(r.hits) for r in flagged.results] == [5, 5, 5]
+    # uploads decode on the service's pool, at the decode priority (below the model's threads)
+    import os
+    import threading
+    nice = svc._decoders.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
+    assert nice == 19
 
 
 def test_stored_images_leave_themselves_out(svc):
