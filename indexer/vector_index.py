@@ -289,13 +289,14 @@ class VectorIndex:
     def _fill_sharded(self, scope: str, generation: int, trained_index: faiss.Index, params: IndexParams,
                       space: MatchingSpace, ids: np.ndarray, truth: fx.ExactTopK,
                       shards: ShardRunner) -> tuple[LayeredIndex, IndexParams]:
-        """Fill a trained IVF index in shards, merge them into ``<scope>-g<generation>.ivfdata`` and open it
+        """Fill a trained IVF index in shards, merge them into ``<scope>-g<generation>-….ivfdata`` and open it
         memory-mapped; the shards' exact top lists become the tuner's truth."""
         trained = fx.serialize(trained_index)
         folder = self.store.index_dir / f".shards-{scope}-g{generation}-{os.getpid()}"
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-        lists = self.store.index_dir / f"{scope}-g{generation}.ivfdata"
+        # a name of its own: two processes building the same generation at once never write one file
+        lists = self.store.index_dir / f"{scope}-g{generation}-{os.getpid()}-{os.urandom(4).hex()}.ivfdata"
         t = time.perf_counter()
         try:
             results = shards(ShardPlan(scope, trained, space, ids, truth.q, truth.qids, folder, self.cfg.shard_rows))
@@ -592,7 +593,7 @@ class VectorIndex:
             if cp is None:
                 continue
             for f in self.store.index_dir.glob(f"{scope}-g*.ivfdata"):
-                gen = f.name[len(scope) + 2:-len(".ivfdata")]
+                gen = f.name[len(scope) + 2:].split("-", 1)[0]
                 if gen.isdigit() and int(gen) < cp.generation - 1:
                     f.unlink(missing_ok=True)
 

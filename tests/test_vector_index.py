@@ -335,6 +335,14 @@ def test_sharded_build_is_served_memory_mapped_and_answers_like_a_local_build(se
     i = base_flagged[0]
     assert index.search(vecs[i - 1:i], 1, "flagged", live=False)[0].ids[:1].tolist() == [i]
 
+    # rebuilt twice more: each generation maps lists of its own; those two generations behind are deleted
+    first = index.stats()["all"]["on_disk"]["lists"]
+    for _ in range(2):
+        index.rebuild("all", refit=False, shards=local_runner(index.vectors))
+        index.save()
+    names = sorted(f.name for f in store.index_dir.glob("all-g*.ivfdata"))
+    assert first not in names and len(names) == 2 and index.stats()["all"]["on_disk"]["lists"] in names, names
+
     # the store moved to another folder: the lists are found where the index now is
     moved = store.home.parent / "moved-home"
     import shutil
