@@ -74,9 +74,8 @@ class Settings:
     ray_actors: int = setting(0, "model actors on the Ray cluster (0: one per --ray-actor-cpus CPUs)", "ingest")
     ray_actor_cpus: int = setting(2, "CPUs (model threads) each Ray model actor takes", "ingest")
     ray_chunk: int = setting(4096, "source items the driver hands to Ray at a time (bounds its memory)", "ingest")
-    decode_nice: int = setting(19, "niceness of the decode threads of ingest and of the server's uploads (0-19): "
-                               "above the model's, so decoding runs in the model's gaps instead of stalling its "
-                               "parallel operators", "ingest")
+    decode_nice: int = setting(19, "niceness of ingest's decode threads (0-19): above the model's, so decoding runs "
+                               "in the model's gaps instead of stalling its parallel operators", "ingest")
     thumb_size: int = setting(256, "long side of stored thumbnails, in pixels", "ingest")
     # -- decoding limits (ingest and uploads alike)
     max_pixels: int = setting(100_000_000, "largest image decoded, in pixels (a JPEG's header may be up to 64× "
@@ -130,10 +129,10 @@ class Settings:
                                    "beyond it uploads wait, then get 503 with Retry-After", "server")
     admission_wait: float = setting(2.0, "how long an upload waits for decoding memory before a 503, in seconds",
                                     "server")
-    request_nice: int = setting(19, "niceness of the request threads (0-19), above the model's: a request's Python "
-                                "work (HTTP, search, JSON) runs in the model's gaps instead of preempting its "
-                                "threads, so uploads keep the model busy while lookups by id wait a little; 0 "
-                                "treats both alike (lookups first, uploads starve under load)", "server")
+    request_nice: int = setting(0, "niceness of the request threads and of uploads' decoding (0-19). 19 on a host "
+                                "dedicated to the API puts the model first: uploads keep it busy while lookups by "
+                                "id wait; 0 (the default) treats them alike and keeps the server responsive when "
+                                "other jobs share the host (niceness is machine-wide)", "server")
     review_labels: tuple[str, ...] = setting(
         ("adult_nudity", "sexual_activity", "violence", "gore", "hate_symbols", "self_harm", "spam", "other"),
         "the policy labels a reviewer picks from (comma-separated)", "server")

@@ -109,7 +109,7 @@ def search_service(settings: Settings, store: Store, index: VectorIndex, embedde
                          admission=Admission(settings.admission_bytes, settings.admission_wait),
                          cluster_lookup=ClusterStore(store).lookup, views=settings.query_views,
                          hashes=hash_matcher(settings, store), heads=ActiveHeads(store),
-                         decode_nice=settings.decode_nice)
+                         decode_nice=settings.request_nice)
 
 
 def hash_matcher(settings: Settings, store: Store) -> HashMatcher:

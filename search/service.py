@@ -108,11 +108,10 @@ class SearchService:
     def __init__(self, store: Store, index: VectorIndex, embedder: Embedder | None, *,
                  limits: DecodeLimits = DEFAULT_LIMITS, admission: Admission | None = None,
                  cluster_lookup: ClusterLookup | None = None, views: Sequence[str] = DEFAULT_VIEWS,
-                 hashes: HashMatcher | None = None, heads: ActiveHeads | None = None, decode_nice: int = 19) -> None:
+                 hashes: HashMatcher | None = None, heads: ActiveHeads | None = None, decode_nice: int = 0) -> None:
         self.store, self.index, self.embedder, self.hashes = store, index, embedder, hashes
-        # uploads decode on a small pool at a lower priority than the model's threads (as ingest's decoders do,
-        # see indexer.decode.lower_priority): under concurrent uploads the model's parallel operators are not
-        # stalled by a request thread's decode, and at most one decode per core runs at once
+        # uploads decode on a small pool — at most one decode per core at once — at the request niceness
+        # (``decode_nice`` here; see indexer.decode.lower_priority for why a lower priority helps the model)
         self._decoders = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="upload-decode",
                                             initializer=lower_priority, initargs=(decode_nice,))
         self.active_heads = heads

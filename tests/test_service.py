@@ -33,11 +33,23 @@ def test_uploads_find_their_stored_copy_first(svc):
     flagged = svc.search_uploads(uploads, SearchParams(k=10))
     assert all(h.record.flagged for r in flagged.results for h in r.hits)
     assert [len(r.hits) for r in flagged.results] == [5, 5, 5]
-    # uploads decode on the service's pool, at the decode priority (below the model's threads)
+
+
+def test_uploads_decode_on_a_pool_at_the_request_niceness(svc):
     import os
     import threading
-    nice = svc._decoders.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
-    assert nice == 19
+
+    from search.service import SearchService
+
+    def niceness() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    base = niceness()
+    assert svc._decoders.submit(niceness).result() == base  # request_nice 0: as the process
+    if base < 19:
+        niced = SearchService(svc.store, svc.index, svc.embedder, decode_nice=19)
+        assert niced._decoders.submit(niceness).result() == 19
+        resp = niced.search_uploads([("q.png", encode(drawn_image(1), "PNG"))], SearchParams(k=1, scope="all"))
+        assert resp.results[0].hits[0].record.id == 2
 
 
 def test_stored_images_leave_themselves_out(svc):

@@ -54,12 +54,15 @@ def install_edges(app: Flask, runtime: Runtime) -> None:
 
     @app.before_request
     def _priority() -> None:
-        """Each request thread runs below the model's threads (once per thread: a thread's niceness cannot be
-        lowered back). The model's operators run a thread per core and wait for the slowest, so one request
+        """With ``request_nice``, each request thread runs below the model's threads (once per thread: a thread's
+        niceness cannot be lowered back). The model's operators run a thread per core and wait for the slowest, so one request
         thread preempting one of them stalls the whole model (measured: a JSON-busy thread in the same process
         took the ViT from 20 to 12 images/s on 2 cores; the same thread niced, 20.5)."""
         if not getattr(niced, "done", False):
-            lower_priority(settings.request_nice)
+            # never the process's main thread (an in-process server, a test client): its niceness would pass to
+            # every thread and process it starts afterwards
+            if threading.current_thread() is not threading.main_thread():
+                lower_priority(settings.request_nice)
             niced.done = True
 
     @app.before_request
