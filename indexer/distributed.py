@@ -186,21 +186,24 @@ def ray_ingest(store: Store, catalog_url: str, embedder: Embedder, model: tuple[
     info = embedder.info
     store.bind_model(info.model_id, info.dim, info.preprocessing, info.source)
     cpus = int(ray.cluster_resources().get("CPU", 1))
+    gpus = int(ray.cluster_resources().get("GPU", 0))
     threads = max(1, min(ray_opts.actor_cpus, cpus))
-    actors = ray_opts.actors or max(1, cpus // threads)
+    # one model per GPU where the cluster has GPUs (the actor's torch finds its GPU); else per actor_cpus CPUs
+    actors = ray_opts.actors or (gpus if gpus else max(1, cpus // threads))
     with store.writer():
-        run_id = store.catalog.start_run(info.model_id, info.backend, f"{info.precision} ray×{actors}")
+        run_id = store.catalog.start_run(info.model_id, info.backend,
+                                         f"{info.precision} ray×{actors}{' GPU' if gpus else ''}")
         writer = Writer(store, info.model_id, opts.flag_threshold, run_id, index, heads)
         items = iter(sources)
         while chunk := list(islice(items, ray_opts.chunk)):
-            _ingest_chunk(chunk, writer, catalog_url, info.input, model, opts, actors, threads, progress)
+            _ingest_chunk(chunk, writer, catalog_url, info.input, model, opts, actors, threads, progress, gpus > 0)
         store.catalog.finish_run(run_id, writer.counts)
         return writer.counts
 
 
 def _ingest_chunk(chunk: list[Source], writer: Writer, catalog_url: str, spec: InputSpec,
                   model: tuple[str, str, str], opts: IngestOptions, actors: int, threads: int,
-                  progress: Progress | None) -> None:
+                  progress: Progress | None, on_gpus: bool = False) -> None:
     import ray.data
 
     early = Batch()
@@ -217,7 +220,8 @@ def _ingest_chunk(chunk: list[Source], writer: Writer, catalog_url: str, spec: I
                                       "thumb_size": opts.thumb_size, "max_file_bytes": opts.max_file_bytes})
               .map_batches(Embed, batch_size=opts.batch_size, batch_format="numpy",
                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
-                           num_cpus=max(0.5, threads - DECODE_CPUS), max_restarts=-1, max_task_retries=-1,
+                           num_cpus=1 if on_gpus else max(0.5, threads - DECODE_CPUS), num_gpus=1 if on_gpus else 0,
+                           max_restarts=-1, max_task_retries=-1,
                            fn_constructor_args=(*model, threads)))
         batches: Iterable[dict[str, np.ndarray]] = ds.iter_batches(batch_size=opts.batch_size, batch_format="numpy")
     else:

@@ -159,7 +159,9 @@ class TimmEmbedder:
 
         on_model_thread(torch.set_num_threads, default_threads(threads))  # a per-thread OpenMP setting
         self._torch = torch
-        self.model = model.eval()  # type: ignore[attr-defined]
+        # the GPU where torch sees one (a Ray actor placed on a GPU node, a GPU host); the CPU otherwise
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = model.eval().to(self.device)  # type: ignore[attr-defined]
         self.unsafe_index = unsafe_index
         cfg = timm.data.resolve_data_config(model=self.model)
         spec = InputSpec(size=int(cfg["input_size"][-1]), crop_pct=float(cfg.get("crop_pct") or 1.0),
@@ -175,7 +177,7 @@ class TimmEmbedder:
     def _choose_precision(self, precision: str) -> str:
         if precision not in ("auto", "fp32", "bf16"):
             raise ModelLoadError(f"precision must be auto, fp32 or bf16, not {precision!r}")
-        if precision == "fp32" or (precision == "auto" and not bf16_supported()):
+        if precision == "fp32" or (precision == "auto" and not bf16_supported(self.device.type)):
             return "fp32"
         calib = calibration_pixels(self.info.input.size)
         ref, _ = self._forward(calib, bf16=False)
@@ -191,13 +193,13 @@ class TimmEmbedder:
 
     def _forward_here(self, pixels: np.ndarray, bf16: bool) -> tuple[np.ndarray, np.ndarray]:
         torch = self._torch
-        x = torch.from_numpy(to_input(pixels, self.info.norm))
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        x = torch.from_numpy(to_input(pixels, self.info.norm)).to(self.device)
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
             feats = self.model.forward_features(x)  # type: ignore[attr-defined]
             pre = self.model.forward_head(feats, pre_logits=True)  # type: ignore[attr-defined]
             logits = self.model.get_classifier()(pre)  # type: ignore[attr-defined]
             p = torch.softmax(logits.float(), dim=-1)[:, self.unsafe_index]
-        return pre.float().numpy(), p.numpy().astype(np.float32)
+        return pre.float().cpu().numpy(), p.cpu().numpy().astype(np.float32)
 
     def embed(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         emb, p = self._forward(pixels, self._bf16)
@@ -208,8 +210,10 @@ class TimmEmbedder:
         return self._forward(pixels, bf16)
 
 
-def bf16_supported() -> bool:
+def bf16_supported(device: str = "cpu") -> bool:
     import torch
+    if device == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
     try:
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except AttributeError:
@@ -461,7 +465,7 @@ def export_onnx(embedder: TimmEmbedder, out: Path) -> None:
             return pre, p
 
     size = embedder.info.input.size
-    example = torch.from_numpy(to_input(calibration_pixels(size, 2), embedder.info.norm))
+    example = torch.from_numpy(to_input(calibration_pixels(size, 2), embedder.info.norm)).to(embedder.device)
     tmp = out.with_name(out.name + ".tmp")
     batch = torch.export.Dim("batch", min=1, max=4096)
     program = torch.onnx.export(_Both(embedder.model, embedder.unsafe_index).eval(), (example,),

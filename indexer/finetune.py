@@ -88,8 +88,9 @@ def finetune(store: Store, model_ref: str, label: str, out: Path, *, epochs: int
     other = 1 - unsafe if model.num_classes == 2 else None  # type: ignore[attr-defined]
     if other is None:
         raise InvalidInputError("fine-tuning expects the seed model's two classes (unsafe / safe)", code="not_binary")
-    target = torch.tensor(np.where(y == 1, unsafe, other))
-    x_all = torch.from_numpy(to_input(pixels, emb.info.norm))
+    device = emb.device  # the GPU where the model runs on one
+    target = torch.tensor(np.where(y == 1, unsafe, other)).to(device)
+    x_all = torch.from_numpy(to_input(pixels, emb.info.norm)).to(device)
     loss_fn = LabelSmoothingCrossEntropy(smoothing=0.1)
     rng = np.random.default_rng(seed)
 
@@ -126,11 +127,11 @@ def finetune(store: Store, model_ref: str, label: str, out: Path, *, epochs: int
     for prm in model.parameters():  # type: ignore[attr-defined]
         prm.requires_grad = False
     with torch.inference_mode():
-        p = torch.softmax(model(x_all[te]), dim=-1)[:, unsafe].numpy()  # type: ignore[operator]
+        p = torch.softmax(model(x_all[te]), dim=-1)[:, unsafe].cpu().numpy()  # type: ignore[operator]
     tuned_ap = float(average_precision_score(y[te], p))
 
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))  # type: ignore[attr-defined]
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))  # type: ignore[attr-defined]
     cfg = model.pretrained_cfg  # type: ignore[attr-defined]
     labels = ["SFW", "SFW"]
     labels[unsafe] = "NSFW"
