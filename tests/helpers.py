@@ -156,8 +156,12 @@ def start_server(env: dict, log_path: Path, timeout: float = 120.0):  # type: ig
 
     port = free_port()
     log = open(log_path, "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "flagmatch.cli", "serve"],
-                            env=child_env(**env, FLAGMATCH_PORT=str(port)), stdout=log, stderr=log)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "flagmatch.cli", "serve"],
+                                env=child_env(**env, FLAGMATCH_PORT=str(port)), stdout=log, stderr=log)
+    except BaseException:  # the server never started: nothing else will close its log
+        log.close()
+        raise
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
