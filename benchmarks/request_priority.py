@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,22 +15,16 @@ from pathlib import Path
 from common import ROOT, machine, median, table, write
 
 sys.path.insert(0, str(ROOT))
+from search_api import wrk, wrk_result  # noqa: E402
 from tests.helpers import start_server, stop_server  # noqa: E402
 
 
-def wrk(port: int, work: Path, kind: str, conns: int, seconds: int) -> subprocess.Popen:
-    env = dict(os.environ, FM_IDS="100000",
-               FM_CTYPE="multipart/form-data; boundary=fmBench0123456789" if kind == "upload" else "application/json",
-               FM_BODIES=str(work / "bodies") if kind == "upload" else "")
-    return subprocess.Popen(["wrk", "-t", str(min(conns, 2)), "-c", str(conns), "-d", f"{seconds}s", "--timeout", "30s",
-                             "-s", str(work / "search.lua"), f"http://127.0.0.1:{port}"], env=env,
-                            stdout=subprocess.PIPE, text=True)
+IDS = 100_000  # the search API benchmark's default store size: ids 1..IDS exist
 
 
 def result(p: subprocess.Popen) -> dict:
-    out = p.communicate()[0]
-    r = json.loads(next(line for line in out.splitlines() if line.startswith("FMJSON"))[7:])
-    return {"rps": r["requests"] / r["seconds"], "p50": r["p50"], "p99": r["p99"]}
+    r = wrk_result(p)
+    return {"rps": r["rps"], "p50": r["p50"], "p99": r["p99"]}
 
 
 def main() -> None:
@@ -53,11 +46,11 @@ def main() -> None:
                                              timeout=600)
             port = int(base.rsplit(":", 1)[1])
             try:
-                result(wrk(port, work, "upload", 2, 4))  # warm-up
-                r = {"up4": result(wrk(port, work, "upload", 4, a.seconds)),
-                     "up16": result(wrk(port, work, "upload", 16, a.seconds)),
-                     "id4": result(wrk(port, work, "id", 4, a.seconds))}
-                up, ids = wrk(port, work, "upload", 4, a.seconds), wrk(port, work, "id", 4, a.seconds)
+                result(wrk(port, work, "upload", 2, 4, IDS))  # warm-up
+                r = {"up4": result(wrk(port, work, "upload", 4, a.seconds, IDS)),
+                     "up16": result(wrk(port, work, "upload", 16, a.seconds, IDS)),
+                     "id4": result(wrk(port, work, "id", 4, a.seconds, IDS))}
+                up, ids = wrk(port, work, "upload", 4, a.seconds, IDS), wrk(port, work, "id", 4, a.seconds, IDS)
                 r["mixed_up4"], r["mixed_id4"] = result(up), result(ids)
             finally:
                 stop_server(server, log)

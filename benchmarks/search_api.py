@@ -135,6 +135,26 @@ def model_costs(model: str, files: list[Path]) -> dict:
             "decode_cpu_ms": median(cpu), "images_per_upload": float(np.mean(views))}
 
 
+def wrk(port: int, work: Path, kind: str, conns: int, seconds: int, ids: int) -> subprocess.Popen:
+    """wrk driving search-by-``kind`` (``id`` or ``upload``: the bodies in ``work/bodies``) with the script in
+    ``work/search.lua``; ``wrk_result`` waits for it."""
+    env = dict(os.environ, FM_IDS=str(ids), FM_CTYPE=multipart(b"")[1] if kind == "upload" else "application/json",
+               FM_BODIES=str(work / "bodies") if kind == "upload" else "")
+    return subprocess.Popen(["wrk", "-t", str(min(conns, 2)), "-c", str(conns), "-d", f"{seconds}s", "--timeout",
+                             "30s", "-s", str(work / "search.lua"), f"http://127.0.0.1:{port}"], env=env,
+                            stdout=subprocess.PIPE, text=True)
+
+
+def wrk_result(p: subprocess.Popen) -> dict:
+    """The script's FMJSON line (requests, seconds, p50/p95/p99 ms, errors) with requests/s added."""
+    out = p.communicate()[0]
+    if p.returncode != 0:
+        raise RuntimeError(f"wrk failed ({p.returncode}): {out[-2000:]}")
+    r = json.loads(next(line for line in out.splitlines() if line.startswith("FMJSON"))[7:])
+    r["rps"] = r["requests"] / r["seconds"]
+    return r
+
+
 def multipart(data: bytes) -> tuple[bytes, str]:
     b = "fmBench0123456789"
     return ((f"--{b}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"q.jpg\"\r\n\r\n").encode()
@@ -193,15 +213,9 @@ def main() -> None:
         rows, data = [], {"machine": machine(), "vectors": a.vectors, "model_latency_ms": lat_model,
                           "precision": precision, "costs": costs, "runs": []}
         for kind in ("id", "upload"):
-            wenv = dict(os.environ, FM_IDS=str(a.vectors),
-                        FM_CTYPE=uploads[0][1] if kind == "upload" else "application/json",
-                        FM_BODIES=str(bodies_dir) if kind == "upload" else "")
             for conns in (1, 4, 16):
-                out = subprocess.run(["wrk", "-t", str(min(conns, 2)), "-c", str(conns), "-d", f"{a.seconds}s",
-                                      "--timeout", "30s", "-s", str(lua), f"http://127.0.0.1:{port}"],
-                                     env=wenv, capture_output=True, text=True, check=True).stdout
-                r = json.loads(next(line for line in out.splitlines() if line.startswith("FMJSON"))[7:])
-                r.update(kind=kind, connections=conns, rps=r["requests"] / r["seconds"])
+                r = wrk_result(wrk(port, work, kind, conns, a.seconds, a.vectors))
+                r.update(kind=kind, connections=conns)
                 data["runs"].append(r)
                 rows.append([f"by {kind}", conns, r["p50"], r["p95"], r["p99"], r["rps"], r["errors"]])
                 print(json.dumps(r), flush=True)

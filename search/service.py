@@ -166,11 +166,14 @@ class SearchService:
     def _decode(self, data: bytes, spec: InputSpec, *, views: bool = True) -> DecodedImage:
         """Decode one upload within the worker's admission budget (reserved from its header first)."""
         v = self.views if views else ()
-        if self.admission is None:
+
+        def run() -> DecodedImage:
             return self._decoders.submit(decode, data, spec, self.limits, thumb_size=0, views=v).result()
+        if self.admission is None:
+            return run()
         cost = plan(data, spec, self.limits)  # the header's promise, checked against the per-image budget
         with self.admission.reserve(cost.bytes):
-            return self._decoders.submit(decode, data, spec, self.limits, thumb_size=0, views=v).result()
+            return run()
 
     def hash_image(self, data: bytes) -> Pdq | None:
         """PDQ of an upload (decoded safely as for a search; no model needed)."""
