@@ -11,6 +11,7 @@ import datetime as dt
 import os
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -177,11 +178,14 @@ class NeighbourPlacer:
     membership-weighted mean of its ``k`` nearest fitted images (cosine, FAISS), with UMAP's own weights
     exp(−(d − ρ)/σ) — what ``transform`` starts from before its optimisation epochs. Measured at 100k
     (benchmarks/cluster.py): ``transform`` spent 71 s (clustering space) + 13 s (map) placing 50k images; this
-    takes seconds with the same ARI, since HDBSCAN's prediction only needs the point near its neighbours."""
+    takes seconds with the same ARI, since HDBSCAN's prediction only needs the point near its neighbours.
 
-    def __init__(self, fit_x: np.ndarray, fit_emb: np.ndarray, fit_xy: np.ndarray, k: int = 15) -> None:
+    Finding the neighbours needs only the vectors, so the job does it while the neighbour graph is built
+    (``neighbours``) and takes the positions once the embeddings exist (``position``)."""
+
+    def __init__(self, fit_x: np.ndarray, k: int = 15) -> None:
         import faiss
-        self.fit_emb, self.fit_xy, self.k = fit_emb, fit_xy, min(k, len(fit_x))
+        self.k = min(k, len(fit_x))
         x = _unit(fit_x)
         d = x.shape[1]
         if len(x) > 20_000:  # an inverted file: exact enough for a placement, a fraction of the work
@@ -193,12 +197,8 @@ class NeighbourPlacer:
             self.index = faiss.IndexFlatIP(d)
         self.index.add(x)
 
-    def place(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        emb, xy, _, _ = self.place_with_neighbours(x)
-        return emb, xy
-
-    def place_with_neighbours(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Positions, and the fitted neighbours (row numbers in the fitted sample) with their weights."""
+    def neighbours(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The fitted neighbours of each row of ``x`` (row numbers in the fitted sample) and their weights."""
         sims, idx = self.index.search(_unit(x), self.k)
         idx = np.where(idx < 0, idx[:, :1], idx)
         dist = 1.0 - sims
@@ -206,9 +206,12 @@ class NeighbourPlacer:
         sigma = np.maximum((dist - rho).mean(axis=1, keepdims=True), 1e-6)
         w = np.exp(-(dist - rho) / sigma)
         w /= w.sum(axis=1, keepdims=True)
-        emb = np.einsum("nk,nkd->nd", w, self.fit_emb[idx]).astype(np.float32)
-        xy = np.einsum("nk,nkd->nd", w, self.fit_xy[idx]).astype(np.float32)
-        return emb, xy, idx, w.astype(np.float32)
+        return idx, w.astype(np.float32)
+
+    @staticmethod
+    def position(fit_pos: np.ndarray, idx: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """Where the neighbours put each image in a fitted embedding (``fit_pos``: its fitted rows)."""
+        return np.einsum("nk,nkd->nd", w, fit_pos[idx]).astype(np.float32)
 
 
 def vote(labels: np.ndarray, probs: np.ndarray, idx: np.ndarray, w: np.ndarray
@@ -229,6 +232,23 @@ def vote(labels: np.ndarray, probs: np.ndarray, idx: np.ndarray, w: np.ndarray
     return out_l, out_p, (1.0 - best).astype(np.float32)
 
 
+def _rest_neighbours(x: np.ndarray, fit_idx: np.ndarray, rest_idx: np.ndarray, k: int
+                     ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Fitted neighbours and weights of the images left out of the fit (rows of ``x``; other rows stay 0),
+    and the seconds it took."""
+    t = time.perf_counter()
+    k = min(k, len(fit_idx))
+    nbr = np.zeros((len(x), k), np.int64)
+    nbr_w = np.zeros((len(x), k), np.float32)
+    if not len(rest_idx):
+        return nbr, nbr_w, 0.0
+    placer = NeighbourPlacer(x[fit_idx], k=k)
+    for i in range(0, len(rest_idx), 50_000):
+        chunk = rest_idx[i:i + 50_000]
+        nbr[chunk], nbr_w[chunk] = placer.neighbours(x[chunk])
+    return nbr, nbr_w, time.perf_counter() - t
+
+
 def _unit(x: np.ndarray) -> np.ndarray:
     x = np.ascontiguousarray(x, np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
@@ -236,14 +256,61 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------ the job
 
-def _umap(n_components: int, neighbors: int, metric: str, min_dist: float, seed: int, n: int, epochs: int = 0,
-          knn: tuple[Any, Any, Any] | None = None) -> Any:
+def _umap(n_components: int, neighbors: int, min_dist: float, seed: Any, n: int, epochs: int,
+          knn: tuple[np.ndarray, np.ndarray] | None) -> Any:
     from clustering import jit
     jit.enable()
     import umap
-    return umap.UMAP(n_components=n_components, n_neighbors=min(neighbors, n - 1), metric=metric,
+    # a copy of the graph each: UMAP marks disconnected edges in the arrays it is given
+    graph = (knn[0].copy(), knn[1].copy(), None) if knn is not None else (None, None, None)
+    return umap.UMAP(n_components=n_components, n_neighbors=min(neighbors, n - 1), metric="cosine",
                      min_dist=min_dist, random_state=seed, low_memory=True, init="spectral" if n > 50 else "random",
-                     n_epochs=epochs or None, precomputed_knn=knn if knn is not None else (None, None, None))
+                     n_epochs=epochs or None, precomputed_knn=graph)
+
+
+# Below this many points UMAP computes an exact graph from all pairwise distances itself (its own rule):
+# there is no NN-descent to share and each embedding computes its graph (milliseconds at that size).
+SMALL_DATA = 4096
+
+
+def neighbour_graph(x: np.ndarray, neighbors: int, random_state: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    """The cosine ``neighbors``-nearest-neighbour graph both embeddings are laid out from: UMAP's own
+    NN-descent (pynndescent), computed once, drawing from ``random_state`` (a ``numpy.random.RandomState``)
+    exactly as UMAP's fit would; None below ``SMALL_DATA`` points. An exact graph from FAISS was measured
+    too: 6 s instead of 30 s for the 50k fit, but ARI 0.909 against 0.955 (NN-descent's graph, recall 0.84,
+    keeps the groups together better), so quality wins."""
+    if len(x) < SMALL_DATA:
+        return None
+    from clustering import jit
+    jit.enable()
+    from umap.umap_ import nearest_neighbors
+    idx, dist, _ = nearest_neighbors(x, min(neighbors, len(x) - 1), "cosine", {}, False, random_state,
+                                     low_memory=True, use_pynndescent=True, n_jobs=1)
+    return idx, dist
+
+
+def layouts(x: np.ndarray, knn: tuple[np.ndarray, np.ndarray] | None, p: ClusterParams, random_state: Any
+            ) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+    """The clustering space (``p.dims``-d) and the 2-D map, laid out at the same time from one graph.
+
+    The clustering space goes on drawing from the ``random_state`` the graph was drawn from, so it is the
+    embedding UMAP's own fit gives for the seed (the clusters do not move with this split); the map starts
+    from the seed.
+
+    Each UMAP optimisation runs on one core (seeded, so reproducible) and numba releases the GIL in its
+    compiled epochs (``clustering.jit``), so the map is laid out on the second core while the clustering
+    space takes the first: the map's time disappears into the clustering space's on a 2-core machine."""
+    def timed(reducer: Any) -> tuple[np.ndarray, float]:
+        t = time.perf_counter()
+        return reducer.fit_transform(x).astype(np.float32), time.perf_counter() - t
+
+    reducer = _umap(p.dims, p.neighbors, 0.0, random_state, len(x), p.epochs, knn)
+    mapper = _umap(2, p.neighbors, 0.1, p.seed, len(x), MAP_EPOCHS, knn)
+    with ThreadPoolExecutor(1, thread_name_prefix="umap-map") as pool:
+        drawn = pool.submit(timed, mapper)
+        emb, emb_s = timed(reducer)
+        xy, xy_s = drawn.result()
+    return emb, xy, (emb_s, xy_s)
 
 
 def artifacts_path(store: Store, run_id: int) -> Path:
@@ -299,34 +366,27 @@ def _cluster(store: Store, cstore: ClusterStore, run_id: int, ids: np.ndarray, x
     rest_idx = np.setdiff1d(np.arange(n), fit_idx) if sampled else np.zeros(0, np.int64)
 
     t = time.perf_counter()
-    say("reduce", f"UMAP {x.shape[1]}-d → {p.dims}-d (cosine) on {len(fit_idx):,} images"
+    say("reduce", f"UMAP {x.shape[1]}-d → {p.dims}-d (cosine) and the 2-D map on {len(fit_idx):,} images"
         + (f", then placing {len(rest_idx):,} more" if sampled else ""))
-    with warnings.catch_warnings():
+    x_fit = x[fit_idx]
+    with warnings.catch_warnings(), ThreadPoolExecutor(1, thread_name_prefix="place") as pool:
         warnings.simplefilter("ignore")  # umap warns that random_state disables parallelism: that is the point
-        # UMAP's own approximate neighbour graph (NN-descent). An exact graph from FAISS was measured too: 20 s
-        # instead of 43 s for the 50k fit, but ARI 0.906 against 0.947 (NN-descent's graph, recall 0.83, keeps
-        # the groups together better), so quality wins.
-        reducer = _umap(p.dims, p.neighbors, "cosine", 0.0, p.seed, len(fit_idx), p.epochs)
+        # the rest's fitted neighbours on the second core while NN-descent (one core, mostly compiling) runs
+        found = pool.submit(_rest_neighbours, x, fit_idx, rest_idx, p.neighbors)
+        random_state = np.random.RandomState(p.seed)
+        knn = neighbour_graph(x_fit, p.neighbors, random_state)
+        timings["graph"] = time.perf_counter() - t
         emb = np.empty((n, p.dims), np.float32)
-        emb[fit_idx] = reducer.fit_transform(x[fit_idx])
-        timings["reduce_fit"] = time.perf_counter() - t
-        t1 = time.perf_counter()
-        # the map from the same neighbour graph (no second search): 21 s instead of 30 s at 50k points
-        graph = getattr(reducer, "_knn_indices", None)
-        knn = (graph, reducer._knn_dists, reducer._knn_search_index) if graph is not None else None
-        mapper = _umap(2, p.neighbors, "cosine", 0.1, p.seed, len(fit_idx), MAP_EPOCHS, knn)
         xy = np.empty((n, 2), np.float32)
-        xy[fit_idx] = mapper.fit_transform(x[fit_idx])
-        timings["map_fit"] = time.perf_counter() - t1
+        emb[fit_idx], xy[fit_idx], layout_s = layouts(x_fit, knn, p, random_state)
+        timings["reduce_fit"], timings["map_fit"] = layout_s
         t1 = time.perf_counter()
-        placer = NeighbourPlacer(x[fit_idx], emb[fit_idx], xy[fit_idx], k=p.neighbors)
-        nbr = np.zeros((n, placer.k), np.int64)
-        nbr_w = np.zeros((n, placer.k), np.float32)
-        for i in range(0, len(rest_idx), 50_000):
-            chunk = rest_idx[i:i + 50_000]
-            emb[chunk], xy[chunk], nbr[chunk], nbr_w[chunk] = placer.place_with_neighbours(x[chunk])
-            say("reduce", f"placed {min(i + 50_000, len(rest_idx)):,} / {len(rest_idx):,}")
+        nbr, nbr_w, timings["place_search"] = found.result()
+        emb[rest_idx] = NeighbourPlacer.position(emb[fit_idx], nbr[rest_idx], nbr_w[rest_idx])
+        xy[rest_idx] = NeighbourPlacer.position(xy[fit_idx], nbr[rest_idx], nbr_w[rest_idx])
         timings["place"] = time.perf_counter() - t1
+        if sampled:
+            say("reduce", f"placed {len(rest_idx):,} images from their fitted neighbours")
     timings["reduce"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -423,8 +483,8 @@ def assign_new(store: Store, cstore: ClusterStore, progress: Progress | None = N
     x = space.apply(vectors.get(new))
     if "placer_x" not in art:
         raise ClusteringError(f"run {run.id} was made by an older flagmatch: run `flagmatch cluster` again")
-    emb, xy = NeighbourPlacer(art["placer_x"], art["placer_emb"], art["placer_xy"],
-                              k=int(art["params"].get("neighbors", 15))).place(x)
+    idx, w = NeighbourPlacer(art["placer_x"], k=int(art["params"].get("neighbors", 15))).neighbours(x)
+    emb, xy = NeighbourPlacer.position(art["placer_emb"], idx, w), NeighbourPlacer.position(art["placer_xy"], idx, w)
     labels, probs, outl = predict(art["fitted"], art["fit_embedding"], emb)
     # a re-upload of a family's image joins that family, whatever HDBSCAN would say
     fam_x, fam_labels = art.get("family_vectors"), art.get("family_labels")

@@ -212,3 +212,42 @@ def test_families_stay_whole_in_the_matching_space(store, cstore):
         assert members[0] >= 0 and (members == members[0]).all(), f"family {f} split: {members}"
         # and nothing else joined it
         assert (got == members[0]).sum() == 6
+
+
+@pytest.mark.filterwarnings("ignore")  # umap, pynndescent and numba warn; the job ignores them the same way
+@pytest.mark.parametrize("n", [1500, 5000])  # below 4,096 the graph is exact, above it NN-descent
+def test_the_shared_graph_and_concurrent_layouts_give_umaps_own_embedding(n):
+    """One neighbour graph for both embeddings, laid out on two threads at once, changes nothing: the
+    clustering space is what UMAP's own fit gives for the seed, and the map what a UMAP fit from that
+    graph gives."""
+    from clustering import jit
+    from clustering.job import _umap, layouts, neighbour_graph
+    jit.enable()
+    import umap
+    x, _ = mixture(n // 5, [0, 1, 2, 3, 4], seed=3)
+    p = ClusterParams(neighbors=15, seed=7, epochs=60)
+    state = np.random.RandomState(p.seed)
+    knn = neighbour_graph(x, p.neighbors, state)
+    emb, xy, _ = layouts(x, knn, p, state)
+    own = umap.UMAP(n_components=p.dims, n_neighbors=p.neighbors, metric="cosine", min_dist=0.0, random_state=p.seed,
+                    low_memory=True, init="spectral", n_epochs=p.epochs).fit_transform(x)
+    np.testing.assert_allclose(emb, own, rtol=0, atol=1e-4)
+    again = _umap(2, p.neighbors, 0.1, p.seed, n, 100, neighbour_graph(x, p.neighbors, np.random.RandomState(p.seed)))
+    assert (knn is None) == (n < 4096)
+    np.testing.assert_allclose(xy, again.fit_transform(x), rtol=0, atol=1e-4)
+
+
+def test_numba_compiles_only_what_the_job_calls_and_releases_the_gil():
+    """pynndescent's eagerly typed distances and trees (unused by the cosine job) are left to compile on
+    first call; the heap and random helpers the job calls stay eager; compiled functions release the GIL
+    (the two layouts run on two cores)."""
+    code = ("from clustering import jit; jit.enable()\n"
+            "import umap, pynndescent.rp_trees as rp, pynndescent.utils as ut, pynndescent.distances as d\n"
+            "from umap import layouts\n"
+            "print(len(rp.angular_random_projection_split.signatures), len(d.euclidean.signatures),"
+            " len(ut.tau_rand_int.signatures) > 0,"
+            " layouts._nb_optimize_layout_euclidean_single_epoch.targetoptions.get('nogil'))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=child_env(), timeout=600,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         check=True).stdout.split()
+    assert out == ["0", "0", "True", "True"], out
