@@ -283,6 +283,8 @@ def neighbour_graph(x: np.ndarray, neighbors: int, random_state: Any) -> tuple[n
         return None
     from clustering import jit
     jit.enable()
+    from clustering import nndescent
+    nndescent.install()
     from umap.umap_ import nearest_neighbors
     idx, dist, _ = nearest_neighbors(x, min(neighbors, len(x) - 1), "cosine", {}, False, random_state,
                                      low_memory=True, use_pynndescent=True, n_jobs=1)

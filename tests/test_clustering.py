@@ -239,15 +239,41 @@ def test_the_shared_graph_and_concurrent_layouts_give_umaps_own_embedding(n):
 
 def test_numba_compiles_only_what_the_job_calls_and_releases_the_gil():
     """pynndescent's eagerly typed distances and trees (unused by the cosine job) are left to compile on
-    first call; the heap and random helpers the job calls stay eager; compiled functions release the GIL
-    (the two layouts run on two cores)."""
+    first call; the heap and random helpers the job calls stay eager; its parallel loops compile as plain
+    loops (the job runs it on one thread); compiled functions release the GIL (the two layouts run on two
+    cores)."""
     code = ("from clustering import jit; jit.enable()\n"
             "import umap, pynndescent.rp_trees as rp, pynndescent.utils as ut, pynndescent.distances as d\n"
+            "import pynndescent.kernels as k\n"
             "from umap import layouts\n"
             "print(len(rp.angular_random_projection_split.signatures), len(d.euclidean.signatures),"
             " len(ut.tau_rand_int.signatures) > 0,"
-            " layouts._nb_optimize_layout_euclidean_single_epoch.targetoptions.get('nogil'))\n")
+            " layouts._nb_optimize_layout_euclidean_single_epoch.targetoptions.get('nogil'),"
+            " k.generate_graph_update_array_batched.targetoptions.get('parallel', False))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=child_env(), timeout=600,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                          check=True).stdout.split()
-    assert out == ["0", "0", "True", "True"], out
+    assert out == ["0", "0", "True", "True", "False"], out
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_the_cached_nn_descent_gives_the_librarys_graph(monkeypatch):
+    """clustering.nndescent (cacheable) against pynndescent's own nn_descent, on the same data and seed."""
+    from clustering import jit
+    jit.enable()
+    import pynndescent
+    from pynndescent import pynndescent_ as lib
+    from clustering import nndescent
+    x, _ = mixture(1200, [0, 1, 2, 3, 4], seed=4)  # 6,000 points
+
+    def graph() -> tuple[np.ndarray, np.ndarray]:
+        return pynndescent.NNDescent(x, metric="cosine", n_neighbors=15, random_state=11, low_memory=True,
+                                     n_jobs=1).neighbor_graph
+
+    monkeypatch.setattr(lib, "nn_descent", nndescent._library_nn_descent)
+    want = graph()
+    calls = []
+    monkeypatch.setattr(lib, "nn_descent", lambda *a, **kw: calls.append(1) or nndescent.nn_descent(*a, **kw))
+    got = graph()
+    assert calls and (got[0] == want[0]).all() and np.allclose(got[1], want[1], rtol=0, atol=1e-6)
+    assert nndescent._nn_descent_dot.signatures  # the cached path ran, not the library fallback
