@@ -180,4 +180,5 @@ def nn_descent(data: Any, n_neighbors: int, rng_state: Any, max_candidates: int 
 
 def install() -> None:
     """Route pynndescent's NN-descent through the cached path (the NNDescent class calls it by name)."""
-    lib.nn_descent = nn_descent
+    if lib.nn_descent is not nn_descent:
+        lib.nn_descent = nn_descent
