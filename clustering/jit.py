@@ -23,8 +23,9 @@ from typing import Any
 # numba compiles all of them while pynndescent is imported: 12 s of a new 2-core machine's first clustering
 # run (the import went from 13.7 to 2.1 s without them). The job's cosine path calls four of them, all in
 # pynndescent.utils (random numbers and heap pushes), which stay eager; the rest compile on first call
-# instead — for the job, never. (Making every eagerly typed function lazy is not safe: fast_hdbscan's k-d
-# tree, typed eagerly and called from parallel code, crashed when loaded from the cache after compiling lazily.)
+# instead — for the job, never. (Making every eagerly typed function lazy is not safe: fast_hdbscan, whose
+# k-d tree is typed eagerly, crashed with SIGSEGV in its parallel spanning tree once loaded from a cache
+# written that way.)
 LAZY_SIGNATURES = ("pynndescent.",)
 EAGER_SIGNATURES = ("pynndescent.utils",)
 
