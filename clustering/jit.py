@@ -21,7 +21,7 @@ from typing import Any
 
 # pynndescent declares eager signatures on 36 functions (distances and tree builders for every metric), so
 # numba compiles all of them while pynndescent is imported: 12 s of a new 2-core machine's first clustering
-# run (the import went from 13.7 to 2.1 s without them). The job's cosine path calls four of them, all in
+# run (the import went from 13.7 to 3.7 s without them). The job's cosine path calls four of them, all in
 # pynndescent.utils (random numbers and heap pushes), which stay eager; the rest compile on first call
 # instead — for the job, never. (Making every eagerly typed function lazy is not safe: fast_hdbscan, whose
 # k-d tree is typed eagerly, crashed with SIGSEGV in its parallel spanning tree once loaded from a cache
