@@ -7,7 +7,9 @@ call ``numba.get_num_threads()`` in compiled code (lowered to a process-specific
 distance function is passed as an argument into parallel (``prange``) loops, whose kernels then hold the
 function's address. The functions below are pynndescent 0.7's with the thread count passed in from
 Python and the distance bound at compile time; the candidate processing keeps only the batched-kernel
-path (the dot-product kernel this distance always has); everything else they call is the library's.
+path (the dot-product kernel this distance always has); the leaf updates run as plain loops (work is split
+by the explicit thread count, so the result is the same; the job runs NN-descent on one thread anyway);
+everything else they call is the library's.
 ``install`` puts the cached path in place of the library's function for the distance the job uses
 (``alternative_dot``: cosine on unit rows) and leaves every other distance to the library. The graph is
 the library's, bit for bit (``tests/test_clustering.py``).
