@@ -232,17 +232,17 @@ def vote(labels: np.ndarray, probs: np.ndarray, idx: np.ndarray, w: np.ndarray
     return out_l, out_p, (1.0 - best).astype(np.float32)
 
 
-def _rest_neighbours(x: np.ndarray, fit_idx: np.ndarray, rest_idx: np.ndarray, k: int
+def _rest_neighbours(x: np.ndarray, fit_x: np.ndarray, rest_idx: np.ndarray, k: int
                      ) -> tuple[np.ndarray, np.ndarray, float]:
     """Fitted neighbours and weights of the images left out of the fit (rows of ``x``; other rows stay 0),
     and the seconds it took."""
     t = time.perf_counter()
-    k = min(k, len(fit_idx))
+    k = min(k, len(fit_x))
     nbr = np.zeros((len(x), k), np.int64)
     nbr_w = np.zeros((len(x), k), np.float32)
     if not len(rest_idx):
         return nbr, nbr_w, 0.0
-    placer = NeighbourPlacer(x[fit_idx], k=k)
+    placer = NeighbourPlacer(fit_x, k=k)
     for i in range(0, len(rest_idx), 50_000):
         chunk = rest_idx[i:i + 50_000]
         nbr[chunk], nbr_w[chunk] = placer.neighbours(x[chunk])
@@ -374,7 +374,7 @@ def _cluster(store: Store, cstore: ClusterStore, run_id: int, ids: np.ndarray, x
     with warnings.catch_warnings(), ThreadPoolExecutor(1, thread_name_prefix="place") as pool:
         warnings.simplefilter("ignore")  # umap warns that random_state disables parallelism: that is the point
         # the rest's fitted neighbours on the second core while NN-descent (one core, mostly compiling) runs
-        found = pool.submit(_rest_neighbours, x, fit_idx, rest_idx, p.neighbors)
+        found = pool.submit(_rest_neighbours, x, x_fit, rest_idx, p.neighbors)
         random_state = np.random.RandomState(p.seed)
         knn = neighbour_graph(x_fit, p.neighbors, random_state)
         timings["graph"] = time.perf_counter() - t
