@@ -155,6 +155,31 @@ def wrk_result(p: subprocess.Popen) -> dict:
     return r
 
 
+PARTS = ("fm-model", "fm-decode", "fm-request")  # the kernel thread names flagmatch gives (indexer.threads)
+
+
+def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
+    """tid → (kernel name, CPU seconds so far, user + system) of every thread of a process."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:  # the thread has just exited
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        out[int(task.name)] = (stat[stat.index("(") + 1:stat.rindex(")")], (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def cpu_by_part(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds spent between two ``thread_cpu`` readings, by part (every other thread is ``other``)."""
+    out = dict.fromkeys((*PARTS, "other"), 0.0)
+    for tid, (name, cpu) in after.items():
+        out[name if name in PARTS else "other"] += cpu - before.get(tid, (name, 0.0))[1]
+    return out
+
+
 def multipart(data: bytes) -> tuple[bytes, str]:
     b = "fmBench0123456789"
     return ((f"--{b}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"q.jpg\"\r\n\r\n").encode()
@@ -181,6 +206,37 @@ def stage_shares(port: int, bodies: list[tuple[bytes, str]]) -> dict[str, float]
     return out
 
 
+def serve_runs(a: argparse.Namespace, work: Path, env: dict, lanes: int, kinds: tuple[str, ...],
+               uploads: list[tuple[bytes, str]], data: dict, rows: list) -> dict | None:
+    """One server with ``serve_lanes`` = ``lanes``: wrk at 1, 4 and 16 connections for each query kind, with the
+    server's CPU per request by part; the stage shares when it serves ids too."""
+    from tests.helpers import start_server, stop_server
+    server, base, log = start_server({**env, "FLAGMATCH_WORKERS": str(a.workers), "FLAGMATCH_THREADS": str(a.threads),
+                                      "FLAGMATCH_SERVE_LANES": str(lanes)}, work / "server.log", timeout=600)
+    port = int(base.rsplit(":", 1)[1])
+    workers = [int(c) for c in Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()]
+    label = "every batch on all cores (1)" if lanes == 1 else f"lanes ({lanes or 'one per core'}; default)"
+    try:
+        for kind in kinds:
+            for conns in (1, 4, 16):
+                before = {w: thread_cpu(w) for w in workers}
+                r = wrk_result(wrk(port, work, kind, conns, a.seconds, a.vectors))
+                # the server's CPU per request by part: where the machine went besides the model's own work
+                parts = [cpu_by_part(before[w], thread_cpu(w)) for w in workers]
+                r["cpu_ms_per_request"] = {k: sum(pt[k] for pt in parts) / max(r["requests"], 1) * 1000
+                                           for k in parts[0]}
+                r.update(kind=kind, connections=conns, serve_lanes=lanes, label=label)
+                data["runs"].append(r)
+                rows.append([f"by {kind}", label, conns, r["p50"], r["p95"], r["p99"], r["rps"], r["errors"]])
+                print(json.dumps(r), flush=True)
+        if "id" not in kinds:
+            return None
+        id_body = (json.dumps({"id": 5, "k": 10}).encode(), "application/json")
+        return {"id": stage_shares(port, [id_body]), "upload": stage_shares(port, uploads)}
+    finally:
+        stop_server(server, log)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vectors", type=int, default=100_000)
@@ -189,6 +245,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--threads", type=int, default=8)
     ap.add_argument("--work", default="/tmp/fm-bench-api")
+    ap.add_argument("--serve-lanes", type=int, default=0, help="the server's serve_lanes (0: its default)")
     a = ap.parse_args()
     if not shutil.which("wrk"):
         sys.exit("wrk is needed: apt-get install wrk")
@@ -198,42 +255,44 @@ def main() -> None:
     costs = model_costs(env["FLAGMATCH_MODEL"], files)
     lat_model, precision = costs["latency_ms"], costs["precision"]
     sys.path.insert(0, str(ROOT))
-    from tests.helpers import start_server, stop_server
-    server, base, log = start_server({**env, "FLAGMATCH_WORKERS": str(a.workers),
-                                      "FLAGMATCH_THREADS": str(a.threads)}, work / "server.log", timeout=600)
-    port = int(base.rsplit(":", 1)[1])
-    try:
-        bodies_dir = work / "bodies"
-        bodies_dir.mkdir(exist_ok=True)
-        uploads = [multipart(f.read_bytes()) for f in files[:8]]
-        for i, (body, _) in enumerate(uploads):
-            (bodies_dir / f"body{i}").write_bytes(body)
-        lua = work / "search.lua"
-        lua.write_text(LUA)
-        rows, data = [], {"machine": machine(), "vectors": a.vectors, "model_latency_ms": lat_model,
-                          "precision": precision, "costs": costs, "runs": []}
-        for kind in ("id", "upload"):
-            for conns in (1, 4, 16):
-                r = wrk_result(wrk(port, work, kind, conns, a.seconds, a.vectors))
-                r.update(kind=kind, connections=conns)
-                data["runs"].append(r)
-                rows.append([f"by {kind}", conns, r["p50"], r["p95"], r["p99"], r["rps"], r["errors"]])
-                print(json.dumps(r), flush=True)
-        id_body = (json.dumps({"id": 5, "k": 10}).encode(), "application/json")
-        shares = {"id": stage_shares(port, [id_body]), "upload": stage_shares(port, uploads)}
-        data["stage_shares"] = shares
-    finally:
-        stop_server(server, log)
-    up1 = next(r for r in data["runs"] if r["kind"] == "upload" and r["connections"] == 1)
+    bodies_dir = work / "bodies"
+    bodies_dir.mkdir(exist_ok=True)
+    uploads = [multipart(f.read_bytes()) for f in files[:8]]
+    for i, (body, _) in enumerate(uploads):
+        (bodies_dir / f"body{i}").write_bytes(body)
+    (work / "search.lua").write_text(LUA)
+    rows, data = [], {"machine": machine(), "vectors": a.vectors, "model_latency_ms": lat_model,
+                      "precision": precision, "costs": costs, "runs": []}
+    shares: dict = {}
+    # the default server first (every query kind), then uploads again with every batch on every core
+    # (serve_lanes 1: what the default does when a batch is alone) to show what the lanes change
+    for lanes, kinds in ((a.serve_lanes, ("id", "upload")), (1, ("upload",))):
+        shares = serve_runs(a, work, env, lanes, kinds, uploads, data, rows) or shares
+    data["stage_shares"] = shares
+    default = [r for r in data["runs"] if r["serve_lanes"] == a.serve_lanes]
+    up1 = next(r for r in default if r["kind"] == "upload" and r["connections"] == 1)
     # the most uploads a second the model allows (its batched rate over the images each upload embeds), and the
     # ideal with the server's decoding on the same cores: cores ÷ (model CPU + decode CPU) per upload
     cores = os.cpu_count() or 1
     model_bound = costs["batched_rate"] / costs["images_per_upload"]
     ideal = cores / (costs["images_per_upload"] * cores / costs["batched_rate"] + costs["decode_cpu_ms"] / 1000)
-    conc = [r for r in data["runs"] if r["kind"] == "upload" and r["connections"] > 1]
+    conc = [r for r in default if r["kind"] == "upload" and r["connections"] > 1]
     data.update(model_bound_rps=model_bound, ideal_rps=ideal)
     share_rows = [[k] + [f"{v.get(s, 0):.0%}" for s in ("decode", "embed", "search", "hydrate", "http+wsgi")]
                   for k, v in shares.items()]
+    # where each upload's CPU went under load, by thread part; the machine's limit at that CPU per upload is
+    # cores ÷ total, and the model alone would need images_per_upload × its batched CPU per image
+    model_alone = costs["images_per_upload"] * cores / costs["batched_rate"] * 1000
+    cpu_rows = []
+    for r in (x for x in data["runs"] if x["kind"] == "upload"):
+        c = r["cpu_ms_per_request"]
+        total = sum(c.values())
+        r["machine_limit_rps"] = cores / (total / 1000)
+        cpu_rows.append([r["label"], r["connections"], r["rps"], f"{c['fm-model']:.0f} ({c['fm-model'] / model_alone:.2f}×)",
+                         f"{c['fm-decode']:.1f}", f"{c['fm-request']:.1f}", f"{c['other']:.1f}", f"{total:.0f}",
+                         f"{r['machine_limit_rps']:.1f}", f"{r['rps'] / r['machine_limit_rps']:.2f}",
+                         f"{r['rps'] / model_bound:.2f}"])
+    data["model_alone_cpu_ms_per_upload"] = model_alone
     md = (f"Search API on {machine()}: `flagmatch serve` (gunicorn, {a.workers} worker × {a.threads} threads) "
           f"on loopback, wrk for {a.seconds} s per row, {a.vectors:,} images ({a.vectors // 10:,} flagged), "
           f"default model architecture in {precision}; latencies in ms. The model's own single-image "
@@ -244,11 +303,20 @@ def main() -> None:
           f"so the model allows {model_bound:.1f} uploads/s and the ideal with decoding on the same cores is "
           f"{ideal:.1f}/s; concurrent uploads reached "
           + ", ".join(f"{r['rps'] / model_bound:.2f} of the model's rate ({r['rps'] / ideal:.2f} of the ideal) at "
-                      f"{r['connections']} connections" for r in conc) + ".\n\n"
-          + table(["query", "connections", "p50 ms", "p95 ms", "p99 ms", "requests/s", "errors"], rows)
+                      f"{r['connections']} connections" for r in conc) + " with the default settings. The model runs "
+            "concurrent batches in lanes, one thread each (`serve_lanes`, default one per core), and a batch alone "
+            "on every core; the rows marked (1) are a second server with every batch on every core.\n\n"
+          + table(["query", "model", "connections", "p50 ms", "p95 ms", "p99 ms", "requests/s", "errors"], rows)
           + "\n\nShare of request time per stage (100 sequential requests, from the Server-Timing header; "
             "hydrate = catalog lookups + JSON):\n\n"
-          + table(["query", "decode", "embed", "search", "hydrate+serialise", "HTTP/WSGI"], share_rows))
+          + table(["query", "decode", "embed", "search", "hydrate+serialise", "HTTP/WSGI"], share_rows)
+          + f"\n\nThe server's CPU per upload by part during each run above (ms; from each thread's CPU time in /proc, "
+            f"threads told apart by the names flagmatch gives them; the model alone, pre-decoded in batches of 8, "
+            f"needs {model_alone:.0f} ms CPU per upload). The machine's limit is cores ÷ the total: what the uploads "
+            f"could reach with no time lost between stages at that CPU per upload.\n\n"
+          + table(["model", "connections", "uploads/s", "model threads (× alone)", "decode", "request threads", "other",
+                   "total", "machine's limit uploads/s", "measured ÷ limit", "measured ÷ model's rate"],
+                  cpu_rows))
     write("search_api", data, md)
 
 

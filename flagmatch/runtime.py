@@ -47,7 +47,8 @@ class Runtime:
         """Load the model, the indexes and the search service; a failure is kept for /readyz."""
         try:
             if self.embedder is None:
-                self.embedder = SerialEmbedder(wiring.load_embedder(self.settings, self.store))
+                self.embedder = SerialEmbedder(wiring.load_embedder(self.settings, self.store),
+                                               lanes=self.settings.serve_lanes)
             if not self.store.catalog.model_meta():
                 raise FlagmatchError("the store is empty: ingest images first", code="empty_store")
             self.index = wiring.open_index(self.store, self.settings)

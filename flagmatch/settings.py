@@ -121,6 +121,9 @@ class Settings:
     port: int = setting(8080, "port `serve` listens on", "server")
     workers: int = setting(1, "server worker processes (each loads the model once)", "server")
     threads: int = setting(4, "request threads per server worker", "server")
+    serve_lanes: int = setting(0, "batches a server worker's model runs at once under concurrent uploads, one "
+                               "thread each (0: one per core); a batch alone on the machine still runs on every "
+                               "core. 1: every batch on every core", "server")
     api_tokens: tuple[str, ...] = setting((), "comma-separated bearer tokens (name:token or token) for the API "
                                           "and viewer", "server")
     open_reads: bool = setting(False, "allow reads without a token (writes always need one)", "server")

@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Protocol, Sequence
 import numpy as np
 
 from indexer.catalog import FlagRequest, IngestCounts, NewImage
-from indexer.decode import DEFAULT_LIMITS, DecodedImage, DecodeLimits, InputSpec, decode, lower_priority
+from indexer.decode import DEFAULT_LIMITS, DecodedImage, DecodeLimits, InputSpec, decode
 from indexer.embed import Embedder
 from indexer.errors import DecodeError
 from indexer import verdicts
@@ -25,6 +25,7 @@ from indexer.hashes import Pdq, md5_of
 from indexer.heads import Head, save_scores
 from indexer.sources import Source, SourceError, SourceItem
 from indexer.store import Store, read_original
+from indexer.threads import DECODE, MODEL, name_os_thread, worker_started
 
 
 @dataclass(frozen=True)
@@ -357,8 +358,9 @@ def ingest(store: Store, embedder: Embedder, sources: Iterable[Source], opts: In
                 flush()
 
         with ThreadPoolExecutor(max_workers=max(1, opts.decode_workers), thread_name_prefix="decode",
-                                initializer=lower_priority, initargs=(opts.decode_nice,)) as pool, \
-                ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="lane") as model_pool:
+                                initializer=worker_started, initargs=(DECODE, opts.decode_nice)) as pool, \
+                ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="lane", initializer=name_os_thread,
+                                   initargs=(MODEL,)) as model_pool:
             items = iter(sources)
 
             def top_up() -> None:

@@ -13,10 +13,11 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from indexer.catalog import ImageRecord
-from indexer.decode import DEFAULT_LIMITS, DecodedImage, DecodeLimits, InputSpec, decode, lower_priority, plan
-from indexer.embed import Embedder
+from indexer.decode import DEFAULT_LIMITS, DecodedImage, DecodeLimits, InputSpec, decode, plan
+from indexer.embed import Embedder, coming
 from indexer.errors import InvalidInputError, ModelLoadError, NotFoundError
 from indexer.store import Store
+from indexer.threads import DECODE, worker_started
 from indexer.vector_index import SCOPES, VectorIndex
 from indexer.hashes import Pdq, Signals, md5_of
 from indexer.heads import ActiveHeads, Head, scores_for
@@ -113,7 +114,7 @@ class SearchService:
         # uploads decode on a small pool — at most one decode per core at once — at the request niceness
         # (``decode_nice`` here; see indexer.decode.lower_priority for why a lower priority helps the model)
         self._decoders = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="upload-decode",
-                                            initializer=lower_priority, initargs=(decode_nice,))
+                                            initializer=worker_started, initargs=(DECODE, decode_nice))
         self.active_heads = heads
         unknown = set(views) - set(VIEWS)
         if unknown:
@@ -140,19 +141,21 @@ class SearchService:
         t = Timings()
         t0 = time.perf_counter()
         pixels, owner, names, queries, signals = [], [], [], [], []
-        for n, (name, data) in enumerate(uploads):
-            if not data:
-                raise InvalidInputError(f"{name or 'upload'}: the file is empty", code="empty_image")
-            img = self._decode(data, self.embedder.info.input)
-            sha = hashlib.sha256(data).hexdigest()
-            for view, px in (("full", img.pixels), *img.views.items()):
-                pixels.append(px)
-                owner.append(n)
-                names.append(view)
-            queries.append((name, sha, self.store.catalog.known_sha(sha)))
-            signals.append(Signals(md5_of(data), img.pdq))
-        t1 = time.perf_counter()
-        vectors, p = self.embedder.embed(np.stack(pixels))
+        # while this request decodes, the model knows it is on its way (indexer.embed.SerialEmbedder)
+        with coming(self.embedder):
+            for n, (name, data) in enumerate(uploads):
+                if not data:
+                    raise InvalidInputError(f"{name or 'upload'}: the file is empty", code="empty_image")
+                img = self._decode(data, self.embedder.info.input)
+                sha = hashlib.sha256(data).hexdigest()
+                for view, px in (("full", img.pixels), *img.views.items()):
+                    pixels.append(px)
+                    owner.append(n)
+                    names.append(view)
+                queries.append((name, sha, self.store.catalog.known_sha(sha)))
+                signals.append(Signals(md5_of(data), img.pdq))
+            t1 = time.perf_counter()
+            vectors, p = self.embedder.embed(np.stack(pixels))
         t2 = time.perf_counter()
         t.decode, t.embed = (t1 - t0) * 1000, (t2 - t1) * 1000
         full = [i for i, v in enumerate(names) if v == "full"]  # P(unsafe) is the whole image's

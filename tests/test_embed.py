@@ -1,12 +1,13 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from indexer.decode import decode
-from indexer.embed import (BF16_MIN_COSINE, TimmEmbedder, bf16_supported, calibration_pixels, cosine_rows,
+from indexer.embed import (BF16_MIN_COSINE, TimmEmbedder, on_model_thread, bf16_supported, calibration_pixels, cosine_rows,
                            export_onnx, load_model)
 from indexer.errors import ModelLoadError
 from tests.helpers import drawn_image, encode, save_tiny_timm
@@ -125,3 +126,84 @@ def test_serial_embedder_batches_concurrent_calls_and_keeps_results_apart(tiny_e
     with pytest.raises(AssertionError, match="doesn't match model"):
         serial.embed(np.zeros((1, 8, 8, 3), np.uint8))  # the model's error reaches the caller
     assert serial.embed(px[:1])[0].shape == (1, 192)  # and the thread keeps serving
+
+
+class _Recording:
+    """An embedder that records the thread each call ran on, its images and its torch threads; ``hold_s``
+    keeps each call busy for that long (a real model's batch takes tens of milliseconds)."""
+
+    def __init__(self, inner, hold_s: float = 0.0) -> None:
+        import threading
+        self.inner, self.info, self.calls, self.hold_s = inner, inner.info, [], hold_s
+        self._lock = threading.Lock()
+
+    def embed(self, pixels: np.ndarray):
+        import threading
+        import time
+        import torch
+        out = self.inner.embed(pixels)
+        time.sleep(self.hold_s)
+        with self._lock:
+            self.calls.append((threading.current_thread().name, len(pixels), torch.get_num_threads()))
+        return out
+
+
+def test_timm_lanes_run_one_thread_each_and_agree_with_the_model(tiny_embedder):
+    from concurrent.futures import ThreadPoolExecutor
+    import torch
+    lanes = tiny_embedder.for_lanes(2)
+    assert tiny_embedder.for_lanes(1) is tiny_embedder
+    px = pixels_for(tiny_embedder, 8, start=800)
+    direct, p_direct = tiny_embedder.embed(px)
+    with ThreadPoolExecutor(2) as pool:
+        halves = list(pool.map(lambda i: (lanes.embed(px[i * 4:i * 4 + 4]), torch.get_num_threads()), range(2)))
+    emb = np.concatenate([h[0][0] for h in halves])
+    p = np.concatenate([h[0][1] for h in halves])
+    assert [h[1] for h in halves] == [1, 1]  # each lane thread runs torch on one thread
+    assert float(np.einsum("ij,ij->i", emb, direct).min()) > 0.999 and np.abs(p - p_direct).max() < 1e-3
+    assert on_model_thread(torch.get_num_threads) == (os.cpu_count() or 1)  # the model thread keeps every core
+
+
+def test_serial_embedder_lanes_take_concurrent_batches_and_a_lone_batch_runs_on_every_core(tiny_embedder):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    from indexer.embed import SerialEmbedder
+    serial = SerialEmbedder(tiny_embedder, max_batch=8, lanes=2)
+    assert serial.lanes == 2 and serial.max_batch == 4
+    serial.alone, serial.inner = _Recording(serial.alone), _Recording(serial.inner, hold_s=0.2)
+    px = pixels_for(tiny_embedder, 12, start=1000)
+    direct, _ = tiny_embedder.embed(px)
+    e, _ = serial.embed(px[:1])  # nothing else waiting: the model's own threads
+    assert serial.alone.calls and not serial.inner.calls and float(e[0] @ direct[0]) > 0.999
+    go = threading.Barrier(12)
+
+    def one(i: int) -> float:
+        go.wait()
+        return float(serial.embed(px[i:i + 1])[0][0] @ direct[i])
+    with ThreadPoolExecutor(12) as pool:
+        sims = list(pool.map(one, range(12)))
+    assert min(sims) > 0.999  # every request gets its own image's vector back
+    lane_calls = serial.inner.calls
+    assert lane_calls, "concurrent requests ran in lanes"
+    assert all(n <= 4 and threads == 1 for _, n, threads in lane_calls), lane_calls
+    assert len({name for name, _, _ in lane_calls}) == 2, lane_calls  # both lanes took batches
+    # a request still decoding its upload is on its way: a lone batch leaves it a core (runs in a lane)
+    from indexer.embed import coming
+    lane_calls.clear()
+    decoding, done = threading.Event(), threading.Event()
+
+    def other_request() -> None:
+        with coming(serial):
+            decoding.set()
+            done.wait(30)  # its decode fails: it never embeds, and must not be waited for
+    t = threading.Thread(target=other_request)
+    t.start()
+    decoding.wait(30)
+    alone_before = len(serial.alone.calls)
+    serial.embed(px[:1])
+    assert len(lane_calls) == 1 and len(serial.alone.calls) == alone_before
+    done.set()
+    t.join()
+    serial.embed(px[:1])  # nobody on the way any more: every core again
+    assert len(serial.alone.calls) == alone_before + 1 and len(lane_calls) == 1
+    assert coming(tiny_embedder).__enter__() is None  # a plain model: saying so does nothing

@@ -15,7 +15,7 @@ from flask import Flask, Response, flash, g, redirect, request, session
 from werkzeug.exceptions import HTTPException, InternalServerError
 from werkzeug.routing import IntegerConverter
 
-from indexer.decode import lower_priority
+from indexer.threads import REQUEST, worker_started
 from search.api import bp as api_bp, error, http_error, register_health
 from search.hma import register_hma
 from web.views import bp as views_bp
@@ -62,7 +62,7 @@ def install_edges(app: Flask, runtime: Runtime) -> None:
             # never the process's main thread (an in-process server, a test client): its niceness would pass to
             # every thread and process it starts afterwards
             if threading.current_thread() is not threading.main_thread():
-                lower_priority(settings.request_nice)
+                worker_started(REQUEST, settings.request_nice)
             niced.done = True
 
     @app.before_request
