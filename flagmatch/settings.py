@@ -65,10 +65,10 @@ class Settings:
     # -- ingest
     flag_threshold: float = setting(0.8, "images with P(unsafe) at or above this are flagged (source 'model')",
                                     "ingest")
-    batch_size: int = setting(32, "images per model batch", "ingest")
+    batch_size: int = setting(32, "images the model holds at once during ingest (split evenly across --model-lanes)", "ingest")
     decode_workers: int = setting(2, "threads that decode images while the model runs", "ingest")
-    model_lanes: int = setting(0, "batches the model runs at once during ingest, one thread each (0: one per core "
-                               "for ONNX models, where it measured faster; timm runs one)", "ingest")
+    model_lanes: int = setting(0, "batches the model runs at once during ingest, one thread each, batch_size ÷ "
+                               "lanes images a batch (0: one per core; 1: one batch on every core)", "ingest")
     ray: str = setting("", "ingest on a Ray cluster: its address, or 'auto' (the cluster started on this host, else "
                        "a local one); empty: on this machine", "ingest")
     ray_actors: int = setting(0, "model actors on the Ray cluster (0: one per --ray-actor-cpus CPUs)", "ingest")

@@ -204,3 +204,45 @@ def test_tables_created_by_many_processes_at_once(tmp_path):
              for _ in range(6)]
     errors = [p.communicate(timeout=120)[1].decode() for p in procs]
     assert all(p.returncode == 0 for p in procs), [e for e in errors if e][:1]
+
+
+class _LaneRecording:
+    """The real model's lanes, recording the thread and size of each batch they are given."""
+
+    def __init__(self, inner) -> None:
+        import threading
+        self.inner, self.info, self.batches, self._lock = inner, inner.info, [], threading.Lock()
+
+    def for_lanes(self, lanes: int) -> "_LaneRecording":
+        rec = _LaneRecording(self.inner.for_lanes(lanes))
+        self.lanes = rec
+        return rec
+
+    def embed(self, pixels):
+        import threading
+        import time
+        out = self.inner.embed(pixels)
+        time.sleep(0.05)  # a real batch takes a while: the other lane gets the next one meanwhile
+        with self._lock:
+            self.batches.append((threading.current_thread().name, len(pixels)))
+        return out
+
+
+def test_model_lanes_split_the_batch_and_keep_every_vector_with_its_image(store, tiny_embedder, settings, tmp_path):
+    from dataclasses import replace
+    from indexer.decode import decode
+    folder = tmp_path / "in"
+    write_images(folder, 20)
+    model = _LaneRecording(tiny_embedder)
+    opts = replace(ingest_options(settings), batch_size=8, model_lanes=2)
+    counts = ingest(store, model, iter_sources([str(folder)]), opts)
+    assert counts.new == 20
+    batches = model.lanes.batches
+    assert sum(n for _, n in batches) == 20 and max(n for _, n in batches) == 4  # batch_size ÷ lanes each
+    assert len({name for name, _ in batches}) == 2  # both lanes ran batches
+    recs = store.catalog.get_many(range(1, 21))
+    px = np.stack([decode(Path(recs[i].paths[0]).read_bytes(), tiny_embedder.info.input).pixels for i in range(1, 21)])
+    direct, p = tiny_embedder.embed(px)
+    stored = store.open_vectors().get(range(1, 21))
+    assert np.einsum("ij,ij->i", stored, direct).min() > 0.999  # each row is its own image's vector
+    assert max(abs(recs[i].p_unsafe - float(p[i - 1])) for i in range(1, 21)) < 1e-3
