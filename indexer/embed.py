@@ -340,14 +340,14 @@ class SerialEmbedder:
     on the model without the parallel operators' stalls (see ``TimmLanes``). A batch that finds every other
     lane idle, nothing else waiting and no other request on its way (``coming``: a request says so while it
     decodes its upload) runs on all cores instead (the model's own threads), so a lone request is as fast as
-    with one lane, and a batch on all cores never shares them with a lane."""
+    with one lane; a lane starts beside it only when more work arrives meanwhile."""
 
     def __init__(self, inner: Embedder, max_batch: int = 8, lanes: int = 0) -> None:
         import queue
         for_lanes = getattr(inner, "for_lanes", None)
         lanes = lanes if lanes > 0 else (os.cpu_count() or 1)
-        self.lanes = lanes if lanes > 1 and for_lanes is not None else 1
-        self.inner = for_lanes(self.lanes) if self.lanes > 1 else inner
+        self.inner = for_lanes(lanes) if lanes > 1 and for_lanes is not None else inner
+        self.lanes = lanes if self.inner is not inner else 1  # a GPU model has no lanes: it stays one
         self.alone = inner  # a batch with the machine to itself runs on every core
         self.info = inner.info
         self._busy = 0
