@@ -65,7 +65,8 @@ class Settings:
     # -- ingest
     flag_threshold: float = setting(0.8, "images with P(unsafe) at or above this are flagged (source 'model')",
                                     "ingest")
-    batch_size: int = setting(32, "images the model holds at once during ingest (split evenly across --model-lanes)", "ingest")
+    batch_size: int = setting(32, "images the model holds at once during ingest (split evenly across "
+                              "--model-lanes)", "ingest")
     decode_workers: int = setting(2, "threads that decode images while the model runs", "ingest")
     model_lanes: int = setting(0, "batches the model runs at once during ingest, one thread each, batch_size ÷ "
                                "lanes images a batch (0: one per core; 1: one batch on every core)", "ingest")

@@ -158,7 +158,7 @@ def model_lanes(embedder: Embedder, requested: int) -> tuple[int, Embedder]:
     in single-threaded lanes (``for_lanes``: ONNX, timm on a CPU) gets one lane per core by default: decoding
     on the same cores stalls a model whose operators wait for all their threads, while a lane only loses the
     CPU taken from it (2 cores, make-corpus, one lane per core against one batch on both cores: ViT bf16
-    15.0 vs 12.8 images/s end to end, open_nsfw 54.0 vs 48.6)."""
+    16.1 vs 13.3 images/s end to end, open_nsfw 53.2 vs 46.1; ``benchmarks/ingest.py``)."""
     for_lanes = getattr(embedder, "for_lanes", None)
     lanes = requested if requested > 0 else (os.cpu_count() or 1) if for_lanes is not None else 1
     if lanes <= 1 or for_lanes is None:
