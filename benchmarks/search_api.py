@@ -158,25 +158,13 @@ def wrk_result(p: subprocess.Popen) -> dict:
 PARTS = ("fm-model", "fm-decode", "fm-request")  # the kernel thread names flagmatch gives (indexer.threads)
 
 
-def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
-    """tid → (kernel name, CPU seconds so far, user + system) of every thread of a process."""
-    tick = os.sysconf("SC_CLK_TCK")
-    out = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            stat = (task / "stat").read_text()
-        except OSError:  # the thread has just exited
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        out[int(task.name)] = (stat[stat.index("(") + 1:stat.rindex(")")], (int(fields[11]) + int(fields[12])) / tick)
-    return out
-
-
-def cpu_by_part(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
-    """CPU seconds spent between two ``thread_cpu`` readings, by part (every other thread is ``other``)."""
+def cpu_by_part(before: dict[int, tuple[str, int, float]], after: dict[int, tuple[str, int, float]]
+                ) -> dict[str, float]:
+    """CPU seconds spent between two ``tests.helpers.thread_stats`` readings, by part (every other thread is
+    ``other``)."""
     out = dict.fromkeys((*PARTS, "other"), 0.0)
-    for tid, (name, cpu) in after.items():
-        out[name if name in PARTS else "other"] += cpu - before.get(tid, (name, 0.0))[1]
+    for tid, (name, _, cpu) in after.items():
+        out[name if name in PARTS else "other"] += cpu - before.get(tid, (name, 0, 0.0))[2]
     return out
 
 
@@ -210,7 +198,7 @@ def serve_runs(a: argparse.Namespace, work: Path, env: dict, lanes: int, kinds: 
                uploads: list[tuple[bytes, str]], data: dict, rows: list) -> dict | None:
     """One server with ``serve_lanes`` = ``lanes``: wrk at 1, 4 and 16 connections for each query kind, with the
     server's CPU per request by part; the stage shares when it serves ids too."""
-    from tests.helpers import start_server, stop_server
+    from tests.helpers import start_server, stop_server, thread_stats
     server, base, log = start_server({**env, "FLAGMATCH_WORKERS": str(a.workers), "FLAGMATCH_THREADS": str(a.threads),
                                       "FLAGMATCH_SERVE_LANES": str(lanes)}, work / "server.log", timeout=600)
     port = int(base.rsplit(":", 1)[1])
@@ -219,10 +207,10 @@ def serve_runs(a: argparse.Namespace, work: Path, env: dict, lanes: int, kinds: 
     try:
         for kind in kinds:
             for conns in (1, 4, 16):
-                before = {w: thread_cpu(w) for w in workers}
+                before = {w: thread_stats(w) for w in workers}
                 r = wrk_result(wrk(port, work, kind, conns, a.seconds, a.vectors))
                 # the server's CPU per request by part: where the machine went besides the model's own work
-                parts = [cpu_by_part(before[w], thread_cpu(w)) for w in workers]
+                parts = [cpu_by_part(before[w], thread_stats(w)) for w in workers]
                 r["cpu_ms_per_request"] = {k: sum(pt[k] for pt in parts) / max(r["requests"], 1) * 1000
                                            for k in parts[0]}
                 r.update(kind=kind, connections=conns, serve_lanes=lanes, label=label)

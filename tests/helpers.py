@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -186,3 +187,19 @@ def stop_server(proc, log) -> None:  # type: ignore[no-untyped-def]
         proc.kill()
         proc.wait()
     log.close()
+
+
+def thread_stats(pid: int) -> dict[int, tuple[str, int, float]]:
+    """tid → (kernel name, niceness, CPU seconds so far: user + system) of every thread of a process, from
+    /proc/<pid>/task/<tid>/stat (a thread that exits while it is read is left out)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        out[int(task.name)] = (stat[stat.index("(") + 1:stat.rindex(")")], int(fields[16]),
+                               (int(fields[11]) + int(fields[12])) / tick)
+    return out

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import child_env, drawn_image, encode, start_server, stop_server, write_images
+from tests.helpers import child_env, drawn_image, encode, start_server, stop_server, thread_stats, write_images
 
 TOKEN = "serve-token"
 
@@ -72,18 +72,6 @@ def test_served_instance_answers_real_requests(served):
 
 
 
-def _thread_niceness(pid: int) -> dict[int, tuple[str, int]]:
-    """tid → (kernel name, niceness) of every thread of a process (/proc/<pid>/task/<tid>/stat)."""
-    out = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            stat = (task / "stat").read_text()
-        except OSError:
-            continue
-        out[int(task.name)] = (stat[stat.index("(") + 1:stat.rindex(")")], int(stat.rsplit(")", 1)[1].split()[16]))
-    return out
-
-
 def test_request_threads_run_below_the_model(served, tmp_path):
     """With --request-nice 19, request and upload-decode threads run at 19; a worker's main thread and the
     model's threads keep the process's priority, so a busy request thread never preempts the model. Each
@@ -102,7 +90,7 @@ def test_request_threads_run_below_the_model(served, tmp_path):
             assert request(port, "POST", "/api/v1/search", json.dumps({"id": 3}).encode(), "application/json")[0] == 200
         workers = [int(c) for c in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
         assert len(workers) == 1
-        seen = _thread_niceness(workers[0])
+        seen = {tid: (name, nice) for tid, (name, nice, _) in thread_stats(workers[0]).items()}
         assert seen[workers[0]][1] == base, "the worker's main thread keeps the process's priority"
         by_name: dict[str, list[int]] = {}
         for name, nice in seen.values():
