@@ -103,13 +103,15 @@ def search_service(settings: Settings, store: Store, index: VectorIndex, embedde
     clustering job's per-image facts, the hash matcher and the active heads."""
     from clustering.store import ClusterStore
     from indexer.heads import ActiveHeads
+    from indexer.local import FeatureCache, thumbnail_grey
     from search.admission import Admission
     from search.service import SearchService
     return SearchService(store, index, embedder, limits=decode_limits(settings),
                          admission=Admission(settings.admission_bytes, settings.admission_wait),
                          cluster_lookup=ClusterStore(store).lookup, views=settings.query_views,
                          hashes=hash_matcher(settings, store), heads=ActiveHeads(store),
-                         decode_nice=settings.request_nice)
+                         decode_nice=settings.request_nice,
+                         local=FeatureCache(thumbnail_grey(store.thumbs_dir)) if settings.verify_hits else None)
 
 
 def hash_matcher(settings: Settings, store: Store) -> HashMatcher:

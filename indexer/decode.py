@@ -97,6 +97,7 @@ class DecodedImage:
     decoded_size: tuple[int, int] = (0, 0)  # what was really decoded (smaller when JPEG draft applied)
     views: dict[str, np.ndarray] = field(default_factory=dict)  # extra query views' model pixels, by name
     pdq: Pdq | None = None  # the PDQ hash of the stored pixels (see indexer.hashes)
+    grey: np.ndarray | None = None  # uint8 greyscale copy at the thumbnail's geometry (``grey_side``; indexer.local)
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -148,12 +149,13 @@ def plan(data: bytes, spec: InputSpec, limits: DecodeLimits = DEFAULT_LIMITS, *,
 
 
 def decode(data: bytes, spec: InputSpec, limits: DecodeLimits = DEFAULT_LIMITS, *,
-           thumb_size: int = 256, views: Sequence[str] = (), pdq: bool = True) -> DecodedImage:
+           thumb_size: int = 256, views: Sequence[str] = (), pdq: bool = True, grey_side: int = 0) -> DecodedImage:
     """Decode ``data`` into model input pixels and a thumbnail, or raise DecodeError. ``views``: extra
-    query views to cut (``trimmed``, ``content``, ``mirror``; see ``indexer.views``) where they apply."""
+    query views to cut (``trimmed``, ``content``, ``mirror``; see ``indexer.views``) where they apply;
+    ``grey_side``: also a greyscale copy made as a thumbnail of that long side is (for local features)."""
     with _opened(data, limits) as (im, fmt, fp, data):
-        p = _plan(im, fmt, limits, needed_side(spec, thumb_size))
-        return _decode_planned(im, p, data, fp, spec, limits, thumb_size, tuple(views), pdq)
+        p = _plan(im, fmt, limits, needed_side(spec, max(thumb_size, grey_side)))
+        return _decode_planned(im, p, data, fp, spec, limits, thumb_size, tuple(views), pdq, grey_side)
 
 
 @contextmanager
@@ -277,7 +279,7 @@ def _plan(im: Image.Image, fmt: str, limits: DecodeLimits, need: int) -> DecodeP
 
 def _decode_planned(im: Image.Image, p: DecodePlan, data: bytes, fp: _Deadline, spec: InputSpec,
                     limits: DecodeLimits, thumb_size: int, views: tuple[str, ...] = (),
-                    want_pdq: bool = True) -> DecodedImage:
+                    want_pdq: bool = True, grey_side: int = 0) -> DecodedImage:
     frames = _count_frames(im, p.format, data, fp, limits.max_frames)
     if frames > 1:
         im.seek(0)
@@ -303,6 +305,10 @@ def _decode_planned(im: Image.Image, p: DecodePlan, data: bytes, fp: _Deadline, 
         buf = io.BytesIO()
         thumb.save(buf, "WEBP", quality=THUMB_QUALITY, method=THUMB_METHOD)
         thumbnail = buf.getvalue()
+    grey = None
+    if grey_side > 0:
+        small = _thumbnail(src, grey_side).convert("L")
+        grey = np.asarray(small.transpose(_TRANSPOSE[orientation]) if orientation in _TRANSPOSE else small)
     if orientation in _TRANSPOSE:  # a centred square crop commutes with every EXIF orientation
         pixels = np.ascontiguousarray(np.asarray(Image.fromarray(pixels).transpose(_TRANSPOSE[orientation])))
         extra = {k: np.ascontiguousarray(np.asarray(Image.fromarray(v).transpose(_TRANSPOSE[orientation])))
@@ -311,7 +317,7 @@ def _decode_planned(im: Image.Image, p: DecodePlan, data: bytes, fp: _Deadline, 
         extra["mirror"] = np.ascontiguousarray(pixels[:, ::-1])
     width, height = (p.height, p.width) if orientation in (5, 6, 7, 8) else (p.width, p.height)
     return DecodedImage(format=p.format, width=width, height=height, frames=frames, pixels=pixels,
-                        thumbnail=thumbnail, decoded_size=p.decoded, views=extra, pdq=pdq)
+                        thumbnail=thumbnail, decoded_size=p.decoded, views=extra, pdq=pdq, grey=grey)
 
 
 def _count_frames(im: Image.Image, fmt: str, data: bytes, fp: _Deadline, cap: int) -> int:

@@ -178,6 +178,8 @@ def hit_json(h: Hit) -> dict[str, Any]:
     d = image_json(h.record)
     d["similarity"] = round(h.similarity, 6)
     d["view"] = h.view
+    d["local_matches"] = h.local_matches
+    d["verified"] = h.verified
     d["cluster"] = h.cluster
     d["p_labels"] = h.p_labels
     return d

@@ -188,7 +188,9 @@ def openapi_document() -> dict[str, Any]:
                 "Hit": {"allOf": [{"$ref": "#/components/schemas/Image"}, {"type": "object", "required": ["similarity", "view"],
                                                                           "properties": {"p_labels": {"$ref": "#/components/schemas/PLabels"},
                                                                                          "similarity": {"type": "number", "description": "cosine in the matching space"},
-                                                                                         "view": {"type": "string", "enum": ["full", "trimmed", "content", "mirror"], "description": "the query view that matched best"}}}]},
+                                                                                         "view": {"type": "string", "enum": ["full", "trimmed", "content", "mirror"], "description": "the query view that matched best"},
+                                                                                         "local_matches": {"type": ["integer", "null"], "minimum": 0, "description": "local-feature matches (ORB + RANSAC) that agree on one transform between the upload and this hit's thumbnail; null: not checked (queries by id, hits below the first verified one)"},
+                                                                                         "verified": {"type": ["boolean", "null"], "description": "local_matches reached the threshold: the hit shows the upload's picture (a verified hit is moved first)"}}}]},
                 "SearchResponse": {"type": "object", "required": ["model_id", "scope", "index_checkpoint", "results"],
                                    "properties": {
                                        "model_id": {"type": "string"}, "scope": {"type": "string"},

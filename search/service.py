@@ -21,10 +21,12 @@ from indexer.threads import DECODE, worker_started
 from indexer.vector_index import SCOPES, VectorIndex
 from indexer.hashes import Pdq, Signals, md5_of
 from indexer.heads import ActiveHeads, Head, scores_for
+from indexer.local import MIN_MATCHES, SIDE, FeatureCache, QueryFeatures
 from search.admission import Admission
 from search.hashmatch import HashEvidence, HashMatcher
 
 MAX_K = 1000
+VERIFY_DEPTH = 10  # hits checked by local features at most (from the top): the cost stays bounded for any k
 VIEWS = ("trimmed", "content", "mirror")
 DEFAULT_VIEWS = ("trimmed", "content")  # the mirror doubles the model's work on every upload: opt in
 ClusterLookup = Callable[[Sequence[int]], dict[int, dict[str, Any]]]
@@ -54,6 +56,7 @@ class Timings:
     search: float = 0.0
     hashes: float = 0.0
     hydrate: float = 0.0
+    verify: float = 0.0
 
     def header(self) -> str:
         return ", ".join(f"{k};dur={v:.2f}" for k, v in self.__dict__.items())
@@ -76,6 +79,13 @@ class Hit:
     cluster: dict[str, Any] | None
     view: str = "full"   # the query view that matched best (full, trimmed, content, mirror)
     p_labels: dict[str, float] = field(default_factory=dict)  # the heads' scores from the last scoring
+    # agreeing local-feature matches with the upload (indexer.local); None: not checked (a query by id, a hit
+    # below the first verified one, or verification off)
+    local_matches: int | None = None
+
+    @property
+    def verified(self) -> bool | None:
+        return None if self.local_matches is None else self.local_matches >= MIN_MATCHES
 
 
 @dataclass(frozen=True)
@@ -109,8 +119,10 @@ class SearchService:
     def __init__(self, store: Store, index: VectorIndex, embedder: Embedder | None, *,
                  limits: DecodeLimits = DEFAULT_LIMITS, admission: Admission | None = None,
                  cluster_lookup: ClusterLookup | None = None, views: Sequence[str] = DEFAULT_VIEWS,
-                 hashes: HashMatcher | None = None, heads: ActiveHeads | None = None, decode_nice: int = 0) -> None:
+                 hashes: HashMatcher | None = None, heads: ActiveHeads | None = None, decode_nice: int = 0,
+                 local: FeatureCache | None = None) -> None:
         self.store, self.index, self.embedder, self.hashes = store, index, embedder, hashes
+        self.local = local  # stored images' local features: an upload's hits are verified when set
         # uploads decode on a small pool — at most one decode per core at once — at the request niceness
         # (``decode_nice`` here; see indexer.decode.lower_priority for why a lower priority helps the model)
         self._decoders = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="upload-decode",
@@ -140,13 +152,14 @@ class SearchService:
             raise InvalidInputError("no image in the request", code="missing_image")
         t = Timings()
         t0 = time.perf_counter()
-        pixels, owner, names, queries, signals = [], [], [], [], []
+        pixels, owner, names, queries, signals, local = [], [], [], [], [], []
         # while this request decodes, the model knows it is on its way (indexer.embed.SerialEmbedder)
         with coming(self.embedder):
             for n, (name, data) in enumerate(uploads):
                 if not data:
                     raise InvalidInputError(f"{name or 'upload'}: the file is empty", code="empty_image")
-                img = self._decode(data, self.embedder.info.input)
+                img, feats = self._decode_query(data, self.embedder.info.input)
+                local.append(feats)
                 sha = hashlib.sha256(data).hexdigest()
                 for view, px in (("full", img.pixels), *img.views.items()):
                     pixels.append(px)
@@ -164,17 +177,28 @@ class SearchService:
         qs = [Query(name, sha, float(p[i]), known, {lab: round(float(v[n]), 6) for lab, v in by_head.items()})
               for n, ((name, sha, known), i) in enumerate(zip(queries, full))]
         return self._search(qs, vectors, params, t, exclude=[set() for _ in owner], owner=owner, views=names,
-                            signals=signals)
+                            signals=signals, local=local)
 
     def _decode(self, data: bytes, spec: InputSpec, *, views: bool = True) -> DecodedImage:
         """Decode one upload within the worker's admission budget (reserved from its header first)."""
-        v = self.views if views else ()
+        return self._decode_query(data, spec, views=views, local=False)[0]
 
-        def run() -> DecodedImage:
-            return self._decoders.submit(decode, data, spec, self.limits, thumb_size=0, views=v).result()
+    def _decode_query(self, data: bytes, spec: InputSpec, *, views: bool = True,
+                      local: bool = True) -> tuple[DecodedImage, QueryFeatures | None]:
+        """An upload decoded (and its local features described, when hits are verified) on the decode pool,
+        within the worker's admission budget (reserved from its header first)."""
+        v = self.views if views else ()
+        side = SIDE if local and self.local is not None else 0
+
+        def work() -> tuple[DecodedImage, QueryFeatures | None]:
+            img = decode(data, spec, self.limits, thumb_size=0, views=v, grey_side=side)
+            return img, (QueryFeatures(img.grey) if img.grey is not None else None)
+
+        def run() -> tuple[DecodedImage, QueryFeatures | None]:
+            return self._decoders.submit(work).result()
         if self.admission is None:
             return run()
-        cost = plan(data, spec, self.limits)  # the header's promise, checked against the per-image budget
+        cost = plan(data, spec, self.limits, thumb_size=side)  # the header's promise, checked against the budget
         with self.admission.reserve(cost.bytes):
             return run()
 
@@ -248,9 +272,11 @@ class SearchService:
 
     def _search(self, queries: list[Query], vectors: np.ndarray, params: SearchParams, t: Timings,
                 exclude: list[set[int]], owner: list[int] | None = None,
-                views: list[str] | None = None, signals: list[Signals] | None = None) -> SearchResponse:
+                views: list[str] | None = None, signals: list[Signals] | None = None,
+                local: list[QueryFeatures | None] | None = None) -> SearchResponse:
         """One index search for every row (a query's views are rows of their own), one catalog read for
-        every hit; a query keeps, per image, the best similarity over its views and the view it came from."""
+        every hit; a query keeps, per image, the best similarity over its views and the view it came from.
+        An upload's hits (``local``: its features) are then verified from the top (``_verify``)."""
         t0 = time.perf_counter()
         owner = owner if owner is not None else list(range(len(queries)))
         views = views or ["full"] * len(owner)
@@ -266,6 +292,14 @@ class SearchService:
                 if i in live and sim >= params.min_similarity and (i not in best[q] or sim > best[q][i][0]):
                     best[q][i] = (float(sim), view)
         top = [sorted(b.items(), key=lambda kv: -kv[1][0])[: params.k] for b in best]
+        tv = time.perf_counter()
+        checked: list[dict[int, int]] = [{} for _ in queries]
+        if local is not None and self.local is not None:
+            for q, feats in enumerate(local):
+                if feats is not None:
+                    top[q], checked[q] = self._verify(feats, top[q], recs)
+        verify_ms = (time.perf_counter() - tv) * 1000
+        t.verify += verify_ms
         kept = sorted({i for row in top for i, _ in row})
         clusters = self.cluster_lookup(kept) if self.cluster_lookup and kept else {}
         scored = scores_for(self.store, kept) if self.heads and kept else {}
@@ -274,13 +308,29 @@ class SearchService:
         if self.hashes is not None and signals is not None:
             evidence = list(self.hashes.lookup(signals, scope=params.scope, k=params.k,
                                                exclude=[q.known_id for q in queries]))
-        results = [QueryResult(q, [Hit(recs[i], sim, clusters.get(i), view, scored.get(i, {}))
+        results = [QueryResult(q, [Hit(recs[i], sim, clusters.get(i), view, scored.get(i, {}), seen.get(i))
                                    for i, (sim, view) in row], ev)
-                   for q, row, ev in zip(queries, top, evidence)]
+                   for q, row, ev, seen in zip(queries, top, evidence, checked)]
         t.search += (t1 - t0) * 1000
         t.hashes += (time.perf_counter() - t2) * 1000
-        t.hydrate += (t2 - t1) * 1000
+        t.hydrate += (t2 - t1) * 1000 - verify_ms
         st = self.index.stats()[params.scope]
         cp = {"image_id": st["covers_image_id"], "flag_event_id": st["covers_flag_event"],
               "generation": st["generation"]}
         return SearchResponse(results, self.model_id, params.scope, cp, t)
+
+    def _verify(self, feats: QueryFeatures, row: list[tuple[int, tuple[float, str]]],
+                recs: dict[int, ImageRecord]) -> tuple[list[tuple[int, tuple[float, str]]], dict[int, int]]:
+        """Check the hits by local features from the top until one verifies (at most ``VERIFY_DEPTH``);
+        that one moves first, the rest keep the model's order. The top hit that verifies is kept as it is
+        (most uploads: one check); a look-alike the model ranked above the copy gives way to it. Returns the
+        row and each checked hit's agreeing matches."""
+        assert self.local is not None
+        checked: dict[int, int] = {}
+        for j, (image_id, _) in enumerate(row[:VERIFY_DEPTH]):
+            key = recs[image_id].thumb_key
+            stored = self.local.get(key) if key else None
+            checked[image_id] = feats.matches(stored) if stored is not None else 0
+            if checked[image_id] >= MIN_MATCHES:
+                return [row[j], *row[:j], *row[j + 1:]], checked
+        return row, checked

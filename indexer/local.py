@@ -1,0 +1,152 @@
+"""Local-feature verification: does a stored image show the query's picture?
+
+The model's vector says two images look alike; it cannot tell a re-upload of a flagged picture from a
+different picture of the same kind (two warning signs, two forest photos), and an edit (a crop, a frame
+around it, heavy recompression) can move the copy's vector below a look-alike's. Local features can:
+ORB keypoints (OpenCV: FAST corners, rotated BRIEF descriptors) matched between the two images and
+fitted with one similarity transform under RANSAC. A copy — cropped, scaled, rotated a few degrees,
+recompressed, greyed, captioned, pasted into a frame — keeps many matches that agree on one transform;
+a look-alike keeps a handful scattered at random.
+
+Both sides are described at the stored thumbnail's scale (long side ``SIDE``): a candidate from its
+stored thumbnail (always there, no original needed), a query from the same-sized greyscale copy of the
+upload. Each threshold says why:"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import cv2
+import numpy as np
+
+SIDE = 256            # the stored thumbnail's long side (settings.thumb_size's default): both sides at one scale
+N_FEATURES = 1000     # ORB keeps the 1,000 strongest corners: a 256-px picture rarely has more worth keeping
+FAST_THRESHOLD = 10   # lower than OpenCV's 20: soft clipart edges and greyed photos still give corners
+PATCH = 15            # descriptor patch (and border) of 15 px, not 31: at 256 px a 31-px border loses a quarter of the picture
+RATIO = 0.8           # Lowe's ratio test: a match must be clearly better than the second best
+RANSAC_PX = 3.0       # reprojection tolerance in thumbnail pixels (JPEG at half size moves corners ~1–2 px)
+MIN_MATCHES = 12      # agreeing matches for "same picture": look-alikes in the match benchmark agree on ≤ 11,
+                      # copies through its edits on 12–300 (indexer/local.py's tests hold both ends)
+MIN_SPREAD = 20       # px: the agreeing matches must span this much of the candidate both ways (not one logo)
+SCALES = (0.1, 4.0)   # a copy is at most 10× smaller (a picture in a screenshot) or 4× larger than its original
+
+
+@dataclass(frozen=True)
+class Features:
+    points: np.ndarray            # float32 [n, 2], thumbnail pixels
+    descriptors: np.ndarray | None  # uint8 [n, 32]; None when the picture has no corners (a flat image)
+
+    def __len__(self) -> int:
+        return 0 if self.descriptors is None else len(self.descriptors)
+
+
+_local = threading.local()  # OpenCV's detectors and matchers are not shared between threads
+
+
+def _orb() -> cv2.ORB:
+    if not hasattr(_local, "orb"):
+        _local.orb = cv2.ORB_create(nfeatures=N_FEATURES, fastThreshold=FAST_THRESHOLD, edgeThreshold=PATCH,
+                                    patchSize=PATCH)
+        _local.matcher = cv2.BFMatcher(cv2.NORM_HAMMING)
+    return _local.orb
+
+
+def grey_copy(rgb: np.ndarray, side: int = SIDE) -> np.ndarray:
+    """A uint8 greyscale copy of an RGB (or greyscale) array with its long side at most ``side``."""
+    from PIL import Image
+    im = Image.fromarray(rgb)
+    if max(im.size) > side:
+        im = im.copy()
+        im.thumbnail((side, side), Image.BILINEAR)
+    return np.asarray(im.convert("L"))
+
+
+def describe(grey: np.ndarray) -> Features:
+    """ORB keypoints and descriptors of a greyscale uint8 picture."""
+    kp, desc = _orb().detectAndCompute(np.ascontiguousarray(grey), None)
+    return Features(np.float32([k.pt for k in kp]).reshape(-1, 2), desc)
+
+
+def agreeing_matches(query: Features, candidate: Features) -> int:
+    """How many of the query's features match the candidate's under one similarity transform (0 when
+    fewer than 4 match, the transform is implausible, or the agreeing matches bunch in one spot)."""
+    if len(query) < 4 or len(candidate) < 4:
+        return 0
+    _orb()
+    pairs = [m for m in _local.matcher.knnMatch(query.descriptors, candidate.descriptors, k=2)
+             if len(m) == 2 and m[0].distance < RATIO * m[1].distance]
+    good, seen = [], set()
+    for m, _ in sorted(pairs, key=lambda mm: mm[0].distance):  # one-to-one: each candidate feature once
+        if m.trainIdx not in seen:
+            seen.add(m.trainIdx)
+            good.append(m)
+    if len(good) < 4:
+        return 0
+    src = query.points[[g.queryIdx for g in good]]
+    dst = candidate.points[[g.trainIdx for g in good]]
+    transform, mask = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=RANSAC_PX)
+    if transform is None or not SCALES[0] <= float(np.sqrt(abs(np.linalg.det(transform[:, :2])))) <= SCALES[1]:
+        return 0
+    kept = dst[mask.ravel().astype(bool)]
+    if len(kept) < 4 or np.ptp(kept[:, 0]) < MIN_SPREAD or np.ptp(kept[:, 1]) < MIN_SPREAD:
+        return 0
+    return int(len(kept))
+
+
+class QueryFeatures:
+    """An upload's features, and its mirror's only when a candidate does not verify without them (a
+    mirrored re-upload: ORB's descriptors are not mirror-invariant)."""
+
+    def __init__(self, grey: np.ndarray) -> None:
+        self.grey = grey
+        self.plain = describe(grey)
+        self._mirror: Features | None = None
+
+    def matches(self, candidate: Features) -> int:
+        n = agreeing_matches(self.plain, candidate)
+        if n >= MIN_MATCHES:
+            return n
+        if self._mirror is None:
+            self._mirror = describe(np.ascontiguousarray(self.grey[:, ::-1]))
+        return max(n, agreeing_matches(self._mirror, candidate))
+
+
+def thumbnail_grey(thumbs_dir: Path) -> Callable[[str], np.ndarray | None]:
+    """A loader of stored thumbnails (by key under ``thumbs_dir``) as greyscale arrays; None when the file
+    is missing or unreadable (the hit then stays unverified)."""
+    def load(key: str) -> np.ndarray | None:
+        from PIL import Image
+        try:
+            with Image.open(thumbs_dir / key) as im:
+                return np.asarray(im.convert("L"))
+        except (OSError, ValueError, Image.DecompressionBombError):
+            return None
+    return load
+
+
+class FeatureCache:
+    """Stored images' features, described from their thumbnails on first use and kept (least recently
+    used out) — a flagged image that matches once tends to match again (a re-upload campaign). Keyed by
+    the thumbnail (content-addressed), so a cached entry can never describe another picture. 4,096
+    entries hold ~45 MB (1,000 features: 32 bytes of descriptor and 8 of position each, at most)."""
+
+    def __init__(self, load_grey: Callable[[str], np.ndarray | None], size: int = 4096) -> None:
+        self._load, self._size = load_grey, size
+        self._kept: OrderedDict[str, Features | None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, thumb_key: str) -> Features | None:
+        with self._lock:
+            if thumb_key in self._kept:
+                self._kept.move_to_end(thumb_key)
+                return self._kept[thumb_key]
+        grey = self._load(thumb_key)
+        feats = describe(grey) if grey is not None else None
+        with self._lock:
+            self._kept[thumb_key] = feats
+            while len(self._kept) > self._size:
+                self._kept.popitem(last=False)
+        return feats

@@ -1,0 +1,141 @@
+"""Hit verification by local features: a copy through the edits re-uploads go through verifies against the
+stored thumbnail of its original, another picture does not; the search service moves a verified hit
+first and says which hits it checked."""
+from __future__ import annotations
+
+import hashlib
+import io
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageOps
+
+from indexer.decode import InputSpec, decode
+from indexer.local import MIN_MATCHES, SIDE, FeatureCache, QueryFeatures, describe, thumbnail_grey
+from tests.helpers import drawn_image, encode, photo_image
+
+SPEC = InputSpec(size=224, crop_pct=1.0)
+
+
+def _jpeg_half(im: Image.Image) -> Image.Image:
+    small = im.resize((im.width // 2, im.height // 2), Image.BILINEAR)
+    return Image.open(io.BytesIO(encode(small, "JPEG", quality=30))).convert("RGB")
+
+
+def _framed(im: Image.Image) -> Image.Image:
+    canvas = Image.new("RGB", (im.width + 300, im.height + 200), (250, 250, 250))
+    d = ImageDraw.Draw(canvas)
+    d.rectangle((0, 0, canvas.width, 40), fill=(40, 60, 150))
+    for i in range(6):
+        d.text((10, 60 + 30 * i), f"@someone{i} 3m ago", fill=(20, 20, 20))
+    canvas.paste(im, (240, 70))
+    return canvas
+
+
+def _captioned(im: Image.Image) -> Image.Image:
+    canvas = Image.new("RGB", (im.width, im.height + im.height // 5), (255, 255, 255))
+    canvas.paste(im, (0, im.height // 5))
+    ImageDraw.Draw(canvas).text((10, 10), "when the weekend finally arrives", fill=(0, 0, 0))
+    return canvas
+
+
+EDITS = {
+    "crop 80 %": lambda im: im.crop((im.width // 10, im.height // 10, im.width * 9 // 10, im.height * 9 // 10)),
+    "rotate 8°": lambda im: im.rotate(8, resample=Image.BILINEAR, expand=True),
+    "JPEG 30 + half size": _jpeg_half,
+    "screenshot frame": _framed,
+    "caption band": _captioned,
+    "greyscale + contrast": lambda im: ImageOps.autocontrast(ImageOps.grayscale(im), cutoff=2).convert("RGB"),
+    "mirror": ImageOps.mirror,
+}
+
+
+def _stored(im: Image.Image):
+    """What a candidate is described from: the thumbnail ingest stores for the picture."""
+    thumb = decode(encode(im, "PNG"), SPEC, thumb_size=SIDE).thumbnail
+    return describe(np.asarray(Image.open(io.BytesIO(thumb)).convert("L")))
+
+
+def _query(im: Image.Image) -> QueryFeatures:
+    grey = decode(encode(im, "PNG"), SPEC, thumb_size=0, grey_side=SIDE).grey
+    assert grey is not None and max(grey.shape) == SIDE
+    return QueryFeatures(grey)
+
+
+@pytest.mark.parametrize("edit", list(EDITS))
+def test_an_edited_copy_verifies_and_other_pictures_do_not(edit):
+    originals = [photo_image(s, (800, 600)) for s in range(4)]
+    stored = [_stored(im) for im in originals]
+    for n, im in enumerate(originals):
+        q = _query(EDITS[edit](im))
+        own = q.matches(stored[n])
+        others = [q.matches(s) for m, s in enumerate(stored) if m != n]
+        assert own >= MIN_MATCHES, (edit, n, own)
+        assert max(others) < MIN_MATCHES, (edit, n, others)
+
+
+def test_flat_and_tiny_pictures_verify_nothing_and_do_not_fail():
+    flat = QueryFeatures(np.full((200, 300), 128, np.uint8))
+    assert len(flat.plain) == 0
+    assert flat.matches(_stored(photo_image(1))) == 0
+    tiny = QueryFeatures(np.asarray(photo_image(2, (12, 9)).convert("L")))
+    assert tiny.matches(_stored(photo_image(2))) == 0
+
+
+def test_feature_cache_describes_each_thumbnail_once_and_survives_a_missing_file(tmp_path):
+    (tmp_path / "a.webp").write_bytes(encode(photo_image(3), "WEBP"))
+    (tmp_path / "bad.webp").write_bytes(b"RIFF\x00\x00\x00\x00WEBPnot really")
+    loads: list[str] = []
+    load = thumbnail_grey(tmp_path)
+    cache = FeatureCache(lambda key: loads.append(key) or load(key), size=2)
+    first = cache.get("a.webp")
+    assert first is not None and len(first) > 100
+    assert cache.get("a.webp") is first and loads == ["a.webp"]
+    assert cache.get("missing.webp") is None and cache.get("bad.webp") is None
+    cache.get("a.webp")  # evicted by the two misses (size 2): described again
+    assert loads == ["a.webp", "missing.webp", "bad.webp", "a.webp"]
+
+
+def test_search_moves_the_verified_copy_first_and_reports_the_checks(store, tiny_embedder, tmp_path, settings):
+    from flagmatch.wiring import ingest_into, open_index, search_service
+    from indexer.catalog import FlagRequest
+    from indexer.sources import iter_sources
+    from search.service import SearchParams
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(6):
+        (folder / f"{i}.png").write_bytes(encode(photo_image(20 + i), "PNG"))
+    for i in range(6):  # look-alikes without corners worth matching
+        (folder / f"d{i}.png").write_bytes(encode(drawn_image(200 + i), "PNG"))
+    ingest_into(settings, iter_sources([str(folder)]), store=store, embedder=tiny_embedder)
+    store.catalog.set_flag(store.catalog.image_ids(), FlagRequest("import", None, "test"), flag=True)
+    svc = search_service(settings, store, open_index(store, settings), tiny_embedder)
+    target = store.catalog.resolve(hashlib.sha256((folder / "2.png").read_bytes()).hexdigest())
+    query = encode(_framed(EDITS["crop 80 %"](photo_image(22))), "JPEG", quality=60)
+
+    res = svc.search_uploads([("q.jpg", query)], SearchParams(k=12))
+    hits = res.results[0].hits
+    assert hits[0].record.id == target and hits[0].verified and hits[0].local_matches >= MIN_MATCHES
+    checked = [h for h in hits if h.local_matches is not None]
+    # checked from the model's top down to the copy, the rest left unchecked; none of the others verified
+    assert all(not h.verified for h in checked[1:]) and len(checked) <= 10
+    assert res.timings.verify > 0
+
+    # the model's order with look-alikes above the copy: verification puts the copy first
+    others = [(h.record.id, (h.similarity, h.view)) for h in hits[1:]]
+    top = [*others[:5], (target, (hits[0].similarity, hits[0].view)), *others[5:]]
+    recs = store.catalog.get_many([i for i, _ in top])
+    feats = svc._decode_query(query, tiny_embedder.info.input)[1]
+    row, seen = svc._verify(feats, top, recs)
+    assert row[0][0] == target and [i for i, _ in row[1:]] == [i for i, _ in top if i != target]
+    assert seen[target] >= MIN_MATCHES and all(seen[i] < MIN_MATCHES for i in seen if i != target)
+    assert list(seen) == [i for i, _ in top[:6]]  # checked down to the copy, no further
+    # nothing verifies when the copy is not among the hits: the model's order stays
+    assert svc._verify(feats, others, recs)[0] == others
+
+    off = search_service(settings.replace(verify_hits=False), store, svc.index, tiny_embedder)
+    assert all(h.local_matches is None and h.verified is None
+               for h in off.search_uploads([("q.jpg", query)], SearchParams(k=12)).results[0].hits)
+    # a query by id is not verified (no upload to compare): its hits say so
+    assert all(h.local_matches is None for h in svc.search_ids([target], SearchParams(k=5)).results[0].hits)
