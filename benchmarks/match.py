@@ -210,6 +210,7 @@ def picture_key(wallpaper: str) -> str:
     return re.sub(r"[_-]\d+x\d+$", "", Path(wallpaper).stem)
 
 
+MAX_PIXELS = 300_000_000  # the benchmark store's decode limit (FLAGMATCH_MAX_PIXELS)
 PDQ_SAME = 31  # bits: PDQ's own match threshold — two clipart files this close are one drawing (sizes, tints)
 
 
@@ -220,13 +221,20 @@ def distinct_originals(files: list[Path], n: int, sources: dict[str, str]) -> li
     (the same clipart drawing at another size or tint). With two flagged originals of one picture, "the
     original is the first hit" is not a well-posed question: either is a right answer to "seen before?"."""
     sys.path.insert(0, str(ROOT))
+    from indexer.decode import DecodeLimits, InputSpec, plan
+    from indexer.errors import FlagmatchError
     from indexer.hashes import pdq_of
+    limits = DecodeLimits(max_pixels=MAX_PIXELS)
     picked: list[Path] = []
     pictures: set[str] = set()
     codes: list[np.ndarray] = []
     for path in files:
         picture = picture_key(sources[str(path)]) if str(path) in sources else None
         if picture is not None and picture in pictures:
+            continue
+        try:  # an original the store refuses (too large to decode) cannot be searched for
+            plan(path.read_bytes(), InputSpec(224), limits)
+        except FlagmatchError:
             continue
         code = np.unpackbits(np.frombuffer(bytes.fromhex(pdq_of(np.asarray(load_rgb(path, 512))).hash), np.uint8))
         if codes and int(np.min(np.count_nonzero(np.stack(codes) != code, axis=1))) <= PDQ_SAME:
@@ -415,7 +423,7 @@ def main() -> None:
     queries = make_queries(originals, work / "queries", a.seed)
 
     token = "bench:bench-token"
-    base_env = {"FLAGMATCH_MODEL": a.model, "FLAGMATCH_API_TOKENS": token, "FLAGMATCH_MAX_PIXELS": "300000000"}
+    base_env = {"FLAGMATCH_MODEL": a.model, "FLAGMATCH_API_TOKENS": token, "FLAGMATCH_MAX_PIXELS": str(MAX_PIXELS)}
     home = work / "home"
     if not (home / "catalog.sqlite").exists():
         env = {**base_env, "FLAGMATCH_HOME": str(home), "FLAGMATCH_FLAG_THRESHOLD": "1.1"}

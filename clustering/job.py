@@ -36,6 +36,7 @@ BACKENDS = ("fast_hdbscan", "hdbscan", "sklearn")
 # stays available (--cluster-join) for features where copies do separate.
 JOIN_SIMILARITY = 0.0
 JOIN_NEIGHBOURS = 8
+VERIFY_CACHE = 20_000  # thumbnails' features held while pairs are verified (≤ ~40 kB each: ≤ ~0.8 GB)
 # UMAP optimisation epochs of the clustering space (0: UMAP's default, 200 above 10k points). 100 was
 # measured ~1.3x faster with the same ARI on benchmarks/cluster.py's synthetic data, but on the match
 # benchmark's real families (300 originals × 10 edits, open_nsfw) it dropped ARI from 0.59 to 0.49: the
@@ -59,6 +60,7 @@ class ClusterParams:
     backend: str = "hdbscan"
     seed: int = 42
     join: float = JOIN_SIMILARITY  # near-duplicates (similarity ≥ this, in the matching space) form one cluster; 0: off
+    verify: bool = False           # a near-duplicate pair must also show one picture by local features (indexer.local)
     epochs: int = EPOCHS           # UMAP optimisation epochs of the clustering space (0: UMAP's own, 200 here)
 
     def resolve(self, n: int) -> "ClusterParams":
@@ -66,7 +68,7 @@ class ClusterParams:
             raise ClusteringError(f"cluster backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
         mcs = self.min_cluster_size or int(max(5, min(100, round(n / 1000))))
         return ClusterParams(mcs, self.min_samples or min(mcs, 10), self.dims, self.neighbors, self.sample,
-                             self.backend, self.seed, self.join, self.epochs)
+                             self.backend, self.seed, self.join, self.epochs, self.verify)
 
     def minimum_images(self) -> int:
         return max(20, self.neighbors + 1, 2 * (self.min_cluster_size or 5))
@@ -139,10 +141,15 @@ def predict(fitted: Fitted, fit_x: np.ndarray, x: np.ndarray) -> tuple[np.ndarra
 
 # ------------------------------------------------------------------ near-duplicate families
 
-def near_duplicate_families(x: np.ndarray, threshold: float, k: int = JOIN_NEIGHBOURS) -> np.ndarray:
+PairCheck = Callable[[np.ndarray, np.ndarray], np.ndarray]  # rows a, rows b -> same picture?
+
+
+def near_duplicate_families(x: np.ndarray, threshold: float, k: int = JOIN_NEIGHBOURS,
+                            verify: PairCheck | None = None) -> np.ndarray:
     """Family id per row (-1: no near-duplicate): the connected components of the graph whose edges are
     mutual ``k``-nearest-neighbour pairs with cosine ≥ ``threshold`` (exact search up to 50,000 rows,
-    IVF-Flat visiting 1/8 of its lists beyond)."""
+    IVF-Flat visiting 1/8 of its lists beyond). With ``verify``, every ``k``-nearest pair at or above the
+    threshold is a candidate (mutual or not) and an edge only when ``verify`` says the two show one picture."""
     import faiss
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
@@ -162,13 +169,30 @@ def near_duplicate_families(x: np.ndarray, threshold: float, k: int = JOIN_NEIGH
     rows = np.repeat(np.arange(n), nbr.shape[1])
     keep = (sims.ravel() >= threshold) & (nbr.ravel() >= 0) & (nbr.ravel() != rows)
     directed = coo_matrix((np.ones(int(keep.sum()), np.int8), (rows[keep], nbr.ravel()[keep])), shape=(n, n)).tocsr()
-    graph = directed.multiply(directed.T)  # mutual: each is among the other's nearest
+    if verify is not None:
+        pairs = coo_matrix(directed + directed.T)
+        upper = pairs.row < pairs.col  # each pair once
+        a, b = pairs.row[upper], pairs.col[upper]
+        same = verify(a, b)
+        graph = coo_matrix((np.ones(int(same.sum()), np.int8), (a[same], b[same])), shape=(n, n)).tocsr()
+    else:
+        graph = directed.multiply(directed.T)  # mutual: each is among the other's nearest
     _, comp = connected_components(graph, directed=False)
     sizes = np.bincount(comp)
     out = np.full(n, -1, np.int64)
     multi = sizes[comp] >= 2
     _, out[multi] = np.unique(comp[multi], return_inverse=True)
     return out
+
+
+def pair_check(store: Store, ids: np.ndarray) -> PairCheck:
+    """Same picture by local features (``indexer.local``), for pairs of rows of ``ids``, from the stored
+    thumbnails (an image without one verifies nothing)."""
+    from indexer.local import FeatureCache, thumbnail_grey, verify_pairs
+    recs = store.catalog.get_many(ids.tolist())
+    keys = [recs[int(i)].thumb_key if int(i) in recs else None for i in ids]
+    features = FeatureCache(thumbnail_grey(store.thumbs_dir), size=VERIFY_CACHE)
+    return lambda a, b: verify_pairs(features, keys, a, b)
 
 
 # ------------------------------------------------------------------ placing what was not fitted
@@ -392,12 +416,14 @@ def _cluster(store: Store, cstore: ClusterStore, run_id: int, ids: np.ndarray, x
     timings["reduce"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    family = near_duplicate_families(x, p.join) if p.join > 0 else np.full(n, -1, np.int64)
+    check = pair_check(store, ids) if p.verify else None
+    family = near_duplicate_families(x, p.join, verify=check) if p.join > 0 else np.full(n, -1, np.int64)
     joined = family >= 0
     timings["join"] = time.perf_counter() - t
     if p.join > 0:
         say("join", f"{int(joined.sum()):,} images in {len(np.unique(family[joined])):,} near-duplicate families "
-            f"(similarity ≥ {p.join})")
+            f"(similarity ≥ {p.join}{', verified by local features' if p.verify else ''}) "
+            f"in {timings['join']:.1f} s")
 
     t = time.perf_counter()
     say("cluster", f"HDBSCAN ({p.backend}, min_cluster_size {p.min_cluster_size}, min_samples {p.min_samples}) "
@@ -454,7 +480,7 @@ def _cluster(store: Store, cstore: ClusterStore, run_id: int, ids: np.ndarray, x
     joblib.dump({"placer_x": x[fit_idx], "placer_emb": emb[fit_idx], "placer_xy": xy[fit_idx],
                  "fitted": fitted, "fit_embedding": emb[hfit],
                  "params": asdict(p), "space_version": space_version,
-                 "family_vectors": x[joined], "family_labels": labels[joined]}, tmp)
+                 "family_vectors": x[joined], "family_labels": labels[joined], "family_ids": ids[joined]}, tmp)
     os.replace(tmp, art)
     timings["store"] = time.perf_counter() - t
     cstore.finish_run(run_id, clusters, members_out, n_noise=noise, summary=summary, timings=timings)
@@ -495,6 +521,10 @@ def assign_new(store: Store, cstore: ClusterStore, progress: Progress | None = N
         best = x @ fam_x.T
         j = best.argmax(axis=1)
         near = best[np.arange(len(x)), j] >= join
+        if art["params"].get("verify") and near.any():  # and shows the family member's picture
+            rows = np.flatnonzero(near)
+            near[rows] = pair_check(store, np.concatenate([new[rows], art["family_ids"][j[rows]]]))(
+                np.arange(len(rows)), np.arange(len(rows), 2 * len(rows)))
         labels[near], probs[near], outl[near] = fam_labels[j[near]], 1.0, 0.0
     by_label = cstore.label_identities(run.id)
     members = [Member(int(i), by_label.get(int(lab)) if lab >= 0 else None, float(pr), float(o), float(a), float(b),

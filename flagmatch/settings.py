@@ -166,6 +166,9 @@ class Settings:
     cluster_join: float = setting(0.0, "near-duplicates (mutual nearest neighbours with cosine in the matching space "
                                   "at or above this) form one cluster before HDBSCAN groups the rest (0: off; off by "
                                   "default: on open_nsfw features it split more families than it joined)", "cluster")
+    cluster_verify: bool = setting(True, "a near-duplicate pair of the join must also show one picture by local "
+                                   "features (ORB + RANSAC on the thumbnails); off: similarity alone, mutual "
+                                   "nearest neighbours only", "cluster")
     cluster_neighbors: int = setting(15, "UMAP n_neighbors", "cluster")
     cluster_epochs: int = setting(0, "UMAP optimisation epochs of the clustering space (0: UMAP's default, 200 "
                                   "above 10k images; 100 is ~1.3x faster but grouped re-upload families worse)",

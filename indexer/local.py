@@ -17,7 +17,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import cv2
 import numpy as np
@@ -64,9 +64,18 @@ def grey_copy(rgb: np.ndarray, side: int = SIDE) -> np.ndarray:
     return np.asarray(im.convert("L"))
 
 
+NONE = Features(np.zeros((0, 2), np.float32), None)
+
+
 def describe(grey: np.ndarray) -> Features:
-    """ORB keypoints and descriptors of a greyscale uint8 picture."""
-    kp, desc = _orb().detectAndCompute(np.ascontiguousarray(grey), None)
+    """ORB keypoints and descriptors of a greyscale uint8 picture; none for a picture too small to hold a
+    descriptor patch at every pyramid level (a 1-px-high banner: OpenCV would refuse to resize it)."""
+    if grey.ndim != 2 or min(grey.shape) < 4 * PATCH:
+        return NONE
+    try:
+        kp, desc = _orb().detectAndCompute(np.ascontiguousarray(grey, dtype=np.uint8), None)
+    except cv2.error:
+        return NONE
     return Features(np.float32([k.pt for k in kp]).reshape(-1, 2), desc)
 
 
@@ -150,3 +159,26 @@ class FeatureCache:
             while len(self._kept) > self._size:
                 self._kept.popitem(last=False)
         return feats
+
+
+def verify_pairs(features: FeatureCache, keys: Sequence[str | None], a: np.ndarray, b: np.ndarray,
+                 workers: int = 0) -> np.ndarray:
+    """For each pair of rows (``a[i]``, ``b[i]``) — images known by their thumbnail ``keys`` — whether they
+    show the same picture. Pairs run grouped by their first row (its features stay hot in the cache) on
+    ``workers`` threads (0: one per core; OpenCV works outside the GIL)."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    def check(i: int) -> bool:
+        ka, kb = keys[int(a[i])], keys[int(b[i])]
+        fa = features.get(ka) if ka else None
+        fb = features.get(kb) if kb else None
+        return fa is not None and fb is not None and agreeing_matches(fa, fb) >= MIN_MATCHES
+
+    order = np.lexsort((b, a))
+    out = np.zeros(len(a), bool)
+    if not len(a):
+        return out
+    with ThreadPoolExecutor(workers or os.cpu_count() or 1, thread_name_prefix="verify") as pool:
+        out[order] = list(pool.map(check, order.tolist(), chunksize=64))
+    return out

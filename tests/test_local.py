@@ -139,3 +139,39 @@ def test_search_moves_the_verified_copy_first_and_reports_the_checks(store, tiny
                for h in off.search_uploads([("q.jpg", query)], SearchParams(k=12)).results[0].hits)
     # a query by id is not verified (no upload to compare): its hits say so
     assert all(h.local_matches is None for h in svc.search_ids([target], SearchParams(k=5)).results[0].hits)
+
+
+def test_verified_join_groups_each_original_with_its_copies_and_nothing_else(store, tiny_embedder, tmp_path,
+                                                                              settings):
+    """The clustering job's near-duplicate join with verification: every pair is a candidate here
+    (threshold -1, all neighbours), and only copies of one picture are joined."""
+    from clustering.job import near_duplicate_families, pair_check
+    from flagmatch.wiring import ingest_into
+    from indexer.sources import iter_sources
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    family: dict[str, int] = {}
+    for f in range(4):
+        im = photo_image(40 + f, (720, 540))
+        for name in ("original", "crop 80 %", "JPEG 30 + half size", "caption band", "rotate 8°"):
+            path = folder / f"f{f}-{len(family)}.png"
+            path.write_bytes(encode(im if name == "original" else EDITS[name](im), "PNG"))
+            family[hashlib.sha256(path.read_bytes()).hexdigest()] = f
+    for i in range(5):
+        (folder / f"other{i}.png").write_bytes(encode(photo_image(90 + i, (720, 540)), "PNG"))
+    ingest_into(settings, iter_sources([str(folder)]), store=store, embedder=tiny_embedder)
+    ids = np.asarray(store.catalog.image_ids(), np.int64)
+    recs = store.catalog.get_many(ids.tolist())
+    truth = np.array([family.get(recs[int(i)].sha256, -1) for i in ids])
+    x = store.open_vectors().get(ids)
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    got = near_duplicate_families(x, -1.0, k=len(ids) - 1, verify=pair_check(store, ids))
+    assert (got[truth < 0] == -1).all()
+    for f in range(4):
+        members = got[truth == f]
+        assert members[0] >= 0 and (members == members[0]).all(), (f, got, truth)
+    assert len(set(got[truth >= 0].tolist())) == 4
+    # similarity alone at the same threshold joins everything into one family
+    assert len(set(near_duplicate_families(x, -1.0, k=len(ids) - 1).tolist())) == 1
