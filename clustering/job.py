@@ -60,15 +60,14 @@ class ClusterParams:
     backend: str = "hdbscan"
     seed: int = 42
     join: float = JOIN_SIMILARITY  # near-duplicates (similarity ≥ this, in the matching space) form one cluster; 0: off
-    verify: bool = False           # a near-duplicate pair must also show one picture by local features (indexer.local)
     epochs: int = EPOCHS           # UMAP optimisation epochs of the clustering space (0: UMAP's own, 200 here)
+    verify: bool = False           # a near-duplicate pair must also show one picture by local features (indexer.local)
 
     def resolve(self, n: int) -> "ClusterParams":
         if self.backend not in BACKENDS:
             raise ClusteringError(f"cluster backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
         mcs = self.min_cluster_size or int(max(5, min(100, round(n / 1000))))
-        return ClusterParams(mcs, self.min_samples or min(mcs, 10), self.dims, self.neighbors, self.sample,
-                             self.backend, self.seed, self.join, self.epochs, self.verify)
+        return replace(self, min_cluster_size=mcs, min_samples=self.min_samples or min(mcs, 10))
 
     def minimum_images(self) -> int:
         return max(20, self.neighbors + 1, 2 * (self.min_cluster_size or 5))

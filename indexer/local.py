@@ -68,8 +68,14 @@ NONE = Features(np.zeros((0, 2), np.float32), None)
 
 
 def describe(grey: np.ndarray) -> Features:
-    """ORB keypoints and descriptors of a greyscale uint8 picture; none for a picture too small to hold a
-    descriptor patch at every pyramid level (a 1-px-high banner: OpenCV would refuse to resize it)."""
+    """ORB keypoints and descriptors of a greyscale uint8 picture. A picture smaller than ``SIDE`` is first
+    upscaled to it (bicubic): at 50 px an icon has no corners at ORB's scales, and since both sides of a
+    comparison are upscaled alike, a small copy and its small original still meet at one scale. None for a
+    picture too thin to hold a descriptor patch at every pyramid level (OpenCV would refuse to resize it)."""
+    if grey.ndim == 2 and 0 < max(grey.shape) < SIDE:  # a small picture (an icon, a re-upload at 50 px)
+        f = SIDE / max(grey.shape)
+        grey = cv2.resize(np.ascontiguousarray(grey, dtype=np.uint8), (max(1, round(grey.shape[1] * f)),
+                          max(1, round(grey.shape[0] * f))), interpolation=cv2.INTER_CUBIC)
     if grey.ndim != 2 or min(grey.shape) < 4 * PATCH:
         return NONE
     try:

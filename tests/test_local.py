@@ -79,7 +79,7 @@ def test_flat_and_tiny_pictures_verify_nothing_and_do_not_fail():
     assert len(flat.plain) == 0
     assert flat.matches(_stored(photo_image(1))) == 0
     tiny = QueryFeatures(np.asarray(photo_image(2, (12, 9)).convert("L")))
-    assert tiny.matches(_stored(photo_image(2))) == 0
+    assert tiny.matches(_stored(photo_image(2))) < MIN_MATCHES
 
 
 def test_feature_cache_describes_each_thumbnail_once_and_survives_a_missing_file(tmp_path):
@@ -175,3 +175,9 @@ def test_verified_join_groups_each_original_with_its_copies_and_nothing_else(sto
     assert len(set(got[truth >= 0].tolist())) == 4
     # similarity alone at the same threshold joins everything into one family
     assert len(set(near_duplicate_families(x, -1.0, k=len(ids) - 1).tolist())) == 1
+
+
+def test_cluster_params_resolve_keeps_every_setting():
+    from clustering.job import ClusterParams
+    p = ClusterParams(join=0.3, epochs=60, verify=True, seed=3).resolve(20_000)
+    assert (p.join, p.epochs, p.verify, p.seed, p.min_cluster_size, p.min_samples) == (0.3, 60, True, 3, 20, 10)
