@@ -163,9 +163,10 @@ class Settings:
     # -- clustering
     cluster_min_size: int = setting(0, "HDBSCAN min_cluster_size (0: chosen from N)", "cluster")
     cluster_dims: int = setting(8, "UMAP dimensions of the clustering space", "cluster")
-    cluster_join: float = setting(0.0, "near-duplicates (mutual nearest neighbours with cosine in the matching space "
-                                  "at or above this) form one cluster before HDBSCAN groups the rest (0: off; off by "
-                                  "default: on open_nsfw features it split more families than it joined)", "cluster")
+    cluster_join: float = setting(0.0, "near-duplicates (nearest neighbours with cosine in the matching space at or "
+                                  "above this, see cluster_verify) form one cluster before HDBSCAN groups the rest "
+                                  "(0: off; off by default: on open_nsfw features it merged and split more families "
+                                  "than it joined)", "cluster")
     cluster_verify: bool = setting(True, "a near-duplicate pair of the join must also show one picture by local "
                                    "features (ORB + RANSAC on the thumbnails); off: similarity alone, mutual "
                                    "nearest neighbours only", "cluster")

@@ -120,9 +120,11 @@ class QueryFeatures:
         self.plain = describe(grey)
         self._mirror: Features | None = None
 
-    def matches(self, candidate: Features) -> int:
+    def matches(self, candidate: Features, *, mirror: bool = True) -> int:
+        """Agreeing matches with ``candidate``; with ``mirror``, the upload's mirror is tried too when the
+        upload itself does not verify."""
         n = agreeing_matches(self.plain, candidate)
-        if n >= MIN_MATCHES:
+        if n >= MIN_MATCHES or not mirror:
             return n
         if self._mirror is None:
             self._mirror = describe(np.ascontiguousarray(self.grey[:, ::-1]))

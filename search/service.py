@@ -324,13 +324,18 @@ class SearchService:
         """Check the hits by local features from the top until one verifies (at most ``VERIFY_DEPTH``);
         that one moves first, the rest keep the model's order. The top hit that verifies is kept as it is
         (most uploads: one check); a look-alike the model ranked above the copy gives way to it. Returns the
-        row and each checked hit's agreeing matches."""
+        row and each checked hit's agreeing matches. Measured on the match benchmark's queries (top 10 of the
+        model, 9 edits × 300): promoting the *most* matches among the top 10 instead of the first verified
+        hit gained nothing on average (mean R@1 0.958 both) and lost mirrored copies (0.99 → 0.95)."""
         assert self.local is not None
         checked: dict[int, int] = {}
         for j, (image_id, _) in enumerate(row[:VERIFY_DEPTH]):
             key = recs[image_id].thumb_key
             stored = self.local.get(key) if key else None
-            checked[image_id] = feats.matches(stored) if stored is not None else 0
+            # the mirror only for the model's first hit: a mirrored copy is nearly always first already
+            # (the model barely tells an image from its mirror), and a query whose first hit does not verify
+            # would otherwise pay two matchings for every hit below it
+            checked[image_id] = feats.matches(stored, mirror=j == 0) if stored is not None else 0
             if checked[image_id] >= MIN_MATCHES:
                 return [row[j], *row[:j], *row[j + 1:]], checked
         return row, checked
