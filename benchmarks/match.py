@@ -462,7 +462,7 @@ def main() -> None:
     if not a.skip_families:
         results["families"] = families(base_env, originals, queries, work, {
             "raw features": {"FLAGMATCH_SPACE_DIM": "0", "FLAGMATCH_CLUSTER_JOIN": "0"},
-            "matching space": {"FLAGMATCH_CLUSTER_JOIN": "0"},
+            "default: matching space, no join": {"FLAGMATCH_CLUSTER_JOIN": "0"},
             "matching space + join at 0.85 by similarity alone": {"FLAGMATCH_CLUSTER_JOIN": "0.85",
                                                                   "FLAGMATCH_CLUSTER_VERIFY": "0"},
             "matching space + verified join at 0.3": {"FLAGMATCH_CLUSTER_JOIN": "0.3"},

@@ -189,6 +189,21 @@ def test_selection_image_and_search_pages(client):
     assert r.status_code == 400 and "not an image format" in r.text
 
 
+def test_search_page_marks_the_hit_that_shows_the_same_picture(client, app):
+    from tests.helpers import photo_image
+    store = app.extensions["flagmatch"].store
+    upload = store.thumb_path(store.catalog.get(5).thumb_key).read_bytes()  # image 5, as its thumbnail
+    r = client.post("/search", data={"csrf": token_of(client), "image": (io.BytesIO(upload), "q.webp"), "k": "5"},
+                    content_type="multipart/form-data")
+    hits = r.text.split('class="card image hit ')[1:]
+    assert r.status_code == 200 and 'data-id="5"' in hits[0] and 'class="verified"' in hits[0]
+    assert sum('class="verified"' in h for h in hits) == 1
+    other = encode(photo_image(5), "JPEG")
+    r = client.post("/search", data={"csrf": token_of(client), "image": (io.BytesIO(other), "o.jpg"), "k": "5"},
+                    content_type="multipart/form-data")
+    assert r.status_code == 200 and 'class="verified"' not in r.text
+
+
 def test_api_accepts_the_viewer_session_with_csrf_for_writes(client):
     csrf = token_of(client)
     assert client.get("/api/v1/images/1").status_code == 200
