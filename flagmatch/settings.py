@@ -90,7 +90,7 @@ class Settings:
                                            "content (the picture inside a screenshot-like frame), mirror "
                                            "(comma-separated; empty: the whole image only)", "decode")
     verify_hits: bool = setting(True, "check an upload's hits by local features (ORB keypoints + RANSAC) from the "
-                                "top until one shows the same picture, and put that one first", "decode")
+                                "top until one shows the same picture, and put that one first", "server")
     # -- vector index
     exact_threshold: int = setting(50_000, "below this many vectors the index is exact; above, IVF-PQ", "index")
     nlist: int = setting(0, "IVF lists (0: chosen from N)", "index")
