@@ -26,7 +26,11 @@ from search.admission import Admission
 from search.hashmatch import HashEvidence, HashMatcher
 
 MAX_K = 1000
-VERIFY_DEPTH = 10  # hits checked by local features at most (from the top): the cost stays bounded for any k
+# Hits checked by local features at most, from the top. Match benchmark (2,700 edited uploads): the first
+# verified hit is among the model's top 5 whenever it is among the top 10 (mean R@1 0.958 at depth 5 and at
+# 10; 0.953 at 3, 0.939 unverified). An upload that copies nothing flagged — most uploads — is checked down
+# to this depth, so 5 halves its cost (each check ~1.5 ms, ~6 ms more while a hit's thumbnail is first described).
+VERIFY_DEPTH = 5
 VIEWS = ("trimmed", "content", "mirror")
 DEFAULT_VIEWS = ("trimmed", "content")  # the mirror doubles the model's work on every upload: opt in
 ClusterLookup = Callable[[Sequence[int]], dict[int, dict[str, Any]]]

@@ -119,18 +119,22 @@ def test_search_moves_the_verified_copy_first_and_reports_the_checks(store, tiny
     assert hits[0].record.id == target and hits[0].verified and hits[0].local_matches >= MIN_MATCHES
     checked = [h for h in hits if h.local_matches is not None]
     # checked from the model's top down to the copy, the rest left unchecked; none of the others verified
-    assert all(not h.verified for h in checked[1:]) and len(checked) <= 10
+    assert all(not h.verified for h in checked[1:]) and len(checked) <= 5
     assert res.timings.verify > 0
 
     # the model's order with look-alikes above the copy: verification puts the copy first
     others = [(h.record.id, (h.similarity, h.view)) for h in hits[1:]]
-    top = [*others[:5], (target, (hits[0].similarity, hits[0].view)), *others[5:]]
+    top = [*others[:3], (target, (hits[0].similarity, hits[0].view)), *others[3:]]
     recs = store.catalog.get_many([i for i, _ in top])
     feats = svc._decode_query(query, tiny_embedder.info.input)[1]
     row, seen = svc._verify(feats, top, recs)
     assert row[0][0] == target and [i for i, _ in row[1:]] == [i for i, _ in top if i != target]
     assert seen[target] >= MIN_MATCHES and all(seen[i] < MIN_MATCHES for i in seen if i != target)
-    assert list(seen) == [i for i, _ in top[:6]]  # checked down to the copy, no further
+    assert list(seen) == [i for i, _ in top[:4]]  # checked down to the copy, no further
+    # no deeper than VERIFY_DEPTH: a copy at rank 6 is left where the model put it
+    deep = [*others[:5], (target, (hits[0].similarity, hits[0].view)), *others[5:]]
+    row, seen = svc._verify(feats, deep, recs)
+    assert row == deep and len(seen) == 5 and target not in seen
     # nothing verifies when the copy is not among the hits: the model's order stays
     assert svc._verify(feats, others, recs)[0] == others
 
