@@ -25,7 +25,7 @@ import numpy as np
 SIDE = 256            # the stored thumbnail's long side (settings.thumb_size's default): both sides at one scale
 N_FEATURES = 1000     # ORB keeps the 1,000 strongest corners: a 256-px picture rarely has more worth keeping
 FAST_THRESHOLD = 10   # lower than OpenCV's 20: soft clipart edges and greyed photos still give corners
-PATCH = 15            # descriptor patch (and border) of 15 px, not 31: at 256 px a 31-px border loses a quarter of the picture
+PATCH = 15            # descriptor patch (and border) of 15 px, not 31: at 256 px a 31-px border leaves ~half the picture undescribed
 RATIO = 0.8           # Lowe's ratio test: a match must be clearly better than the second best
 RANSAC_PX = 3.0       # reprojection tolerance in thumbnail pixels (JPEG at half size moves corners ~1–2 px)
 MIN_MATCHES = 12      # agreeing matches for "same picture". Match benchmark (the model's top 10 flagged hits of
@@ -58,16 +58,6 @@ def _orb() -> cv2.ORB:
                                     patchSize=PATCH)
         _local.matcher = cv2.BFMatcher(cv2.NORM_HAMMING)
     return _local.orb
-
-
-def grey_copy(rgb: np.ndarray, side: int = SIDE) -> np.ndarray:
-    """A uint8 greyscale copy of an RGB (or greyscale) array with its long side at most ``side``."""
-    from PIL import Image
-    im = Image.fromarray(rgb)
-    if max(im.size) > side:
-        im = im.copy()
-        im.thumbnail((side, side), Image.BILINEAR)
-    return np.asarray(im.convert("L"))
 
 
 NONE = Features(np.zeros((0, 2), np.float32), None)
