@@ -13,14 +13,17 @@ stored thumbnail (always there, no original needed), a query from the same-sized
 upload. Each threshold says why:"""
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import cv2
 import numpy as np
+from PIL import Image
 
 SIDE = 256            # the stored thumbnail's long side (settings.thumb_size's default): both sides at one scale
 N_FEATURES = 1000     # ORB keeps the 1,000 strongest corners: a 256-px picture rarely has more worth keeping
@@ -131,7 +134,6 @@ def thumbnail_grey(thumbs_dir: Path) -> Callable[[str], np.ndarray | None]:
     """A loader of stored thumbnails (by key under ``thumbs_dir``) as greyscale arrays; None when the file
     is missing or unreadable (the hit then stays unverified)."""
     def load(key: str) -> np.ndarray | None:
-        from PIL import Image
         try:
             with Image.open(thumbs_dir / key) as im:
                 return np.asarray(im.convert("L"))
@@ -170,9 +172,6 @@ def verify_pairs(features: FeatureCache, keys: Sequence[str | None], a: np.ndarr
     """For each pair of rows (``a[i]``, ``b[i]``) — images known by their thumbnail ``keys`` — whether they
     show the same picture. Pairs run grouped by their first row (its features stay hot in the cache) on
     ``workers`` threads (0: one per core; OpenCV works outside the GIL)."""
-    import os
-    from concurrent.futures import ThreadPoolExecutor
-
     def check(i: int) -> bool:
         ka, kb = keys[int(a[i])], keys[int(b[i])]
         fa = features.get(ka) if ka else None
