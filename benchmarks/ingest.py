@@ -94,12 +94,38 @@ def worker_stages(args: argparse.Namespace) -> dict:
         return median(times)
 
     hashing = cpu(lambda d: (hashlib.sha256(d).hexdigest(), md5_of(d)))
+    # the decoder as it was when the throughput work began, loaded from git beside today's, same files
+    old = baseline_decoder()
+    old_spec = old.InputSpec(spec.size, spec.crop_pct, spec.interpolation) if old else None
+    baseline = cpu(lambda d: old.decode(d, old_spec, max_pixels=10**8, thumb_size=256)) if old else None
     model_input = cpu(lambda d: decode(d, spec, thumb_size=0, pdq=False))
     with_thumb = cpu(lambda d: decode(d, spec, thumb_size=256, pdq=False))
     everything = cpu(lambda d: decode(d, spec, thumb_size=256, pdq=True))
     return {"hash_ms": hashing, "decode_ms": model_input, "thumbnail_ms": max(with_thumb - model_input, 0.0),
+            "decode_thumbnail_ms": with_thumb, "baseline_decode_thumbnail_ms": baseline,
             "pdq_ms": max(everything - with_thumb, 0.0), "total_ms": hashing + everything,
             "cores": os.cpu_count() or 1}
+
+
+BASELINE_DECODER = "ac10d06"  # indexer/decode.py when the throughput work (decode + thumbnail CPU) began
+
+
+def baseline_decoder():  # type: ignore[no-untyped-def]
+    """``indexer/decode.py`` at BASELINE_DECODER as a module, or None outside a git checkout."""
+    import importlib.util
+    import tempfile
+    try:
+        src = subprocess.run(["git", "-C", str(ROOT), "show", f"{BASELINE_DECODER}:indexer/decode.py"],
+                             capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    path = Path(tempfile.mkdtemp()) / "baseline_decode.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location("baseline_decode", path)
+    mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules["baseline_decode"] = mod
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod
 
 
 def worker_ingest(args: argparse.Namespace) -> dict:
@@ -147,7 +173,7 @@ def main() -> None:
     listing = work / "files.json"
     listing.write_text(json.dumps(mixed))
     models = {"timm (vit_tiny_patch16_384)": str(default_arch_model(work)), "onnx (opennsfw)": "opennsfw"}
-    rows, ideal_rows = [], []
+    rows, ideal_rows, decode_rows = [], [], []
     data = {"machine": machine(), "corpus": {"photos": a.photos, "clipart": a.clipart}, "runs": {}}
     half = len(mixed) // 2
     for name, model in models.items():
@@ -176,6 +202,9 @@ def main() -> None:
                            f"{ideal:.1f} ({ideal / m['images_per_s']:.2f} of model-only)",
                            full["images_per_s"], f"{full['images_per_s'] / ideal:.2f}", one_lane["images_per_s"],
                            f"{one_lane['images_per_s'] / ideal:.2f}"])
+        if st["baseline_decode_thumbnail_ms"]:
+            decode_rows.append([name, f"{st['baseline_decode_thumbnail_ms']:.2f}", f"{st['decode_thumbnail_ms']:.2f}",
+                                f"{st['decode_thumbnail_ms'] / st['baseline_decode_thumbnail_ms']:.2f}"])
         rows.append([name, m["precision"], m["images_per_s"], full["images_per_s"], f"{ratio:.0%}",
                      f"{results[half]['peak_rss_kib'] / 1024:.0f} MiB ({half} img)",
                      f"{full['peak_rss_kib'] / 1024:.0f} MiB ({len(mixed)} img)", full["failed"]])
@@ -191,7 +220,11 @@ def main() -> None:
           + table(["backend", "model-only img/s", "model CPU ms", "sha256+MD5 ms", "decode to model input ms",
                    "thumbnail ms", "PDQ ms", "ideal end-to-end img/s", "measured img/s", "measured ÷ ideal",
                    "one lane: img/s", "one lane ÷ ideal"],
-                  ideal_rows))
+                  ideal_rows)
+          + f"\n\nDecode + thumbnail CPU per image against the decoder at `{BASELINE_DECODER}` (when this work began; loaded "
+          "from git beside today's, same files, one thread, median of 3 passes; PDQ, which that decoder did not compute, "
+          "left out of both):\n\n"
+          + table(["backend", f"{BASELINE_DECODER} decoder ms", "today ms", "today ÷ then"], decode_rows))
     write("ingest", data, md)
 
 

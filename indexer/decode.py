@@ -6,12 +6,12 @@ one ``DecodeError``.
 Memory is bounded by construction, whatever the geometry: the decoded buffer is checked against the
 budget before it exists (after JPEG ``draft``, which is what libjpeg really allocates), every later
 intermediate is a crop or a reduction of it, and the model input is resampled straight from the centre
-box of the source (``resize(box=…)``) instead of resizing the whole short side first — so a 1 × 20,000
-strip costs a 1 × 1 box, not a 384 × 7,680,000 intermediate."""
+box of the source instead of resizing the whole short side first — so a 1 × 20,000 strip costs a 1 × 1
+box, not a 384 × 7,680,000 intermediate. Resampling runs on ``indexer.resample`` (Pillow's filters,
+vectorised)."""
 from __future__ import annotations
 
 import io
-import math
 import os
 import threading
 import struct
@@ -26,6 +26,7 @@ from PIL import Image, UnidentifiedImageError
 
 from indexer.errors import DecodeError
 from indexer.hashes import Pdq, pdq_of
+from indexer.resample import resize
 from indexer.views import view_boxes
 
 # Formats we accept, told apart by their magic bytes (never by file name).
@@ -44,13 +45,16 @@ BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white, alwa
 # method 0 at quality 75 encodes in 0.81 ms against 1.39 ms for method 2 at quality 80, and the files are
 # about as large (4.2 KiB against 4.0 KiB) — method 2's slower search buys nothing a reviewer can see at 256 px.
 THUMB_QUALITY, THUMB_METHOD = 75, 0
-# The thumbnail is box-reduced by an integer factor until the last, bicubic step shrinks it by at most 1.1×
-# (Pillow's ``reducing_gap``): 2.3 ms against 3.2 ms a thumbnail with a gap of 2 on make-corpus, which left most
-# photos (a 2-3× reduction from what was decoded) to a wide bicubic filter alone; at 256 px the two look alike.
-THUMB_REDUCING_GAP = 1.1
+# Below this many pixels the decoded (reduced) RGB image is copied once into an array that the model input,
+# the thumbnail, PDQ and the views all read; above it (a strip no box reduction applies to) each takes only
+# its own crop or reduction, so the peak stays within the plan's one working copy.
+_SHARED_ARRAY_PIXELS = 4_000_000
+# The model's input is cut from the whole region resized (its own evaluation transform) unless that
+# intermediate would be more than this many times the input's pixels (a 16:1 strip): then from the centre box.
+_MAX_MODEL_INTERMEDIATE = 16
+_PIL_FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
+                "lanczos": Image.LANCZOS}
 PDQ_SIDE = 256  # PDQ's input is box-reduced while its long side stays >= 2 × this
-_RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
-             "lanczos": Image.LANCZOS}
 
 
 @dataclass(frozen=True)
@@ -286,20 +290,23 @@ def _decode_planned(im: Image.Image, p: DecodePlan, data: bytes, fp: _Deadline, 
     im.load()
     fp.check()
     orientation = _orientation(im)
-    src = _shrink(im, needed_side(spec, thumb_size))
-    pixels = _model_pixels(src, spec)
+    src = to_rgb(_shrink(im, needed_side(spec, max(thumb_size, grey_side))))
+    # one array for every later step (crops are views of it) — unless large: the budget counts one copy only
+    rgb = np.asarray(src) if src.width * src.height <= _SHARED_ARRAY_PIXELS else None
+    pixels, resampled = _model_pixels(src, rgb, spec)
     # PDQ reduces to 64 × 64 itself: a long side under 1,024 moves the hash by a few bits (indexer.hashes)
-    pdq = pdq_of(np.asarray(to_rgb(_shrink(src, PDQ_SIDE, long_side=True)))) if want_pdq else None
+    pdq = pdq_of(_reduced(src, rgb, PDQ_SIDE)) if want_pdq else None
     extra: dict[str, np.ndarray] = {}
-    if views:
-        rgb = to_rgb(src)
-        if "trimmed" in views or "content" in views:
-            for name, box in view_boxes(np.asarray(rgb)).items():
-                if name in views:
-                    extra[name] = _model_pixels(rgb.crop(box), spec)
+    if "trimmed" in views or "content" in views:
+        whole = rgb if rgb is not None else np.asarray(src)
+        for name, (left, top, right, bottom) in view_boxes(whole).items():
+            if name in views:
+                extra[name] = _model_pixels(src, whole, spec, (left, top, right, bottom))[0]
+    small: dict[int, np.ndarray] = {}  # the thumbnail's geometry, by long side (the grey copy shares it)
     thumbnail = b""
     if thumb_size > 0:  # queries (thumb_size 0) need no thumbnail
-        thumb = _thumbnail(src, thumb_size)
+        small[thumb_size] = _thumbnail(src, rgb, thumb_size, resampled)
+        thumb = Image.fromarray(small[thumb_size])
         if orientation in _TRANSPOSE:
             thumb = thumb.transpose(_TRANSPOSE[orientation])
         buf = io.BytesIO()
@@ -307,8 +314,9 @@ def _decode_planned(im: Image.Image, p: DecodePlan, data: bytes, fp: _Deadline, 
         thumbnail = buf.getvalue()
     grey = None
     if grey_side > 0:
-        small = _thumbnail(src, grey_side).convert("L")
-        grey = np.asarray(small.transpose(_TRANSPOSE[orientation]) if orientation in _TRANSPOSE else small)
+        g = Image.fromarray(small[grey_side] if grey_side in small
+                            else _thumbnail(src, rgb, grey_side, resampled)).convert("L")
+        grey = np.asarray(g.transpose(_TRANSPOSE[orientation]) if orientation in _TRANSPOSE else g)
     if orientation in _TRANSPOSE:  # a centred square crop commutes with every EXIF orientation
         pixels = np.ascontiguousarray(np.asarray(Image.fromarray(pixels).transpose(_TRANSPOSE[orientation])))
         extra = {k: np.ascontiguousarray(np.asarray(Image.fromarray(v).transpose(_TRANSPOSE[orientation])))
@@ -394,30 +402,50 @@ def _shrink(im: Image.Image, need: int, *, long_side: bool = False) -> Image.Ima
         return im
 
 
-def _thumbnail(src: Image.Image, size: int) -> Image.Image:
-    """RGB, its long side ``size`` (or less when the source is smaller); a new image, ``src`` left as it is."""
-    im = to_rgb(_shrink(src, size, long_side=True))
-    w, h = im.size
+def _reduced(src: Image.Image, rgb: np.ndarray | None, side: int) -> np.ndarray:
+    """The RGB image ``src`` (``rgb``: its array, when made) box-reduced while its long side stays >= 2·side."""
+    factor = max(src.size) // (2 * side)
+    if factor >= 2:
+        return np.asarray(src.reduce(factor))
+    return rgb if rgb is not None else np.asarray(src)
+
+
+def _thumbnail(src: Image.Image, rgb: np.ndarray | None, size: int,
+               resampled: np.ndarray | None = None) -> np.ndarray:
+    """RGB, its long side ``size`` (or less when the source is smaller): bicubic, antialiased
+    (``indexer.resample``), from ``resampled`` (the model's input region, already reduced near the size) when
+    it is still at least ``size`` long, else from the box-reduced source."""
+    usable = resampled is not None and max(resampled.shape[:2]) >= size
+    im = resampled if usable else _reduced(src, rgb, size)
+    h, w = im.shape[:2]
     if max(w, h) <= size:
         return im
     scale = size / max(w, h)
-    return im.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC,
-                     reducing_gap=THUMB_REDUCING_GAP)
+    return resize(im, (max(1, round(w * scale)), max(1, round(h * scale))), "bicubic")
 
 
-def _model_pixels(src: Image.Image, spec: InputSpec) -> np.ndarray:
-    """The centre square (crop_pct of the short side) resampled to size×size: the same pixels as resizing
-    the short side to size/crop_pct and centre-cropping, without the whole-image intermediate."""
-    w, h = src.size
-    side = spec.crop_pct * min(w, h)
-    box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
-    margin = math.ceil(2 * side / spec.size) + 2  # the resampling filter's support around the box
-    l0, t0 = max(0, math.floor(box[0]) - margin), max(0, math.floor(box[1]) - margin)
-    r0, b0 = min(w, math.ceil(box[2]) + margin), min(h, math.ceil(box[3]) + margin)
-    region = to_rgb(src.crop((l0, t0, r0, b0)) if (l0, t0, r0, b0) != (0, 0, w, h) else src)
-    inner = (box[0] - l0, box[1] - t0, box[2] - l0, box[3] - t0)
-    out = region.resize((spec.size, spec.size), _RESAMPLE[spec.interpolation], box=inner, reducing_gap=3.0)
-    return np.asarray(out, dtype=np.uint8)
+def _model_pixels(src: Image.Image, rgb: np.ndarray | None, spec: InputSpec,
+                  region: tuple[int, int, int, int] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """``region`` of the RGB image ``src`` (``rgb``: its array, when made) as the model's own evaluation
+    transform makes it (timm's ``Resize`` of the short side to size/crop_pct, then ``CenterCrop``): the whole
+    region resampled (``indexer.resample``), then the centre size×size. Also returns that resampled region
+    when it is a reduction (the thumbnail is made from it). A region far longer than wide would make a huge
+    intermediate (a 1 × 20,000 strip: 384 × 7,680,000), so there only the centre box is resampled (Pillow,
+    with its fractional box) — a 1 × 1 box."""
+    x0, y0, x1, y1 = region or (0, 0, src.width, src.height)
+    w, h = x1 - x0, y1 - y0
+    scale = spec.size / spec.crop_pct / min(w, h)
+    nw, nh = max(spec.size, round(w * scale)), max(spec.size, round(h * scale))
+    if nw * nh > _MAX_MODEL_INTERMEDIATE * spec.size * spec.size:
+        side = spec.crop_pct * min(w, h)
+        box = (x0 + (w - side) / 2, y0 + (h - side) / 2, x0 + (w + side) / 2, y0 + (h + side) / 2)
+        out = src.resize((spec.size, spec.size), _PIL_FILTERS[spec.interpolation], box=box)
+        return np.asarray(out, dtype=np.uint8), None
+    whole = rgb[y0:y1, x0:x1] if rgb is not None else np.asarray(src.crop((x0, y0, x1, y1)))
+    resized = resize(whole, (nw, nh), spec.interpolation)
+    left, top = (nw - spec.size) // 2, (nh - spec.size) // 2
+    pixels = np.ascontiguousarray(resized[top:top + spec.size, left:left + spec.size])
+    return pixels, (resized if nw < w and nh < h else None)
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -436,10 +464,12 @@ def to_rgb(im: Image.Image) -> Image.Image:
         im = Image.fromarray(np.clip(a + 0.5, 0, 255).astype(np.uint8), "L")
         mode = "L"
     if mode in ("LA", "La", "RGBA", "RGBa"):
+        # pasting through the alpha channel onto an opaque background is compositing over it, in one pass
+        # (the same pixels as ``alpha_composite`` and two conversions; 1.0 against 1.3 ms on make-corpus clipart)
         rgba = im.convert("RGBA")
-        bg = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
-        bg.alpha_composite(rgba)
-        return bg.convert("RGB")
+        bg = Image.new("RGB", rgba.size, BACKGROUND)
+        bg.paste(rgba, mask=rgba.getchannel("A"))
+        return bg
     if mode == "RGB":
         return im
     return im.convert("RGB")  # 1, L, CMYK, YCbCr, LAB, HSV
