@@ -26,7 +26,7 @@ from PIL import Image, UnidentifiedImageError
 
 from indexer.errors import DecodeError
 from indexer.hashes import Pdq, pdq_of
-from indexer.resample import resize
+from indexer.resample import resize, vectorised
 from indexer.views import view_boxes
 
 # Formats we accept, told apart by their magic bytes (never by file name).
@@ -427,23 +427,23 @@ def _thumbnail(src: Image.Image, rgb: np.ndarray | None, size: int,
 def _model_pixels(src: Image.Image, rgb: np.ndarray | None, spec: InputSpec,
                   region: tuple[int, int, int, int] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """``region`` of the RGB image ``src`` (``rgb``: its array, when made) as the model's own evaluation
-    transform makes it (timm's ``Resize`` of the short side to size/crop_pct, then ``CenterCrop``): the whole
-    region resampled (``indexer.resample``), then the centre size×size. Also returns that resampled region
-    when it is a reduction (the thumbnail is made from it). A region far longer than wide would make a huge
-    intermediate (a 1 × 20,000 strip: 384 × 7,680,000), so there only the centre box is resampled (Pillow,
-    with its fractional box) — a 1 × 1 box."""
+    transform makes it (timm's ``Resize`` of the short side to size/crop_pct, then ``CenterCrop``). With
+    torch's kernels (``indexer.resample``) the whole region is resampled and the centre cut out; that
+    resampled region is also returned when it is a reduction (the thumbnail is made from it). Otherwise — and
+    for a region so long that the whole would be a huge intermediate (a 1 × 20,000 strip: 384 × 7,680,000) —
+    Pillow resamples only the crop, through the fractional box that gives the same pixels."""
     x0, y0, x1, y1 = region or (0, 0, src.width, src.height)
     w, h = x1 - x0, y1 - y0
     scale = spec.size / spec.crop_pct / min(w, h)
     nw, nh = max(spec.size, round(w * scale)), max(spec.size, round(h * scale))
-    if nw * nh > _MAX_MODEL_INTERMEDIATE * spec.size * spec.size:
-        side = spec.crop_pct * min(w, h)
-        box = (x0 + (w - side) / 2, y0 + (h - side) / 2, x0 + (w + side) / 2, y0 + (h + side) / 2)
+    left, top = (nw - spec.size) // 2, (nh - spec.size) // 2
+    if not vectorised() or nw * nh > _MAX_MODEL_INTERMEDIATE * spec.size * spec.size:
+        sx, sy = w / nw, h / nh  # source pixels per resampled pixel, as the whole resize would have them
+        box = (x0 + left * sx, y0 + top * sy, x0 + (left + spec.size) * sx, y0 + (top + spec.size) * sy)
         out = src.resize((spec.size, spec.size), _PIL_FILTERS[spec.interpolation], box=box)
         return np.asarray(out, dtype=np.uint8), None
     whole = rgb[y0:y1, x0:x1] if rgb is not None else np.asarray(src.crop((x0, y0, x1, y1)))
     resized = resize(whole, (nw, nh), spec.interpolation)
-    left, top = (nw - spec.size) // 2, (nh - spec.size) // 2
     pixels = np.ascontiguousarray(resized[top:top + spec.size, left:left + spec.size])
     return pixels, (resized if nw < w and nh < h else None)
 

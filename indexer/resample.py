@@ -52,6 +52,11 @@ def _one_thread_torch():  # type: ignore[no-untyped-def]
     return _torch
 
 
+def vectorised() -> bool:
+    """Whether ``resize`` runs on torch's kernels in this process (else on Pillow's)."""
+    return sys.modules.get("torch") is not None
+
+
 def resize(pixels: np.ndarray, size: tuple[int, int], interpolation: str = "bicubic") -> np.ndarray:
     """``pixels`` (uint8, [h, w, 3] RGB or [h, w] grey) resampled to ``size`` = (width, height) with Pillow's
     ``interpolation`` filter (antialiased when shrinking, as Pillow's ``resize`` is)."""

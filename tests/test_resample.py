@@ -92,8 +92,14 @@ def _reference(data: bytes, spec: InputSpec) -> np.ndarray:
     return np.asarray(big.crop((left, top, left + spec.size, top + spec.size)))
 
 
+@pytest.mark.parametrize("kernels", ["torch", "pillow"])
 @pytest.mark.parametrize("which", ["opennsfw", "timm"])
-def test_model_input_embeds_as_the_models_own_transform_on_the_corpus(corpus, which, opennsfw, tiny_embedder):
+def test_model_input_embeds_as_the_models_own_transform_on_the_corpus(corpus, which, kernels, opennsfw,
+                                                                      tiny_embedder, monkeypatch):
+    """Both ways of making it: torch's kernels on the whole region (a process with torch loaded), Pillow's
+    fractional box over the crop alone (a process without, e.g. the ONNX backend's)."""
+    import indexer.decode
+    monkeypatch.setattr(indexer.decode, "vectorised", lambda: kernels == "torch")
     emb = opennsfw if which == "opennsfw" else tiny_embedder
     spec = emb.info.input
     ours, theirs = [], []
