@@ -137,12 +137,59 @@ def worker_ingest(args: argparse.Namespace) -> dict:
                        "index_save_seconds": 1e9, "model_lanes": args.model_lanes}, environ={})
     emb = load_embedder(s)
     files = json.loads(Path(args.files).read_text())[: args.limit]
-    t = time.perf_counter()
-    counts = ingest_into(s, (SourceItem(p) for p in files), embedder=emb).counts
-    dt = time.perf_counter() - t
+    with ThreadCpu() as cpu:
+        t = time.perf_counter()
+        counts = ingest_into(s, (SourceItem(p) for p in files), embedder=emb).counts
+        dt = time.perf_counter() - t
+    n = max(counts.new + counts.failed, 1)
     return {"images_per_s": (counts.new + counts.failed) / dt, "new": counts.new, "failed": counts.failed,
             "reasons": counts.reasons, "seconds": dt, "precision": emb.info.precision,
-            "peak_rss_kib": peak_rss_kib()}
+            "peak_rss_kib": peak_rss_kib(), "cpu_ms_per_image": {k: v / n * 1000 for k, v in cpu.parts.items()},
+            "busy_cores": sum(cpu.parts.values()) / dt}
+
+
+class ThreadCpu:
+    """CPU seconds this process's threads spend while inside the block, by part: ``model`` (the model's threads
+    and lanes, ``fm-model``), ``decode`` (``fm-decode``) and ``write`` (every other thread: the main thread's
+    catalog, vector and thumbnail writes). Read from /proc every 50 ms, so threads that end inside the block
+    (the pools do) still count up to their last reading."""
+
+    def __init__(self) -> None:
+        import threading
+        sys.path.insert(0, str(ROOT))
+        from tests.helpers import thread_stats
+        self._stats = thread_stats
+        self._stop = threading.Event()
+        self._last: dict[int, tuple[str, float]] = {}
+        self._base: dict[int, tuple[str, float]] = {}
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.parts: dict[str, float] = {}
+
+    def _read(self) -> None:
+        import os
+        for tid, (name, _, cpu) in self._stats(os.getpid()).items():
+            if tid != self._thread.native_id:
+                self._last[tid] = (name, cpu)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self._read()
+
+    def __enter__(self) -> "ThreadCpu":
+        self._read()
+        self._base = dict(self._last)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._read()
+        parts = {"model": 0.0, "decode": 0.0, "write": 0.0}
+        for tid, (name, cpu) in self._last.items():
+            part = "model" if name == "fm-model" else "decode" if name == "fm-decode" else "write"
+            parts[part] += cpu - self._base.get(tid, (name, 0.0))[1]
+        self.parts = parts
 
 
 def main() -> None:
@@ -173,7 +220,7 @@ def main() -> None:
     listing = work / "files.json"
     listing.write_text(json.dumps(mixed))
     models = {"timm (vit_tiny_patch16_384)": str(default_arch_model(work)), "onnx (opennsfw)": "opennsfw"}
-    rows, ideal_rows, decode_rows = [], [], []
+    rows, ideal_rows, decode_rows, cpu_rows = [], [], [], []
     data = {"machine": machine(), "corpus": {"photos": a.photos, "clipart": a.clipart}, "runs": {}}
     half = len(mixed) // 2
     for name, model in models.items():
@@ -202,6 +249,10 @@ def main() -> None:
                            f"{ideal:.1f} ({ideal / m['images_per_s']:.2f} of model-only)",
                            full["images_per_s"], f"{full['images_per_s'] / ideal:.2f}", one_lane["images_per_s"],
                            f"{one_lane['images_per_s'] / ideal:.2f}"])
+        c = full["cpu_ms_per_image"]
+        cpu_rows.append([name, f"{model_ms:.1f}", f"{st['total_ms']:.1f}", f"{c['model']:.1f}", f"{c['decode']:.1f}",
+                         f"{c['write']:.1f}", f"{sum(c.values()) / (model_ms + st['total_ms']):.2f}",
+                         f"{full['busy_cores']:.2f} of {st['cores']}"])
         if st["baseline_decode_thumbnail_ms"]:
             decode_rows.append([name, f"{st['baseline_decode_thumbnail_ms']:.2f}", f"{st['decode_thumbnail_ms']:.2f}",
                                 f"{st['decode_thumbnail_ms'] / st['baseline_decode_thumbnail_ms']:.2f}"])
@@ -224,7 +275,13 @@ def main() -> None:
           + f"\n\nDecode + thumbnail CPU per image against the decoder at `{BASELINE_DECODER}` (when this work began; loaded "
           "from git beside today's, same files, one thread, median of 3 passes; PDQ, which that decoder did not compute, "
           "left out of both):\n\n"
-          + table(["backend", f"{BASELINE_DECODER} decoder ms", "today ms", "today ÷ then"], decode_rows))
+          + table(["backend", f"{BASELINE_DECODER} decoder ms", "today ms", "today ÷ then"], decode_rows)
+          + "\n\nWhere the distance to the ideal goes: CPU per image by thread during the full default run (read from "
+          "/proc: the model's threads and lanes, the decode pool, and every other thread — the main thread's catalog, "
+          "vector and thumbnail writes, which the ideal leaves out), against the ideal's CPU per image, and how many "
+          "of the cores the run kept busy (measured ÷ ideal = ideal CPU ÷ measured CPU × busy ÷ cores):\n\n"
+          + table(["backend", "ideal: model CPU ms", "ideal: other stages ms", "run: model threads ms",
+                   "run: decode threads ms", "run: write (main) ms", "run CPU ÷ ideal CPU", "busy cores"], cpu_rows))
     write("ingest", data, md)
 
 
