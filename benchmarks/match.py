@@ -502,7 +502,8 @@ def markdown(results: dict[str, Any]) -> str:
     md.append(table(heads, rows))
     if "families" in results:
         md += ["", f"Families: each original with its {len(TRANSFORMS)} copies, all flagged "
-               f"({n_orig * n_fam} images), clustered by `flagmatch cluster`.", ""]
+               f"({n_orig * n_fam} images), clustered by `flagmatch cluster`."
+               + (f" {results['families_note']}" if results.get("families_note") else ""), ""]
         md.append(table(["pipeline", "ARI", "families kept whole", "noise share", "clusters", "time (s)"],
                         [[lab, f"{r['ari']:.3f}", f"{r['whole']:.3f}", f"{r['noise']:.3f}", r["clusters"],
                           f"{r['seconds']:.1f}"] for lab, r in results["families"].items()]))
