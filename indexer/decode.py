@@ -12,6 +12,7 @@ vectorised)."""
 from __future__ import annotations
 
 import io
+import math
 import os
 import threading
 import struct
@@ -294,15 +295,19 @@ def _decode_planned(im: Image.Image, p: DecodePlan, data: bytes, fp: _Deadline, 
     im.load()
     fp.check()
     orientation = _orientation(im)
-    src = to_rgb(_shrink(im, needed_side(spec, max(thumb_size, grey_side))))
-    # one array for every later step (crops are views of it) — unless large: the budget counts one copy only
-    rgb = np.asarray(src) if src.width * src.height <= _SHARED_ARRAY_PIXELS else None
+    src = _shrink(im, needed_side(spec, max(thumb_size, grey_side)))
+    # one RGB array for every later step (crops are views of it) — unless large (a strip no box reduction
+    # applies to): then each step converts only its own crop or reduction, within the plan's one working copy
+    rgb = None
+    if src.width * src.height <= _SHARED_ARRAY_PIXELS:
+        src = to_rgb(src)
+        rgb = np.asarray(src)
     pixels, resampled = _model_pixels(src, rgb, spec)
     # PDQ reduces to 64 × 64 itself: a long side under 1,024 moves the hash by a few bits (indexer.hashes)
     pdq = pdq_of(_reduced(src, rgb, PDQ_SIDE)) if want_pdq else None
     extra: dict[str, np.ndarray] = {}
     if "trimmed" in views or "content" in views:
-        whole = rgb if rgb is not None else np.asarray(src)
+        whole = rgb if rgb is not None else np.asarray(to_rgb(src))
         for name, (left, top, right, bottom) in view_boxes(whole).items():
             if name in views:
                 extra[name] = _model_pixels(src, whole, spec, (left, top, right, bottom))[0]
@@ -407,11 +412,10 @@ def _shrink(im: Image.Image, need: int, *, long_side: bool = False) -> Image.Ima
 
 
 def _reduced(src: Image.Image, rgb: np.ndarray | None, side: int) -> np.ndarray:
-    """The RGB image ``src`` (``rgb``: its array, when made) box-reduced while its long side stays >= 2·side."""
-    factor = max(src.size) // (2 * side)
-    if factor >= 2:
-        return np.asarray(src.reduce(factor))
-    return rgb if rgb is not None else np.asarray(src)
+    """``src`` in RGB (``rgb``: its array, when made), box-reduced while its long side stays >= 2·side."""
+    if rgb is not None and max(src.size) // (2 * side) < 2:
+        return rgb
+    return np.asarray(to_rgb(_shrink(src, side, long_side=True)))
 
 
 def _thumbnail(src: Image.Image, rgb: np.ndarray | None, size: int,
@@ -431,7 +435,7 @@ def _thumbnail(src: Image.Image, rgb: np.ndarray | None, size: int,
 
 def _model_pixels(src: Image.Image, rgb: np.ndarray | None, spec: InputSpec,
                   region: tuple[int, int, int, int] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """``region`` of the RGB image ``src`` (``rgb``: its array, when made) as the model's own evaluation
+    """``region`` of ``src`` (``rgb``: its RGB array, when made) as the model's own evaluation
     transform makes it (timm's ``Resize`` of the short side to size/crop_pct, then ``CenterCrop``). With
     torch's kernels (``indexer.resample``) the whole region is resampled and the centre cut out; that
     resampled region is also returned when it is a reduction (the thumbnail is made from it). Otherwise — and
@@ -445,9 +449,15 @@ def _model_pixels(src: Image.Image, rgb: np.ndarray | None, spec: InputSpec,
     if not vectorised() or nw * nh > _MAX_MODEL_INTERMEDIATE * spec.size * spec.size:
         sx, sy = w / nw, h / nh  # source pixels per resampled pixel, as the whole resize would have them
         box = (x0 + left * sx, y0 + top * sy, x0 + (left + spec.size) * sx, y0 + (top + spec.size) * sy)
-        out = src.resize((spec.size, spec.size), _PIL_FILTERS[spec.interpolation], box=box)
+        # the box and the filter's support around it, in RGB; then the box inside that
+        margin = math.ceil(2 * max(sx, sy)) + 2
+        l0, t0 = max(0, math.floor(box[0]) - margin), max(0, math.floor(box[1]) - margin)
+        r0, b0 = min(src.width, math.ceil(box[2]) + margin), min(src.height, math.ceil(box[3]) + margin)
+        part = to_rgb(src.crop((l0, t0, r0, b0)) if (l0, t0, r0, b0) != (0, 0, src.width, src.height) else src)
+        inner = (box[0] - l0, box[1] - t0, box[2] - l0, box[3] - t0)
+        out = part.resize((spec.size, spec.size), _PIL_FILTERS[spec.interpolation], box=inner)
         return np.asarray(out, dtype=np.uint8), None
-    whole = rgb[y0:y1, x0:x1] if rgb is not None else np.asarray(src.crop((x0, y0, x1, y1)))
+    whole = rgb[y0:y1, x0:x1] if rgb is not None else np.asarray(to_rgb(src.crop((x0, y0, x1, y1))))
     resized = resize(whole, (nw, nh), spec.interpolation)
     pixels = np.ascontiguousarray(resized[top:top + spec.size, left:left + spec.size])
     return pixels, (resized if nw < w and nh < h else None)
