@@ -5,10 +5,10 @@ one ``DecodeError``.
 
 Memory is bounded by construction, whatever the geometry: the decoded buffer is checked against the
 budget before it exists (after JPEG ``draft``, which is what libjpeg really allocates), every later
-intermediate is a crop or a reduction of it, and the model input is resampled straight from the centre
-box of the source instead of resizing the whole short side first — so a 1 × 20,000 strip costs a 1 × 1
-box, not a 384 × 7,680,000 intermediate. Resampling runs on ``indexer.resample`` (Pillow's filters,
-vectorised)."""
+intermediate is a crop or a reduction of it, and the model input — the model's own transform: the short side
+resized to size ÷ crop_pct, the centre cut — is resampled from the centre box alone wherever the resized
+whole would be large, so a 1 × 20,000 strip costs a 1 × 1 box, not a 384 × 7,680,000 intermediate.
+Resampling runs on ``indexer.resample`` (Pillow's filters; vectorised where torch is loaded)."""
 from __future__ import annotations
 
 import io
