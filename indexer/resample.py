@@ -13,8 +13,9 @@ model's lanes, this also sets torch's default for threads that have not yet run 
 thread sets its own count when it starts.
 
 torch's kernels are used where torch is loaded anyway (the timm backend, a GPU host); a process without it
-(the ONNX backend) resamples with Pillow itself, the same filters: loading torch there costs ~500 MB of
-memory, and its ingest measured 48 against 54 images/s on make-corpus with torch loaded to resample."""
+(the ONNX backend) resamples with Pillow itself, the same filters: loading torch there would cost ~500 MB of
+memory for ~0.7 ms an image (and loaded on a decode thread's first call, it stalled a 7-second make-corpus
+ingest by a tenth: 45–48 against 54–57 images/s)."""
 from __future__ import annotations
 
 import sys
