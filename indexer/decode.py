@@ -303,8 +303,16 @@ def _decode_planned(im: Image.Image, p: DecodePlan, data: bytes, fp: _Deadline, 
         src = to_rgb(src)
         rgb = np.asarray(src)
     pixels, resampled = _model_pixels(src, rgb, spec)
-    # PDQ reduces to 64 × 64 itself: a long side under 1,024 moves the hash by a few bits (indexer.hashes)
-    pdq = pdq_of(_reduced(src, rgb, PDQ_SIDE)) if want_pdq else None
+    # PDQ reduces to 64 × 64 itself: a long side under 1,024 moves the hash by a few bits (indexer.hashes).
+    # The model's resampled region, when 512 to 2,047 long, is an antialiased reduction closer to the full
+    # picture than an integer box reduction: on make-corpus (timm's input, 123 of 200 images) the hashes were
+    # 5.2 bits from threatexchange's full-resolution ones on average (p95 14) against 7.0 (p95 18), and no slower
+    # (3.4–3.6 against 3.8–4.1 ms, PDQ's cost growing with the pixels it is given).
+    if want_pdq:
+        near = resampled is not None and 2 * PDQ_SIDE <= max(resampled.shape[:2]) < 8 * PDQ_SIDE
+        pdq = pdq_of(resampled if near else _reduced(src, rgb, PDQ_SIDE))
+    else:
+        pdq = None
     extra: dict[str, np.ndarray] = {}
     if "trimmed" in views or "content" in views:
         whole = rgb if rgb is not None else np.asarray(to_rgb(src))

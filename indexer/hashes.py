@@ -1,7 +1,8 @@
 """The signals trust & safety teams exchange: PDQ, Meta's perceptual photo hash (through the maintained
 ``pdqhash`` binding, the one HMA and the ``threatexchange`` package use), and MD5 of the file's bytes.
 
-PDQ is computed from the pixels the decoder already holds, box-reduced so the long side is under 1,024:
+PDQ is computed from the pixels the decoder already holds (the model's resampled input region where it is
+512–2,047 px long, else the decoded image box-reduced so the long side is under 1,024):
 PDQ itself reduces every image to 64 × 64 with box filters, so the reduction changes a hash by a few bits
 (measured 2–4 of 256 on 1,600 × 1,200 photos against ``threatexchange``'s own full-resolution hash) while
 the hash costs ~5 ms instead of ~30 ms. Like ``threatexchange`` (and so every HMA peer), the hash is of
