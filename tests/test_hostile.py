@@ -78,7 +78,7 @@ def test_extreme_aspect_ratio_uses_the_centre_square():
 
 
 def test_model_pixels_match_resize_then_crop():
-    """Resampling the centre box directly gives the pixels the old resize-then-crop gave."""
+    """The model input is resize-then-crop (the model's own transform), whichever way it is computed."""
     for seed, size in ((1, (640, 480)), (2, (300, 900)), (3, (1000, 1000)), (4, (120, 90))):
         im = drawn_image(seed, size)
         w, h = size
