@@ -27,7 +27,7 @@ from PIL import Image, UnidentifiedImageError
 
 from indexer.errors import DecodeError
 from indexer.hashes import Pdq, pdq_of
-from indexer.resample import resize, vectorised
+from indexer.resample import PIL_FILTERS, resize, vectorised
 from indexer.views import view_boxes
 
 # Formats we accept, told apart by their magic bytes (never by file name).
@@ -57,8 +57,6 @@ _SHARED_ARRAY_PIXELS = 4_000_000
 # The model's input is cut from the whole region resized (its own evaluation transform) unless that
 # intermediate would be more than this many times the input's pixels (a 16:1 strip): then from the centre box.
 _MAX_MODEL_INTERMEDIATE = 16
-_PIL_FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
-                "lanczos": Image.LANCZOS}
 PDQ_SIDE = 256  # PDQ's input is box-reduced while its long side stays >= 2 × this
 
 
@@ -463,7 +461,7 @@ def _model_pixels(src: Image.Image, rgb: np.ndarray | None, spec: InputSpec,
         r0, b0 = min(src.width, math.ceil(box[2]) + margin), min(src.height, math.ceil(box[3]) + margin)
         part = to_rgb(src.crop((l0, t0, r0, b0)) if (l0, t0, r0, b0) != (0, 0, src.width, src.height) else src)
         inner = (box[0] - l0, box[1] - t0, box[2] - l0, box[3] - t0)
-        out = part.resize((spec.size, spec.size), _PIL_FILTERS[spec.interpolation], box=inner)
+        out = part.resize((spec.size, spec.size), PIL_FILTERS[spec.interpolation], box=inner)
         return np.asarray(out, dtype=np.uint8), None
     whole = rgb[y0:y1, x0:x1] if rgb is not None else np.asarray(to_rgb(src.crop((x0, y0, x1, y1))))
     resized = resize(whole, (nw, nh), spec.interpolation)

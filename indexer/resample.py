@@ -31,8 +31,8 @@ if TYPE_CHECKING:
 
 # Filters torch implements as Pillow does; any other (``lanczos``) is resampled by Pillow itself.
 TORCH_MODES = {"bicubic": "bicubic", "bilinear": "bilinear"}
-_PIL_MODES = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
-              "lanczos": Image.LANCZOS}
+PIL_FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
+               "lanczos": Image.LANCZOS}
 _ready = threading.local()
 # The decoded buffers are read-only numpy views of Pillow's images; torch only reads them, and says so once.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
@@ -71,7 +71,7 @@ def resize(pixels: np.ndarray, size: tuple[int, int], interpolation: str = "bicu
     mode = TORCH_MODES.get(interpolation)
     torch = _one_thread_torch() if mode is not None else None
     if torch is None:
-        return np.asarray(Image.fromarray(pixels).resize((width, height), _PIL_MODES[interpolation],
+        return np.asarray(Image.fromarray(pixels).resize((width, height), PIL_FILTERS[interpolation],
                                                          reducing_gap=reducing_gap))
     t = torch.from_numpy(np.ascontiguousarray(pixels))
     t = t[None, None] if t.ndim == 2 else t.permute(2, 0, 1)[None]  # NCHW view of the HWC buffer
