@@ -29,8 +29,8 @@ MARKS = (1_000, 10_000, 100_000, 1_000_000)
 
 
 def images(start: int, n: int, segment: int):  # type: ignore[no-untyped-def]
-    from indexer.catalog import FlagRequest, NewImage
-    from indexer.hashes import Pdq
+    from indexer.storage.catalog import FlagRequest, NewImage
+    from indexer.media.hashes import Pdq
     out = []
     for k in range(start, start + n):
         h = hashlib.sha256(f"{segment}:{k}".encode()).hexdigest()
@@ -64,7 +64,7 @@ def catalog_bytes(cat, url: str) -> int:  # type: ignore[no-untyped-def]
 def worker_fill(args: argparse.Namespace) -> dict:
     """Fill a fresh catalog to ``--images`` and measure as it grows."""
     import numpy as np
-    from indexer.catalog import Catalog
+    from indexer.storage.catalog import Catalog
     cat = Catalog(args.url)
     cat.bind_model("synthetic@bench", 8, "{}")
     rng = np.random.default_rng(0)
@@ -88,7 +88,7 @@ def worker_fill(args: argparse.Namespace) -> dict:
 
 def worker_write(args: argparse.Namespace) -> dict:
     """Write ``--images`` more images as one writer among several (segment = the writer's number)."""
-    from indexer.catalog import Catalog
+    from indexer.storage.catalog import Catalog
     cat = Catalog(args.url)
     t = time.perf_counter()
     for k in range(0, args.images, BATCH):
@@ -133,7 +133,7 @@ def main() -> None:
         with admin.connect() as c:
             c.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
             c.execute(text(f'CREATE DATABASE "{name}"'))
-        from indexer.catalog import Catalog
+        from indexer.storage.catalog import Catalog
         Catalog(pg_url).bind_model("synthetic@bench", 8, "{}")
         import subprocess
         n = min(a.images, 100_000) // 2

@@ -45,9 +45,9 @@ def worker(n: int, dim: int, work: Path, sample: int) -> dict:
     from sklearn.metrics import adjusted_rand_score
     import joblib
     from clustering.job import ClusterParams, artifacts_path, fit_hdbscan, run_clustering
-    from clustering.store import ClusterStore
-    from indexer.catalog import ImageRow, utcnow
-    from indexer.store import Store
+    from indexer.storage.clusters import ClusterStore
+    from indexer.storage.tables import ImageRow, utcnow
+    from indexer.storage.store import Store
 
     home = work / f"home-{n}"
     shutil.rmtree(home, ignore_errors=True)

@@ -5,7 +5,7 @@ costs in memory, and where PDQ and the embedding each find re-uploads.
    ``make-corpus``), single-threaded: decode + thumbnail without PDQ, the PDQ part alone (the same decode
    with PDQ, minus without), and the model per image (``opennsfw``, batches of 32). PDQ's share of the
    end-to-end CPU per image is PDQ ÷ (decode + PDQ + model).
-2. **Lookups.** ``indexer.hash_index.PdqIndex`` (the class the server uses, with its per-query catch-up
+2. **Lookups.** ``indexer.hashbanks.hash_index.PdqIndex`` (the class the server uses, with its per-query catch-up
    read of the catalog) filled with N random banked hashes, flat and multi-index hashing; queries are
    banked hashes with 8–30 of 256 bits flipped (must be found) and random hashes (must find nothing),
    radius 31. p50 / p99 over single-hash lookups; memory per hash from the process's RSS growth and the
@@ -46,8 +46,8 @@ def cpu_ms(fn, *args, **kw) -> tuple[float, Any]:  # type: ignore[no-untyped-def
 # ------------------------------------------------------------------ 1. cost at ingest
 
 def ingest_cost(files: list[Path]) -> dict[str, Any]:
-    from indexer.decode import DecodeLimits, decode
-    from indexer.embed import load_model
+    from indexer.media.decode import DecodeLimits, decode
+    from indexer.models.embed import load_model
     emb = load_model("opennsfw")
     limits = DecodeLimits(max_pixels=300_000_000, max_bytes=4 << 30, timeout_s=120)
     plain, with_pdq, pixels = [], [], []
@@ -71,8 +71,8 @@ def ingest_cost(files: list[Path]) -> dict[str, Any]:
 # ------------------------------------------------------------------ 2. lookups
 
 def lookups(n: int, kind: str, queries: int = 1000, seed: int = 0) -> dict[str, Any]:
-    from indexer.catalog import Catalog
-    from indexer.hash_index import PdqIndex
+    from indexer.storage.catalog import Catalog
+    from indexer.hashbanks.hash_index import PdqIndex
     rng = np.random.default_rng(seed)
     with tempfile.TemporaryDirectory() as d:
         catalog = Catalog(f"sqlite:///{d}/c.sqlite")
@@ -121,8 +121,8 @@ def lookups(n: int, kind: str, queries: int = 1000, seed: int = 0) -> dict[str, 
 
 def pdq_vs_embedding(corpus: Path, work: Path, originals_n: int, distractors_n: int, seed: int) -> dict[str, Any]:
     import match
-    from indexer.decode import DecodeLimits, InputSpec, decode
-    from indexer.hashes import pdq_codes
+    from indexer.media.decode import DecodeLimits, InputSpec, decode
+    from indexer.media.hashes import pdq_codes
     limits = DecodeLimits(max_pixels=300_000_000, max_bytes=4 << 30, timeout_s=120)
     files = sorted(p for p in corpus.rglob("*") if p.suffix.lower() in (".jpg", ".png"))
     rng = random.Random(seed)

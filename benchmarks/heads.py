@@ -30,7 +30,7 @@ def synthetic_store(work: Path, n: int, dim: int = 192, groups: int = 64, seed: 
     from sqlalchemy import insert
     from flagmatch.settings import Settings
     from flagmatch.wiring import open_store
-    from indexer.catalog import ImageRow, utcnow
+    from indexer.storage.tables import ImageRow, utcnow
     home = work / "home"
     shutil.rmtree(home, ignore_errors=True)
     store = open_store(Settings.load({"home": str(home)}, environ={}))
@@ -56,8 +56,8 @@ def synthetic_store(work: Path, n: int, dim: int = 192, groups: int = 64, seed: 
 
 
 def timing(work: Path, n_images: int, verdict_sizes: list[int]) -> list[dict[str, Any]]:
-    from indexer import verdicts as vd
-    from indexer.heads import load_active, score_catalog, train_head
+    from indexer.storage import verdicts as vd
+    from indexer.review.heads import load_active, score_catalog, train_head
     from sqlalchemy import delete
     t = time.perf_counter()
     store, labels = synthetic_store(work, n_images)
@@ -92,8 +92,8 @@ def quality(home: Path, corpus: Path, n_verdicts: int = 1000, seed: int = 3) -> 
     import hashlib
     from flagmatch.settings import Settings
     from flagmatch.wiring import open_store
-    from indexer import verdicts as vd
-    from indexer.heads import train_head
+    from indexer.storage import verdicts as vd
+    from indexer.review.heads import train_head
     store = open_store(Settings.load({"home": str(home)}, environ={}))
     files = [p for p in corpus.rglob("*") if p.suffix.lower() in (".jpg", ".png")]
     random.Random(seed).shuffle(files)

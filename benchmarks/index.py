@@ -35,8 +35,8 @@ def make_vectors(n: int, dim: int, seed: int) -> np.ndarray:
 
 def build_store(home: Path, vecs: np.ndarray):
     from sqlalchemy import insert
-    from indexer.catalog import ImageRow, utcnow
-    from indexer.store import Store
+    from indexer.storage.tables import ImageRow, utcnow
+    from indexer.storage.store import Store
 
     shutil.rmtree(home, ignore_errors=True)
     store = Store(home, f"sqlite:///{home / 'catalog.sqlite'}")
@@ -76,8 +76,8 @@ def run(n: int, dim: int, nq: int, work: Path) -> list[dict]:
     (PCA-whitening to 256-d fitted on the vectors, as a store without its model gets); the truth is
     exact search in that space, so recall measures the index alone."""
     import faiss
-    from indexer.space import SpaceConfig
-    from indexer.vector_index import IndexConfig, VectorIndex
+    from indexer.vectors.space import SpaceConfig
+    from indexer.vectors.vector_index import IndexConfig, VectorIndex
 
     vecs = make_vectors(n, dim, seed=dim + n)
     rng = np.random.default_rng(1)
@@ -93,7 +93,7 @@ def run(n: int, dim: int, nq: int, work: Path) -> list[dict]:
         for f in store.index_dir.glob("*.faiss"):
             f.unlink()
         from sqlalchemy import delete
-        from indexer.catalog import CheckpointRow
+        from indexer.storage.tables import CheckpointRow
         with store.catalog.engine.begin() as c:
             c.execute(delete(CheckpointRow))
         t = time.perf_counter()

@@ -44,8 +44,8 @@ def default_arch_model(work: Path) -> Path:
 def worker_model(args: argparse.Namespace) -> dict:
     """Model-only: decode first (not timed), then time embed() over batches of pre-decoded pixels."""
     import numpy as np
-    from indexer.decode import decode
-    from indexer.embed import load_model
+    from indexer.media.decode import decode
+    from indexer.models.embed import load_model
     from indexer.errors import DecodeError
 
     emb = load_model(args.model)
@@ -73,10 +73,10 @@ def worker_stages(args: argparse.Namespace) -> dict:
     """CPU per image of each non-model stage, on one thread (process time, median of 3 passes)."""
     import hashlib
     import os
-    from indexer.decode import decode
-    from indexer.embed import load_model
+    from indexer.media.decode import decode
+    from indexer.models.embed import load_model
     from indexer.errors import DecodeError
-    from indexer.hashes import md5_of
+    from indexer.media.hashes import md5_of
 
     spec = load_model(args.model).info.input
     datas = [Path(p).read_bytes() for p in json.loads(Path(args.files).read_text())]
@@ -107,15 +107,15 @@ def worker_stages(args: argparse.Namespace) -> dict:
             "cores": os.cpu_count() or 1}
 
 
-BASELINE_DECODER = "ac10d06"  # indexer/decode.py when the throughput work (decode + thumbnail CPU) began
+BASELINE_DECODER = "ac10d06"  # indexer/media/decode.py when the throughput work (decode + thumbnail CPU) began
 
 
 def baseline_decoder():  # type: ignore[no-untyped-def]
-    """``indexer/decode.py`` at BASELINE_DECODER as a module, or None outside a git checkout."""
+    """``indexer/media/decode.py`` at BASELINE_DECODER as a module, or None outside a git checkout."""
     import importlib.util
     import tempfile
     try:
-        src = subprocess.run(["git", "-C", str(ROOT), "show", f"{BASELINE_DECODER}:indexer/decode.py"],
+        src = subprocess.run(["git", "-C", str(ROOT), "show", f"{BASELINE_DECODER}:indexer/media/decode.py"],
                              capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
@@ -131,7 +131,7 @@ def baseline_decoder():  # type: ignore[no-untyped-def]
 def worker_ingest(args: argparse.Namespace) -> dict:
     from flagmatch.settings import Settings
     from flagmatch.wiring import ingest_into, load_embedder
-    from indexer.sources import SourceItem
+    from indexer.ingest.sources import SourceItem
 
     s = Settings.load({"home": args.home, "model": args.model, "batch_size": args.batch_size,
                        "index_save_seconds": 1e9, "model_lanes": args.model_lanes}, environ={})

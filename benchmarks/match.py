@@ -221,9 +221,9 @@ def distinct_originals(files: list[Path], n: int, sources: dict[str, str]) -> li
     (the same clipart drawing at another size or tint). With two flagged originals of one picture, "the
     original is the first hit" is not a well-posed question: either is a right answer to "seen before?"."""
     sys.path.insert(0, str(ROOT))
-    from indexer.decode import DecodeLimits, InputSpec, plan
+    from indexer.media.decode import DecodeLimits, InputSpec, plan
     from indexer.errors import FlagmatchError
-    from indexer.hashes import pdq_of
+    from indexer.media.hashes import pdq_of
     limits = DecodeLimits(max_pixels=MAX_PIXELS)
     picked: list[Path] = []
     pictures: set[str] = set()
@@ -275,7 +275,7 @@ def search(base: str, token: str, path: Path, k: int = 10) -> tuple[list[int], l
 
 
 class SameContent:
-    """Whether two stored images show the same picture, by local features (``indexer.local``: ORB keypoints
+    """Whether two stored images show the same picture, by local features (``indexer.media.local``: ORB keypoints
     on their 256-px thumbnails, RANSAC-fitted similarity transform, ≥ ``MIN_MATCHES`` agreeing matches). The
     originals show distinct pictures by make-corpus's record and PDQ, yet an artwork can still come in two
     files the record does not know; a first hit that verifies against the original is such a copy."""
@@ -283,7 +283,7 @@ class SameContent:
     def __init__(self, home: Path) -> None:
         from flagmatch.settings import Settings
         from flagmatch.wiring import open_store
-        from indexer.local import MIN_MATCHES, FeatureCache, agreeing_matches, thumbnail_grey
+        from indexer.media.local import MIN_MATCHES, FeatureCache, agreeing_matches, thumbnail_grey
         self.min, self.agree = MIN_MATCHES, agreeing_matches
         self.store = open_store(Settings.load({"home": str(home)}, environ={}))
         self.features = FeatureCache(thumbnail_grey(self.store.thumbs_dir), size=1 << 20)
@@ -435,7 +435,7 @@ def main() -> None:
         print(flagmatch("ingest", str(listing), env=env), f"{time.perf_counter() - t:.0f} s", flush=True)
     from flagmatch.settings import Settings
     from flagmatch.wiring import open_store
-    from indexer.catalog import FlagRequest
+    from indexer.storage.catalog import FlagRequest
     store = open_store(Settings.load({"home": str(home)}, environ={}))
     truth = [store.catalog.resolve(hashlib.sha256(p.read_bytes()).hexdigest()) for p in originals]
     store.catalog.set_flag(truth, FlagRequest("import", "bench", "benchmark originals"), flag=True)

@@ -62,8 +62,9 @@ def build_store(work: Path, n_vectors: int, photos: int) -> tuple[dict, list[Pat
     from sqlalchemy import insert
     from flagmatch.settings import Settings
     from flagmatch.wiring import ingest_into, load_embedder, open_index, open_store
-    from indexer.catalog import FlagRequest, ImageRow, utcnow
-    from indexer.sources import SourceItem
+    from indexer.storage.catalog import FlagRequest
+    from indexer.storage.tables import ImageRow, utcnow
+    from indexer.ingest.sources import SourceItem
 
     files = [f for f in corpus(work, photos, 50) if f.suffix == ".jpg"]
     model = default_arch_model(work)
@@ -106,7 +107,7 @@ def model_costs(model: str, files: list[Path]) -> dict:
     the server's decode (model input, query views, PDQ) with the number of images each upload embeds."""
     from flagmatch.settings import Settings
     from flagmatch.wiring import load_embedder
-    from indexer.decode import decode
+    from indexer.media.decode import decode
     settings = Settings.load({"model": model}, environ={})
     emb = load_embedder(settings)
     px = [decode(f.read_bytes(), emb.info.input).pixels[None] for f in files[:8]]
@@ -155,7 +156,7 @@ def wrk_result(p: subprocess.Popen) -> dict:
     return r
 
 
-PARTS = ("fm-model", "fm-decode", "fm-request")  # the kernel thread names flagmatch gives (indexer.threads)
+PARTS = ("fm-model", "fm-decode", "fm-request")  # the kernel thread names flagmatch gives (indexer.models.threads)
 
 
 def cpu_by_part(before: dict[int, tuple[str, int, float]], after: dict[int, tuple[str, int, float]]

@@ -34,8 +34,8 @@ import json, sys, time
 import numpy as np, faiss
 from flagmatch.settings import Settings
 from flagmatch.wiring import index_config, open_store
-from indexer.space import SpaceConfig
-from indexer.vector_index import VectorIndex
+from indexer.vectors.space import SpaceConfig
+from indexer.vectors.vector_index import VectorIndex
 settings = Settings.load({"home": sys.argv[1]})
 store = open_store(settings)
 t = time.perf_counter()
@@ -95,7 +95,7 @@ def exact_truth(home: Path, q: np.ndarray, n: int) -> np.ndarray:
     """Exact top 10 of the queries in the store's matching space, over every stored vector."""
     from flagmatch.settings import Settings
     from flagmatch.wiring import index_config, open_store
-    from indexer.vector_index import VectorIndex
+    from indexer.vectors.vector_index import VectorIndex
     store = open_store(Settings.load({"home": str(home)}, environ={}))
     try:
         index = VectorIndex(store, index_config(Settings.load({}, environ={})), auto_rebuild=False)

@@ -27,10 +27,10 @@ def build(work: Path, n: int, k: int) -> tuple[object, Path]:
     from sqlalchemy import insert
     sys.path.insert(0, str(ROOT))
     from tests.helpers import save_tiny_timm
-    from clustering.store import ClusterStore, Member, NewCluster
+    from indexer.storage.clusters import ClusterStore, Member, NewCluster
     from flagmatch.settings import Settings
     from flagmatch.wiring import load_embedder, open_index, open_store
-    from indexer.catalog import ImageRow, utcnow
+    from indexer.storage.tables import ImageRow, utcnow
 
     model = work / "model"
     if not (model / "model.safetensors").exists():

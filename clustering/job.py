@@ -20,14 +20,14 @@ import joblib
 import numpy as np
 
 from clustering.identity import match_clusters
-from clustering.store import ClusterStore, Member, NewCluster, RunInfo
+from indexer.storage.clusters import ClusterStore, Member, NewCluster, RunInfo
 from indexer.errors import ClusteringError
-from indexer.space import current_space
-from indexer.store import Store
+from indexer.vectors.space import current_space
+from indexer.storage.store import Store
 
 BACKENDS = ("fast_hdbscan", "hdbscan", "sklearn")
 # Near-duplicate join (off by default): cosine in the matching space between nearest neighbours, and
-# with ``verify`` the same picture by local features (indexer.local). Measured on opennsfw features
+# with ``verify`` the same picture by local features (indexer.media.local). Measured on opennsfw features
 # (benchmarks/match.py, 300 families of an original of a distinct picture and its nine re-upload edits,
 # one run): without a join ARI 0.80, 70 % of families whole; joining mutual neighbours at 0.85 by similarity
 # alone ARI 0.38, 3 % whole (families split into partial sub-families); joining verified neighbours at
@@ -63,7 +63,7 @@ class ClusterParams:
     seed: int = 42
     join: float = JOIN_SIMILARITY  # near-duplicates (similarity ≥ this, in the matching space) form one cluster; 0: off
     epochs: int = EPOCHS           # UMAP optimisation epochs of the clustering space (0: UMAP's own, 200 here)
-    verify: bool = False           # a near-duplicate pair must also show one picture by local features (indexer.local)
+    verify: bool = False           # a near-duplicate pair must also show one picture by local features (indexer.media.local)
 
     def resolve(self, n: int) -> "ClusterParams":
         if self.backend not in BACKENDS:
@@ -187,9 +187,9 @@ def near_duplicate_families(x: np.ndarray, threshold: float, k: int = JOIN_NEIGH
 
 
 def pair_check(store: Store, ids: np.ndarray) -> PairCheck:
-    """Same picture by local features (``indexer.local``), for pairs of rows of ``ids``, from the stored
+    """Same picture by local features (``indexer.media.local``), for pairs of rows of ``ids``, from the stored
     thumbnails (an image without one verifies nothing)."""
-    from indexer.local import FeatureCache, thumbnail_grey, verify_pairs
+    from indexer.media.local import FeatureCache, thumbnail_grey, verify_pairs
     recs = store.catalog.get_many(ids.tolist())
     keys = [recs[int(i)].thumb_key if int(i) in recs else None for i in ids]
     features = FeatureCache(thumbnail_grey(store.thumbs_dir), size=VERIFY_CACHE)

@@ -12,7 +12,7 @@ import click
 
 from flagmatch.settings import GROUPS, SETTINGS, Settings
 from flagmatch import wiring
-from indexer.audit import AuditLog
+from indexer.storage.audit import AuditLog
 from indexer.errors import FlagmatchError
 
 
@@ -91,7 +91,7 @@ class _Bar:
 @with_settings("model", "ingest", "decode", "index")
 def ingest(paths: tuple[str, ...], settings: Settings) -> None:
     """Index folders, files, manifests (.csv/.jsonl) or '-' (paths on stdin)."""
-    from indexer.sources import count_sources, iter_sources
+    from indexer.ingest.sources import count_sources, iter_sources
 
     bar = _Bar(count_sources(paths))
     try:
@@ -158,7 +158,7 @@ def errors(limit: int, settings: Settings) -> None:
 def audit(actor: str | None, action: str | None, target: str | None, since: str | None, until: str | None,
           before_id: int | None, limit: int, fmt: str, settings: Settings) -> None:
     """The audit log, newest first: every reveal and decision from the viewer, the API and the CLI."""
-    from indexer.audit import parse_query, to_csv, to_json
+    from indexer.storage.audit import parse_query, to_csv, to_json
     args = {"actor": actor, "action": action, "target": target, "until": until,
             "since": parse_since(since).isoformat() if since else None,
             "before_id": str(before_id) if before_id else None, "limit": str(limit)}
@@ -190,8 +190,8 @@ def audit(actor: str | None, action: str | None, target: str | None, since: str 
 def decide(cluster_id: int, status: str, reason_code: str, note: str | None, name: str | None, label: str | None,
            actor: str | None, settings: Settings) -> None:
     """Record a review decision on a cluster of the current run (as the viewer's decision bar)."""
-    from clustering.review import Decision, decide_cluster
-    from clustering.store import ClusterStore
+    from indexer.review.clusters import Decision, decide_cluster
+    from indexer.storage.clusters import ClusterStore
     store = wiring.open_store(settings)
     result = decide_cluster(store, wiring.open_index(store, settings), AuditLog(store.catalog.engine),
                             ClusterStore(store), cluster_id,
@@ -208,8 +208,8 @@ def decide(cluster_id: int, status: str, reason_code: str, note: str | None, nam
 @with_settings("index")
 def undo(cluster_id: int, actor: str | None, settings: Settings) -> None:
     """Undo the latest decision on a cluster (its previous state and flags come back)."""
-    from clustering.review import undo_decision
-    from clustering.store import ClusterStore
+    from indexer.review.clusters import undo_decision
+    from indexer.storage.clusters import ClusterStore
     store = wiring.open_store(settings)
     info = undo_decision(store, wiring.open_index(store, settings), AuditLog(store.catalog.engine),
                          ClusterStore(store), cluster_id, actor=actor or _os_user())
@@ -225,7 +225,7 @@ def _flag_command(flag: bool) -> Callable[..., Any]:
     @with_settings("index")
     def command(refs: tuple[str, ...], reason: str | None, label: str | None, actor: str | None,
                 source: str, settings: Settings) -> None:
-        from indexer.actions import set_flags
+        from indexer.review.actions import set_flags
         store = wiring.open_store(settings)
         ids = [store.catalog.resolve(r) for r in refs]
         index = wiring.open_index(store, settings) if store.catalog.model_meta() else None
@@ -251,7 +251,7 @@ def _os_user() -> str:
 def delete(refs: tuple[str, ...], reason: str, actor: str | None, settings: Settings) -> None:
     """Delete images by id, sha256 or external id: thumbnail, raw vector and index entries go; the sha256
     (so the same bytes are never ingested again) and the audit trail stay."""
-    from indexer.actions import delete_images
+    from indexer.review.actions import delete_images
     store = wiring.open_store(settings)
     ids = [store.catalog.resolve(r) for r in refs]
     index = wiring.open_index(store, settings) if store.catalog.model_meta() else None
@@ -272,7 +272,7 @@ def delete(refs: tuple[str, ...], reason: str, actor: str | None, settings: Sett
 def sweep(refs: tuple[str, ...], cluster_id: int | None, min_similarity: float | None, limit: int, as_json: bool,
           settings: Settings) -> None:
     """Unflagged images anywhere in the corpus near flagged images (REFS) or a cluster (--cluster)."""
-    from clustering.store import ClusterStore
+    from indexer.storage.clusters import ClusterStore
     store = wiring.open_store(settings)
     seeds = [store.catalog.resolve(r) for r in refs]
     if cluster_id is not None:
@@ -325,10 +325,10 @@ def reindex(scope: str | None, ray_address: str, on_disk: bool, settings: Settin
     t = time.perf_counter()
     shards = None
     if ray_address:
-        from indexer.distributed import shard_runner
+        from indexer.ingest.ray import shard_runner
         shards = shard_runner(ray_address, store, wiring.store_catalog_url(settings))
     elif on_disk:
-        from indexer.sharded import local_runner
+        from indexer.vectors.sharded import local_runner
         shards = local_runner(index.vectors)
     index.rebuild(scope, refit=scope is None, shards=shards)  # one scope alone keeps the space the other shares
     index.save()
@@ -456,7 +456,7 @@ def cluster(since: str | None, assign_new: bool, settings: Settings) -> None:
     """Group flagged images into reviewable clusters (UMAP + HDBSCAN); prints what changed."""
     import time
     from clustering.job import assign_new as run_assign, run_clustering
-    from clustering.store import ClusterStore
+    from indexer.storage.clusters import ClusterStore
     store = wiring.open_store(settings)
     cstore = ClusterStore(store)
     started = time.perf_counter()
@@ -494,7 +494,7 @@ def _print_clusters(cstore, run_id: int, limit: int | None = None) -> None:  # t
 @with_settings()
 def clusters(run_id: int | None, settings: Settings) -> None:
     """List a clustering run's clusters: id, name, size, growth, exemplars."""
-    from clustering.store import ClusterStore
+    from indexer.storage.clusters import ClusterStore
     cstore = ClusterStore(wiring.open_store(settings))
     run = cstore.run(run_id) if run_id else cstore.current_run()
     if run is None:
@@ -509,7 +509,7 @@ def clusters(run_id: int | None, settings: Settings) -> None:
 @with_settings("model")
 def export_onnx_cmd(out: Path, settings: Settings) -> None:
     """Write the timm model as ONNX (outputs: embedding, p_unsafe) for the onnx backend."""
-    from indexer.embed import TimmEmbedder, export_onnx
+    from indexer.models.embed import TimmEmbedder, export_onnx
     embedder = wiring.load_embedder(settings.replace(precision="fp32"), wiring.open_store(settings))
     if not isinstance(embedder, TimmEmbedder):
         raise click.ClickException("export-onnx needs a timm model (--model DIR or a hub id)")

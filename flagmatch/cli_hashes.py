@@ -1,5 +1,5 @@
 """``flagmatch banks …`` and ``flagmatch hashes …``: hash banks in and out, and back-filling hashes of
-stores made before hashes existed. Thin wrappers over ``indexer.banks`` and ``indexer.ingest``; every
+stores made before hashes existed. Thin wrappers over ``indexer.hashbanks.banks`` and ``indexer.ingest.pipeline``; every
 change to a bank is written to the audit log."""
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import click
 from flagmatch import wiring
 from flagmatch.cli import SettingsCommand, _Bar, _os_user, main, with_settings
 from flagmatch.settings import Settings
-from indexer.audit import AuditLog
-from indexer.banks import EXPORT_FORMATS, ROLES, Banks, BadRow
+from indexer.storage.audit import AuditLog
+from indexer.review.banks import create_bank, delete_bank, update_bank
+from indexer.hashbanks.banks import EXPORT_FORMATS, ROLES, Banks, BadRow
 
 
 @main.group()
@@ -57,9 +58,8 @@ def banks_create(name: str, source: str, role: str, threshold: int, disabled: bo
                  settings: Settings) -> None:
     """Create an empty bank NAME (upper case, digits, underscores)."""
     bs, audit = _banks(settings)
-    b = bs.create(name, source=source, role=role, enabled=not disabled, pdq_threshold=threshold)
-    audit.record(actor or _os_user(), "bank_create", f"bank:{b.name}", source=source, role=role,
-                 pdq_threshold=threshold, enabled=b.enabled)
+    b = create_bank(bs, audit, name, actor=actor or _os_user(), source=source, role=role, enabled=not disabled,
+                    pdq_threshold=threshold)
     click.echo(f"created bank {b.name} ({b.role}, pdq ≤ {b.pdq_threshold} bits, {'enabled' if b.enabled else 'disabled'})")
 
 
@@ -76,11 +76,8 @@ def banks_set(name: str, enabled: bool | None, threshold: int | None, role: str 
               rename: str | None, actor: str | None, settings: Settings) -> None:
     """Change a bank: switch it, its threshold, role, source or name."""
     bs, audit = _banks(settings)
-    b = bs.update(name, enabled=enabled, pdq_threshold=threshold, role=role, source=source, rename=rename)
-    audit.record(actor or _os_user(), "bank_update", f"bank:{b.name}",
-                 **{k: v for k, v in {"enabled": enabled, "pdq_threshold": threshold, "role": role,
-                                      "source": source, "renamed_from": name if rename else None}.items()
-                    if v is not None})
+    b = update_bank(bs, audit, name, actor=actor or _os_user(), enabled=enabled, pdq_threshold=threshold, role=role,
+                    source=source, rename=rename)
     click.echo(f"{b.name}: {b.role}, pdq ≤ {b.pdq_threshold} bits, {'enabled' if b.enabled else 'DISABLED'}")
 
 
@@ -94,8 +91,7 @@ def banks_delete(name: str, yes: bool, actor: str | None, settings: Settings) ->
     if not yes:
         raise click.UsageError("deleting a bank removes all its entries: add --yes")
     store = wiring.open_store(settings)
-    n = Banks(store.catalog).delete(name)
-    AuditLog(store.catalog.engine).record(actor or _os_user(), "bank_delete", f"bank:{name}", entries=n)
+    n = delete_bank(Banks(store.catalog), AuditLog(store.catalog.engine), name, actor=actor or _os_user())
     index = wiring.hash_matcher(settings, store).bank_index
     index.rebuild()  # drop the deleted entries' hashes
     index.save()
@@ -164,7 +160,7 @@ def banks_import(file: str, bank: str, create: bool, source: str | None, default
 @with_settings()
 def banks_export(bank: str | None, fmt: str, signals: str, collab: str, out_path: str, settings: Settings) -> None:
     """Write the flagged images' hashes (or a bank's) as a list other teams and tools can import."""
-    from indexer.hashes import canonical_type
+    from indexer.media.hashes import canonical_type
     bs, _ = _banks(settings)
     types = tuple(canonical_type(t) for t in signals.split(",") if t.strip())
     out = sys.stdout if out_path == "-" else open(out_path, "w", encoding="utf-8")
@@ -186,7 +182,7 @@ def hashes() -> None:
 @with_settings("ingest", "decode", "index")
 def hashes_backfill(settings: Settings) -> None:
     """Hash the stored images that have none yet (stores made before hashes), from their originals on disk."""
-    from indexer.ingest import backfill_hashes
+    from indexer.ingest.pipeline import backfill_hashes
     store = wiring.open_store(settings)
     bar = _Bar(store.catalog.count_unhashed())
     try:

@@ -1,5 +1,5 @@
 """The learning loop from the command line: ``flagmatch verdicts``, ``train``, ``score``, ``heads`` and
-``finetune``. Thin wrappers over ``indexer.verdicts``, ``indexer.heads`` and ``indexer.finetune``."""
+``finetune``. Thin wrappers over ``indexer.storage.verdicts``, ``indexer.review.heads`` and ``indexer.models.finetune``."""
 from __future__ import annotations
 
 import json
@@ -17,7 +17,7 @@ from flagmatch.settings import Settings
 @with_settings()
 def verdicts(as_json: bool, settings: Settings) -> None:
     """Reviewer verdicts per label: positive and negative (the latest per live image), what training reads."""
-    from indexer import verdicts as vd
+    from indexer.storage import verdicts as vd
     store = wiring.open_store(settings)
     per = vd.labels(store.catalog)
     if as_json:
@@ -37,8 +37,8 @@ def train(labels: tuple[str, ...], as_json: bool, settings: Settings) -> None:
     """Fit a calibrated head per label on the stored embeddings from reviewer verdicts, pick its threshold
     for --target-precision on the newest verdicts (held out) and make it the active version."""
     from dataclasses import asdict
-    from indexer import verdicts as vd
-    from indexer.heads import NotEnoughVerdicts, train_head
+    from indexer.storage import verdicts as vd
+    from indexer.review.heads import NotEnoughVerdicts, train_head
     store = wiring.open_store(settings)
     todo = list(labels) or list(vd.labels(store.catalog))
     if not todo:
@@ -71,7 +71,7 @@ def train(labels: tuple[str, ...], as_json: bool, settings: Settings) -> None:
 def score(settings: Settings) -> None:
     """Apply the active heads to every image: p_<label> stored, images at or above a head's threshold
     flagged (source head:<label>@v<n>) unless a reviewer said otherwise; nothing is unflagged."""
-    from indexer.heads import load_active, score_catalog
+    from indexer.review.heads import load_active, score_catalog
     store = wiring.open_store(settings)
     heads = load_active(store)
     if not heads:
@@ -102,7 +102,7 @@ def heads() -> None:
 @with_settings()
 def heads_list(settings: Settings) -> None:
     """Every label's versions, newest first, with its held-out metrics; * marks the active one."""
-    from indexer.heads import active_labels, reports
+    from indexer.review.heads import active_labels, reports
     store = wiring.open_store(settings)
     active = dict(active_labels(store))
     if not active:
@@ -120,7 +120,7 @@ def heads_list(settings: Settings) -> None:
 @with_settings()
 def heads_activate(label: str, version: int, settings: Settings) -> None:
     """Make VERSION of LABEL's head the one scoring uses (roll back or forward)."""
-    from indexer.heads import activate
+    from indexer.review.heads import activate
     activate(wiring.open_store(settings), label, version)
     click.echo(f"{label}: v{version} is active; run flagmatch score to apply it")
 
@@ -135,7 +135,7 @@ def heads_activate(label: str, version: int, settings: Settings) -> None:
 def finetune(out: Path, label: str, epochs: int, blocks: int, batch_size: int, settings: Settings) -> None:
     """Fine-tune the store's timm model on LABEL's verdict images (head first, then the last blocks) and
     write it to OUT in the hub layout (config.json + model.safetensors): load it with --model OUT."""
-    from indexer.finetune import finetune as run
+    from indexer.models.finetune import finetune as run
     store = wiring.open_store(settings)
     rep = run(store, wiring.model_ref(settings, store), label, out, epochs=epochs, blocks=blocks,
               batch_size=batch_size, test_share=settings.head_test_share,

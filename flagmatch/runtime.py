@@ -11,17 +11,17 @@ from typing import TYPE_CHECKING, Literal
 
 from flagmatch import wiring
 from flagmatch.settings import Settings
-from clustering.store import ClusterStore
-from indexer.audit import AuditLog
-from indexer.embed import Embedder, SerialEmbedder
+from indexer.storage.clusters import ClusterStore
+from indexer.storage.audit import AuditLog
+from indexer.models.embed import Embedder, SerialEmbedder
 from indexer.errors import FlagmatchError
 from search.auth import TokenSet
-from search.sessions import RequestLedger, SessionStore
+from indexer.storage.sessions import RequestLedger, SessionStore
 from search.service import SearchService
 
 if TYPE_CHECKING:
     from flask import Flask
-    from indexer.vector_index import VectorIndex
+    from indexer.vectors.vector_index import VectorIndex
 
 log = logging.getLogger(__name__)
 LoadMode = Literal["now", "background", "none"]

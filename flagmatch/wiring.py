@@ -7,19 +7,19 @@ import numpy as np
 from typing import TYPE_CHECKING, Callable, Iterable
 
 from flagmatch.settings import DEFAULT_MODEL, Settings
-from indexer.catalog import IngestCounts
-from indexer.decode import DecodeLimits
-from indexer.embed import Embedder, ModelInfo, load_model
+from indexer.storage.catalog import IngestCounts
+from indexer.media.decode import DecodeLimits
+from indexer.models.embed import Embedder, ModelInfo, load_model
 from indexer.errors import InvalidInputError
-from indexer.ingest import IngestOptions, Progress, ingest
-from indexer.sources import Source
-from indexer.space import SpaceConfig, for_checkpoint as space_for
-from indexer.store import Store
+from indexer.ingest.pipeline import IngestOptions, Progress, ingest
+from indexer.ingest.sources import Source
+from indexer.vectors.space import SpaceConfig, for_checkpoint as space_for
+from indexer.storage.store import Store
 
 if TYPE_CHECKING:
     from clustering.job import ClusterParams
-    from indexer.faiss_index import IndexConfig
-    from indexer.vector_index import VectorIndex
+    from indexer.vectors.faiss_index import IndexConfig
+    from indexer.vectors.vector_index import VectorIndex
     from search.hashmatch import HashMatcher
     from search.service import SearchService
 
@@ -69,7 +69,7 @@ def ingest_options(settings: Settings) -> IngestOptions:
 
 
 def index_config(settings: Settings) -> IndexConfig:
-    from indexer.faiss_index import IndexConfig
+    from indexer.vectors.faiss_index import IndexConfig
     return IndexConfig(exact_threshold=settings.exact_threshold, nlist=settings.nlist, pq_m=settings.pq_m,
                        opq=settings.opq, nprobe=settings.nprobe, rerank=settings.rerank,
                        target_recall=settings.target_recall, tune_ms=settings.tune_ms,
@@ -86,8 +86,8 @@ def open_index(store: Store, settings: Settings, embedder: Embedder | None = Non
     """The vector indexes of a store (bound to its model), caught up with the catalog. With the model at
     hand a matching space fitted here is learned from synthetic re-uploads of stored thumbnails.
     ``for_rebuild``: the caller rebuilds next, so opening does not refit or retrain first."""
-    from indexer.space import reupload_pairs
-    from indexer.vector_index import VectorIndex
+    from indexer.vectors.space import reupload_pairs
+    from indexer.vectors.vector_index import VectorIndex
     pairs = None
     if embedder is not None:
         model = embedder
@@ -101,9 +101,9 @@ def open_index(store: Store, settings: Settings, embedder: Embedder | None = Non
 def search_service(settings: Settings, store: Store, index: VectorIndex, embedder: Embedder | None) -> SearchService:
     """The search service over built parts, with the settings' decode limits, query views, the
     clustering job's per-image facts, the hash matcher and the active heads."""
-    from clustering.store import ClusterStore
-    from indexer.heads import ActiveHeads
-    from indexer.local import FeatureCache, thumbnail_grey
+    from indexer.storage.clusters import ClusterStore
+    from indexer.review.heads import ActiveHeads
+    from indexer.media.local import FeatureCache, thumbnail_grey
     from search.admission import Admission
     from search.service import SearchService
     return SearchService(store, index, embedder, limits=decode_limits(settings),
@@ -183,10 +183,10 @@ def ingest_into(settings: Settings, sources: Iterable[Source], *, store: Store |
     store.bind_model(info.model_id, info.dim, info.preprocessing, info.source)
     index = open_index(store, settings, embedder)
     after: Callable[[], None] = index.maybe_save
-    from indexer.heads import ActiveHeads
+    from indexer.review.heads import ActiveHeads
     opts = options or ingest_options(settings)
     if settings.ray:  # reading, decoding and the model on a Ray cluster; the writes stay here
-        from indexer.distributed import RayOptions, ray_ingest
+        from indexer.ingest.ray import RayOptions, ray_ingest
         counts = ray_ingest(store, store_catalog_url(settings), embedder,
                             (model_ref(settings, store), settings.arch, settings.precision), sources, opts,
                             RayOptions(settings.ray, actors=settings.ray_actors, actor_cpus=settings.ray_actor_cpus,

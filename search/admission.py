@@ -1,5 +1,5 @@
 """Admission control: a worker's budget of decoding memory in flight. Every upload reserves what its
-header says decoding will cost (``indexer.decode.plan``) before a pixel is allocated; a request that
+header says decoding will cost (``indexer.media.decode.plan``) before a pixel is allocated; a request that
 would take the worker over the budget waits briefly for others to finish, then is refused with
 ``OverloadedError`` (the API's 503 with Retry-After) — concurrent large uploads queue, they never OOM."""
 from __future__ import annotations

@@ -12,17 +12,17 @@ from typing import TYPE_CHECKING, Any, Callable
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request, session
 from werkzeug.exceptions import HTTPException
 
-from clustering.review import Decision, decide_cluster, undo_decision
-from indexer.actions import MAX_LABEL, MAX_REASON, delete_images, set_flags
-from indexer.audit import parse_query, to_csv as audit_csv, to_json as audit_json
-from indexer.catalog import ImageRecord
+from indexer.review.clusters import Decision, decide_cluster, undo_decision
+from indexer.review.actions import MAX_LABEL, MAX_REASON, delete_images, set_flags
+from indexer.storage.audit import parse_query, to_csv as audit_csv, to_json as audit_json
+from indexer.storage.catalog import ImageRecord
 from indexer.errors import (ClusteringError, DecodeError, FlagmatchError, InvalidInputError, ModelLoadError,
                             ModelMismatchError, NotFoundError, OverloadedError)
 from search import thumbnails
 from search.auth import csrf_ok, session_actor
 from search.openapi import openapi_document
-from indexer.hashes import Signals
-from indexer.heads import scores_for
+from indexer.media.hashes import Signals
+from indexer.review.heads import scores_for
 from search.hashmatch import HashEvidence
 from search.service import Hit, SearchParams, SearchResponse
 

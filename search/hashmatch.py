@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Sequence
 
-from indexer.banks import Bank, Banks
-from indexer.catalog import ImageRecord
-from indexer.hash_index import PdqIndex
-from indexer.hashes import PDQ_DEFAULT_THRESHOLD, Signals
-from indexer.store import Store
+from indexer.hashbanks.banks import Bank, Banks
+from indexer.storage.catalog import ImageRecord
+from indexer.hashbanks.hash_index import PdqIndex
+from indexer.media.hashes import PDQ_DEFAULT_THRESHOLD, Signals
+from indexer.storage.store import Store
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,9 @@ from typing import Any, Callable
 from flask import Blueprint, Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from indexer.banks import Bank, NewEntry
+from indexer.hashbanks.banks import Bank, NewEntry
 from indexer.errors import FlagmatchError, InvalidInputError, NotFoundError
-from indexer.hashes import (PDQ_MIN_QUALITY, SIGNAL_ALIASES, SIGNAL_TYPES, Pdq, Signals, canonical_type, md5_of,
+from indexer.media.hashes import (PDQ_MIN_QUALITY, SIGNAL_ALIASES, SIGNAL_TYPES, Pdq, Signals, canonical_type, md5_of,
                             validate_signal)
 from search.api import authorize, http_status, need_ready, runtime
 from search.hashmatch import HashEvidence

@@ -12,16 +12,16 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from indexer.catalog import ImageRecord
-from indexer.decode import DEFAULT_LIMITS, DecodedImage, DecodeLimits, InputSpec, decode, plan
-from indexer.embed import Embedder, coming
+from indexer.storage.catalog import ImageRecord
+from indexer.media.decode import DEFAULT_LIMITS, DecodedImage, DecodeLimits, InputSpec, decode, plan
+from indexer.models.embed import Embedder, coming
 from indexer.errors import InvalidInputError, ModelLoadError, NotFoundError
-from indexer.store import Store
-from indexer.threads import DECODE, worker_started
-from indexer.vector_index import SCOPES, VectorIndex
-from indexer.hashes import Pdq, Signals, md5_of
-from indexer.heads import ActiveHeads, Head, scores_for
-from indexer.local import MIN_MATCHES, SIDE, FeatureCache, QueryFeatures
+from indexer.storage.store import Store
+from indexer.models.threads import DECODE, worker_started
+from indexer.vectors.vector_index import SCOPES, VectorIndex
+from indexer.media.hashes import Pdq, Signals, md5_of
+from indexer.review.heads import ActiveHeads, Head, scores_for
+from indexer.media.local import MIN_MATCHES, SIDE, FeatureCache, QueryFeatures
 from search.admission import Admission
 from search.hashmatch import HashEvidence, HashMatcher
 
@@ -83,7 +83,7 @@ class Hit:
     cluster: dict[str, Any] | None
     view: str = "full"   # the query view that matched best (full, trimmed, content, mirror)
     p_labels: dict[str, float] = field(default_factory=dict)  # the heads' scores from the last scoring
-    # agreeing local-feature matches with the upload (indexer.local); None: not checked (a query by id, a hit
+    # agreeing local-feature matches with the upload (indexer.media.local); None: not checked (a query by id, a hit
     # below the first verified one, or verification off)
     local_matches: int | None = None
 
@@ -128,7 +128,7 @@ class SearchService:
         self.store, self.index, self.embedder, self.hashes = store, index, embedder, hashes
         self.local = local  # stored images' local features: an upload's hits are verified when set
         # uploads decode on a small pool — at most one decode per core at once — at the request niceness
-        # (``decode_nice`` here; see indexer.decode.lower_priority for why a lower priority helps the model)
+        # (``decode_nice`` here; see indexer.media.decode.lower_priority for why a lower priority helps the model)
         self._decoders = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="upload-decode",
                                             initializer=worker_started, initargs=(DECODE, decode_nice))
         self.active_heads = heads
@@ -157,7 +157,7 @@ class SearchService:
         t = Timings()
         t0 = time.perf_counter()
         pixels, owner, names, queries, signals, local = [], [], [], [], [], []
-        # while this request decodes, the model knows it is on its way (indexer.embed.SerialEmbedder)
+        # while this request decodes, the model knows it is on its way (indexer.models.embed.SerialEmbedder)
         with coming(self.embedder):
             for n, (name, data) in enumerate(uploads):
                 if not data:

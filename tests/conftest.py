@@ -20,13 +20,13 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_embedder(tiny_model_dir: Path):
-    from indexer.embed import load_model
+    from indexer.models.embed import load_model
     return load_model(str(tiny_model_dir))
 
 
 @pytest.fixture(scope="session")
 def opennsfw():
-    from indexer.embed import load_model
+    from indexer.models.embed import load_model
     return load_model("opennsfw")
 
 

@@ -11,10 +11,10 @@ TOKEN = "reviewer-token"
 def build_clustered_home(root: Path, model_dir: Path, embedder, families: int = 4, per_family: int = 15,
                          catalog_url: str = ""):
     from clustering.job import run_clustering
-    from clustering.store import ClusterStore
+    from indexer.storage.clusters import ClusterStore
     from flagmatch.settings import Settings
     from flagmatch.wiring import cluster_params, ingest_into, open_store
-    from indexer.sources import iter_sources
+    from indexer.ingest.sources import iter_sources
     from tests.helpers import write_families, write_images
 
     write_families(root / "in" / "flagged", families, per_family)

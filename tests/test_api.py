@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from flagmatch.settings import Settings
-from indexer.catalog import FlagRequest
+from indexer.storage.catalog import FlagRequest
 from tests.helpers import private_copy, drawn_image, encode, write_images
 
 TOKEN = "s3cret-token"
@@ -19,7 +19,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 @pytest.fixture(scope="module")
 def api_pristine(tmp_path_factory, tiny_model_dir, tiny_embedder, module_catalog_url) -> tuple[Settings, list[Path]]:
     from flagmatch.wiring import ingest_into, open_index, open_store
-    from indexer.sources import iter_sources
+    from indexer.ingest.sources import iter_sources
 
     root = tmp_path_factory.mktemp("api")
     files = write_images(root / "in", 16)

@@ -1,8 +1,8 @@
 """The audit log: append-only rows on the catalog's engine, newest first, by target, reveals remembered."""
 from __future__ import annotations
 
-from indexer.audit import AuditLog
-from indexer.catalog import Catalog
+from indexer.storage.audit import AuditLog
+from indexer.storage.catalog import Catalog
 
 
 def test_records_are_kept_in_order_with_their_detail(tmp_path):
@@ -34,7 +34,7 @@ def test_reveals_are_remembered_per_actor_and_target(tmp_path):
 
 def test_filters_prefixes_time_and_paging(tmp_path):
     import datetime as dt
-    from indexer.audit import AuditQuery, to_csv
+    from indexer.storage.audit import AuditQuery, to_csv
     catalog = Catalog(f"sqlite:///{tmp_path / 'c.sqlite'}")
     log = AuditLog(catalog.engine)
     for i in range(25):

@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from indexer.catalog import Catalog, Checkpoint, FlagRequest, NewImage
+from indexer.storage.catalog import Catalog, Checkpoint, FlagRequest, NewImage
 from indexer.errors import InvalidInputError, ModelMismatchError, NotFoundError
 
 

@@ -101,8 +101,8 @@ def test_each_command_shows_only_its_settings_grouped():
 
 
 def test_delete_and_sweep_commands(tmp_path, tiny_model_dir):
-    from indexer.audit import AuditLog
-    from indexer.store import Store
+    from indexer.storage.audit import AuditLog
+    from indexer.storage.store import Store
     files = write_images(tmp_path / "in", 6)
     home = str(tmp_path / "home")
     assert invoke("ingest", str(tmp_path / "in"), "--home", home, "--model", str(tiny_model_dir),
@@ -132,8 +132,8 @@ def test_delete_and_sweep_commands(tmp_path, tiny_model_dir):
 
 
 def test_audit_command_filters_and_exports(tmp_path):
-    from indexer.audit import AuditLog
-    from indexer.catalog import Catalog
+    from indexer.storage.audit import AuditLog
+    from indexer.storage.catalog import Catalog
     home = tmp_path / "home"
     home.mkdir()
     catalog = Catalog(f"sqlite:///{home / 'catalog.sqlite'}")

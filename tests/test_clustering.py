@@ -13,8 +13,8 @@ from sklearn.metrics import adjusted_rand_score
 
 from clustering.identity import match_clusters
 from clustering.job import ClusterParams, assign_new, run_clustering
-from clustering.store import ClusterStore
-from indexer.catalog import FlagRequest
+from indexer.storage.clusters import ClusterStore
+from indexer.storage.catalog import FlagRequest
 from indexer.errors import ClusteringError
 from tests.helpers import child_env, clean_env
 from tests.test_vector_index import populate
@@ -193,8 +193,8 @@ def test_near_duplicate_families_are_components_above_the_threshold():
 def test_families_stay_whole_in_the_matching_space(store, cstore):
     """Tight families (re-uploads) inside broad groups: HDBSCAN alone splits or merges them; with the
     matching space and the near-duplicate join each family is one cluster."""
-    from indexer.space import SpaceConfig
-    from indexer.vector_index import IndexConfig, VectorIndex
+    from indexer.vectors.space import SpaceConfig
+    from indexer.vectors.vector_index import IndexConfig, VectorIndex
     v, groups = mixture(500, [0, 1, 2, 3, 4])  # 2,500 images in 5 broad groups
     rng = np.random.default_rng(5)
     fam_of = np.full(len(v), -1)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from indexer.decode import BACKGROUND, DecodeLimits, InputSpec, decode, sniff_format
+from indexer.media.decode import BACKGROUND, DecodeLimits, InputSpec, decode, sniff_format
 from indexer.errors import DecodeError
 from tests.helpers import drawn_image, encode
 

@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer.decode import decode
-from indexer.embed import (BF16_MIN_COSINE, TimmEmbedder, on_model_thread, bf16_supported, calibration_pixels, cosine_rows,
+from indexer.media.decode import decode
+from indexer.models.embed import (BF16_MIN_COSINE, TimmEmbedder, on_model_thread, bf16_supported, calibration_pixels, cosine_rows,
                            export_onnx, load_model)
 from indexer.errors import ModelLoadError
 from tests.helpers import drawn_image, encode, save_tiny_timm
@@ -115,7 +115,7 @@ def test_missing_model_path(tmp_path: Path):
 
 def test_serial_embedder_batches_concurrent_calls_and_keeps_results_apart(tiny_embedder):
     from concurrent.futures import ThreadPoolExecutor
-    from indexer.embed import SerialEmbedder
+    from indexer.models.embed import SerialEmbedder
     serial = SerialEmbedder(tiny_embedder, max_batch=8)
     px = pixels_for(tiny_embedder, 6, start=700)
     direct, p_direct = tiny_embedder.embed(px)
@@ -167,7 +167,7 @@ def test_timm_lanes_run_one_thread_each_and_agree_with_the_model(tiny_embedder):
 def test_serial_embedder_lanes_take_concurrent_batches_and_a_lone_batch_runs_on_every_core(tiny_embedder):
     import threading
     from concurrent.futures import ThreadPoolExecutor
-    from indexer.embed import SerialEmbedder
+    from indexer.models.embed import SerialEmbedder
     serial = SerialEmbedder(tiny_embedder, max_batch=8, lanes=2)
     assert serial.lanes == 2 and serial.max_batch == 4
     serial.alone, serial.inner = _Recording(serial.alone), _Recording(serial.inner, hold_s=0.2)
@@ -188,7 +188,7 @@ def test_serial_embedder_lanes_take_concurrent_batches_and_a_lone_batch_runs_on_
     assert all(n <= 4 and threads == 1 for _, n, threads in lane_calls), lane_calls
     assert len({name for name, _, _ in lane_calls}) == 2, lane_calls  # both lanes took batches
     # a request still decoding its upload is on its way: a lone batch leaves it a core (runs in a lane)
-    from indexer.embed import coming
+    from indexer.models.embed import coming
     lane_calls.clear()
     decoding, done = threading.Event(), threading.Event()
 

@@ -18,10 +18,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from flagmatch.cli import main
-from indexer.banks import Banks, read_list, BadRow, NewEntry
-from indexer.catalog import FlagRequest
+from indexer.hashbanks.banks import Banks, read_list, BadRow, NewEntry
+from indexer.storage.catalog import FlagRequest
 from indexer.errors import InvalidInputError
-from indexer.hashes import PDQ_MIN_QUALITY, pdq_distance
+from indexer.media.hashes import PDQ_MIN_QUALITY, pdq_distance
 from search.service import SearchParams
 from tests.helpers import clean_env, drawn_image, encode, photo_image
 
@@ -74,7 +74,7 @@ def photos(tmp_path: Path) -> list[Path]:
 @pytest.fixture
 def svc(settings, store, tiny_embedder, photos):
     from flagmatch.wiring import ingest_into, open_index, search_service
-    from indexer.sources import iter_sources
+    from indexer.ingest.sources import iter_sources
     ingest_into(settings.replace(flag_threshold=1.1), iter_sources([str(p) for p in photos]), store=store,
                 embedder=tiny_embedder)
     return search_service(settings, store, open_index(store, settings), tiny_embedder)
@@ -335,7 +335,7 @@ def test_pdq_index_is_saved_caught_up_and_rebuilt_when_corrupt(svc, settings, st
 
 
 def test_multi_index_hashing_finds_exactly_what_the_exhaustive_index_finds(store, tmp_path):
-    from indexer.hash_index import PdqIndex
+    from indexer.hashbanks.hash_index import PdqIndex
     rng = np.random.default_rng(3)
     stored = [bytes(r).hex() for r in rng.integers(0, 256, (3000, 32), dtype=np.uint8)]
     rows = [(i + 1, h) for i, h in enumerate(stored)]
@@ -362,7 +362,7 @@ def test_multi_index_hashing_finds_exactly_what_the_exhaustive_index_finds(store
 
 def test_backfill_hashes_an_old_store_and_records_what_it_cannot_read(svc, settings, store, photos):
     from sqlalchemy import delete
-    from indexer.catalog import ImageSignalRow
+    from indexer.storage.tables import ImageSignalRow
     with store.catalog.session() as s, s.begin():  # a store made before hashes existed
         s.execute(delete(ImageSignalRow))
     gone = photos[2]

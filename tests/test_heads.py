@@ -13,10 +13,10 @@ from click.testing import CliRunner
 from PIL import Image, ImageDraw
 
 from flagmatch.cli import main
-from indexer import verdicts as vd
-from indexer.actions import set_flags
-from indexer.audit import AuditLog
-from indexer.heads import NotEnoughVerdicts, load_active, score_catalog, scores_for, train_head
+from indexer.storage import verdicts as vd
+from indexer.review.actions import set_flags
+from indexer.storage.audit import AuditLog
+from indexer.review.heads import NotEnoughVerdicts, load_active, score_catalog, scores_for, train_head
 from tests.helpers import clean_env, encode
 
 
@@ -51,7 +51,7 @@ def learned(tmp_path_factory, opennsfw):
     """A store of 160 coloured images (open_nsfw), 140 of them with a reviewer's verdict on `warm`."""
     from flagmatch.settings import Settings
     from flagmatch.wiring import ingest_into, open_store
-    from indexer.sources import iter_sources
+    from indexer.ingest.sources import iter_sources
     root = tmp_path_factory.mktemp("heads")
     truth = write_coloured(root / "in", 0, 160)
     s = Settings.load({"home": str(root / "home"), "model": "opennsfw", "flag_threshold": 1.1}, environ={})
@@ -140,7 +140,7 @@ def test_too_few_or_one_sided_verdicts_are_refused(store_copy):
 
 def test_conflicting_verdicts_and_deleted_images(store_copy):
     _, store = store_copy
-    from indexer.actions import delete_images
+    from indexer.review.actions import delete_images
     ids = vd.latest(store.catalog, "warm").image_ids
     vd.record(store.catalog, [vd.Verdict(ids[0], "warm", not vd.latest(store.catalog, "warm").positive[0], "sam")])
     delete_images(store, None, AuditLog(store.catalog.engine), [ids[1]], actor="rita", reason="legal")
@@ -167,7 +167,7 @@ def test_train_score_and_heads_from_the_cli(learned, store_copy):
 
 def test_manifest_verdicts_are_recorded(tmp_path, settings, store, tiny_embedder):
     from flagmatch.wiring import ingest_into
-    from indexer.sources import iter_sources
+    from indexer.ingest.sources import iter_sources
     d = tmp_path / "m"
     d.mkdir()
     for i in range(3):
@@ -185,9 +185,9 @@ def test_manifest_verdicts_are_recorded(tmp_path, settings, store, tiny_embedder
 
 def test_a_tiny_fine_tune_writes_a_model_that_loads_back(tmp_path, settings, store, tiny_embedder, tiny_model_dir):
     from flagmatch.wiring import ingest_into
-    from indexer.embed import load_model
-    from indexer.finetune import finetune
-    from indexer.sources import iter_sources
+    from indexer.models.embed import load_model
+    from indexer.models.finetune import finetune
+    from indexer.ingest.sources import iter_sources
     truth = write_coloured(tmp_path / "in", 0, 60)
     ingest_into(settings.replace(flag_threshold=1.1), iter_sources([str(tmp_path / "in")]), store=store,
                 embedder=tiny_embedder)

@@ -10,7 +10,7 @@ from tests.helpers import encode, photo_image, start_server, stop_server
 requests = pytest.importorskip("requests")
 from threatexchange.signal_type.pdq.pdq_hasher import pdq_from_bytes  # noqa: E402
 
-from indexer.hashes import pdq_distance  # noqa: E402
+from indexer.media.hashes import pdq_distance  # noqa: E402
 from tests.test_hashes import PEER_TOLERANCE, _transformed  # noqa: E402
 
 TOKEN = "hma-token"
@@ -21,7 +21,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 def server(tmp_path_factory, tiny_model_dir, tiny_embedder):
     from flagmatch.settings import Settings
     from flagmatch.wiring import ingest_into, open_store
-    from indexer.sources import iter_sources
+    from indexer.ingest.sources import iter_sources
     root = tmp_path_factory.mktemp("hma")
     (root / "in").mkdir()
     for i in range(6):

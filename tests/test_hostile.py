@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer.decode import DecodeLimits, InputSpec, decode, plan, strip_png_metadata
+from indexer.media.decode import DecodeLimits, InputSpec, decode, plan, strip_png_metadata
 from indexer.errors import DecodeError, OverloadedError
 from search.admission import Admission
 from tests.helpers import drawn_image, encode
@@ -132,8 +132,8 @@ import json, resource, sys, os
 sys.path.insert(0, os.getcwd())
 from flagmatch.settings import Settings
 from flagmatch import wiring
-from indexer.ingest import ingest
-from indexer.sources import iter_sources
+from indexer.ingest.pipeline import ingest
+from indexer.ingest.sources import iter_sources
 from tests.helpers import write_images
 s = Settings.load({"home": sys.argv[1], "model": sys.argv[2], "batch_size": 4, "precision": "fp32"}, environ={})
 store = wiring.open_store(s)

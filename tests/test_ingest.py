@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from flagmatch.wiring import ingest_options
-from indexer.catalog import FlagRequest
+from indexer.storage.catalog import FlagRequest
 from indexer.errors import ModelMismatchError, NotFoundError
-from indexer.ingest import ingest
-from indexer.sources import iter_sources
+from indexer.ingest.pipeline import ingest
+from indexer.ingest.sources import iter_sources
 from tests.helpers import child_env, drawn_image, encode, write_images
 
 
@@ -58,7 +58,7 @@ def test_ingest_records_images_vectors_thumbnails_and_errors(store, tiny_embedde
     errs = {code for _, code, _ in cat.errors()}
     assert errs == {"truncated", "unsupported_format"}
     # the stored vector is the model's embedding of that image
-    from indexer.decode import decode
+    from indexer.media.decode import decode
     data = Path(rec.paths[0]).read_bytes()
     px = decode(data, tiny_embedder.info.input).pixels[None]
     emb, p = tiny_embedder.embed(px)
@@ -196,8 +196,8 @@ def test_kill_9_at_any_moment_then_resume(tmp_path, tiny_model_dir):
 
 def test_tables_created_by_many_processes_at_once(tmp_path):
     """Server workers open the same fresh store together; none of them may fail on "already exists"."""
-    code = ("import sys; from indexer.store import Store; from clustering.store import ClusterStore; "
-            "from indexer.audit import AuditLog; s = Store(__import__('pathlib').Path(sys.argv[1]), sys.argv[2]); "
+    code = ("import sys; from indexer.storage.store import Store; from indexer.storage.clusters import ClusterStore; "
+            "from indexer.storage.audit import AuditLog; s = Store(__import__('pathlib').Path(sys.argv[1]), sys.argv[2]); "
             "ClusterStore(s); AuditLog(s.catalog.engine)")
     url = f"sqlite:///{tmp_path / 'catalog.sqlite'}"
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), url], stderr=subprocess.PIPE)
@@ -230,7 +230,7 @@ class _LaneRecording:
 
 def test_model_lanes_split_the_batch_and_keep_every_vector_with_its_image(store, tiny_embedder, settings, tmp_path):
     from dataclasses import replace
-    from indexer.decode import decode
+    from indexer.media.decode import decode
     folder = tmp_path / "in"
     write_images(folder, 20)
     model = _LaneRecording(tiny_embedder)

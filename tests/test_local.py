@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageOps
 
-from indexer.decode import InputSpec, decode
-from indexer.local import MIN_MATCHES, SIDE, FeatureCache, QueryFeatures, describe, thumbnail_grey
+from indexer.media.decode import InputSpec, decode
+from indexer.media.local import MIN_MATCHES, SIDE, FeatureCache, QueryFeatures, describe, thumbnail_grey
 from tests.helpers import drawn_image, encode, photo_image
 
 SPEC = InputSpec(size=224, crop_pct=1.0)
@@ -98,8 +98,8 @@ def test_feature_cache_describes_each_thumbnail_once_and_survives_a_missing_file
 
 def test_search_moves_the_verified_copy_first_and_reports_the_checks(store, tiny_embedder, tmp_path, settings):
     from flagmatch.wiring import ingest_into, open_index, search_service
-    from indexer.catalog import FlagRequest
-    from indexer.sources import iter_sources
+    from indexer.storage.catalog import FlagRequest
+    from indexer.ingest.sources import iter_sources
     from search.service import SearchParams
 
     folder = tmp_path / "in"
@@ -151,7 +151,7 @@ def test_verified_join_groups_each_original_with_its_copies_and_nothing_else(sto
     (threshold -1, all neighbours), and only copies of one picture are joined."""
     from clustering.job import near_duplicate_families, pair_check
     from flagmatch.wiring import ingest_into
-    from indexer.sources import iter_sources
+    from indexer.ingest.sources import iter_sources
 
     folder = tmp_path / "in"
     folder.mkdir()

@@ -210,9 +210,9 @@ def test_a_store_from_before_migrations_is_upgraded_in_place(tmp_path, engine):
     """An older flagmatch's catalog: no alembic_version, images without the vector location columns,
     vectors in the single vectors.f32 (row = id). Opening it migrates it and keeps every row readable."""
     from sqlalchemy import create_engine, inspect, text
-    from indexer.catalog import Catalog, FlagRequest, NewImage
-    from indexer.schema import current_revision, head_revision
-    from indexer.store import Store
+    from indexer.storage.catalog import Catalog, FlagRequest, NewImage
+    from indexer.storage.schema import current_revision, head_revision
+    from indexer.storage.store import Store
 
     url = f"sqlite:///{tmp_path / 'catalog.sqlite'}" if engine == "sqlite" else pg.create_database()
     old = Catalog(url)  # today's schema, then made into the old one

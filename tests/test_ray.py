@@ -181,8 +181,8 @@ def test_a_sharded_index_built_on_the_cluster_answers_like_a_local_build(cluster
     the published generation — memory-mapped lists — is what a new process opens."""
     from flagmatch.settings import Settings
     from flagmatch.wiring import open_store
-    from indexer.faiss_index import IndexConfig
-    from indexer.vector_index import VectorIndex
+    from indexer.vectors.faiss_index import IndexConfig
+    from indexer.vectors.vector_index import VectorIndex
     from tests.helpers import gaussian_mixture
     from tests.test_vector_index import _overlap, populate
     address, renv = cluster

@@ -1,4 +1,4 @@
-"""The decoder's resampling (indexer.resample) and the model input it makes, against Pillow and the model's own
+"""The decoder's resampling (indexer.media.resample) and the model input it makes, against Pillow and the model's own
 evaluation transform, on real images (make-corpus: photos and clipart from Debian packages)."""
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from indexer.decode import InputSpec, decode, needed_side, to_rgb
-from indexer.resample import resize
+from indexer.media.decode import InputSpec, decode, needed_side, to_rgb
+from indexer.media.resample import resize
 from tests.helpers import photo_image
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -98,8 +98,8 @@ def test_model_input_embeds_as_the_models_own_transform_on_the_corpus(corpus, wh
                                                                       tiny_embedder, monkeypatch):
     """Both ways of making it: torch's kernels on the whole region (a process with torch loaded), Pillow's
     fractional box over the crop alone (a process without, e.g. the ONNX backend's)."""
-    import indexer.decode
-    monkeypatch.setattr(indexer.decode, "vectorised", lambda: kernels == "torch")
+    import indexer.media.decode
+    monkeypatch.setattr(indexer.media.decode, "vectorised", lambda: kernels == "torch")
     emb = opennsfw if which == "opennsfw" else tiny_embedder
     spec = emb.info.input
     ours, theirs = [], []

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from indexer.actions import delete_images, set_flags
-from indexer.audit import AuditLog
-from indexer.catalog import FlagRequest
+from indexer.review.actions import delete_images, set_flags
+from indexer.storage.audit import AuditLog
+from indexer.storage.catalog import FlagRequest
 from indexer.errors import InvalidInputError, NotFoundError
 from search.service import SearchParams
 from tests.helpers import drawn_image, encode, write_images
@@ -15,7 +15,7 @@ from tests.helpers import drawn_image, encode, write_images
 @pytest.fixture
 def svc(settings, store, tiny_embedder, tmp_path):
     from flagmatch.wiring import ingest_into, open_index, search_service
-    from indexer.sources import iter_sources
+    from indexer.ingest.sources import iter_sources
     write_images(tmp_path / "in", 10, fmt="PNG", ext="png")
     ingest_into(settings.replace(flag_threshold=1.1), iter_sources([str(tmp_path / "in")]), store=store,
                 embedder=tiny_embedder)

@@ -3,7 +3,7 @@ from __future__ import annotations
 import io
 import json
 
-from indexer.sources import SourceError, SourceItem, count_sources, iter_sources
+from indexer.ingest.sources import SourceError, SourceItem, count_sources, iter_sources
 from tests.helpers import write_images
 
 

@@ -7,9 +7,9 @@ import threading
 import numpy as np
 import pytest
 
-from indexer.catalog import FlagRequest, NewImage
-from indexer.space import SpaceConfig
-from indexer.vector_index import IndexConfig, IndexParams, VectorIndex, choose_params
+from indexer.storage.catalog import FlagRequest, NewImage
+from indexer.vectors.space import SpaceConfig
+from indexer.vectors.vector_index import IndexConfig, IndexParams, VectorIndex, choose_params
 from tests.helpers import gaussian_mixture
 
 DIM = 64
@@ -150,7 +150,7 @@ def test_damaged_index_file_is_rebuilt_with_a_warning(store, mixture, damage, ca
         path.write_bytes(data[:1000] + bytes(b ^ 0xFF for b in data[1000:1100]) + data[1100:])
     else:
         path.unlink()
-    with caplog.at_level(logging.WARNING, logger="indexer.vector_index"):
+    with caplog.at_level(logging.WARNING, logger="indexer.vectors.vector_index"):
         again = VectorIndex(store, CFG)
     assert "rebuilding" in caplog.text
     assert again.stats()["all"]["vectors"] == 4000
@@ -232,7 +232,7 @@ def test_matching_space_is_fitted_versioned_and_refitted_when_broken(store, mixt
     # a damaged space file: warned about, refitted under a new version, the indexes rebuilt with it
     path = store.index_dir / "space-000001.npz"
     path.write_bytes(path.read_bytes()[:100])
-    with caplog.at_level(logging.WARNING, logger="indexer.vector_index"):
+    with caplog.at_level(logging.WARNING, logger="indexer.vectors.vector_index"):
         again = VectorIndex(store, cfg, SpaceConfig(dim=32, min_vectors=2000))
     assert "refitting" in caplog.text
     assert again.space.version == 2
@@ -257,8 +257,8 @@ def test_learned_space_from_reupload_pairs(settings, store, tiny_embedder, tmp_p
     """Pairs of real thumbnails and synthetic re-uploads, embedded by a real (tiny) model, cached; the
     learned space brings each re-upload nearer its image than the raw features do."""
     from flagmatch.wiring import ingest_into
-    from indexer import space as spaces
-    from indexer.sources import iter_sources
+    from indexer.vectors import space as spaces
+    from indexer.ingest.sources import iter_sources
     from tests.helpers import write_images
     write_images(tmp_path / "in", 48, fmt="PNG", ext="png")
     ingest_into(settings, iter_sources([str(tmp_path / "in")]), store=store, embedder=tiny_embedder)
@@ -286,7 +286,7 @@ def test_sharded_build_is_served_memory_mapped_and_answers_like_a_local_build(se
     import dataclasses
     from flagmatch.settings import Settings
     from flagmatch.wiring import open_store
-    from indexer.sharded import local_runner
+    from indexer.vectors.sharded import local_runner
     vecs, _ = mixture
     rng = np.random.default_rng(5)
     flagged = rng.random(len(vecs)) < 0.9  # ≥ 10k: both scopes are IVF-PQ

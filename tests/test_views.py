@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-from indexer.decode import InputSpec, decode
-from indexer.views import view_boxes
+from indexer.media.decode import InputSpec, decode
+from indexer.media.views import view_boxes
 from tests.helpers import drawn_image, encode
 
 SPEC = InputSpec(size=224, crop_pct=1.0)
@@ -64,8 +64,8 @@ def test_decode_cuts_the_views_asked_for():
 
 def test_search_names_the_view_that_matched(store, tiny_embedder, tmp_path, settings):
     from flagmatch.wiring import ingest_into, open_index, search_service
-    from indexer.catalog import FlagRequest
-    from indexer.sources import iter_sources
+    from indexer.storage.catalog import FlagRequest
+    from indexer.ingest.sources import iter_sources
     from search.service import SearchParams
 
     folder = tmp_path / "in"

@@ -260,8 +260,8 @@ def test_sessions_end_when_their_token_is_removed(web_settings, tiny_embedder):
 
 def test_sessions_expire_idle_and_absolute(tmp_path):
     import datetime as dt
-    from indexer.catalog import Catalog, utcnow
-    from search.sessions import SessionStore
+    from indexer.storage.catalog import Catalog, utcnow
+    from indexer.storage.sessions import SessionStore
     catalog = Catalog(f"sqlite:///{tmp_path / 'c.sqlite'}")
     store = SessionStore(catalog.engine, idle=dt.timedelta(minutes=30), absolute=dt.timedelta(hours=8))
     now = utcnow()
@@ -380,8 +380,8 @@ def test_sweep_suggests_a_threshold_and_shows_the_distribution(client):
 
 
 def test_bank_matches_show_on_the_search_and_image_pages_and_banks_switch(client, app):
-    from indexer.banks import Banks, NewEntry
-    from indexer.hashes import pdq_of
+    from indexer.hashbanks.banks import Banks, NewEntry
+    from indexer.media.hashes import pdq_of
     from tests.helpers import photo_image
     store = app.extensions["flagmatch"].store
     banks = Banks(store.catalog)

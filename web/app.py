@@ -15,7 +15,7 @@ from flask import Flask, Response, flash, g, redirect, request, session
 from werkzeug.exceptions import HTTPException, InternalServerError
 from werkzeug.routing import IntegerConverter
 
-from indexer.threads import REQUEST, worker_started
+from indexer.models.threads import REQUEST, worker_started
 from search.api import bp as api_bp, error, http_error, register_health
 from search.hma import register_hma
 from web.views import bp as views_bp

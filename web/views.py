@@ -13,11 +13,13 @@ from urllib.parse import urlparse
 from flask import (Blueprint, Response, abort, current_app, flash, g, jsonify, redirect, render_template, request,
                    session, url_for)
 
-from clustering.review import Decision, decide_cluster, undo_decision
-from indexer.actions import delete_images, set_flags
-from indexer.banks import Banks
-from indexer.decode import DEFAULT_LIMITS
-from indexer.audit import parse_query
+from indexer.review.actions import delete_images, record_verdict, set_flags
+from indexer.review.banks import update_bank
+from indexer.review.clusters import Decision, decide_cluster, name_cluster as name_cluster_as, undo_decision
+from indexer.storage.tables import MAX_REASON
+from indexer.hashbanks.banks import Banks
+from indexer.media.decode import DEFAULT_LIMITS
+from indexer.storage.audit import parse_query
 from indexer.errors import FlagmatchError, InvalidInputError, NotFoundError
 from search.api import http_status
 from search.auth import session_actor
@@ -319,10 +321,7 @@ def name_cluster(cluster_id: int) -> Response:
     r = rt()
     cstore, audit = r.clusters, r.audit
     name, label = request.form.get("name", ""), request.form.get("label", "")
-    if len(name) > 200 or len(label) > 200:
-        raise InvalidInputError("name and label are at most 200 characters", code="bad_parameter")
-    cstore.update_identity(cluster_id, actor=actor(), name=name, label=label)
-    audit.record(actor(), "name_cluster", f"cluster:{cluster_id}", name=name, label=label)
+    name_cluster_as(r.store, cstore, audit, cluster_id, actor=actor(), name=name, label=label)
     flash(f"Cluster {cluster_id} named.")
     return redirect(url_for("viewer.cluster", cluster_id=cluster_id))
 
@@ -488,7 +487,7 @@ def image(image_id: int) -> str:
         flagged = r.service.search_ids([image_id], SearchParams(k=12, scope="flagged")).results[0]
         near_flagged, evidence = flagged.hits, flagged.evidence
         near_all = r.service.search_ids([image_id], SearchParams(k=12, scope="all")).results[0].hits
-    from indexer.heads import scores_for
+    from indexer.review.heads import scores_for
     return render_template("image.html", rec=rec, cluster=cl, near_flagged=near_flagged, near_all=near_all,
                            evidence=evidence, p_labels=scores_for(r.store, [image_id]).get(image_id, {}))
 
@@ -498,8 +497,8 @@ def large_view(image_id: int) -> Response:
     """The image at up to 1,024 px, decoded from its original (still on disk, same bytes), for a closer
     look than the 256 px thumbnail: every view is recorded in the audit log; blurred as the session's
     thumbnails are unless the moderator revealed this image in the last 30 minutes."""
-    from indexer.decode import InputSpec, decode
-    from indexer.store import read_original
+    from indexer.media.decode import InputSpec, decode
+    from indexer.storage.store import read_original
     from search.thumbnails import render_bytes
     r = rt()
     rec = r.store.catalog.get(image_id)
@@ -556,7 +555,7 @@ def search_page() -> Any:
 def _query_preview(data: bytes) -> str | None:
     """A data: URL of the uploaded query's thumbnail, blurred and greyed as the session's thumbnails are."""
     import base64
-    from indexer.decode import InputSpec, decode
+    from indexer.media.decode import InputSpec, decode
     from search.thumbnails import render_bytes
     try:
         img = decode(data, InputSpec(64), rt().service.limits if rt().service else DEFAULT_LIMITS, thumb_size=192,
@@ -576,8 +575,7 @@ def banks_page() -> str:
 @bp.post("/banks/<name>/switch")
 def switch_bank(name: str) -> Response:
     enabled = request.form.get("enabled") == "1"
-    b = Banks(rt().store.catalog).update(name, enabled=enabled)
-    rt().audit.record(actor(), "bank_update", f"bank:{b.name}", enabled=enabled)
+    b = update_bank(Banks(rt().store.catalog), rt().audit, name, actor=actor(), enabled=enabled)
     flash(f"Bank {b.name} {'enabled' if enabled else 'disabled'}: it {'matches' if enabled else 'no longer matches'}"
           f" from the next search on.")
     return redirect(url_for("viewer.banks_page"))
@@ -589,19 +587,13 @@ def switch_bank(name: str) -> Response:
 def queue() -> str:
     """What to review next: images a head flagged that no one has judged (newest first), unflagged images
     found near ones a reviewer just flagged, and those the heads are least sure of."""
-    from indexer import verdicts as vd
-    from indexer.heads import load_active, scores_for, uncertain
-    from indexer.catalog import ImageRow
-    from sqlalchemy import select
+    from indexer.storage import verdicts as vd
+    from indexer.review.heads import load_active, scores_for, uncertain
     r = rt()
     cat = r.store.catalog
     heads = r.service.heads if r.service is not None else load_active(r.store)  # (reloaded when retrained)
     items: list[tuple[int, str, str]] = []  # (image id, label, why)
-    with cat.session() as s:
-        head_flagged = s.execute(select(ImageRow.id, ImageRow.flag_label, ImageRow.flag_source)
-                                 .where(ImageRow.flagged, ImageRow.deleted.is_(False),
-                                        ImageRow.flag_source.like("head:%"))
-                                 .order_by(ImageRow.flagged_at.desc()).limit(300)).all()
+    head_flagged = vd.head_flagged(cat, 300)
     said = vd.for_images(cat, [i for i, _, _ in head_flagged])
     items += [(int(i), str(lab or vd.DEFAULT_LABEL), f"flagged by {src}") for i, lab, src in head_flagged
               if (lab or vd.DEFAULT_LABEL) not in said.get(int(i), {})][:100]
@@ -620,7 +612,7 @@ def queue() -> str:
 def queue_verdict() -> Response:
     """One verdict from the queue: positive flags the image for the label, negative unflags it (or records
     the verdict alone when it is not flagged)."""
-    from indexer import verdicts as vd
+    from indexer.storage import verdicts as vd
     r = rt()
     ids = _ids(request.form.getlist("image_id"))
     label = vd.clean_label(request.form.get("label"))
@@ -628,14 +620,13 @@ def queue_verdict() -> Response:
     if len(ids) != 1:
         raise InvalidInputError("one image_id", code="bad_parameter")
     rec = r.store.catalog.get(ids[0])
-    reason = (request.form.get("reason") or "").strip()[:2000] or (
+    reason = (request.form.get("reason") or "").strip()[:MAX_REASON] or (
         f"{label} (review queue)" if positive else f"not {label} (review queue)")
     if positive or rec.flagged:
         set_flags(r.store, r.index, r.audit, ids, flag=positive, actor=actor(), source="review", via="queue",
                   reason=reason, label=label, queue_similarity=r.settings.queue_similarity)
     else:
-        vd.record(r.store.catalog, [vd.Verdict(ids[0], label, False, actor(), reason, "queue")])
-        r.audit.record(actor(), "verdict", f"image:{ids[0]}", label=label, positive=False, reason=reason)
+        record_verdict(r.store, r.audit, ids[0], label, positive=False, actor=actor(), reason=reason, via="queue")
     return jsonify({"image_id": ids[0], "label": label, "positive": positive,
                     "flagged": r.store.catalog.get(ids[0]).flagged})
 
@@ -644,8 +635,8 @@ def queue_verdict() -> Response:
 def model_page() -> str:
     """Each label's active head: its held-out report with PR and calibration curves (inline SVG), its
     threshold, and every version trained."""
-    from indexer.heads import active_labels, reports
-    from indexer import verdicts as vd
+    from indexer.review.heads import active_labels, reports
+    from indexer.storage import verdicts as vd
     r = rt()
     labels = []
     for label, version in active_labels(r.store):

@@ -1,0 +1,398 @@
+"""The ingest pipeline: read → decode (and hash: MD5 of the bytes, PDQ of the pixels) → embed → write.
+
+Reading, hashing and decoding run in a thread pool (Pillow releases the GIL while it decodes) while
+the model runs the previous batch on the main thread. Content already in the catalog (same sha256)
+is never decoded or embedded again. Each write is: thumbnails, raw vectors (fsynced), then one catalog
+transaction — so a crash at any moment loses nothing and duplicates nothing on the next run."""
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Protocol, Sequence
+
+import numpy as np
+
+from indexer.storage.catalog import FlagRequest, IngestCounts, NewImage
+from indexer.media.decode import DEFAULT_LIMITS, DecodedImage, DecodeLimits, InputSpec, decode
+from indexer.models.embed import Embedder
+from indexer.errors import DecodeError
+from indexer.storage import verdicts
+from indexer.media.hashes import Pdq, md5_of
+from indexer.review.heads import Head, save_scores
+from indexer.ingest.sources import Source, SourceError, SourceItem
+from indexer.storage.store import Store, read_original
+from indexer.models.threads import DECODE, MODEL, name_os_thread, worker_started
+
+
+@dataclass(frozen=True)
+class IngestOptions:
+    flag_threshold: float
+    batch_size: int = 32
+    decode_workers: int = 2
+    limits: DecodeLimits = DEFAULT_LIMITS
+    max_file_bytes: int = 200 * 1024 * 1024
+    thumb_size: int = 256
+    model_lanes: int = 0  # batches the model runs at once, one thread each (0: as many as cores where it helps)
+    decode_nice: int = 19  # the decode threads' niceness, above the model's (see indexer.media.decode.lower_priority)
+
+
+# ------------------------------------------------------------------ what the stages pass along
+
+@dataclass(frozen=True)
+class Decoded:
+    item: SourceItem
+    sha256: str
+    size: int
+    image: DecodedImage
+    md5: str
+
+
+@dataclass(frozen=True)
+class Duplicate:
+    item: SourceItem
+    sha256: str
+    image_id: int | None  # None: its first copy is still in flight in this run
+
+
+@dataclass(frozen=True)
+class Failed:
+    path: str
+    code: str
+    message: str
+    sha256: str | None = None
+
+
+@dataclass
+class Batch:
+    """Decoded images waiting for the model, and what else the same write will record."""
+    decoded: list[Decoded] = field(default_factory=list)
+    duplicates: list[Duplicate] = field(default_factory=list)
+    failed: list[Failed] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.decoded)
+
+
+@dataclass(frozen=True)
+class EmbeddedBatch:
+    batch: Batch
+    vectors: np.ndarray  # float32 [n, d], L2-normalised
+    p_unsafe: np.ndarray  # float32 [n]
+
+
+class Progress(Protocol):
+    def update(self, n: int, *, errors: int) -> None: ...
+
+
+class IndexSink(Protocol):
+    """What the vector index needs to hear from ingest."""
+    def added(self, ids: np.ndarray, vectors: np.ndarray) -> None: ...
+    def flags_changed(self) -> None: ...
+
+
+# ------------------------------------------------------------------ the stages
+
+def read_source(path: str, max_bytes: int) -> bytes | Failed:
+    """A source file's bytes, or why not (``too_large`` over ``max_bytes``, ``unreadable``)."""
+    try:
+        size = os.stat(path).st_size
+        if size > max_bytes:
+            return Failed(path, "too_large", f"file is {size:,} bytes, over the cap of {max_bytes:,}")
+        with open(path, "rb") as f:
+            return f.read(max_bytes + 1)
+    except OSError as exc:
+        return Failed(path, "unreadable", exc.strerror or str(exc))
+
+
+def deleted_failure(path: str, sha: str, image_id: int) -> Failed:
+    """Bytes a reviewer deleted are never taken in again."""
+    return Failed(path, "deleted", f"these bytes were deleted (image {image_id}): not taken in again", sha)
+
+
+class Reader:
+    """Read + hash + claim + decode one source item (runs in the decode threads)."""
+
+    def __init__(self, store: Store, embedder: Embedder, opts: IngestOptions) -> None:
+        self.store, self.spec, self.opts = store, embedder.info.input, opts
+        self._lock = threading.Lock()
+        self._pending: set[str] = set()       # claimed in this run, not yet committed
+        self._failed: dict[str, Failed] = {}  # shas that failed to decode in this run
+
+    def __call__(self, item: SourceItem) -> Decoded | Duplicate | Failed:
+        data = read_source(item.path, self.opts.max_file_bytes)
+        if isinstance(data, Failed):
+            return data
+        sha = hashlib.sha256(data).hexdigest()
+        with self._lock:
+            if sha in self._failed:
+                f0 = self._failed[sha]
+                return Failed(item.path, f0.code, f0.message, sha)
+            if sha in self._pending:
+                return Duplicate(item, sha, None)
+            found = self.store.catalog.lookup_shas([sha]).get(sha)
+            if found is not None:
+                known, deleted = found
+                return deleted_failure(item.path, sha, known) if deleted else Duplicate(item, sha, known)
+            self._pending.add(sha)
+        try:
+            image = decode(data, self.spec, self.opts.limits, thumb_size=self.opts.thumb_size)
+        except DecodeError as exc:
+            failed = Failed(item.path, exc.code, exc.message, sha)
+            with self._lock:
+                self._failed[sha] = failed
+                self._pending.discard(sha)
+            return failed
+        return Decoded(item, sha, len(data), image, md5_of(data))
+
+    def committed(self, shas: Iterable[str]) -> None:
+        with self._lock:
+            self._pending.difference_update(shas)
+
+
+def model_lanes(embedder: Embedder, requested: int) -> tuple[int, Embedder]:
+    """How many batches the model runs at once, and the embedder to run them with. A backend that can run
+    in single-threaded lanes (``for_lanes``: ONNX, timm on a CPU) gets one lane per core by default: decoding
+    on the same cores stalls a model whose operators wait for all their threads, while a lane only loses the
+    CPU taken from it (2 cores, make-corpus, one lane per core against one batch on both cores: ViT bf16
+    16.1 vs 13.3 images/s end to end, open_nsfw 53.2 vs 46.1; ``benchmarks/ingest.py``)."""
+    for_lanes = getattr(embedder, "for_lanes", None)
+    lanes = requested if requested > 0 else (os.cpu_count() or 1) if for_lanes is not None else 1
+    if lanes <= 1 or for_lanes is None:
+        return 1, embedder
+    return lanes, for_lanes(lanes)
+
+
+def embed_batch(embedder: Embedder, batch: Batch) -> EmbeddedBatch:
+    if not batch.decoded:
+        return EmbeddedBatch(batch, np.zeros((0, embedder.info.dim), np.float32), np.zeros(0, np.float32))
+    pixels = np.stack([d.image.pixels for d in batch.decoded])
+    vectors, p = embedder.embed(pixels)
+    return EmbeddedBatch(batch, vectors, p)
+
+
+class Writer:
+    """Thumbnails → raw vectors (fsync) → one catalog transaction → index."""
+
+    def __init__(self, store: Store, model_id: str, threshold: float, run_id: int,
+                 index: IndexSink | None, heads: Sequence[Head] = ()) -> None:
+        self.store, self.model_id, self.threshold, self.run_id, self.index = store, model_id, threshold, run_id, index
+        self.heads = list(heads)
+        self.segment = store.open_vectors().segment(run_id)  # this run's own vector file
+        self.counts = IngestCounts()
+
+    def _flag_of(self, d: Decoded, p: float, i: int, scores: dict[str, np.ndarray]) -> FlagRequest | None:
+        if d.item.flag is not None:
+            return d.item.flag
+        if p >= self.threshold:
+            return FlagRequest("model", None, "ingest", f"P(unsafe) {p:.3f} >= threshold {self.threshold}")
+        # a policy head may flag what the seed model's threshold does not
+        h = next((h for h in self.heads if scores[h.label][i] >= h.threshold and not (
+            d.item.verdict is not None and d.item.verdict[0] == h.label and not d.item.verdict[1])), None)
+        if h is None:
+            return None
+        return FlagRequest(h.source, h.label, h.source,
+                           f"P({h.label}) {float(scores[h.label][i]):.3f} >= threshold {h.threshold:.3f}")
+
+    def __call__(self, eb: EmbeddedBatch) -> None:
+        b = eb.batch
+        n = len(b.decoded)
+        scores = {h.label: h.predict(eb.vectors) for h in self.heads} if n else {}
+        at = {d.sha256: i for i, d in enumerate(b.decoded)}  # in-batch position by content
+        paths: list[list[tuple[str, str | None]]] = [[(d.item.path, d.item.external_id)] for d in b.decoded]
+        image_flags: list[list[FlagRequest]] = [[] for _ in b.decoded]
+        said_at: list[tuple[int, tuple[str, bool, str]]] = []  # verdicts of this batch's images, by position
+        for i, (d, p) in enumerate(zip(b.decoded, eb.p_unsafe)):
+            req = self._flag_of(d, float(p), i, scores)
+            if req is not None:
+                image_flags[i].append(req)
+            if d.item.verdict is not None:
+                said_at.append((i, d.item.verdict))
+        extra_paths: list[tuple[int, str, str | None]] = []
+        flags: list[tuple[int, FlagRequest]] = []
+        said: list[tuple[int, tuple[str, bool, str]]] = []
+        failed = list(b.failed)
+        in_batch = 0
+        for dup in b.duplicates:
+            if dup.image_id is None and dup.sha256 in at:  # a copy of an image this very batch adds
+                i = at[dup.sha256]
+                paths[i].append((dup.item.path, dup.item.external_id))
+                image_flags[i].extend([dup.item.flag] if dup.item.flag is not None else [])
+                said_at.extend([(i, dup.item.verdict)] if dup.item.verdict is not None else [])
+                in_batch += 1
+                continue
+            image_id = dup.image_id or self.store.catalog.known_sha(dup.sha256)
+            if image_id is None:  # its first copy failed after this one was read
+                failed.append(Failed(dup.item.path, "duplicate_of_failed", "same bytes as a file that failed"))
+                continue
+            extra_paths.append((image_id, dup.item.path, dup.item.external_id))
+            if dup.item.flag is not None:
+                flags.append((image_id, dup.item.flag))
+            if dup.item.verdict is not None:
+                said.append((image_id, dup.item.verdict))
+        first_row = self.segment.append(eb.vectors) if n else 0  # fsynced before the catalog commits
+        images = [NewImage(0, d.sha256, d.size, d.image.format, d.image.width, d.image.height, d.image.frames,
+                           float(p), self.store.write_thumbnail(d.sha256, d.image.thumbnail), tuple(paths[i]),
+                           md5=d.md5, pdq=d.image.pdq, flags=tuple(image_flags[i]),
+                           vec_segment=self.segment.number, vec_row=first_row + i)
+                  for i, (d, p) in enumerate(zip(b.decoded, eb.p_unsafe))]
+        res = self.store.catalog.write_images(images, self.model_id, extra_paths, flags,
+                                              [(f.path, f.code, f.message) for f in failed], self.run_id)
+        said += [(res.ids[i], v) for i, v in said_at]
+        verdicts.record(self.store.catalog, [verdicts.Verdict(i, label, positive, who, "manifest", "manifest")
+                                             for i, (label, positive, who) in said])
+        fresh = np.asarray(res.new, dtype=bool)
+        new_ids = np.asarray(res.ids, dtype=np.int64)[fresh] if n else np.zeros(0, np.int64)
+        if self.heads and len(new_ids):
+            save_scores(self.store, self.heads, new_ids.tolist(), {k: v[fresh] for k, v in scores.items()})
+        c = self.counts
+        c.new += len(new_ids)
+        c.duplicates += len(extra_paths) + in_batch + int(n - len(new_ids))  # the last: another writer was first
+        c.flagged += res.flagged
+        c.failed += len(failed)
+        for f in failed:
+            c.reasons[f.code] = c.reasons.get(f.code, 0) + 1
+        if self.index is not None:
+            if len(new_ids):
+                self.index.added(new_ids, eb.vectors[fresh])
+            if res.flagged:
+                self.index.flags_changed()
+
+
+# ------------------------------------------------------------------ back-filling hashes
+
+@dataclass
+class BackfillCounts:
+    hashed: int = 0
+    failed: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+
+def _hash_original(image_id: int, sha: str, paths: Sequence[str], opts: IngestOptions
+                   ) -> tuple[int, str, Pdq | None] | Failed:
+    """MD5 and PDQ of a stored image from the first of its paths that still holds the same bytes."""
+    found = read_original(paths, sha, opts.max_file_bytes)
+    if found.data is None:
+        return Failed(found.path or f"image:{image_id}", found.code, found.message)
+    try:
+        image = decode(found.data, InputSpec(224), opts.limits, thumb_size=0)
+    except DecodeError as exc:
+        return Failed(found.path, exc.code, exc.message)
+    return image_id, md5_of(found.data), image.pdq
+
+
+def backfill_hashes(store: Store, opts: IngestOptions, *, progress: Progress | None = None) -> BackfillCounts:
+    """Hash the stored images that have no hashes yet (stores made before hashes existed), streaming their
+    originals from the paths they were seen at, ``opts.decode_workers`` at a time. An original that is gone,
+    changed or unreadable is recorded as an ingest error and its image stays unhashed (a later run tries
+    again); the rest are written a page at a time."""
+    counts = BackfillCounts()
+    with store.writer(), ThreadPoolExecutor(max_workers=max(1, opts.decode_workers),
+                                            thread_name_prefix="hash") as pool:
+        run_id = store.catalog.start_run("hashes", "backfill", "-")
+        after = 0
+        while page := store.catalog.unhashed(after, 256):
+            results = list(pool.map(lambda row: _hash_original(row[0], row[1], row[2], opts), page))
+            done = [r for r in results if not isinstance(r, Failed)]
+            failed = [r for r in results if isinstance(r, Failed)]
+            store.catalog.set_signals(done)
+            store.catalog.write_batch([], "", errors=[(f.path, f.code, f.message) for f in failed], run_id=run_id)
+            counts.hashed += len(done)
+            counts.failed += len(failed)
+            for f in failed:
+                counts.reasons[f.code] = counts.reasons.get(f.code, 0) + 1
+            after = page[-1][0]
+            if progress is not None:
+                progress.update(len(page), errors=counts.failed)
+        store.catalog.finish_run(run_id, IngestCounts(new=counts.hashed, failed=counts.failed, reasons=counts.reasons))
+    return counts
+
+
+# ------------------------------------------------------------------ the job
+
+def ingest(store: Store, embedder: Embedder, sources: Iterable[Source], opts: IngestOptions, *,
+           index: IndexSink | None = None, progress: Progress | None = None,
+           after_batch: Callable[[], None] | None = None, heads: Sequence[Head] = ()) -> IngestCounts:
+    """Ingest ``sources`` into ``store``. Bad files are recorded and skipped; returns the counts."""
+    info = embedder.info
+    store.bind_model(info.model_id, info.dim, info.preprocessing, info.source)
+    with store.writer():  # cuts raw vector rows a crashed writer never committed
+        run_id = store.catalog.start_run(info.model_id, info.backend, info.precision)
+        reader = Reader(store, embedder, opts)
+        writer = Writer(store, info.model_id, opts.flag_threshold, run_id, index, heads)
+        inflight: deque[Future] = deque()
+        batch = Batch()
+        max_inflight = max(2 * opts.batch_size, 4)
+
+        lanes, model = model_lanes(embedder, opts.model_lanes)
+        # each lane takes batch_size ÷ lanes images: the model holds batch_size images at once whatever the
+        # lanes, and the run's last batch, which one lane runs while the others have nothing left, is short
+        per_batch = max(1, opts.batch_size // lanes)
+        embedding: deque[Future] = deque()  # batches with the model, oldest first (written in this order)
+
+        def write_oldest() -> None:
+            eb = embedding.popleft().result()
+            writer(eb)
+            reader.committed(d.sha256 for d in eb.batch.decoded)
+            if progress is not None:
+                progress.update(len(eb.batch.decoded) + len(eb.batch.duplicates) + len(eb.batch.failed),
+                                errors=writer.counts.failed)
+            if after_batch is not None:
+                after_batch()
+
+        def flush() -> None:
+            nonlocal batch
+            if not (batch.decoded or batch.duplicates or batch.failed):
+                return
+            done, batch = batch, Batch()
+            embedding.append(model_pool.submit(embed_batch, model, done))
+            while len(embedding) >= lanes or (embedding and embedding[0].done()):
+                write_oldest()
+
+        def take(result: Decoded | Duplicate | Failed) -> None:
+            if isinstance(result, Decoded):
+                batch.decoded.append(result)
+            elif isinstance(result, Duplicate):
+                batch.duplicates.append(result)
+            else:
+                batch.failed.append(result)
+            if len(batch) >= per_batch or len(batch.duplicates) + len(batch.failed) >= 4 * opts.batch_size:
+                flush()
+
+        with ThreadPoolExecutor(max_workers=max(1, opts.decode_workers), thread_name_prefix="decode",
+                                initializer=worker_started, initargs=(DECODE, opts.decode_nice)) as pool, \
+                ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="lane", initializer=name_os_thread,
+                                   initargs=(MODEL,)) as model_pool:
+            items = iter(sources)
+
+            def top_up() -> None:
+                # keep max_inflight items queued for the decode threads before the model takes the next batch:
+                # submitting only between batches left them idle during each forward pass (a tenth of the
+                # ingest thread's time was spent waiting for decodes that could have run meanwhile)
+                while len(inflight) < max_inflight:
+                    src = next(items, None)
+                    if src is None:
+                        return
+                    if isinstance(src, SourceError):
+                        batch.failed.append(Failed(src.path, src.code, src.message))
+                        if len(batch.duplicates) + len(batch.failed) >= 4 * opts.batch_size:
+                            flush()  # a source of nothing but errors is recorded as it goes, not held
+                    else:
+                        inflight.append(pool.submit(reader, src))
+
+            try:
+                top_up()
+                while inflight:
+                    take(inflight.popleft().result())
+                    top_up()
+                flush()
+                while embedding:
+                    write_oldest()
+            finally:
+                for fut in inflight:
+                    fut.cancel()
+        store.catalog.finish_run(run_id, writer.counts)
+        return writer.counts

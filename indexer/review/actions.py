@@ -1,0 +1,156 @@
+"""The decisions a person takes on images, one function each. The CLI, the JSON API and the viewer are
+thin wrappers over these, so the rules are the same everywhere: every change is in the flag history and
+the audit log with its actor (the token's name, the session's, or the OS user), unflagging and deleting
+need a reason, each decision commits in one transaction with everything it implies and its audit row, and
+the vector index hears of the change after the commit, before the function returns."""
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from indexer.storage import verdicts
+from indexer.storage.audit import AuditLog
+from indexer.storage.catalog import FlagRequest, Transaction
+from indexer.errors import InvalidInputError, NotFoundError
+from indexer.storage.store import Store
+from indexer.storage.tables import MAX_LABEL, MAX_REASON
+
+
+
+class IndexFeed(Protocol):
+    """What these actions need from the vector index (``VectorIndex`` has it)."""
+    def catch_up(self) -> bool: ...
+    def remove(self, ids: np.ndarray | list[int]) -> None: ...
+
+
+def _clean(text: str | None, limit: int, what: str) -> str | None:
+    if text is None:
+        return None
+    if not isinstance(text, str) or len(text) > limit:
+        raise InvalidInputError(f"{what} must be a string of at most {limit} characters", code="bad_parameter")
+    return text.strip() or None
+
+
+def _live_ids(store: Store, ids: Sequence[int]) -> list[int]:
+    if not ids:
+        raise InvalidInputError("select at least one image", code="bad_parameter")
+    unique = list(dict.fromkeys(int(i) for i in ids))
+    recs = store.catalog.get_many(unique)
+    missing = [i for i in unique if i not in recs or recs[i].deleted]
+    if missing:
+        raise NotFoundError(f"no image with id {missing[0]}")
+    return unique
+
+
+PERSON_SOURCES = ("review", "manual")  # a person's decision: each is also a verdict (indexer.storage.verdicts)
+
+
+QUEUE_SIMILARITY = 0.85  # the queue_similarity setting's default
+
+
+def set_flags(store: Store, index: IndexFeed | None, audit: AuditLog, ids: Sequence[int], *, flag: bool,
+              actor: str, source: str, reason: str | None = None, label: str | None = None,
+              via: str = "cli", queue_similarity: float = QUEUE_SIMILARITY) -> list[int]:
+    """Flag or unflag ``ids`` (all must exist: nothing changes otherwise). Returns the ids whose state
+    changed. Unflagging needs a reason: it is the decision a later reviewer will ask about. A person's
+    flag or unflag is also a verdict on every id asked about — positive or negative for ``label``, else
+    the label the image was flagged with, else the default — even when the flag was already so (a
+    reviewer confirming what the model flagged is the example heads learn most from). ``via`` says where
+    it was taken (viewer, api, cli, cluster, queue).
+
+    The flag change, its verdicts, the review-queue candidates it implies and its audit row commit in one
+    transaction; the vector index hears of it after the commit (and, if the process dies first, catches up
+    from the catalog's flag events when it next opens)."""
+    with store.catalog.transaction() as tx:
+        changed = set_flags_in(tx, store, index, audit, ids, flag=flag, actor=actor, source=source, reason=reason,
+                               label=label, via=via, queue_similarity=queue_similarity)
+    if index is not None:
+        index.catch_up()
+    return changed
+
+
+def set_flags_in(tx: Transaction, store: Store, index: IndexFeed | None, audit: AuditLog, ids: Sequence[int], *,
+                 flag: bool, actor: str, source: str, reason: str | None = None, label: str | None = None,
+                 via: str = "cli", queue_similarity: float = QUEUE_SIMILARITY) -> list[int]:
+    """``set_flags`` inside a transaction the caller holds (a cluster decision's): the rules are the same,
+    nothing commits until the caller's transaction does, and the caller tells the index afterwards."""
+    reason, label = _clean(reason, MAX_REASON, "reason"), _clean(label, MAX_LABEL, "label")
+    if not flag and not reason:
+        raise InvalidInputError("say why these images are not unsafe (reason)", code="reason_required")
+    unique = _live_ids(store, ids)
+    before = store.catalog.get_many(unique) if source in PERSON_SOURCES else {}
+    changed = store.catalog.set_flag(unique, FlagRequest(source, label, actor, reason), flag=flag, tx=tx)
+    if source in PERSON_SOURCES:
+        verdicts.record(store.catalog, [verdicts.Verdict(i, label or before[i].flag_label or verdicts.DEFAULT_LABEL,
+                                                          flag, actor, reason, via) for i in unique], tx=tx)
+        if flag and changed:
+            queue_neighbours(store, index, changed, label or verdicts.DEFAULT_LABEL, queue_similarity, tx=tx)
+    if changed:  # a repeated request (a double submit, a retry) changes nothing and records nothing
+        audit.record(actor, "flag" if flag else "unflag", _target(unique), tx=tx, ids=changed, asked=unique,
+                     reason=reason, label=label, source=source)
+    return changed
+
+
+def queue_neighbours(store: Store, index: object, ids: Sequence[int], label: str, min_similarity: float,
+                     k: int = 10, *, tx: Transaction | None = None) -> int:
+    """Retroactive matching: the unflagged images at least ``min_similarity`` alike to images a reviewer
+    just flagged join the review queue (for that label). Returns how many joined."""
+    search = getattr(index, "search", None)
+    if search is None or not ids:
+        return 0
+    vectors = store.open_vectors().get(list(ids))
+    hits = search(vectors, k, "all", exclude=set(ids), live=False)
+    near = {int(i): (seed, float(sim)) for seed, h in zip(ids, hits)
+            for i, sim in zip(h.ids.tolist(), h.similarities.tolist()) if sim >= min_similarity}
+    recs = store.catalog.get_many(near)
+    rows = [(i, label, seed, sim) for i, (seed, sim) in near.items()
+            if i in recs and not recs[i].flagged and not recs[i].deleted]
+    return verdicts.add_candidates(store.catalog, rows, tx=tx)
+
+
+def record_verdict(store: Store, audit: AuditLog, image_id: int, label: str, *, positive: bool, actor: str,
+                   reason: str | None, via: str) -> None:
+    """A verdict that changes no flag (an unflagged image judged not ``label``, from the review queue),
+    with its audit row, in one transaction."""
+    reason = _clean(reason, MAX_REASON, "reason")
+    _live_ids(store, [image_id])
+    with store.catalog.transaction() as tx:
+        verdicts.record(store.catalog, [verdicts.Verdict(image_id, label, positive, actor, reason, via)], tx=tx)
+        audit.record(actor, "verdict", f"image:{image_id}", tx=tx, label=label, positive=positive, reason=reason)
+
+
+def delete_images(store: Store, index: IndexFeed | None, audit: AuditLog, ids: Sequence[int], *, actor: str,
+                  reason: str | None) -> list[int]:
+    """Remove what flagmatch holds of ``ids`` but their sha256 and the audit trail: the catalog row is
+    marked deleted (paths, external ids and flag cleared, so the same bytes are still known and never
+    re-ingested) in one transaction with its audit row, then the thumbnail, the raw vector and the index
+    entries go. The catalog goes first: if the process dies half-way, the image is already invisible
+    everywhere, and running the same delete again finishes the rest."""
+    reason = _clean(reason, MAX_REASON, "reason")
+    if not reason:
+        raise InvalidInputError("say why these images are deleted (reason)", code="reason_required")
+    if not ids:
+        raise InvalidInputError("select at least one image", code="bad_parameter")
+    unique = list(dict.fromkeys(int(i) for i in ids))
+    recs = store.catalog.get_many(unique)
+    missing = [i for i in unique if i not in recs]
+    if missing:
+        raise NotFoundError(f"no image with id {missing[0]}")
+    with store.catalog.transaction() as tx:
+        store.catalog.mark_deleted(unique, actor, reason, tx=tx)
+        audit.record(actor, "delete", _target(unique), tx=tx, ids=unique, reason=reason,
+                     sha256=[recs[i].sha256 for i in unique])
+    for r in recs.values():
+        if r.thumb_key:
+            store.thumb_path(r.thumb_key).unlink(missing_ok=True)
+    if store.catalog.model_meta():
+        store.open_vectors().erase(unique)
+    if index is not None:
+        index.remove(unique)
+    return unique
+
+
+def _target(ids: Sequence[int]) -> str:
+    """The audit target: ``image:<id>`` for one image (filterable), ``images`` for a batch (ids in detail)."""
+    return f"image:{ids[0]}" if len(ids) == 1 else "images"
