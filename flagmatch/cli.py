@@ -1,8 +1,8 @@
-"""The ``flagmatch`` command. Every command takes every setting as a flag (see ``flagmatch.settings``);
-domain errors become a clear message and a non-zero exit."""
+"""The ``flagmatch`` commands for the store, search, review and clustering (banks and hashes: ``cli_hashes``;
+learning: ``cli_heads``). Each command shows the settings it reads (``flagmatch.commands``); domain errors
+become a clear message and a non-zero exit."""
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
@@ -10,80 +10,10 @@ from typing import Any, Callable
 
 import click
 
-from flagmatch.settings import GROUPS, SETTINGS, Settings
-from flagmatch import wiring
+from flagmatch import cli_hashes, cli_heads, wiring  # noqa: F401  (cli_hashes, cli_heads: the banks/hashes and learning commands)
+from flagmatch.commands import Bar, SettingsCommand, main, os_user, with_settings
+from flagmatch.settings import Settings
 from indexer.storage.audit import AuditLog
-from indexer.errors import FlagmatchError
-
-
-class SettingOption(click.Option):
-    """An option generated from a Settings field; ``group`` titles its section in the help."""
-
-    def __init__(self, *args: Any, group: str = "Options", **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.group = group
-
-
-class SettingsCommand(click.Command):
-    """A command whose help lists its own options first, then its settings by group."""
-
-    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        sections: dict[str, list[tuple[str, str]]] = {}
-        for param in self.get_params(ctx):
-            record = param.get_help_record(ctx)
-            if record is not None:
-                sections.setdefault(getattr(param, "group", "Options"), []).append(record)
-        for title, records in sections.items():
-            with formatter.section(title):
-                formatter.write_dl(records)
-
-
-def with_settings(*groups: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Add one option per setting of ``groups`` (the store's are always there) and pass the resolved
-    Settings as ``settings``; settings of other groups still come from FLAGMATCH_* or their defaults."""
-    wanted = ("store", *groups)
-    chosen = [s for g in GROUPS for s in SETTINGS if s.group == g and g in wanted]
-
-    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(fn)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            overrides = {s.name: kwargs.pop(s.name) for s in chosen}
-            try:
-                settings = Settings.load(overrides)
-            except ValueError as exc:
-                raise click.UsageError(str(exc)) from None
-            try:
-                return fn(*args, settings=settings, **kwargs)
-            except FlagmatchError as exc:
-                raise click.ClickException(f"{exc.message} [{exc.code}]") from None
-
-        for s in reversed(chosen):
-            kind = click.FLOAT if s.type is float else click.INT if s.type is int else click.STRING
-            default = ",".join(s.default) if isinstance(s.default, tuple) else s.default
-            wrapper = click.option(s.flag, s.name, cls=SettingOption, group=f"{GROUPS[s.group]} settings",
-                                   type=kind, default=None, show_default=False,
-                                   help=f"{s.help} [env {s.env}; default {default!r}]")(wrapper)
-        return wrapper
-    return deco
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-def main() -> None:
-    """flagmatch: find, group and review images similar to content already judged unsafe."""
-
-
-class _Bar:
-    def __init__(self, total: int | None) -> None:
-        from tqdm import tqdm
-        self.bar = tqdm(total=total, unit="img", dynamic_ncols=True, file=sys.stderr,
-                        smoothing=0.1, disable=None)
-
-    def update(self, n: int, *, errors: int) -> None:
-        self.bar.set_postfix(errors=errors, refresh=False)
-        self.bar.update(n)
-
-    def close(self) -> None:
-        self.bar.close()
 
 
 @main.command(cls=SettingsCommand)
@@ -93,7 +23,7 @@ def ingest(paths: tuple[str, ...], settings: Settings) -> None:
     """Index folders, files, manifests (.csv/.jsonl) or '-' (paths on stdin)."""
     from indexer.ingest.sources import count_sources, iter_sources
 
-    bar = _Bar(count_sources(paths))
+    bar = Bar(count_sources(paths))
     try:
         result = wiring.ingest_into(settings, iter_sources(paths, sys.stdin), progress=bar)
     finally:
@@ -195,7 +125,7 @@ def decide(cluster_id: int, status: str, reason_code: str, note: str | None, nam
     store = wiring.open_store(settings)
     result = decide_cluster(store, wiring.open_index(store, settings), AuditLog(store.catalog.engine),
                             ClusterStore(store), cluster_id,
-                            Decision(status, reason_code, name, label, note), actor=actor or _os_user(),
+                            Decision(status, reason_code, name, label, note), actor=actor or os_user(),
                             labels=settings.review_labels, reasons=settings.review_reasons)
     click.echo(f"cluster {cluster_id}: {result.cluster.status}" +
                (f", {len(result.unflagged)} image(s) unflagged" if result.unflagged else "") +
@@ -212,7 +142,7 @@ def undo(cluster_id: int, actor: str | None, settings: Settings) -> None:
     from indexer.storage.clusters import ClusterStore
     store = wiring.open_store(settings)
     info = undo_decision(store, wiring.open_index(store, settings), AuditLog(store.catalog.engine),
-                         ClusterStore(store), cluster_id, actor=actor or _os_user())
+                         ClusterStore(store), cluster_id, actor=actor or os_user())
     click.echo(f"cluster {cluster_id}: decision undone, now {info.status}")
 
 
@@ -230,17 +160,12 @@ def _flag_command(flag: bool) -> Callable[..., Any]:
         ids = [store.catalog.resolve(r) for r in refs]
         index = wiring.open_index(store, settings) if store.catalog.model_meta() else None
         changed = set_flags(store, index, AuditLog(store.catalog.engine), ids, flag=flag,
-                            actor=actor or _os_user(), source=source, reason=reason, label=label)
+                            actor=actor or os_user(), source=source, reason=reason, label=label)
         if index is not None:
             index.save(("flagged",))
         verb = "flagged" if flag else "unflagged"
         click.echo(f"{verb} {len(changed)} of {len(ids)}" + (f": {', '.join(map(str, changed))}" if changed else ""))
     return command
-
-
-def _os_user() -> str:
-    import getpass
-    return getpass.getuser()
 
 
 @main.command(cls=SettingsCommand)
@@ -255,7 +180,7 @@ def delete(refs: tuple[str, ...], reason: str, actor: str | None, settings: Sett
     store = wiring.open_store(settings)
     ids = [store.catalog.resolve(r) for r in refs]
     index = wiring.open_index(store, settings) if store.catalog.model_meta() else None
-    done = delete_images(store, index, AuditLog(store.catalog.engine), ids, actor=actor or _os_user(), reason=reason)
+    done = delete_images(store, index, AuditLog(store.catalog.engine), ids, actor=actor or os_user(), reason=reason)
     if index is not None:
         index.save()
     click.echo(f"deleted {len(done)}: {', '.join(map(str, done))}")
@@ -268,7 +193,7 @@ def delete(refs: tuple[str, ...], reason: str, actor: str | None, settings: Sett
               help="default: suggested from the seeds (as alike as they are to each other)")
 @click.option("--limit", default=200, show_default=True, type=int)
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
-@with_settings("index")
+@with_settings("search")
 def sweep(refs: tuple[str, ...], cluster_id: int | None, min_similarity: float | None, limit: int, as_json: bool,
           settings: Settings) -> None:
     """Unflagged images anywhere in the corpus near flagged images (REFS) or a cluster (--cluster)."""
@@ -289,10 +214,10 @@ def sweep(refs: tuple[str, ...], cluster_id: int | None, min_similarity: float |
         if not as_json:
             click.echo(f"similarity ≥ {min_similarity:.2f} (suggested from the seeds; --min-similarity to change)")
     hits = svc.sweep(seeds, min_similarity=min_similarity, limit=limit)
-    AuditLog(store.catalog.engine).record(_os_user(), "sweep", f"cluster:{cluster_id}" if cluster_id else "images",
+    AuditLog(store.catalog.engine).record(os_user(), "sweep", f"cluster:{cluster_id}" if cluster_id else "images",
                                           seeds=seeds, min_similarity=min_similarity, found=len(hits))
     if as_json:
-        from search.api import image_json
+        from search.serialize import image_json
         click.echo(json.dumps([{**image_json(h.record), "similarity": round(h.similarity, 6), "seed": h.seed}
                                for h in hits], indent=2))
         return
@@ -351,7 +276,7 @@ def reindex(scope: str | None, ray_address: str, on_disk: bool, settings: Settin
 @click.option("-k", "k", default=10, show_default=True, help="neighbours per query")
 @click.option("--min-similarity", default=-1.0, show_default=True, type=float)
 @click.option("--json", "as_json", is_flag=True, help="print the API's JSON")
-@with_settings("model", "decode", "index")
+@with_settings("model", "decode", "search")
 def search(images: tuple[Path, ...], ids: tuple[str, ...], scope: str, k: int, min_similarity: float,
            as_json: bool, settings: Settings) -> None:
     """Nearest flagged images (or --scope all) for image files or stored images."""
@@ -375,7 +300,7 @@ def search(images: tuple[Path, ...], ids: tuple[str, ...], scope: str, k: int, m
     if ids:
         responses.append(svc.search_ids([store.catalog.resolve(r) for r in ids], params))
     if as_json:
-        from search.api import response_json
+        from search.serialize import response_json
         out = [response_json(r) for r in responses]
         click.echo(json.dumps(out[0] if len(out) == 1 else out, indent=2))
         return
@@ -419,7 +344,7 @@ def _print_evidence(ev: Any) -> None:
 
 
 @main.command(cls=SettingsCommand)
-@with_settings("model", "decode", "index", "server")
+@with_settings("model", "decode", "index", "search", "server")
 def serve(settings: Settings) -> None:
     """Serve the JSON API and the viewer on a production WSGI server (gunicorn)."""
     from flagmatch.serve import serve as run_server
@@ -455,7 +380,9 @@ def parse_since(text: str | None):  # type: ignore[no-untyped-def]
 def cluster(since: str | None, assign_new: bool, settings: Settings) -> None:
     """Group flagged images into reviewable clusters (UMAP + HDBSCAN); prints what changed."""
     import time
-    from clustering.job import assign_new as run_assign, run_clustering
+
+    from clustering.job import assign_new as run_assign
+    from clustering.job import run_clustering
     from indexer.storage.clusters import ClusterStore
     store = wiring.open_store(settings)
     cstore = ClusterStore(store)
@@ -516,8 +443,6 @@ def export_onnx_cmd(out: Path, settings: Settings) -> None:
     export_onnx(embedder, out)
     click.echo(f"wrote {out} ({embedder.info.model_id}, {embedder.info.dim}-d); use it with --model {out}")
 
-
-from flagmatch import cli_hashes, cli_heads  # noqa: E402,F401  (register the banks/hashes and learning commands)
 
 if __name__ == "__main__":  # python -m flagmatch.cli: run the imported module's group, which has every command
     from flagmatch.cli import main as _main

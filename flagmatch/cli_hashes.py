@@ -10,11 +10,11 @@ from pathlib import Path
 import click
 
 from flagmatch import wiring
-from flagmatch.cli import SettingsCommand, _Bar, _os_user, main, with_settings
+from flagmatch.commands import Bar, SettingsCommand, main, os_user, with_settings
 from flagmatch.settings import Settings
-from indexer.storage.audit import AuditLog
+from indexer.hashbanks.banks import EXPORT_FORMATS, ROLES, BadRow, Banks
 from indexer.review.banks import create_bank, delete_bank, update_bank
-from indexer.hashbanks.banks import EXPORT_FORMATS, ROLES, Banks, BadRow
+from indexer.storage.audit import AuditLog
 
 
 @main.group()
@@ -58,7 +58,7 @@ def banks_create(name: str, source: str, role: str, threshold: int, disabled: bo
                  settings: Settings) -> None:
     """Create an empty bank NAME (upper case, digits, underscores)."""
     bs, audit = _banks(settings)
-    b = create_bank(bs, audit, name, actor=actor or _os_user(), source=source, role=role, enabled=not disabled,
+    b = create_bank(bs, audit, name, actor=actor or os_user(), source=source, role=role, enabled=not disabled,
                     pdq_threshold=threshold)
     click.echo(f"created bank {b.name} ({b.role}, pdq ≤ {b.pdq_threshold} bits, {'enabled' if b.enabled else 'disabled'})")
 
@@ -76,7 +76,7 @@ def banks_set(name: str, enabled: bool | None, threshold: int | None, role: str 
               rename: str | None, actor: str | None, settings: Settings) -> None:
     """Change a bank: switch it, its threshold, role, source or name."""
     bs, audit = _banks(settings)
-    b = update_bank(bs, audit, name, actor=actor or _os_user(), enabled=enabled, pdq_threshold=threshold, role=role,
+    b = update_bank(bs, audit, name, actor=actor or os_user(), enabled=enabled, pdq_threshold=threshold, role=role,
                     source=source, rename=rename)
     click.echo(f"{b.name}: {b.role}, pdq ≤ {b.pdq_threshold} bits, {'enabled' if b.enabled else 'DISABLED'}")
 
@@ -91,7 +91,7 @@ def banks_delete(name: str, yes: bool, actor: str | None, settings: Settings) ->
     if not yes:
         raise click.UsageError("deleting a bank removes all its entries: add --yes")
     store = wiring.open_store(settings)
-    n = delete_bank(Banks(store.catalog), AuditLog(store.catalog.engine), name, actor=actor or _os_user())
+    n = delete_bank(Banks(store.catalog), AuditLog(store.catalog.engine), name, actor=actor or os_user())
     index = wiring.hash_matcher(settings, store).bank_index
     index.rebuild()  # drop the deleted entries' hashes
     index.save()
@@ -132,7 +132,7 @@ def banks_import(file: str, bank: str, create: bool, source: str | None, default
             stream.close()
         if out is not None:
             out.close()
-    audit.record(actor or _os_user(), "bank_import", f"bank:{bank}", file=file, added=rep.added,
+    audit.record(actor or os_user(), "bank_import", f"bank:{bank}", file=file, added=rep.added,
                  already_banked=rep.already_banked, bad_rows=rep.bad_rows)
     wiring.hash_matcher(settings, store).bank_index.save()
     if as_json:
@@ -184,7 +184,7 @@ def hashes_backfill(settings: Settings) -> None:
     """Hash the stored images that have none yet (stores made before hashes), from their originals on disk."""
     from indexer.ingest.pipeline import backfill_hashes
     store = wiring.open_store(settings)
-    bar = _Bar(store.catalog.count_unhashed())
+    bar = Bar(store.catalog.count_unhashed())
     try:
         counts = backfill_hashes(store, wiring.ingest_options(settings), progress=bar)
     finally:

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from flagmatch import wiring
-from flagmatch.cli import SettingsCommand, _Bar, main, with_settings
+from flagmatch.commands import Bar, SettingsCommand, main, with_settings
 from flagmatch.settings import Settings
 
 
@@ -37,8 +37,10 @@ def train(labels: tuple[str, ...], as_json: bool, settings: Settings) -> None:
     """Fit a calibrated head per label on the stored embeddings from reviewer verdicts, pick its threshold
     for --target-precision on the newest verdicts (held out) and make it the active version."""
     from dataclasses import asdict
+
+    from indexer.errors import NotEnoughVerdicts
+    from indexer.review.heads import train_head
     from indexer.storage import verdicts as vd
-    from indexer.review.heads import NotEnoughVerdicts, train_head
     store = wiring.open_store(settings)
     todo = list(labels) or list(vd.labels(store.catalog))
     if not todo:
@@ -76,7 +78,7 @@ def score(settings: Settings) -> None:
     heads = load_active(store)
     if not heads:
         raise click.ClickException("no trained head: flagmatch train")
-    bar = _Bar(store.catalog.stats()["images"])
+    bar = Bar(store.catalog.stats()["images"])
     try:
         counts, newly = score_catalog(store, heads, progress=bar)
     finally:

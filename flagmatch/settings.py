@@ -18,6 +18,7 @@ GROUPS: dict[str, str] = {
     "ingest": "Ingest",
     "decode": "Decoding limits",
     "index": "Vector index",
+    "search": "Search",
     "server": "Server",
     "heads": "Learning from verdicts",
     "cluster": "Clustering",
@@ -96,9 +97,9 @@ class Settings:
     nlist: int = setting(0, "IVF lists (0: chosen from N)", "index")
     pq_m: int = setting(0, "PQ sub-quantizers (0: chosen from the dimension)", "index")
     opq: str = setting("auto", "OPQ rotation before PQ: auto, on or off", "index")
-    nprobe: int = setting(0, "IVF lists visited per query (0: tuned at build to --target-recall)", "index")
+    nprobe: int = setting(0, "IVF lists visited per query (0: tuned at build to --target-recall)", "search")
     rerank: int = setting(0, "candidates re-ranked exactly from the raw vectors, as a multiple of k (0: tuned "
-                          "at build to --target-recall)", "index")
+                          "at build to --target-recall)", "search")
     target_recall: float = setting(0.98, "recall@10 an IVF-PQ index is tuned to at build, measured against "
                                    "exact search on held-out stored vectors", "index")
     tune_ms: float = setting(2.0, "single-query latency the recall tuner warns above, in ms", "index")
@@ -112,9 +113,9 @@ class Settings:
     shard_rows: int = setting(250_000, "vectors per shard when reindex --ray or --on-disk fills an IVF-PQ index in "
                               "shards", "index")
     index_save_seconds: float = setting(30.0, "during ingest, save the indexes at most this often", "index")
-    use_gpu: str = setting("auto", "FAISS on the GPU: auto (when faiss-gpu sees one), on or off", "index")
+    use_gpu: str = setting("auto", "FAISS on the GPU: auto (when faiss-gpu sees one), on or off", "search")
     pdq_threshold: int = setting(31, "PDQ distance (bits of 256) within which a stored image matches a query's "
-                                 "hash; each bank has its own threshold", "index")
+                                 "hash; each bank has its own threshold", "search")
     pdq_index: str = setting("auto", "PDQ binary index: flat (exhaustive, ~41 bytes a hash), mih (multi-index "
                              "hashing as HMA does, ~6-9x the memory) or auto (flat below --pdq-mih-min)", "index")
     pdq_mih_min: int = setting(100_000_000, "with pdq_index auto, hashes from which multi-index hashing is used "

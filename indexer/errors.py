@@ -1,6 +1,6 @@
 """The one hierarchy of domain errors. They say what went wrong (a ``code`` and a message), never how a
 surface reports it: the CLI turns them into a clear message and a non-zero exit, the JSON API maps each
-to an HTTP status at its edge (``search.api.http_status``)."""
+to an HTTP status at its edge (``search.edge.http_status``)."""
 from __future__ import annotations
 
 
@@ -40,6 +40,12 @@ class NotFoundError(FlagmatchError):
 
 class InvalidInputError(FlagmatchError):
     code = "invalid"
+
+
+class NotEnoughVerdicts(FlagmatchError):
+    """Too few reviewer verdicts of a label to train or check a head (or fine-tune) on; the message counts them."""
+
+    code = "not_enough_verdicts"
 
 
 class ClusteringError(FlagmatchError):

@@ -19,7 +19,7 @@ from indexer.hashbanks.banks import Bank, NewEntry
 from indexer.errors import FlagmatchError, InvalidInputError, NotFoundError
 from indexer.media.hashes import (PDQ_MIN_QUALITY, SIGNAL_ALIASES, SIGNAL_TYPES, Pdq, Signals, canonical_type, md5_of,
                             validate_signal)
-from search.api import authorize, http_status, need_ready, runtime
+from search.edge import authorize, http_status, need_ready, runtime
 from search.hashmatch import HashEvidence
 
 CONTENT_TYPES = ("photo",)  # the multipart field name HMA clients upload a file under

@@ -1,14 +1,16 @@
-"""The OpenAPI 3.1 description of the JSON API (a test checks every route is in it)."""
+"""The OpenAPI 3.1 description of the JSON API (a test checks every route is in it). Request bodies are the
+declarations the routes validate with (``search.schemas``); paths, parameters and answers are described here."""
 from __future__ import annotations
 
 from typing import Any
+
+from search.schemas import MAX_ID, json_schemas
 
 _ERR = {"$ref": "#/components/responses/Error"}
 _RETRY = {"$ref": "#/components/responses/RetryLater"}
 # Every operation can answer these: no or a bad token, over the rate limit, an internal error (JSON with a
 # request id, never a stack), and a wrong method on its path.
 _ALWAYS = (401, 405, 429, 500)
-MAX_ID = 2**63 - 1
 
 
 def _resp(ok: dict[str, Any], *errors: int) -> dict[str, Any]:
@@ -16,6 +18,11 @@ def _resp(ok: dict[str, Any], *errors: int) -> dict[str, Any]:
     for code in sorted({*errors, *_ALWAYS}):
         out[str(code)] = _RETRY if code in (429, 503) else _ERR
     return out
+
+
+def _body(name: str, *, required: bool = True) -> dict[str, Any]:
+    """A JSON request body: its schema is the declaration the route validates with (``search.schemas``)."""
+    return {"required": required, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}}
 
 
 def openapi_document() -> dict[str, Any]:
@@ -51,25 +58,14 @@ def openapi_document() -> dict[str, Any]:
                 "delete": {
                     "summary": "Delete an image: thumbnail, raw vector and index entries go; sha256 and audit stay",
                     "parameters": [image_id],
-                    "requestBody": {"required": True, "content": {"application/json": {"schema": {
-                        "type": "object", "additionalProperties": False, "required": ["reason"],
-                        "properties": {"reason": {"type": "string", "minLength": 1, "maxLength": 2000,
-                                                  "pattern": "\\S"}}}}}},
+                    "requestBody": _body("DeleteBody"),
                     "responses": _resp({"description": "Deleted", "content": {"application/json": {"schema": {
                         "type": "object", "properties": {"deleted": {"type": "array",
                                                                      "items": {"type": "integer"}}}}}}},
                         400, 403, 404, 413, 415)}},
             "/sweep": {"post": {
                 "summary": "Unflagged images anywhere in the corpus near the given (flagged) images",
-                "requestBody": {"required": True, "content": {"application/json": {"schema": {
-                    "type": "object", "additionalProperties": False, "required": ["ids"], "properties": {
-                        "ids": {"type": "array", "minItems": 1, "maxItems": 200,
-                                "items": {"type": "integer", "minimum": 1, "maximum": MAX_ID}},
-                        "min_similarity": {"type": "number", "minimum": -1, "maximum": 1,
-                                           "description": "default: suggested from the seeds (the 10th percentile "
-                                                          "of each seed's similarity to its nearest fellow seed)"},
-                        "per_seed": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 30},
-                        "limit": {"type": "integer", "minimum": 1, "maximum": 10000, "default": 200}}}}}},
+                "requestBody": _body("SweepBody"),
                 "responses": _resp({"description": "OK", "content": {"application/json": {"schema": {
                     "type": "object", "required": ["seeds", "hits"], "properties": {
                         "seeds": {"type": "array", "items": {"type": "integer"}},
@@ -87,20 +83,16 @@ def openapi_document() -> dict[str, Any]:
                                    404)}},
             "/images/{image_id}/flag": {"post": {
                 "summary": "Flag an image (recorded in its history)", "parameters": [image_id],
-                "requestBody": {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/FlagBody"}}}},
+                "requestBody": _body("FlagBody", required=False),
                 "responses": _resp(json_ok("#/components/schemas/FlagResult"), 400, 403, 404, 413, 415)}},
             "/images/{image_id}/unflag": {"post": {
                 "summary": "Unflag an image (recorded in its history)", "parameters": [image_id],
-                "requestBody": {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/FlagBody"}}}},
+                "requestBody": _body("FlagBody", required=False),
                 "responses": _resp(json_ok("#/components/schemas/FlagResult"), 400, 403, 404, 413, 415)}},
             "/clusters/{cluster_id}/decision": {"post": {
                 "summary": "Confirm or dismiss a cluster (dismiss unflags its members) with a reason code",
                 "parameters": [cluster_id],
-                "requestBody": {"required": True, "content": {"application/json": {"schema": {
-                    "type": "object", "required": ["status", "reason_code"], "additionalProperties": False,
-                    "properties": {"status": {"type": "string", "enum": ["confirmed", "dismissed"]},
-                                   "reason_code": {"type": "string"}, "name": {"type": ["string", "null"], "maxLength": 200},
-                                   "label": {"type": ["string", "null"]}, "note": {"type": ["string", "null"]}}}}}},
+                "requestBody": _body("ClusterDecisionBody"),
                 "responses": _resp(json_ok("#/components/schemas/ClusterDecision"), 400, 403, 404, 413, 415)}},
             "/clusters/{cluster_id}/undo": {"post": {
                 "summary": "Undo the latest decision on a cluster (its previous state and flags come back)",
@@ -146,6 +138,7 @@ def openapi_document() -> dict[str, Any]:
                                "headers": {"Retry-After": {"schema": {"type": "integer", "minimum": 0}}},
                                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}},
             "schemas": {
+                **json_schemas(),
                 "ClusterDecision": {"type": "object", "required": ["cluster"], "properties": {
                     "cluster": {"type": "object", "required": ["id", "status"], "properties": {
                         "id": {"type": "integer"}, "name": {"type": ["string", "null"]},
@@ -157,12 +150,6 @@ def openapi_document() -> dict[str, Any]:
                     "type": "object", "required": ["code", "message"],
                     "properties": {"code": {"type": "string"}, "message": {"type": "string"},
                                    "request_id": {"type": "string"}}}}},
-                "SearchByStored": {"type": "object", "anyOf": [{"required": ["id"]}, {"required": ["ids"]},
-                                                                {"required": ["sha256"]}], "properties": {
-                    "id": {"type": "integer", "minimum": 1, "maximum": MAX_ID},
-                    "ids": {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": MAX_ID},
-                            "minItems": 1, "maxItems": 100},
-                    "sha256": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"}, **params_props}},
                 "Flag": {"type": ["object", "null"], "properties": {
                     "source": {"type": "string"}, "label": {"type": ["string", "null"]},
                     "at": {"type": ["string", "null"], "format": "date-time"}}},
@@ -231,9 +218,6 @@ def openapi_document() -> dict[str, Any]:
                                              {"$ref": "#/components/schemas/Image"},
                                              {"type": "object", "properties": {"signal_type": {"type": "string"},
                                                                                "distance": {"type": "integer"}}}]}}}}]},
-                "FlagBody": {"type": "object", "additionalProperties": False, "properties": {
-                    "reason": {"type": ["string", "null"], "maxLength": 2000},
-                    "label": {"type": ["string", "null"], "maxLength": 200}}},
                 "FlagResult": {"type": "object", "properties": {
                     "changed": {"type": "boolean"}, "image": {"$ref": "#/components/schemas/ImageWithHistory"}}},
             },

@@ -16,7 +16,8 @@ from flagmatch.cli import main
 from indexer.storage import verdicts as vd
 from indexer.review.actions import set_flags
 from indexer.storage.audit import AuditLog
-from indexer.review.heads import NotEnoughVerdicts, load_active, score_catalog, scores_for, train_head
+from indexer.errors import NotEnoughVerdicts
+from indexer.review.heads import load_active, score_catalog, scores_for, train_head
 from tests.helpers import clean_env, encode
 
 

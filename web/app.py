@@ -1,4 +1,4 @@
-"""The Flask app factory: the JSON API (search.api) and the viewer (web.views) over a Runtime that
+"""The Flask app factory: the JSON API (search.api, web.decisions), the HMA routes (search.hma) and the viewer (web.views) over a Runtime that
 ``flagmatch.runtime`` has already built (``flagmatch.runtime.build_app`` does both)."""
 from __future__ import annotations
 
@@ -9,20 +9,19 @@ import secrets
 import threading
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flask import Flask, Response, flash, g, redirect, request, session
 from werkzeug.exceptions import HTTPException, InternalServerError
 from werkzeug.routing import IntegerConverter
 
 from indexer.models.threads import REQUEST, worker_started
-from search.api import bp as api_bp, error, http_error, register_health
+from search.api import bp as api_bp
+from search.edge import EdgeSettings, Runtime, error, http_error, register_health
 from search.hma import register_hma
+from web.decisions import bp as decisions_bp
 from web.views import bp as views_bp
 
-if TYPE_CHECKING:
-    from flagmatch.runtime import Runtime
-    from flagmatch.settings import Settings
 
 log = logging.getLogger(__name__)
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -155,7 +154,7 @@ def _drain_body(limit: int) -> None:
         pass
 
 
-def _secret_key(settings: Settings) -> str:
+def _secret_key(settings: EdgeSettings) -> str:
     if settings.secret_key:
         return settings.secret_key
     path = Path(settings.home_path) / ".secret_key"
@@ -183,6 +182,7 @@ def create_app(runtime: Runtime) -> Flask:
     )
     app.extensions["flagmatch"] = runtime
     app.register_blueprint(api_bp)
+    app.register_blueprint(decisions_bp)
     register_hma(app)
     register_health(app)
     app.register_blueprint(views_bp)

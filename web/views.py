@@ -7,7 +7,7 @@ from __future__ import annotations
 import hmac
 import secrets
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlparse
 
 from flask import (Blueprint, Response, abort, current_app, flash, g, jsonify, redirect, render_template, request,
@@ -16,18 +16,15 @@ from flask import (Blueprint, Response, abort, current_app, flash, g, jsonify, r
 from indexer.review.actions import delete_images, record_verdict, set_flags
 from indexer.review.banks import update_bank
 from indexer.review.clusters import Decision, decide_cluster, name_cluster as name_cluster_as, undo_decision
-from indexer.storage.tables import MAX_REASON
 from indexer.hashbanks.banks import Banks
 from indexer.media.decode import DEFAULT_LIMITS
 from indexer.storage.audit import parse_query
 from indexer.errors import FlagmatchError, InvalidInputError, NotFoundError
-from search.api import http_status
+from search.edge import Runtime, http_status
 from search.auth import session_actor
 from search.service import SearchParams
 from web.mapdata import encode_points
 
-if TYPE_CHECKING:
-    from flagmatch.runtime import Runtime
 
 bp = Blueprint("viewer", __name__, template_folder="templates", static_folder="static",
                static_url_path="/static")
@@ -366,8 +363,8 @@ def _set_flags(flag: bool) -> Response:
     ids = _ids(request.form.getlist("ids"))
     if not ids:
         raise InvalidInputError("select at least one image", code="bad_parameter")
-    reason = (request.form.get("reason") or "").strip()[:2000] or None
-    label = (request.form.get("label") or "").strip()[:200] or None
+    reason = (request.form.get("reason") or "").strip() or None
+    label = (request.form.get("label") or "").strip() or None
     changed = set_flags(r.store, r.index, rt().audit, ids, flag=flag, actor=actor(), source="review",
                         via="viewer", reason=reason, label=label, queue_similarity=r.settings.queue_similarity)
     if _wants_json():
@@ -520,7 +517,7 @@ def large_view(image_id: int) -> Response:
 def delete_image(image_id: int) -> Response:
     """The viewer's delete: the same action as `flagmatch delete` and DELETE /api/v1/images/{id}."""
     r = rt()
-    reason = (request.form.get("reason") or "").strip()[:2000] or None
+    reason = (request.form.get("reason") or "").strip() or None
     delete_images(r.store, r.index, r.audit, [image_id], actor=actor(), reason=reason)
     flash(f"Image {image_id} deleted: only its sha256 and the audit trail are kept.")
     return redirect(url_for("viewer.clusters"))
@@ -620,7 +617,7 @@ def queue_verdict() -> Response:
     if len(ids) != 1:
         raise InvalidInputError("one image_id", code="bad_parameter")
     rec = r.store.catalog.get(ids[0])
-    reason = (request.form.get("reason") or "").strip()[:MAX_REASON] or (
+    reason = (request.form.get("reason") or "").strip() or (
         f"{label} (review queue)" if positive else f"not {label} (review queue)")
     if positive or rec.flagged:
         set_flags(r.store, r.index, r.audit, ids, flag=positive, actor=actor(), source="review", via="queue",

@@ -21,8 +21,8 @@ import numpy as np
 from indexer.storage import verdicts as vd
 from indexer.media.decode import DEFAULT_LIMITS, decode
 from indexer.models.embed import TimmEmbedder, load_model, to_input
-from indexer.errors import FlagmatchError, InvalidInputError
-from indexer.review.heads import MIN_PER_CLASS, MIN_TEST_PER_CLASS, NotEnoughVerdicts
+from indexer.errors import FlagmatchError, InvalidInputError, NotEnoughVerdicts
+from indexer.storage.verdicts import MIN_PER_CLASS, MIN_TEST_PER_CLASS
 from indexer.storage.store import Store, read_original
 
 

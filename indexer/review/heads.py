@@ -24,19 +24,13 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from indexer.storage import verdicts as vd
+from indexer.storage.verdicts import MIN_PER_CLASS, MIN_TEST_PER_CLASS
 from indexer.storage.catalog import FlagRequest
 from indexer.storage.tables import utcnow
-from indexer.errors import FlagmatchError, InvalidInputError, NotFoundError
+from indexer.errors import FlagmatchError, InvalidInputError, NotEnoughVerdicts, NotFoundError
 from indexer.storage.store import Store
 
-MIN_PER_CLASS = 20      # fewer verdicts of either kind than this cannot be split, fitted and checked
-MIN_TEST_PER_CLASS = 5  # the held-out share must hold a few of each kind, or its precision means nothing
 ISOTONIC_FROM = 1000    # training verdicts from which isotonic calibration beats Platt's sigmoid
-
-
-class NotEnoughVerdicts(FlagmatchError):
-    def __init__(self, message: str) -> None:
-        super().__init__(message, code="not_enough_verdicts")
 
 
 @dataclass

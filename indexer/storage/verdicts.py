@@ -19,6 +19,8 @@ from indexer.storage.catalog import Catalog, Transaction
 from indexer.storage.tables import MAX_LABEL, HeadScoreRow, ImageRow, QueueCandidateRow, VerdictRow, utcnow
 from indexer.errors import InvalidInputError
 
+MIN_PER_CLASS = 20      # fewer verdicts of either kind than this cannot be split, fitted and checked
+MIN_TEST_PER_CLASS = 5  # the held-out share must hold a few of each kind, or its precision means nothing
 DEFAULT_LABEL = "unsafe"  # the seed model's own notion: a flag with no label is a verdict on it
 
 
