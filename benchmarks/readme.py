@@ -1,5 +1,5 @@
-"""Copy the settings table and the benchmark tables (benchmarks/results/*.md) into README.md,
-between the <!-- settings --> and <!-- benchmarks --> markers.
+"""Copy the settings table into docs/settings.md and the benchmark tables (benchmarks/results/*.md) into
+docs/benchmarks.md, between their <!-- settings --> and <!-- benchmarks --> markers.
 
     python benchmarks/readme.py"""
 from __future__ import annotations
@@ -17,17 +17,17 @@ SECTIONS = [("match", "Matching quality (re-uploads found and grouped)"), ("inge
 
 def main() -> None:
     from flagmatch.settings import settings_table
-    readme = ROOT / "README.md"
-    text = readme.read_text()
     parts = []
     for name, title in SECTIONS:
         f = OUT / f"{name}.md"
         body = f.read_text().strip() if f.exists() else "_not measured yet: run the script_"
-        parts.append(f"### {title} — `benchmarks/{name.split('-')[0]}.py`\n\n{body}\n")
-    for marker, content in (("settings", settings_table()), ("benchmarks", "\n".join(parts))):
+        parts.append(f"## {title} — `benchmarks/{name.split('-')[0]}.py`\n\n{body}\n")
+    for page, marker, content in (("settings.md", "settings", settings_table()),
+                                  ("benchmarks.md", "benchmarks", "\n".join(parts))):
+        path = ROOT / "docs" / page
         text = re.sub(rf"<!-- {marker} -->.*?<!-- /{marker} -->",
-                      lambda _: f"<!-- {marker} -->\n{content}\n<!-- /{marker} -->", text, flags=re.S)
-    readme.write_text(text)
+                      lambda _: f"<!-- {marker} -->\n{content}\n<!-- /{marker} -->", path.read_text(), flags=re.S)
+        path.write_text(text)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from tests.helpers import start_server, stop_server, write_images
-    from tests.hostile import write_all
+    from tests.helpers.hostile import write_all
 
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)

@@ -22,6 +22,7 @@ import numpy as np
 from clustering.identity import match_clusters
 from indexer.storage.clusters import ClusterStore, Member, NewCluster, RunInfo
 from indexer.errors import ClusteringError
+from indexer.storage.files import publish_with
 from indexer.vectors.space import current_space
 from indexer.storage.store import Store
 
@@ -477,12 +478,10 @@ def _cluster(store: Store, cstore: ClusterStore, run_id: int, ids: np.ndarray, x
     summary = matching.summary()
     art = artifacts_path(store, run_id)
     art.parent.mkdir(parents=True, exist_ok=True)
-    tmp = art.with_suffix(".tmp")
-    joblib.dump({"placer_x": x[fit_idx], "placer_emb": emb[fit_idx], "placer_xy": xy[fit_idx],
-                 "fitted": fitted, "fit_embedding": emb[hfit],
-                 "params": asdict(p), "space_version": space_version,
-                 "family_vectors": x[joined], "family_labels": labels[joined], "family_ids": ids[joined]}, tmp)
-    os.replace(tmp, art)
+    artifacts = {"placer_x": x[fit_idx], "placer_emb": emb[fit_idx], "placer_xy": xy[fit_idx],
+                 "fitted": fitted, "fit_embedding": emb[hfit], "params": asdict(p), "space_version": space_version,
+                 "family_vectors": x[joined], "family_labels": labels[joined], "family_ids": ids[joined]}
+    publish_with(art, lambda f: joblib.dump(artifacts, f))
     timings["store"] = time.perf_counter() - t
     cstore.finish_run(run_id, clusters, members_out, n_noise=noise, summary=summary, timings=timings)
     say("store", f"run {run_id}: {len(clusters)} clusters, {noise:,} unclustered")

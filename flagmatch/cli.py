@@ -444,6 +444,18 @@ def export_onnx_cmd(out: Path, settings: Settings) -> None:
     click.echo(f"wrote {out} ({embedder.info.model_id}, {embedder.info.dim}-d); use it with --model {out}")
 
 
+@main.command("sample-images")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--pictures", default=40, show_default=True, type=click.IntRange(1, 10_000))
+@click.option("--copies", default=3, show_default=True, type=click.IntRange(2, 20), help="re-uploads of each picture")
+def sample_images(out: Path, pictures: int, copies: int) -> None:
+    """Write sample pictures and re-uploads of them to OUT (nothing is downloaded): OUT/flagged.csv flags the
+    pictures and all but one re-upload of each; OUT/uploads holds the one left, to search with."""
+    from flagmatch.samples import write_samples
+    manifest, uploads = write_samples(out, pictures, copies)
+    click.echo(f"wrote {manifest} ({pictures * copies} flagged images) and {uploads} ({pictures} queries)")
+
+
 if __name__ == "__main__":  # python -m flagmatch.cli: run the imported module's group, which has every command
     from flagmatch.cli import main as _main
     _main()

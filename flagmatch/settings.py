@@ -225,8 +225,6 @@ class Settings:
 CATALOG_URL_FILE = "catalog.url"
 
 
-DEFAULT_MODEL = "Marqo/nsfw-image-detection-384"
-
 
 @dataclass(frozen=True)
 class Setting:

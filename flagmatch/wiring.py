@@ -2,19 +2,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import numpy as np
 from typing import TYPE_CHECKING, Callable, Iterable
 
-from flagmatch.settings import DEFAULT_MODEL, Settings
-from indexer.storage.catalog import IngestCounts
-from indexer.media.decode import DecodeLimits
-from indexer.models.embed import Embedder, ModelInfo, load_model
+import numpy as np
+
+from flagmatch.settings import Settings
 from indexer.errors import InvalidInputError
 from indexer.ingest.pipeline import IngestOptions, Progress, ingest
 from indexer.ingest.sources import Source
-from indexer.vectors.space import SpaceConfig, for_checkpoint as space_for
+from indexer.media.decode import DecodeLimits
+from indexer.models.embed import DEFAULT_MODEL, Embedder, ModelInfo, load_model
+from indexer.storage.catalog import IngestCounts
 from indexer.storage.store import Store
+from indexer.vectors.space import SpaceConfig
+from indexer.vectors.space import for_checkpoint as space_for
 
 if TYPE_CHECKING:
     from clustering.job import ClusterParams
@@ -101,9 +102,9 @@ def open_index(store: Store, settings: Settings, embedder: Embedder | None = Non
 def search_service(settings: Settings, store: Store, index: VectorIndex, embedder: Embedder | None) -> SearchService:
     """The search service over built parts, with the settings' decode limits, query views, the
     clustering job's per-image facts, the hash matcher and the active heads."""
-    from indexer.storage.clusters import ClusterStore
-    from indexer.review.heads import ActiveHeads
     from indexer.media.local import FeatureCache, thumbnail_grey
+    from indexer.review.heads import ActiveHeads
+    from indexer.storage.clusters import ClusterStore
     from search.admission import Admission
     from search.service import SearchService
     return SearchService(store, index, embedder, limits=decode_limits(settings),

@@ -41,7 +41,7 @@ ENGINES = ("sqlite", "postgresql")
 @pytest.fixture(scope="session", autouse=True)
 def _drop_test_databases():
     yield
-    from tests import pg
+    from tests.helpers import pg
     pg.drop_all()
 
 
@@ -50,7 +50,7 @@ def _catalog_for(engine: str):
     if engine == "sqlite":
         yield ""
         return
-    from tests import pg
+    from tests.helpers import pg
     url = pg.create_database()
     yield url
     pg.drop_database(url)

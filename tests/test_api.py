@@ -255,7 +255,7 @@ def test_request_ids_and_crashes_answer_json_without_a_stack(api_home, tiny_embe
 
 
 def test_hostile_uploads_get_a_result_or_a_coded_error(client, tmp_path):
-    from tests.hostile import HOSTILE
+    from tests.helpers.hostile import HOSTILE
     for name in ("tall_strip.png", "wide_strip.png", "long_banner.png", "huge_icc.png", "huge_exif.jpg", "deep.tiff"):
         r = upload(client, HOSTILE[name]())
         assert r.status_code == 200, (name, r.json)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect
 
-from tests.conftest_web import TOKEN, build_clustered_home
+from tests.helpers.web import TOKEN, build_clustered_home
 from tests.helpers import drawn_image, encode, start_server, stop_server
 
 CHROMIUM = os.environ.get("FLAGMATCH_CHROMIUM", "/usr/bin/chromium")

@@ -17,7 +17,7 @@ from indexer.storage.clusters import ClusterStore
 from indexer.storage.catalog import FlagRequest
 from indexer.errors import ClusteringError
 from tests.helpers import child_env, clean_env
-from tests.test_vector_index import populate
+from tests.helpers.vectors import populate
 
 DIM = 192
 

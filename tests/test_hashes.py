@@ -24,14 +24,10 @@ from indexer.errors import InvalidInputError
 from indexer.media.hashes import PDQ_MIN_QUALITY, pdq_distance
 from search.service import SearchParams
 from tests.helpers import clean_env, drawn_image, encode, photo_image
+from tests.helpers.peers import PEER_TOLERANCE, transformed
 
 threatexchange = pytest.importorskip("threatexchange")
 from threatexchange.signal_type.pdq.pdq_hasher import pdq_from_bytes  # noqa: E402
-
-# Same picture, two PDQ implementations or two resolutions: a few bits apart (PDQ's authors report 0–10
-# for resizes and re-encodes); unrelated pictures sit near 128. Half the match threshold is a wide margin.
-PEER_TOLERANCE = 16
-
 
 def _te(home: Path, *args: str) -> str:
     """The threatexchange CLI, with its state in ``home``."""
@@ -40,15 +36,6 @@ def _te(home: Path, *args: str) -> str:
                          timeout=120)
     assert out.returncode == 0, out.stderr
     return out.stdout
-
-
-def _transformed(im: Image.Image) -> bytes:
-    """A re-upload: scaled to 70 %, brightened, JPEG quality 40 (PDQ's kind of edit: a crop of even 3 %
-    moves a PDQ hash past its threshold — that is the embedding's work, see benchmarks/match.py)."""
-    w, h = im.size
-    im = im.convert("RGB").resize((int(w * 0.7), int(h * 0.7)), Image.BILINEAR)
-    im = Image.eval(im, lambda v: min(255, int(v * 1.08) + 4))
-    return encode(im, "JPEG", quality=40)
 
 
 @pytest.fixture
@@ -118,7 +105,7 @@ def test_a_list_exported_by_threatexchange_matches_transformed_uploads_of_images
     assert r.exit_code == 0, r.output
     assert "3 added" in r.output and "0 bad rows" in r.output
 
-    uploads = [("copy.jpg", _transformed(Image.open(originals[1]))),
+    uploads = [("copy.jpg", transformed(Image.open(originals[1]))),
                ("unrelated.jpg", encode(photo_image(999), "JPEG"))]
     res = svc.search_uploads(uploads, SearchParams(k=3, scope="all")).results
     ev = res[0].evidence
@@ -167,7 +154,7 @@ def test_negative_banks_suppress_and_disabled_banks_stop_at_once(svc, store):
     banked = pdq_from_bytes(encode(target, "PNG"))[0]
     banks.create("CSAM_LIKE")
     banks.add("CSAM_LIKE", [NewEntry("pdq", banked, external_id="case-17")])
-    upload = [("u.jpg", _transformed(target))]
+    upload = [("u.jpg", transformed(target))]
     ev = svc.search_uploads(upload, SearchParams()).results[0].evidence
     assert ev.matched and ev.bank_matches[0].external_id == "case-17"
 
@@ -193,7 +180,7 @@ def test_md5_banks_match_the_exact_bytes(svc, store, photos):
     banks.add("EXACT", [NewEntry("md5", hashlib.md5(data).hexdigest())])
     ev = svc.search_uploads([("x.jpg", data)], SearchParams(scope="all")).results[0].evidence
     assert [(m.bank, m.signal_type, m.distance) for m in ev.bank_matches] == [("EXACT", "md5", 0)]
-    ev2 = svc.search_uploads([("y.jpg", _transformed(Image.open(photos[0])))], SearchParams()).results[0].evidence
+    ev2 = svc.search_uploads([("y.jpg", transformed(Image.open(photos[0])))], SearchParams()).results[0].evidence
     assert not any(m.signal_type == "md5" for m in ev2.bank_matches)
 
 
@@ -214,7 +201,7 @@ def test_low_quality_hashes_are_kept_but_never_match(svc, store):
 
 
 def test_stored_images_sharing_a_hash_are_reported_by_scope(svc, store, photos):
-    data = _transformed(Image.open(photos[0]))
+    data = transformed(Image.open(photos[0]))
     ev = svc.search_uploads([("x.jpg", data)], SearchParams(scope="all")).results[0].evidence
     first = store.catalog.get(ev.image_matches[0].record.id)
     assert first.sha256 == hashlib.sha256(photos[0].read_bytes()).hexdigest()
@@ -381,6 +368,6 @@ def test_backfill_hashes_an_old_store_and_records_what_it_cannot_read(svc, setti
             assert sigs[rec.id].pdq.hash and pdq_distance(sigs[rec.id].pdq.hash,
                                                           pdq_from_bytes(p.read_bytes())[0]) <= PEER_TOLERANCE
     # the rebuilt PDQ index answers for the back-filled images
-    data = _transformed(Image.open(photos[0]))
+    data = transformed(Image.open(photos[0]))
     ev = svc.search_uploads([("x.jpg", data)], SearchParams(scope="all")).results[0].evidence
     assert ev.image_matches and ev.image_matches[0].signal_type == "pdq"

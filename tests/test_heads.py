@@ -209,7 +209,7 @@ def test_a_tiny_fine_tune_writes_a_model_that_loads_back(tmp_path, settings, sto
 def test_the_viewer_queue_model_page_and_scores(learned, store_copy, opennsfw):
     from flagmatch.runtime import build_app
     from flagmatch.wiring import open_index
-    from tests.conftest_web import csrf_of, login
+    from tests.helpers.web import csrf_of, login
     s, store = store_copy
     _, root, truth, by_path, reviewed = learned
     train_head(store, "warm", target_precision=0.9)

@@ -11,7 +11,7 @@ requests = pytest.importorskip("requests")
 from threatexchange.signal_type.pdq.pdq_hasher import pdq_from_bytes  # noqa: E402
 
 from indexer.media.hashes import pdq_distance  # noqa: E402
-from tests.test_hashes import PEER_TOLERANCE, _transformed  # noqa: E402
+from tests.helpers.peers import PEER_TOLERANCE, transformed  # noqa: E402
 
 TOKEN = "hma-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -41,7 +41,7 @@ def test_an_hma_client_banks_hashes_and_matches_uploads(server):
     base = server
     original = photo_image(900)
     banked_bytes = encode(original, "PNG")
-    copy = _transformed(original)
+    copy = transformed(original)
 
     r = requests.post(f"{base}/c/banks", json={"name": "PARTNER_LIST"}, headers=AUTH, timeout=30)
     assert r.status_code == 201 and r.json()["name"] == "PARTNER_LIST"

@@ -1,4 +1,4 @@
-"""The hostile class (tests/hostile.py) through decode, ingest and the API: every file gets a result
+"""The hostile class (tests/helpers/hostile.py) through decode, ingest and the API: every file gets a result
 or a coded error, fast, with bounded memory."""
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from indexer.media.decode import DecodeLimits, InputSpec, decode, plan, strip_pn
 from indexer.errors import DecodeError, OverloadedError
 from search.admission import Admission
 from tests.helpers import drawn_image, encode
-from tests.hostile import HOSTILE, huge_text_png, write_all
+from tests.helpers.hostile import HOSTILE, huge_text_png, write_all
 
 SPEC = InputSpec(size=384, crop_pct=1.0, interpolation="bicubic")
 ACCEPTED = {"tall_strip.png", "wide_strip.png", "long_banner.png", "many_frames.gif", "huge_text.png",

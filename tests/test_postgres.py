@@ -1,7 +1,7 @@
 """Many machines, one catalog, on a real PostgreSQL server: concurrent ingest processes, a writer killed
 with SIGKILL and resumed, two serving replicas of one catalog, a reindex under a request burst, and a
 store from before migrations upgraded in place (on SQLite too). Skipped with the reason where no server
-is configured (tests/pg.py)."""
+is configured (tests/helpers/pg.py)."""
 from __future__ import annotations
 
 import http.client
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests import pg
+from tests.helpers import pg
 from tests.helpers import child_env, start_server, stop_server, write_images
 
 TOKEN = "pg-token"

@@ -184,7 +184,7 @@ def test_a_sharded_index_built_on_the_cluster_answers_like_a_local_build(cluster
     from indexer.vectors.faiss_index import IndexConfig
     from indexer.vectors.vector_index import VectorIndex
     from tests.helpers import gaussian_mixture
-    from tests.test_vector_index import _overlap, populate
+    from tests.helpers.vectors import overlap, populate
     address, renv = cluster
     home = tmp_path / "home"
     cfg = IndexConfig(exact_threshold=3000, nprobe=16, rerank=10)
@@ -217,7 +217,7 @@ def test_a_sharded_index_built_on_the_cluster_answers_like_a_local_build(cluster
             assert st[sc]["on_disk"]["lists"].startswith(f"{sc}-g2-") and st[sc]["generation"] == 2
             assert (store.index_dir / st[sc]["on_disk"]["lists"]).is_file()
             assert st[sc]["recall_at_10"] >= 0.95
-            assert _overlap(index.search(q, 10, sc), before[sc]) >= 0.97
+            assert overlap(index.search(q, 10, sc), before[sc]) >= 0.97
         assert not list(store.index_dir.glob(".shards-*"))
     finally:
         store.close()

@@ -24,3 +24,10 @@ def test_values_are_parsed_by_the_field_type():
         Settings.load(environ={"FLAGMATCH_OPEN_READS": "maybe"})
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.port = 1  # type: ignore[misc]
+
+
+def test_the_settings_page_is_the_generated_table():
+    """docs/settings.md carries the table generated from Settings (python benchmarks/readme.py rewrites it)."""
+    from pathlib import Path
+    page = (Path(__file__).resolve().parents[1] / "docs" / "settings.md").read_text()
+    assert f"<!-- settings -->\n{settings_table()}\n<!-- /settings -->" in page

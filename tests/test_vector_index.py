@@ -11,23 +11,9 @@ from indexer.storage.catalog import FlagRequest, NewImage
 from indexer.vectors.space import SpaceConfig
 from indexer.vectors.vector_index import IndexConfig, IndexParams, VectorIndex, choose_params
 from tests.helpers import gaussian_mixture
+from tests.helpers.vectors import overlap, populate
 
 DIM = 64
-
-
-def populate(store, vectors: np.ndarray, flagged: np.ndarray | None = None, start: int = 1) -> np.ndarray:
-    """Real catalog rows + raw vectors for synthetic embeddings (what ingest would have written)."""
-    vs = store.bind_model("synthetic@test", vectors.shape[1], "{}")
-    ids = np.arange(start, start + len(vectors))
-    for i in range(0, len(vectors), 5000):
-        part = ids[i:i + 5000]
-        vs.append(int(part[0]), vectors[i:i + 5000])
-        images = [NewImage(int(k), hashlib.sha256(f"img{k}".encode()).hexdigest(), 1, "PNG", 1, 1, 1, 0.0,
-                           "t", ((f"/x/{k}.png", None),)) for k in part]
-        flags = [(int(k), FlagRequest("import", None, "test")) for j, k in enumerate(part)
-                 if flagged is not None and flagged[i + j]]
-        store.catalog.write_batch(images, "synthetic@test", flags=flags)
-    return ids
 
 
 def exact_topk(base: np.ndarray, base_ids: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
@@ -276,10 +262,6 @@ def test_learned_space_from_reupload_pairs(settings, store, tiny_embedder, tmp_p
     assert top1(learned.apply(a), learned.apply(b)) >= top1(a, b)
 
 
-def _overlap(a, b) -> float:
-    return float(np.mean([len(set(x.ids.tolist()) & set(y.ids.tolist())) / max(len(y.ids), 1) for x, y in zip(a, b)]))
-
-
 def test_sharded_build_is_served_memory_mapped_and_answers_like_a_local_build(settings, store, mixture, caplog):
     """reindex --on-disk: shards filled one after another and merged with faiss.contrib.ondisk into lists
     that are memory-mapped read-only; later adds, unflags and deletes layer on top and survive a reopen."""
@@ -300,7 +282,7 @@ def test_sharded_build_is_served_memory_mapped_and_answers_like_a_local_build(se
     for sc in ("all", "flagged"):
         assert st[sc]["on_disk"] is not None and st[sc]["kind"] == "ivfpq" and st[sc]["recall_at_10"] >= 0.95, st[sc]
         assert (store.index_dir / st[sc]["on_disk"]["lists"]).stat().st_size == st[sc]["on_disk"]["bytes"] > 0
-        assert _overlap(index.search(q, 10, sc), local[sc]) >= 0.97
+        assert overlap(index.search(q, 10, sc), local[sc]) >= 0.97
     assert st["all"]["vectors"] == len(ids) and st["flagged"]["vectors"] == int(flagged.sum())
     assert not list(store.index_dir.glob(".shards-*")), "shard files are removed after the merge"
     index.save()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest_web import TOKEN, build_clustered_home, csrf_of, login
+from tests.helpers.web import TOKEN, build_clustered_home, csrf_of, login
 from tests.helpers import drawn_image, encode, private_copy
 
 
@@ -432,7 +432,7 @@ def test_a_request_id_makes_a_repeated_or_racing_form_one_action(client, app):
 
 
 def test_a_form_sent_after_the_session_ended_is_kept_through_sign_in(app):
-    from tests.conftest_web import login
+    from tests.helpers.web import login
     c = app.test_client()
     assert login(c).status_code == 302
     page = c.get("/clusters/1")

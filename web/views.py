@@ -4,7 +4,6 @@ and flag what they pick). Thumbnails are blurred unless revealed one at a time (
 off for the session); every reveal and decision goes to the append-only audit log."""
 from __future__ import annotations
 
-import hmac
 import secrets
 from functools import lru_cache
 from typing import Any
@@ -21,7 +20,7 @@ from indexer.media.decode import DEFAULT_LIMITS
 from indexer.storage.audit import parse_query
 from indexer.errors import FlagmatchError, InvalidInputError, NotFoundError
 from search.edge import Runtime, http_status
-from search.auth import session_actor
+from search.auth import csrf_ok, session_actor
 from search.service import SearchParams
 from web.mapdata import encode_points
 
@@ -81,8 +80,8 @@ def _guard() -> Response | None:
             return redirect(url_for("viewer.login", next=back), code=303)
         abort(401)
     if request.method == "POST":
-        sent = request.form.get("csrf") or request.headers.get("X-CSRF-Token") or ""
-        if not hmac.compare_digest(sent.encode(), csrf_token().encode()):
+        csrf_token()  # a session without one yet gets one (and this request fails the check)
+        if not csrf_ok(request.form.get("csrf") or request.headers.get("X-CSRF-Token")):
             abort(403, "missing or wrong CSRF token")
     return None
 
@@ -168,8 +167,8 @@ def _safe_next(default: str) -> str:
 def login() -> Any:
     error = None
     if request.method == "POST":
-        sent = request.form.get("csrf") or ""
-        if not hmac.compare_digest(sent.encode(), csrf_token().encode()):
+        csrf_token()
+        if not csrf_ok(request.form.get("csrf")):
             abort(403, "missing or wrong CSRF token")
         found = rt().tokens.match(request.form.get("token", "").strip())
         if found is not None:

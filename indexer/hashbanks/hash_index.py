@@ -26,8 +26,8 @@ from typing import Callable, Sequence
 import faiss
 import numpy as np
 
-from indexer.vectors import faiss_index as fx
 from indexer.storage.catalog import Catalog, Checkpoint
+from indexer.storage.files import publish
 from indexer.media.hashes import PDQ_BITS, PDQ_MAX_THRESHOLD, pdq_codes
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ class PdqIndex:
                                                                                self.generation):
                 return
             data = faiss.serialize_index_binary(self.index).tobytes()
-            fx.publish(self.path, data)
+            publish(self.path, data)
             self.catalog.save_checkpoint(Checkpoint(
                 self.scope, self.covered, 0, self.generation, self.ntotal,
                 {"kind": "mih" if self.is_mih else "flat", "bits": PDQ_BITS}, hashlib.sha256(data).hexdigest()))

@@ -20,6 +20,7 @@ import numpy as np
 
 from indexer.media.decode import InputSpec
 from indexer.errors import ModelLoadError
+from indexer.storage.files import publish
 from indexer.models.threads import MODEL, name_os_thread
 
 DEFAULT_MODEL = "Marqo/nsfw-image-detection-384"
@@ -550,7 +551,6 @@ def export_onnx(embedder: TimmEmbedder, out: Path) -> None:
 
     size = embedder.info.input.size
     example = torch.from_numpy(to_input(calibration_pixels(size, 2), embedder.info.norm)).to(embedder.device)
-    tmp = out.with_name(out.name + ".tmp")
     batch = torch.export.Dim("batch", min=1, max=4096)
     program = torch.onnx.export(_Both(embedder.model, embedder.unsafe_index).eval(), (example,),
                                 input_names=["pixels"], output_names=["embedding", "p_unsafe"],
@@ -561,5 +561,4 @@ def export_onnx(embedder: TimmEmbedder, out: Path) -> None:
     for k, v in (("flagmatch.model_id", info.model_id), ("flagmatch.dim", str(info.dim)),
                  ("flagmatch.preprocessing", info.preprocessing)):
         m.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
-    onnx.save(m, str(tmp))
-    os.replace(tmp, out)
+    publish(out, m.SerializeToString())

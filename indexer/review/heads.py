@@ -164,7 +164,7 @@ def _next_version(store: Store, label: str) -> int:
 
 def _save(store: Store, head: Head, report: HeadReport) -> None:
     import joblib
-    from indexer.vectors.faiss_index import publish
+    from indexer.storage.files import publish
     d = heads_dir(store) / slug(head.label)
     d.mkdir(parents=True, exist_ok=True)
     tmp = d / f".v{head.version}.joblib.tmp"
@@ -213,7 +213,7 @@ def load_active(store: Store) -> list[Head]:
 
 def activate(store: Store, label: str, version: int) -> None:
     """Make an earlier (or later) version the active one."""
-    from indexer.vectors.faiss_index import publish
+    from indexer.storage.files import publish
     d = heads_dir(store) / slug(vd.clean_label(label))
     if not (d / f"v{version}.joblib").exists():
         raise NotFoundError(f"no version {version} of the {label!r} head")

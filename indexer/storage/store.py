@@ -12,6 +12,7 @@ from typing import Iterator, Sequence
 
 from indexer.storage.catalog import ADVISORY_WRITERS, Catalog
 from indexer.errors import FlagmatchError, ModelMismatchError
+from indexer.storage.files import publish
 from indexer.storage.vectors import VectorStore
 
 
@@ -60,11 +61,7 @@ class Store:
         path = self.home / "catalog.url"
         if path.exists():
             return
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(url + "\n")
-        os.replace(tmp, path)
+        publish(path, (url + "\n").encode(), mode=0o600)
 
     @property
     def thumbs_dir(self) -> Path:
@@ -150,9 +147,7 @@ class Store:
         path = self.thumbs_dir / key
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
+            publish(path, data, durable=False)
         return key
 
     def close(self) -> None:

@@ -20,6 +20,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from indexer.errors import FlagmatchError, ModelMismatchError
+from indexer.storage.files import publish
 
 DTYPE = np.float32
 LEGACY = -1  # the segment number of vectors.f32 (row = image id)
@@ -62,10 +63,8 @@ class VectorStore:
             if int(meta["dim"]) != dim:
                 raise ModelMismatchError(f"raw vectors in {self.dir} are {meta['dim']}-d, the model gives {dim}-d")
         else:
-            tmp = meta_path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"dim": dim, "dtype": "float32",
-                                       "row": "catalog images.vec_segment/vec_row; vectors.f32: image id"}))
-            os.replace(tmp, meta_path)
+            publish(meta_path, json.dumps({"dim": dim, "dtype": "float32",
+                                           "row": "catalog images.vec_segment/vec_row; vectors.f32: image id"}).encode())
         self.dim = dim
         self.row_bytes = dim * np.dtype(DTYPE).itemsize
         self.locator = locator

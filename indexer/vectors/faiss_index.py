@@ -20,6 +20,7 @@ import faiss
 import numpy as np
 
 from indexer.errors import InvalidInputError
+from indexer.storage.files import publish  # noqa: F401  (index files are published: fx.publish)
 
 MIN_IVF = 10_000  # PQ's 256 centroids per sub-quantizer need ~10k training points: stay exact below
 NPROBES = (8, 16, 32, 64, 128, 256, 512, 1024)
@@ -145,22 +146,6 @@ def held_ids(index: AnyIndex) -> set[int]:
         if n:
             out.update(faiss.rev_swig_ptr(inv.get_ids(lst), n).tolist())
     return out
-
-
-def publish(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so a reader sees the old file or the whole new one: a temp file, fsynced,
-    renamed over, and the folder fsynced so the rename itself survives a power cut."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def serialize(index: AnyIndex) -> bytes:

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from indexer.storage.files import publish_with
 
 if TYPE_CHECKING:
     from indexer.storage.catalog import Checkpoint
@@ -151,18 +152,9 @@ def save(directory: Path, space: MatchingSpace) -> MatchingSpace:
     assert space.mean is not None and space.proj is not None
     directory.mkdir(parents=True, exist_ok=True)
     path = path_for(directory, space.version)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, mean=space.mean, proj=space.proj, power=np.float64(space.power),
-                 fitted_n=np.int64(space.fitted_n), version=np.int64(space.version), method=np.str_(space.method))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    publish_with(path, lambda f: np.savez(f, mean=space.mean, proj=space.proj, power=np.float64(space.power),
+                                          fitted_n=np.int64(space.fitted_n), version=np.int64(space.version),
+                                          method=np.str_(space.method)))
     return MatchingSpace(space.version, space.dim_in, space.mean, space.proj, space.power, space.fitted_n,
                          hashlib.sha256(path.read_bytes()).hexdigest(), space.method)
 
@@ -271,8 +263,5 @@ def reupload_pairs(store: "Store", embedder: "Embedder", n: int, seed: int = 123
         eb.append(embedder.embed(np.stack(b_px[i:i + 32]))[0])
     a_out = np.concatenate(ea) if ea else np.zeros((0, embedder.info.dim), np.float32)
     b_out = np.concatenate(eb) if eb else np.zeros((0, embedder.info.dim), np.float32)
-    tmp = cache.with_name(f".{cache.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, a=a_out, b=b_out, model_id=np.str_(model_id))
-    os.replace(tmp, cache)
+    publish_with(cache, lambda f: np.savez(f, a=a_out, b=b_out, model_id=np.str_(model_id)), durable=False)
     return a_out, b_out

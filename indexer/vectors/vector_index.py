@@ -30,6 +30,7 @@ from indexer.vectors import faiss_index as fx
 from indexer.vectors import space as spaces
 from indexer.storage.catalog import Checkpoint
 from indexer.errors import FlagmatchError, InvalidInputError
+from indexer.storage.files import publish
 from indexer.vectors.faiss_index import IndexConfig, IndexParams, LayeredIndex, choose_params
 from indexer.vectors.sharded import ShardPlan, ShardRunner, local_runner
 from indexer.vectors.space import MatchingSpace, SpaceConfig
@@ -576,7 +577,7 @@ class VectorIndex:
                     meta = (s.image_id, s.flag_event_id, s.generation, s.ntotal, asdict(s.params))
                 if cp is not None and (cp.image_id, cp.flag_event_id, cp.generation, cp.ntotal) == meta[:4]:
                     continue  # nothing changed since the last save
-                fx.publish(self.path(scope), data)
+                publish(self.path(scope), data)
                 self.store.catalog.save_checkpoint(Checkpoint(scope, meta[0], meta[1], meta[2], meta[3], meta[4],
                                                               hashlib.sha256(data).hexdigest()))
             spaces.prune(self.store.index_dir, {int(cp.params.get("space_version", 0)) for sc in SCOPES

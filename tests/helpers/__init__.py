@@ -134,7 +134,7 @@ def private_copy(settings, dest: Path):  # type: ignore[no-untyped-def]
     import shutil
     shutil.copytree(settings.home_path, dest)
     if settings.catalog_url.startswith("postgresql"):  # the catalog is a database: copy it as a template
-        from tests import pg
+        from tests.helpers import pg
         return settings.replace(home=str(dest), catalog_url=pg.create_database(template=settings.catalog_url))
     return settings.replace(home=str(dest))
 

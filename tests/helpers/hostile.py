@@ -1,7 +1,7 @@
 """The hostile class, drawn in code: files that are small on disk but would make a naive decoder
 allocate gigabytes or spend minutes. Each returns bytes; ``HOSTILE`` names them all.
 
-    python -m tests.hostile OUT_DIR        # write them as files (for ingest and the soak benchmark)"""
+    python -m tests.helpers.hostile OUT_DIR        # write them as files (for ingest and the soak benchmark)"""
 from __future__ import annotations
 
 import io
