@@ -149,3 +149,25 @@ def test_audit_command_filters_and_exports(tmp_path):
     r = invoke("audit", "--home", str(home), "--target", "image:*", "--format", "csv")
     assert r.output.splitlines()[0] == "id,at,actor,action,target,detail" and len(r.output.splitlines()) == 6
     assert invoke("audit", "--home", str(home), "--since", "soon").exit_code != 0
+
+
+def test_the_readme_quick_start_runs_on_sample_images(tmp_path):
+    """The README's quick start as a newcomer types it: sample images, ingest with open_nsfw's packaged
+    weights, search with a re-upload (its flagged original comes first), cluster."""
+    demo = tmp_path / "demo"
+    env = {"FLAGMATCH_HOME": str(demo / "home")}
+    r = invoke("sample-images", str(demo), "--pictures", "12", env=env)
+    assert r.exit_code == 0, r.output
+    assert len(list((demo / "uploads").glob("*.jpg"))) == 12
+    r = invoke("ingest", str(demo / "flagged.csv"), "--model", "opennsfw", env=env)
+    assert r.exit_code == 0 and "new 36" in r.output and "flagged 36" in r.output, r.output
+    found = 0
+    for i in range(12):
+        r = invoke("search", str(demo / "uploads" / f"{i:03d}-3.jpg"), "-k", "1", "--json", env=env)
+        assert r.exit_code == 0, r.output
+        [hit] = json.loads(r.output)["results"][0]["hits"]
+        found += Path(hit["paths"][0]).name.startswith(f"{i:03d}")
+    assert found >= 11  # a re-upload finds a flagged copy of its own picture first
+    r = invoke("cluster", env=env)
+    assert r.exit_code == 0, r.output
+    assert "clusters" in invoke("clusters", env=env).output
