@@ -274,6 +274,12 @@ class SearchService:
         np.fill_diagonal(sims, -np.inf)
         return round(float(np.clip(np.percentile(sims.max(axis=1), 10), -1.0, 1.0)), 2)
 
+    def sweep_threshold(self, seeds: Sequence[int], found: Sequence[float]) -> float:
+        """The threshold a sweep page suggests: ``suggest_sweep_threshold`` held to what the sweep found
+        (``found``: its candidates' similarities) — never above every candidate (it would show nothing while
+        some sit just below), never so low that more than ``SWEEP_SUGGESTED_MAX`` pass."""
+        return settle_threshold(self.suggest_sweep_threshold(seeds), found)
+
     def _search(self, queries: list[Query], vectors: np.ndarray, params: SearchParams, t: Timings,
                 exclude: list[set[int]], owner: list[int] | None = None,
                 views: list[str] | None = None, signals: list[Signals] | None = None,
@@ -343,3 +349,26 @@ class SearchService:
             if checked[image_id] >= MIN_MATCHES:
                 return [row[j], *row[:j], *row[j + 1:]], checked
         return row, checked
+
+
+SWEEP_SUGGESTED_MAX = 50  # candidates a suggested sweep threshold lets through at most: a page a reviewer reads
+
+
+def settle_threshold(suggested: float, found: Sequence[float], most: int = SWEEP_SUGGESTED_MAX) -> float:
+    """``suggested`` moved to fit the candidates ``found``: where it admits none, down to the widest gap
+    among the best ``most`` (the group that stands apart from the rest); where it admits more than ``most``,
+    up to the ``most``-th best. Rounded down to 0.01 so the candidate it was set at passes."""
+    sims = sorted((float(s) for s in found), reverse=True)
+    if not sims:
+        return suggested
+    top = sims[:most]
+    out = suggested
+    if suggested > top[0]:
+        if len(top) == 1:
+            out = top[0]
+        else:
+            gaps = [top[i] - top[i + 1] for i in range(len(top) - 1)]
+            out = top[int(np.argmax(gaps))]
+    elif len(sims) > most and suggested < sims[most - 1]:
+        out = sims[most - 1]
+    return float(np.floor(out * 100) / 100)

@@ -167,9 +167,10 @@ def test_moderator_journey(server, page):
     page.wait_for_url("**/selection")
     assert page.locator(".card.image").count() == 60
     expect(page.locator(".selected-count")).to_have_text("60 selected")  # a map selection arrives ticked
-    page.select_option("#filter-state", "is-unflagged")  # the one unflagged above
-    expect(page.locator(".selected-count")).to_have_text("1 selected")
+    page.select_option("#filter-state", "is-unflagged")  # the one unflagged above: the rest stays selected
+    expect(page.locator(".selected-count")).to_contain_text("1 selected shown (59 more selected, hidden")
     page.select_option("#filter-state", "")
+    expect(page.locator(".selected-count")).to_have_text("60 selected")
     page.shot("07-selection")
     page.click("header button[name=blur]")  # toggling blur here once answered a raw 405 page
     expect(page.locator("header button[name=blur]")).to_have_text("Blur: off")
@@ -261,3 +262,329 @@ def test_selection_keyboard_and_double_submits(server, page):
     rows = page.locator("table.audit tbody tr").all_inner_texts()
     assert sum("false positive" in r for r in rows) == 1, rows
     assert not page.problems, page.problems
+
+
+# ---------------------------------------------------------------------- what moderators found (one test each)
+
+def _api(page, base: str, path: str) -> dict:
+    """The catalog's own answer, through the JSON API with the token (not the page that was clicked)."""
+    r = page.request.get(base + "/api/v1" + path, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.ok, r.text()
+    return r.json()
+
+
+def _signed_in(page, base: str) -> None:
+    page.goto(base + "/clusters")
+    if "/login" in page.url:
+        page.fill("input[name=token]", TOKEN)
+        page.click("form button:has-text('Sign in')")
+        page.wait_for_url(base + "/clusters")
+
+
+def _first_cluster(page, base: str, nth: int = 0) -> str:
+    _signed_in(page, base)
+    page.locator("article.card.cluster[data-cluster] h2 a").nth(nth).click()
+    page.wait_for_url("**/clusters/*")
+    return page.url
+
+
+def test_the_image_pages_flag_and_unflag_act_on_that_image(server, page):
+    """Bug 1: Unflag on an image's page said "Select at least one image first." and changed nothing."""
+    base, _root = server
+    _signed_in(page, base)
+    flagged = next(i for i in range(1, 80) if _api(page, base, f"/images/{i}")["flagged"])
+    page.goto(f"{base}/images/{flagged}")
+    page.fill("form.inline input[name=reason]", "a poster, not unsafe")
+    with page.expect_navigation():
+        page.click("form.inline button:has-text('Unflag')")
+    img = _api(page, base, f"/images/{flagged}")
+    assert img["flagged"] is False and img["history"][-1]["reason"] == "a poster, not unsafe"
+    assert "a poster, not unsafe" in page.locator("ul.history").inner_text()
+    page.fill("form.inline input[name=reason]", "it is, after all")
+    page.fill("form.inline input[name=label]", "adult_nudity")
+    with page.expect_navigation():
+        page.click("form.inline button:has-text('Flag')")
+    img = _api(page, base, f"/images/{flagged}")
+    assert img["flagged"] is True and img["flag"]["label"] == "adult_nudity"
+    assert not page.problems, page.problems
+
+
+def test_the_decision_bar_survives_an_ended_session(server, page):
+    """Bug 3: after signing out in another tab, Confirm answered "That did not work." and lost the form."""
+    base, _root = server
+    url = _first_cluster(page, base, 2)
+    page.fill("#decision-form input[name=name]", "Poster wall")
+    page.fill("#decision-form input[name=note]", "checked every tile")
+    page.select_option("#decision-form select[name=reason_code]", "matches_policy")
+    other = page.context.new_page()
+    other.goto(base + "/clusters")
+    other.click("header button:has-text('Sign out')")
+    other.wait_for_url("**/login*")
+    other.close()
+    page.click("#decision-form button:has-text('Confirm')")
+    page.wait_for_url("**/login*")
+    assert "session had ended" in page.locator(".flash").inner_text()
+    page.fill("input[name=token]", TOKEN)
+    page.click("form button:has-text('Sign in')")
+    page.wait_for_url(url)
+    assert page.locator("#decision-form input[name=name]").input_value() == "Poster wall"
+    assert page.locator("#decision-form input[name=note]").input_value() == "checked every tile"
+    assert page.locator("#decision-form select[name=reason_code]").input_value() == "matches_policy"
+    expect(page.locator("#cluster-status")).not_to_have_text("confirmed")  # nothing was decided while signed out
+    page.problems.clear()  # (the 401 of the refused submit is the point of this test)
+
+
+def test_undo_is_there_right_after_an_in_place_decision_and_keeps_the_name(server, page):
+    """Bug 4: Undo appeared only after a reload, and then cleared the name given with the decision."""
+    base, _root = server
+    url = _first_cluster(page, base, 3)
+    assert page.locator("#undo-form").is_hidden()
+    page.fill("#decision-form input[name=name]", "Sticker sheet")
+    page.select_option("#decision-form select[name=reason_code]", "matches_policy")
+    page.click("#decision-form button:has-text('Dismiss')")
+    expect(page.locator("#cluster-status")).to_have_text("dismissed")
+    expect(page.locator("#undo-form")).to_be_visible()
+    cid = int(url.rstrip("/").rsplit("/", 1)[1])
+    with page.expect_navigation():
+        page.click("#undo")
+    expect(page.locator("#cluster-status")).to_have_text("unreviewed")
+    assert "Sticker sheet" in page.locator("h1").inner_text()
+    # the flags the dismissal took are back, in the catalog
+    members = page.locator("form.members .card.image[data-id]").evaluate_all("cs => cs.map(c => +c.dataset.id)")
+    assert members and all(_api(page, base, f"/images/{i}")["flagged"] for i in members[:5])
+    events = _api(page, base, f"/audit?target=cluster:{cid}")["events"]
+    assert [e["action"] for e in events[:2]] == ["cluster_undo", "cluster_dismissed"]
+    assert not page.problems, page.problems
+
+
+def test_select_all_counts_each_member_once(server, page):
+    """Bug 5: "Members (33)" offered "Select all 34" (outliers counted twice)."""
+    base, _root = server
+    _first_cluster(page, base, 1)
+    heading = int(page.locator("form.members h2 .count").inner_text().strip("()").split(",")[0])
+    expect(page.locator("button.select-every")).to_have_text(f"Select all {heading}")
+    page.click("button.select-every")
+    expect(page.locator(".selected-count").first).to_have_text(f"{heading} selected")
+    page.click("button.select-none")
+
+
+def test_the_audit_table_reads_at_1280_px(server, page):
+    """Bug 6: the #, who, what and target columns wrapped one letter per line."""
+    base, _root = server
+    _signed_in(page, base)
+    page.set_viewport_size({"width": 1280, "height": 800})
+    page.goto(base + "/audit")
+    line = page.locator("table.audit tbody tr").first.locator("td.n").evaluate(
+        "e => parseFloat(getComputedStyle(e).lineHeight) || 20")
+    for col in ("n", "when", "who", "what", "target"):
+        heights = page.locator(f"table.audit tbody td.{col}").evaluate_all(
+            "cs => cs.slice(0, 30).map(c => c.getBoundingClientRect().height)")
+        assert max(heights) < 2.5 * line + 12, (col, max(heights))  # one line (rows grow with the detail column)
+        widths = page.locator(f"table.audit tbody td.{col}").evaluate_all(
+            "cs => cs.slice(0, 30).map(c => c.getBoundingClientRect().width)")
+        assert min(widths) > 20, (col, widths)
+    page.set_viewport_size({"width": 1280, "height": 900})
+
+
+def test_the_maps_selection_stays_in_view_and_survives_back(server, page):
+    """Bug 7: "Open selection" fell below an 800-px window; the selection was gone after Back."""
+    base, _root = server
+    _signed_in(page, base)
+    page.set_viewport_size({"width": 1280, "height": 800})
+    page.goto(base + "/map")
+    page.wait_for_selector("body[data-map-ready='1']", timeout=20_000)
+    box = page.locator("#map").bounding_box()
+    page.click("#box-mode")
+    page.mouse.move(box["x"] + 3, box["y"] + 3)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] - 3, box["y"] + min(box["height"], 700) - 3, steps=8)
+    page.mouse.up()
+    n = int(page.locator("#map").get_attribute("data-selected"))
+    assert n > 0
+    button = page.locator("#selection-form button").bounding_box()
+    assert button["y"] + button["height"] <= 800, button
+    page.click("#selection-form button")
+    page.wait_for_url("**/selection")
+    page.go_back()
+    page.wait_for_selector("body[data-map-ready='1']", timeout=20_000)
+    expect(page.locator("#selection-count")).to_have_text(f"{n} selected")
+    assert int(page.locator("#map").get_attribute("data-selected")) == n
+    page.set_viewport_size({"width": 1280, "height": 900})
+
+
+def test_selection_filters_hide_without_deselecting(server, page):
+    """Bug 8: a filter silently dropped what it hid from the selection (168 -> 15)."""
+    base, _root = server
+    _signed_in(page, base)
+    page.goto(base + "/map")
+    page.wait_for_selector("body[data-map-ready='1']", timeout=20_000)
+    page.locator("#map").focus()
+    page.keyboard.press("0")
+    page.keyboard.press("Enter")  # everything in view
+    page.click("#selection-form button")
+    page.wait_for_url("**/selection")
+    total = page.locator(".card.image").count()
+    expect(page.locator(".selected-count")).to_have_text(f"{total} selected")
+    page.select_option("#filter-state", "is-unflagged")
+    shown = page.locator(".card.image:not([hidden])").count()
+    assert 0 < shown < total
+    expect(page.locator(".selected-count")).to_contain_text(f"{shown} selected shown ({total - shown} more")
+    # an action applies to what is shown: flag the unflagged ones, the flagged stay as they were
+    hidden_ids = page.locator(".card.image[hidden]").evaluate_all("cs => cs.map(c => +c.dataset.id)")
+    page.fill("input[name=reason]", "seen on the map")
+    page.click("button:has-text('Flag selected')")
+    expect(page.locator(".flash")).to_contain_text(f"Flagged {shown} image(s).")
+    assert all(_api(page, base, f"/images/{i}")["flagged"] for i in hidden_ids[:5])
+    page.select_option("#filter-state", "")
+    expect(page.locator(".selected-count")).to_have_text(f"{total - shown} selected")
+
+
+def test_a_bad_audit_filter_keeps_the_form(server, page):
+    """Bug 9: since=yesterday replaced the page with a bare message."""
+    base, _root = server
+    _signed_in(page, base)
+    resp = page.goto(base + "/audit?since=yesterday&actor=rita")
+    assert resp.status == 400
+    assert page.locator("form.filters input[name=since]").input_value() == "yesterday"
+    assert page.locator("form.filters input[name=actor]").input_value() == "rita"
+    assert "ISO 8601" in page.locator("#filter-problem").inner_text()
+    assert page.locator("header.top nav").count() == 1
+    page.problems.clear()
+
+
+def test_every_error_page_is_styled_with_a_way_back(server, page):
+    """Bug 10: 403, 405 and malformed ids showed Werkzeug's bare pages."""
+    base, _root = server
+    _signed_in(page, base)
+    for path, status in (("/clusters/abc", 404), ("/clusters/123456789012345678901", 404), ("/logout", 405),
+                         ("/images/999999999", 404), ("/no/such/page", 404)):
+        resp = page.goto(base + path)
+        assert resp.status == status, path
+        assert page.locator("header.top nav").count() == 1, path  # the viewer's own page, with its navigation
+        assert page.locator("main h1").count() == 1 and page.locator("main a[href='/clusters']").count() >= 1, path
+    # a form without its CSRF token: 403, styled
+    page.goto(base + "/clusters")
+    page.evaluate("""() => { const f = document.createElement('form'); f.method = 'post';
+        f.action = '/clusters/1/name'; document.body.appendChild(f); f.submit(); }""")
+    page.wait_for_load_state()
+    assert "Not allowed" in page.locator("main h1").inner_text() and page.locator("header.top nav").count() == 1
+    page.problems.clear()
+
+
+def test_the_larger_view_is_blurred_until_revealed_and_blur_off_hides_reveal(server, page):
+    """Bug 11: "View larger" showed the unblurred original with blur on; after "blur off" the page kept
+    every Reveal button."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    base, _root = server
+    _signed_in(page, base)
+    target = next(i for i in range(1, 80) if not _api(page, base, f"/images/{i}").get("deleted", False))
+    page.goto(f"{base}/images/{target}")
+    href = page.locator("#view-large").get_attribute("href")
+
+    def sharpness() -> float:
+        r = page.request.get(base + href)
+        a = np.asarray(Image.open(io.BytesIO(r.body())).convert("L"), np.float32)
+        return float(np.abs(np.diff(a, axis=1)).mean())
+    blurred = sharpness()
+    page.locator("figure.thumb button.reveal").first.click()
+    expect(page.locator("figure.thumb img").first).to_have_attribute("src", re.compile("clear=1"))
+    revealed = sharpness()
+    assert revealed > 3 * blurred, (blurred, revealed)
+    events = _api(page, base, f"/audit?target=image:{target}&action=view_large")["events"]
+    assert [e["detail"]["blurred"] for e in events[:2]] == [False, True]
+    # blur off for the session: nothing left to reveal, so no Reveal buttons
+    _first_cluster(page, base, 0)
+    assert page.locator("figure.thumb button.reveal:visible").count() > 0
+    page.click("header button[name=blur]")
+    expect(page.locator("header button[name=blur]")).to_have_text("Blur: off")
+    assert page.locator("figure.thumb button.reveal:visible").count() == 0
+    page.click("header button[name=blur]")
+    expect(page.locator("header button[name=blur]")).to_have_text("Blur: on")
+    assert page.locator("figure.thumb button.reveal:visible").count() > 0
+
+
+def test_a_bulk_unflag_asks_first_and_can_be_undone(server, page):
+    """Undo everywhere: a bulk unflag of 20 or more asks for confirmation, and its message carries an Undo that
+    flags every image again with the label it had (one audited action, checked in the catalog)."""
+    base, _root = server
+    _first_cluster(page, base, 0)
+    page.click("button.select-every")
+    n = int(page.locator(".selected-count").first.inner_text().split()[0])
+    assert n >= 20
+    ids = page.evaluate("() => JSON.parse(sessionStorage.getItem('flagmatch-selection:' + location.pathname))")
+    before = {i: _api(page, base, f"/images/{i}") for i in map(int, ids)}
+    still_flagged = [i for i, img in before.items() if img["flagged"]]
+    dialogs: list[str] = []
+    page.once("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    page.fill("form.members input[name=reason]", "all posters")
+    page.click("button:has-text('Unflag selected')")
+    page.wait_for_timeout(300)
+    assert dialogs == [f"Unflag {n} images?"]
+    assert all(_api(page, base, f"/images/{i}")["flagged"] for i in still_flagged[:5])  # declined: nothing changed
+    page.once("dialog", lambda d: d.accept())
+    page.click("button:has-text('Unflag selected')")
+    expect(page.locator(".flash")).to_contain_text(f"Unflagged {len(still_flagged)} image(s).")
+    assert not any(_api(page, base, f"/images/{i}")["flagged"] for i in still_flagged)
+    page.click(".flash button.undo-change")
+    expect(page.locator(".flash")).to_contain_text(f"Undone: {len(still_flagged)} image(s) flagged again.")
+    for i in still_flagged:
+        img = _api(page, base, f"/images/{i}")
+        assert img["flagged"] and img["flag"]["label"] == before[i]["flag"]["label"], i
+    assert page.locator("form.members .card.image.is-unflagged[data-id]").count() == len(before) - len(still_flagged)
+    events = _api(page, base, "/audit?action=undo_flags")["events"]
+    assert events and sorted(events[0]["detail"]["ids"]) == sorted(still_flagged)
+    assert not page.problems, page.problems
+
+
+def test_the_flow_goes_on_to_the_next_unreviewed_cluster(server, page):
+    """Keep the flow going: "Next unreviewed" on the cluster list and the cluster page, and the decision that
+    moved on is confirmed on the next cluster's page."""
+    base, _root = server
+    _signed_in(page, base)
+    page.click("#next-unreviewed")
+    page.wait_for_url("**/clusters/*")
+    first = page.url
+    assert page.locator("#cluster-status").inner_text() == "unreviewed"
+    page.select_option("#decision-form select[name=reason_code]", "matches_policy")
+    page.check("#decision-form input[name=next]")
+    with page.expect_navigation():
+        page.click("#decision-form button:has-text('Confirm')")
+    assert page.url != first
+    expect(page.locator(".flash")).to_contain_text("Previous decision saved")
+    assert page.locator("#cluster-status").inner_text() == "unreviewed"
+    cid = int(first.rstrip("/").rsplit("/", 1)[1])
+    assert _api(page, base, f"/audit?target=cluster:{cid}")["events"][0]["action"] == "cluster_confirmed"
+    with page.expect_navigation():
+        page.click("#next-unreviewed")
+    assert page.url != first
+
+
+def test_every_link_from_the_cluster_list_answers_a_styled_page(server, page):
+    """A crawler from the cluster list: every same-site link (pages, thumbnails, JSON) answers without a 5xx,
+    and every HTML page is the viewer's own (its navigation, never a bare error page)."""
+    base, _root = server
+    _signed_in(page, base)
+    seen, todo, pages = set(), ["/clusters"], 0
+    while todo and len(seen) < 400:
+        path = todo.pop(0)
+        if path in seen:
+            continue
+        seen.add(path)
+        r = page.request.get(base + path)
+        assert r.status < 500, (path, r.status)
+        if "text/html" not in r.headers.get("content-type", ""):
+            continue
+        html = r.text()
+        pages += 1
+        assert 'class="top"' in html and "<nav>" in html, path
+        for href in re.findall(r'href="(/[^"#]*)"', html):
+            href = href.replace("&amp;", "&")
+            if href.startswith("/static") or "logout" in href or href in seen:
+                continue
+            if href.startswith(("/images/", "/clusters", "/map", "/search", "/queue", "/model", "/banks", "/audit",
+                                "/api/v1/images", "/selection")) and href.count("page=") <= 1:
+                todo.append(href)
+    assert pages >= 20, pages

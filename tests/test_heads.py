@@ -139,6 +139,25 @@ def test_too_few_or_one_sided_verdicts_are_refused(store_copy):
         train_head(store, "only_yes")
 
 
+def test_negatives_that_all_came_last_still_train_and_test(store_copy):
+    """Months of positives, then a batch of "not this label" from the queue: every negative is among the
+    newest verdicts. The split holds out the newest of each kind, so both kinds train and test (a split of
+    the newest 20 % overall left no negative to train on, and scikit-learn crashed on cv=0)."""
+    _, store = store_copy
+    ids = store.catalog.image_ids()
+    assert len(ids) >= 60
+    vd.record(store.catalog, [vd.Verdict(i, "spam", True, "rita") for i in ids[:40]])
+    vd.record(store.catalog, [vd.Verdict(i, "spam", False, "sam", None, "queue") for i in ids[40:62]])
+    _, report = train_head(store, "spam", target_precision=0.9)
+    c = report.counts
+    assert c["train_negative"] >= 5 and c["test_negative"] >= 5 and c["train_positive"] + c["test_positive"] == 40
+    # where too few of a kind are left to train on, the refusal says how many
+    vd.record(store.catalog, [vd.Verdict(i, "scam", True, "rita") for i in ids[:30]])
+    vd.record(store.catalog, [vd.Verdict(i, "scam", False, "sam") for i in ids[30:52]])
+    with pytest.raises(NotEnoughVerdicts, match=r"leaves \d+ positive and \d+ negative verdicts to train on"):
+        train_head(store, "scam", test_share=0.9)
+
+
 def test_conflicting_verdicts_and_deleted_images(store_copy):
     _, store = store_copy
     from indexer.review.actions import delete_images

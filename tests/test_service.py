@@ -89,3 +89,18 @@ def test_bad_requests_are_refused(svc):
         svc.search_uploads([("e.png", b"")], SearchParams())
     with pytest.raises(InvalidInputError):
         svc.search_uploads([], SearchParams())
+
+
+def test_the_suggested_sweep_threshold_fits_what_the_sweep_found():
+    """Never above every candidate (0.96 found nothing while 8 sat in 0.9-1.0), never letting through more
+    than a page (0.78 on a mixed cluster gave 187)."""
+    from search.service import SWEEP_SUGGESTED_MAX, settle_threshold
+    close = [0.95, 0.94, 0.93, 0.93, 0.92, 0.91, 0.905, 0.90]
+    far = [0.6 - 0.001 * i for i in range(100)]
+    t = settle_threshold(0.96, close + far)
+    assert sum(s >= t for s in close + far) == len(close)  # the group that stands apart
+    crowd = [0.95 - 0.001 * i for i in range(300)]
+    t = settle_threshold(0.78, crowd)
+    assert sum(s >= t for s in crowd) <= SWEEP_SUGGESTED_MAX + 1 and t > 0.78
+    assert settle_threshold(0.5, [0.9, 0.8, 0.3]) == 0.5  # within reach and few: as suggested
+    assert settle_threshold(0.7, []) == 0.7

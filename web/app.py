@@ -117,7 +117,9 @@ def install_edges(app: Flask, runtime: Runtime) -> None:
         if exc.code == 413:
             exc.description = f"request body over {settings.max_upload_bytes:,} bytes"
             _drain_body(2 * settings.max_upload_bytes)
-        return http_error(exc) if _is_api() or exc.code == 413 else exc
+        if _is_api() or exc.code == 413:
+            return http_error(exc)
+        return _error_page(exc.code or 500, exc.name.lower().replace(" ", "_"), exc.description or exc.name)
 
     @app.errorhandler(InternalServerError)
     def _crash(exc: InternalServerError) -> Response | tuple[str, int]:
@@ -126,7 +128,8 @@ def install_edges(app: Flask, runtime: Runtime) -> None:
                   exc_info=(type(original), original, original.__traceback__))
         if _is_api():
             return error(500, "internal", "the server failed on this request; quote the request id to its operator")
-        return f"internal error (request id {g.get('request_id')})", 500
+        return _error_page(500, "internal", f"The server failed on this request; quote request id "
+                                           f"{g.get('request_id')} to its operator.")
 
     if settings.rate_limit:
         from flask_limiter import Limiter
@@ -137,6 +140,16 @@ def install_edges(app: Flask, runtime: Runtime) -> None:
         # per worker process (memory storage): with N workers a client gets up to N× the limit
         Limiter(key_func=_client_key, app=app, default_limits=[settings.rate_limit], storage_uri="memory://",
                 headers_enabled=True, default_limits_exempt_when=lambda: request.path in ("/healthz", "/readyz"))
+
+
+def _error_page(status: int, code: str, message: str) -> Response:
+    """The viewer's page for an HTTP error (a wrong address, a wrong method, a refused form, a crash): styled,
+    with the navigation and a way back, never Werkzeug's bare page."""
+    from flask import render_template
+    back = request.referrer if request.referrer and request.referrer.startswith(request.host_url) else None
+    resp = Response(render_template("error.html", status=status, code=code, message=message, back=back),
+                    status=status, mimetype="text/html")
+    return resp
 
 
 def _drain_body(limit: int) -> None:

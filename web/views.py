@@ -9,12 +9,14 @@ from functools import lru_cache
 from typing import Any
 from urllib.parse import urlparse
 
+from markupsafe import Markup
 from flask import (Blueprint, Response, abort, current_app, flash, g, jsonify, redirect, render_template, request,
                    session, url_for)
 
-from indexer.review.actions import delete_images, record_verdict, set_flags
+from indexer.review.actions import change_flags, delete_images, record_verdict, set_flags, undo_flags
 from indexer.review.banks import update_bank
-from indexer.review.clusters import Decision, decide_cluster, name_cluster as name_cluster_as, undo_decision
+from indexer.review.clusters import (Decision, decide_cluster, name_cluster as name_cluster_as, next_unreviewed,
+                                     undo_decision)
 from indexer.hashbanks.banks import Banks
 from indexer.media.decode import DEFAULT_LIMITS
 from indexer.storage.audit import parse_query
@@ -51,7 +53,7 @@ def csrf_token() -> str:
 
 @bp.app_context_processor
 def _context() -> dict[str, Any]:
-    if request.blueprint != "viewer":
+    if request.blueprint not in ("viewer", None):  # (None: an error page of the app's, styled as the viewer's)
         return {}
     settings = rt().settings
     signed_in = session_actor()
@@ -62,6 +64,27 @@ def _context() -> dict[str, Any]:
             "blur_strength": session.get("blur_strength", settings.blur_strength)}
 
 
+# How alike two images are, in words a reviewer reads (cosine in the matching space; the number on hover).
+LIKENESS = ((0.85, "near-identical"), (0.6, "similar"), (0.35, "loosely similar"), (-1.0, "unlike"))
+
+
+@bp.app_template_filter("likeness")
+def likeness(similarity: float) -> Markup:
+    word = next(w for lo, w in LIKENESS if similarity >= lo)
+    return Markup('<span class="likeness" title="cosine similarity {:.3f} in the matching space">{} · {:.2f}</span>'
+                  ).format(similarity, word, similarity)
+
+
+def _space_note() -> str | None:
+    """Said beside similarities while the store is too small for a fitted matching space: raw model features
+    put unrelated images close, so the words above overstate how alike they are."""
+    index = rt().index
+    if index is None or not index.space.is_identity or index.space_cfg.dim <= 0:
+        return None
+    return (f"The store holds fewer than {index.space_cfg.min_vectors:,} images, so its matching space is not fitted "
+            f"yet: similarities are the model's raw features, where unrelated images also score high.")
+
+
 @bp.before_request
 def _guard() -> Response | None:
     if request.endpoint in PUBLIC:
@@ -69,7 +92,8 @@ def _guard() -> Response | None:
     if session_actor() is None:
         if request.method == "GET":
             return redirect(url_for("viewer.login", next=request.full_path.rstrip("?")))
-        if request.mimetype == "application/x-www-form-urlencoded":  # a form sent after the session ended
+        if request.mimetype in ("application/x-www-form-urlencoded", "multipart/form-data"):
+            # a form sent after the session ended, in place or not: keep what was typed, sign in, fill it in again
             back = _local(request.referrer) or _local(request.form.get("next")) or url_for("viewer.clusters")
             fields = {k: v[:2000] for k, v in request.form.items() if k not in ("csrf", "request_id")}
             session.clear()  # (the cookie keeps what was typed, signed, until the form is filled in again)
@@ -77,7 +101,11 @@ def _guard() -> Response | None:
                 session["pending"] = {"action": request.path, "fields": fields,
                                       "ids": request.form.getlist("ids")[:200]}
             flash("Your session had ended. Sign in again: the form you were sending will be filled in as it was.")
-            return redirect(url_for("viewer.login", next=back), code=303)
+            login = url_for("viewer.login", next=back)
+            if _wants_json():  # an in-place form: the page goes to sign-in itself
+                return jsonify({"error": {"code": "signed_out", "message": "Your session has ended: sign in again.",
+                                          "login_url": login}}), 401
+            return redirect(login, code=303)
         abort(401)
     if request.method == "POST":
         csrf_token()  # a session without one yet gets one (and this request fails the check)
@@ -97,7 +125,9 @@ def _domain_error(exc: FlagmatchError) -> Any:
     if back is not None and http_status(exc) < 500:
         flash(exc.message)
         return redirect(back, code=303)
-    return render_template("error.html", code=exc.code, message=exc.message), http_status(exc)
+    back = _local(request.referrer)
+    return render_template("error.html", status=http_status(exc), code=exc.code, message=exc.message,
+                           back=back), http_status(exc)
 
 
 def _wants_json() -> bool:
@@ -260,6 +290,18 @@ def clusters() -> str:
                            page=page, pages=max(1, -(-total // CARDS)), total=total)
 
 
+@bp.get("/clusters/next")
+def next_cluster() -> Response:
+    """The next unreviewed cluster of the current run, largest first (after ``after``, wrapping round)."""
+    _current_run()
+    after = request.args.get("after", "")
+    nxt = next_unreviewed(rt().clusters, int(after) if after.isdigit() else None)
+    if nxt is None:
+        flash("No unreviewed cluster left.")
+        return redirect(url_for("viewer.clusters"))
+    return redirect(url_for("viewer.cluster", cluster_id=nxt))
+
+
 MEMBER_SORTS = ("membership", "p_unsafe", "newest")
 
 
@@ -333,9 +375,12 @@ def decide(cluster_id: int) -> Response:
         name=request.form.get("name"), label=label, note=request.form.get("note")),
         actor=actor(), labels=r.settings.review_labels, reasons=r.settings.review_reasons)
     done = f"Cluster {cluster_id} {result.cluster.status}"
-    message = done + (f"; {len(result.unflagged)} image(s) unflagged." if result.unflagged else ".") + " Undo is on its page."
+    message = done + (f"; {len(result.unflagged)} image(s) unflagged." if result.unflagged else ".") + \
+        " Undo is on the cluster's page."
     if _wants_json():  # the decision bar, in place
         nxt = result.next_unreviewed
+        if request.form.get("next") == "1" and nxt is not None:
+            flash(f"Previous decision saved: {message}")  # shown on the next cluster's page
         return jsonify({"message": message, "status": result.cluster.status, "name": result.cluster.name,
                         "label": result.cluster.label, "reviewed_by": result.cluster.reviewed_by,
                         "unflagged": sorted(result.unflagged),
@@ -353,7 +398,11 @@ def decide(cluster_id: int) -> Response:
 def undo(cluster_id: int) -> Response:
     r = rt()
     info = undo_decision(r.store, r.index, r.audit, r.clusters, cluster_id, actor=actor())
-    flash(f"Cluster {cluster_id}: decision undone (now {info.status}).")
+    message = f"Cluster {cluster_id}: decision undone (now {info.status})."
+    if _wants_json():  # the undo button beside the decision bar, in place
+        return jsonify({"message": message, "status": info.status, "name": info.name, "label": info.label,
+                        "reviewed_by": info.reviewed_by})
+    flash(message)
     return redirect(url_for("viewer.cluster", cluster_id=cluster_id))
 
 
@@ -364,16 +413,32 @@ def _set_flags(flag: bool) -> Response:
         raise InvalidInputError("select at least one image", code="bad_parameter")
     reason = (request.form.get("reason") or "").strip() or None
     label = (request.form.get("label") or "").strip() or None
-    changed = set_flags(r.store, r.index, rt().audit, ids, flag=flag, actor=actor(), source="review",
-                        via="viewer", reason=reason, label=label, queue_similarity=r.settings.queue_similarity)
+    change = change_flags(r.store, r.index, rt().audit, ids, flag=flag, actor=actor(), source="review",
+                          via="viewer", reason=reason, label=label, queue_similarity=r.settings.queue_similarity)
+    changed = change.changed
     if _wants_json():
-        return jsonify({"changed": sorted(changed), "flagged": flag,
+        return jsonify({"changed": sorted(changed), "flagged": flag, "audit_id": change.audit_id,
+                        "undo_url": url_for("viewer.undo_flag_change", audit_id=change.audit_id)
+                        if change.audit_id else None,
                         "message": f"{'Flagged' if flag else 'Unflagged'} {len(changed)} image(s)." if changed else
                         f"Nothing changed: the image(s) were already {'flagged' if flag else 'unflagged'}."})
     if changed:
         flash(f"{'Flagged' if flag else 'Unflagged'} {len(changed)} image(s).")
     else:
         flash(f"Nothing changed: the image(s) were already {'flagged' if flag else 'unflagged'}.")
+    return redirect(_safe_next(url_for("viewer.clusters")))
+
+
+@bp.post("/images/undo/<int:audit_id>")
+def undo_flag_change(audit_id: int) -> Response:
+    """Undo a flag or unflag taken a moment ago (the toast after every bulk change): as ``undo_flags``."""
+    r = rt()
+    change = undo_flags(r.store, r.index, r.audit, audit_id, actor=actor())
+    flag_now = bool(change.changed) and r.store.catalog.get(change.changed[0]).flagged
+    message = f"Undone: {len(change.changed)} image(s) {'flagged' if flag_now else 'unflagged'} again."
+    if _wants_json():
+        return jsonify({"changed": sorted(change.changed), "flagged": flag_now, "message": message})
+    flash(message)
     return redirect(_safe_next(url_for("viewer.clusters")))
 
 
@@ -399,17 +464,21 @@ def sweep(cluster_id: int) -> str:
     info = cstore.cluster(run.id, cluster_id)
     seeds = [m.image_id for m in cstore.members(run.id, cluster_id, limit=50)]
     every = r.service.sweep(seeds, min_similarity=-1.0, per_seed=30, limit=500)
-    suggested = r.service.suggest_sweep_threshold(seeds)
+    suggested = r.service.sweep_threshold(seeds, [h.similarity for h in every])
     min_sim = _float_arg(request.args, "min_similarity", suggested, -1.0, 1.0)
     found = [(h.similarity, h.seed, h.record) for h in every if h.similarity >= min_sim]
-    # how the nearest unflagged images spread: one bar per 0.1 of similarity (cosine: 1 down to −1), best first
-    edges = [round(1.0 - 0.1 * i, 1) for i in range(21)]
+    # how the nearest unflagged images spread: one bar per 0.05 of similarity from the best one found down to
+    # the worst, each scaled to its count (a <meter>: the page's CSP allows no inline style)
+    edges = [round(1.0 - 0.05 * i, 2) for i in range(41)]
     bins = [(lo, hi, sum(lo <= h.similarity < hi or (hi == 1.0 and h.similarity >= 1.0)
                          or (lo == -1.0 and h.similarity < lo) for h in every))
             for hi, lo in zip(edges, edges[1:])]
+    used = [i for i, b in enumerate(bins) if b[2]]
+    bins = bins[used[0]:used[-1] + 1] if used else []
     exemplars = info.exemplars[:6]
     return render_template("sweep.html", cluster=info, found=found, min_similarity=min_sim, suggested=suggested,
-                           bins=[b for b in bins if b[2]], scanned=len(every), exemplars=exemplars)
+                           bins=bins, most=max((b[2] for b in bins), default=1), scanned=len(every),
+                           exemplars=exemplars)
 
 
 # ------------------------------------------------------------------ map
@@ -485,7 +554,8 @@ def image(image_id: int) -> str:
         near_all = r.service.search_ids([image_id], SearchParams(k=12, scope="all")).results[0].hits
     from indexer.review.heads import scores_for
     return render_template("image.html", rec=rec, cluster=cl, near_flagged=near_flagged, near_all=near_all,
-                           evidence=evidence, p_labels=scores_for(r.store, [image_id]).get(image_id, {}))
+                           evidence=evidence, p_labels=scores_for(r.store, [image_id]).get(image_id, {}),
+                           space_note=_space_note())
 
 
 @bp.get("/images/<int:image_id>/large")
@@ -545,7 +615,7 @@ def search_page() -> Any:
             except FlagmatchError as exc:
                 error = exc.message
     return render_template("search.html", result=result, error=error, scope=scope, preview=preview,
-                           k=request.form.get("k", "20")), (400 if error else 200)
+                           k=request.form.get("k", "20"), space_note=_space_note()), (400 if error else 200)
 
 
 def _query_preview(data: bytes) -> str | None:
@@ -588,19 +658,20 @@ def queue() -> str:
     r = rt()
     cat = r.store.catalog
     heads = r.service.heads if r.service is not None else load_active(r.store)  # (reloaded when retrained)
-    items: list[tuple[int, str, str]] = []  # (image id, label, why)
+    items: list[tuple[int, str, str, int | None]] = []  # (image id, label, why, the flagged image it is near)
     head_flagged = vd.head_flagged(cat, 300)
     said = vd.for_images(cat, [i for i, _, _ in head_flagged])
-    items += [(int(i), str(lab or vd.DEFAULT_LABEL), f"flagged by {src}") for i, lab, src in head_flagged
+    items += [(int(i), str(lab or vd.DEFAULT_LABEL), f"flagged by {src}", None) for i, lab, src in head_flagged
               if (lab or vd.DEFAULT_LABEL) not in said.get(int(i), {})][:100]
-    items += [(i, lab, f"near #{seed} (similarity {sim:.2f}), which a reviewer flagged")
+    items += [(i, lab, f"near #{seed} (similarity {sim:.2f}), which a reviewer flagged", seed)
               for i, lab, seed, sim in vd.candidates(cat, 100)]
-    items += [(i, lab, f"the {lab} head is unsure (P {p:.2f})") for i, lab, p in uncertain(r.store, heads, limit=100)]
+    items += [(i, lab, f"the {lab} head is unsure (P {p:.2f})", None)
+              for i, lab, p in uncertain(r.store, heads, limit=100)]
     seen: set[tuple[int, str]] = set()
     unique = [it for it in items if (it[0], it[1]) not in seen and not seen.add((it[0], it[1]))][:PAGE]
-    recs = cat.get_many([i for i, _, _ in unique])
-    scores = scores_for(r.store, [i for i, _, _ in unique])
-    cards = [(recs[i], lab, why, scores.get(i, {}).get(lab)) for i, lab, why in unique if i in recs]
+    recs = cat.get_many([it[0] for it in unique])
+    scores = scores_for(r.store, [it[0] for it in unique])
+    cards = [(recs[i], lab, why, scores.get(i, {}).get(lab), seed) for i, lab, why, seed in unique if i in recs]
     return render_template("queue.html", cards=cards, heads=heads)
 
 
@@ -669,8 +740,11 @@ def _curve_svg(points: list[tuple[float, float]], xlabel: str, ylabel: str, *, d
 def audit_page() -> str:
     """The audit log: filter by actor, action, target (prefix*) and time, page to older rows, export."""
     args = {k: v for k, v in request.args.items() if v}
-    q, limit = parse_query(args)
+    try:
+        q, limit = parse_query(args)
+    except InvalidInputError as exc:  # a filter the log cannot apply: the form stays, with what was typed
+        return render_template("audit.html", events=[], args=args, older=None, export={}, problem=exc.message), 400
     events = rt().audit.events(limit, query=q)
     older = dict(args, before_id=events[-1].id) if len(events) == limit else None
     export = {k: v for k, v in args.items() if k != "before_id"}
-    return render_template("audit.html", events=events, q=q, args=args, older=older, export=export)
+    return render_template("audit.html", events=events, args=args, older=older, export=export, problem=None)

@@ -5,12 +5,13 @@ need a reason, each decision commits in one transaction with everything it impli
 the vector index hears of the change after the commit, before the function returns."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import numpy as np
 
 from indexer.storage import verdicts
-from indexer.storage.audit import AuditLog
+from indexer.storage.audit import AuditLog, AuditQuery
 from indexer.storage.catalog import FlagRequest, Transaction
 from indexer.errors import InvalidInputError, NotFoundError
 from indexer.storage.store import Store
@@ -49,6 +50,12 @@ PERSON_SOURCES = ("review", "manual")  # a person's decision: each is also a ver
 QUEUE_SIMILARITY = 0.85  # the queue_similarity setting's default
 
 
+@dataclass(frozen=True)
+class FlagChange:
+    changed: list[int]          # the ids whose flag changed
+    audit_id: int | None        # the audit row of the change (None: nothing changed, nothing recorded)
+
+
 def set_flags(store: Store, index: IndexFeed | None, audit: AuditLog, ids: Sequence[int], *, flag: bool,
               actor: str, source: str, reason: str | None = None, label: str | None = None,
               via: str = "cli", queue_similarity: float = QUEUE_SIMILARITY) -> list[int]:
@@ -62,34 +69,80 @@ def set_flags(store: Store, index: IndexFeed | None, audit: AuditLog, ids: Seque
     The flag change, its verdicts, the review-queue candidates it implies and its audit row commit in one
     transaction; the vector index hears of it after the commit (and, if the process dies first, catches up
     from the catalog's flag events when it next opens)."""
+    return change_flags(store, index, audit, ids, flag=flag, actor=actor, source=source, reason=reason, label=label,
+                        via=via, queue_similarity=queue_similarity).changed
+
+
+def change_flags(store: Store, index: IndexFeed | None, audit: AuditLog, ids: Sequence[int], *, flag: bool,
+                 actor: str, source: str, reason: str | None = None, label: str | None = None,
+                 via: str = "cli", queue_similarity: float = QUEUE_SIMILARITY) -> FlagChange:
+    """``set_flags``, also saying which audit row records the change (what ``undo_flags`` takes)."""
     with store.catalog.transaction() as tx:
-        changed = set_flags_in(tx, store, index, audit, ids, flag=flag, actor=actor, source=source, reason=reason,
-                               label=label, via=via, queue_similarity=queue_similarity)
+        change = set_flags_in(tx, store, index, audit, ids, flag=flag, actor=actor, source=source, reason=reason,
+                              label=label, via=via, queue_similarity=queue_similarity)
     if index is not None:
         index.catch_up()
-    return changed
+    return change
 
 
 def set_flags_in(tx: Transaction, store: Store, index: IndexFeed | None, audit: AuditLog, ids: Sequence[int], *,
                  flag: bool, actor: str, source: str, reason: str | None = None, label: str | None = None,
-                 via: str = "cli", queue_similarity: float = QUEUE_SIMILARITY) -> list[int]:
+                 via: str = "cli", queue_similarity: float = QUEUE_SIMILARITY) -> FlagChange:
     """``set_flags`` inside a transaction the caller holds (a cluster decision's): the rules are the same,
     nothing commits until the caller's transaction does, and the caller tells the index afterwards."""
     reason, label = _clean(reason, MAX_REASON, "reason"), _clean(label, MAX_LABEL, "label")
     if not flag and not reason:
         raise InvalidInputError("say why these images are not unsafe (reason)", code="reason_required")
     unique = _live_ids(store, ids)
-    before = store.catalog.get_many(unique) if source in PERSON_SOURCES else {}
+    before = store.catalog.get_many(unique)
     changed = store.catalog.set_flag(unique, FlagRequest(source, label, actor, reason), flag=flag, tx=tx)
     if source in PERSON_SOURCES:
         verdicts.record(store.catalog, [verdicts.Verdict(i, label or before[i].flag_label or verdicts.DEFAULT_LABEL,
                                                           flag, actor, reason, via) for i in unique], tx=tx)
         if flag and changed:
             queue_neighbours(store, index, changed, label or verdicts.DEFAULT_LABEL, queue_similarity, tx=tx)
+    audit_id = None
     if changed:  # a repeated request (a double submit, a retry) changes nothing and records nothing
-        audit.record(actor, "flag" if flag else "unflag", _target(unique), tx=tx, ids=changed, asked=unique,
-                     reason=reason, label=label, source=source)
-    return changed
+        audit_id = audit.record(actor, "flag" if flag else "unflag", _target(unique), tx=tx, ids=changed,
+                                asked=unique, reason=reason, label=label, source=source,
+                                labels={str(i): before[i].flag_label for i in changed if i in before and not flag})
+    return FlagChange(changed, audit_id)
+
+
+def undo_flags(store: Store, index: IndexFeed | None, audit: AuditLog, audit_id: int, *, actor: str,
+               via: str = "viewer") -> FlagChange:
+    """Undo one flag or unflag (the audit row ``audit_id`` records it): the images it unflagged are flagged
+    again with the label each had, the images it flagged are unflagged — where nothing changed them since —,
+    as a person's decision with reason "undo of #N", audited as ``undo_flags`` in the same transaction. An
+    action is undone once."""
+    ev = audit.event(audit_id)
+    if ev is None or ev.action not in ("flag", "unflag"):
+        raise NotFoundError(f"no flag change #{audit_id} to undo")
+    done = audit.events(1, query=AuditQuery(action="undo_flags", target=f"undo:{audit_id}"))
+    if done:
+        raise InvalidInputError(f"flag change #{audit_id} was already undone (#{done[0].id})", code="nothing_to_undo")
+    ids = [int(i) for i in ev.detail.get("ids") or []]
+    recs = store.catalog.get_many(ids)
+    reflag = ev.action == "unflag"
+    todo = [i for i in ids if i in recs and not recs[i].deleted and recs[i].flagged != reflag]
+    labels = {int(k): v for k, v in (ev.detail.get("labels") or {}).items()}
+    reason = f"undo of #{audit_id}"
+    changed: list[int] = []
+    with store.catalog.transaction() as tx:
+        if reflag:
+            by_label: dict[str | None, list[int]] = {}
+            for i in todo:
+                by_label.setdefault(labels.get(i), []).append(i)
+            for label, group in by_label.items():
+                changed += set_flags_in(tx, store, index, audit, group, flag=True, actor=actor, source="review",
+                                        reason=reason, label=label, via=via).changed
+        elif todo:
+            changed = set_flags_in(tx, store, index, audit, todo, flag=False, actor=actor, source="review",
+                                   reason=reason, via=via).changed
+        record_id = audit.record(actor, "undo_flags", f"undo:{audit_id}", tx=tx, undone=audit_id, ids=changed)
+    if index is not None:
+        index.catch_up()
+    return FlagChange(changed, record_id)
 
 
 def queue_neighbours(store: Store, index: object, ids: Sequence[int], label: str, min_similarity: float,

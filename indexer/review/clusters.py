@@ -61,7 +61,7 @@ def decide_cluster(store: Store, index: IndexFeed | None, audit: AuditLog, cstor
         if decision.status == "dismissed" and flagged:
             reason = f"cluster {cluster_id} dismissed: {decision.reason_code}" + (f" — {note}" if note else "")
             unflagged = set_flags_in(tx, store, index, audit, flagged, flag=False, actor=actor, source="review",
-                                     via="cluster", reason=reason, label=decision.label)
+                                     via="cluster", reason=reason, label=decision.label).changed
         elif decision.status == "confirmed":  # every flagged member is a positive example of the cluster's label
             verdicts.record(store.catalog, [verdicts.Verdict(i, decision.label or verdicts.DEFAULT_LABEL, True, actor,
                                                              f"cluster {cluster_id} confirmed: {decision.reason_code}",
@@ -78,8 +78,11 @@ def decide_cluster(store: Store, index: IndexFeed | None, audit: AuditLog, cstor
 
 def undo_decision(store: Store, index: IndexFeed | None, audit: AuditLog, cstore: ClusterStore, cluster_id: int, *,
                   actor: str) -> ClusterInfo:
-    """Undo the latest decision on a cluster: its previous name, label and status come back and the
-    images it unflagged are flagged again (source ``review``, reason ``undo``). Audited as ``cluster_undo``."""
+    """Undo the latest decision on a cluster: its previous status comes back, the images it unflagged are
+    flagged again (source ``review``, reason ``undo``), and a name or label the decision replaced comes back.
+    A name or label the decision gave an unnamed cluster stays: it says what the images are, which undoing the
+    verdict does not change (a reviewer who pressed Confirm for Dismiss keeps the name they typed). Audited as
+    ``cluster_undo``."""
     run = cstore.current_run()
     if run is None:
         raise NotFoundError("no clustering run yet")
@@ -95,9 +98,10 @@ def undo_decision(store: Store, index: IndexFeed | None, audit: AuditLog, cstore
         if live:
             set_flags_in(tx, store, index, audit, live, flag=True, actor=actor, source="review", via="cluster",
                          reason=f"undo of cluster {cluster_id} decision #{last.id}")
-        cstore.update_identity(cluster_id, actor=actor, name=previous.get("name") or "",
-                               label=previous.get("label") or "", status=previous.get("status") or "unreviewed",
-                               tx=tx)
+        now = cstore.cluster(run.id, cluster_id)
+        cstore.update_identity(cluster_id, actor=actor, name=previous.get("name") or now.name or "",
+                               label=previous.get("label") or now.label or "",
+                               status=previous.get("status") or "unreviewed", tx=tx)
         audit.record(actor, "cluster_undo", target, tx=tx, undone=last.id, reflagged=live)
     if index is not None and live:
         index.catch_up()

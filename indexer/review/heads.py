@@ -30,6 +30,7 @@ from indexer.storage.tables import utcnow
 from indexer.errors import FlagmatchError, InvalidInputError, NotEnoughVerdicts, NotFoundError
 from indexer.storage.store import Store
 
+MIN_TRAIN_PER_CLASS = 5  # calibration cross-validates: each fold needs some of each kind
 ISOTONIC_FROM = 1000    # training verdicts from which isotonic calibration beats Platt's sigmoid
 
 
@@ -104,15 +105,19 @@ def train_head(store: Store, label: str, *, target_precision: float = 0.95, test
             f"label {label!r} has {pos} positive and {neg} negative verdicts (latest per live image); a head needs "
             f"at least {MIN_PER_CLASS} of each — review more images (the queue shows where it helps most)")
     y = np.asarray(data.positive, dtype=np.int8)
-    n_test = max(int(round(len(y) * test_share)), 2 * MIN_TEST_PER_CLASS)
-    train, test = slice(0, len(y) - n_test), slice(len(y) - n_test, len(y))
-    if min(int(y[test].sum()), int((1 - y[test]).sum())) < MIN_TEST_PER_CLASS:
+    train, test = _split_by_time(y, test_share)
+    counts = {"train_positive": int(y[train].sum()), "train_negative": int((1 - y[train]).sum()),
+              "test_positive": int(y[test].sum()), "test_negative": int((1 - y[test]).sum())}
+    if min(counts["test_positive"], counts["test_negative"]) < MIN_TEST_PER_CLASS or \
+            min(counts["train_positive"], counts["train_negative"]) < MIN_TRAIN_PER_CLASS:
         raise NotEnoughVerdicts(
-            f"the newest {n_test} verdicts for {label!r} (the held-out share) hold "
-            f"{int(y[test].sum())} positive and {int((1 - y[test]).sum())} negative; each needs "
-            f"{MIN_TEST_PER_CLASS} to measure precision — review both kinds recently, or lower the test share")
+            f"label {label!r}: holding out the newest {test_share:.0%} of each kind leaves "
+            f"{counts['train_positive']} positive and {counts['train_negative']} negative verdicts to train on and "
+            f"{counts['test_positive']} and {counts['test_negative']} to test on; a head needs "
+            f"{MIN_TRAIN_PER_CLASS} of each to train and {MIN_TEST_PER_CLASS} of each to test — review more images, "
+            f"or lower the test share")
     x = _normed(store.open_vectors().get(data.image_ids))
-    n_train = len(y) - n_test
+    n_train = len(train)
     method = "isotonic" if n_train >= ISOTONIC_FROM else "sigmoid"
     folds = int(min(5, y[train].sum(), (1 - y[train]).sum()))
     model = CalibratedClassifierCV(LogisticRegression(C=1.0, class_weight="balanced", max_iter=2000,
@@ -145,15 +150,27 @@ def train_head(store: Store, label: str, *, target_precision: float = 0.95, test
         recall=float(conf["tp"] / max(1, conf["tp"] + conf["fn"])),
         average_precision=float(average_precision_score(yt, p)), brier=float(brier_score_loss(yt, p)),
         confusion=conf,
-        counts={"train_positive": int(y[train].sum()), "train_negative": int((1 - y[train]).sum()),
-                "test_positive": int(yt.sum()), "test_negative": int((1 - yt).sum()),
-                "conflicting_images": data.conflicts, "verdicts_on_deleted_images": data.on_deleted},
-        split_at=data.at[len(y) - n_test].isoformat(timespec="seconds") + "Z",
+        counts={**counts, "conflicting_images": data.conflicts, "verdicts_on_deleted_images": data.on_deleted},
+        split_at=min(data.at[i] for i in test).isoformat(timespec="seconds") + "Z",
         pr_curve=[(float(rec[j]), float(prec[j]), float(thr[j])) for j in range(0, len(thr), step)],
         calibration=[(float(m), float(f), int(c)) for m, f, c in zip(mean, frac, counts_per_bin)])
     head = Head(label, version, threshold, model)
     _save(store, head, report)
     return head, report
+
+
+def _split_by_time(y: np.ndarray, test_share: float) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) indices into ``y`` (oldest first): the newest ``test_share`` of each kind — at least
+    ``MIN_TEST_PER_CLASS`` — is held out, so both kinds train and test even when one kind's verdicts all came
+    recently (a batch of "not spam" from the queue after months of positives)."""
+    train: list[np.ndarray] = []
+    test: list[np.ndarray] = []
+    for kind in (0, 1):
+        idx = np.nonzero(y == kind)[0]
+        n_test = min(len(idx), max(int(round(len(idx) * test_share)), MIN_TEST_PER_CLASS))
+        train.append(idx[:len(idx) - n_test])
+        test.append(idx[len(idx) - n_test:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
 def _next_version(store: Store, label: str) -> int:

@@ -45,15 +45,20 @@ class AuditLog:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def record(self, actor: str, action: str, target: str, *, tx: Transaction | None = None, **detail: Any) -> None:
-        """Append one row; inside ``tx`` (``Catalog.transaction``) it commits with the decision it records."""
+    def record(self, actor: str, action: str, target: str, *, tx: Transaction | None = None, **detail: Any) -> int:
+        """Append one row and return its id; inside ``tx`` (``Catalog.transaction``) it commits with the
+        decision it records."""
         stmt = insert(AuditRow).values(at=utcnow(), actor=actor, action=action, target=target,
                                        detail=json.dumps(detail, default=str))
         if tx is not None:
-            tx.execute(stmt)
-            return
+            return int(tx.execute(stmt).inserted_primary_key[0])
         with self.engine.begin() as c:
-            c.execute(stmt)
+            return int(c.execute(stmt).inserted_primary_key[0])
+
+    def event(self, event_id: int) -> AuditEvent | None:
+        with self.engine.connect() as c:
+            r = c.execute(select(AuditRow).where(AuditRow.id == event_id)).first()
+        return None if r is None else AuditEvent(r.id, r.at, r.actor, r.action, r.target, json.loads(r.detail))
 
     def revealed_recently(self, actor: str, target: str, minutes: int = 30) -> bool:
         since = utcnow() - dt.timedelta(minutes=minutes)

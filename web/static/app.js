@@ -44,23 +44,28 @@
   if (selKey && selForm.dataset.selection !== "search") {
     try { selected = new Set(JSON.parse(sessionStorage.getItem(selKey) || "[]")); } catch (e) { selected = new Set(); }
   }
+  function shownSelection() {  // the selected ids a filter does not hide: what an action applies to
+    const hiddenIds = new Set($$(".card.image[hidden] input.pick").map((b) => b.value));
+    return Array.from(selected).filter((i) => !hiddenIds.has(i));
+  }
   function saveSelection() {
     if (selKey) sessionStorage.setItem(selKey, JSON.stringify(Array.from(selected)));
-    $$(".selected-count").forEach((el) => { el.textContent = selected.size + " selected"; });
+    const shown = shownSelection().length;
+    $$(".selected-count").forEach((el) => {
+      el.textContent = shown === selected.size ? selected.size + " selected"
+        : shown + " selected shown (" + (selected.size - shown) + " more selected, hidden by the filter: actions apply to the shown)";
+    });
     $$("input.pick").forEach((b) => { b.checked = selected.has(b.value); });
   }
   if (selForm && selForm.dataset.preselect === "1") {  // a map selection arrives ticked
     $$("input.pick", selForm).forEach((b) => selected.add(b.value));
   }
-  // the selection page's filters: hide what does not match (the selection keeps only what is shown)
+  // the selection page's filters: hide what does not match; the selection stays (the count says how much is hidden)
   function applyFilters() {
     const state = document.getElementById("filter-state"), cl = document.getElementById("filter-cluster");
     if (!state || !cl) return;
     $$(".card.image").forEach((c) => {
-      const show = (!state.value || c.classList.contains(state.value)) && (!cl.value || c.dataset.cluster === cl.value);
-      c.hidden = !show;
-      const pick = c.querySelector("input.pick");
-      if (!show && pick) selected.delete(pick.value);
+      c.hidden = !((!state.value || c.classList.contains(state.value)) && (!cl.value || c.dataset.cluster === cl.value));
     });
     saveSelection();
   }
@@ -133,6 +138,13 @@
 
   // ---------------------------------------------------------------- preferences in place (no navigation:
   // search results and a posted selection stay on screen)
+  async function signedOut(resp) {  // the session ended: the server kept the form; sign in and it comes back
+    if (resp.status !== 401) return false;
+    const data = await resp.clone().json().catch(() => ({}));
+    if (data.error && data.error.login_url) { location.href = data.error.login_url; return true; }
+    return false;
+  }
+
   async function post(form, submitter) {
     const body = new FormData(form);
     if (submitter && submitter.name) body.set(submitter.name, submitter.value);
@@ -140,11 +152,13 @@
     const resp = await fetch(action, {method: "POST", body, credentials: "same-origin",
                                       headers: {"X-Requested-With": "fetch", "X-CSRF-Token": csrf()}});
     stamp(form);  // the next submit is a new action
+    if (await signedOut(resp)) return new Promise(() => {});  // navigating away: nothing more to do here
     return resp;
   }
 
   function refreshThumbs(blur, grey) {
     document.body.classList.toggle("grey", grey);
+    $$("button.reveal").forEach((b) => { b.hidden = !blur; });  // nothing to reveal while blur is off
     $$("figure.thumb img").forEach((img) => {
       if (img.classList.contains("revealed") || img.src.startsWith("data:")) return;
       const u = new URL(img.src, location.href);
@@ -171,6 +185,44 @@
     });
   }
 
+  // ---------------------------------------------------------------- flag changes in place, and their undo
+  const CONFIRM_FROM = 20;  // a bulk change of this many images or more asks first
+  function showFlags(ids, flagged) {
+    ids.forEach((id) => {
+      const card = document.querySelector(`.card[data-id="${id}"]`);
+      if (!card) return;
+      card.classList.toggle("is-flagged", flagged);
+      card.classList.toggle("is-unflagged", !flagged);
+      const st = card.querySelector(".flagstate");
+      if (st) {
+        st.className = "flagstate " + (flagged ? "flagged" : "unflagged");
+        st.textContent = flagged ? "flagged · review" : "not flagged";
+      }
+    });
+  }
+  function offerUndo(url) {  // an Undo button in the message: the change it reports, reversed, in one click
+    const p = document.querySelector("#flashes .flash");
+    if (!p) return;
+    const b = document.createElement("button");
+    b.type = "button";
+    b.className = "undo-change";
+    b.textContent = "Undo";
+    p.append(" ", b);
+    b.addEventListener("click", async () => {
+      b.disabled = true;
+      const body = new FormData();
+      body.set("csrf", csrf());
+      body.set("request_id", newId());
+      const resp = await fetch(url, {method: "POST", body, credentials: "same-origin",
+                                     headers: {"X-Requested-With": "fetch", "X-CSRF-Token": csrf()}});
+      if (await signedOut(resp)) return;
+      const data = await resp.json().catch(() => ({}));
+      if (!resp.ok) { say((data.error && data.error.message) || "That did not work.", "error"); return; }
+      showFlags(data.changed, data.flagged);
+      say(data.message);
+    });
+  }
+
   // ---------------------------------------------------------------- submits
   document.addEventListener("submit", async (ev) => {
     const form = ev.target;
@@ -193,7 +245,7 @@
           greyBtn.value = nowGrey ? "off" : "on";
           greyBtn.textContent = "Greyscale: " + (nowGrey ? "on" : "off");
         }
-        refreshThumbs(blurBtn.value === "off", greyBtn.value === "off");  // (reveal buttons come with the next page)
+        refreshThumbs(blurBtn.value === "off", greyBtn.value === "off");
       }
       return;
     }
@@ -202,37 +254,36 @@
     const isFlagAction = formaction && /\/images\/(un)?flag$/.test(formaction);
     if (isFlagAction) {
       ev.preventDefault();
-      const ids = Array.from(selected);
+      const fixed = form.querySelector('input[type="hidden"][name="ids"]:not([data-from-selection])');
+      const ids = fixed ? fixed.value.split(",").filter(Boolean) : shownSelection();
       if (!ids.length) { say("Select at least one image first.", "error"); return; }
+      const verb = /unflag$/.test(formaction) ? "Unflag" : "Flag";
+      if (ids.length >= CONFIRM_FROM && !window.confirm(verb + " " + ids.length + " images?")) return;
       const reason = form.querySelector('input[name="reason"]');
       if (reason && reason.required && !reason.value.trim()) {
         say("Give a reason first.", "error");
         reason.focus();
         return;
       }
-      $$('input.pick', form).forEach((b) => { b.disabled = true; });  // the ids travel in one field
-      const hidden = hiddenField(form, "ids");
-      hidden.value = ids.join(",");
+      let hidden = null;
+      if (!fixed) {
+        $$('input.pick', form).forEach((b) => { b.disabled = true; });  // the ids travel in one field
+        hidden = hiddenField(form, "ids");
+        hidden.dataset.fromSelection = "1";
+        hidden.value = ids.join(",");
+      }
       form.dataset.sent = "1";
       const resp = await post(form, submitter);
       form.dataset.sent = "";
       $$('input.pick', form).forEach((b) => { b.disabled = false; });
-      hidden.remove();
+      if (hidden) hidden.remove();
       const data = await resp.json().catch(() => ({}));
       if (!resp.ok) { say((data.error && data.error.message) || "That did not work.", "error"); return; }
+      if (fixed) { location.reload(); return; }  // an image's page: its flag, history and neighbours change
+      showFlags(data.changed, data.flagged);
       say(data.message);
-      data.changed.forEach((id) => {
-        const card = document.querySelector(`.card[data-id="${id}"]`);
-        if (!card) return;
-        card.classList.toggle("is-flagged", data.flagged);
-        card.classList.toggle("is-unflagged", !data.flagged);
-        const st = card.querySelector(".flagstate");
-        if (st) {
-          st.className = "flagstate " + (data.flagged ? "flagged" : "unflagged");
-          st.textContent = data.flagged ? "flagged · review" : "not flagged";
-        }
-      });
-      selected.clear();
+      if (data.undo_url) offerUndo(data.undo_url);
+      ids.forEach((id) => selected.delete(String(id)));
       saveSelection();
       if (reason) reason.value = "";
       return;
@@ -252,7 +303,9 @@
       const by = document.getElementById("reviewed-by");
       if (by) by.textContent = data.reviewed_by ? " by " + data.reviewed_by : "";
       const h1 = document.querySelector("h1 .name");
-      if (h1 && data.name) h1.textContent = data.name;
+      if (h1) h1.textContent = data.name || "unnamed";
+      const undoForm = document.getElementById("undo-form");
+      if (undoForm) undoForm.hidden = false;
       data.unflagged.forEach((id) => {
         const card = document.querySelector(`.card[data-id="${id}"]`);
         if (card) {
@@ -261,6 +314,17 @@
           if (s) { s.className = "flagstate unflagged"; s.textContent = "not flagged"; }
         }
       });
+      return;
+    }
+
+    if (form.id === "undo-form") {
+      ev.preventDefault();
+      form.dataset.sent = "1";
+      const resp = await post(form, submitter);
+      form.dataset.sent = "";
+      const data = await resp.json().catch(() => ({}));
+      if (!resp.ok) { say((data.error && data.error.message) || "That did not work.", "error"); return; }
+      location.reload();  // the flags it restored, the status and the decisions list all change
       return;
     }
 
@@ -280,6 +344,7 @@
     body.set("positive", positive ? "1" : "0");
     const resp = await fetch(queue.dataset.verdictUrl, {method: "POST", body, credentials: "same-origin",
                                                         headers: {"X-Requested-With": "fetch", "X-CSRF-Token": csrf()}});
+    if (await signedOut(resp)) return;
     const data = await resp.json().catch(() => ({}));
     if (!resp.ok) { say((data.error && data.error.message) || "That did not work.", "error"); return; }
     card.classList.add("done");

@@ -90,6 +90,7 @@
     canvas.dataset.points = String(n);
     canvas.dataset.drawMs = (performance.now() - t0).toFixed(1);
     status.textContent = n + " points · drawn in " + canvas.dataset.drawMs + " ms";
+    restoreSelection();
     document.body.dataset.mapReady = "1";
     // what else it can be coloured by: fetched after the first draw
     const [attrs, legend] = await Promise.all([
@@ -211,11 +212,30 @@
       }
     }
     draw(lastBox = b);
+    showSelection(picked);
+    try {  // kept for this tab: Back from the selection page finds it again
+      sessionStorage.setItem(SEL_KEY, JSON.stringify({ids: picked, box: b, hash: location.hash}));
+    } catch (e) { /* storage full or off: the selection lasts as long as the page */ }
+  }
+
+  const SEL_KEY = "flagmatch-map-selection:" + canvas.dataset.src;
+  function showSelection(picked) {
     const form = document.getElementById("selection-form");
     document.getElementById("selection-ids").value = picked.join(",");
     document.getElementById("selection-count").textContent = picked.length + " selected";
     form.classList.toggle("hidden", picked.length === 0);
     canvas.dataset.selected = String(picked.length);
+  }
+  function restoreSelection() {
+    let saved = null;
+    try { saved = JSON.parse(sessionStorage.getItem(SEL_KEY) || "null"); } catch (e) { saved = null; }
+    if (!saved || !Array.isArray(saved.ids) || !saved.ids.length) return;
+    const known = new Set(pts.id);
+    const ids = saved.ids.filter((i) => known.has(i));
+    if (!ids.length) return;
+    if (saved.hash === location.hash) lastBox = saved.box;  // the outline is in this view's coordinates
+    showSelection(ids);
+    draw(lastBox);
   }
 
   canvas.addEventListener("mousemove", (e) => {
