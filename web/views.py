@@ -94,8 +94,9 @@ def _guard() -> Response | None:
             return redirect(url_for("viewer.login", next=request.full_path.rstrip("?")))
         if request.mimetype in ("application/x-www-form-urlencoded", "multipart/form-data"):
             # a form sent after the session ended, in place or not: keep what was typed, sign in, fill it in again
-            back = _local(request.referrer) or _local(request.form.get("next")) or url_for("viewer.clusters")
-            fields = {k: v[:2000] for k, v in request.form.items() if k not in ("csrf", "request_id")}
+            back = (_local(request.form.get("return_to")) or _local(request.referrer) or _local(request.form.get("next"))
+                    or url_for("viewer.clusters"))
+            fields = {k: v[:2000] for k, v in request.form.items() if k not in ("csrf", "request_id", "return_to")}
             session.clear()  # (the cookie keeps what was typed, signed, until the form is filled in again)
             if len(str(fields)) < 3000:
                 session["pending"] = {"action": request.path, "fields": fields,

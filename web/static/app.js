@@ -148,6 +148,7 @@
   async function post(form, submitter) {
     const body = new FormData(form);
     if (submitter && submitter.name) body.set(submitter.name, submitter.value);
+    body.set("return_to", location.pathname + location.search);  // (pages send no Referer) where sign-in comes back to
     const action = (submitter && submitter.getAttribute("formaction")) || form.action;
     const resp = await fetch(action, {method: "POST", body, credentials: "same-origin",
                                       headers: {"X-Requested-With": "fetch", "X-CSRF-Token": csrf()}});
