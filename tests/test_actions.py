@@ -179,3 +179,33 @@ def test_a_process_killed_between_the_flag_and_its_audit_row_leaves_neither(stor
                           cwd=os.getcwd())
     assert proc.returncode == 9, proc.stderr[-2000:]
     assert _state(store, audit) == before
+
+
+def test_undo_brings_back_a_replaced_name_and_keeps_a_first_one(store):
+    from indexer.review.clusters import name_cluster, undo_decision
+    ids = _images(store)
+    audit = AuditLog(store.catalog.engine)
+    actions.set_flags(store, None, audit, ids, flag=True, actor="rita", source="manual")
+    cstore, cid = _one_cluster(store, ids)
+    decide_cluster(store, None, audit, cstore, cid, Decision("confirmed", "matches", name="Posters"),
+                   actor="sam", labels=["spam"], reasons=["matches"])
+    assert undo_decision(store, None, audit, cstore, cid, actor="sam").name == "Posters"  # given to an unnamed one
+    name_cluster(store, cstore, audit, cid, actor="rita", name="Wall posters", label="spam")
+    decide_cluster(store, None, audit, cstore, cid, Decision("dismissed", "matches", name="Memes"),
+                   actor="sam", labels=["spam"], reasons=["matches"])
+    info = undo_decision(store, None, audit, cstore, cid, actor="sam")
+    assert (info.name, info.label, info.status) == ("Wall posters", "spam", "unreviewed")
+    assert all(store.catalog.get(i).flagged for i in ids)
+
+
+def test_a_flag_change_is_undone_once_with_the_labels_it_took(store):
+    ids = _images(store)
+    audit = AuditLog(store.catalog.engine)
+    actions.set_flags(store, None, audit, ids[:2], flag=True, actor="rita", source="manual", label="spam")
+    actions.set_flags(store, None, audit, ids[2:], flag=True, actor="rita", source="manual", label="scam")
+    change = actions.change_flags(store, None, audit, ids, flag=False, actor="sam", source="review", reason="fp")
+    undone = actions.undo_flags(store, None, audit, change.audit_id, actor="sam")
+    assert sorted(undone.changed) == ids
+    assert [store.catalog.get(i).flag_label for i in ids] == ["spam", "spam", "scam", "scam"]
+    with pytest.raises(Exception, match="already undone"):
+        actions.undo_flags(store, None, audit, change.audit_id, actor="sam")

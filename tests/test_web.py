@@ -309,10 +309,10 @@ def test_decision_bar_dismiss_unflags_members_and_undo_restores(client, app):
     assert client.post(f"/clusters/{cid}/decision", data={"csrf": csrf, "status": "confirmed",
                                                           "reason_code": "matches_policy", "label": "nudity!"}
                        ).status_code == 400  # labels come from the policy list
-    # undo: the previous state and the flags come back
+    # undo: the previous status and the flags come back; the name and label given to the unnamed cluster stay
     assert client.post(f"/clusters/{cid}/undo", data={"csrf": csrf}).status_code == 302
     info = cstore.cluster(run.id, cid)
-    assert info.status == "unreviewed" and info.name is None
+    assert (info.status, info.name, info.label) == ("unreviewed", "Beach", "other")
     assert all(rec.flagged for rec in store.catalog.get_many(members).values())
     assert client.post(f"/clusters/{cid}/undo", data={"csrf": csrf}).status_code == 400  # nothing left to undo
     audit = client.get(f"/audit?target=cluster:{cid}").text
@@ -374,7 +374,7 @@ def test_sweep_suggests_a_threshold_and_shows_the_distribution(client):
     suggested = float(re.search(r'id="suggested">([-0-9.]+)<', page.text).group(1))
     assert -1.0 <= suggested <= 1.0
     assert f'value="{suggested:.2f}"' in page.text  # the sweep ran at the suggested threshold
-    counts = [int(n) for n in re.findall(r'class="bar" data-n="(\d+)"', page.text)]
+    counts = [int(n) for n in re.findall(r'class="bar"[^>]* data-n="(\d+)"', page.text)]
     wide = client.get(f"/clusters/{cid}/sweep?min_similarity=-1").text
     assert sum(counts) == len(re.findall(r'class="card image sweep-hit"', wide))  # every candidate is in a bar
 
