@@ -592,3 +592,44 @@ def test_every_link_from_the_cluster_list_answers_a_styled_page(server, page):
                                 "/api/v1/images", "/selection")) and href.count("page=") <= 1:
                 todo.append(href)
     assert pages >= 20, pages
+
+
+PAGES = ("/clusters", "/clusters/1", "/clusters/1/sweep", "/clusters/unclustered", "/images/5", "/map", "/search",
+         "/queue", "/model", "/banks", "/audit")
+
+
+def test_every_form_refuses_bad_input_without_acting(server, page):
+    """Every POST form of every page, sent with each text field overlong and then with every field empty: a 4xx
+    (or the page again with the message) — never a 5xx — and nothing recorded in the catalog's audit log."""
+    base, _root = server
+    _signed_in(page, base)
+    forms: list[tuple[str, str, dict[str, str]]] = []
+    for path in PAGES:
+        page.goto(base + path)
+        found = page.evaluate("""() => Array.from(document.querySelectorAll('form[method=post]')).flatMap(f => {
+            const fields = {}; const texts = [];
+            for (const el of f.elements) {
+              if (!el.name) continue;
+              if (el.type === 'hidden') fields[el.name] = el.value;
+              else if (el.type === 'text' || el.tagName === 'TEXTAREA') texts.push(el.name);
+            }
+            const actions = Array.from(f.querySelectorAll('button[formaction]')).map(b => b.getAttribute('formaction'));
+            return (actions.length ? actions : [f.getAttribute('action') || location.pathname])
+              .map(a => [a, texts, fields]); })""")
+        for action, texts, fields in found:
+            if action in ("/logout",) or action.startswith("/login"):
+                continue
+            forms.append((action, texts, fields))
+    assert len({a for a, _, _ in forms}) >= 8, forms
+    before = len(_api(page, base, "/audit?limit=1000")["events"])
+    csrf = page.locator("meta[name=csrf-token]").get_attribute("content")
+    for action, texts, fields in forms:
+        for bad in ({t: "x" * 3000 for t in texts} | {"ids": "1,abc"}, {"csrf": csrf}):
+            data = {**fields, "csrf": csrf, **bad}
+            r = page.request.post(base + action, form=data, max_redirects=0,
+                                  headers={"X-Requested-With": "fetch", "X-CSRF-Token": csrf})
+            assert r.status < 500, (action, bad.keys(), r.status, r.text()[:300])
+            assert r.status >= 300 or action in ("/preferences", "/search", "/selection"), (action, r.status)
+    after = _api(page, base, "/audit?limit=1000")["events"]
+    acted = [e for e in after[:len(after) - before] if e["action"] not in ("blur_on", "blur_off", "blur_strength")]
+    assert acted == [], acted
