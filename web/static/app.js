@@ -224,6 +224,15 @@
     });
   }
 
+  async function sendInPlace(form, submitter) {  // one in-place submit: its JSON answer, or null (said why)
+    form.dataset.sent = "1";
+    const resp = await post(form, submitter);
+    form.dataset.sent = "";
+    const data = await resp.json().catch(() => ({}));
+    if (!resp.ok) { say((data.error && data.error.message) || "That did not work.", "error"); return null; }
+    return data;
+  }
+
   // ---------------------------------------------------------------- submits
   document.addEventListener("submit", async (ev) => {
     const form = ev.target;
@@ -292,11 +301,8 @@
 
     if (form.id === "decision-form") {
       ev.preventDefault();
-      form.dataset.sent = "1";
-      const resp = await post(form, submitter);
-      form.dataset.sent = "";
-      const data = await resp.json().catch(() => ({}));
-      if (!resp.ok) { say((data.error && data.error.message) || "That did not work.", "error"); return; }
+      const data = await sendInPlace(form, submitter);
+      if (!data) return;
       if (data.next_url && form.querySelector('input[name="next"]').checked) { location.href = data.next_url; return; }
       say(data.message);
       const st = document.getElementById("cluster-status");
@@ -307,25 +313,13 @@
       if (h1) h1.textContent = data.name || "unnamed";
       const undoForm = document.getElementById("undo-form");
       if (undoForm) undoForm.hidden = false;
-      data.unflagged.forEach((id) => {
-        const card = document.querySelector(`.card[data-id="${id}"]`);
-        if (card) {
-          card.classList.replace("is-flagged", "is-unflagged");
-          const s = card.querySelector(".flagstate");
-          if (s) { s.className = "flagstate unflagged"; s.textContent = "not flagged"; }
-        }
-      });
+      showFlags(data.unflagged, false);
       return;
     }
 
     if (form.id === "undo-form") {
       ev.preventDefault();
-      form.dataset.sent = "1";
-      const resp = await post(form, submitter);
-      form.dataset.sent = "";
-      const data = await resp.json().catch(() => ({}));
-      if (!resp.ok) { say((data.error && data.error.message) || "That did not work.", "error"); return; }
-      location.reload();  // the flags it restored, the status and the decisions list all change
+      if (await sendInPlace(form, submitter)) location.reload();  // its flags, status and decisions list change
       return;
     }
 
