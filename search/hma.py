@@ -12,13 +12,14 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable
 
-from flask import Blueprint, Flask, Response, jsonify, request
+from flask import Blueprint, Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from indexer.hashbanks.banks import Bank, NewEntry
 from indexer.errors import FlagmatchError, InvalidInputError, NotFoundError
 from indexer.media.hashes import (PDQ_MIN_QUALITY, SIGNAL_ALIASES, SIGNAL_TYPES, Pdq, Signals, canonical_type, md5_of,
                             validate_signal)
+from indexer.review.banks import create_bank, delete_bank, update_bank
 from search.edge import authorize, http_status, need_ready, runtime
 from search.hashmatch import HashEvidence
 
@@ -233,9 +234,9 @@ def bank_create() -> tuple[Response, int]:
         raise InvalidInputError("name is required")
     banks = runtime().service.hashes.banks  # type: ignore[union-attr]
     try:
-        b = banks.create(name, enabled=_enabled(body) is not False, source=str(body.get("source", "api")),
-                         role=str(body.get("role", "match")),
-                         pdq_threshold=body.get("pdq_threshold", 31))
+        b = create_bank(banks, runtime().audit, name, actor=g.actor, enabled=_enabled(body) is not False,
+                        source=str(body.get("source", "api")), role=str(body.get("role", "match")),
+                        pdq_threshold=body.get("pdq_threshold", 31))
     except InvalidInputError as exc:
         if exc.code == "conflict":
             return _message(403, "Bank already exists"), 403
@@ -254,15 +255,15 @@ def bank_show(bank_name: str) -> Response:
 def bank_update(bank_name: str) -> Response:
     body = _json()
     banks = runtime().service.hashes.banks  # type: ignore[union-attr]
-    b = banks.update(bank_name, enabled=_enabled(body), rename=body.get("name"), role=body.get("role"),
-                     pdq_threshold=body.get("pdq_threshold"), source=body.get("source"))
+    b = update_bank(banks, runtime().audit, bank_name, actor=g.actor, enabled=_enabled(body), rename=body.get("name"),
+                    role=body.get("role"), pdq_threshold=body.get("pdq_threshold"), source=body.get("source"))
     return jsonify(_bank_json(b))
 
 
 @curation.delete("/bank/<bank_name>")
 @_guarded(write=True)
 def bank_delete(bank_name: str) -> Response:
-    runtime().service.hashes.banks.delete(bank_name)  # type: ignore[union-attr]
+    delete_bank(runtime().service.hashes.banks, runtime().audit, bank_name, actor=g.actor)  # type: ignore[union-attr]
     return jsonify({"message": "Done"})
 
 

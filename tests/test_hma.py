@@ -101,6 +101,11 @@ def test_an_hma_client_banks_hashes_and_matches_uploads(server):
                      timeout=30)
     assert r.json() == {"matches": []}
     assert requests.delete(f"{base}/c/bank/PARTNER_LIST", headers=AUTH, timeout=30).json() == {"message": "Done"}
+    # every bank change through these routes is in the audit log, by the token's name
+    events = requests.get(f"{base}/api/v1/audit", params={"target": "bank:PARTNER_LIST"}, headers=AUTH,
+                          timeout=30).json()["events"]
+    assert [e["action"] for e in events][:1] == ["bank_delete"] and "bank_create" in [e["action"] for e in events]
+    assert {e["actor"] for e in events} == {"hma"}
 
 
 def test_hma_errors_are_messages_with_4xx(server):
