@@ -214,6 +214,7 @@ class Settings:
         it); else the SQLite file in the home directory."""
         if self.catalog_url:
             return self.catalog_url
+        from indexer.storage.store import CATALOG_URL_FILE
         recorded = self.home_path / CATALOG_URL_FILE
         try:
             url = recorded.read_text().strip()
@@ -221,8 +222,6 @@ class Settings:
             url = ""
         return url or f"sqlite:///{self.home_path / 'catalog.sqlite'}"
 
-
-CATALOG_URL_FILE = "catalog.url"
 
 
 

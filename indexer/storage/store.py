@@ -15,6 +15,8 @@ from indexer.errors import FlagmatchError, ModelMismatchError
 from indexer.storage.files import publish
 from indexer.storage.vectors import VectorStore
 
+CATALOG_URL_FILE = "catalog.url"  # in the home: the catalog's URL when it is a database server
+
 
 @dataclass(frozen=True)
 class Original:
@@ -58,7 +60,7 @@ class Store:
     def _record_catalog(self, url: str) -> None:
         """Write the catalog's URL into the home directory once (readable by its owner only: it may hold a
         password), so other hosts and commands given only the home use the same database."""
-        path = self.home / "catalog.url"
+        path = self.home / CATALOG_URL_FILE
         if path.exists():
             return
         publish(path, (url + "\n").encode(), mode=0o600)
