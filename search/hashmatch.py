@@ -18,7 +18,7 @@ from typing import Sequence
 from indexer.hashbanks.banks import Bank, Banks
 from indexer.storage.catalog import ImageRecord
 from indexer.hashbanks.hash_index import PdqIndex
-from indexer.media.hashes import PDQ_DEFAULT_THRESHOLD, Signals
+from indexer.media.hashes import PDQ_DEFAULT_THRESHOLD, Signals, pdq_distance
 from indexer.storage.store import Store
 
 
@@ -110,8 +110,13 @@ class HashMatcher:
             for h in bh:
                 e = entries.get(h.id)
                 b = banks.get(e.bank) if e is not None else None
-                if e is not None and b is not None and b.enabled and h.distance <= b.pdq_threshold:
-                    matches.append(_match(b, e.id, "pdq", e.signal, h.distance, b.pdq_threshold, e.external_id,
+                if e is None or b is None or not b.enabled or e.signal_type != "pdq":
+                    continue
+                # the distance to the entry as the catalog holds it now: the binary index follows the catalog by
+                # id, and an id freed by a delete (SQLite reuses the highest) may name another hash by now
+                distance = pdq_distance(pdqs[n] or "", e.signal)
+                if distance <= b.pdq_threshold:
+                    matches.append(_match(b, e.id, "pdq", e.signal, distance, b.pdq_threshold, e.external_id,
                                           e.tags))
             for e in md5_entries.get(q.md5, []):
                 b = banks.get(e.bank)

@@ -133,15 +133,40 @@ def _signal_param() -> Signals:
     return Signals(value, None) if st == "md5" else Signals("", Pdq(value, 100))
 
 
-def _banks_of(ev: HashEvidence) -> list[str]:
-    return [] if not ev.matched else sorted({m.bank for m in ev.bank_matches})
+def _only(*known: str) -> None:
+    """A parameter flagmatch does not take is refused by name, never ignored (a client limiting what it acts
+    on must not get more than it asked for)."""
+    unknown = sorted(set(request.args) - set(known))
+    if unknown:
+        raise InvalidInputError(f"unsupported parameter(s): {', '.join(unknown)}")
+
+
+def _wanted_banks() -> set[str] | None:
+    """The ``banks`` filter (comma-separated names), or None for every bank."""
+    raw = request.args.get("banks")
+    if raw is None:
+        return None
+    names = {b.strip() for b in raw.split(",") if b.strip()}
+    if not names:
+        raise InvalidInputError("banks must name at least one bank")
+    return names
+
+
+def _matches(ev: HashEvidence, wanted: set[str] | None) -> list[Any]:
+    """The bank entries a lookup reports: none when a negative bank suppressed them, only ``wanted`` banks'."""
+    return [m for m in ev.bank_matches if wanted is None or m.bank in wanted] if ev.matched else []
+
+
+def _banks_of(ev: HashEvidence, wanted: set[str] | None = None) -> list[str]:
+    return sorted({m.bank for m in _matches(ev, wanted)})
 
 
 @matching.get("/raw_lookup")
 @_guarded(write=False)
 def raw_lookup() -> Response:
+    _only("signal", "signal_type", "include_distance", "banks")
     ev = _lookup(_signal_param())
-    matches = [] if not ev.matched else ev.bank_matches
+    matches = _matches(ev, _wanted_banks())
     if request.args.get("include_distance", "false").lower() in ("1", "true", "yes", "on"):
         return jsonify({"matches": [{"content_id": m.entry_id, "distance": str(m.distance)} for m in matches]})
     return jsonify({"matches": [m.entry_id for m in matches]})
@@ -152,18 +177,22 @@ def raw_lookup() -> Response:
 def lookup_get() -> Response:
     if request.args.get("url"):
         raise InvalidInputError("flagmatch does not fetch URLs: POST the file as multipart field 'photo'")
-    return jsonify(_banks_of(_lookup(_signal_param())))
+    _only("signal", "signal_type", "banks")
+    return jsonify(_banks_of(_lookup(_signal_param()), _wanted_banks()))
 
 
 @matching.post("/lookup")
 @_guarded(write=False)
 def lookup_post() -> Response:
+    _only("banks")
+    wanted = _wanted_banks()
     _, sig = _upload()
-    ev = _lookup(sig)
-    out: dict[str, list[str]] = {"pdq": _banks_of(ev) if ev.pdq_usable and any(
-        m.signal_type == "pdq" for m in ev.bank_matches) else []}
-    if any(m.signal_type == "md5" for m in ev.bank_matches) and ev.matched:
-        out["md5"] = sorted({m.bank for m in ev.bank_matches if m.signal_type == "md5"})
+    matches = _matches(_lookup(sig), wanted)
+    ev_pdq = sorted({m.bank for m in matches if m.signal_type == "pdq"})
+    out: dict[str, list[str]] = {"pdq": ev_pdq}
+    md5 = sorted({m.bank for m in matches if m.signal_type == "md5"})
+    if md5:
+        out["md5"] = md5
     return jsonify(out)
 
 

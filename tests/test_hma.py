@@ -73,6 +73,26 @@ def test_an_hma_client_banks_hashes_and_matches_uploads(server):
     r = requests.post(f"{base}/m/lookup", files={"photo": ("copy.jpg", copy)}, headers=AUTH, timeout=30)
     assert r.status_code == 200 and r.json() == {"pdq": ["PARTNER_LIST"]}
 
+    # a client that limits the banks it acts on gets matches from those banks only; a parameter flagmatch
+    # does not take is refused by name, never ignored
+    assert requests.post(f"{base}/c/banks", json={"name": "OTHER_LIST"}, headers=AUTH, timeout=30).status_code == 201
+    other_id = requests.post(f"{base}/c/bank/OTHER_LIST/signal", json={"pdq": pdq}, headers=AUTH,
+                             timeout=30).json()["id"]
+    q = {"signal_type": "pdq", "signal": copy_hash}
+    assert requests.get(f"{base}/m/raw_lookup", params={**q, "banks": "OTHER_LIST"}, headers=AUTH,
+                        timeout=30).json() == {"matches": [other_id]}
+    assert requests.get(f"{base}/m/raw_lookup", params={**q, "banks": "PARTNER_LIST,NOPE"}, headers=AUTH,
+                        timeout=30).json() == {"matches": [content_id]}
+    assert requests.get(f"{base}/m/lookup", params={**q, "banks": "OTHER_LIST"}, headers=AUTH,
+                        timeout=30).json() == ["OTHER_LIST"]
+    assert requests.get(f"{base}/m/lookup", params=q, headers=AUTH, timeout=30).json() == ["OTHER_LIST", "PARTNER_LIST"]
+    r = requests.post(f"{base}/m/lookup", params={"banks": "PARTNER_LIST"}, files={"photo": ("copy.jpg", copy)},
+                      headers=AUTH, timeout=30)
+    assert r.json() == {"pdq": ["PARTNER_LIST"]}
+    r = requests.get(f"{base}/m/raw_lookup", params={**q, "bank": "OTHER_LIST"}, headers=AUTH, timeout=30)
+    assert r.status_code == 400 and "bank" in r.json()["message"]
+    assert requests.delete(f"{base}/c/bank/OTHER_LIST", headers=AUTH, timeout=30).json() == {"message": "Done"}
+
     # flagmatch's own search shows the bank match beside the embedding neighbours
     r = requests.post(f"{base}/api/v1/search", files={"image": ("copy.jpg", copy)}, headers=AUTH, timeout=60)
     assert r.status_code == 200, r.text

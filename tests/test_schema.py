@@ -119,6 +119,13 @@ def test_a_store_from_the_previous_release_upgrades_with_its_data_intact(catalog
     [cl] = cs.clusters(cs.current_run().id)  # type: ignore[union-attr]
     assert (cl.name, cl.status, cl.size) == ("memes", "confirmed", 2)
     assert catalog.get(1).flagged and catalog.get(2).flag_label == "nudity"
+    # bank entry ids are never given twice once upgraded (the PDQ bank index follows them by id)
+    from indexer.hashbanks.banks import Banks, NewEntry
+    banks = Banks(catalog)
+    top = max(e.id for e in banks.page("PARTNER"))
+    banks.remove_entry("PARTNER", top)
+    [new], _ = banks.add("PARTNER", [NewEntry("pdq", "e" * 64)])
+    assert new > top
     catalog.close()
 
 

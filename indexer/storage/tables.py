@@ -125,10 +125,12 @@ class BankRow(Base):
 
 
 class BankEntryRow(Base):
-    """One signal in a bank; its id is the "content id" HMA clients see. Needs no image."""
+    """One signal in a bank; its id is the "content id" HMA clients see. Needs no image. Ids are never given
+    twice (SQLite's AUTOINCREMENT; PostgreSQL's sequence): the PDQ bank index follows entries by id, and a
+    reused id would name another hash there."""
     __tablename__ = "bank_entries"
     __table_args__ = (UniqueConstraint("bank_id", "signal_type", "signal"),
-                      Index("ix_bank_entries_signal", "signal_type", "signal"))
+                      Index("ix_bank_entries_signal", "signal_type", "signal"), {"sqlite_autoincrement": True})
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     bank_id: Mapped[int] = mapped_column(ForeignKey("banks.id"), index=True)
     signal_type: Mapped[str] = mapped_column(String(16))
