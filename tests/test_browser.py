@@ -617,10 +617,10 @@ def test_every_form_refuses_bad_input_without_acting(server, page):
             return (actions.length ? actions : [f.getAttribute('action') || location.pathname])
               .map(a => [a, texts, fields]); })""")
         for action, texts, fields in found:
-            if action in ("/logout",) or action.startswith("/login"):
-                continue
+            if action in ("/logout",) or action.startswith("/login") or not texts:
+                continue  # (a form without a field to get wrong — undo, a switch — is a button its own test clicks)
             forms.append((action, texts, fields))
-    assert len({a for a, _, _ in forms}) >= 8, forms
+    assert {"/images/flag", "/images/unflag", "/clusters/1/decision", "/images/5/delete"} <= {a for a, _, _ in forms}
     before = len(_api(page, base, "/audit?limit=1000")["events"])
     csrf = page.locator("meta[name=csrf-token]").get_attribute("content")
     for action, texts, fields in forms:
