@@ -387,5 +387,20 @@ def register_hma(app: Flask) -> None:
     for bp in (hashing, matching, curation):
         app.register_blueprint(bp)
 
+    @app.get("/status")
+    def hma_status() -> Response:
+        """OMM's readiness check for load balancers: 200 ``I-AM-ALIVE`` once the model and the indexes are
+        loaded, else 503 ``INDEX-NOT-LOADED`` (no token needed, as on OMM)."""
+        rt = runtime()
+        if rt.ready.is_set() and rt.index is not None:
+            return Response(b"I-AM-ALIVE", mimetype="text/plain")
+        return Response(b"INDEX-NOT-LOADED", status=503, mimetype="text/plain")
+
+    @app.get("/status/live")
+    def hma_status_live() -> Response:
+        """OMM's liveness check: always 200 while the process answers (an index still loading must not get
+        the process restarted)."""
+        return Response(b"I-AM-ALIVE", mimetype="text/plain")
+
 
 __all__ = ["register_hma", "NotFoundError"]

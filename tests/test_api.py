@@ -66,6 +66,10 @@ def test_health_and_readiness(client, api_home, tiny_embedder):
     assert r.status_code == 503 and r.json["status"] == "loading"
     r = cold.post("/api/v1/search", json={"id": 1}, headers=AUTH)
     assert r.status_code == 503 and r.json["error"]["code"] == "not_ready"
+    # OMM's checks: not ready while loading, alive all along
+    assert (cold.get("/status").status_code, cold.get("/status").data) == (503, b"INDEX-NOT-LOADED")
+    assert (cold.get("/status/live").status_code, cold.get("/status/live").data) == (200, b"I-AM-ALIVE")
+    assert client.get("/status").data == b"I-AM-ALIVE"
 
 
 def test_search_by_upload_returns_flagged_neighbours(client, api_home):

@@ -128,6 +128,15 @@ def test_an_hma_client_banks_hashes_and_matches_uploads(server):
     assert {e["actor"] for e in events} == {"hma"}
 
 
+def test_omms_health_checks(server):
+    """OMM's /status (ready) and /status/live (alive), as its own tests assert them, without a token."""
+    base = server
+    r = requests.get(f"{base}/status", timeout=30)
+    assert r.status_code == 200 and r.content == b"I-AM-ALIVE"
+    r = requests.get(f"{base}/status/live", timeout=30)
+    assert r.status_code == 200 and r.content == b"I-AM-ALIVE"
+
+
 def test_hma_errors_are_messages_with_4xx(server):
     base = server
     r = requests.get(f"{base}/c/banks", timeout=30)
