@@ -128,13 +128,25 @@ def create_database(template: str | None = None) -> str:
 
 
 def drop_database(url: str) -> None:
+    """Drop a test's database. ``WITH (FORCE)`` ends its sessions; one of the server's own (an autovacuum
+    worker) may only be ended by a superuser or ``pg_signal_backend``, so a refusal is retried a few times
+    while that worker finishes."""
+    import time
     from sqlalchemy import text
     from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import DBAPIError
     engine, _ = _admin()
     if engine is None:
         return
-    with engine.connect() as c:  # type: ignore[attr-defined]
-        c.execute(text(f'DROP DATABASE IF EXISTS "{make_url(url).database}" WITH (FORCE)'))
+    for attempt in range(20):
+        try:
+            with engine.connect() as c:  # type: ignore[attr-defined]
+                c.execute(text(f'DROP DATABASE IF EXISTS "{make_url(url).database}" WITH (FORCE)'))
+            return
+        except DBAPIError as exc:
+            if "pg_signal_backend" not in str(exc) or attempt == 19:
+                raise
+            time.sleep(0.5)
 
 
 def is_postgres(url: str) -> bool:
@@ -143,12 +155,11 @@ def is_postgres(url: str) -> bool:
 
 def drop_all() -> None:
     """Drop every database this test process created (the end of the session)."""
-    from sqlalchemy import text
+    from sqlalchemy.engine import make_url
     engine, _ = _admin()
     if engine is None:
         return
-    with engine.connect() as c:  # type: ignore[attr-defined]
-        for name in _created:
-            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    for name in _created:
+        drop_database(make_url(engine.url).set(database=name).render_as_string(hide_password=False))  # type: ignore[attr-defined]
     _created.clear()
     engine.dispose()  # type: ignore[attr-defined]
