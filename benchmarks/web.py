@@ -125,6 +125,7 @@ def bulk_undo(page, base: str, cluster_id: int) -> dict[str, float]:
     actions = 0
     page.click("button.select-every")
     actions += 1
+    expect(page.locator(".selected-count").first).not_to_have_text("0 selected")  # (every member's id is fetched)
     n = int(page.locator(".selected-count").first.inner_text().split()[0])
     page.fill("form.members input[name=reason]", "bulk undo benchmark")
     actions += 1
@@ -132,12 +133,12 @@ def bulk_undo(page, base: str, cluster_id: int) -> dict[str, float]:
     t = time.perf_counter()
     page.click("button:has-text('Unflag selected')")
     actions += 2  # the click and the confirmation
-    expect(page.locator(".flash")).to_contain_text("Unflagged")
+    expect(page.locator(".flash")).to_contain_text(f"Unflagged {n:,}".replace(",", ""))
     unflag_ms = (time.perf_counter() - t) * 1000
     t = time.perf_counter()
     page.click(".flash button.undo-change")
     actions += 1
-    expect(page.locator(".flash")).to_contain_text("Undone")
+    expect(page.locator(".flash")).to_contain_text(f"Undone: {n} image(s) flagged again")
     undo_ms = (time.perf_counter() - t) * 1000
     return {"images": n, "actions": actions, "unflag_ms": unflag_ms, "undo_ms": undo_ms}
 

@@ -168,12 +168,18 @@ class ClusterStore:
                                                    x=m.x, y=m.y, provisional=True) for m in members])
 
     # -- reading a run
-    def clusters(self, run_id: int) -> list[ClusterInfo]:
+    def clusters(self, run_id: int, only: int | None = None) -> list[ClusterInfo]:
+        """A run's clusters, largest first (``only``: that one cluster's, read alone)."""
+        q = select(RunClusterRow, IdentityRow).join(IdentityRow, IdentityRow.id == RunClusterRow.cluster_id).where(
+            RunClusterRow.run_id == run_id)
+        counts = select(MemberRow.cluster_id, func.count()).where(MemberRow.run_id == run_id,
+                                                                  MemberRow.cluster_id.is_not(None))
+        if only is not None:
+            q = q.where(RunClusterRow.cluster_id == only)
+            counts = counts.where(MemberRow.cluster_id == only)
         with Session(self.engine) as c:
-            rows = c.execute(select(RunClusterRow, IdentityRow).join(
-                IdentityRow, IdentityRow.id == RunClusterRow.cluster_id).where(RunClusterRow.run_id == run_id)).all()
-            live = dict(c.execute(select(MemberRow.cluster_id, func.count()).where(
-                MemberRow.run_id == run_id, MemberRow.cluster_id.is_not(None)).group_by(MemberRow.cluster_id)).all())
+            rows = c.execute(q).all()
+            live = dict(c.execute(counts.group_by(MemberRow.cluster_id)).all())
         out = []
         for rc, ident in rows:
             out.append(ClusterInfo(rc.cluster_id, ident.name, ident.label, ident.status,
@@ -182,9 +188,8 @@ class ClusterStore:
         return sorted(out, key=lambda k: -k.size)
 
     def cluster(self, run_id: int, cluster_id: int) -> ClusterInfo:
-        for cl in self.clusters(run_id):
-            if cl.id == cluster_id:
-                return cl
+        for cl in self.clusters(run_id, only=cluster_id):
+            return cl
         raise NotFoundError(f"no cluster {cluster_id} in run {run_id}")
 
     def members(self, run_id: int, cluster_id: int | None, *, offset: int = 0, limit: int | None = None,
