@@ -48,7 +48,9 @@ def _guarded(write: bool) -> Callable:
     return deco
 
 
-def _http_error(exc: HTTPException) -> Response:
+def hma_http_error(exc: HTTPException) -> Response:
+    """Werkzeug's errors under /h, /m and /c (an unknown route, a wrong method, a body too large) as HMA's
+    ``{"message"}``."""
     return _message(exc.code or 500, exc.description or "error")
 
 
@@ -292,7 +294,10 @@ def bank_update(bank_name: str) -> Response:
 @curation.delete("/bank/<bank_name>")
 @_guarded(write=True)
 def bank_delete(bank_name: str) -> Response:
-    delete_bank(runtime().service.hashes.banks, runtime().audit, bank_name, actor=g.actor)  # type: ignore[union-attr]
+    try:
+        delete_bank(runtime().service.hashes.banks, runtime().audit, bank_name, actor=g.actor)  # type: ignore[union-attr]
+    except NotFoundError:
+        pass  # as OMM: deleting a bank that is not there is done (nothing changed, nothing recorded)
     return jsonify({"message": "Done"})
 
 
@@ -380,7 +385,7 @@ def content_types() -> Response:
 
 
 for _bp in (hashing, matching, curation):
-    _bp.register_error_handler(HTTPException, _http_error)
+    _bp.register_error_handler(HTTPException, hma_http_error)
 
 
 def register_hma(app: Flask) -> None:

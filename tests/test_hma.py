@@ -155,6 +155,16 @@ def test_hma_errors_are_messages_with_4xx(server):
     assert r.status_code in (400, 415) and r.json()["message"]
     r = requests.post(f"{base}/c/banks", json={"name": "lower case"}, headers=AUTH, timeout=30)
     assert r.status_code == 400 and "upper-case" in r.json()["message"]
+    r = requests.post(f"{base}/c/banks", json={"name": "01_TEST_BANK"}, headers=AUTH, timeout=30)
+    assert r.status_code == 400 and "digit" in r.json()["message"]  # OMM's rule: [A-Z_][A-Z0-9_]*
+    # as OMM: deleting a bank that is not there is done
+    r = requests.delete(f"{base}/c/bank/NEVER_THERE", headers=AUTH, timeout=30)
+    assert r.status_code == 200 and r.json() == {"message": "Done"}
+    # an unknown route or a wrong method under /h, /m, /c answers HMA's {"message"}
+    r = requests.get(f"{base}/m/no_such_route", headers=AUTH, timeout=30)
+    assert r.status_code == 404 and set(r.json()) == {"message"}
+    r = requests.post(f"{base}/c/signal_type", headers=AUTH, timeout=30)
+    assert r.status_code == 405 and set(r.json()) == {"message"} and "GET" in r.headers["Allow"]
     r = requests.post(f"{base}/c/banks", json={"name": "HALF", "enabled_ratio": 0.5}, headers=AUTH, timeout=30)
     assert r.status_code == 400 and "fractional" in r.json()["message"]
     r = requests.get(f"{base}/c/signal_type", headers=AUTH, timeout=30)

@@ -18,7 +18,7 @@ from werkzeug.routing import IntegerConverter
 from indexer.models.threads import REQUEST, worker_started
 from search.api import bp as api_bp
 from search.edge import EdgeSettings, Runtime, error, http_error, register_health
-from search.hma import register_hma
+from search.hma import hma_http_error, register_hma
 from web.decisions import bp as decisions_bp
 from web.views import bp as views_bp
 
@@ -38,6 +38,7 @@ class Int64Converter(IntegerConverter):
 
 
 API_PREFIXES = ("/api/", "/h/", "/m/", "/c/")  # flagmatch's API and the HMA-compatible routes
+HMA_PREFIXES = ("/h/", "/m/", "/c/")
 
 
 def _is_api() -> bool:
@@ -117,6 +118,11 @@ def install_edges(app: Flask, runtime: Runtime) -> None:
         if exc.code == 413:
             exc.description = f"request body over {settings.max_upload_bytes:,} bytes"
             _drain_body(2 * settings.max_upload_bytes)
+        if request.path.startswith(HMA_PREFIXES):  # HMA's clients read {"message"}, on every status
+            resp = hma_http_error(exc)
+            if exc.code == 405 and exc.valid_methods:  # type: ignore[attr-defined]
+                resp.headers["Allow"] = ", ".join(exc.valid_methods)  # type: ignore[attr-defined]
+            return resp
         if _is_api() or exc.code == 413:
             return http_error(exc)
         return _error_page(exc.code or 500, exc.name.lower().replace(" ", "_"), exc.description or exc.name)

@@ -18,8 +18,9 @@ from indexer.storage.catalog import Catalog, Transaction
 from indexer.storage.tables import BankEntryRow, BankRow, ImageRow, ImageSignalRow, utcnow
 
 ROLES = ("match", "negative")
-# HMA's bank names (so its clients and ours name banks the same way): upper case, digits, underscores.
-BANK_NAME = re.compile(r"^[A-Z0-9_]{1,64}$")
+# HMA's bank names (so its clients and ours name banks the same way): upper case, digits, underscores, not
+# starting with a digit (OMM's rule: [A-Z_][A-Z0-9_]*).
+BANK_NAME = re.compile(r"^[A-Z_][A-Z0-9_]{0,63}$")
 CHUNK = 5000                  # rows per transaction on import
 MAX_TAG_CHARS = 2000
 
@@ -74,8 +75,8 @@ class NewEntry:
 
 def check_name(name: str) -> str:
     if not BANK_NAME.match(name or ""):
-        raise InvalidInputError(f"a bank name is 1–64 upper-case letters, digits or underscores "
-                                f"(as HMA names banks), not {name!r}", code="bad_bank_name")
+        raise InvalidInputError(f"a bank name is 1–64 upper-case letters, digits or underscores, not starting "
+                                f"with a digit (as HMA names banks), not {name!r}", code="bad_bank_name")
     return name
 
 
