@@ -19,7 +19,7 @@ from indexer.hashbanks.banks import Bank, NewEntry
 from indexer.errors import FlagmatchError, InvalidInputError, NotFoundError
 from indexer.media.hashes import (PDQ_MIN_QUALITY, SIGNAL_ALIASES, SIGNAL_TYPES, Pdq, Signals, canonical_type, md5_of,
                             validate_signal)
-from indexer.review.banks import create_bank, delete_bank, update_bank
+from indexer.review.banks import add_entries, create_bank, delete_bank, remove_entry, update_bank
 from search.edge import authorize, http_status, need_ready, runtime
 from search.hashmatch import HashEvidence
 
@@ -314,7 +314,7 @@ def _add(bank_name: str, signals: dict[str, str], *, external_id: str | None = N
         if st == "pdq" and value == "":
             raise InvalidInputError("the image's PDQ quality is below 50: too featureless to bank")
         entries.append(NewEntry(st, validate_signal(st, value), external_id=external_id))
-    banks.add(bank_name, entries)  # a signal already banked keeps its entry
+    add_entries(banks, runtime().audit, bank_name, entries, actor=g.actor)  # a signal already banked keeps its entry
     ids = [i for e in entries if (i := banks.find(bank_name, e.signal_type, e.signal)) is not None]
     return jsonify({"id": ids[0], "signals": {e.signal_type: e.signal for e in entries}})
 
@@ -353,7 +353,8 @@ def bank_add_content(bank_name: str) -> Response:
 @curation.delete("/bank/<bank_name>/content/<int:content_id>")
 @_guarded(write=True)
 def bank_delete_content(bank_name: str, content_id: int) -> Response:
-    n = runtime().service.hashes.banks.remove_entry(bank_name, content_id)  # type: ignore[union-attr]
+    n = remove_entry(runtime().service.hashes.banks, runtime().audit, bank_name, content_id,  # type: ignore[union-attr]
+                     actor=g.actor)
     return jsonify({"deleted": n})
 
 

@@ -12,9 +12,9 @@ import textwrap
 import pytest
 
 from indexer.review import actions
-from indexer.review.banks import create_bank, delete_bank, update_bank
+from indexer.review.banks import add_entries, create_bank, delete_bank, remove_entry, update_bank
 from indexer.review.clusters import Decision, decide_cluster
-from indexer.hashbanks.banks import Banks
+from indexer.hashbanks.banks import Banks, NewEntry
 from indexer.storage import verdicts
 from indexer.storage.audit import AuditLog
 from indexer.storage.catalog import NewImage
@@ -133,23 +133,31 @@ def test_a_cluster_dismissal_is_all_or_nothing(store, monkeypatch, step):
 
 
 @pytest.mark.parametrize("step", ["indexer.storage.banks.BankStore.create", "indexer.storage.banks.BankStore.update",
-                                  "indexer.storage.banks.BankStore.delete"])
+                                  "indexer.storage.banks.BankStore.delete", "indexer.storage.banks.BankStore.add",
+                                  "indexer.storage.banks.BankStore.remove_entry"])
 def test_bank_changes_are_all_or_nothing_with_their_audit_row(store, monkeypatch, step):
     audit = AuditLog(store.catalog.engine)
     banks = Banks(store.catalog)
     if not step.endswith("create"):
         create_bank(banks, audit, "PARTNER", actor="rita")
-    before = _state(store, audit)
+    if step.endswith("remove_entry"):
+        [entry], _ = add_entries(banks, audit, "PARTNER", [NewEntry("pdq", "f" * 64)], actor="rita")
+    before = _state(store, audit) + ([(e.id, e.signal) for e in banks.page("PARTNER")] if banks.list() else [],)
     _fail_after(monkeypatch, step)
     with pytest.raises(Boom):
         if step.endswith("create"):
             create_bank(banks, audit, "PARTNER", actor="rita")
         elif step.endswith("update"):
             update_bank(banks, audit, "PARTNER", actor="rita", enabled=False, pdq_threshold=20)
+        elif step.endswith(".add"):
+            add_entries(banks, audit, "PARTNER", [NewEntry("pdq", "e" * 64)], actor="rita")
+        elif step.endswith("remove_entry"):
+            remove_entry(banks, audit, "PARTNER", entry, actor="rita")
         else:
             delete_bank(banks, audit, "PARTNER", actor="rita")
     monkeypatch.undo()
-    assert _state(store, audit) == before
+    assert _state(store, audit) + ([(e.id, e.signal) for e in banks.page("PARTNER")] if banks.list() else [],) \
+        == before
 
 
 KILL = textwrap.dedent("""

@@ -178,13 +178,13 @@ class BankStore:
         return int(n or 0)
 
     # -- entries
-    def add(self, name: str, entries: Iterable[NewEntry]) -> tuple[list[int], int]:
+    def add(self, name: str, entries: Iterable[NewEntry], *, tx: Transaction | None = None) -> tuple[list[int], int]:
         """Add entries to a bank in one transaction; entries already there are skipped.
         Returns (the new entries' ids, how many were already banked)."""
         bank = self.get(name, counts=False)
         ids: list[int] = []
         dup = 0
-        with self.catalog.session() as s, s.begin():
+        with self.catalog.transaction(tx) as s:
             for chunk in batches(entries, CHUNK):
                 new, d = self.insert_chunk(s, bank.id, chunk)
                 ids.extend(new)
@@ -216,9 +216,9 @@ class BankStore:
                 BankEntryRow.bank_id == bank_id, BankEntryRow.signal_type == st, BankEntryRow.signal.in_(sigs))))
         return sorted(new), len(chunk) - len(rows)
 
-    def remove_entry(self, name: str, entry_id: int) -> int:
+    def remove_entry(self, name: str, entry_id: int, *, tx: Transaction | None = None) -> int:
         bank = self.get(name, counts=False)
-        with self.catalog.session() as s, s.begin():
+        with self.catalog.transaction(tx) as s:
             return int(s.execute(delete(BankEntryRow).where(BankEntryRow.bank_id == bank.id,
                                                             BankEntryRow.id == int(entry_id))).rowcount or 0)
 
