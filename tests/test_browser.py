@@ -288,6 +288,17 @@ def _first_cluster(page, base: str, nth: int = 0) -> str:
     return page.url
 
 
+def _open_map_selection(page, base: str) -> None:
+    """Everything on the map, reset to the whole view, opened as the selection page."""
+    page.goto(base + "/map")
+    page.wait_for_selector("body[data-map-ready='1']", timeout=20_000)
+    page.locator("#map").focus()
+    page.keyboard.press("0")
+    page.keyboard.press("Enter")  # everything in view
+    page.click("#selection-form button")
+    page.wait_for_url("**/selection")
+
+
 def test_the_image_pages_flag_and_unflag_act_on_that_image(server, page):
     """Bug 1: Unflag on an image's page said "Select at least one image first." and changed nothing."""
     base, _root = server
@@ -415,13 +426,7 @@ def test_selection_filters_hide_without_deselecting(server, page):
     """Bug 8: a filter silently dropped what it hid from the selection (168 -> 15)."""
     base, _root = server
     _signed_in(page, base)
-    page.goto(base + "/map")
-    page.wait_for_selector("body[data-map-ready='1']", timeout=20_000)
-    page.locator("#map").focus()
-    page.keyboard.press("0")
-    page.keyboard.press("Enter")  # everything in view
-    page.click("#selection-form button")
-    page.wait_for_url("**/selection")
+    _open_map_selection(page, base)
     total = page.locator(".card.image").count()
     expect(page.locator(".selected-count")).to_have_text(f"{total} selected")
     page.select_option("#filter-state", "is-unflagged")
@@ -510,13 +515,7 @@ def test_a_bulk_unflag_asks_first_and_can_be_undone(server, page):
     flags every image again with the label it had (one audited action, checked in the catalog)."""
     base, _root = server
     _signed_in(page, base)
-    page.goto(base + "/map")
-    page.wait_for_selector("body[data-map-ready='1']", timeout=20_000)
-    page.locator("#map").focus()
-    page.keyboard.press("0")
-    page.keyboard.press("Enter")
-    page.click("#selection-form button")
-    page.wait_for_url("**/selection")
+    _open_map_selection(page, base)
     ids = page.locator(".card.image").evaluate_all("cs => cs.map(c => +c.dataset.id)")
     before = {i: _api(page, base, f"/images/{i}") for i in ids}
     still_flagged = [i for i, img in before.items() if img["flagged"]]

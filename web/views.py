@@ -122,11 +122,10 @@ def _domain_error(exc: FlagmatchError) -> Any:
     g.action_failed = True  # its request id may be sent again
     if request.method == "POST" and _wants_json():
         return jsonify({"error": {"code": exc.code, "message": exc.message}}), http_status(exc)
-    back = _local(request.referrer) if request.method == "POST" else None
-    if back is not None and http_status(exc) < 500:
+    back = _local(request.referrer)
+    if request.method == "POST" and back is not None and http_status(exc) < 500:
         flash(exc.message)
         return redirect(back, code=303)
-    back = _local(request.referrer)
     return render_template("error.html", status=http_status(exc), code=exc.code, message=exc.message,
                            back=back), http_status(exc)
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from indexer.storage import verdicts
 from indexer.storage.audit import AuditLog, AuditQuery
-from indexer.storage.catalog import FlagRequest, Transaction
+from indexer.storage.catalog import FlagRequest, ImageRecord, Transaction
 from indexer.errors import InvalidInputError, NotFoundError
 from indexer.storage.store import Store
 from indexer.storage.tables import MAX_LABEL, MAX_REASON
@@ -33,7 +33,8 @@ def _clean(text: str | None, limit: int, what: str) -> str | None:
     return text.strip() or None
 
 
-def _live_ids(store: Store, ids: Sequence[int]) -> list[int]:
+def _live(store: Store, ids: Sequence[int]) -> dict[int, ImageRecord]:
+    """The records of ``ids`` (each once, in the order asked), all live, or a refusal naming the first that is not."""
     if not ids:
         raise InvalidInputError("select at least one image", code="bad_parameter")
     unique = list(dict.fromkeys(int(i) for i in ids))
@@ -41,7 +42,7 @@ def _live_ids(store: Store, ids: Sequence[int]) -> list[int]:
     missing = [i for i in unique if i not in recs or recs[i].deleted]
     if missing:
         raise NotFoundError(f"no image with id {missing[0]}")
-    return unique
+    return {i: recs[i] for i in unique}
 
 
 PERSON_SOURCES = ("review", "manual")  # a person's decision: each is also a verdict (indexer.storage.verdicts)
@@ -93,8 +94,8 @@ def set_flags_in(tx: Transaction, store: Store, index: IndexFeed | None, audit: 
     reason, label = _clean(reason, MAX_REASON, "reason"), _clean(label, MAX_LABEL, "label")
     if not flag and not reason:
         raise InvalidInputError("say why these images are not unsafe (reason)", code="reason_required")
-    unique = _live_ids(store, ids)
-    before = store.catalog.get_many(unique)
+    before = _live(store, ids)
+    unique = list(before)
     changed = store.catalog.set_flag(unique, FlagRequest(source, label, actor, reason), flag=flag, tx=tx)
     if source in PERSON_SOURCES:
         verdicts.record(store.catalog, [verdicts.Verdict(i, label or before[i].flag_label or verdicts.DEFAULT_LABEL,
@@ -167,7 +168,7 @@ def record_verdict(store: Store, audit: AuditLog, image_id: int, label: str, *, 
     """A verdict that changes no flag (an unflagged image judged not ``label``, from the review queue),
     with its audit row, in one transaction."""
     reason = _clean(reason, MAX_REASON, "reason")
-    _live_ids(store, [image_id])
+    _live(store, [image_id])
     with store.catalog.transaction() as tx:
         verdicts.record(store.catalog, [verdicts.Verdict(image_id, label, positive, actor, reason, via)], tx=tx)
         audit.record(actor, "verdict", f"image:{image_id}", tx=tx, label=label, positive=positive, reason=reason)

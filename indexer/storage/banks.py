@@ -123,16 +123,13 @@ class BankStore:
         return self._banks(None, counts)
 
     def _get(self, name: str, tx: Transaction | None) -> Bank:
-        if tx is None:
-            return self.get(name)
-        r = tx.scalar(select(BankRow).where(BankRow.name == name))
-        if r is None:
-            raise NotFoundError(f"no bank named {name!r}")
-        n = tx.scalar(select(func.count()).select_from(BankEntryRow).where(BankEntryRow.bank_id == r.id))
-        return Bank(r.id, r.name, r.source, r.role, r.enabled, r.pdq_threshold, int(n or 0), r.created_at)
+        """``get``, read inside ``tx`` when given (a change not committed yet)."""
+        for b in self._banks(name, True, tx):
+            return b
+        raise NotFoundError(f"no bank named {name!r}")
 
-    def _banks(self, name: str | None, with_counts: bool = True) -> list[Bank]:
-        with self.catalog.session() as s:
+    def _banks(self, name: str | None, with_counts: bool = True, tx: Transaction | None = None) -> list[Bank]:
+        with self.catalog.transaction(tx) if tx is not None else self.catalog.session() as s:
             counts: dict[int, int] = {}
             if with_counts:
                 q = select(BankEntryRow.bank_id, func.count()).group_by(BankEntryRow.bank_id)

@@ -198,7 +198,7 @@ class Catalog:
         return self._session()
 
     @contextmanager
-    def transaction(self, tx: "Transaction | None" = None) -> Iterator["Transaction"]:
+    def transaction(self, tx: Transaction | None = None) -> Iterator[Transaction]:
         """One transaction for a decision and everything it implies (verdicts, queue, audit row, cluster
         identity): the repositories' writers take it as ``tx`` and write inside it, so all of it commits
         together or none of it does. Given an open ``tx``, joins it."""
