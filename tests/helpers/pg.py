@@ -116,21 +116,42 @@ def create_database(template: str | None = None) -> str:
     name = f"fm_test_{os.getpid()}_{next(_names)}_{uuid.uuid4().hex[:6]}"
     with engine.connect() as c:  # type: ignore[attr-defined]
         if template:
-            src = make_url(template).database
-            # a template may have no other session: close what the module's own store left open
-            c.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                           "WHERE datname = :d AND pid <> pg_backend_pid()"), {"d": src})
-            c.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{src}"'))
+            _copy(c, make_url(template).database, name)
         else:
             c.execute(text(f'CREATE DATABASE "{name}"'))
     _created.append(name)
     return make_url(engine.url).set(database=name).render_as_string(hide_password=False)  # type: ignore[attr-defined]
 
 
+# the refusals a server process of the database's own (an autovacuum worker) causes while it runs
+_BUSY = ("pg_signal_backend", "must be a superuser", "being accessed by other users")
+
+
+def _copy(c: object, src: str, name: str) -> None:
+    """``CREATE DATABASE name TEMPLATE src``. A template may have no other session: the module's own
+    store's sessions are ended (only this role's client sessions: a server process such as an
+    autovacuum worker may be signalled by a superuser alone), and a copy refused while a server process
+    still reads the template is retried while it finishes."""
+    import time
+    from sqlalchemy import text
+    from sqlalchemy.exc import DBAPIError
+    for attempt in range(40):
+        c.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "  # type: ignore[attr-defined]
+                       "WHERE datname = :d AND pid <> pg_backend_pid() "
+                       "AND usename = current_user AND backend_type = 'client backend'"), {"d": src})
+        try:
+            c.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{src}"'))  # type: ignore[attr-defined]
+            return
+        except DBAPIError as exc:
+            if not any(m in str(exc) for m in _BUSY) or attempt == 39:
+                raise
+            time.sleep(0.25)
+
+
 def drop_database(url: str) -> None:
     """Drop a test's database. ``WITH (FORCE)`` ends its sessions; one of the server's own (an autovacuum
-    worker) may only be ended by a superuser or ``pg_signal_backend``, so a refusal is retried a few times
-    while that worker finishes."""
+    worker) may only be ended by a superuser (or, on some versions, ``pg_signal_backend``), so a refusal
+    is retried a few times while that worker finishes."""
     import time
     from sqlalchemy import text
     from sqlalchemy.engine import make_url
@@ -144,7 +165,7 @@ def drop_database(url: str) -> None:
                 c.execute(text(f'DROP DATABASE IF EXISTS "{make_url(url).database}" WITH (FORCE)'))
             return
         except DBAPIError as exc:
-            if "pg_signal_backend" not in str(exc) or attempt == 19:
+            if not any(m in str(exc) for m in _BUSY) or attempt == 19:
                 raise
             time.sleep(0.5)
 
