@@ -14,7 +14,6 @@ from flagmatch.settings import Settings
 from indexer.storage.clusters import ClusterStore
 from indexer.storage.audit import AuditLog
 from indexer.models.embed import Embedder, SerialEmbedder
-from indexer.errors import FlagmatchError
 from search.auth import TokenSet
 from indexer.storage.sessions import RequestLedger, SessionStore
 from search.service import SearchService
@@ -50,7 +49,10 @@ class Runtime:
                 self.embedder = SerialEmbedder(wiring.load_embedder(self.settings, self.store),
                                                lanes=self.settings.serve_lanes)
             if not self.store.catalog.model_meta():
-                raise FlagmatchError("the store is empty: ingest images first", code="empty_store")
+                # a new store serves from the start (an HMA deployment may hold banks and no images): it is
+                # tied to the loaded model as its first ingest would tie it
+                info = self.embedder.info
+                self.store.bind_model(info.model_id, info.dim, info.preprocessing, info.source)
             self.index = wiring.open_index(self.store, self.settings)
             self.service = wiring.search_service(self.settings, self.store, self.index, self.embedder)
             if self.service.hashes is not None:  # the PDQ indexes load before the first request, not during it

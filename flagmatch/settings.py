@@ -20,6 +20,7 @@ GROUPS: dict[str, str] = {
     "index": "Vector index",
     "search": "Search",
     "server": "Server",
+    "hma": "HMA routes, URL fetching and exchanges",
     "heads": "Learning from verdicts",
     "cluster": "Clustering",
 }
@@ -140,6 +141,20 @@ class Settings:
                                 "dedicated to the API puts the model first: uploads keep it busy while lookups by "
                                 "id wait; 0 (the default) treats them alike and keeps the server responsive when "
                                 "other jobs share the host (niceness is machine-wide)", "server")
+    hma_open: bool = setting(False, "the HMA routes (/h /m /c) answer without a token, as Open Media Match does "
+                             "(for a deployment whose network limits who reaches them); off: reads follow "
+                             "open_reads and writes need a token", "hma")
+    fetch_allow: tuple[str, ...] = setting((), "URL fetching for HMA's url= parameters, off while empty: hosts, "
+                                           "*.subdomains, URL prefixes or addresses/networks it may fetch from "
+                                           "(internal addresses only when named)", "hma")
+    fetch_max_bytes: int = setting(32 * 1024 * 1024, "largest body a URL fetch reads", "hma")
+    fetch_timeout: float = setting(15.0, "seconds a URL fetch may take in all, redirects included", "hma")
+    exchange_apis: tuple[str, ...] = setting((), "the exchange APIs offered (threatexchange names: sample, "
+                                             "local_file, fb_threatexchange, ncmec, stop_ncii, tat); empty: all",
+                                             "hma")
+    exchange_fetch_interval: float = setting(0.0, "the server fetches every enabled exchange this often, in "
+                                             "seconds (0: never; `flagmatch exchanges fetch` does it by hand)",
+                                             "hma")
     review_labels: tuple[str, ...] = setting(
         ("adult_nudity", "sexual_activity", "violence", "gore", "hate_symbols", "self_harm", "spam", "other"),
         "the policy labels a reviewer picks from (comma-separated)", "server")

@@ -52,6 +52,13 @@ class ClusteringError(FlagmatchError):
     code = "clustering"
 
 
+class FetchError(FlagmatchError):
+    """A URL flagmatch was asked to fetch was refused or could not be read. ``code`` says why: ``fetch_off``
+    (no allow-list), ``fetch_refused`` (not on the list, an address the list does not name, a redirect off
+    it, a scheme or type not taken), ``fetch_too_large``, ``fetch_timeout``, ``fetch_failed``."""
+    code = "fetch_failed"
+
+
 class OverloadedError(FlagmatchError):
     """The work cannot start now without risking the process (memory in flight); try again later."""
 

@@ -14,7 +14,7 @@ from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from pydantic import BaseModel, ValidationError
 from werkzeug.exceptions import HTTPException
 
-from indexer.errors import (ClusteringError, DecodeError, FlagmatchError, InvalidInputError, ModelLoadError,
+from indexer.errors import (ClusteringError, DecodeError, FetchError, FlagmatchError, InvalidInputError, ModelLoadError,
                             ModelMismatchError, NotFoundError, OverloadedError)
 from indexer.models.embed import Embedder
 from indexer.storage.audit import AuditLog
@@ -95,6 +95,8 @@ def http_status(exc: FlagmatchError) -> int:
     """The one place a domain error becomes an HTTP status (the viewer uses it too)."""
     if exc.code == "unsupported_media_type":
         return 415
+    if isinstance(exc, FetchError):
+        return {"fetch_off": 403, "fetch_too_large": 413}.get(exc.code, 400)
     if isinstance(exc, DecodeError):
         return {"too_large": 413, "unsupported_format": 415}.get(exc.code, 400)
     if isinstance(exc, NotFoundError):

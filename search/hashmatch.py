@@ -11,11 +11,12 @@ Rules, in the order they apply:
   ``matched`` is false."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Sequence
 
-from indexer.hashbanks.banks import Bank, Banks
+from indexer.hashbanks.banks import Bank, BankEntry, Banks
 from indexer.storage.catalog import ImageRecord
 from indexer.hashbanks.hash_index import PdqIndex
 from indexer.media.hashes import PDQ_DEFAULT_THRESHOLD, Signals, pdq_distance
@@ -33,9 +34,14 @@ class BankMatch:
     threshold: int
     external_id: str | None
     tags: tuple[str, ...]
+    content_id: int = 0           # HMA's bank_content_id (the content the entry's signal belongs to)
+    enabled_ratio: float = 1.0    # the bank's, for HMA's coin flip
+    live: bool = True             # bank enabled and the content not disabled now
+    content_on: bool = True       # the content not disabled now (HMA's disable_until_ts)
 
     def to_json(self) -> dict[str, object]:
-        return {"bank": self.bank, "role": self.role, "entry_id": self.entry_id, "signal_type": self.signal_type,
+        return {"bank": self.bank, "role": self.role, "entry_id": self.entry_id, "content_id": self.content_id,
+                "signal_type": self.signal_type,
                 "signal": self.signal, "distance": self.distance, "threshold": self.threshold,
                 "external_id": self.external_id, "tags": list(self.tags)}
 
@@ -92,14 +98,17 @@ class HashMatcher:
         self.save()
 
     def lookup(self, queries: Sequence[Signals], *, scope: str = "flagged", k: int = 10,
-               exclude: Sequence[int | None] = ()) -> list[HashEvidence]:
-        """Bank matches and up to ``k`` stored images (flagged ones for scope ``flagged``) per query."""
+               exclude: Sequence[int | None] = (), every_bank: bool = False) -> list[HashEvidence]:
+        """Bank matches and up to ``k`` stored images (flagged ones for scope ``flagged``) per query.
+        ``every_bank`` also reports matches in disabled banks and of disabled contents, marked not ``live``
+        (HMA's raw lookup reports them; its lookup applies the switch itself)."""
         banks = {b.name: b for b in self.banks.list(counts=False)}  # read fresh: a switch applies at once
         pdqs = [q.pdq.hash if q.pdq is not None and q.pdq.usable else None for q in queries]
-        live = [b for b in banks.values() if b.enabled]
+        live = [b for b in banks.values() if b.enabled or every_bank]
+        now = time.time()
         radius = max((b.pdq_threshold for b in live), default=-1)
         bank_hits = self.bank_index.search([p for p in pdqs if p], radius) if radius >= 0 else []
-        image_hits = self.image_index.search([p for p in pdqs if p], self.image_threshold)
+        image_hits = self.image_index.search([p for p in pdqs if p], self.image_threshold) if k > 0 else []
         md5_entries = {q.md5: self.banks.md5_entries(q.md5) for q in queries if q.md5}
         it_b, it_i = iter(bank_hits), iter(image_hits)
         per_query = [(next(it_b, []) if p else [], next(it_i, []) if p else []) for p in pdqs]
@@ -110,18 +119,20 @@ class HashMatcher:
             for h in bh:
                 e = entries.get(h.id)
                 b = banks.get(e.bank) if e is not None else None
-                if e is None or b is None or not b.enabled or e.signal_type != "pdq":
+                if e is None or b is None or e.signal_type != "pdq":
+                    continue
+                on = b.enabled and not e.disabled(now)
+                if not on and not every_bank:
                     continue
                 # the distance to the entry as the catalog holds it now: the binary index follows the catalog by
                 # id, and an id freed by a delete (SQLite reuses the highest) may name another hash by now
                 distance = pdq_distance(pdqs[n] or "", e.signal)
                 if distance <= b.pdq_threshold:
-                    matches.append(_match(b, e.id, "pdq", e.signal, distance, b.pdq_threshold, e.external_id,
-                                          e.tags))
+                    matches.append(_match(b, e, "pdq", distance, b.pdq_threshold, on, not e.disabled(now)))
             for e in md5_entries.get(q.md5, []):
                 b = banks.get(e.bank)
-                if b is not None and b.enabled:
-                    matches.append(_match(b, e.id, "md5", e.signal, 0, 0, e.external_id, e.tags))
+                if b is not None and (every_bank or (b.enabled and not e.disabled(now))):
+                    matches.append(_match(b, e, "md5", 0, 0, b.enabled and not e.disabled(now), not e.disabled(now)))
             images = self._images(q, ih, scope, k, exclude[n] if n < len(exclude) else None)
             out.append(HashEvidence(q, [m for m in matches if m.role == "match"],
                                     [m for m in matches if m.role == "negative"], images))
@@ -147,6 +158,7 @@ class HashMatcher:
                               "images": "mih" if self.image_index.is_mih else "flat"}}
 
 
-def _match(b: Bank, entry_id: int, st: str, signal: str, distance: int, threshold: int, ext: str | None,
-           tags: tuple[str, ...]) -> BankMatch:
-    return BankMatch(b.name, b.role, entry_id, st, signal, distance, threshold, ext, tags)
+def _match(b: Bank, e: BankEntry, st: str, distance: int, threshold: int, live: bool, content_on: bool
+           ) -> BankMatch:
+    return BankMatch(b.name, b.role, e.id, st, e.signal, distance, threshold, e.external_id, e.tags, e.content_id,
+                     b.enabled_ratio, live, content_on)

@@ -1,29 +1,55 @@
-"""Hasher-Matcher-Actioner's API (Open Media Match, facebook/ThreatExchange) over flagmatch's banks, so
-HMA clients work unchanged: hashing (``/h``), matching (``/m``) and bank curation (``/c``), with HMA's
-request and response shapes, behind flagmatch's bearer tokens (reads follow ``open_reads``; writes always
-need a token). Errors are HMA's ``{"message": …}`` with a 4xx.
+"""Hasher-Matcher-Actioner's API (Open Media Match 1.1.x, facebook/ThreatExchange ``hasher-matcher-actioner``)
+over flagmatch's banks, so HMA clients work unchanged: hashing (``/h``), matching (``/m``), bank curation,
+exchanges and signal/content types (``/c``), ``/status`` and ``/status/live``, in OMM's request and response
+shapes; every error on these routes is OMM's ``{"message": …}`` with a 4xx. OMM's own API tests, ported to
+HTTP, are the acceptance suite (``tests/hma_peer``).
 
-Where flagmatch differs, it says so in the message: it never fetches a ``url`` (a server that downloads
-what a client names is a way into the network it sits in) — upload the file instead; a bank's
-``matching_enabled_ratio`` is 1 or 0 (enabled or not) — a fraction is refused rather than coin-flipped;
-a negative bank's match suppresses the query's matches, which HMA has no notion of."""
+Where flagmatch differs, by design and by one setting each:
+- tokens: reads follow ``open_reads`` and writes need a token, as everywhere in flagmatch; ``hma_open`` makes
+  these routes answer without one, as OMM does;
+- URLs (``url=``) are fetched only from what ``fetch_allow`` names (``indexer.media.fetch``); OMM fetches any
+  URL unless told otherwise;
+- a parameter flagmatch does not take is refused by name (400), never ignored;
+- a ``negative`` bank's match suppresses the query's other matches (flagmatch's own notion).
+
+Signal types: ``pdq`` (photos), ``video_md5`` (the MD5 of a file's bytes; flagmatch's ``md5``). Videos are
+hashed by MD5 only here (no decoding)."""
 from __future__ import annotations
 
 import functools
+import json
+import random
+import re
 from typing import Any, Callable
 
 from flask import Blueprint, Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from indexer.hashbanks.banks import Bank, NewEntry
 from indexer.errors import FlagmatchError, InvalidInputError, NotFoundError
-from indexer.media.hashes import (PDQ_MIN_QUALITY, SIGNAL_ALIASES, SIGNAL_TYPES, Pdq, Signals, canonical_type, md5_of,
-                            validate_signal)
-from indexer.review.banks import add_entries, create_bank, delete_bank, remove_entry, update_bank
-from search.edge import authorize, http_status, need_ready, runtime
-from search.hashmatch import HashEvidence
+from indexer.hashbanks import exchanges as xapi
+from indexer.hashbanks.banks import Bank, BankEntry, NewEntry
+from indexer.media.fetch import AllowList, FetchPolicy, fetch
+from indexer.media.hashes import PDQ_MIN_QUALITY, Pdq, Signals, md5_of, pdq_distance, validate_signal
+from indexer.review.banks import (add_content, create_bank, create_exchange, delete_bank, delete_exchange,
+                                  remove_entry, set_exchange_enabled, update_bank, update_content)
+from indexer.storage.exchanges import ExchangeStore, SignalTypeSwitches
+from search.edge import authorize, csrf_required, http_status, need_ready, runtime
+from search.hashmatch import BankMatch, HashMatcher
 
-CONTENT_TYPES = ("photo",)  # the multipart field name HMA clients upload a file under
+# HMA's names for flagmatch's signal types, and which a content type hashes
+HMA_TYPES = {"pdq": "pdq", "video_md5": "md5"}
+OURS_TO_HMA = {v: k for k, v in HMA_TYPES.items()}
+CONTENT_TYPES = {"photo": ("pdq",), "video": ("video_md5",)}
+META_KEYS = ("content_id", "content_uri", "json")
+TRUE, FALSE = ("true", "1"), ("false", "0")
+
+
+class HmaAbort(Exception):
+    """An HMA answer other than 200 with its message (``abort`` as OMM writes it)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
 
 
 def _message(status: int, message: str) -> Response:
@@ -33,15 +59,25 @@ def _message(status: int, message: str) -> Response:
 
 
 def _guarded(write: bool) -> Callable:
-    """Tokens as for /api/v1; every flagmatch error becomes HMA's ``{"message"}`` with the same status."""
+    """Tokens as for /api/v1 (or none with ``hma_open``); every error becomes ``{"message"}``."""
     def deco(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def wrapper(*a: Any, **kw: Any) -> Any:
-            denied = authorize(write) or need_ready()
+            if getattr(runtime().settings, "hma_open", False) and "Authorization" not in request.headers:
+                g.actor = "hma"
+            else:
+                denied = authorize(write)
+                if denied is not None:
+                    return _message(denied.status_code, denied.get_json()["error"]["message"])
+                if write and csrf_required():
+                    return _message(403, "missing or wrong CSRF token")
+            denied = need_ready()
             if denied is not None:
-                return _message(denied.status_code, denied.get_json()["error"]["message"])
+                return _message(503, "index not yet ready")
             try:
                 return fn(*a, **kw)
+            except HmaAbort as exc:
+                return _message(exc.status, exc.message)
             except FlagmatchError as exc:
                 return _message(http_status(exc), exc.message)
         return wrapper
@@ -51,88 +87,17 @@ def _guarded(write: bool) -> Callable:
 def hma_http_error(exc: HTTPException) -> Response:
     """Werkzeug's errors under /h, /m and /c (an unknown route, a wrong method, a body too large) as HMA's
     ``{"message"}``."""
-    return _message(exc.code or 500, exc.description or "error")
+    resp = _message(exc.code or 500, exc.description or "error")
+    if exc.code == 405 and getattr(exc, "valid_methods", None):
+        resp.headers["Allow"] = ", ".join(exc.valid_methods)  # type: ignore[attr-defined]
+    return resp
 
 
-# ------------------------------------------------------------------ hashing
-
-hashing = Blueprint("hma_hashing", __name__, url_prefix="/h")
-
-
-def _signal_types() -> list[str]:
-    arg = request.args.get("types")
-    if arg is None:
-        return ["pdq"]  # what HMA's photo content type hashes by default
-    out = []
-    for name in (n.strip() for n in arg.split(",")):
-        if name:
-            out.append(canonical_type(name))
-    if not out:
-        raise InvalidInputError("empty signal type selection")
-    return out
-
-
-def _upload() -> tuple[bytes, Signals]:
-    """The one uploaded file, under a content-type field name (HMA: ``photo``), and its signals."""
-    if not request.files:
-        raise InvalidInputError("Missing multipart/form-data file upload")
-    if len(request.files) > 1 or any(len(request.files.getlist(k)) > 1 for k in request.files):
-        raise InvalidInputError("Only one file allowed per request")
-    field = next(iter(request.files))
-    if field not in CONTENT_TYPES:
-        raise InvalidInputError(f"no such content_type: '{field}' (flagmatch hashes {', '.join(CONTENT_TYPES)})")
-    data = request.files[field].read()
-    if not data:
-        raise InvalidInputError("the file is empty")
+def _hm() -> HashMatcher:
     svc = runtime().service
-    pdq = svc.hash_image(data)
-    return data, Signals(md5_of(data), pdq)
-
-
-def _hashes(sig: Signals, types: list[str]) -> dict[str, str]:
-    """HMA's hash response: a low-quality PDQ is the empty string, as threatexchange's hasher returns it."""
-    out: dict[str, str] = {}
-    for st in types:
-        if st == "pdq":
-            out["pdq"] = sig.pdq.hash if sig.pdq is not None and sig.pdq.quality >= PDQ_MIN_QUALITY else ""
-        else:
-            out["md5"] = sig.md5
-    return out
-
-
-@hashing.get("/hash")
-@_guarded(write=False)
-def hash_get() -> Response:
-    if request.args.get("url") is None:
-        raise InvalidInputError("url is required")
-    raise InvalidInputError("flagmatch does not fetch URLs (a server that downloads what a client names can be "
-                            "turned against its own network): POST the file as multipart field 'photo'")
-
-
-@hashing.post("/hash")
-@_guarded(write=False)
-def hash_post() -> Response:
-    types = _signal_types()
-    _, sig = _upload()
-    return jsonify(_hashes(sig, types))
-
-
-# ------------------------------------------------------------------ matching
-
-matching = Blueprint("hma_matching", __name__, url_prefix="/m")
-
-
-def _lookup(sig: Signals) -> HashEvidence:
-    return runtime().service.hash_evidence([sig])[0]
-
-
-def _signal_param() -> Signals:
-    signal, st = request.args.get("signal"), request.args.get("signal_type")
-    if not signal or not st:
-        raise InvalidInputError(f"{'signal' if not signal else 'signal_type'} is required")
-    st = canonical_type(st)
-    value = validate_signal(st, signal)
-    return Signals(value, None) if st == "md5" else Signals("", Pdq(value, 100))
+    if svc is None or svc.hashes is None:
+        raise HmaAbort(503, "index not yet ready")
+    return svc.hashes
 
 
 def _only(*known: str) -> None:
@@ -140,249 +105,825 @@ def _only(*known: str) -> None:
     on must not get more than it asked for)."""
     unknown = sorted(set(request.args) - set(known))
     if unknown:
-        raise InvalidInputError(f"unsupported parameter(s): {', '.join(unknown)}")
+        raise HmaAbort(400, f"unsupported parameter(s): {', '.join(unknown)}")
 
 
-def _wanted_banks() -> set[str] | None:
-    """The ``banks`` filter (comma-separated names), or None for every bank."""
-    raw = request.args.get("banks")
+def _takes(*params: str) -> Callable:
+    """The query parameters a route takes: any other is refused by name (``_only``); the OpenAPI document
+    lists them."""
+    def deco(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(*a: Any, **kw: Any) -> Any:
+            _only(*params)
+            return fn(*a, **kw)
+        wrapper.hma_params = params  # type: ignore[attr-defined]
+        return wrapper
+    return deco
+
+
+def _bool(name: str, default: bool = False) -> bool:
+    raw = request.args.get(name)
     if raw is None:
-        return None
-    names = {b.strip() for b in raw.split(",") if b.strip()}
-    if not names:
-        raise InvalidInputError("banks must name at least one bank")
-    return names
+        return default
+    if raw.lower() in TRUE:
+        return True
+    if raw.lower() in FALSE:
+        return False
+    raise HmaAbort(400, "invalid boolean parameter - prefer true/false")
 
 
-def _matches(ev: HashEvidence, wanted: set[str] | None) -> list[Any]:
-    """The bank entries a lookup reports: none when a negative bank suppressed them, only ``wanted`` banks'."""
-    return [m for m in ev.bank_matches if wanted is None or m.bank in wanted] if ev.matched else []
+def _switches() -> dict[str, float]:
+    return SignalTypeSwitches(runtime().store.catalog).all()
 
 
-def _banks_of(ev: HashEvidence, wanted: set[str] | None = None) -> list[str]:
-    return sorted({m.bank for m in _matches(ev, wanted)})
+def _signal_type(name: str | None) -> str:
+    """flagmatch's type for an HMA signal type name that is on; 400 otherwise (OMM's messages)."""
+    if not name or name not in HMA_TYPES:
+        raise HmaAbort(400, f"No such SignalType '{name}'")
+    if _switches().get(name, 1.0) <= 0:
+        raise HmaAbort(400, f"SignalType '{name}' is not enabled")
+    return HMA_TYPES[name]
+
+
+def _valid(hma_type: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise HmaAbort(400, f"Invalid {hma_type} signal: not a string")
+    try:
+        return validate_signal(HMA_TYPES[hma_type], value)
+    except InvalidInputError as exc:
+        raise HmaAbort(400, f"invalid signal: {exc.message}") from None
+
+
+# ------------------------------------------------------------------ media in: uploads and URLs
+
+def _content_type(name: str) -> str:
+    if name not in CONTENT_TYPES:
+        raise HmaAbort(400, f"no such content_type: '{name}'")
+    return name
+
+
+def _types_for(content_type: str, override: str | None) -> list[str]:
+    """The HMA signal types to hash a content type with (``types`` narrows them)."""
+    available = [t for t in CONTENT_TYPES[content_type] if _switches().get(t, 1.0) > 0]
+    if not available:
+        raise HmaAbort(400, f"content_type {content_type} has no enabled signal type")
+    if override is None:
+        return available
+    out = []
+    for name in (n.strip() for n in override.split(",")):
+        if not name:
+            continue
+        if name not in available:
+            raise HmaAbort(400, f"signal type '{name}' doesn't exist or is disabled")
+        out.append(name)
+    if not out:
+        raise HmaAbort(400, "empty signal type selection")
+    return out
+
+
+def _hash(data: bytes, content_type: str, types: list[str]) -> dict[str, str]:
+    """HMA's hash response. A photo's PDQ of quality below 50 is the empty string, as threatexchange's hasher
+    returns it; a video is hashed by the MD5 of its bytes (no decoding)."""
+    if not data:
+        raise HmaAbort(400, "the file is empty")
+    out: dict[str, str] = {}
+    for st in types:
+        if st == "pdq":
+            svc = runtime().service
+            assert svc is not None
+            pdq = svc.hash_image(data)
+            out["pdq"] = pdq.hash if pdq is not None and pdq.quality >= PDQ_MIN_QUALITY else ""
+        else:
+            out["video_md5"] = md5_of(data)
+    return out
+
+
+def _upload() -> tuple[str, bytes]:
+    """(content type, bytes) of the one uploaded file (its field name is the content type, OMM's way)."""
+    if not request.files:
+        raise HmaAbort(400, "Missing multipart/form-data file upload")
+    if len(request.files) > 1 or any(len(request.files.getlist(k)) > 1 for k in request.files):
+        raise HmaAbort(400, "Only one file allowed per request")
+    field = next(iter(request.files))
+    return _content_type(field), request.files[field].read()
+
+
+def _policy() -> FetchPolicy:
+    st = runtime().settings
+    return FetchPolicy(AllowList.parse(tuple(getattr(st, "fetch_allow", ()))),
+                       int(getattr(st, "fetch_max_bytes", 32 << 20)), float(getattr(st, "fetch_timeout", 15.0)))
+
+
+def _from_url(url: str, hint: str | None, types: str | None) -> dict[str, str]:
+    got = fetch(url, _policy())
+    if hint:
+        ct = _content_type(hint)
+    elif got.content_type.startswith("image"):
+        ct = "photo"
+    elif got.content_type.startswith("video"):
+        ct = "video"
+    else:
+        raise HmaAbort(400, f"unsupported url ContentType: '{got.content_type}', if you know the expected type, "
+                            "provide it with the content_type query param")
+    return _hash(got.data, ct, _types_for(ct, types))
+
+
+def _from_upload(types: str | None = None) -> dict[str, str]:
+    ct, data = _upload()
+    return _hash(data, ct, _types_for(ct, types))
+
+
+# ------------------------------------------------------------------ hashing
+
+hashing = Blueprint("hma_hashing", __name__, url_prefix="/h")
+
+
+@hashing.get("/hash")
+@_guarded(write=False)
+@_takes("url", "content_type", "types")
+def hash_get() -> Response:
+    url = request.args.get("url")
+    if not url:
+        raise HmaAbort(400, "url is required")
+    return jsonify(_from_url(url, request.args.get("content_type"), request.args.get("types")))
+
+
+@hashing.post("/hash")
+@_guarded(write=False)
+@_takes("types")
+def hash_post() -> Response:
+    return jsonify(_from_upload(request.args.get("types")))
+
+
+# ------------------------------------------------------------------ matching
+
+matching = Blueprint("hma_matching", __name__, url_prefix="/m")
+
+
+def _banks_param() -> set[str] | None:
+    raw = request.args.get("banks")
+    return {b for b in raw.split(",") if b} if raw else None
+
+
+def _query(hma_type: str, value: str) -> list[BankMatch]:
+    """Every bank match of one signal, disabled banks and contents included (marked not ``live``), negative
+    banks' matches suppressing the rest as flagmatch does."""
+    st = _signal_type(hma_type)
+    v = _valid(hma_type, value)
+    sig = Signals(v, None) if st == "md5" else Signals("", Pdq(v, 100))
+    ev = _hm().lookup([sig], k=0, every_bank=True)[0]
+    if any(m.live for m in ev.negative_matches):
+        return []
+    return ev.bank_matches
+
+
+def _dist(m: BankMatch) -> str:
+    return str(m.distance)
+
+
+def _by_content(matches: list[BankMatch]) -> list[BankMatch]:
+    seen: dict[int, BankMatch] = {}
+    for m in matches:
+        if m.content_id not in seen or m.distance < seen[m.content_id].distance:
+            seen[m.content_id] = m
+    return sorted(seen.values(), key=lambda m: (m.distance, m.content_id))
+
+
+def _lookup(hma_type: str, value: str, *, banks: set[str] | None, bypass: bool) -> dict[str, list[dict[str, Any]]]:
+    """OMM's lookup: enabled contents of banks whose ``matching_enabled_ratio`` passes one coin flip per
+    request (seeded by ``seed`` when given; ``bypass_coinflip`` passes every bank, disabled ones too)."""
+    matches = [m for m in _query(hma_type, value) if m.live or (bypass and m.content_on)]
+    coin = 0.0 if bypass else random.Random(request.args.get("seed")).random()
+    out: dict[str, list[dict[str, Any]]] = {}
+    for m in _by_content(matches):
+        if m.enabled_ratio < coin or (banks is not None and m.bank not in banks):
+            continue
+        out.setdefault(m.bank, []).append({"bank_content_id": m.content_id, "distance": _dist(m)})
+    return out
 
 
 @matching.get("/raw_lookup")
 @_guarded(write=False)
+@_takes("signal", "signal_type", "include_distance", "banks")
 def raw_lookup() -> Response:
-    _only("signal", "signal_type", "include_distance", "banks")
-    ev = _lookup(_signal_param())
-    matches = _matches(ev, _wanted_banks())
-    if request.args.get("include_distance", "false").lower() in ("1", "true", "yes", "on"):
-        return jsonify({"matches": [{"content_id": m.entry_id, "distance": str(m.distance)} for m in matches]})
-    return jsonify({"matches": [m.entry_id for m in matches]})
+    """Every content matching the signal, enabled or not (OMM: "enable/disable status is NOT checked")."""
+    signal, st = request.args.get("signal"), request.args.get("signal_type")
+    if signal is None or st is None:
+        raise HmaAbort(400, f"{'signal' if signal is None else 'signal_type'} is required")
+    banks = _banks_param()
+    found = [m for m in _by_content(_query(st, signal)) if banks is None or m.bank in banks]
+    if _bool("include_distance"):
+        return jsonify({"matches": [{"bank_content_id": m.content_id, "distance": _dist(m)} for m in found]})
+    return jsonify({"matches": [m.content_id for m in found]})
 
 
 @matching.get("/lookup")
 @_guarded(write=False)
+@_takes("url", "content_type", "types", "signal", "signal_type", "banks", "seed", "bypass_coinflip")
 def lookup_get() -> Response:
-    if request.args.get("url"):
-        raise InvalidInputError("flagmatch does not fetch URLs: POST the file as multipart field 'photo'")
-    _only("signal", "signal_type", "banks")
-    return jsonify(_banks_of(_lookup(_signal_param()), _wanted_banks()))
+    banks, bypass = _banks_param(), _bool("bypass_coinflip")
+    url = request.args.get("url")
+    if url:
+        hashes = _from_url(url, request.args.get("content_type"), request.args.get("types"))
+        resp = {st: _lookup(st, v, banks=banks, bypass=bypass) for st, v in hashes.items() if v}
+        selected = request.args.get("signal_type")
+        return jsonify(resp.get(selected, {}) if selected is not None else resp)
+    signal, st = request.args.get("signal"), request.args.get("signal_type")
+    if not signal or not st:
+        raise HmaAbort(400, "Either url or both signal and signal_type are required")
+    return jsonify(_lookup(st, signal, banks=banks, bypass=bypass))
 
 
 @matching.post("/lookup")
 @_guarded(write=False)
+@_takes("banks", "seed", "bypass_coinflip", "types")
 def lookup_post() -> Response:
-    _only("banks")
-    wanted = _wanted_banks()
-    _, sig = _upload()
-    matches = _matches(_lookup(sig), wanted)
-    ev_pdq = sorted({m.bank for m in matches if m.signal_type == "pdq"})
-    out: dict[str, list[str]] = {"pdq": ev_pdq}
-    md5 = sorted({m.bank for m in matches if m.signal_type == "md5"})
-    if md5:
-        out["md5"] = md5
-    return jsonify(out)
+    banks, bypass = _banks_param(), _bool("bypass_coinflip")
+    hashes = _from_upload(request.args.get("types"))
+    return jsonify({st: _lookup(st, v, banks=banks, bypass=bypass) if v else {} for st, v in hashes.items()})
+
+
+def _index_status() -> dict[str, dict[str, Any]]:
+    hm = _hm()
+    idx = hm.bank_index
+    idx.refresh()
+    pdq_ts = hm.banks.added_ts(idx.covered) if idx.covered else None
+    md5_ts = hm.banks.newest_ts("md5")
+    return {"pdq": {"present": True, "built_to": pdq_ts if pdq_ts is not None else -1, "size": idx.ntotal},
+            "video_md5": {"present": True, "built_to": md5_ts if md5_ts is not None else -1,
+                          "size": hm.banks.count("md5")}}
+
+
+def _one_type(status: dict[str, Any]) -> dict[str, Any]:
+    st = request.args.get("signal_type")
+    if st is None:
+        return status
+    if st not in status:
+        raise HmaAbort(400, f"No such signal type '{st}'")
+    return {st: status[st]}
 
 
 @matching.get("/index/status")
 @_guarded(write=False)
+@_takes("signal_type")
 def index_status() -> Response:
-    hm = runtime().service.hashes
-    assert hm is not None
-    idx = hm.bank_index
-    idx.refresh()
-    cp = runtime().store.catalog.checkpoint(idx.scope)
-    st = request.args.get("signal_type")
-    status = {"pdq": {"present": True, "built_to": idx.covered, "size": idx.ntotal,
-                      "saved": cp is not None},
-              "md5": {"present": True, "built_to": hm.banks.head(), "size": hm.banks.count("md5")}}
-    if st is not None:
-        st = canonical_type(st)
-        return jsonify({st: status[st]})
-    return jsonify(status)
+    """OMM's index status: ``built_to`` is the Unix time of the newest banked signal the index holds (-1 for
+    none). flagmatch's bank index follows the catalog on every lookup, so it is always present."""
+    return jsonify(_one_type(_index_status()))
 
 
-# ------------------------------------------------------------------ curation
+@matching.post("/compare")
+@_guarded(write=False)
+@_takes()
+def compare() -> Response:
+    """Pairs of hashes compared: ``{"pdq": [h1, h2]}`` → ``{"pdq": [matched, {"distance": bits}]}``."""
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise HmaAbort(400, "Request input was not a dict")
+    out: dict[str, Any] = {}
+    for name, pair in body.items():
+        if not isinstance(pair, list):
+            raise HmaAbort(400, f"Comparison hashes for {name} was not a list")
+        if len(pair) != 2:
+            raise HmaAbort(400, "Comparison hash list length must be exactly 2")
+        st = _signal_type(name)
+        try:
+            left, right = (validate_signal(st, h) if isinstance(h, str) else "" for h in pair)
+            if not left or not right:
+                raise InvalidInputError("a hash is a string")
+        except InvalidInputError as exc:
+            raise HmaAbort(400, f"Invalid {name} hash: {exc.message}") from None
+        if st == "pdq":
+            d = pdq_distance(left, right)
+            out[name] = [d <= 31, {"distance": d}]
+        else:
+            out[name] = [left == right, {"distance": 0 if left == right else 1}]
+    return jsonify(out)
+
+
+# ------------------------------------------------------------------ curation: banks
 
 curation = Blueprint("hma_curation", __name__, url_prefix="/c")
 
 
 def _bank_json(b: Bank) -> dict[str, Any]:
-    """HMA's BankConfig, and flagmatch's own fields beside it."""
-    return {"name": b.name, "matching_enabled_ratio": 1.0 if b.enabled else 0.0, **b.to_json()}
+    """OMM's BankConfig, exactly."""
+    return {"name": b.name, "matching_enabled_ratio": b.enabled_ratio}
 
 
 def _json() -> dict[str, Any]:
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
-        raise InvalidInputError("this endpoint expects a json object payload")
+        raise HmaAbort(400, "this endpoint expects a json object payload")
     return body
 
 
-def _enabled(body: dict[str, Any]) -> bool | None:
-    if "enabled_ratio" in body:
+def _ratio(body: dict[str, Any]) -> float | None:
+    if body.get("enabled_ratio") is not None:
         r = body["enabled_ratio"]
-        try:
-            ratio = float(r)
-        except (TypeError, ValueError):
-            raise InvalidInputError(f"enabled_ratio must be a number, not {r!r}") from None
-        if ratio not in (0.0, 1.0):
-            raise InvalidInputError("flagmatch banks are enabled (1.0) or not (0.0); a fractional "
-                                    "matching_enabled_ratio is not supported")
-        return ratio == 1.0
-    if "enabled" in body:
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r <= 1:
+            raise HmaAbort(400, f"enabled_ratio must be a number from 0 to 1, not {r!r}")
+        return float(r)
+    if body.get("enabled") is not None:
         v = body["enabled"]
-        return v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes", "on")
+        if not isinstance(v, bool):
+            raise HmaAbort(400, "enabled must be true or false")
+        return 1.0 if v else 0.0
     return None
+
+
+def _banks() -> Any:
+    return _hm().banks
 
 
 @curation.get("/banks")
 @_guarded(write=False)
+@_takes()
 def banks_index() -> Response:
-    return jsonify([_bank_json(b) for b in runtime().service.hashes.banks.list()])  # type: ignore[union-attr]
+    return jsonify([_bank_json(b) for b in _banks().list(counts=False)])
 
 
 @curation.post("/banks")
 @_guarded(write=True)
+@_takes()
 def bank_create() -> tuple[Response, int]:
+    """Create a bank (OMM's ``name``, ``enabled``/``enabled_ratio``; flagmatch's ``role``, ``pdq_threshold``,
+    ``source`` besides)."""
     body = _json()
     name = body.get("name")
     if not isinstance(name, str) or not name:
-        raise InvalidInputError("name is required")
-    banks = runtime().service.hashes.banks  # type: ignore[union-attr]
+        raise HmaAbort(400, "name is required")
+    ratio = _ratio(body)
     try:
-        b = create_bank(banks, runtime().audit, name, actor=g.actor, enabled=_enabled(body) is not False,
+        b = create_bank(_banks(), runtime().audit, name, actor=g.actor, enabled_ratio=1.0 if ratio is None else ratio,
                         source=str(body.get("source", "api")), role=str(body.get("role", "match")),
                         pdq_threshold=body.get("pdq_threshold", 31))
     except InvalidInputError as exc:
         if exc.code == "conflict":
-            return _message(403, "Bank already exists"), 403
+            raise HmaAbort(403, "Bank already exists") from None
         raise
     return jsonify(_bank_json(b)), 201
 
 
 @curation.get("/bank/<bank_name>")
 @_guarded(write=False)
+@_takes()
 def bank_show(bank_name: str) -> Response:
-    return jsonify(_bank_json(runtime().service.hashes.banks.get(bank_name)))  # type: ignore[union-attr]
+    try:
+        return jsonify(_bank_json(_banks().get(bank_name, counts=False)))
+    except NotFoundError:
+        raise HmaAbort(404, f"bank '{bank_name}' not found") from None
 
 
 @curation.put("/bank/<bank_name>")
 @_guarded(write=True)
+@_takes()
 def bank_update(bank_name: str) -> Response:
     body = _json()
-    banks = runtime().service.hashes.banks  # type: ignore[union-attr]
-    b = update_bank(banks, runtime().audit, bank_name, actor=g.actor, enabled=_enabled(body), rename=body.get("name"),
-                    role=body.get("role"), pdq_threshold=body.get("pdq_threshold"), source=body.get("source"))
+    rename = body.get("name")
+    if rename is not None and not isinstance(rename, str):
+        raise HmaAbort(400, "name must be a string")
+    try:
+        _banks().get(bank_name, counts=False)
+    except NotFoundError:
+        raise HmaAbort(404, "Bank not found") from None
+    try:
+        b = update_bank(_banks(), runtime().audit, bank_name, actor=g.actor, enabled_ratio=_ratio(body), rename=rename,
+                        role=body.get("role"), pdq_threshold=body.get("pdq_threshold"), source=body.get("source"))
+    except InvalidInputError as exc:
+        if exc.code == "conflict":
+            raise HmaAbort(403, "Bank name already exists") from None
+        raise
     return jsonify(_bank_json(b))
 
 
 @curation.delete("/bank/<bank_name>")
 @_guarded(write=True)
+@_takes()
 def bank_delete(bank_name: str) -> Response:
     try:
-        delete_bank(runtime().service.hashes.banks, runtime().audit, bank_name, actor=g.actor)  # type: ignore[union-attr]
+        delete_bank(_banks(), runtime().audit, bank_name, actor=g.actor)
     except NotFoundError:
         pass  # as OMM: deleting a bank that is not there is done (nothing changed, nothing recorded)
     return jsonify({"message": "Done"})
 
 
-def _add(bank_name: str, signals: dict[str, str], *, external_id: str | None = None) -> Response:
+# ------------------------------------------------------------------ curation: bank content
+
+def _need_bank(bank_name: str) -> Bank:
+    try:
+        return _banks().get(bank_name, counts=False)  # type: ignore[no-any-return]
+    except NotFoundError:
+        raise HmaAbort(404, f"bank '{bank_name}' not found") from None
+
+
+def _note(v: Any) -> str | None:
+    if v is None or v == "":
+        return None
+    if not isinstance(v, str):
+        raise HmaAbort(400, "note should be a string")
+    if len(v) > 255:
+        raise HmaAbort(400, "note must be at most 255 characters")
+    return v
+
+
+def _metadata(v: Any) -> dict[str, Any] | None:
+    """OMM's BankedContentMetadata: ``content_id`` and ``content_uri`` (strings) and ``json`` (an object)."""
+    if v is None:
+        return None
+    if isinstance(v, str):
+        try:
+            v = json.loads(v)
+        except ValueError:
+            raise HmaAbort(400, "metadata form field must be valid JSON") from None
+    if not isinstance(v, dict):
+        raise HmaAbort(400, "metadata should be a json object")
+    extra = sorted(set(v) - set(META_KEYS))
+    if extra:
+        raise HmaAbort(400, f"Invalid metadata: unexpected field(s) {', '.join(extra)}")
+    for k in ("content_id", "content_uri"):
+        if v.get(k) is not None and not isinstance(v[k], str):
+            raise HmaAbort(400, f"Invalid metadata: {k} should be a string")
+    if v.get("json") is not None and not isinstance(v["json"], dict):
+        raise HmaAbort(400, "Invalid metadata: json should be an object")
+    clean = {k: v[k] for k in META_KEYS if v.get(k) is not None}
+    return clean or None
+
+
+def _add(bank: Bank, signals: dict[str, Any], *, metadata: dict[str, Any] | None, note: str | None) -> Response:
     if not signals:
-        raise InvalidInputError("No signals given")
-    banks = runtime().service.hashes.banks  # type: ignore[union-attr]
-    banks.get(bank_name)
+        raise HmaAbort(400, "No signals given")
     entries = []
     for name, value in signals.items():
-        if not isinstance(value, str):
-            raise InvalidInputError(f"Invalid {name} signal: not a string")
-        st = canonical_type(name)
-        if st == "pdq" and value == "":
-            raise InvalidInputError("the image's PDQ quality is below 50: too featureless to bank")
-        entries.append(NewEntry(st, validate_signal(st, value), external_id=external_id))
-    add_entries(banks, runtime().audit, bank_name, entries, actor=g.actor)  # a signal already banked keeps its entry
-    ids = [i for e in entries if (i := banks.find(bank_name, e.signal_type, e.signal)) is not None]
-    return jsonify({"id": ids[0], "signals": {e.signal_type: e.signal for e in entries}})
-
-
-@curation.post("/bank/<bank_name>/signal")
-@_guarded(write=True)
-def bank_add_signal(bank_name: str) -> Response:
-    body = _json()
-    unknown = sorted(k for k in body if k.lower() not in SIGNAL_ALIASES)
-    if unknown:
-        raise InvalidInputError(f"No such signal type {unknown[0]}")
-    return _add(bank_name, body)
+        if name not in HMA_TYPES:
+            raise HmaAbort(400, f"No such signal type {name}")
+        if name == "pdq" and value == "":
+            raise HmaAbort(400, "the image's PDQ quality is below 50: too featureless to bank")
+        v = _valid(name, value)
+        ext = str(metadata["content_id"])[:200] if metadata and metadata.get("content_id") else None
+        entries.append(NewEntry(HMA_TYPES[name], v, external_id=ext, note=note, metadata=metadata))
+    cid = add_content(_banks(), runtime().audit, bank.name, entries, actor=g.actor)
+    return jsonify({"id": cid, "signals": {OURS_TO_HMA[e.signal_type]: e.signal for e in entries}})
 
 
 @curation.post("/bank/<bank_name>/content")
 @_guarded(write=True)
+@_takes("url", "content_type", "types")
 def bank_add_content(bank_name: str) -> Response:
-    if request.args.get("url"):
-        raise InvalidInputError("flagmatch does not fetch URLs: POST the file as multipart field 'photo'")
-    runtime().service.hashes.banks.get(bank_name)  # type: ignore[union-attr]
-    _, sig = _upload()
-    meta = request.form.get("metadata")
-    ext = None
-    if meta:
-        import json
-        try:
-            parsed = json.loads(meta)
-        except ValueError:
-            raise InvalidInputError("metadata should be a json object") from None
-        if not isinstance(parsed, dict):
-            raise InvalidInputError("metadata should be a json object")
-        ext = str(parsed["content_id"])[:200] if parsed.get("content_id") is not None else None
-    return _add(bank_name, _hashes(sig, ["pdq"]), external_id=ext)
+    """Bank a photo or video, uploaded (multipart, field ``photo`` or ``video``) or by ``url``; ``metadata``
+    and ``note`` in the JSON body or as form fields."""
+    bank = _need_bank(bank_name)
+    body = request.get_json(silent=True) if request.is_json else None
+    form: dict[str, Any] = body if isinstance(body, dict) else dict(request.form)
+    metadata, note = _metadata(form.get("metadata")), _note(form.get("note"))
+    url = request.args.get("url")
+    if url:
+        hashes = _from_url(url, request.args.get("content_type"), request.args.get("types"))
+    elif request.files:
+        hashes = _from_upload(request.args.get("types"))
+    else:
+        raise HmaAbort(400, "Neither `url` nor multipart file upload was received")
+    return _add(bank, hashes, metadata=metadata, note=note)
+
+
+@curation.post("/bank/<bank_name>/signal")
+@_guarded(write=True)
+@_takes()
+def bank_add_signal(bank_name: str) -> Response:
+    """Bank hashes as one content: ``{"pdq": "…", "video_md5": "…", "note": "…"}``."""
+    bank = _need_bank(bank_name)
+    body = dict(_json())
+    note = _note(body.pop("note", None))
+    return _add(bank, body, metadata=None, note=note)
+
+
+def _content_json(entries: list[BankEntry], bank: Bank, *, signals: bool, metadata: bool) -> dict[str, Any]:
+    """OMM's BankContentResponse (keys it leaves out when empty left out here too)."""
+    first = entries[0]
+    out: dict[str, Any] = {"id": first.content_id, "disable_until_ts": first.disable_until_ts or 0,
+                           "original_media_uri": None, "bank": _bank_json(bank)}
+    if signals:
+        out["signals"] = {OURS_TO_HMA[e.signal_type]: e.signal for e in entries}
+    if metadata and first.metadata:
+        out["metadata"] = first.metadata
+    if first.note:
+        out["note"] = first.note
+    return out
+
+
+def _content(bank_name: str, content_id: int) -> tuple[Bank, list[BankEntry]]:
+    bank = _need_bank(bank_name)
+    try:
+        return bank, _banks().content(bank_name, content_id)
+    except NotFoundError:
+        raise HmaAbort(404, f"content '{content_id}' not found") from None
+
+
+@curation.get("/bank/<bank_name>/content/<int:content_id>")
+@_guarded(write=False)
+@_takes("include_signals", "include_metadata")
+def bank_get_content(bank_name: str, content_id: int) -> Response:
+    bank, entries = _content(bank_name, content_id)
+    return jsonify(_content_json(entries, bank, signals=_bool("include_signals"),
+                                 metadata=_bool("include_metadata", True)))
+
+
+@curation.put("/bank/<bank_name>/content/<int:content_id>")
+@_guarded(write=True)
+@_takes()
+def bank_update_content(bank_name: str, content_id: int) -> Response:
+    """Set ``disable_until_ts`` (Unix seconds, at most five years ahead) or ``note`` (``""`` clears it)."""
+    bank, _ = _content(bank_name, content_id)
+    body = _json()
+    kw: dict[str, Any] = {}
+    if "disable_until_ts" in body:
+        ts = body["disable_until_ts"]
+        if isinstance(ts, str) and ts.isdigit():
+            ts = int(ts)
+        if isinstance(ts, bool) or not isinstance(ts, int) or ts < 0:
+            raise HmaAbort(400, "disable_until_ts must be a non-negative integer")
+        kw["disable_until_ts"] = ts or None
+    if "note" in body:
+        kw["note"] = _note(body["note"])
+    entries = update_content(_banks(), runtime().audit, bank_name, content_id, actor=g.actor, **kw)
+    out = _content_json(entries, bank, signals=False, metadata=True)
+    out["disable_until_ts"] = entries[0].disable_until_ts or 0
+    return jsonify(out)
 
 
 @curation.delete("/bank/<bank_name>/content/<int:content_id>")
 @_guarded(write=True)
+@_takes()
 def bank_delete_content(bank_name: str, content_id: int) -> Response:
-    n = remove_entry(runtime().service.hashes.banks, runtime().audit, bank_name, content_id,  # type: ignore[union-attr]
-                     actor=g.actor)
-    return jsonify({"deleted": n})
+    _need_bank(bank_name)
+    return jsonify({"deleted": remove_entry(_banks(), runtime().audit, bank_name, content_id, actor=g.actor)})
 
 
 @curation.get("/bank/<bank_name>/content")
 @_guarded(write=False)
+@_takes("after", "limit")
 def bank_content(bank_name: str) -> Response:
     """A bank's entries, paged by id (``after``, ``limit`` ≤ 1000): flagmatch's own, for reviewing a bank."""
     try:
         after = int(request.args.get("after", 0))
         limit = int(request.args.get("limit", 100))
     except ValueError:
-        raise InvalidInputError("after and limit are integers") from None
+        raise HmaAbort(400, "after and limit are integers") from None
     if not 1 <= limit <= 1000 or after < 0:
-        raise InvalidInputError("limit is 1–1000 and after ≥ 0")
-    page = runtime().service.hashes.banks.page(bank_name, after=after, limit=limit)  # type: ignore[union-attr]
+        raise HmaAbort(400, "limit is 1–1000 and after ≥ 0")
+    _need_bank(bank_name)
+    page = _banks().page(bank_name, after=after, limit=limit)
     return jsonify({"entries": [e.to_json() for e in page], "next_after": page[-1].id if len(page) == limit else None})
 
 
+# ------------------------------------------------------------------ curation: signal and content types
+
 @curation.get("/signal_type")
 @_guarded(write=False)
+@_takes()
 def signal_types() -> Response:
-    return jsonify([{"name": st, "enabled_ratio": 1.0} for st in SIGNAL_TYPES])
+    sw = _switches()
+    return jsonify([{"name": st, "enabled_ratio": sw.get(st, 1.0)} for st in HMA_TYPES])
+
+
+@curation.put("/signal_type/<name>")
+@_guarded(write=True)
+@_takes()
+def signal_type_update(name: str) -> Response:
+    """Switch a signal type (OMM: ``{"enabled_ratio": r}``, answered 204); a type at 0 is refused by lookups."""
+    if name not in HMA_TYPES:
+        raise HmaAbort(404, f"No such signal type '{name}'")
+    body = _json()
+    if "enabled_ratio" not in body:
+        raise HmaAbort(400, "enabled_ratio is required")
+    r = body["enabled_ratio"]
+    try:
+        ratio = float(r) if not isinstance(r, bool) else -1.0
+    except (TypeError, ValueError):
+        raise HmaAbort(400, f"Invalid float: '{r}'") from None
+    if not 0 <= ratio <= 1:
+        raise HmaAbort(400, "enabled_ratio is a number from 0 to 1")
+    SignalTypeSwitches(runtime().store.catalog).set(name, ratio)
+    runtime().audit.record(g.actor, "signal_type_update", f"signal_type:{name}", enabled_ratio=ratio)
+    return Response(status=204)
+
+
+@curation.get("/signal_type/index")
+@_guarded(write=False)
+@_takes("signal_type")
+def signal_type_index() -> Response:
+    """OMM's index build status per signal type (flagmatch's index is never behind after a lookup's catch-up)."""
+    hm = _hm()
+    newest = {"pdq": hm.banks.newest_ts("pdq"), "video_md5": hm.banks.newest_ts("md5")}
+    out = {}
+    for st, s in _index_status().items():
+        db_size = hm.banks.count(HMA_TYPES[st]) if st == "video_md5" else s["size"]
+        out[st] = {"db_size": db_size, "index_size": s["size"], "index_out_of_date": False,
+                   "newest_db_item": newest[st] if newest[st] is not None else -1,
+                   "index_built_to": s["built_to"]}
+    return jsonify(_one_type(out))
 
 
 @curation.get("/content_type")
 @_guarded(write=False)
+@_takes()
 def content_types() -> Response:
     return jsonify([{"name": ct, "enabled": True} for ct in CONTENT_TYPES])
+
+
+# ------------------------------------------------------------------ curation: exchanges
+
+def _apis() -> list[str]:
+    """The exchange APIs this server offers (setting ``exchange_apis``; empty: every one flagmatch knows)."""
+    wanted = tuple(getattr(runtime().settings, "exchange_apis", ()))
+    return sorted(a for a in xapi.APIS if not wanted or a in wanted)
+
+
+def _exchanges() -> ExchangeStore:
+    return ExchangeStore(runtime().store.catalog)
+
+
+@curation.get("/exchanges/apis")
+@_guarded(write=False)
+@_takes()
+def exchange_apis() -> Response:
+    return jsonify(_apis())
+
+
+def _api_status(api: str) -> dict[str, bool]:
+    cls = xapi.api_class(api)
+    return {"supports_authentification": xapi.supports_auth(cls),
+            "has_set_authentification": _exchanges().credential(api) is not None}
+
+
+@curation.get("/exchanges/api/<api_name>")
+@_guarded(write=False)
+@_takes()
+def exchange_api(api_name: str) -> Response:
+    """An exchange API's credential state (never the credentials)."""
+    if api_name not in _apis():
+        raise HmaAbort(400, f"no such Exchange API '{api_name}'")
+    return jsonify(_api_status(api_name))
+
+
+@curation.post("/exchanges/api/<api_name>")
+@_guarded(write=True)
+@_takes()
+def exchange_api_set(api_name: str) -> Response:
+    """Set an exchange API's credentials: ``{"credential_json": {...}}`` (``{}`` unsets them)."""
+    if api_name not in _apis():
+        raise HmaAbort(400, f"no such Exchange API '{api_name}'")
+    body = _json()
+    cred = body.get("credential_json")
+    if cred is not None:
+        if not isinstance(cred, dict):
+            raise HmaAbort(400, "credential_json must be an object")
+        _exchanges().set_credential(api_name, xapi.parse_credentials(api_name, cred) if cred else None)
+        runtime().audit.record(g.actor, "exchange_credentials", f"exchange_api:{api_name}", set=bool(cred))
+    return jsonify(_api_status(api_name))
+
+
+@curation.get("/exchanges/api/<api_name>/schema")
+@_guarded(write=False)
+@_takes()
+def exchange_api_schema(api_name: str) -> Response:
+    if api_name not in _apis():
+        raise HmaAbort(404, f"Exchange API '{api_name}' not found")
+    return jsonify(xapi.api_schema(api_name))
+
+
+@curation.post("/exchanges")
+@_guarded(write=True)
+@_takes()
+def exchange_create() -> tuple[Response, int]:
+    """Create an exchange (``{"api": "sample", "bank": "NAME", "api_json": {...}}``) and the bank it fills."""
+    body = _json()
+    bank = body.get("bank")
+    if not isinstance(bank, str) or not bank:
+        raise HmaAbort(400, "bank is required")
+    if not re.match(r"^[A-Z0-9_]+$", bank):
+        raise HmaAbort(400, "Field `bank` must match /^[A-Z0-9_]+$/")
+    api_json = body.get("api_json", {})
+    if not isinstance(api_json, dict):
+        raise HmaAbort(400, "Field `api_json` must be object")
+    api = body.get("api")
+    if api is None:
+        raise HmaAbort(400, "Field `api_type` is required")
+    if api not in _apis():
+        raise HmaAbort(400, f"No such exchange type '{api}'")
+    enabled = api_json.get("enabled", True)
+    cfg = xapi.parse_config(api, bank, {k: v for k, v in api_json.items() if k not in ("name", "api", "enabled")},
+                            enabled=bool(enabled))
+    xapi.local_file_allowed(api, cfg, runtime().store.home / "exchanges")
+    try:
+        create_exchange(_banks(), _exchanges(), runtime().audit, bank, api, xapi.dump_config(cfg),
+                        actor=g.actor, enabled=bool(enabled))
+    except InvalidInputError as exc:
+        if exc.code == "conflict":
+            raise HmaAbort(403, f"a bank or exchange named {bank} already exists") from None
+        raise
+    return jsonify({"message": "Created successfully"}), 201
+
+
+@curation.get("/exchanges")
+@_guarded(write=False)
+@_takes()
+def exchange_list() -> Response:
+    return jsonify([e.name for e in _exchanges().list()])
+
+
+def _exchange(name: str) -> Any:
+    try:
+        return _exchanges().get(name)
+    except NotFoundError:
+        raise HmaAbort(404, f"Exchange '{name}' not found") from None
+
+
+@curation.get("/exchange/<name>")
+@_guarded(write=False)
+@_takes()
+def exchange_show(name: str) -> Response:
+    ex = _exchange(name)
+    return jsonify(json.loads(ex.config) | {"name": ex.name, "api": ex.api, "enabled": ex.enabled})
+
+
+@curation.get("/exchange/<name>/status")
+@_guarded(write=False)
+@_takes()
+def exchange_status(name: str) -> Response:
+    return jsonify(_exchange(name).status_json())
+
+
+@curation.put("/exchange/<name>")
+@_guarded(write=True)
+@_takes()
+def exchange_update(name: str) -> Response:
+    _exchange(name)
+    body = _json()
+    if "enabled" in body:
+        if not isinstance(body["enabled"], bool):
+            raise HmaAbort(400, "enabled must be true or false")
+        set_exchange_enabled(_exchanges(), runtime().audit, name, body["enabled"], actor=g.actor)
+    ex = _exchange(name)
+    return jsonify(json.loads(ex.config) | {"name": ex.name, "api": ex.api, "enabled": ex.enabled})
+
+
+@curation.delete("/exchange/<name>")
+@_guarded(write=True)
+@_takes()
+def exchange_delete(name: str) -> Response:
+    delete_exchange(_banks(), _exchanges(), runtime().audit, name, actor=g.actor)
+    return jsonify({"message": "Exchange deleted"})
+
+
+@curation.post("/exchange/<name>/fetch")
+@_guarded(write=True)
+@_takes()
+def exchange_fetch(name: str) -> Response:
+    """Fetch one exchange now (flagmatch's own; OMM fetches on a timer): the report of what changed."""
+    _exchange(name)
+    report = xapi.fetch(_exchanges(), _banks(), name)
+    runtime().audit.record(g.actor, "exchange_fetch", f"exchange:{name}", **report.to_json())
+    return jsonify(report.to_json())
+
+
+# ------------------------------------------------------------------ OpenAPI
+
+_BODIES = {"multipart": {"multipart/form-data": {"schema": {"type": "object", "properties": {
+    ct: {"type": "string", "format": "binary"} for ct in CONTENT_TYPES}}}},
+    "json": {"application/json": {"schema": {"type": "object"}}}}
+_MULTIPART = {"hma_hashing.hash_post", "hma_matching.lookup_post", "hma_curation.bank_add_content"}
+_MESSAGE = {"description": "error", "content": {"application/json": {"schema": {
+    "type": "object", "required": ["message"], "properties": {"message": {"type": "string"}}}}}}
+
+
+def hma_openapi(app: Flask) -> dict[str, Any]:
+    """OMM's document name and title over the routes as registered here: each route's methods, path and query
+    parameters (what ``_takes`` declares), its docstring, and OMM's ``{"message"}`` error body."""
+    paths: dict[str, dict[str, Any]] = {}
+    for rule in app.url_map.iter_rules():
+        if not rule.endpoint.startswith("hma_"):
+            continue
+        fn = app.view_functions[rule.endpoint]
+        path = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)
+        params = [{"name": a, "in": "path", "required": True,
+                   "schema": {"type": "integer" if rule._converters[a].__class__.__name__ == "IntegerConverter"
+                              else "string"}} for a in rule.arguments]
+        params += [{"name": q, "in": "query", "required": False, "schema": {"type": "string"}}
+                   for q in getattr(fn, "hma_params", ())]
+        doc = (fn.__doc__ or rule.endpoint).strip()
+        for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
+            op: dict[str, Any] = {"operationId": f"{rule.endpoint}_{method.lower()}", "summary": doc.split("\n")[0],
+                                  "description": doc, "parameters": params,
+                                  "responses": {"200": {"description": "OMM's answer"}, "400": _MESSAGE,
+                                                "404": _MESSAGE}}
+            if method in ("POST", "PUT"):
+                op["requestBody"] = {"required": False, "content": _BODIES[
+                    "multipart" if rule.endpoint in _MULTIPART else "json"]}
+            paths.setdefault(path, {})[method.lower()] = op
+    return {"openapi": "3.0.3", "info": {"title": "Open Media Match API", "version": "1.1",
+                                         "description": "HMA's API as flagmatch serves it (search.hma)"},
+            "paths": paths}
 
 
 for _bp in (hashing, matching, curation):
@@ -396,11 +937,17 @@ def register_hma(app: Flask) -> None:
     @app.get("/status")
     def hma_status() -> Response:
         """OMM's readiness check for load balancers: 200 ``I-AM-ALIVE`` once the model and the indexes are
-        loaded, else 503 ``INDEX-NOT-LOADED`` (no token needed, as on OMM)."""
+        loaded, else 503 ``INDEX-NOT-LOADED`` (no token needed, as on OMM). flagmatch's indexes follow the
+        catalog on every lookup, so they are never stale."""
         rt = runtime()
         if rt.ready.is_set() and rt.index is not None:
             return Response(b"I-AM-ALIVE", mimetype="text/plain")
         return Response(b"INDEX-NOT-LOADED", status=503, mimetype="text/plain")
+
+    @app.get("/openapi/openapi.json")
+    def hma_openapi_json() -> Response:
+        """This document (OMM's name for it)."""
+        return jsonify(hma_openapi(app))
 
     @app.get("/status/live")
     def hma_status_live() -> Response:
@@ -409,4 +956,4 @@ def register_hma(app: Flask) -> None:
         return Response(b"I-AM-ALIVE", mimetype="text/plain")
 
 
-__all__ = ["register_hma", "NotFoundError"]
+__all__ = ["register_hma"]

@@ -211,10 +211,11 @@ class SearchService:
         spec = self.embedder.info.input if self.embedder is not None else InputSpec(224)
         return self._decode(data, spec, views=False).pdq
 
-    def hash_evidence(self, signals: Sequence[Signals], *, scope: str = "flagged", k: int = 10) -> list[HashEvidence]:
+    def hash_evidence(self, signals: Sequence[Signals], *, scope: str = "flagged", k: int = 10,
+                      every_bank: bool = False) -> list[HashEvidence]:
         if self.hashes is None:
             raise ModelLoadError("this server has no hash matcher")
-        return self.hashes.lookup(signals, scope=scope, k=k)
+        return self.hashes.lookup(signals, scope=scope, k=k, every_bank=every_bank)
 
     def search_ids(self, image_ids: Iterable[int], params: SearchParams) -> SearchResponse:
         """Nearest neighbours of stored images (the image itself is left out of its own hits)."""

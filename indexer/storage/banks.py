@@ -5,6 +5,7 @@ lists in the formats teams exchange is ``indexer.hashbanks``' work, above this."
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
@@ -36,10 +37,11 @@ class Bank:
     pdq_threshold: int
     entries: int
     created_at: dt.datetime
+    enabled_ratio: float = 1.0  # HMA's matching_enabled_ratio; ``enabled`` is ratio > 0
 
     def to_json(self) -> dict[str, object]:
         return {"name": self.name, "source": self.source, "role": self.role, "enabled": self.enabled,
-                "pdq_threshold": self.pdq_threshold, "entries": self.entries,
+                "enabled_ratio": self.enabled_ratio, "pdq_threshold": self.pdq_threshold, "entries": self.entries,
                 "created_at": self.created_at.isoformat(timespec="seconds") + "Z"}
 
 
@@ -54,11 +56,21 @@ class BankEntry:
     tags: tuple[str, ...]
     image_id: int | None
     added_at: dt.datetime
+    content_id: int = 0
+    note: str | None = None
+    metadata: dict[str, object] | None = None
+    disable_until_ts: int | None = None
+
+    def disabled(self, now: float) -> bool:
+        """Is the content switched off for matching at Unix time ``now`` (HMA's ``disable_until_ts``)?"""
+        return self.disable_until_ts is not None and self.disable_until_ts > now
 
     def to_json(self) -> dict[str, object]:
-        return {"id": self.id, "bank": self.bank, "signal_type": self.signal_type, "signal": self.signal,
-                "quality": self.quality, "external_id": self.external_id, "tags": list(self.tags),
-                "image_id": self.image_id, "added_at": self.added_at.isoformat(timespec="seconds") + "Z"}
+        return {"id": self.id, "content_id": self.content_id, "bank": self.bank, "signal_type": self.signal_type,
+                "signal": self.signal, "quality": self.quality, "external_id": self.external_id,
+                "tags": list(self.tags), "image_id": self.image_id, "note": self.note, "metadata": self.metadata,
+                "disable_until_ts": self.disable_until_ts,
+                "added_at": self.added_at.isoformat(timespec="seconds") + "Z"}
 
 
 @dataclass(frozen=True)
@@ -70,6 +82,8 @@ class NewEntry:
     tags: tuple[str, ...] = ()
     image_id: int | None = None
     line: int = 0  # where it was read from, for the report
+    note: str | None = None
+    metadata: dict[str, object] | None = None
 
 
 
@@ -84,6 +98,39 @@ def _check_role(role: str) -> str:
     if role not in ROLES:
         raise InvalidInputError(f"a bank's role is one of {', '.join(ROLES)}, not {role!r}", code="bad_parameter")
     return role
+
+
+MAX_NOTE_CHARS = 255     # OMM's limit on a content's note
+# the latest disable_until_ts taken: as OMM, a time more than five years ahead is refused (a typo, not a plan)
+MAX_DISABLE_SECONDS = 5 * 365 * 24 * 3600
+_UNSET: object = object()
+
+
+def check_note(note: object) -> str | None:
+    if note is None or note == "":
+        return None
+    if not isinstance(note, str):
+        raise InvalidInputError("a note is a string", code="bad_parameter")
+    if len(note) > MAX_NOTE_CHARS:
+        raise InvalidInputError(f"a note is at most {MAX_NOTE_CHARS} characters, not {len(note)}",
+                                code="bad_parameter")
+    return note
+
+
+def check_ratio(r: object) -> float:
+    if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= float(r) <= 1.0:
+        raise InvalidInputError(f"enabled_ratio is a number from 0 to 1, not {r!r}", code="bad_parameter")
+    return float(r)
+
+
+def check_disable_until(ts: object, now: float) -> int | None:
+    if ts is None:
+        return None
+    if isinstance(ts, bool) or not isinstance(ts, int) or ts < 0:
+        raise InvalidInputError(f"disable_until_ts is a Unix time in whole seconds, not {ts!r}", code="bad_parameter")
+    if ts > now + MAX_DISABLE_SECONDS:
+        raise InvalidInputError("disable_until_ts must be less than 5 years in the future", code="bad_parameter")
+    return ts
 
 
 def _check_threshold(t: int) -> int:
@@ -102,14 +149,17 @@ class BankStore:
 
     # -- banks
     def create(self, name: str, *, source: str = "", role: str = "match", enabled: bool = True,
-               pdq_threshold: int = PDQ_DEFAULT_THRESHOLD, tx: Transaction | None = None) -> Bank:
+               pdq_threshold: int = PDQ_DEFAULT_THRESHOLD, enabled_ratio: float | None = None,
+               tx: Transaction | None = None) -> Bank:
         check_name(name)
+        ratio = check_ratio(enabled_ratio) if enabled_ratio is not None else (1.0 if enabled else 0.0)
         _check_role(role)
         _check_threshold(pdq_threshold)
         with self.catalog.transaction(tx) as s:
             if s.scalar(select(BankRow.id).where(BankRow.name == name)) is not None:
                 raise InvalidInputError(f"bank {name} already exists", code="conflict")
-            s.add(BankRow(name=name, source=source, role=role, enabled=enabled, pdq_threshold=pdq_threshold))
+            s.add(BankRow(name=name, source=source, role=role, enabled=ratio > 0, enabled_ratio=ratio,
+                          pdq_threshold=pdq_threshold))
         return self._get(name, tx)
 
     def get(self, name: str, *, counts: bool = True) -> Bank:
@@ -140,14 +190,19 @@ class BankStore:
             if name is not None:
                 q = q.where(BankRow.name == name)
             return [Bank(r.id, r.name, r.source, r.role, r.enabled, r.pdq_threshold, int(counts.get(r.id, 0)),
-                         r.created_at) for r in s.scalars(q)]
+                         r.created_at, float(r.enabled_ratio)) for r in s.scalars(q)]
 
     def update(self, name: str, *, enabled: bool | None = None, role: str | None = None,
                pdq_threshold: int | None = None, source: str | None = None, rename: str | None = None,
-               tx: Transaction | None = None) -> Bank:
+               enabled_ratio: float | None = None, tx: Transaction | None = None) -> Bank:
+        """Change a bank. ``enabled`` sets the ratio to 1 or 0; ``enabled_ratio`` sets it (and ``enabled`` is
+        ratio > 0)."""
         values: dict[str, object] = {"updated_at": utcnow()}
         if enabled is not None:
-            values["enabled"] = bool(enabled)
+            values["enabled"], values["enabled_ratio"] = bool(enabled), 1.0 if enabled else 0.0
+        if enabled_ratio is not None:
+            r = check_ratio(enabled_ratio)
+            values["enabled"], values["enabled_ratio"] = r > 0, r
         if role is not None:
             values["role"] = _check_role(role)
         if pdq_threshold is not None:
@@ -175,8 +230,24 @@ class BankStore:
         return int(n or 0)
 
     # -- entries
+    def add_content(self, name: str, entries: Sequence[NewEntry], *, disable_until_ts: int | None = None,
+                    tx: Transaction | None = None) -> tuple[int, bool]:
+        """Bank one piece of content (HMA's ``/c/bank/X/content`` and ``/signal``): its signals become entries
+        sharing one content id, the first new entry's. A content whose signals are all banked already is that
+        content (its id is answered, nothing changes). Returns (content id, whether anything was new)."""
+        bank = self.get(name, counts=False)
+        with self.catalog.transaction(tx) as s:
+            new, _ = self.insert_chunk(s, bank.id, list(entries), grouped=True, disable_until_ts=disable_until_ts)
+            if new:
+                return min(new), True
+            e = entries[0]
+            cid = s.scalar(select(BankEntryRow.content_id).where(
+                BankEntryRow.bank_id == bank.id, BankEntryRow.signal_type == e.signal_type,
+                BankEntryRow.signal == e.signal))
+            return int(cid or 0), False
+
     def add(self, name: str, entries: Iterable[NewEntry], *, tx: Transaction | None = None) -> tuple[list[int], int]:
-        """Add entries to a bank in one transaction; entries already there are skipped.
+        """Add entries to a bank in one transaction, each its own content; entries already there are skipped.
         Returns (the new entries' ids, how many were already banked)."""
         bank = self.get(name, counts=False)
         ids: list[int] = []
@@ -188,7 +259,9 @@ class BankStore:
                 dup += d
         return ids, dup
 
-    def insert_chunk(self, s: Session, bank_id: int, chunk: Sequence[NewEntry]) -> tuple[list[int], int]:
+    def insert_chunk(self, s: Session, bank_id: int, chunk: Sequence[NewEntry], *, grouped: bool = False,
+                     disable_until_ts: int | None = None) -> tuple[list[int], int]:
+        """Insert the entries not banked yet; each is its own content, or (``grouped``) all are one."""
         have: set[tuple[str, str]] = set()
         for st in {e.signal_type for e in chunk}:
             sigs = [e.signal for e in chunk if e.signal_type == st]
@@ -202,7 +275,9 @@ class BankStore:
             seen.add(key)
             rows.append({"bank_id": bank_id, "signal_type": e.signal_type, "signal": e.signal, "quality": e.quality,
                          "external_id": e.external_id, "tags": " ".join(e.tags)[:MAX_TAG_CHARS],
-                         "image_id": e.image_id, "added_at": utcnow()})
+                         "image_id": e.image_id, "added_at": utcnow(), "note": check_note(e.note),
+                         "meta": json.dumps(e.metadata) if e.metadata is not None else None,
+                         "disable_until_ts": disable_until_ts})
         if not rows:
             return [], len(chunk)
         s.execute(insert(BankEntryRow), rows)
@@ -211,13 +286,64 @@ class BankStore:
             sigs = [r["signal"] for r in rows if r["signal_type"] == st]
             new.extend(s.scalars(select(BankEntryRow.id).where(
                 BankEntryRow.bank_id == bank_id, BankEntryRow.signal_type == st, BankEntryRow.signal.in_(sigs))))
-        return sorted(new), len(chunk) - len(rows)
+        new.sort()
+        if grouped:
+            s.execute(update(BankEntryRow).where(BankEntryRow.id.in_(new)).values(content_id=new[0]))
+        else:
+            s.execute(update(BankEntryRow).where(BankEntryRow.id.in_(new)).values(content_id=BankEntryRow.id))
+        return new, len(chunk) - len(rows)
 
-    def remove_entry(self, name: str, entry_id: int, *, tx: Transaction | None = None) -> int:
+    def remove_entry(self, name: str, content_id: int, *, tx: Transaction | None = None) -> int:
+        """Take a content (every signal of it) out of a bank; 1 if it was there, else 0."""
         bank = self.get(name, counts=False)
         with self.catalog.transaction(tx) as s:
-            return int(s.execute(delete(BankEntryRow).where(BankEntryRow.bank_id == bank.id,
-                                                            BankEntryRow.id == int(entry_id))).rowcount or 0)
+            return 1 if s.execute(delete(BankEntryRow).where(BankEntryRow.bank_id == bank.id,
+                                                             BankEntryRow.content_id == int(content_id))).rowcount \
+                else 0
+
+    def remove_external(self, name: str, external_ids: Sequence[str], *, tx: Transaction | None = None) -> int:
+        """Take out of bank ``name`` every entry with one of these external ids (an exchange's deleted keys)."""
+        bank = self.get(name, counts=False)
+        n = 0
+        with self.catalog.transaction(tx) as s:
+            for i in range(0, len(external_ids), 500):
+                n += int(s.execute(delete(BankEntryRow).where(
+                    BankEntryRow.bank_id == bank.id,
+                    BankEntryRow.external_id.in_(list(external_ids[i:i + 500])))).rowcount or 0)
+        return n
+
+    def content(self, name: str, content_id: int) -> list[BankEntry]:
+        """The entries (signals) of one content of bank ``name``; NotFoundError if the bank or content is not
+        there."""
+        bank = self.get(name, counts=False)
+        with self.catalog.session() as s:
+            rows = list(s.scalars(select(BankEntryRow).where(BankEntryRow.bank_id == bank.id,
+                                                             BankEntryRow.content_id == int(content_id))
+                                  .order_by(BankEntryRow.id)))
+        if not rows:
+            raise NotFoundError(f"bank {name} has no content {content_id}")
+        return [_entry(r, {bank.id: bank.name}) for r in rows]
+
+    def update_content(self, name: str, content_id: int, *, note: object = _UNSET, disable_until_ts: object = _UNSET,
+                       now: float, tx: Transaction | None = None) -> list[BankEntry]:
+        """Set a content's note (``""`` or None clears it) or the time it is disabled until (None: enabled)."""
+        values: dict[str, object] = {}
+        if note is not _UNSET:
+            values["note"] = check_note(note)
+        if disable_until_ts is not _UNSET:
+            values["disable_until_ts"] = check_disable_until(disable_until_ts, now)
+        bank = self.get(name, counts=False)
+        with self.catalog.transaction(tx) as s:
+            if values and not s.execute(update(BankEntryRow).where(
+                    BankEntryRow.bank_id == bank.id, BankEntryRow.content_id == int(content_id)).values(**values)
+                    ).rowcount:
+                raise NotFoundError(f"bank {name} has no content {content_id}")
+            rows = list(s.scalars(select(BankEntryRow).where(BankEntryRow.bank_id == bank.id,
+                                                             BankEntryRow.content_id == int(content_id))
+                                  .order_by(BankEntryRow.id)))
+        if not rows:
+            raise NotFoundError(f"bank {name} has no content {content_id}")
+        return [_entry(r, {bank.id: bank.name}) for r in rows]
 
     def find(self, name: str, signal_type: str, signal: str) -> int | None:
         """The id of ``signal`` in bank ``name``, if banked."""
@@ -263,6 +389,18 @@ class BankStore:
             return [_entry(r, names) for r in s.scalars(select(BankEntryRow).where(
                 BankEntryRow.signal_type == "md5", BankEntryRow.signal == md5))]
 
+    def added_ts(self, entry_id: int) -> int | None:
+        """Unix time entry ``entry_id`` was banked (HMA's ``built_to`` for an index covering up to it)."""
+        with self.catalog.session() as s:
+            at = s.scalar(select(BankEntryRow.added_at).where(BankEntryRow.id == int(entry_id)))
+        return int(at.replace(tzinfo=dt.timezone.utc).timestamp()) if at is not None else None
+
+    def newest_ts(self, signal_type: str) -> int | None:
+        """Unix time the newest entry of a signal type was banked."""
+        with self.catalog.session() as s:
+            i = s.scalar(select(func.max(BankEntryRow.id)).where(BankEntryRow.signal_type == signal_type))
+        return self.added_ts(i) if i is not None else None
+
     def head(self) -> int:
         with self.catalog.session() as s:
             return int(s.scalar(select(func.max(BankEntryRow.id))) or 0)
@@ -285,7 +423,8 @@ class BankStore:
 
 def _entry(r: BankEntryRow, names: dict[int, str]) -> BankEntry:
     return BankEntry(r.id, names.get(r.bank_id, "?"), r.signal_type, r.signal, r.quality, r.external_id,
-                     tuple(r.tags.split()) if r.tags else (), r.image_id, r.added_at)
+                     tuple(r.tags.split()) if r.tags else (), r.image_id, r.added_at, int(r.content_id or r.id),
+                     r.note, json.loads(r.meta) if r.meta else None, r.disable_until_ts)
 
 
 

@@ -119,6 +119,8 @@ class BankRow(Base):
     source: Mapped[str] = mapped_column(Text, default="")
     role: Mapped[str] = mapped_column(String(16), default="match")  # match | negative
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    # HMA's matching_enabled_ratio: the share of HMA lookups the bank answers (a rollout knob); 0 when off
+    enabled_ratio: Mapped[float] = mapped_column(Float, default=1.0)
     pdq_threshold: Mapped[int] = mapped_column(Integer, default=31)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
@@ -140,6 +142,44 @@ class BankEntryRow(Base):
     tags: Mapped[str] = mapped_column(Text, default="")  # space-separated
     image_id: Mapped[int | None] = mapped_column(Integer, nullable=True)  # banked from a stored image
     added_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    # HMA's bank content: the signals of one piece of content share its id (the first entry's); the note, the
+    # client's metadata and the "disabled until" time are the content's, kept on each of its entries
+    content_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
+    note: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    meta: Mapped[str | None] = mapped_column(Text, nullable=True)            # JSON object, as the client sent it
+    disable_until_ts: Mapped[int | None] = mapped_column(Integer, nullable=True)  # Unix seconds
+
+
+class ExchangeRow(Base):
+    """A hash exchange (threatexchange's SignalExchangeAPI: ThreatExchange, NCMEC, StopNCII, a local file, the
+    static sample) fetched into the bank of the same name (indexer.hashbanks.exchanges)."""
+    __tablename__ = "exchanges"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)   # = its bank's name
+    api: Mapped[str] = mapped_column(String(64))
+    config: Mapped[str] = mapped_column(Text, default="{}")           # the API's collaboration config, JSON
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    checkpoint: Mapped[str | None] = mapped_column(Text, nullable=True)  # the API's checkpoint, JSON
+    checkpoint_ts: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    running_since: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    last_complete_ts: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    last_succeeded: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    up_to_date: Mapped[bool] = mapped_column(Boolean, default=False)
+    fetched_items: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class SignalTypeRow(Base):
+    """A signal type's switch as HMA sets it (``PUT /c/signal_type/<name>``); a type without a row is on."""
+    __tablename__ = "signal_type_config"
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    enabled_ratio: Mapped[float] = mapped_column(Float)
+
+
+class ExchangeCredentialRow(Base):
+    """An exchange API's credentials (threatexchange's credential dataclass, JSON), set through /c/exchanges."""
+    __tablename__ = "exchange_credentials"
+    api: Mapped[str] = mapped_column(String(64), primary_key=True)
+    credential: Mapped[str] = mapped_column(Text)
 
 
 class CheckpointRow(Base):
