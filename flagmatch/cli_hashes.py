@@ -197,3 +197,54 @@ def hashes_backfill(settings: Settings) -> None:
         click.echo(f"  failed: {code:<22} {n}")
     if counts.failed:
         click.echo("details: flagmatch errors (the images stay unhashed; run backfill again once the files are back)")
+
+
+@main.group()
+def exchanges() -> None:
+    """Hash exchanges (threatexchange's APIs: ThreatExchange, NCMEC, StopNCII, a local file, the sample),
+    each fetched into the bank of its name."""
+
+
+@exchanges.command("create", cls=SettingsCommand)
+@click.argument("name")
+@click.argument("api")
+@click.option("--config", "config_json", default="{}", show_default=True,
+              help="the API's collaboration config as JSON (e.g. '{\"filename\": \"/lists/pdq.txt\"}')")
+@click.option("--actor", default=None, help="who (default: the OS user)")
+@with_settings()
+def exchanges_create(name: str, api: str, config_json: str, actor: str | None, settings: Settings) -> None:
+    """Configure exchange NAME of API (a local_file exchange made here may read any file this user can)."""
+    from indexer.hashbanks import exchanges as xapi
+    from indexer.review.banks import create_exchange
+    from indexer.storage.exchanges import ExchangeStore
+    try:
+        body = json.loads(config_json)
+    except ValueError:
+        raise click.UsageError("--config is JSON") from None
+    banks, audit = _banks(settings)
+    cfg = xapi.parse_config(api, name, body)
+    create_exchange(banks, ExchangeStore(banks.catalog), audit, name, api, xapi.dump_config(cfg),
+                    actor=actor or os_user())
+    click.echo(f"exchange {name} ({api}) fills bank {name}")
+
+
+@exchanges.command("fetch", cls=SettingsCommand)
+@click.argument("names", nargs=-1)
+@with_settings()
+def exchanges_fetch(names: tuple[str, ...], settings: Settings) -> None:
+    """Fetch exchanges (every enabled one when none is named) from their checkpoints into their banks."""
+    from indexer.hashbanks import exchanges as xapi
+    from indexer.storage.exchanges import ExchangeStore
+    banks, audit = _banks(settings)
+    store = ExchangeStore(banks.catalog)
+    todo = list(names) or [e.name for e in store.list() if e.enabled]
+    failed = 0
+    for name in todo:
+        report = xapi.fetch(store, banks, name)
+        audit.record(os_user(), "exchange_fetch", f"exchange:{name}", **report.to_json())
+        status = "ok" if report.ok else f"FAILED: {report.error}"
+        click.echo(f"{name}: +{report.added:,} -{report.removed:,} skipped {report.skipped:,} "
+                   f"in {report.batches} batch(es)  {status}")
+        failed += not report.ok
+    if failed:
+        sys.exit(1)

@@ -64,14 +64,14 @@ def test_an_hma_client_banks_hashes_and_matches_uploads(server):
                                                      "include_distance": "true"}, headers=AUTH, timeout=30)
     assert r.status_code == 200, r.text
     [match] = r.json()["matches"]
-    assert match["content_id"] == content_id and 0 < int(match["distance"]) <= 31
+    assert match["bank_content_id"] == content_id and 0 < int(match["distance"]) <= 31
     r = requests.get(f"{base}/m/raw_lookup", params={"signal_type": "pdq", "signal": copy_hash}, headers=AUTH,
                      timeout=30)
     assert r.json() == {"matches": [content_id]}
     r = requests.get(f"{base}/m/lookup", params={"signal_type": "pdq", "signal": copy_hash}, headers=AUTH, timeout=30)
-    assert r.json() == ["PARTNER_LIST"]
+    assert list(r.json()) == ["PARTNER_LIST"] and r.json()["PARTNER_LIST"][0]["bank_content_id"] == content_id
     r = requests.post(f"{base}/m/lookup", files={"photo": ("copy.jpg", copy)}, headers=AUTH, timeout=30)
-    assert r.status_code == 200 and r.json() == {"pdq": ["PARTNER_LIST"]}
+    assert r.status_code == 200 and list(r.json()) == ["pdq"] and list(r.json()["pdq"]) == ["PARTNER_LIST"]
 
     # a client that limits the banks it acts on gets matches from those banks only; a parameter flagmatch
     # does not take is refused by name, never ignored
@@ -83,12 +83,13 @@ def test_an_hma_client_banks_hashes_and_matches_uploads(server):
                         timeout=30).json() == {"matches": [other_id]}
     assert requests.get(f"{base}/m/raw_lookup", params={**q, "banks": "PARTNER_LIST,NOPE"}, headers=AUTH,
                         timeout=30).json() == {"matches": [content_id]}
-    assert requests.get(f"{base}/m/lookup", params={**q, "banks": "OTHER_LIST"}, headers=AUTH,
-                        timeout=30).json() == ["OTHER_LIST"]
-    assert requests.get(f"{base}/m/lookup", params=q, headers=AUTH, timeout=30).json() == ["OTHER_LIST", "PARTNER_LIST"]
+    assert list(requests.get(f"{base}/m/lookup", params={**q, "banks": "OTHER_LIST"}, headers=AUTH,
+                             timeout=30).json()) == ["OTHER_LIST"]
+    assert sorted(requests.get(f"{base}/m/lookup", params=q, headers=AUTH, timeout=30).json()) == \
+        ["OTHER_LIST", "PARTNER_LIST"]
     r = requests.post(f"{base}/m/lookup", params={"banks": "PARTNER_LIST"}, files={"photo": ("copy.jpg", copy)},
                       headers=AUTH, timeout=30)
-    assert r.json() == {"pdq": ["PARTNER_LIST"]}
+    assert list(r.json()["pdq"]) == ["PARTNER_LIST"]
     r = requests.get(f"{base}/m/raw_lookup", params={**q, "bank": "OTHER_LIST"}, headers=AUTH, timeout=30)
     assert r.status_code == 400 and "bank" in r.json()["message"]
     assert requests.delete(f"{base}/c/bank/OTHER_LIST", headers=AUTH, timeout=30).json() == {"message": "Done"}
@@ -98,13 +99,27 @@ def test_an_hma_client_banks_hashes_and_matches_uploads(server):
     assert r.status_code == 200, r.text
     hashes = r.json()["results"][0]["hashes"]
     assert hashes["bank_matched"] and hashes["bank_matches"][0]["bank"] == "PARTNER_LIST"
-    assert hashes["bank_matches"][0]["entry_id"] == content_id and hashes["pdq_usable"]
+    assert hashes["bank_matches"][0]["content_id"] == content_id and hashes["pdq_usable"]
 
     # switched off: no match from the next request on
     r = requests.put(f"{base}/c/bank/PARTNER_LIST", json={"enabled": False}, headers=AUTH, timeout=30)
     assert r.status_code == 200 and r.json()["matching_enabled_ratio"] == 0.0
     r = requests.post(f"{base}/m/lookup", files={"photo": ("copy.jpg", copy)}, headers=AUTH, timeout=30)
-    assert r.json() == {"pdq": []}
+    assert r.json() == {"pdq": {}}
+    # ... but OMM's raw lookup does not check the switch, and bypass_coinflip passes a disabled bank
+    r = requests.get(f"{base}/m/raw_lookup", params={"signal_type": "pdq", "signal": copy_hash}, headers=AUTH,
+                     timeout=30)
+    assert r.json() == {"matches": [content_id]}
+    r = requests.post(f"{base}/m/lookup", params={"bypass_coinflip": "true"}, files={"photo": ("copy.jpg", copy)},
+                      headers=AUTH, timeout=30)
+    assert list(r.json()["pdq"]) == ["PARTNER_LIST"]
+    # a fractional ratio: one coin flip per request, the same answer for the same seed
+    requests.put(f"{base}/c/bank/PARTNER_LIST", json={"enabled_ratio": 0.5}, headers=AUTH, timeout=30)
+    seen = [bool(requests.get(f"{base}/m/lookup", params={**q, "banks": "PARTNER_LIST", "seed": str(i)},
+                              headers=AUTH, timeout=30).json()) for i in range(40)]
+    assert 5 < sum(seen) < 35
+    assert seen[:10] == [bool(requests.get(f"{base}/m/lookup", params={**q, "banks": "PARTNER_LIST", "seed": str(i)},
+                                           headers=AUTH, timeout=30).json()) for i in range(10)]
     requests.put(f"{base}/c/bank/PARTNER_LIST", json={"enabled_ratio": 1.0}, headers=AUTH, timeout=30)
 
     # bank a file, list the banks, remove an entry
@@ -114,7 +129,9 @@ def test_an_hma_client_banks_hashes_and_matches_uploads(server):
     assert r.status_code == 200 and r.json()["signals"]["pdq"] == requests.post(
         f"{base}/h/hash", files={"photo": ("o.jpg", other)}, headers=AUTH, timeout=30).json()["pdq"]
     banks = requests.get(f"{base}/c/banks", headers=AUTH, timeout=30).json()
-    assert [(b["name"], b["entries"]) for b in banks] == [("PARTNER_LIST", 2)]
+    assert banks == [{"name": "PARTNER_LIST", "matching_enabled_ratio": 1.0}]
+    page = requests.get(f"{base}/c/bank/PARTNER_LIST/content", headers=AUTH, timeout=30).json()["entries"]
+    assert len(page) == 2
     assert requests.delete(f"{base}/c/bank/PARTNER_LIST/content/{content_id}", headers=AUTH,
                            timeout=30).json() == {"deleted": 1}
     r = requests.get(f"{base}/m/raw_lookup", params={"signal_type": "pdq", "signal": copy_hash}, headers=AUTH,
@@ -127,6 +144,7 @@ def test_an_hma_client_banks_hashes_and_matches_uploads(server):
     actions = [e["action"] for e in events]
     assert actions[:1] == ["bank_delete"] and {"bank_create", "bank_add", "bank_remove"} <= set(actions)
     assert any(e["action"] == "bank_remove" and e["detail"]["ids"] == [content_id] for e in events)
+    assert any(e["action"] == "bank_update" and e["detail"].get("enabled_ratio") == 0.5 for e in events)
     assert {e["actor"] for e in events} == {"hma"}
 
 
@@ -145,13 +163,17 @@ def test_hma_errors_are_messages_with_4xx(server):
     assert r.status_code == 401 and "token" in r.json()["message"]
     r = requests.get(f"{base}/c/bank/NOPE", headers=AUTH, timeout=30)
     assert r.status_code == 404 and "NOPE" in r.json()["message"]
+    # URL fetching is off until fetch_allow names something; the cloud metadata address is never fetched
     r = requests.get(f"{base}/h/hash", params={"url": "http://169.254.169.254/latest"}, headers=AUTH, timeout=30)
-    assert r.status_code == 400 and "does not fetch URLs" in r.json()["message"]
+    assert r.status_code == 403 and "fetch_allow" in r.json()["message"]
     r = requests.get(f"{base}/m/raw_lookup", params={"signal_type": "pdq", "signal": "xyz"}, headers=AUTH, timeout=30)
     assert r.status_code == 400 and "hexadecimal" in r.json()["message"]
     r = requests.get(f"{base}/m/raw_lookup", params={"signal_type": "tmk", "signal": "ab"}, headers=AUTH, timeout=30)
-    assert r.status_code == 400 and "unsupported signal type" in r.json()["message"]
+    assert r.status_code == 400 and "No such SignalType" in r.json()["message"]
+    # a video is hashed by the MD5 of its bytes (HMA's video_md5), not decoded
     r = requests.post(f"{base}/h/hash", files={"video": ("v.mp4", b"\x00" * 10)}, headers=AUTH, timeout=30)
+    assert r.status_code == 200 and r.json() == {"video_md5": "a63c90cc3684ad8b0a2176a6a8fe9005"}
+    r = requests.post(f"{base}/h/hash", files={"audio": ("a.mp3", b"\x00" * 10)}, headers=AUTH, timeout=30)
     assert r.status_code == 400 and "content_type" in r.json()["message"]
     r = requests.post(f"{base}/h/hash", files={"photo": ("x.jpg", b"not an image")}, headers=AUTH, timeout=30)
     assert r.status_code in (400, 415) and r.json()["message"]
@@ -167,7 +189,10 @@ def test_hma_errors_are_messages_with_4xx(server):
     assert r.status_code == 404 and set(r.json()) == {"message"}
     r = requests.post(f"{base}/c/signal_type", headers=AUTH, timeout=30)
     assert r.status_code == 405 and set(r.json()) == {"message"} and "GET" in r.headers["Allow"]
-    r = requests.post(f"{base}/c/banks", json={"name": "HALF", "enabled_ratio": 0.5}, headers=AUTH, timeout=30)
-    assert r.status_code == 400 and "fractional" in r.json()["message"]
+    r = requests.post(f"{base}/c/banks", json={"name": "HALF", "enabled_ratio": 1.5}, headers=AUTH, timeout=30)
+    assert r.status_code == 400 and "enabled_ratio" in r.json()["message"]
     r = requests.get(f"{base}/c/signal_type", headers=AUTH, timeout=30)
-    assert {t["name"] for t in r.json()} == {"pdq", "md5"}
+    assert {t["name"] for t in r.json()} == {"pdq", "video_md5"}
+    # writes need a token even where reads are open; a cookie session's write needs its CSRF token
+    r = requests.post(f"{base}/c/banks", json={"name": "NO_TOKEN"}, timeout=30)
+    assert r.status_code == 401

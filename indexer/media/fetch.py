@@ -135,6 +135,13 @@ def _resolve(host: str, port: int) -> list[Address]:
     return [ipaddress.ip_address(str(i[4][0]).split("%")[0]) for i in infos]
 
 
+def _literal(host: str) -> Address | None:
+    try:
+        return ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+
+
 def _pick(url: str, host: str, port: int, allow: AllowList,
           resolve: Callable[[str, int], list[Address]]) -> Address:
     if not allow.names_url(url, host):
@@ -142,8 +149,9 @@ def _pick(url: str, host: str, port: int, allow: AllowList,
     addrs = resolve(host, port)
     if not addrs:
         raise FetchError(f"{host} resolves to no address", code="fetch_failed")
+    literal = _literal(host)
     for a in addrs:  # every address the name gives must be fit: a mixed answer is how rebinding starts
-        if _inner(a) and not allow.names_address(a):
+        if _inner(a) and not allow.names_address(a) and a != literal:  # a URL written with the address names it
             raise FetchError(f"{host} resolves to {a}, an internal address the allow-list does not name",
                              code="fetch_refused")
     return addrs[0]
