@@ -240,8 +240,7 @@ def exchanges_fetch(names: tuple[str, ...], settings: Settings) -> None:
     todo = list(names) or [e.name for e in store.list() if e.enabled]
     failed = 0
     for name in todo:
-        report = xapi.fetch(store, banks, name)
-        audit.record(os_user(), "exchange_fetch", f"exchange:{name}", **report.to_json())
+        report = xapi.fetch(store, banks, audit, name, actor=os_user())
         status = "ok" if report.ok else f"FAILED: {report.error}"
         click.echo(f"{name}: +{report.added:,} -{report.removed:,} skipped {report.skipped:,} "
                    f"in {report.batches} batch(es)  {status}")

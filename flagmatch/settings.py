@@ -152,9 +152,6 @@ class Settings:
     exchange_apis: tuple[str, ...] = setting((), "the exchange APIs offered (threatexchange names: sample, "
                                              "local_file, fb_threatexchange, ncmec, stop_ncii, tat); empty: all",
                                              "hma")
-    exchange_fetch_interval: float = setting(0.0, "the server fetches every enabled exchange this often, in "
-                                             "seconds (0: never; `flagmatch exchanges fetch` does it by hand)",
-                                             "hma")
     review_labels: tuple[str, ...] = setting(
         ("adult_nudity", "sexual_activity", "violence", "gore", "hate_symbols", "self_harm", "spam", "other"),
         "the policy labels a reviewer picks from (comma-separated)", "server")

@@ -27,12 +27,14 @@ from werkzeug.exceptions import HTTPException
 
 from indexer.errors import FlagmatchError, InvalidInputError, NotFoundError
 from indexer.hashbanks import exchanges as xapi
-from indexer.hashbanks.banks import Bank, BankEntry, NewEntry
+from indexer.hashbanks.banks import Bank, BankEntry, Banks, NewEntry
 from indexer.media.fetch import AllowList, FetchPolicy, fetch
 from indexer.media.hashes import PDQ_MIN_QUALITY, Pdq, Signals, md5_of, pdq_distance, validate_signal
 from indexer.review.banks import (add_content, create_bank, create_exchange, delete_bank, delete_exchange,
-                                  remove_entry, set_exchange_enabled, update_bank, update_content)
-from indexer.storage.exchanges import ExchangeStore, SignalTypeSwitches
+                                  remove_entry, set_exchange_credentials, set_exchange_enabled, set_signal_type,
+                                  update_bank, update_content)
+from indexer.storage.banks import check_note, check_ratio
+from indexer.storage.exchanges import Exchange, ExchangeStore, SignalTypeSwitches
 from search.edge import authorize, csrf_required, http_status, need_ready, runtime
 from search.hashmatch import BankMatch, HashMatcher
 
@@ -63,7 +65,7 @@ def _guarded(write: bool) -> Callable:
     def deco(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def wrapper(*a: Any, **kw: Any) -> Any:
-            if getattr(runtime().settings, "hma_open", False) and "Authorization" not in request.headers:
+            if runtime().settings.hma_open and "Authorization" not in request.headers:
                 g.actor = "hma"
             else:
                 denied = authorize(write)
@@ -133,7 +135,10 @@ def _bool(name: str, default: bool = False) -> bool:
 
 
 def _switches() -> dict[str, float]:
-    return SignalTypeSwitches(runtime().store.catalog).all()
+    """The signal type switches, read once per request."""
+    if "hma_switches" not in g:
+        g.hma_switches = SignalTypeSwitches(runtime().store.catalog).all()
+    return g.hma_switches  # type: ignore[no-any-return]
 
 
 def _signal_type(name: str | None) -> str:
@@ -210,8 +215,7 @@ def _upload() -> tuple[str, bytes]:
 
 def _policy() -> FetchPolicy:
     st = runtime().settings
-    return FetchPolicy(AllowList.parse(tuple(getattr(st, "fetch_allow", ()))),
-                       int(getattr(st, "fetch_max_bytes", 32 << 20)), float(getattr(st, "fetch_timeout", 15.0)))
+    return FetchPolicy(AllowList.parse(st.fetch_allow), st.fetch_max_bytes, st.fetch_timeout)
 
 
 def _from_url(url: str, hint: str | None, types: str | None) -> dict[str, str]:
@@ -387,10 +391,10 @@ def compare() -> Response:
         if len(pair) != 2:
             raise HmaAbort(400, "Comparison hash list length must be exactly 2")
         st = _signal_type(name)
+        if not all(isinstance(h, str) for h in pair):
+            raise HmaAbort(400, f"Invalid {name} hash: a hash is a string")
         try:
-            left, right = (validate_signal(st, h) if isinstance(h, str) else "" for h in pair)
-            if not left or not right:
-                raise InvalidInputError("a hash is a string")
+            left, right = (validate_signal(st, h) for h in pair)
         except InvalidInputError as exc:
             raise HmaAbort(400, f"Invalid {name} hash: {exc.message}") from None
         if st == "pdq":
@@ -419,11 +423,9 @@ def _json() -> dict[str, Any]:
 
 
 def _ratio(body: dict[str, Any]) -> float | None:
+    """OMM's bank switch: ``enabled_ratio`` (0–1) wins over ``enabled`` (1 or 0); None: not given."""
     if body.get("enabled_ratio") is not None:
-        r = body["enabled_ratio"]
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r <= 1:
-            raise HmaAbort(400, f"enabled_ratio must be a number from 0 to 1, not {r!r}")
-        return float(r)
+        return check_ratio(body["enabled_ratio"])
     if body.get("enabled") is not None:
         v = body["enabled"]
         if not isinstance(v, bool):
@@ -432,7 +434,7 @@ def _ratio(body: dict[str, Any]) -> float | None:
     return None
 
 
-def _banks() -> Any:
+def _banks() -> Banks:
     return _hm().banks
 
 
@@ -517,16 +519,6 @@ def _need_bank(bank_name: str) -> Bank:
         raise HmaAbort(404, f"bank '{bank_name}' not found") from None
 
 
-def _note(v: Any) -> str | None:
-    if v is None or v == "":
-        return None
-    if not isinstance(v, str):
-        raise HmaAbort(400, "note should be a string")
-    if len(v) > 255:
-        raise HmaAbort(400, "note must be at most 255 characters")
-    return v
-
-
 def _metadata(v: Any) -> dict[str, Any] | None:
     """OMM's BankedContentMetadata: ``content_id`` and ``content_uri`` (strings) and ``json`` (an object)."""
     if v is None:
@@ -554,13 +546,13 @@ def _add(bank: Bank, signals: dict[str, Any], *, metadata: dict[str, Any] | None
     if not signals:
         raise HmaAbort(400, "No signals given")
     entries = []
+    ext = str(metadata["content_id"])[:200] if metadata and metadata.get("content_id") else None
     for name, value in signals.items():
         if name not in HMA_TYPES:
             raise HmaAbort(400, f"No such signal type {name}")
         if name == "pdq" and value == "":
             raise HmaAbort(400, "the image's PDQ quality is below 50: too featureless to bank")
         v = _valid(name, value)
-        ext = str(metadata["content_id"])[:200] if metadata and metadata.get("content_id") else None
         entries.append(NewEntry(HMA_TYPES[name], v, external_id=ext, note=note, metadata=metadata))
     cid = add_content(_banks(), runtime().audit, bank.name, entries, actor=g.actor)
     return jsonify({"id": cid, "signals": {OURS_TO_HMA[e.signal_type]: e.signal for e in entries}})
@@ -575,7 +567,7 @@ def bank_add_content(bank_name: str) -> Response:
     bank = _need_bank(bank_name)
     body = request.get_json(silent=True) if request.is_json else None
     form: dict[str, Any] = body if isinstance(body, dict) else dict(request.form)
-    metadata, note = _metadata(form.get("metadata")), _note(form.get("note"))
+    metadata, note = _metadata(form.get("metadata")), check_note(form.get("note"))
     url = request.args.get("url")
     if url:
         hashes = _from_url(url, request.args.get("content_type"), request.args.get("types"))
@@ -593,7 +585,7 @@ def bank_add_signal(bank_name: str) -> Response:
     """Bank hashes as one content: ``{"pdq": "…", "video_md5": "…", "note": "…"}``."""
     bank = _need_bank(bank_name)
     body = dict(_json())
-    note = _note(body.pop("note", None))
+    note = check_note(body.pop("note", None))
     return _add(bank, body, metadata=None, note=note)
 
 
@@ -638,13 +630,9 @@ def bank_update_content(bank_name: str, content_id: int) -> Response:
     kw: dict[str, Any] = {}
     if "disable_until_ts" in body:
         ts = body["disable_until_ts"]
-        if isinstance(ts, str) and ts.isdigit():
-            ts = int(ts)
-        if isinstance(ts, bool) or not isinstance(ts, int) or ts < 0:
-            raise HmaAbort(400, "disable_until_ts must be a non-negative integer")
-        kw["disable_until_ts"] = ts or None
+        kw["disable_until_ts"] = int(ts) if isinstance(ts, str) and ts.isdigit() else ts  # OMM takes "123" too
     if "note" in body:
-        kw["note"] = _note(body["note"])
+        kw["note"] = body["note"]
     entries = update_content(_banks(), runtime().audit, bank_name, content_id, actor=g.actor, **kw)
     out = _content_json(entries, bank, signals=False, metadata=True)
     out["disable_until_ts"] = entries[0].disable_until_ts or 0
@@ -703,8 +691,7 @@ def signal_type_update(name: str) -> Response:
         raise HmaAbort(400, f"Invalid float: '{r}'") from None
     if not 0 <= ratio <= 1:
         raise HmaAbort(400, "enabled_ratio is a number from 0 to 1")
-    SignalTypeSwitches(runtime().store.catalog).set(name, ratio)
-    runtime().audit.record(g.actor, "signal_type_update", f"signal_type:{name}", enabled_ratio=ratio)
+    set_signal_type(SignalTypeSwitches(runtime().store.catalog), runtime().audit, name, ratio, actor=g.actor)
     return Response(status=204)
 
 
@@ -778,8 +765,8 @@ def exchange_api_set(api_name: str) -> Response:
     if cred is not None:
         if not isinstance(cred, dict):
             raise HmaAbort(400, "credential_json must be an object")
-        _exchanges().set_credential(api_name, xapi.parse_credentials(api_name, cred) if cred else None)
-        runtime().audit.record(g.actor, "exchange_credentials", f"exchange_api:{api_name}", set=bool(cred))
+        set_exchange_credentials(_exchanges(), runtime().audit, api_name,
+                                 xapi.parse_credentials(api_name, cred) if cred else None, actor=g.actor)
     return jsonify(_api_status(api_name))
 
 
@@ -832,19 +819,23 @@ def exchange_list() -> Response:
     return jsonify([e.name for e in _exchanges().list()])
 
 
-def _exchange(name: str) -> Any:
+def _exchange(name: str) -> Exchange:
     try:
         return _exchanges().get(name)
     except NotFoundError:
         raise HmaAbort(404, f"Exchange '{name}' not found") from None
 
 
+def _exchange_json(ex: Exchange) -> dict[str, Any]:
+    """OMM's answer: the API's collaboration config with its name, api and switch."""
+    return {**json.loads(ex.config), "name": ex.name, "api": ex.api, "enabled": ex.enabled}
+
+
 @curation.get("/exchange/<name>")
 @_guarded(write=False)
 @_takes()
 def exchange_show(name: str) -> Response:
-    ex = _exchange(name)
-    return jsonify(json.loads(ex.config) | {"name": ex.name, "api": ex.api, "enabled": ex.enabled})
+    return jsonify(_exchange_json(_exchange(name)))
 
 
 @curation.get("/exchange/<name>/status")
@@ -864,8 +855,7 @@ def exchange_update(name: str) -> Response:
         if not isinstance(body["enabled"], bool):
             raise HmaAbort(400, "enabled must be true or false")
         set_exchange_enabled(_exchanges(), runtime().audit, name, body["enabled"], actor=g.actor)
-    ex = _exchange(name)
-    return jsonify(json.loads(ex.config) | {"name": ex.name, "api": ex.api, "enabled": ex.enabled})
+    return jsonify(_exchange_json(_exchange(name)))
 
 
 @curation.delete("/exchange/<name>")
@@ -882,8 +872,7 @@ def exchange_delete(name: str) -> Response:
 def exchange_fetch(name: str) -> Response:
     """Fetch one exchange now (flagmatch's own; OMM fetches on a timer): the report of what changed."""
     _exchange(name)
-    report = xapi.fetch(_exchanges(), _banks(), name)
-    runtime().audit.record(g.actor, "exchange_fetch", f"exchange:{name}", **report.to_json())
+    report = xapi.fetch(_exchanges(), _banks(), runtime().audit, name, actor=g.actor)
     return jsonify(report.to_json())
 
 
@@ -906,9 +895,9 @@ def hma_openapi(app: Flask) -> dict[str, Any]:
             continue
         fn = app.view_functions[rule.endpoint]
         path = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)
+        ints = set(re.findall(r"<int:(\w+)>", rule.rule))
         params = [{"name": a, "in": "path", "required": True,
-                   "schema": {"type": "integer" if rule._converters[a].__class__.__name__ == "IntegerConverter"
-                              else "string"}} for a in rule.arguments]
+                   "schema": {"type": "integer" if a in ints else "string"}} for a in sorted(rule.arguments)]
         params += [{"name": q, "in": "query", "required": False, "schema": {"type": "string"}}
                    for q in getattr(fn, "hma_params", ())]
         doc = (fn.__doc__ or rule.endpoint).strip()

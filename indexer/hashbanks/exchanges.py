@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 import typing as t
 from dataclasses import MISSING, dataclass
 from enum import Enum
@@ -31,6 +32,7 @@ from threatexchange.utils import dataclass_json
 
 from indexer.errors import InvalidInputError, NotFoundError
 from indexer.media.hashes import canonical_type, validate_signal
+from indexer.storage.audit import AuditLog
 from indexer.storage.banks import BankStore, NewEntry
 from indexer.storage.exchanges import Exchange, ExchangeStore
 
@@ -87,7 +89,7 @@ def _kind(typ: t.Any) -> tuple[str, list[t.Any] | None]:
         return "enum", [m.value for m in typ]
     if origin is not None:
         args = [a for a in t.get_args(typ) if a is not type(None)]
-        if origin in (t.Union, getattr(__import__("types"), "UnionType", t.Union)) and len(args) == 1:
+        if origin in (t.Union, types.UnionType) and len(args) == 1:
             return _kind(args[0])
         if origin in (set, frozenset, list) and args:
             sub, _ = _kind(args[0])
@@ -151,8 +153,10 @@ def _key(k: t.Any) -> str:
     return "exchange:" + text[:MAX_KEY]
 
 
-def fetch(exchanges: ExchangeStore, banks: BankStore, name: str, *, max_batches: int | None = None) -> FetchReport:
-    """Fetch exchange ``name`` from its checkpoint into its bank (see the module's docstring)."""
+def fetch(exchanges: ExchangeStore, banks: BankStore, audit: AuditLog, name: str, *, actor: str,
+          max_batches: int | None = None) -> FetchReport:
+    """Fetch exchange ``name`` from its checkpoint into its bank (see the module's docstring). Each applied
+    batch is audited as ``exchange_fetch`` (its counts, by ``actor``) in the transaction that applies it."""
     ex = exchanges.get(name)
     cls = api_class(ex.api)
     report = FetchReport(name)
@@ -170,7 +174,7 @@ def fetch(exchanges: ExchangeStore, banks: BankStore, name: str, *, max_batches:
                       if ex.checkpoint else None)
         it = api.fetch_iter(list(SIGNAL_TYPES), checkpoint)
         for delta in it:
-            _apply(exchanges, banks, ex, cls, collab, delta, report)
+            _apply(exchanges, banks, audit, actor, ex, cls, collab, delta, report)
             if max_batches is not None and report.batches >= max_batches:
                 break
         else:
@@ -181,8 +185,9 @@ def fetch(exchanges: ExchangeStore, banks: BankStore, name: str, *, max_batches:
     return report
 
 
-def _apply(exchanges: ExchangeStore, banks: BankStore, ex: Exchange, cls: type, collab: t.Any, delta: t.Any,
-           report: FetchReport) -> None:
+def _apply(exchanges: ExchangeStore, banks: BankStore, audit: AuditLog, actor: str, ex: Exchange, cls: type,
+           collab: t.Any, delta: t.Any, report: FetchReport) -> None:
+    skipped = report.skipped
     adds: list[NewEntry] = []
     gone: list[str] = []
     for k, v in delta.updates.items():
@@ -203,13 +208,14 @@ def _apply(exchanges: ExchangeStore, banks: BankStore, ex: Exchange, cls: type, 
                     report.skipped += 1
     cp = delta.checkpoint
     with banks.catalog.transaction() as tx:
-        if gone:
-            report.removed += banks.remove_external(ex.name, gone, tx=tx)
-        if adds:
-            new, _ = banks.add(ex.name, adds, tx=tx)
-            report.added += len(new)
+        removed = banks.remove_external(ex.name, gone, tx=tx) if gone else 0
+        added = len(banks.add(ex.name, adds, tx=tx)[0]) if adds else 0
         exchanges.advance(ex.name, json.dumps(dataclass_json.dataclass_dump_dict(cp)),
                           cp.get_progress_timestamp() if cp is not None else None, len(delta.updates), tx=tx)
+        audit.record(actor, "exchange_fetch", f"exchange:{ex.name}", tx=tx, batch=report.batches + 1,
+                     added=added, removed=removed, skipped=report.skipped - skipped, items=len(delta.updates))
+    report.added += added
+    report.removed += removed
     report.batches += 1
 
 

@@ -222,13 +222,12 @@ def _get(url: str, scheme: str, host: str, port: int, addr: Address, deadline: f
 
 
 def _body(resp: urllib3.BaseHTTPResponse, max_bytes: int, deadline: float) -> bytes:
+    """The body, capped; each read returns what has arrived (a read waits at most the time left when the
+    request was sent, its read timeout), so a slow drip is caught at the deadline between reads."""
     parts: list[bytes] = []
     got = 0
-    sock = getattr(getattr(resp, "_connection", None), "sock", None)
     while True:
-        left = _remaining(deadline)
-        if sock is not None:
-            sock.settimeout(left)
+        _remaining(deadline)
         try:
             chunk = resp.read1(CHUNK)  # what is there, not a full chunk: a slow drip meets the deadline
         except (urllib3.exceptions.TimeoutError, socket.timeout):

@@ -9,8 +9,8 @@ from typing import Any, Sequence
 from indexer.media.hashes import PDQ_DEFAULT_THRESHOLD
 from indexer.errors import NotFoundError
 from indexer.storage.audit import AuditLog
-from indexer.storage.exchanges import ExchangeStore
-from indexer.storage.banks import _UNSET, Bank, BankEntry, BankStore, NewEntry
+from indexer.storage.exchanges import ExchangeStore, SignalTypeSwitches
+from indexer.storage.banks import UNSET, Bank, BankEntry, BankStore, NewEntry
 
 
 def create_bank(banks: BankStore, audit: AuditLog, name: str, *, actor: str, source: str = "", role: str = "match",
@@ -83,9 +83,9 @@ def add_content(banks: BankStore, audit: AuditLog, name: str, entries: Sequence[
 
 
 def update_content(banks: BankStore, audit: AuditLog, name: str, content_id: int, *, actor: str,
-                   note: object = _UNSET, disable_until_ts: object = _UNSET) -> list[BankEntry]:
+                   note: object = UNSET, disable_until_ts: object = UNSET) -> list[BankEntry]:
     """Set a banked content's note or the time it is disabled until; audited as ``bank_content_update``."""
-    asked = {k: v for k, v in {"note": note, "disable_until_ts": disable_until_ts}.items() if v is not _UNSET}
+    asked = {k: v for k, v in {"note": note, "disable_until_ts": disable_until_ts}.items() if v is not UNSET}
     with banks.catalog.transaction() as tx:
         out = banks.update_content(name, content_id, note=note, disable_until_ts=disable_until_ts, now=time.time(),
                                    tx=tx)
@@ -121,3 +121,18 @@ def delete_exchange(banks: BankStore, exchanges: ExchangeStore, audit: AuditLog,
             pass  # its bank was deleted by hand before
         audit.record(actor, "exchange_delete", f"exchange:{name}", tx=tx, entries=n)
     return True
+
+
+def set_exchange_credentials(exchanges: ExchangeStore, audit: AuditLog, api: str, credential: str | None, *,
+                             actor: str) -> None:
+    """Set (or, with None, unset) an exchange API's credentials; the audit row says which, never what."""
+    with exchanges.catalog.transaction() as tx:
+        exchanges.set_credential(api, credential, tx=tx)
+        audit.record(actor, "exchange_credentials", f"exchange_api:{api}", tx=tx, set=credential is not None)
+
+
+def set_signal_type(switches: SignalTypeSwitches, audit: AuditLog, name: str, ratio: float, *, actor: str) -> None:
+    """Switch an HMA signal type (a type at 0 is refused by lookups)."""
+    with switches.catalog.transaction() as tx:
+        switches.set(name, ratio, tx=tx)
+        audit.record(actor, "signal_type_update", f"signal_type:{name}", tx=tx, enabled_ratio=ratio)

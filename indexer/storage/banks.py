@@ -103,17 +103,16 @@ def _check_role(role: str) -> str:
 MAX_NOTE_CHARS = 255     # OMM's limit on a content's note
 # the latest disable_until_ts taken: as OMM, a time more than five years ahead is refused (a typo, not a plan)
 MAX_DISABLE_SECONDS = 5 * 365 * 24 * 3600
-_UNSET: object = object()
+UNSET: object = object()  # "not given" (None is a value: it clears)
 
 
 def check_note(note: object) -> str | None:
     if note is None or note == "":
         return None
     if not isinstance(note, str):
-        raise InvalidInputError("a note is a string", code="bad_parameter")
+        raise InvalidInputError("note should be a string", code="bad_parameter")  # OMM's messages
     if len(note) > MAX_NOTE_CHARS:
-        raise InvalidInputError(f"a note is at most {MAX_NOTE_CHARS} characters, not {len(note)}",
-                                code="bad_parameter")
+        raise InvalidInputError(f"note must be at most {MAX_NOTE_CHARS} characters", code="bad_parameter")
     return note
 
 
@@ -124,10 +123,13 @@ def check_ratio(r: object) -> float:
 
 
 def check_disable_until(ts: object, now: float) -> int | None:
+    """A content's "disabled until" Unix time; None or 0: enabled."""
     if ts is None:
         return None
     if isinstance(ts, bool) or not isinstance(ts, int) or ts < 0:
-        raise InvalidInputError(f"disable_until_ts is a Unix time in whole seconds, not {ts!r}", code="bad_parameter")
+        raise InvalidInputError("disable_until_ts must be a non-negative integer", code="bad_parameter")
+    if ts == 0:
+        return None
     if ts > now + MAX_DISABLE_SECONDS:
         raise InvalidInputError("disable_until_ts must be less than 5 years in the future", code="bad_parameter")
     return ts
@@ -324,13 +326,13 @@ class BankStore:
             raise NotFoundError(f"bank {name} has no content {content_id}")
         return [_entry(r, {bank.id: bank.name}) for r in rows]
 
-    def update_content(self, name: str, content_id: int, *, note: object = _UNSET, disable_until_ts: object = _UNSET,
+    def update_content(self, name: str, content_id: int, *, note: object = UNSET, disable_until_ts: object = UNSET,
                        now: float, tx: Transaction | None = None) -> list[BankEntry]:
         """Set a content's note (``""`` or None clears it) or the time it is disabled until (None: enabled)."""
         values: dict[str, object] = {}
-        if note is not _UNSET:
+        if note is not UNSET:
             values["note"] = check_note(note)
-        if disable_until_ts is not _UNSET:
+        if disable_until_ts is not UNSET:
             values["disable_until_ts"] = check_disable_until(disable_until_ts, now)
         bank = self.get(name, counts=False)
         with self.catalog.transaction(tx) as s:

@@ -102,8 +102,8 @@ class ExchangeStore:
             r = s.get(ExchangeCredentialRow, api)
             return r.credential if r is not None else None
 
-    def set_credential(self, api: str, credential: str | None) -> None:
-        with self.catalog.transaction() as s:
+    def set_credential(self, api: str, credential: str | None, *, tx: Transaction | None = None) -> None:
+        with self.catalog.transaction(tx) as s:
             s.execute(delete(ExchangeCredentialRow).where(ExchangeCredentialRow.api == api))
             if credential is not None:
                 s.add(ExchangeCredentialRow(api=api, credential=credential))
@@ -119,8 +119,8 @@ class SignalTypeSwitches:
         with self.catalog.session() as s:
             return {r.name: float(r.enabled_ratio) for r in s.scalars(select(SignalTypeRow))}
 
-    def set(self, name: str, ratio: float) -> None:
-        with self.catalog.transaction() as s:
+    def set(self, name: str, ratio: float, *, tx: Transaction | None = None) -> None:
+        with self.catalog.transaction(tx) as s:
             r = s.get(SignalTypeRow, name)
             if r is None:
                 s.add(SignalTypeRow(name=name, enabled_ratio=ratio))
