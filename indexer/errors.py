@@ -54,8 +54,9 @@ class ClusteringError(FlagmatchError):
 
 class FetchError(FlagmatchError):
     """A URL flagmatch was asked to fetch was refused or could not be read. ``code`` says why: ``fetch_off``
-    (no allow-list), ``fetch_refused`` (not on the list, an address the list does not name, a redirect off
-    it, a scheme or type not taken), ``fetch_too_large``, ``fetch_timeout``, ``fetch_failed``."""
+    (no allow-list), ``fetch_invalid`` (not a well-formed http(s) URL), ``fetch_refused`` (not on the list,
+    an address the list does not name, a redirect off it), ``fetch_not_media`` (the answer is not an image
+    or video), ``fetch_too_large``, ``fetch_timeout``, ``fetch_failed``."""
     code = "fetch_failed"
 
 

@@ -106,7 +106,9 @@ def http_status(exc: FlagmatchError) -> int:
     if exc.code == "unsupported_media_type":
         return 415
     if isinstance(exc, FetchError):
-        return {"fetch_off": 403, "fetch_too_large": 413}.get(exc.code, 400)
+        # refused by policy (off, not on the allow-list): 403; a bad URL, or a fetch that failed: 400
+        return {"fetch_off": 403, "fetch_refused": 403, "fetch_too_large": 413,
+                "fetch_not_media": 415}.get(exc.code, 400)
     if isinstance(exc, DecodeError):
         return {"too_large": 413, "unsupported_format": 415}.get(exc.code, 400)
     if isinstance(exc, NotFoundError):

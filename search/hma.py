@@ -33,7 +33,7 @@ from indexer.media.hashes import PDQ_MIN_QUALITY, Pdq, Signals, md5_of, pdq_dist
 from indexer.review.banks import (add_content, create_bank, create_exchange, delete_bank, delete_exchange,
                                   remove_entry, set_exchange_credentials, set_exchange_enabled, set_signal_type,
                                   update_bank, update_content)
-from indexer.storage.banks import check_note, check_ratio
+from indexer.storage.banks import BANK_NAME, check_note, check_ratio
 from indexer.storage.exchanges import Exchange, ExchangeStore, SignalTypeSwitches
 from search.edge import authorize, csrf_required, http_status, need_ready, runtime
 from search.hashmatch import BankMatch, HashMatcher
@@ -77,6 +77,9 @@ def _guarded(write: bool) -> Callable:
             if denied is not None:
                 return _message(503, "index not yet ready")
             try:
+                for key in ("bank_name", "name"):  # a bank's or an exchange's name in the path: HMA's rule
+                    if key in kw and not BANK_NAME.match(kw[key]):
+                        raise HmaAbort(400, f"{kw[key]!r} is not a bank or exchange name ([A-Z_][A-Z0-9_]*)")
                 return fn(*a, **kw)
             except HmaAbort as exc:
                 return _message(exc.status, exc.message)
@@ -110,15 +113,15 @@ def _only(*known: str) -> None:
         raise HmaAbort(400, f"unsupported parameter(s): {', '.join(unknown)}")
 
 
-def _takes(*params: str) -> Callable:
-    """The query parameters a route takes: any other is refused by name (``_only``); the OpenAPI document
-    lists them."""
+def _takes(*params: str, required: tuple[str, ...] = ()) -> Callable:
+    """The query parameters a route takes (``required`` among them): any other is refused by name
+    (``_only``); the OpenAPI document declares them (``search.hma_openapi``)."""
     def deco(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def wrapper(*a: Any, **kw: Any) -> Any:
             _only(*params)
             return fn(*a, **kw)
-        wrapper.hma_params = params  # type: ignore[attr-defined]
+        wrapper.hma_params, wrapper.hma_required = params, required  # type: ignore[attr-defined]
         return wrapper
     return deco
 
@@ -203,8 +206,12 @@ def _hash(data: bytes, content_type: str, types: list[str]) -> dict[str, str]:
     return out
 
 
-def _upload() -> tuple[str, bytes]:
-    """(content type, bytes) of the one uploaded file (its field name is the content type, OMM's way)."""
+def _upload(fields: tuple[str, ...] = ()) -> tuple[str, bytes]:
+    """(content type, bytes) of the one uploaded file (its field name is the content type, OMM's way); form
+    fields other than ``fields`` are refused by name."""
+    unknown = sorted(set(request.form) - set(fields))
+    if unknown:
+        raise HmaAbort(400, f"unsupported form field(s): {', '.join(unknown)}")
     if not request.files:
         raise HmaAbort(400, "Missing multipart/form-data file upload")
     if len(request.files) > 1 or any(len(request.files.getlist(k)) > 1 for k in request.files):
@@ -232,8 +239,8 @@ def _from_url(url: str, hint: str | None, types: str | None) -> dict[str, str]:
     return _hash(got.data, ct, _types_for(ct, types))
 
 
-def _from_upload(types: str | None = None) -> dict[str, str]:
-    ct, data = _upload()
+def _from_upload(types: str | None = None, fields: tuple[str, ...] = ()) -> dict[str, str]:
+    ct, data = _upload(fields)
     return _hash(data, ct, _types_for(ct, types))
 
 
@@ -244,7 +251,7 @@ hashing = Blueprint("hma_hashing", __name__, url_prefix="/h")
 
 @hashing.get("/hash")
 @_guarded(write=False)
-@_takes("url", "content_type", "types")
+@_takes("url", "content_type", "types", required=("url",))
 def hash_get() -> Response:
     url = request.args.get("url")
     if not url:
@@ -308,7 +315,7 @@ def _lookup(hma_type: str, value: str, *, banks: set[str] | None, bypass: bool) 
 
 @matching.get("/raw_lookup")
 @_guarded(write=False)
-@_takes("signal", "signal_type", "include_distance", "banks")
+@_takes("signal", "signal_type", "include_distance", "banks", required=("signal", "signal_type"))
 def raw_lookup() -> Response:
     """Every content matching the signal, enabled or not (OMM: "enable/disable status is NOT checked")."""
     signal, st = request.args.get("signal"), request.args.get("signal_type")
@@ -384,6 +391,8 @@ def compare() -> Response:
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
         raise HmaAbort(400, "Request input was not a dict")
+    if not body:
+        raise HmaAbort(400, "nothing to compare: name a signal type and two hashes")
     out: dict[str, Any] = {}
     for name, pair in body.items():
         if not isinstance(pair, list):
@@ -423,15 +432,22 @@ def _json() -> dict[str, Any]:
 
 
 def _ratio(body: dict[str, Any]) -> float | None:
-    """OMM's bank switch: ``enabled_ratio`` (0–1) wins over ``enabled`` (1 or 0); None: not given."""
+    """OMM's bank switch: ``enabled_ratio`` (0–1) wins over ``enabled`` (1 or 0); None: not given. Each is
+    checked when given, used or not."""
+    enabled = body.get("enabled")
+    if enabled is not None and not isinstance(enabled, bool):
+        raise HmaAbort(400, "enabled must be true or false")
     if body.get("enabled_ratio") is not None:
         return check_ratio(body["enabled_ratio"])
-    if body.get("enabled") is not None:
-        v = body["enabled"]
-        if not isinstance(v, bool):
-            raise HmaAbort(400, "enabled must be true or false")
-        return 1.0 if v else 0.0
-    return None
+    return None if enabled is None else (1.0 if enabled else 0.0)
+
+
+def _text(body: dict[str, Any], key: str) -> str | None:
+    """A string field of a JSON body, or None when absent; 400 when it is something else."""
+    v = body.get(key)
+    if v is not None and not isinstance(v, str):
+        raise HmaAbort(400, f"{key} must be a string")
+    return v  # type: ignore[no-any-return]
 
 
 def _banks() -> Banks:
@@ -458,7 +474,7 @@ def bank_create() -> tuple[Response, int]:
     ratio = _ratio(body)
     try:
         b = create_bank(_banks(), runtime().audit, name, actor=g.actor, enabled_ratio=1.0 if ratio is None else ratio,
-                        source=str(body.get("source", "api")), role=str(body.get("role", "match")),
+                        source=_text(body, "source") or "api", role=_text(body, "role") or "match",
                         pdq_threshold=body.get("pdq_threshold", 31))
     except InvalidInputError as exc:
         if exc.code == "conflict":
@@ -491,7 +507,8 @@ def bank_update(bank_name: str) -> Response:
         raise HmaAbort(404, "Bank not found") from None
     try:
         b = update_bank(_banks(), runtime().audit, bank_name, actor=g.actor, enabled_ratio=_ratio(body), rename=rename,
-                        role=body.get("role"), pdq_threshold=body.get("pdq_threshold"), source=body.get("source"))
+                        role=_text(body, "role"), pdq_threshold=body.get("pdq_threshold"),
+                        source=_text(body, "source"))
     except InvalidInputError as exc:
         if exc.code == "conflict":
             raise HmaAbort(403, "Bank name already exists") from None
@@ -572,7 +589,7 @@ def bank_add_content(bank_name: str) -> Response:
     if url:
         hashes = _from_url(url, request.args.get("content_type"), request.args.get("types"))
     elif request.files:
-        hashes = _from_upload(request.args.get("types"))
+        hashes = _from_upload(request.args.get("types"), fields=("metadata", "note"))
     else:
         raise HmaAbort(400, "Neither `url` nor multipart file upload was received")
     return _add(bank, hashes, metadata=metadata, note=note)
@@ -674,24 +691,16 @@ def signal_types() -> Response:
     return jsonify([{"name": st, "enabled_ratio": sw.get(st, 1.0)} for st in HMA_TYPES])
 
 
-@curation.put("/signal_type/<name>")
+@curation.put("/signal_type/<any(pdq, video_md5):signal_type>")
 @_guarded(write=True)
 @_takes()
-def signal_type_update(name: str) -> Response:
+def signal_type_update(signal_type: str) -> Response:
     """Switch a signal type (OMM: ``{"enabled_ratio": r}``, answered 204); a type at 0 is refused by lookups."""
-    if name not in HMA_TYPES:
-        raise HmaAbort(404, f"No such signal type '{name}'")
     body = _json()
     if "enabled_ratio" not in body:
         raise HmaAbort(400, "enabled_ratio is required")
-    r = body["enabled_ratio"]
-    try:
-        ratio = float(r) if not isinstance(r, bool) else -1.0
-    except (TypeError, ValueError):
-        raise HmaAbort(400, f"Invalid float: '{r}'") from None
-    if not 0 <= ratio <= 1:
-        raise HmaAbort(400, "enabled_ratio is a number from 0 to 1")
-    set_signal_type(SignalTypeSwitches(runtime().store.catalog), runtime().audit, name, ratio, actor=g.actor)
+    ratio = check_ratio(body["enabled_ratio"])
+    set_signal_type(SignalTypeSwitches(runtime().store.catalog), runtime().audit, signal_type, ratio, actor=g.actor)
     return Response(status=204)
 
 
@@ -790,7 +799,7 @@ def exchange_create() -> tuple[Response, int]:
         raise HmaAbort(400, "bank is required")
     if not re.match(r"^[A-Z0-9_]+$", bank):
         raise HmaAbort(400, "Field `bank` must match /^[A-Z0-9_]+$/")
-    api_json = body.get("api_json", {})
+    api_json = body.get("api_json") or {}
     if not isinstance(api_json, dict):
         raise HmaAbort(400, "Field `api_json` must be object")
     api = body.get("api")
@@ -851,7 +860,7 @@ def exchange_status(name: str) -> Response:
 def exchange_update(name: str) -> Response:
     _exchange(name)
     body = _json()
-    if "enabled" in body:
+    if body.get("enabled") is not None:
         if not isinstance(body["enabled"], bool):
             raise HmaAbort(400, "enabled must be true or false")
         set_exchange_enabled(_exchanges(), runtime().audit, name, body["enabled"], actor=g.actor)
@@ -876,45 +885,6 @@ def exchange_fetch(name: str) -> Response:
     return jsonify(report.to_json())
 
 
-# ------------------------------------------------------------------ OpenAPI
-
-_BODIES = {"multipart": {"multipart/form-data": {"schema": {"type": "object", "properties": {
-    ct: {"type": "string", "format": "binary"} for ct in CONTENT_TYPES}}}},
-    "json": {"application/json": {"schema": {"type": "object"}}}}
-_MULTIPART = {"hma_hashing.hash_post", "hma_matching.lookup_post", "hma_curation.bank_add_content"}
-_MESSAGE = {"description": "error", "content": {"application/json": {"schema": {
-    "type": "object", "required": ["message"], "properties": {"message": {"type": "string"}}}}}}
-
-
-def hma_openapi(app: Flask) -> dict[str, Any]:
-    """OMM's document name and title over the routes as registered here: each route's methods, path and query
-    parameters (what ``_takes`` declares), its docstring, and OMM's ``{"message"}`` error body."""
-    paths: dict[str, dict[str, Any]] = {}
-    for rule in app.url_map.iter_rules():
-        if not rule.endpoint.startswith("hma_"):
-            continue
-        fn = app.view_functions[rule.endpoint]
-        path = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)
-        ints = set(re.findall(r"<int:(\w+)>", rule.rule))
-        params = [{"name": a, "in": "path", "required": True,
-                   "schema": {"type": "integer" if a in ints else "string"}} for a in sorted(rule.arguments)]
-        params += [{"name": q, "in": "query", "required": False, "schema": {"type": "string"}}
-                   for q in getattr(fn, "hma_params", ())]
-        doc = (fn.__doc__ or rule.endpoint).strip()
-        for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
-            op: dict[str, Any] = {"operationId": f"{rule.endpoint}_{method.lower()}", "summary": doc.split("\n")[0],
-                                  "description": doc, "parameters": params,
-                                  "responses": {"200": {"description": "OMM's answer"}, "400": _MESSAGE,
-                                                "404": _MESSAGE}}
-            if method in ("POST", "PUT"):
-                op["requestBody"] = {"required": False, "content": _BODIES[
-                    "multipart" if rule.endpoint in _MULTIPART else "json"]}
-            paths.setdefault(path, {})[method.lower()] = op
-    return {"openapi": "3.0.3", "info": {"title": "Open Media Match API", "version": "1.1",
-                                         "description": "HMA's API as flagmatch serves it (search.hma)"},
-            "paths": paths}
-
-
 for _bp in (hashing, matching, curation):
     _bp.register_error_handler(HTTPException, hma_http_error)
 
@@ -932,11 +902,6 @@ def register_hma(app: Flask) -> None:
         if rt.ready.is_set() and rt.index is not None:
             return Response(b"I-AM-ALIVE", mimetype="text/plain")
         return Response(b"INDEX-NOT-LOADED", status=503, mimetype="text/plain")
-
-    @app.get("/openapi/openapi.json")
-    def hma_openapi_json() -> Response:
-        """This document (OMM's name for it)."""
-        return jsonify(hma_openapi(app))
 
     @app.get("/status/live")
     def hma_status_live() -> Response:

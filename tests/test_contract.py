@@ -51,3 +51,37 @@ def test_schemathesis_finds_no_failure(served):
         capture_output=True, text=True, timeout=900, cwd=root)
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
     assert "passed" in out.stdout.lower()
+
+
+# Statuses a schema-valid request to the HMA routes may still get: the schema cannot say which banks,
+# contents and exchanges exist (404), that uploaded bytes are an image (400 corrupt, 415 unsupported), that a
+# hash's length fits its signal type or a content has signals (400), or that a URL's host is on the
+# allow-list (403).
+HMA_CONFIG = """
+[checks.positive_data_acceptance]
+expected-statuses = ["2xx", "400", "403", "404", "413", "415"]
+"""
+
+
+def test_schemathesis_finds_no_failure_on_the_hma_routes(tmp_path, tiny_model_dir):
+    """HMA's document (/openapi/openapi.json) under schemathesis's default checks, on a served flagmatch
+    answering HMA's routes without a token as OMM does (setting hma_open)."""
+    env = child_env(FLAGMATCH_HOME=str(tmp_path / "home"), FLAGMATCH_MODEL=str(tiny_model_dir),
+                    FLAGMATCH_HMA_OPEN="1", FLAGMATCH_FETCH_ALLOW="127.0.0.1", FLAGMATCH_WORKERS="1",
+                    FLAGMATCH_THREADS="4")
+    proc, base, log = start_server(env, tmp_path / "server.log")
+    try:
+        st = shutil.which("schemathesis", path=str(Path(sys.executable).parent)) or shutil.which("schemathesis")
+        assert st, "schemathesis is a test dependency: pip install -e '.[test]'"
+        config = tmp_path / "schemathesis.toml"
+        config.write_text(HMA_CONFIG)
+        out = subprocess.run(
+            [st, "--config-file", str(config), "run", f"{base}/openapi/openapi.json", "--url", base,
+             "--max-examples", "30", "--seed", "7", "--workers", "1", "--generation-database", "none",
+             "--request-timeout", "30", "--no-color", "--suppress-health-check", "all"],
+            capture_output=True, text=True, timeout=900, cwd=tmp_path)
+        assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
+        assert "passed" in out.stdout.lower()
+    finally:
+        stop_server(proc, log)
+    assert "Traceback" not in (tmp_path / "server.log").read_text(errors="replace")

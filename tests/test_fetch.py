@@ -77,7 +77,7 @@ def test_a_named_address_is_fetched(origin):
     # a URL prefix names it too, and only under that prefix
     port = origin.rsplit(":", 1)[1]
     assert fetch(f"{origin}/img.jpg", policy(f"http://127.0.0.1:{port}/img")).data == BODY
-    assert refused(f"{origin}/page", policy(f"http://127.0.0.1:{port}/img")) == "fetch_refused"
+    assert refused(f"{origin}/page", policy(f"http://127.0.0.1:{port}/img")) == "fetch_refused"  # off the prefix
 
 
 def test_refusals(origin):
@@ -93,12 +93,12 @@ def test_refusals(origin):
     assert refused(f"{origin}/redirect?to=http://10.0.0.7/x.jpg", policy("127.0.0.1")) == "fetch_refused"
     # a redirect on the list is followed
     assert fetch(f"{origin}/redirect?to=/img.jpg", policy("127.0.0.1")).data == BODY
-    assert refused(f"{origin}/page", policy("127.0.0.1")) == "fetch_refused"            # not an image type
+    assert refused(f"{origin}/page", policy("127.0.0.1")) == "fetch_not_media"          # not an image type
     assert refused(f"{origin}/img.jpg", policy("127.0.0.1", max_bytes=1000)) == "fetch_too_large"
     assert refused(f"{origin}/chunked-big", policy("127.0.0.1", max_bytes=10_000)) == "fetch_too_large"
     for url in ("ftp://127.0.0.1/x", "file:///etc/passwd", f"http://user:pw@127.0.0.1:{port}/img.jpg",
                 "http://127.0.0.1:abc/x", "javascript:alert(1)"):
-        assert refused(url, policy("127.0.0.1")) == "fetch_refused", url
+        assert refused(url, policy("127.0.0.1")) == "fetch_invalid", url
 
 
 def test_a_slow_drip_meets_the_deadline(origin):

@@ -19,6 +19,7 @@ from indexer.models.threads import REQUEST, worker_started
 from search.api import bp as api_bp
 from search.edge import EdgeSettings, Runtime, error, http_error, register_health
 from search.hma import hma_http_error, register_hma
+from search.hma_openapi import register_openapi
 from web.decisions import bp as decisions_bp
 from web.views import bp as views_bp
 
@@ -38,7 +39,7 @@ class Int64Converter(IntegerConverter):
 
 
 API_PREFIXES = ("/api/", "/h/", "/m/", "/c/")  # flagmatch's API and the HMA-compatible routes
-HMA_PREFIXES = ("/h/", "/m/", "/c/")
+HMA_PREFIXES = ("/h/", "/m/", "/c/", "/status", "/openapi/")
 
 
 def _is_api() -> bool:
@@ -119,13 +120,13 @@ def install_edges(app: Flask, runtime: Runtime) -> None:
             exc.description = f"request body over {settings.max_upload_bytes:,} bytes"
             _drain_body(2 * settings.max_upload_bytes)
         if request.path.startswith(HMA_PREFIXES):  # HMA's clients read {"message"}, on every status
-            resp = hma_http_error(exc)
-            if exc.code == 405 and exc.valid_methods:  # type: ignore[attr-defined]
-                resp.headers["Allow"] = ", ".join(exc.valid_methods)  # type: ignore[attr-defined]
-            return resp
+            return hma_http_error(exc)
         if _is_api() or exc.code == 413:
             return http_error(exc)
-        return _error_page(exc.code or 500, exc.name.lower().replace(" ", "_"), exc.description or exc.name)
+        resp = _error_page(exc.code or 500, exc.name.lower().replace(" ", "_"), exc.description or exc.name)
+        if exc.code == 405 and getattr(exc, "valid_methods", None):  # RFC 9110: a 405 says what is allowed
+            resp.headers["Allow"] = ", ".join(exc.valid_methods)  # type: ignore[attr-defined]
+        return resp
 
     @app.errorhandler(InternalServerError)
     def _crash(exc: InternalServerError) -> Response | tuple[str, int]:
@@ -203,6 +204,7 @@ def create_app(runtime: Runtime) -> Flask:
     app.register_blueprint(api_bp)
     app.register_blueprint(decisions_bp)
     register_hma(app)
+    register_openapi(app)
     register_health(app)
     app.register_blueprint(views_bp)
 

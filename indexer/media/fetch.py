@@ -111,19 +111,19 @@ def _inner(addr: Address) -> bool:
 def check_url(url: object) -> tuple[str, str, int]:
     """(scheme, host, port) of a URL flagmatch may consider fetching; FetchError otherwise."""
     if not isinstance(url, str) or not url:
-        raise FetchError("url must be an http(s) URL", code="fetch_refused")
+        raise FetchError("url must be an http(s) URL", code="fetch_invalid")
     try:
         u = urlsplit(url)
         port = u.port
     except ValueError:
-        raise FetchError("url is not a well-formed URL (bad host or port)", code="fetch_refused") from None
+        raise FetchError("url is not a well-formed URL (bad host or port)", code="fetch_invalid") from None
     if u.scheme not in ("http", "https"):
         raise FetchError(f"only http and https URLs are fetched, not {u.scheme or 'a URL without a scheme'}",
-                         code="fetch_refused")
+                         code="fetch_invalid")
     if not u.hostname:
-        raise FetchError("url names no host", code="fetch_refused")
+        raise FetchError("url names no host", code="fetch_invalid")
     if u.username is not None or u.password is not None:
-        raise FetchError("a URL with credentials in it is not fetched", code="fetch_refused")
+        raise FetchError("a URL with credentials in it is not fetched", code="fetch_invalid")
     return u.scheme, u.hostname.lower(), port or (443 if u.scheme == "https" else 80)
 
 
@@ -180,7 +180,7 @@ def fetch(url: str, policy: FetchPolicy, *,
             ctype = (resp.headers.get("Content-Type") or "").split(";")[0].strip().lower()
             if not ctype.startswith(TYPES):
                 raise FetchError(f"the URL's content type {ctype or '(none)'} is not an image or video",
-                                 code="fetch_refused")
+                                 code="fetch_not_media")
             length = resp.headers.get("Content-Length")
             if length is not None and length.isdigit() and int(length) > policy.max_bytes:
                 raise FetchError(f"Content too large: {length} bytes (at most {policy.max_bytes})",
@@ -189,7 +189,7 @@ def fetch(url: str, policy: FetchPolicy, *,
         finally:
             resp.release_conn()
             resp.close()
-    raise FetchError(f"more than {MAX_REDIRECTS} redirects", code="fetch_refused")
+    raise FetchError(f"more than {MAX_REDIRECTS} redirects", code="fetch_failed")
 
 
 def _remaining(deadline: float) -> float:
