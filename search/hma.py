@@ -37,12 +37,14 @@ from indexer.storage.banks import BANK_NAME, check_note, check_ratio
 from indexer.storage.exchanges import Exchange, ExchangeStore, SignalTypeSwitches
 from search.edge import authorize, csrf_required, http_status, need_ready, runtime
 from search.hashmatch import BankMatch, HashMatcher
+from search.schemas import MAX_ID  # the largest id SQL's BIGINT holds (route ids are capped the same way)
 
 # HMA's names for flagmatch's signal types, and which a content type hashes
 HMA_TYPES = {"pdq": "pdq", "video_md5": "md5"}
 OURS_TO_HMA = {v: k for k, v in HMA_TYPES.items()}
 CONTENT_TYPES = {"photo": ("pdq",), "video": ("video_md5",)}
 META_KEYS = ("content_id", "content_uri", "json")
+BANK_FIELDS = ("name", "enabled", "enabled_ratio", "role", "pdq_threshold", "source")  # OMM's, then flagmatch's
 TRUE, FALSE = ("true", "1"), ("false", "0")
 
 
@@ -424,11 +426,21 @@ def _bank_json(b: Bank) -> dict[str, Any]:
     return {"name": b.name, "matching_enabled_ratio": b.enabled_ratio}
 
 
-def _json() -> dict[str, Any]:
+def _json(*known: str) -> dict[str, Any]:
+    """The JSON object body; with ``known``, a field other than those is refused by name (as a query
+    parameter is)."""
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
         raise HmaAbort(400, "this endpoint expects a json object payload")
+    if known:
+        _no_others(body, known)
     return body
+
+
+def _no_others(fields: Any, known: tuple[str, ...]) -> None:
+    unknown = sorted(set(fields) - set(known))
+    if unknown:
+        raise HmaAbort(400, f"unsupported field(s): {', '.join(map(str, unknown))}")
 
 
 def _ratio(body: dict[str, Any]) -> float | None:
@@ -467,7 +479,7 @@ def banks_index() -> Response:
 def bank_create() -> tuple[Response, int]:
     """Create a bank (OMM's ``name``, ``enabled``/``enabled_ratio``; flagmatch's ``role``, ``pdq_threshold``,
     ``source`` besides)."""
-    body = _json()
+    body = _json(*BANK_FIELDS)
     name = body.get("name")
     if not isinstance(name, str) or not name:
         raise HmaAbort(400, "name is required")
@@ -497,7 +509,7 @@ def bank_show(bank_name: str) -> Response:
 @_guarded(write=True)
 @_takes()
 def bank_update(bank_name: str) -> Response:
-    body = _json()
+    body = _json(*BANK_FIELDS)
     rename = body.get("name")
     if rename is not None and not isinstance(rename, str):
         raise HmaAbort(400, "name must be a string")
@@ -584,6 +596,7 @@ def bank_add_content(bank_name: str) -> Response:
     bank = _need_bank(bank_name)
     body = request.get_json(silent=True) if request.is_json else None
     form: dict[str, Any] = body if isinstance(body, dict) else dict(request.form)
+    _no_others(form, ("metadata", "note"))
     metadata, note = _metadata(form.get("metadata")), check_note(form.get("note"))
     url = request.args.get("url")
     if url:
@@ -601,7 +614,7 @@ def bank_add_content(bank_name: str) -> Response:
 def bank_add_signal(bank_name: str) -> Response:
     """Bank hashes as one content: ``{"pdq": "…", "video_md5": "…", "note": "…"}``."""
     bank = _need_bank(bank_name)
-    body = dict(_json())
+    body = dict(_json())  # a field that is no signal type: OMM's "No such signal type" (in _add)
     note = check_note(body.pop("note", None))
     return _add(bank, body, metadata=None, note=note)
 
@@ -643,7 +656,7 @@ def bank_get_content(bank_name: str, content_id: int) -> Response:
 def bank_update_content(bank_name: str, content_id: int) -> Response:
     """Set ``disable_until_ts`` (Unix seconds, at most five years ahead) or ``note`` (``""`` clears it)."""
     bank, _ = _content(bank_name, content_id)
-    body = _json()
+    body = _json("disable_until_ts", "note")
     kw: dict[str, Any] = {}
     if "disable_until_ts" in body:
         ts = body["disable_until_ts"]
@@ -674,8 +687,8 @@ def bank_content(bank_name: str) -> Response:
         limit = int(request.args.get("limit", 100))
     except ValueError:
         raise HmaAbort(400, "after and limit are integers") from None
-    if not 1 <= limit <= 1000 or after < 0:
-        raise HmaAbort(400, "limit is 1–1000 and after ≥ 0")
+    if not 1 <= limit <= 1000 or not 0 <= after <= MAX_ID:
+        raise HmaAbort(400, f"limit is 1–1000 and after 0–{MAX_ID}")
     _need_bank(bank_name)
     page = _banks().page(bank_name, after=after, limit=limit)
     return jsonify({"entries": [e.to_json() for e in page], "next_after": page[-1].id if len(page) == limit else None})
@@ -696,7 +709,7 @@ def signal_types() -> Response:
 @_takes()
 def signal_type_update(signal_type: str) -> Response:
     """Switch a signal type (OMM: ``{"enabled_ratio": r}``, answered 204); a type at 0 is refused by lookups."""
-    body = _json()
+    body = _json("enabled_ratio")
     if "enabled_ratio" not in body:
         raise HmaAbort(400, "enabled_ratio is required")
     ratio = check_ratio(body["enabled_ratio"])
@@ -769,7 +782,7 @@ def exchange_api_set(api_name: str) -> Response:
     """Set an exchange API's credentials: ``{"credential_json": {...}}`` (``{}`` unsets them)."""
     if api_name not in _apis():
         raise HmaAbort(400, f"no such Exchange API '{api_name}'")
-    body = _json()
+    body = _json("credential_json")
     cred = body.get("credential_json")
     if cred is not None:
         if not isinstance(cred, dict):
@@ -793,7 +806,7 @@ def exchange_api_schema(api_name: str) -> Response:
 @_takes()
 def exchange_create() -> tuple[Response, int]:
     """Create an exchange (``{"api": "sample", "bank": "NAME", "api_json": {...}}``) and the bank it fills."""
-    body = _json()
+    body = _json("api", "bank", "api_json")
     bank = body.get("bank")
     if not isinstance(bank, str) or not bank:
         raise HmaAbort(400, "bank is required")
@@ -859,7 +872,7 @@ def exchange_status(name: str) -> Response:
 @_takes()
 def exchange_update(name: str) -> Response:
     _exchange(name)
-    body = _json()
+    body = _json("enabled")
     if body.get("enabled") is not None:
         if not isinstance(body["enabled"], bool):
             raise HmaAbort(400, "enabled must be true or false")

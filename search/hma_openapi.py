@@ -13,7 +13,8 @@ from flask import Flask, Response, jsonify
 from indexer.hashbanks.exchanges import APIS
 from indexer.media.hashes import PDQ_MAX_THRESHOLD
 from indexer.storage.banks import BANK_NAME, MAX_NOTE_CHARS
-from search.hma import CONTENT_TYPES, HMA_TYPES, META_KEYS
+from search.hma import BANK_FIELDS, CONTENT_TYPES, HMA_TYPES, META_KEYS
+from search.schemas import MAX_ID
 
 _NAME = BANK_NAME.pattern
 _HEX = "^([0-9a-fA-F]{32}|[0-9a-fA-F]{64})$"   # an MD5 or a PDQ, by length
@@ -30,12 +31,12 @@ QUERY: dict[str, dict[str, Any]] = {
     "url": {"type": "string", "format": "uri", "pattern": "^https?://"},
     "content_type": {"type": "string", "enum": list(CONTENT_TYPES)},
     "types": {"type": "string", "pattern": _TYPE_LIST},
-    "after": {"type": "integer", "minimum": 0},
+    "after": {"type": "integer", "minimum": 0, "maximum": MAX_ID},
     "limit": {"type": "integer", "minimum": 1, "maximum": 1000},
 }
 PATH: dict[str, dict[str, Any]] = {
     "bank_name": {"type": "string", "pattern": _NAME},
-    "content_id": {"type": "integer", "minimum": 0},
+    "content_id": {"type": "integer", "minimum": 0, "maximum": MAX_ID},
     "api_name": {"type": "string", "enum": sorted(APIS)},
     "name": {"type": "string", "pattern": _NAME},
 }
@@ -51,10 +52,13 @@ _UPLOAD = {"type": "object", "minProperties": 1, "maxProperties": 1,
            "additionalProperties": False}
 _METADATA = {"type": "object", "additionalProperties": False, "properties": {
     "content_id": {"type": "string"}, "content_uri": {"type": "string"}, "json": {"type": "object"}}}
-assert set(_METADATA["properties"]) == set(META_KEYS)
+assert set(_METADATA["properties"]) == set(META_KEYS) and set(_BANK_FIELDS) == set(BANK_FIELDS)
 
 
 def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    """A JSON object body: the routes refuse fields they do not declare (``search.hma._json``)."""
+    if schema.get("type") == "object" and "properties" in schema:
+        schema = {"additionalProperties": False, **schema}
     return {"application/json": {"schema": schema}}
 
 

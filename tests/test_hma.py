@@ -189,6 +189,9 @@ def test_hma_errors_are_messages_with_4xx(server):
     assert r.status_code == 404 and set(r.json()) == {"message"}
     r = requests.post(f"{base}/c/signal_type", headers=AUTH, timeout=30)
     assert r.status_code == 405 and set(r.json()) == {"message"} and "GET" in r.headers["Allow"]
+    # a body field a route does not take is refused by name too
+    r = requests.post(f"{base}/c/banks", json={"name": "EXTRA", "threshold": 12}, headers=AUTH, timeout=30)
+    assert r.status_code == 400 and "threshold" in r.json()["message"]
     r = requests.post(f"{base}/c/banks", json={"name": "HALF", "enabled_ratio": 1.5}, headers=AUTH, timeout=30)
     assert r.status_code == 400 and "enabled_ratio" in r.json()["message"]
     r = requests.get(f"{base}/c/signal_type", headers=AUTH, timeout=30)
