@@ -5,6 +5,9 @@ costs in memory, and where PDQ and the embedding each find re-uploads.
    ``make-corpus``), single-threaded: decode + thumbnail without PDQ, the PDQ part alone (the same decode
    with PDQ, minus without), and the model per image (``opennsfw``, batches of 32). PDQ's share of the
    end-to-end CPU per image is PDQ ÷ (decode + PDQ + model).
+2b. **Lookups on a real catalog, beside threatexchange.** ``PdqIndex.search`` reading a real SQLite catalog of
+   2k, 200k and 1M bank entries before every lookup (as served), threatexchange's ``PDQIndex2`` on the same
+   hashes and queries, and the same lookups without the catch-up's index (before migration 0006).
 2. **Lookups.** ``indexer.hashbanks.hash_index.PdqIndex`` (the class the server uses, with its per-query catch-up
    read of the catalog) filled with N random banked hashes, flat and multi-index hashing; queries are
    banked hashes with 8–30 of 256 bits flipped (must be found) and random hashes (must find nothing),
@@ -117,6 +120,58 @@ def lookups(n: int, kind: str, queries: int = 1000, seed: int = 0) -> dict[str, 
             "rss_bytes_per_hash": mem * 2**20 / n, "file_bytes_per_hash": file_bytes / n}
 
 
+# ------------------------------------------------------------------ 2b. lookups on a real catalog, beside threatexchange
+
+def catalog_lookups(n: int, queries: int = 500, seed: int = 1) -> dict[str, Any]:
+    """The served path's bank lookup — ``PdqIndex.search`` with its catch-up read of a real SQLite catalog
+    holding ``n`` bank entries — beside threatexchange's ``PDQIndex2`` (the index Open Media Match serves
+    from) on the same hashes and queries; then the same lookups with the catch-up's index dropped (the plan
+    before migration 0006), all in this one process."""
+    from sqlalchemy import text
+    from threatexchange.signal_type.pdq.pdq_index2 import PDQIndex2
+    from indexer.hashbanks.banks import Banks, NewEntry
+    from indexer.hashbanks.hash_index import PdqIndex
+    from indexer.storage.catalog import Catalog
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 256, (n, 32), dtype=np.uint8)
+    hexes = [bytes(r).hex() for r in codes]
+    near = np.unpackbits(codes[:queries], axis=1)
+    for row, f in zip(near, rng.integers(8, 31, queries)):
+        row[rng.choice(256, int(f), replace=False)] ^= 1
+    qs = [bytes(r).hex() for r in np.packbits(near, axis=1)]
+    out: dict[str, Any] = {"n": n}
+    with tempfile.TemporaryDirectory() as d:
+        catalog = Catalog(f"sqlite:///{d}/c.sqlite")
+        banks = Banks(catalog)
+        banks.create("BIG")
+        t = time.perf_counter()
+        banks.add("BIG", (NewEntry("pdq", h) for h in hexes))
+        out["fill_s"] = time.perf_counter() - t
+        idx = PdqIndex(Path(d) / "p.faissb", catalog, "pdq:banks", banks.pdq_rows_after, kind="flat")
+
+        def timed(fn) -> tuple[list[float], int]:  # type: ignore[no-untyped-def]
+            lat, found = [], 0
+            for i, q in enumerate(qs):
+                t0 = time.perf_counter()
+                found += fn(i, q)
+                lat.append((time.perf_counter() - t0) * 1000)
+            return lat, found
+
+        ours, f1 = timed(lambda i, q: any(h.id == i + 1 for h in idx.search([q], 31)[0]))
+        catch, _ = timed(lambda i, q: len(banks.pdq_rows_after(idx.covered)) + 0)
+        tx = PDQIndex2(entries=((h, i + 1) for i, h in enumerate(hexes)), threshold=31)
+        theirs, f2 = timed(lambda i, q: any(m.metadata == i + 1 for m in tx.query(q)))
+        with catalog.engine.begin() as c:
+            c.execute(text("DROP INDEX ix_bank_entries_type_id"))
+            c.execute(text("ANALYZE"))
+        before, _ = timed(lambda i, q: any(h.id == i + 1 for h in idx.search([q], 31)[0]))
+        catalog.close()
+    out.update({"p50_ms": median(ours), "p99_ms": percentile(ours, 99), "recall": f1 / queries,
+                "catch_up_p50_ms": median(catch), "te_p50_ms": median(theirs), "te_p99_ms": percentile(theirs, 99),
+                "te_recall": f2 / queries, "before_p50_ms": median(before), "before_p99_ms": percentile(before, 99)})
+    return out
+
+
 # ------------------------------------------------------------------ 3. PDQ vs embedding
 
 def pdq_vs_embedding(corpus: Path, work: Path, originals_n: int, distractors_n: int, seed: int) -> dict[str, Any]:
@@ -168,6 +223,8 @@ def pdq_vs_embedding(corpus: Path, work: Path, originals_n: int, distractors_n: 
 
 def markdown(res: dict[str, Any]) -> str:
     md = [f"Hashes on {res['machine']}.", ""]
+    if res.get("carried"):
+        md += [f"({', '.join(res['carried']['parts'])}: from an earlier run on {res['carried']['machine']}.)", ""]
     c = res.get("ingest")
     if c:
         md += [f"PDQ at ingest ({c['images']} corpus images, single thread, CPU time per image): decode + thumbnail "
@@ -182,6 +239,17 @@ def markdown(res: dict[str, Any]) -> str:
                         [[f"{r['n']:,}", r["kind"], r["p50_ms"], r["p99_ms"], r["recall"], r["false_hits"],
                           round(r["rss_bytes_per_hash"]), round(r["file_bytes_per_hash"]), r["build_s"]]
                          for r in res["lookups"]]))
+        md.append("")
+    if res.get("catalog"):
+        md += ["Bank lookups on the served path: `PdqIndex.search` with its catch-up read of a real SQLite catalog of "
+               "N bank entries, beside threatexchange's `PDQIndex2` (what Open Media Match serves from) on the same "
+               "hashes and 500 near queries (8–30 bits flipped), radius 31, single thread, one process; *before*: "
+               "the same lookups without the catch-up's index (the plan before migration 0006).", ""]
+        md.append(table(["bank entries", "flagmatch p50 (ms)", "p99 (ms)", "catch-up p50 (ms)", "recall",
+                         "threatexchange p50 (ms)", "p99 (ms)", "recall", "before: p50 (ms)", "before: p99 (ms)"],
+                        [[f"{r['n']:,}", r["p50_ms"], r["p99_ms"], r["catch_up_p50_ms"], r["recall"], r["te_p50_ms"],
+                          r["te_p99_ms"], r["te_recall"], r["before_p50_ms"], r["before_p99_ms"]]
+                         for r in res["catalog"]]))
         md.append("")
     v = res.get("versus")
     if v:
@@ -206,11 +274,17 @@ def main() -> None:
     ap.add_argument("--originals", type=int, default=300)
     ap.add_argument("--distractors", type=int, default=3000)
     ap.add_argument("--seed", type=int, default=7)
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: ingest, lookups, versus")
+    ap.add_argument("--catalog-sizes", default="2000,200000,1000000",
+                    help="bank entries in the real-catalog lookups beside threatexchange")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: ingest, lookups, catalog, versus")
+    ap.add_argument("--child-catalog", type=int, metavar="N", help=argparse.SUPPRESS)
     ap.add_argument("--child-lookup", nargs=2, metavar=("N", "KIND"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child_lookup:  # one lookup configuration in a fresh process, so its RSS growth is the index's
         print(json.dumps(lookups(int(a.child_lookup[0]), a.child_lookup[1])))
+        return
+    if a.child_catalog:
+        print(json.dumps(catalog_lookups(a.child_catalog)))
         return
     skip = set(filter(None, a.skip.split(",")))
     corpus = Path(a.corpus)
@@ -221,6 +295,15 @@ def main() -> None:
                         "--photos", "1800", "--clipart", "1700", "--seed", str(a.seed)], check=True)
     print(machine(), flush=True)
     res: dict[str, Any] = {"machine": machine()}
+    prev_path = OUT / "hashes.json"
+    prev = json.loads(prev_path.read_text()) if prev_path.exists() else {}
+    carried = [p for p in ("ingest", "lookups", "catalog", "versus") if p in skip and p in prev]
+    for p in carried:  # a part not run this time keeps its earlier figures, said to be from then
+        res[p] = prev[p]
+    if carried:
+        res["carried"] = {"parts": carried, "machine": prev.get("carried", {}).get("machine", prev.get("machine"))}
+    if "note" in prev:
+        res["note"] = prev["note"]
     if "ingest" not in skip:
         files = sorted(p for p in corpus.rglob("*") if p.suffix.lower() in (".jpg", ".png"))
         random.Random(a.seed + 1).shuffle(files)
@@ -233,6 +316,12 @@ def main() -> None:
                 r, _ = run_child([__file__, "--child-lookup", str(n), kind])
                 print(r, flush=True)
                 res["lookups"].append(r)
+    if "catalog" not in skip:
+        res["catalog"] = []
+        for n in (int(x) for x in a.catalog_sizes.split(",")):
+            r, _ = run_child([__file__, "--child-catalog", str(n)])
+            print(r, flush=True)
+            res["catalog"].append(r)
     if "versus" not in skip:
         res["versus"] = pdq_vs_embedding(corpus, Path(a.work), a.originals, a.distractors, a.seed)
     write("hashes", res, markdown(res))

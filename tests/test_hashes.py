@@ -371,3 +371,29 @@ def test_backfill_hashes_an_old_store_and_records_what_it_cannot_read(svc, setti
     data = transformed(Image.open(photos[0]))
     ev = svc.search_uploads([("x.jpg", data)], SearchParams(scope="all")).results[0].evidence
     assert ev.image_matches and ev.image_matches[0].signal_type == "pdq"
+
+
+def test_the_bank_index_catch_up_reads_through_an_index_on_both_engines(store):
+    """The query the PDQ bank index runs before every lookup is planned as an index seek (no scan of the
+    bank, no sort) on SQLite and PostgreSQL, with the engine's statistics fresh."""
+    from sqlalchemy import text
+    from indexer.storage.banks import pdq_rows_after_query
+    banks = Banks(store.catalog)
+    banks.create("BIG")
+    rng = np.random.default_rng(0)
+    banks.add("BIG", [NewEntry("pdq", bytes(r).hex()) for r in rng.integers(0, 256, (20_000, 32), dtype=np.uint8)]
+              + [NewEntry("md5", hashlib.md5(str(i).encode()).hexdigest()) for i in range(5000)])
+    head = banks.head()
+    engine = store.catalog.engine
+    with engine.connect() as c:
+        c.execute(text("ANALYZE"))
+        sql = str(pdq_rows_after_query(head - 10, 100_000).compile(dialect=engine.dialect,
+                                                                  compile_kwargs={"literal_binds": True}))
+        if engine.dialect.name == "sqlite":
+            plan = " ".join(str(r[-1]) for r in c.execute(text("EXPLAIN QUERY PLAN " + sql)))
+            assert "USING INDEX ix_bank_entries_type_id" in plan or "USING INTEGER PRIMARY KEY" in plan, plan
+            assert "TEMP B-TREE" not in plan, plan
+        else:
+            plan = " ".join(r[0] for r in c.execute(text("EXPLAIN " + sql)))
+            assert "Index" in plan and "Seq Scan" not in plan and "Sort" not in plan, plan
+    assert banks.pdq_rows_after(head) == []

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import Select, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from indexer.errors import InvalidInputError, NotFoundError
@@ -377,13 +377,10 @@ class BankStore:
             return [_entry(r, {bank.id: bank.name}) for r in s.scalars(q.order_by(BankEntryRow.id).limit(limit))]
 
     def pdq_rows_after(self, entry_id: int, limit: int = 100_000) -> list[tuple[int, str]]:
-        """(entry id, PDQ) past ``entry_id`` whose hash may match (quality unknown, or ≥ the minimum)."""
+        """(entry id, PDQ) past ``entry_id`` whose hash may match (quality unknown, or ≥ the minimum): the bank
+        index's catch-up before every lookup, a seek on ``ix_bank_entries_type_id`` that reads only new rows."""
         with self.catalog.session() as s:
-            q = (select(BankEntryRow.id, BankEntryRow.signal)
-                 .where(BankEntryRow.id > entry_id, BankEntryRow.signal_type == "pdq",
-                        (BankEntryRow.quality.is_(None)) | (BankEntryRow.quality >= PDQ_MIN_QUALITY))
-                 .order_by(BankEntryRow.id).limit(limit))
-            return [(int(i), str(h)) for i, h in s.execute(q)]
+            return [(int(i), str(h)) for i, h in s.execute(pdq_rows_after_query(entry_id, limit))]
 
     def md5_entries(self, md5: str) -> list[BankEntry]:
         with self.catalog.session() as s:
@@ -421,6 +418,13 @@ class BankStore:
                     yield "pdq", pdq, label or ""
                 if "md5" in signal_types and md5:
                     yield "md5", md5, label or ""
+
+
+def pdq_rows_after_query(entry_id: int, limit: int) -> Select[tuple[int, str]]:
+    return (select(BankEntryRow.id, BankEntryRow.signal)
+            .where(BankEntryRow.signal_type == "pdq", BankEntryRow.id > entry_id,
+                   (BankEntryRow.quality.is_(None)) | (BankEntryRow.quality >= PDQ_MIN_QUALITY))
+            .order_by(BankEntryRow.id).limit(limit))
 
 
 def _entry(r: BankEntryRow, names: dict[int, str]) -> BankEntry:

@@ -132,7 +132,9 @@ class BankEntryRow(Base):
     reused id would name another hash there."""
     __tablename__ = "bank_entries"
     __table_args__ = (UniqueConstraint("bank_id", "signal_type", "signal"),
-                      Index("ix_bank_entries_signal", "signal_type", "signal"), {"sqlite_autoincrement": True})
+                      Index("ix_bank_entries_signal", "signal_type", "signal"),
+                      # the bank index's catch-up: one type's entries past a watermark, in id order
+                      Index("ix_bank_entries_type_id", "signal_type", "id"), {"sqlite_autoincrement": True})
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     bank_id: Mapped[int] = mapped_column(ForeignKey("banks.id"), index=True)
     signal_type: Mapped[str] = mapped_column(String(16))
