@@ -6,7 +6,7 @@ costs in memory, and where PDQ and the embedding each find re-uploads.
    with PDQ, minus without), and the model per image (``opennsfw``, batches of 32). PDQ's share of the
    end-to-end CPU per image is PDQ ÷ (decode + PDQ + model).
 2b. **Lookups on a real catalog, beside threatexchange.** ``PdqIndex.search`` reading a real SQLite catalog of
-   2k, 200k and 1M bank entries before every lookup (as served), threatexchange's ``PDQIndex2`` on the same
+   2k, 200k and 1M bank entries before every lookup (as served), threatexchange's ``PDQIndex`` on the same
    hashes and queries, and the same lookups without the catch-up's index (before migration 0006).
 2. **Lookups.** ``indexer.hashbanks.hash_index.PdqIndex`` (the class the server uses, with its per-query catch-up
    read of the catalog) filled with N random banked hashes, flat and multi-index hashing; queries are
@@ -124,11 +124,11 @@ def lookups(n: int, kind: str, queries: int = 1000, seed: int = 0) -> dict[str, 
 
 def catalog_lookups(n: int, queries: int = 500, seed: int = 1) -> dict[str, Any]:
     """The served path's bank lookup — ``PdqIndex.search`` with its catch-up read of a real SQLite catalog
-    holding ``n`` bank entries — beside threatexchange's ``PDQIndex2`` (the index Open Media Match serves
-    from) on the same hashes and queries; then the same lookups with the catch-up's index dropped (the plan
+    holding ``n`` bank entries — beside threatexchange's ``PDQIndex`` (``PdqSignal.get_index_cls()``, the
+    index Open Media Match builds) on the same hashes and queries; then the same lookups with the catch-up's index dropped (the plan
     before migration 0006), all in this one process."""
     from sqlalchemy import text
-    from threatexchange.signal_type.pdq.pdq_index2 import PDQIndex2
+    from threatexchange.signal_type.pdq.signal import PdqSignal
     from indexer.hashbanks.banks import Banks, NewEntry
     from indexer.hashbanks.hash_index import PdqIndex
     from indexer.storage.catalog import Catalog
@@ -159,11 +159,10 @@ def catalog_lookups(n: int, queries: int = 500, seed: int = 1) -> dict[str, Any]
 
         ours, f1 = timed(lambda i, q: any(h.id == i + 1 for h in idx.search([q], 31)[0]))
         catch, _ = timed(lambda i, q: len(banks.pdq_rows_after(idx.covered)) + 0)
-        tx = PDQIndex2(entries=((h, i + 1) for i, h in enumerate(hexes)), threshold=31)
+        tx = PdqSignal.get_index_cls().build((h, i + 1) for i, h in enumerate(hexes))  # OMM's PDQ index
         theirs, f2 = timed(lambda i, q: any(m.metadata == i + 1 for m in tx.query(q)))
-        with catalog.engine.begin() as c:
+        with catalog.engine.begin() as c:  # a catalog as new ones were: no index for it, no statistics
             c.execute(text("DROP INDEX ix_bank_entries_type_id"))
-            c.execute(text("ANALYZE"))
         before, _ = timed(lambda i, q: any(h.id == i + 1 for h in idx.search([q], 31)[0]))
         catalog.close()
     out.update({"p50_ms": median(ours), "p99_ms": percentile(ours, 99), "recall": f1 / queries,
@@ -242,7 +241,7 @@ def markdown(res: dict[str, Any]) -> str:
         md.append("")
     if res.get("catalog"):
         md += ["Bank lookups on the served path: `PdqIndex.search` with its catch-up read of a real SQLite catalog of "
-               "N bank entries, beside threatexchange's `PDQIndex2` (what Open Media Match serves from) on the same "
+               "N bank entries, beside threatexchange's `PDQIndex` (`PdqSignal.get_index_cls()`, what Open Media Match builds) on the same "
                "hashes and 500 near queries (8–30 bits flipped), radius 31, single thread, one process; *before*: "
                "the same lookups without the catch-up's index (the plan before migration 0006).", ""]
         md.append(table(["bank entries", "flagmatch p50 (ms)", "p99 (ms)", "catch-up p50 (ms)", "recall",
