@@ -85,7 +85,11 @@ class Settings:
                               "larger: it is decoded at 1/8 scale)", "decode")
     max_decode_bytes: int = setting(1 << 30, "largest estimated memory of one image's decode, in bytes (from the "
                                     "header, before any pixel is allocated)", "decode")
-    decode_timeout: float = setting(15.0, "longest time one image may take to decode, in seconds", "decode")
+    decode_timeout: float = setting(15.0, "most CPU time one image may take to decode, in seconds (the decoding "
+                                    "thread's own CPU: a busy machine does not turn a slow file into a refused one)",
+                                    "decode")
+    decode_wall_timeout: float = setting(120.0, "longest wall-clock time one image may take to decode, in seconds, "
+                                         "however busy the machine", "decode")
     max_file_bytes: int = setting(200 * 1024 * 1024, "largest image file accepted, in bytes", "decode")
     query_views: tuple[str, ...] = setting(("trimmed", "content"), "extra views of an uploaded query searched "
                                            "beside the whole image where they apply: trimmed (uniform borders cut), "

@@ -58,7 +58,7 @@ def load_embedder(settings: Settings, store: Store | None = None) -> Embedder:
 
 def decode_limits(settings: Settings) -> DecodeLimits:
     return DecodeLimits(max_pixels=settings.max_pixels, max_bytes=settings.max_decode_bytes,
-                        timeout_s=settings.decode_timeout)
+                        timeout_s=settings.decode_timeout, wall_s=settings.decode_wall_timeout)
 
 
 def ingest_options(settings: Settings) -> IngestOptions:

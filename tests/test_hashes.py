@@ -397,3 +397,43 @@ def test_the_bank_index_catch_up_reads_through_an_index_on_both_engines(store):
             plan = " ".join(r[0] for r in c.execute(text("EXPLAIN " + sql)))
             assert "Index" in plan and "Seq Scan" not in plan and "Sort" not in plan, plan
     assert banks.pdq_rows_after(head) == []
+
+
+def test_the_change_token_holds_until_anyone_commits_and_the_bank_index_reads_only_then(store, tmp_path):
+    """The catalog's change token (SQLite's data_version on a connection that never writes, PostgreSQL's
+    snapshot) stays equal while nothing is committed and changes for a commit made through this catalog,
+    through another catalog object on the same database, and by another process; the bank index reads
+    the catalog only when it changed, and still sees every new entry at the next lookup."""
+    from indexer.hashbanks.hash_index import PdqIndex
+    from indexer.storage.catalog import Catalog
+    url = str(store.catalog.engine.url.render_as_string(hide_password=False))
+    cat = store.catalog
+    banks = Banks(cat)
+    banks.create("P")
+    t0 = cat.change_token()
+    assert cat.change_token() == t0 and cat.change_token() == t0  # reads change nothing
+    banks.add("P", [NewEntry("pdq", f"{1:064x}")])
+    t1 = cat.change_token()
+    assert t1 != t0
+    other = Catalog(url)
+    Banks(other).add("P", [NewEntry("pdq", f"{2:064x}")])
+    t2 = cat.change_token()
+    assert t2 != t1
+    other.close()
+
+    reads: list[int] = []
+
+    def source(after: int, limit: int) -> list[tuple[int, str]]:
+        reads.append(after)
+        return banks.pdq_rows_after(after, limit)
+    idx = PdqIndex(tmp_path / "p.faissb", cat, "pdq:t-token", source, kind="flat")
+    assert idx.ntotal == 2
+    reads.clear()
+    for _ in range(5):
+        assert [h.distance for h in idx.search([f"{1:064x}"], 0)[0]] == [0]
+    assert reads == []  # nothing committed: no catch-up read
+    code = ("import sys; from indexer.storage.catalog import Catalog; from indexer.hashbanks.banks import Banks, "
+            "NewEntry; Banks(Catalog(sys.argv[1])).add('P', [NewEntry('pdq', 'f' * 64)])")
+    subprocess.run([sys.executable, "-c", code, url], check=True, cwd=Path(__file__).parent.parent)
+    assert [h.distance for h in idx.search(["f" * 64], 0)[0]] == [0]  # banked by another process, seen at once
+    assert reads and idx.ntotal == 3

@@ -17,7 +17,7 @@ from PIL import Image
 from indexer.media.decode import DecodeLimits, InputSpec, decode, plan, strip_png_metadata
 from indexer.errors import DecodeError, OverloadedError
 from search.admission import Admission
-from tests.helpers import drawn_image, encode
+from tests.helpers import drawn_image, encode, photo_image
 from tests.helpers.hostile import HOSTILE, huge_text_png, write_all
 
 SPEC = InputSpec(size=384, crop_pct=1.0, interpolation="bicubic")
@@ -94,9 +94,47 @@ def test_model_pixels_match_resize_then_crop():
 
 
 def test_decode_deadline():
+    data = encode(drawn_image(5, (800, 600)), "PNG")
     with pytest.raises(DecodeError) as e:
-        decode(encode(drawn_image(5, (800, 600)), "PNG"), SPEC, DecodeLimits(timeout_s=0.0))
-    assert e.value.code == "timeout"
+        decode(data, SPEC, DecodeLimits(timeout_s=0.0))
+    assert e.value.code == "timeout" and "CPU" in str(e.value)
+    with pytest.raises(DecodeError) as e:  # the wall-clock ceiling, for a decode starved of CPU altogether
+        decode(data, SPEC, DecodeLimits(wall_s=0.0))
+    assert e.value.code == "timeout" and "longer than" in str(e.value)
+
+
+def _busy(seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+
+def test_a_decode_under_cpu_contention_succeeds_where_its_cpu_budget_allows():
+    """The budget counts the decoding thread's CPU: with four busy-looping processes per core, a decode takes
+    several times its CPU time in wall time and still succeeds under a CPU budget of twice its CPU time —
+    a wall-clock budget of the same size would have refused it."""
+    import multiprocessing
+    import os
+    data = encode(photo_image(11, (5000, 3500)), "PNG")
+    t = time.thread_time()
+    decode(data, SPEC)
+    cpu = time.thread_time() - t
+    budget = DecodeLimits(timeout_s=2 * cpu)
+    ctx = multiprocessing.get_context("spawn")
+    busy = [ctx.Process(target=_busy, args=(60,), daemon=True) for _ in range(4 * (os.cpu_count() or 1))]
+    for b in busy:
+        b.start()
+    try:
+        time.sleep(0.5)
+        w, t = time.perf_counter(), time.thread_time()
+        d = decode(data, SPEC, budget)
+        wall, used = time.perf_counter() - w, time.thread_time() - t
+    finally:
+        for b in busy:
+            b.terminate()
+    assert d.pixels.shape == (384, 384, 3)
+    assert wall > budget.timeout_s, (wall, used, cpu)  # contended: a wall budget this size would have refused it
+    assert used < budget.timeout_s
 
 
 def test_admission_queues_then_refuses():

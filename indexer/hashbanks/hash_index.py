@@ -1,8 +1,9 @@
 """FAISS binary indexes over PDQ hashes: one for the banks' entries, one for the catalog's images.
 
 Each index follows its source by id, as the vector indexes follow the catalog: rows past the id it
-covers are added on ``refresh`` (before every lookup, one indexed range query), so an import or an
-ingest in another process is seen by the next query. Rows are never removed in place: a deleted entry
+covers are added on ``refresh`` (before every lookup: one indexed range query, skipped while the
+catalog's change token says nothing was committed since the last look), so an import or an ingest in
+another process is seen by the next query. Rows are never removed in place: a deleted entry
 or image, a disabled bank and a flag change are filtered when hits are read back, so a switch takes
 effect at once; ``rebuild`` (at ``reindex``) drops what was deleted. Files are published atomically with
 a checkpoint (covered id, checksum); a missing or corrupt file is rebuilt from the source.
@@ -55,6 +56,7 @@ class PdqIndex:
         self.covered = 0
         self.generation = 0
         self.index = self._new(0)
+        self._seen: object = None  # the catalog's change token at the last catch-up
         self._load()
         self._catch_up()
 
@@ -82,6 +84,9 @@ class PdqIndex:
             return self._catch_up()
 
     def _catch_up(self) -> int:
+        token = self.catalog.change_token()  # read first: a commit after it is seen by the next look
+        if token == self._seen:
+            return 0  # nothing committed anywhere since the last look: no rows to read, no rebuild to load
         cp = self.catalog.checkpoint(self.scope)
         if cp is not None and cp.generation > self.generation:  # another process rebuilt and published it
             self._load()
@@ -93,6 +98,7 @@ class PdqIndex:
             added += len(rows)
         if added and not self.is_mih and self._wants_mih(self.ntotal):
             self._rebuild()  # grew past the size where multi-index hashing pays
+        self._seen = token
         return added
 
     def rebuild(self) -> None:

@@ -73,11 +73,14 @@ class InputSpec:
 class DecodeLimits:
     """What one decode may cost. ``max_pixels`` applies to what is really decoded (a JPEG's header may
     be 64× larger: libjpeg decodes it at 1/8 scale); ``max_bytes`` to the estimated peak of every buffer
-    the decode allocates (see ``plan``); ``timeout_s`` to the wall time spent feeding the decoder."""
+    the decode allocates (see ``plan``); ``timeout_s`` to the CPU time the decoding thread spends (its own
+    CPU, so a machine busy with other work does not turn a slow legitimate file into a refused one);
+    ``wall_s`` to the wall-clock time, a generous ceiling for a decode starved of CPU altogether."""
 
     max_pixels: int = 100_000_000
     max_bytes: int = 1 << 30
     timeout_s: float = 15.0
+    wall_s: float = 120.0
     max_frames: int = 100_000  # frames counted (an animation's frame count is reported, not decoded)
 
 
@@ -126,17 +129,21 @@ DEFAULT_LIMITS = DecodeLimits()
 
 
 class _Deadline(io.BytesIO):
-    """The file the decoder reads from: Pillow feeds its decoders in blocks of at most 64 kB, so
-    checking the clock at each read bounds the time one image can take without a thread or a signal."""
+    """The file the decoder reads from: Pillow feeds its decoders in blocks of at most 64 kB, in the
+    calling thread, so checking this thread's CPU clock (and the wall clock) at each read bounds what one
+    image can take without a thread or a signal."""
 
-    def __init__(self, data: bytes, timeout_s: float) -> None:
+    def __init__(self, data: bytes, limits: DecodeLimits) -> None:
         super().__init__(data)
-        self.timeout_s = timeout_s
-        self.deadline = time.monotonic() + timeout_s
+        self.limits = limits
+        self.cpu_deadline = time.thread_time() + limits.timeout_s
+        self.wall_deadline = time.monotonic() + limits.wall_s
 
     def check(self) -> None:
-        if time.monotonic() > self.deadline:
-            raise DecodeError(f"decoding took longer than {self.timeout_s:g} s", code="timeout")
+        if time.thread_time() > self.cpu_deadline:
+            raise DecodeError(f"decoding used more than {self.limits.timeout_s:g} s of CPU", code="timeout")
+        if time.monotonic() > self.wall_deadline:
+            raise DecodeError(f"decoding took longer than {self.limits.wall_s:g} s", code="timeout")
 
     def read(self, size: int | None = -1) -> bytes:
         self.check()
@@ -172,7 +179,7 @@ def _opened(data: bytes, limits: DecodeLimits) -> Iterator[tuple[Image.Image, st
     if fmt == "PNG":
         data = strip_png_metadata(data)
     with _translated(fmt):
-        fp = _Deadline(data, limits.timeout_s)
+        fp = _Deadline(data, limits)
         im = _open(fp, fmt)
         try:
             yield im, fmt, fp, data
