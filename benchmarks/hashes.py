@@ -5,9 +5,10 @@ costs in memory, and where PDQ and the embedding each find re-uploads.
    ``make-corpus``), single-threaded: decode + thumbnail without PDQ, the PDQ part alone (the same decode
    with PDQ, minus without), and the model per image (``opennsfw``, batches of 32). PDQ's share of the
    end-to-end CPU per image is PDQ ÷ (decode + PDQ + model).
-2b. **Lookups on a real catalog, beside threatexchange.** ``PdqIndex.search`` reading a real SQLite catalog of
-   2k, 200k and 1M bank entries before every lookup (as served), threatexchange's ``PDQIndex`` on the same
-   hashes and queries, and the same lookups without the catch-up's index (before migration 0006).
+2b. **Lookups on a real catalog, beside threatexchange.** ``PdqIndex.search`` with its check of a real SQLite
+   catalog of 2k to 10M bank entries before every lookup (as served), flat and multi-index hashing, beside
+   threatexchange's ``PDQIndex`` on the same hashes and queries: latency, memory per hash, lookups/s on all
+   cores; and the reads each lookup made before this work (up to 1M: without the catch-up's index, slow).
 2. **Lookups.** ``indexer.hashbanks.hash_index.PdqIndex`` (the class the server uses, with its per-query catch-up
    read of the catalog) filled with N random banked hashes, flat and multi-index hashing; queries are
    banked hashes with 8–30 of 256 bits flipped (must be found) and random hashes (must find nothing),
@@ -122,16 +123,22 @@ def lookups(n: int, kind: str, queries: int = 1000, seed: int = 0) -> dict[str, 
 
 # ------------------------------------------------------------------ 2b. lookups on a real catalog, beside threatexchange
 
-def catalog_lookups(n: int, queries: int = 500, seed: int = 1) -> dict[str, Any]:
-    """The served path's bank lookup — ``PdqIndex.search`` with its catch-up read of a real SQLite catalog
-    holding ``n`` bank entries — beside threatexchange's ``PDQIndex`` (``PdqSignal.get_index_cls()``, the
-    index Open Media Match builds) on the same hashes and queries; then the same lookups with the catch-up's index dropped (the plan
-    before migration 0006), all in this one process."""
+def catalog_lookups(n: int, queries: int = 500, seed: int = 1, before: bool = True) -> dict[str, Any]:
+    """The served path's bank lookup — ``PdqIndex.search`` with its catch-up check of a real SQLite catalog
+    holding ``n`` bank entries, flat and multi-index hashing — beside threatexchange's ``PDQIndex``
+    (``PdqSignal.get_index_cls()``, the index Open Media Match builds) on the same hashes and queries, all in
+    this one process: single-thread latency, memory per hash (the process's RSS growth while each index is
+    built), lookups/s on all cores (one forked process per core, as the server runs a worker per core), and,
+    with ``before``, the same flat lookups with the catch-up's index dropped and the change check bypassed
+    (the read every lookup made before migration 0006)."""
+    import os
+    import faiss
     from sqlalchemy import text
     from threatexchange.signal_type.pdq.signal import PdqSignal
     from indexer.hashbanks.banks import Banks, NewEntry
     from indexer.hashbanks.hash_index import PdqIndex
     from indexer.storage.catalog import Catalog
+    faiss.omp_set_num_threads(1)  # single-thread lookups; and OpenMP's pool must not exist when workers fork
     rng = np.random.default_rng(seed)
     codes = rng.integers(0, 256, (n, 32), dtype=np.uint8)
     hexes = [bytes(r).hex() for r in codes]
@@ -140,34 +147,88 @@ def catalog_lookups(n: int, queries: int = 500, seed: int = 1) -> dict[str, Any]
         row[rng.choice(256, int(f), replace=False)] ^= 1
     qs = [bytes(r).hex() for r in np.packbits(near, axis=1)]
     out: dict[str, Any] = {"n": n}
+
+    def timed(fn) -> tuple[list[float], int]:  # type: ignore[no-untyped-def]
+        lat, found = [], 0
+        for i, q in enumerate(qs):
+            t0 = time.perf_counter()
+            found += fn(i, q)
+            lat.append((time.perf_counter() - t0) * 1000)
+        return lat, found
+
+    def all_cores(fn, seconds: float = 3.0) -> float:  # type: ignore[no-untyped-def]
+        """Lookups/s summed over one forked process per core, each looping over the queries."""
+        cores = os.cpu_count() or 1
+        r, w = os.pipe()
+        kids = []
+        for _ in range(cores):
+            pid = os.fork()
+            if pid == 0:
+                os.close(r)
+                done, end = 0, time.perf_counter() + seconds
+                while time.perf_counter() < end:
+                    fn(done % queries, qs[done % queries])
+                    done += 1
+                os.write(w, f"{done / seconds}\n".encode())
+                os._exit(0)
+            kids.append(pid)
+        os.close(w)
+        for pid in kids:
+            os.waitpid(pid, 0)
+        with os.fdopen(r) as f:
+            return sum(float(x) for x in f.read().split())
+
     with tempfile.TemporaryDirectory() as d:
-        catalog = Catalog(f"sqlite:///{d}/c.sqlite")
+        url = f"sqlite:///{d}/c.sqlite"
+        catalog = Catalog(url)
         banks = Banks(catalog)
         banks.create("BIG")
         t = time.perf_counter()
-        banks.add("BIG", (NewEntry("pdq", h) for h in hexes))
+        for start in range(0, n, 1_000_000):
+            banks.add("BIG", (NewEntry("pdq", h) for h in hexes[start:start + 1_000_000]))
         out["fill_s"] = time.perf_counter() - t
-        idx = PdqIndex(Path(d) / "p.faissb", catalog, "pdq:banks", banks.pdq_rows_after, kind="flat")
+        indexes: dict[str, Any] = {}
+        for kind in ("flat", "mih"):
+            r0 = rss_mib()
+            t = time.perf_counter()
+            indexes[kind] = PdqIndex(Path(d) / f"{kind}.faissb", catalog, f"pdq:{kind}", banks.pdq_rows_after,
+                                     kind=kind)
+            out[f"{kind}_build_s"] = time.perf_counter() - t
+            out[f"{kind}_bytes_per_hash"] = (rss_mib() - r0) * 2**20 / n
 
-        def timed(fn) -> tuple[list[float], int]:  # type: ignore[no-untyped-def]
-            lat, found = [], 0
-            for i, q in enumerate(qs):
-                t0 = time.perf_counter()
-                found += fn(i, q)
-                lat.append((time.perf_counter() - t0) * 1000)
-            return lat, found
+        def forked(kind: str):  # type: ignore[no-untyped-def]
+            def look(i: int, q: str) -> bool:  # a forked worker opens the catalog anew, as a server worker does
+                idx = indexes[kind]
+                if not getattr(look, "ready", False):
+                    idx.catalog = Catalog(url)
+                    idx.rows_after = Banks(idx.catalog).pdq_rows_after
+                    look.ready = True  # type: ignore[attr-defined]
+                return any(h.id == i + 1 for h in idx.search([q], 31)[0])
+            return look
 
-        ours, f1 = timed(lambda i, q: any(h.id == i + 1 for h in idx.search([q], 31)[0]))
-        catch, _ = timed(lambda i, q: len(banks.pdq_rows_after(idx.covered)) + 0)
+        for kind, idx in indexes.items():
+            lat, found = timed(lambda i, q: any(h.id == i + 1 for h in idx.search([q], 31)[0]))
+            out.update({f"{kind}_p50_ms": median(lat), f"{kind}_p99_ms": percentile(lat, 99),
+                        f"{kind}_recall": found / queries, f"{kind}_all_cores_per_s": all_cores(forked(kind))})
+        catch, _ = timed(lambda i, q: len(banks.pdq_rows_after(indexes["flat"].covered)) + 0)
+        check, _ = timed(lambda i, q: catalog.change_token() is None)
+        out.update({"catch_up_p50_ms": median(catch), "change_check_p50_ms": median(check)})
+        r0 = rss_mib()
+        t = time.perf_counter()
         tx = PdqSignal.get_index_cls().build((h, i + 1) for i, h in enumerate(hexes))  # OMM's PDQ index
+        out["te_build_s"] = time.perf_counter() - t
+        out["te_bytes_per_hash"] = (rss_mib() - r0) * 2**20 / n
         theirs, f2 = timed(lambda i, q: any(m.metadata == i + 1 for m in tx.query(q)))
-        with catalog.engine.begin() as c:  # a catalog as new ones were: no index for it, no statistics
-            c.execute(text("DROP INDEX ix_bank_entries_type_id"))
-        before, _ = timed(lambda i, q: any(h.id == i + 1 for h in idx.search([q], 31)[0]))
+        out.update({"te_p50_ms": median(theirs), "te_p99_ms": percentile(theirs, 99), "te_recall": f2 / queries,
+                    "te_all_cores_per_s": all_cores(lambda i, q: any(m.metadata == i + 1 for m in tx.query(q)))})
+        if before:
+            with catalog.engine.begin() as c:  # a catalog as new ones were: no index for it, no statistics
+                c.execute(text("DROP INDEX ix_bank_entries_type_id"))
+            flat = indexes["flat"]
+            lat, _ = timed(lambda i, q: (len(banks.pdq_rows_after(flat.covered)),
+                                         catalog.checkpoint(flat.scope), flat.search([q], 31))[0] + 0)
+            out.update({"before_p50_ms": median(lat), "before_p99_ms": percentile(lat, 99)})
         catalog.close()
-    out.update({"p50_ms": median(ours), "p99_ms": percentile(ours, 99), "recall": f1 / queries,
-                "catch_up_p50_ms": median(catch), "te_p50_ms": median(theirs), "te_p99_ms": percentile(theirs, 99),
-                "te_recall": f2 / queries, "before_p50_ms": median(before), "before_p99_ms": percentile(before, 99)})
     return out
 
 
@@ -240,15 +301,27 @@ def markdown(res: dict[str, Any]) -> str:
                          for r in res["lookups"]]))
         md.append("")
     if res.get("catalog"):
-        md += ["Bank lookups on the served path: `PdqIndex.search` with its catch-up read of a real SQLite catalog of "
-               "N bank entries, beside threatexchange's `PDQIndex` (`PdqSignal.get_index_cls()`, what Open Media Match builds) on the same "
-               "hashes and 500 near queries (8–30 bits flipped), radius 31, single thread, one process; *before*: "
-               "the same lookups without the catch-up's index (the plan before migration 0006).", ""]
-        md.append(table(["bank entries", "flagmatch p50 (ms)", "p99 (ms)", "catch-up p50 (ms)", "recall",
-                         "threatexchange p50 (ms)", "p99 (ms)", "recall", "before: p50 (ms)", "before: p99 (ms)"],
-                        [[f"{r['n']:,}", r["p50_ms"], r["p99_ms"], r["catch_up_p50_ms"], r["recall"], r["te_p50_ms"],
-                          r["te_p99_ms"], r["te_recall"], r["before_p50_ms"], r["before_p99_ms"]]
-                         for r in res["catalog"]]))
+        md += ["Bank lookups on the served path: `PdqIndex.search` with its catch-up check of a real SQLite catalog of "
+               "N bank entries (flat and multi-index hashing), beside threatexchange's `PDQIndex` "
+               "(`PdqSignal.get_index_cls()`, what Open Media Match builds) on the same hashes and 500 near queries "
+               "(8–30 bits flipped), radius 31, one process. p50/p99: single thread; B/hash: the process's RSS growth "
+               "while the index was built; /s: lookups per second on all cores (a forked process per core); "
+               "recall: the banked original found, every structure; *check*: the change check that replaces the "
+               "catch-up's reads while nothing was committed; *before*: each lookup with the reads it made before "
+               "this work (checkpoint and catch-up query, without the index of migration 0006).", ""]
+        rows = []
+        for r in res["catalog"]:
+            if "flat_p50_ms" not in r:  # a row from before the flat/MIH split
+                continue
+            rows.append([f"{r['n']:,}", r["flat_p50_ms"], r["flat_p99_ms"], round(r["flat_bytes_per_hash"]),
+                         round(r["flat_all_cores_per_s"]), r["mih_p50_ms"], r["mih_p99_ms"],
+                         round(r["mih_bytes_per_hash"]), round(r["mih_all_cores_per_s"]), r["te_p50_ms"],
+                         r["te_p99_ms"], round(r["te_bytes_per_hash"]), round(r["te_all_cores_per_s"]),
+                         min(r["flat_recall"], r["mih_recall"], r["te_recall"]), r["change_check_p50_ms"],
+                         r.get("before_p50_ms", "—")])
+        md.append(table(["bank entries", "flat p50 (ms)", "flat p99", "flat B/hash", "flat /s", "MIH p50 (ms)",
+                         "MIH p99", "MIH B/hash", "MIH /s", "threatexchange p50 (ms)", "TE p99", "TE B/hash", "TE /s",
+                         "recall", "check p50 (ms)", "before p50 (ms)"], rows))
         md.append("")
     v = res.get("versus")
     if v:
@@ -273,7 +346,7 @@ def main() -> None:
     ap.add_argument("--originals", type=int, default=300)
     ap.add_argument("--distractors", type=int, default=3000)
     ap.add_argument("--seed", type=int, default=7)
-    ap.add_argument("--catalog-sizes", default="2000,200000,1000000",
+    ap.add_argument("--catalog-sizes", default="2000,200000,1000000,10000000",
                     help="bank entries in the real-catalog lookups beside threatexchange")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: ingest, lookups, catalog, versus")
     ap.add_argument("--child-catalog", type=int, metavar="N", help=argparse.SUPPRESS)
@@ -283,7 +356,7 @@ def main() -> None:
         print(json.dumps(lookups(int(a.child_lookup[0]), a.child_lookup[1])))
         return
     if a.child_catalog:
-        print(json.dumps(catalog_lookups(a.child_catalog)))
+        print(json.dumps(catalog_lookups(a.child_catalog, before=a.child_catalog <= 1_000_000)))
         return
     skip = set(filter(None, a.skip.split(",")))
     corpus = Path(a.corpus)
