@@ -102,7 +102,8 @@ class HashMatcher:
         """Bank matches and up to ``k`` stored images (flagged ones for scope ``flagged``) per query.
         ``every_bank`` also reports matches in disabled banks and of disabled contents, marked not ``live``
         (HMA's raw lookup reports them; its lookup applies the switch itself)."""
-        banks = {b.name: b for b in self.banks.list(counts=False)}  # read fresh: a switch applies at once
+        # read again after any commit: a switch applies at once
+        banks = self.store.catalog.unless_changed("banks", lambda: {b.name: b for b in self.banks.list(counts=False)})
         pdqs = [q.pdq.hash if q.pdq is not None and q.pdq.usable else None for q in queries]
         live = [b for b in banks.values() if b.enabled or every_bank]
         now = time.time()

@@ -361,6 +361,8 @@ class BankStore:
     def entries(self, ids: Iterable[int]) -> dict[int, BankEntry]:
         ids = list(dict.fromkeys(int(i) for i in ids))
         out: dict[int, BankEntry] = {}
+        if not ids:
+            return out
         with self.catalog.session() as s:
             names = dict(s.execute(select(BankRow.id, BankRow.name)).all())
             for i in range(0, len(ids), 500):

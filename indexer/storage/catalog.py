@@ -10,7 +10,7 @@ import threading
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 from sqlalchemy import (create_engine, delete, event, func, select, text, update)
 from sqlalchemy.engine import Engine
@@ -23,6 +23,7 @@ from indexer.storage.tables import (Base, BankEntryRow, BankRow, CheckpointRow, 
                                     IngestErrorRow, IngestRunRow, MetaRow, PathRow, utcnow)
 
 FLAG_SOURCES = ("model", "manual", "import", "review")
+T = TypeVar("T")
 
 # An open catalog transaction, handed to the repositories' writers (``tx=``) so that a decision and
 # everything it implies commit as one; callers hold it, never look inside it.
@@ -125,7 +126,9 @@ class IngestCounts:
     reasons: dict[str, int] = field(default_factory=dict)
 
 
-def _image_record(r: ImageRow, paths: Sequence[PathRow] = (), history: Sequence[FlagEventRow] = ()) -> ImageRecord:
+def _image_record(r: ImageRow | Any, paths: Sequence[PathRow | Any] = (), history: Sequence[FlagEventRow] = ()
+                  ) -> ImageRecord:
+    """A record from an ORM row or a plain row of the same columns (``get_many`` reads plain rows)."""
     return ImageRecord(
         id=r.id, sha256=r.sha256, size_bytes=r.size_bytes, format=r.format, width=r.width,
         height=r.height, frames=r.frames, p_unsafe=r.p_unsafe, model_id=r.model_id,
@@ -197,11 +200,24 @@ class Catalog:
         self._session = sessionmaker(self.engine, expire_on_commit=False)
         self._watch_lock = threading.Lock()
         self._watch: sqlite3.Connection | None = None
+        self._unchanged: dict[str, tuple[object, Any]] = {}
 
     def session(self) -> Session:
         return self._session()
 
     # -- change detection
+    def unless_changed(self, key: str, read: Callable[[], T]) -> T:
+        """``read()``'s answer, read again only after something was committed (``change_token``): for the
+        small tables every request consults (the banks, the current clustering run). The answer is shared
+        between threads, so it must be immutable."""
+        token = self.change_token()  # first: a commit after it makes the next call read again
+        kept = self._unchanged.get(key)
+        if kept is not None and kept[0] == token:
+            return kept[1]  # type: ignore[no-any-return]
+        value = read()
+        self._unchanged[key] = (token, value)
+        return value
+
     def change_token(self) -> object:
         """A value equal between two calls only if nothing was committed to the catalog in between, by any
         process (it may also differ with nothing of interest changed). A reader that keeps up with a table
@@ -347,14 +363,20 @@ class Catalog:
     def get_many(self, ids: Iterable[int]) -> dict[int, ImageRecord]:
         ids = list(dict.fromkeys(int(i) for i in ids))
         out: dict[int, ImageRecord] = {}
-        with self.session() as s:
+        if not ids:
+            return out
+        images, paths = ImageRow.__table__, PathRow.__table__
+        # the read behind every hit of every search: one statement (each image joined with its paths, in the
+        # order they were seen), plain rows, no ORM instances
+        q = (select(images, paths.c.path, paths.c.external_id)
+             .join(paths, paths.c.image_id == images.c.id, isouter=True).order_by(images.c.id, paths.c.id))
+        with self.engine.connect() as c:
             for chunk in _chunks(ids, 500):
-                rows = s.scalars(select(ImageRow).where(ImageRow.id.in_(chunk))).all()
-                paths: dict[int, list[PathRow]] = {}
-                for p in s.scalars(select(PathRow).where(PathRow.image_id.in_(chunk)).order_by(PathRow.id)):
-                    paths.setdefault(p.image_id, []).append(p)
-                for r in rows:
-                    out[r.id] = _image_record(r, paths.get(r.id, ()))
+                rows: dict[int, tuple[Any, list[Any]]] = {}
+                for r in c.execute(q.where(images.c.id.in_(chunk))):
+                    rows.setdefault(r.id, (r, []))[1].extend([r] if r.path is not None else [])
+                for i, (r, found) in rows.items():
+                    out[i] = _image_record(r, found)
         return out
 
     def live(self, ids: Iterable[int], *, flagged: bool = False) -> set[int]:
@@ -557,9 +579,12 @@ class Catalog:
     def signals(self, ids: Iterable[int]) -> dict[int, Signals]:
         ids = list(dict.fromkeys(int(i) for i in ids))
         out: dict[int, Signals] = {}
-        with self.session() as s:
+        if not ids:
+            return out
+        t = ImageSignalRow.__table__
+        with self.engine.connect() as c:  # plain rows, as get_many
             for chunk in _chunks(ids, 500):
-                for r in s.scalars(select(ImageSignalRow).where(ImageSignalRow.image_id.in_(chunk))):
+                for r in c.execute(select(t).where(t.c.image_id.in_(chunk))):
                     out[r.image_id] = _signals(r)
         return out
 
@@ -673,7 +698,7 @@ def _signal_row(image_id: int, md5: str | None, pdq: Pdq | None) -> ImageSignalR
                           pdq_quality=pdq.quality if pdq else None)
 
 
-def _signals(r: ImageSignalRow) -> Signals:
+def _signals(r: ImageSignalRow | Any) -> Signals:  # an ORM row or a plain row of its columns
     return Signals(r.md5 or "", Pdq(r.pdq, int(r.pdq_quality or 0)) if r.pdq else None)
 
 

@@ -223,8 +223,10 @@ class ClusterStore:
 
     def lookup(self, image_ids: Sequence[int]) -> dict[int, dict[str, Any]]:
         """Current-run cluster facts for images (for search hits)."""
-        run = self.current_run()
-        if run is None or not image_ids:
+        if not image_ids:
+            return {}
+        run = self.store.catalog.unless_changed("clusters.current_run", self.current_run)
+        if run is None:
             return {}
         with self.engine.connect() as c:
             rows = c.execute(select(MemberRow.image_id, MemberRow.cluster_id, MemberRow.probability,
