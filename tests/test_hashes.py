@@ -437,3 +437,24 @@ def test_the_change_token_holds_until_anyone_commits_and_the_bank_index_reads_on
     subprocess.run([sys.executable, "-c", code, url], check=True, cwd=Path(__file__).parent.parent)
     assert [h.distance for h in idx.search(["f" * 64], 0)[0]] == [0]  # banked by another process, seen at once
     assert reads and idx.ntotal == 3
+
+
+def test_sqlite_statistics_are_refreshed_as_a_catalog_closes(tmp_path):
+    """SQLite's planner statistics follow the data: a connection that ran the catch-up over a bank analyses
+    it as it closes (``PRAGMA optimize``), so a store never runs on the statistics of its first, empty day.
+    (PostgreSQL's autovacuum analyses on its own.)"""
+    import sqlite3
+    from indexer.storage.catalog import Catalog
+    path = tmp_path / "c.sqlite"
+    cat = Catalog(f"sqlite:///{path}")
+    banks = Banks(cat)
+    banks.create("B")
+    rng = np.random.default_rng(0)
+    banks.add("B", [NewEntry("pdq", bytes(r).hex()) for r in rng.integers(0, 256, (5000, 32), dtype=np.uint8)])
+    banks.pdq_rows_after(10, 100)
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("SELECT count(*) FROM sqlite_master WHERE name = 'sqlite_stat1'").fetchone()[0] == 0
+    cat.close()
+    with sqlite3.connect(path) as raw:
+        analysed = {idx for tbl, idx in raw.execute("SELECT tbl, idx FROM sqlite_stat1") if tbl == "bank_entries"}
+    assert "ix_bank_entries_type_id" in analysed, analysed

@@ -35,7 +35,7 @@ def hostile_dir(tmp_path_factory) -> Path:
 
 def test_every_hostile_file_decodes_or_fails_with_a_code(hostile_dir):
     for p in sorted(hostile_dir.iterdir()):
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.thread_time()
         try:
             d = decode(p.read_bytes(), SPEC)
             assert p.name in ACCEPTED, p.name
@@ -43,7 +43,8 @@ def test_every_hostile_file_decodes_or_fails_with_a_code(hostile_dir):
         except DecodeError as exc:
             assert p.name not in ACCEPTED, f"{p.name}: {exc}"
             assert exc.code == "too_large"
-        assert time.perf_counter() - t < 5, p.name
+        # fast: the decoder's own CPU (the suite runs beside other work), and a wall-clock ceiling
+        assert time.thread_time() - cpu < 5 and time.perf_counter() - t < 30, p.name
 
 
 def test_frames_are_counted_without_decoding_them(hostile_dir):

@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import sqlite3
 import threading
+import urllib.parse
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -172,6 +173,15 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA synchronous=FULL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
+
+        @event.listens_for(engine, "close")
+        def _sqlite_optimize(conn: Any, _record: Any) -> None:
+            # SQLite's advice for keeping the planner's statistics fresh: as a connection closes, analyse
+            # what its queries showed would benefit (after a large import, the bank entries' index)
+            try:
+                conn.execute("PRAGMA optimize")
+            except sqlite3.Error:  # a read-only or busy database: the statistics wait for the next close
+                pass
         return engine
     return create_engine(url, pool_pre_ping=True)
 
@@ -237,8 +247,8 @@ class Catalog:
             return object()
         with self._watch_lock:
             if self._watch is None:
-                self._watch = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False,
-                                              isolation_level=None)
+                self._watch = sqlite3.connect(f"file:{urllib.parse.quote(path)}?mode=ro", uri=True,
+                                              check_same_thread=False, isolation_level=None)
                 weakref.finalize(self, self._watch.close)
             return self._watch.execute("PRAGMA data_version").fetchone()[0]
 
