@@ -61,6 +61,7 @@ def _stored_ids(q: SearchByStored) -> list[int]:
 @needs(write=False)
 def search() -> Response:
     """Nearest flagged (or all) images for uploads, or for stored images by id / sha256."""
+    started = time.perf_counter()
     if (denied := need_ready()) is not None:
         return denied
     svc = runtime().service
@@ -79,7 +80,8 @@ def search() -> Response:
     t0 = time.perf_counter()
     out = jsonify(response_json(resp))
     resp.timings.hydrate += (time.perf_counter() - t0) * 1000
-    out.headers["Server-Timing"] = resp.timings.header()
+    # the stages, and the whole handler (what is not a stage: parsing, auth, readiness, the response)
+    out.headers["Server-Timing"] = f"{resp.timings.header()}, handler;dur={(time.perf_counter() - started) * 1000:.2f}"
     return out
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
+from types import MappingProxyType
 from typing import Sequence
 
 from indexer.hashbanks.banks import Bank, BankEntry, Banks
@@ -102,8 +103,9 @@ class HashMatcher:
         """Bank matches and up to ``k`` stored images (flagged ones for scope ``flagged``) per query.
         ``every_bank`` also reports matches in disabled banks and of disabled contents, marked not ``live``
         (HMA's raw lookup reports them; its lookup applies the switch itself)."""
-        # read again after any commit: a switch applies at once
-        banks = self.store.catalog.unless_changed("banks", lambda: {b.name: b for b in self.banks.list(counts=False)})
+        # read again after any commit, so a switch applies at once; shared between request threads, so read-only
+        banks = self.store.catalog.unless_changed(
+            "banks", lambda: MappingProxyType({b.name: b for b in self.banks.list(counts=False)}))
         pdqs = [q.pdq.hash if q.pdq is not None and q.pdq.usable else None for q in queries]
         live = [b for b in banks.values() if b.enabled or every_bank]
         now = time.time()
