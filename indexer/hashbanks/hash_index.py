@@ -12,11 +12,12 @@ Two structures, chosen by size (``auto``): below ``mih_min`` hashes an exhaustiv
 (32 bytes a hash and an 8-byte id, one popcount pass); above it the multi-index hashing HMA uses,
 ``IndexBinaryMultiHash`` with 16 bands of 16 bits — a hash within 31 bits of the query shares at least one
 band with it up to one flipped bit (pigeonhole: 16 bands × 2 bits would be 32), so ``nflip = radius // 16``
-finds every match exactly. ``benchmarks/hashes.py`` measured, on 2 cores through this class on a real
-catalog, flat p50 1.1 ms at 1M and 12.7 ms at 10M banked hashes (about 44 bytes a hash) against 1.5 and
-25.6 ms for multi-index hashing at 7× the memory, and 1.6 and 17.9 ms for threatexchange's ``PDQIndex``
-(what Open Media Match builds), so ``auto`` stays flat up to 100M; ``mih`` remains for machines where it
-measures faster."""
+finds every match exactly. Measured on 2 cores: flat scans at memory bandwidth, p50 1.0 ms at 1M and
+11–13 ms at 10M banked hashes in 40 bytes a hash; multi-index hashing (threatexchange's ``PDQIndex`` is the
+same FAISS structure) answers in 0.75–0.79 and 6.9–8.3 ms alone in a process but at 7–12× the memory, and
+slower than flat in a process that also holds the catalog and other indexes (``benchmarks/hashes.py``,
+1.5 and 25.6 ms). ``auto`` therefore stays flat up to 100M, keeping each server worker's memory small;
+``mih`` (or a lower ``mih_min``) buys the faster lookups with that memory."""
 from __future__ import annotations
 
 import hashlib
