@@ -110,9 +110,7 @@ def _hm() -> HashMatcher:
 def _only(*known: str) -> None:
     """A parameter flagmatch does not take is refused by name, never ignored (a client limiting what it acts
     on must not get more than it asked for)."""
-    unknown = sorted(set(request.args) - set(known))
-    if unknown:
-        raise HmaAbort(400, f"unsupported parameter(s): {', '.join(unknown)}")
+    _no_others(request.args, known, "parameter(s)")
 
 
 def _takes(*params: str, required: tuple[str, ...] = ()) -> Callable:
@@ -211,9 +209,7 @@ def _hash(data: bytes, content_type: str, types: list[str]) -> dict[str, str]:
 def _upload(fields: tuple[str, ...] = ()) -> tuple[str, bytes]:
     """(content type, bytes) of the one uploaded file (its field name is the content type, OMM's way); form
     fields other than ``fields`` are refused by name."""
-    unknown = sorted(set(request.form) - set(fields))
-    if unknown:
-        raise HmaAbort(400, f"unsupported form field(s): {', '.join(unknown)}")
+    _no_others(request.form, fields, "form field(s)")
     if not request.files:
         raise HmaAbort(400, "Missing multipart/form-data file upload")
     if len(request.files) > 1 or any(len(request.files.getlist(k)) > 1 for k in request.files):
@@ -437,10 +433,11 @@ def _json(*known: str) -> dict[str, Any]:
     return body
 
 
-def _no_others(fields: Any, known: tuple[str, ...]) -> None:
-    unknown = sorted(set(fields) - set(known))
+def _no_others(given: Any, known: tuple[str, ...], what: str = "field(s)") -> None:
+    """Query parameters, form fields or JSON fields a route does not take are refused by name, never ignored."""
+    unknown = sorted(set(given) - set(known))
     if unknown:
-        raise HmaAbort(400, f"unsupported field(s): {', '.join(map(str, unknown))}")
+        raise HmaAbort(400, f"unsupported {what}: {', '.join(map(str, unknown))}")
 
 
 def _ratio(body: dict[str, Any]) -> float | None:

@@ -3,7 +3,6 @@ OpenAPI document (valid and invalid ones) and runs every check against a real gu
 server error, undocumented status or content type, or response off its schema fails the test."""
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -37,20 +36,27 @@ def served(tmp_path_factory, tiny_model_dir):
     stop_server(proc, log)
 
 
-def test_schemathesis_finds_no_failure(served):
-    base, root = served
+def _schemathesis(config: str, cwd: Path, schema_url: str, base_url: str, *options: str) -> None:
+    """schemathesis's own CLI against a served document, with its default checks unless ``options`` add more;
+    any failure fails the test with schemathesis's report."""
     st = shutil.which("schemathesis", path=str(Path(sys.executable).parent)) or shutil.which("schemathesis")
     assert st, "schemathesis is a test dependency: pip install -e '.[test]'"
-    config = root / "schemathesis.toml"
-    config.write_text(CONFIG)
+    config_file = cwd / "schemathesis.toml"
+    config_file.write_text(config)
     out = subprocess.run(
-        [st, "--config-file", str(config), "run", f"{base}/api/v1/openapi.json", "--url", f"{base}/api/v1",
-         "-H", f"Authorization: Bearer {TOKEN}", "--checks", "all", "--max-examples", "40", "--seed", "7",
-         "--workers", "1", "--phases", "examples,coverage,fuzzing", "--generation-database", "none",
-         "--request-timeout", "30", "--no-color", "--suppress-health-check", "all"],
-        capture_output=True, text=True, timeout=900, cwd=root)
+        [st, "--config-file", str(config_file), "run", schema_url, "--url", base_url, *options, "--seed", "7",
+         "--workers", "1", "--generation-database", "none", "--request-timeout", "30", "--no-color",
+         "--suppress-health-check", "all"],
+        capture_output=True, text=True, timeout=900, cwd=cwd)
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
     assert "passed" in out.stdout.lower()
+
+
+def test_schemathesis_finds_no_failure(served):
+    base, root = served
+    _schemathesis(CONFIG, root, f"{base}/api/v1/openapi.json", f"{base}/api/v1", "-H",
+                  f"Authorization: Bearer {TOKEN}", "--checks", "all", "--max-examples", "40",
+                  "--phases", "examples,coverage,fuzzing")
 
 
 # Statuses a schema-valid request to the HMA routes may still get: the schema cannot say which banks,
@@ -71,17 +77,7 @@ def test_schemathesis_finds_no_failure_on_the_hma_routes(tmp_path, tiny_model_di
                     FLAGMATCH_THREADS="4")
     proc, base, log = start_server(env, tmp_path / "server.log")
     try:
-        st = shutil.which("schemathesis", path=str(Path(sys.executable).parent)) or shutil.which("schemathesis")
-        assert st, "schemathesis is a test dependency: pip install -e '.[test]'"
-        config = tmp_path / "schemathesis.toml"
-        config.write_text(HMA_CONFIG)
-        out = subprocess.run(
-            [st, "--config-file", str(config), "run", f"{base}/openapi/openapi.json", "--url", base,
-             "--max-examples", "30", "--seed", "7", "--workers", "1", "--generation-database", "none",
-             "--request-timeout", "30", "--no-color", "--suppress-health-check", "all"],
-            capture_output=True, text=True, timeout=900, cwd=tmp_path)
-        assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
-        assert "passed" in out.stdout.lower()
+        _schemathesis(HMA_CONFIG, tmp_path, f"{base}/openapi/openapi.json", base, "--max-examples", "30")
     finally:
         stop_server(proc, log)
     assert "Traceback" not in (tmp_path / "server.log").read_text(errors="replace")
