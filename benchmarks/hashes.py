@@ -91,6 +91,7 @@ def lookups(n: int, kind: str, queries: int = 1000, seed: int = 0) -> dict[str, 
                 codes_kept = codes[: queries].copy()
             idx.index.add_with_ids(codes, np.arange(start + 1, start + m + 1, dtype=np.int64))
             del codes
+        idx.save()  # the multi-index folds what was added into its mapped file, as a server opens it
         build_s = time.perf_counter() - t
         mem = rss_mib() - r0
         assert codes_kept is not None
@@ -111,12 +112,9 @@ def lookups(n: int, kind: str, queries: int = 1000, seed: int = 0) -> dict[str, 
             t = time.perf_counter()
             false += len(idx.search([h], 31)[0])
             lat.append((time.perf_counter() - t) * 1000)
-        t = time.perf_counter()
-        idx.save()
-        save_s = time.perf_counter() - t
         file_bytes = (Path(d) / "p.faissb").stat().st_size
         catalog.close()
-    return {"n": n, "kind": kind, "build_s": build_s, "save_s": save_s, "p50_ms": median(lat),
+    return {"n": n, "kind": kind, "build_s": build_s, "p50_ms": median(lat),
             "p99_ms": percentile(lat, 99), "recall": found / len(near_hex), "false_hits": false,
             "rss_bytes_per_hash": mem * 2**20 / n, "file_bytes_per_hash": file_bytes / n}
 
@@ -125,12 +123,13 @@ def lookups(n: int, kind: str, queries: int = 1000, seed: int = 0) -> dict[str, 
 
 def catalog_lookups(n: int, queries: int = 500, seed: int = 1, before: bool = True) -> dict[str, Any]:
     """The served path's bank lookup — ``PdqIndex.search`` with its catch-up check of a real SQLite catalog
-    holding ``n`` bank entries, flat and multi-index hashing — beside threatexchange's ``PDQIndex``
-    (``PdqSignal.get_index_cls()``, the index Open Media Match builds) on the same hashes and queries, all in
-    this one process: single-thread latency, memory per hash (the process's RSS growth while each index is
-    built), lookups/s on all cores (one forked process per core, as the server runs a worker per core), and,
-    with ``before``, the same flat lookups with the catch-up's index dropped and the change check bypassed
-    (the read every lookup made before migration 0006)."""
+    holding ``n`` bank entries, flat and multi-index — beside threatexchange's ``PDQIndex``
+    (``PdqSignal.get_index_cls()``, the index Open Media Match builds) on the same hashes and queries. Each
+    structure is measured in a forked process of its own, as a server worker holds it (flagmatch's opened from
+    its saved file): single-thread latency, the worker's private memory per hash (anonymous RSS growth) and
+    what it maps from a file the workers share, and lookups/s on all cores (one forked process per core, as
+    the server runs a worker per core); with ``before``, the same flat lookups with the catch-up's index
+    dropped and the change check bypassed (the read every lookup made before migration 0006)."""
     import os
     import faiss
     from sqlalchemy import text
@@ -156,27 +155,34 @@ def catalog_lookups(n: int, queries: int = 500, seed: int = 1, before: bool = Tr
             lat.append((time.perf_counter() - t0) * 1000)
         return lat, found
 
-    def all_cores(fn, seconds: float = 3.0) -> float:  # type: ignore[no-untyped-def]
-        """Lookups/s summed over one forked process per core, each looping over the queries."""
-        cores = os.cpu_count() or 1
-        r, w = os.pipe()
-        kids = []
-        for _ in range(cores):
+    def parallel(fn, k: int) -> list[str]:  # type: ignore[no-untyped-def]
+        """``fn() -> str`` in ``k`` forked processes at once; their outputs."""
+        pipes = []
+        for _ in range(k):
+            r, w = os.pipe()
             pid = os.fork()
             if pid == 0:
                 os.close(r)
-                done, end = 0, time.perf_counter() + seconds
-                while time.perf_counter() < end:
-                    fn(done % queries, qs[done % queries])
-                    done += 1
-                os.write(w, f"{done / seconds}\n".encode())
+                os.write(w, fn().encode())
                 os._exit(0)
-            kids.append(pid)
-        os.close(w)
-        for pid in kids:
+            os.close(w)
+            pipes.append((pid, r))
+        res = []
+        for pid, r in pipes:
+            with os.fdopen(r) as f:
+                res.append(f.read())
             os.waitpid(pid, 0)
-        with os.fdopen(r) as f:
-            return sum(float(x) for x in f.read().split())
+        return res
+
+    def all_cores(fn, seconds: float = 3.0) -> float:  # type: ignore[no-untyped-def]
+        """Lookups/s summed over one forked process per core, each looping over the queries."""
+        def loop() -> str:
+            done, end = 0, time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                fn(done % queries, qs[done % queries])
+                done += 1
+            return str(done / seconds)
+        return sum(float(x) for x in parallel(loop, os.cpu_count() or 1))
 
     with tempfile.TemporaryDirectory() as d:
         url = f"sqlite:///{d}/c.sqlite"
@@ -187,49 +193,61 @@ def catalog_lookups(n: int, queries: int = 500, seed: int = 1, before: bool = Tr
         for start in range(0, n, 1_000_000):
             banks.add("BIG", (NewEntry("pdq", h) for h in hexes[start:start + 1_000_000]))
         out["fill_s"] = time.perf_counter() - t
-        indexes: dict[str, Any] = {}
-        for kind in ("flat", "mih"):
-            r0 = rss_mib()
-            t = time.perf_counter()
-            indexes[kind] = PdqIndex(Path(d) / f"{kind}.faissb", catalog, f"pdq:{kind}", banks.pdq_rows_after,
-                                     kind=kind)
-            out[f"{kind}_build_s"] = time.perf_counter() - t
-            out[f"{kind}_bytes_per_hash"] = (rss_mib() - r0) * 2**20 / n
+        catalog.close()
 
-        def forked(kind: str):  # type: ignore[no-untyped-def]
-            def look(i: int, q: str) -> bool:  # a forked worker opens the catalog anew, as a server worker does
-                idx = indexes[kind]
-                if not getattr(look, "ready", False):
-                    idx.catalog = Catalog(url)
-                    idx.rows_after = Banks(idx.catalog).pdq_rows_after
-                    look.ready = True  # type: ignore[attr-defined]
-                return any(h.id == i + 1 for h in idx.search([q], 31)[0])
-            return look
+        def measure(kind: str) -> str:  # in a process of its own
+            res: dict[str, Any] = {}
+            if kind == "te":
+                a0, f0 = memory_mib()
+                t = time.perf_counter()
+                tx = PdqSignal.get_index_cls().build((h, i + 1) for i, h in enumerate(hexes))  # OMM's PDQ index
 
-        for kind, idx in indexes.items():
-            lat, found = timed(lambda i, q: any(h.id == i + 1 for h in idx.search([q], 31)[0]))
-            out.update({f"{kind}_p50_ms": median(lat), f"{kind}_p99_ms": percentile(lat, 99),
-                        f"{kind}_recall": found / queries, f"{kind}_all_cores_per_s": all_cores(forked(kind))})
-        catch, _ = timed(lambda i, q: len(banks.pdq_rows_after(indexes["flat"].covered)) + 0)
+                def look(i: int, q: str) -> bool:
+                    return any(m.metadata == i + 1 for m in tx.query(q))
+            else:
+                cat = Catalog(url)
+                t = time.perf_counter()
+                PdqIndex(Path(d) / f"{kind}.faissb", cat, f"pdq:{kind}", Banks(cat).pdq_rows_after,
+                         kind=kind).save()
+                res["build_s"] = time.perf_counter() - t
+                a0, f0 = memory_mib()
+                t = time.perf_counter()  # a server worker opens the saved index
+                idx = PdqIndex(Path(d) / f"{kind}.faissb", cat, f"pdq:{kind}", Banks(cat).pdq_rows_after, kind=kind)
+
+                def look(i: int, q: str) -> bool:
+                    return any(h.id == i + 1 for h in idx.search([q], 31)[0])
+            res["open_s"] = time.perf_counter() - t
+            lat, found = timed(look)
+            a1, f1 = memory_mib()
+            res.update({"p50_ms": median(lat), "p99_ms": percentile(lat, 99), "recall": found / queries,
+                        "bytes_per_hash": (a1 - a0) * 2**20 / n, "shared_bytes_per_hash": (f1 - f0) * 2**20 / n,
+                        "all_cores_per_s": all_cores(look)})
+            return json.dumps(res)
+
+        for kind in ("flat", "mih", "te"):
+            r = json.loads(parallel(lambda: measure(kind), 1)[0])
+            out.update({f"{kind}_{k}": v for k, v in r.items()})
+            print(kind, r, flush=True)
+        catalog = Catalog(url)
+        banks = Banks(catalog)
+        flat = PdqIndex(Path(d) / "flat.faissb", catalog, "pdq:flat", banks.pdq_rows_after, kind="flat")
+        catch, _ = timed(lambda i, q: len(banks.pdq_rows_after(flat.covered)) + 0)
         check, _ = timed(lambda i, q: catalog.change_token() is None)
         out.update({"catch_up_p50_ms": median(catch), "change_check_p50_ms": median(check)})
-        r0 = rss_mib()
-        t = time.perf_counter()
-        tx = PdqSignal.get_index_cls().build((h, i + 1) for i, h in enumerate(hexes))  # OMM's PDQ index
-        out["te_build_s"] = time.perf_counter() - t
-        out["te_bytes_per_hash"] = (rss_mib() - r0) * 2**20 / n
-        theirs, f2 = timed(lambda i, q: any(m.metadata == i + 1 for m in tx.query(q)))
-        out.update({"te_p50_ms": median(theirs), "te_p99_ms": percentile(theirs, 99), "te_recall": f2 / queries,
-                    "te_all_cores_per_s": all_cores(lambda i, q: any(m.metadata == i + 1 for m in tx.query(q)))})
         if before:
             with catalog.engine.begin() as c:  # a catalog as new ones were: no index for it, no statistics
                 c.execute(text("DROP INDEX ix_bank_entries_type_id"))
-            flat = indexes["flat"]
             lat, _ = timed(lambda i, q: (len(banks.pdq_rows_after(flat.covered)),
                                          catalog.checkpoint(flat.scope), flat.search([q], 31))[0] + 0)
             out.update({"before_p50_ms": median(lat), "before_p99_ms": percentile(lat, 99)})
         catalog.close()
     return out
+
+
+def memory_mib() -> tuple[float, float]:
+    """This process's resident memory: (anonymous, mapped from files), MiB."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return int(fields["RssAnon"].split()[0]) / 1024, int(fields["RssFile"].split()[0]) / 1024
 
 
 # ------------------------------------------------------------------ 3. PDQ vs embedding
@@ -302,28 +320,30 @@ def markdown(res: dict[str, Any]) -> str:
         md.append("")
     if res.get("catalog"):
         md += ["Bank lookups on the served path: `PdqIndex.search` with its catch-up check of a real SQLite catalog of "
-               "N bank entries (flat and multi-index hashing), beside threatexchange's `PDQIndex` "
+               "N bank entries (flat and multi-index), beside threatexchange's `PDQIndex` "
                "(`PdqSignal.get_index_cls()`, what Open Media Match builds) on the same hashes and 500 near queries "
-               "(8–30 bits flipped), radius 31, one process. p50/p99: single thread; B/hash: the process's RSS growth "
-               "while the index was built; /s: lookups per second on all cores (a forked process per core); "
-               "recall: the banked original found, every structure; *check*: the change check that replaces the "
-               "catch-up's reads while nothing was committed; *before*: each lookup with the reads it made before "
-               "this work (checkpoint and catch-up query, without the index of migration 0006). Every structure here "
-               "shares one process with the others and the catalog: multi-index hashing, which reads at random, "
-               "measures slower here than alone in a process (threatexchange's at 1M / 10M alone, one thread, same "
-               "machine: 0.75–0.79 / 6.9–8.3 ms against a bare flat scan's 1.0 / 11–13 ms).", ""]
+               "(8–30 bits flipped), radius 31. Each structure in a forked process of its own, flagmatch's opened "
+               "from its saved file as a server worker opens it. p50/p99: single thread; B/hash: the worker's private "
+               "memory (anonymous RSS growth) + what it maps from a file all workers share (page cache, once per "
+               "machine); /s: lookups per second on all cores (a forked process per core); recall: the banked "
+               "original found, every structure; *check*: the change check that replaces the catch-up's reads while "
+               "nothing was committed; *before*: each lookup with the reads it made before this work (checkpoint "
+               "and catch-up query, without the index of migration 0006).", ""]
         rows = []
         for r in res["catalog"]:
-            if "flat_p50_ms" not in r:  # a row from before the flat/MIH split
+            if "te_bytes_per_hash" not in r or "flat_shared_bytes_per_hash" not in r:  # an older layout
                 continue
-            rows.append([f"{r['n']:,}", r["flat_p50_ms"], r["flat_p99_ms"], round(r["flat_bytes_per_hash"]),
-                         round(r["flat_all_cores_per_s"]), r["mih_p50_ms"], r["mih_p99_ms"],
-                         round(r["mih_bytes_per_hash"]), round(r["mih_all_cores_per_s"]), r["te_p50_ms"],
-                         r["te_p99_ms"], round(r["te_bytes_per_hash"]), round(r["te_all_cores_per_s"]),
-                         min(r["flat_recall"], r["mih_recall"], r["te_recall"]), r["change_check_p50_ms"],
-                         r.get("before_p50_ms", "—")])
-        md.append(table(["bank entries", "flat p50 (ms)", "flat p99", "flat B/hash", "flat /s", "MIH p50 (ms)",
-                         "MIH p99", "MIH B/hash", "MIH /s", "threatexchange p50 (ms)", "TE p99", "TE B/hash", "TE /s",
+
+            def mem(k: str) -> str:
+                shared = r.get(f"{k}_shared_bytes_per_hash", 0)
+                return f"{round(r[f'{k}_bytes_per_hash'])}" + (f" + {round(shared)} shared" if shared > 8 else "")
+            rows.append([f"{r['n']:,}", r["flat_p50_ms"], r["flat_p99_ms"], mem("flat"),
+                         round(r["flat_all_cores_per_s"]), r["mih_p50_ms"], r["mih_p99_ms"], mem("mih"),
+                         round(r["mih_all_cores_per_s"]), r["te_p50_ms"], r["te_p99_ms"], mem("te"),
+                         round(r["te_all_cores_per_s"]), min(r["flat_recall"], r["mih_recall"], r["te_recall"]),
+                         r["change_check_p50_ms"], r.get("before_p50_ms", "—")])
+        md.append(table(["bank entries", "flat p50 (ms)", "flat p99", "flat B/hash", "flat /s", "multi-index p50 (ms)",
+                         "MI p99", "MI B/hash", "MI /s", "threatexchange p50 (ms)", "TE p99", "TE B/hash", "TE /s",
                          "recall", "check p50 (ms)", "before p50 (ms)"], rows))
         md.append("")
     v = res.get("versus")

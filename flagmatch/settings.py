@@ -83,6 +83,9 @@ class Settings:
     # -- decoding limits (ingest and uploads alike)
     max_pixels: int = setting(100_000_000, "largest image decoded, in pixels (a JPEG's header may be up to 64× "
                               "larger: it is decoded at 1/8 scale)", "decode")
+    max_stream_pixels: int = setting(500_000_000, "largest PNG or WebP streamed through libvips, in pixels: such a "
+                                     "file is shrunk as it is read, so max_pixels applies to the shrunk image and "
+                                     "this bounds the decoding time", "decode")
     max_decode_bytes: int = setting(1 << 30, "largest estimated memory of one image's decode, in bytes (from the "
                                     "header, before any pixel is allocated)", "decode")
     decode_timeout: float = setting(15.0, "most CPU time one image may take to decode, in seconds (the decoding "
@@ -91,10 +94,14 @@ class Settings:
     decode_wall_timeout: float = setting(120.0, "longest wall-clock time one image may take to decode, in seconds, "
                                          "however busy the machine", "decode")
     max_file_bytes: int = setting(200 * 1024 * 1024, "largest image file accepted, in bytes", "decode")
-    query_views: tuple[str, ...] = setting(("trimmed", "content"), "extra views of an uploaded query searched "
-                                           "beside the whole image where they apply: trimmed (uniform borders cut), "
-                                           "content (the picture inside a screenshot-like frame), mirror "
-                                           "(comma-separated; empty: the whole image only)", "decode")
+    query_views: tuple[str, ...] = setting(("trimmed", "content", "cells"), "extra views of an uploaded query "
+                                           "searched beside the whole image where they apply: trimmed (uniform "
+                                           "borders cut), content (the picture inside a screenshot-like frame), cells "
+                                           "(each picture of a collage or grid), mirror (comma-separated; empty: the "
+                                           "whole image only)", "decode")
+    query_grid_below: float = setting(0.0, "an upload whose best similarity over its views is below this is searched "
+                                      "again by its quadrants and centre (pictures inside pictures without clear "
+                                      "seams); -1: never", "search")
     verify_hits: bool = setting(True, "check an upload's hits by local features (ORB keypoints + RANSAC) from the "
                                 "top until one shows the same picture, and put that one first", "server")
     # -- vector index
@@ -121,10 +128,11 @@ class Settings:
     use_gpu: str = setting("auto", "FAISS on the GPU: auto (when faiss-gpu sees one), on or off", "search")
     pdq_threshold: int = setting(31, "PDQ distance (bits of 256) within which a stored image matches a query's "
                                  "hash; each bank has its own threshold", "search")
-    pdq_index: str = setting("auto", "PDQ binary index: flat (exhaustive, ~41 bytes a hash), mih (multi-index "
-                             "hashing as HMA does, ~6-9x the memory) or auto (flat below --pdq-mih-min)", "index")
-    pdq_mih_min: int = setting(100_000_000, "with pdq_index auto, hashes from which multi-index hashing is used "
-                               "(measured: flat answers faster up to 10M, see benchmarks/hashes.py)", "index")
+    pdq_index: str = setting("auto", "PDQ binary index: flat (exhaustive, ~41 bytes a hash in each worker), mih "
+                             "(multi-index, ~104 bytes a hash in one file the workers share) or auto (flat below "
+                             "--pdq-mih-min)", "index")
+    pdq_mih_min: int = setting(1_000_000, "with pdq_index auto, hashes from which the multi-index is used "
+                               "(measured: 2x faster than flat at 1M, 3x at 10M; benchmarks/hashes.py)", "index")
     # -- server
     host: str = setting("127.0.0.1", "address `serve` listens on", "server")
     port: int = setting(8080, "port `serve` listens on", "server")

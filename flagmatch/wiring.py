@@ -58,7 +58,8 @@ def load_embedder(settings: Settings, store: Store | None = None) -> Embedder:
 
 def decode_limits(settings: Settings) -> DecodeLimits:
     return DecodeLimits(max_pixels=settings.max_pixels, max_bytes=settings.max_decode_bytes,
-                        timeout_s=settings.decode_timeout, wall_s=settings.decode_wall_timeout)
+                        timeout_s=settings.decode_timeout, wall_s=settings.decode_wall_timeout,
+                        max_stream_pixels=settings.max_stream_pixels)
 
 
 def ingest_options(settings: Settings) -> IngestOptions:
@@ -112,7 +113,8 @@ def search_service(settings: Settings, store: Store, index: VectorIndex, embedde
                          cluster_lookup=ClusterStore(store).lookup, views=settings.query_views,
                          hashes=hash_matcher(settings, store), heads=ActiveHeads(store),
                          decode_nice=settings.request_nice,
-                         local=FeatureCache(thumbnail_grey(store.thumbs_dir)) if settings.verify_hits else None)
+                         local=FeatureCache(thumbnail_grey(store.thumbs_dir)) if settings.verify_hits else None,
+                         grid_below=settings.query_grid_below)
 
 
 def hash_matcher(settings: Settings, store: Store) -> HashMatcher:

@@ -19,7 +19,7 @@ from typing import Sequence
 
 from indexer.hashbanks.banks import Bank, BankEntry, Banks
 from indexer.storage.catalog import ImageRecord
-from indexer.hashbanks.hash_index import PdqIndex
+from indexer.hashbanks.hash_index import MIH_MIN, PdqIndex
 from indexer.media.hashes import PDQ_DEFAULT_THRESHOLD, Signals, pdq_distance
 from indexer.storage.store import Store
 
@@ -73,7 +73,7 @@ class HashEvidence:
 
 class HashMatcher:
     def __init__(self, store: Store, *, image_threshold: int = PDQ_DEFAULT_THRESHOLD, index_kind: str = "auto",
-                 mih_min: int = 100_000_000) -> None:
+                 mih_min: int = MIH_MIN) -> None:
         self.store = store
         self.banks = Banks(store.catalog)
         self.image_threshold = image_threshold

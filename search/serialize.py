@@ -34,6 +34,7 @@ def hit_json(h: Hit) -> dict[str, Any]:
     d = image_json(h.record)
     d["similarity"] = round(h.similarity, 6)
     d["view"] = h.view
+    d["view_box"] = list(h.box) if h.box is not None else None
     d["local_matches"] = h.local_matches
     d["verified"] = h.verified
     d["cluster"] = h.cluster

@@ -31,8 +31,10 @@ MAX_K = 1000
 # 10; 0.953 at 3, 0.939 unverified). An upload that copies nothing flagged — most uploads — is checked down
 # to this depth, so 5 halves its cost (each check ~1.5 ms, ~6 ms more while a hit's thumbnail is first described).
 VERIFY_DEPTH = 5
-VIEWS = ("trimmed", "content", "mirror")
-DEFAULT_VIEWS = ("trimmed", "content")  # the mirror doubles the model's work on every upload: opt in
+VIEWS = ("trimmed", "content", "cells", "mirror")
+# the mirror doubles the model's work on every upload: opt in; cells cost only composites (indexer.media.views)
+DEFAULT_VIEWS = ("trimmed", "content", "cells")
+Box = tuple[int, int, int, int]
 ClusterLookup = Callable[[Sequence[int]], dict[int, dict[str, Any]]]
 
 
@@ -81,7 +83,8 @@ class Hit:
     record: ImageRecord
     similarity: float
     cluster: dict[str, Any] | None
-    view: str = "full"   # the query view that matched best (full, trimmed, content, mirror)
+    view: str = "full"   # the query view that matched best (full, trimmed, content, mirror, cellN, gridN)
+    box: Box | None = None  # that view's box in the upload (left, top, right, bottom; pixels as displayed)
     p_labels: dict[str, float] = field(default_factory=dict)  # the heads' scores from the last scoring
     # agreeing local-feature matches with the upload (indexer.media.local); None: not checked (a query by id, a hit
     # below the first verified one, or verification off)
@@ -124,9 +127,11 @@ class SearchService:
                  limits: DecodeLimits = DEFAULT_LIMITS, admission: Admission | None = None,
                  cluster_lookup: ClusterLookup | None = None, views: Sequence[str] = DEFAULT_VIEWS,
                  hashes: HashMatcher | None = None, heads: ActiveHeads | None = None, decode_nice: int = 0,
-                 local: FeatureCache | None = None) -> None:
+                 local: FeatureCache | None = None, grid_below: float = -1.0) -> None:
         self.store, self.index, self.embedder, self.hashes = store, index, embedder, hashes
         self.local = local  # stored images' local features: an upload's hits are verified when set
+        # an upload whose views' best similarity is below this is searched again by the parts of a grid
+        self.grid_below = grid_below
         # uploads decode on a small pool — at most one decode per core at once — at the request niceness
         # (``decode_nice`` here; see indexer.media.decode.lower_priority for why a lower priority helps the model)
         self._decoders = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="upload-decode",
@@ -157,13 +162,16 @@ class SearchService:
         t = Timings()
         t0 = time.perf_counter()
         pixels, owner, names, queries, signals, local = [], [], [], [], [], []
+        boxes: list[dict[str, Box]] = []
+        spec = self.embedder.info.input
         # while this request decodes, the model knows it is on its way (indexer.models.embed.SerialEmbedder)
         with coming(self.embedder):
             for n, (name, data) in enumerate(uploads):
                 if not data:
                     raise InvalidInputError(f"{name or 'upload'}: the file is empty", code="empty_image")
-                img, feats = self._decode_query(data, self.embedder.info.input)
+                img, feats = self._decode_query(data, spec)
                 local.append(feats)
+                boxes.append(dict(img.view_boxes))
                 sha = hashlib.sha256(data).hexdigest()
                 for view, px in (("full", img.pixels), *img.views.items()):
                     pixels.append(px)
@@ -175,23 +183,42 @@ class SearchService:
             vectors, p = self.embedder.embed(np.stack(pixels))
         t2 = time.perf_counter()
         t.decode, t.embed = (t1 - t0) * 1000, (t2 - t1) * 1000
+
+        def grid(needy: list[int]) -> tuple[np.ndarray, list[int], list[str]]:
+            """The grid's parts of the uploads that found nothing confident, embedded in one batch."""
+            g0 = time.perf_counter()
+            px, own, views = [], [], []
+            for q in needy:
+                img = self._decode_query(uploads[q][1], spec, views=("grid",), local=False)[0]
+                boxes[q].update(img.view_boxes)
+                for view, pv in img.views.items():
+                    px.append(pv)
+                    own.append(q)
+                    views.append(view)
+            g1 = time.perf_counter()
+            vecs = self.embedder.embed(np.stack(px))[0]
+            t.decode += (g1 - g0) * 1000
+            t.embed += (time.perf_counter() - g1) * 1000
+            return vecs, own, views
         full = [i for i, v in enumerate(names) if v == "full"]  # P(unsafe) is the whole image's
         heads = self.heads
         by_head = {h.label: h.predict(vectors[full]) for h in heads}
         qs = [Query(name, sha, float(p[i]), known, {lab: round(float(v[n]), 6) for lab, v in by_head.items()})
               for n, ((name, sha, known), i) in enumerate(zip(queries, full))]
         return self._search(qs, vectors, params, t, exclude=[set() for _ in owner], owner=owner, views=names,
-                            signals=signals, local=local)
+                            signals=signals, local=local, boxes=boxes,
+                            fallback=grid if self.grid_below > -1 else None)
 
-    def _decode(self, data: bytes, spec: InputSpec, *, views: bool = True) -> DecodedImage:
+    def _decode(self, data: bytes, spec: InputSpec, *, views: Sequence[str] | None = None) -> DecodedImage:
         """Decode one upload within the worker's admission budget (reserved from its header first)."""
         return self._decode_query(data, spec, views=views, local=False)[0]
 
-    def _decode_query(self, data: bytes, spec: InputSpec, *, views: bool = True,
+    def _decode_query(self, data: bytes, spec: InputSpec, *, views: Sequence[str] | None = None,
                       local: bool = True) -> tuple[DecodedImage, QueryFeatures | None]:
         """An upload decoded (and its local features described, when hits are verified) on the decode pool,
-        within the worker's admission budget (reserved from its header first)."""
-        v = self.views if views else ()
+        within the worker's admission budget (reserved from its header first). ``views``: the server's when
+        None."""
+        v = self.views if views is None else tuple(views)
         side = SIDE if local and self.local is not None else 0
 
         def work() -> tuple[DecodedImage, QueryFeatures | None]:
@@ -209,7 +236,7 @@ class SearchService:
     def hash_image(self, data: bytes) -> Pdq | None:
         """PDQ of an upload (decoded safely as for a search; no model needed)."""
         spec = self.embedder.info.input if self.embedder is not None else InputSpec(224)
-        return self._decode(data, spec, views=False).pdq
+        return self._decode(data, spec, views=()).pdq
 
     def hash_evidence(self, signals: Sequence[Signals], *, scope: str = "flagged", k: int = 10,
                       every_bank: bool = False) -> list[HashEvidence]:
@@ -284,14 +311,31 @@ class SearchService:
     def _search(self, queries: list[Query], vectors: np.ndarray, params: SearchParams, t: Timings,
                 exclude: list[set[int]], owner: list[int] | None = None,
                 views: list[str] | None = None, signals: list[Signals] | None = None,
-                local: list[QueryFeatures | None] | None = None) -> SearchResponse:
+                local: list[QueryFeatures | None] | None = None, boxes: list[dict[str, Box]] | None = None,
+                fallback: Callable[[list[int]], tuple[np.ndarray, list[int], list[str]]] | None = None,
+                ) -> SearchResponse:
         """One index search for every row (a query's views are rows of their own), one catalog read for
         every hit; a query keeps, per image, the best similarity over its views and the view it came from.
-        An upload's hits (``local``: its features) are then verified from the top (``_verify``)."""
+        ``fallback`` gives more rows (the grid's parts) for the queries whose best similarity is below
+        ``grid_below``, searched in a second index call. An upload's hits (``local``: its features) are then
+        verified from the top (``_verify``)."""
         t0 = time.perf_counter()
         owner = owner if owner is not None else list(range(len(queries)))
         views = views or ["full"] * len(owner)
         rows = self.index.search(vectors, params.k, params.scope, exclude=exclude, live=False)
+        if fallback is not None:
+            top = [-1.0] * len(queries)
+            for q, h in zip(owner, rows):
+                if len(h.similarities):
+                    top[q] = max(top[q], float(h.similarities.max()))
+            needy = [q for q, sim in enumerate(top) if sim < self.grid_below]
+            if needy:
+                tf = time.perf_counter()
+                more, more_owner, more_views = fallback(needy)
+                t0 += time.perf_counter() - tf  # the fallback's decode and embed are timed as such
+                rows = rows + self.index.search(more, params.k, params.scope,
+                                                exclude=[exclude[owner.index(q)] for q in more_owner], live=False)
+                owner, views = owner + more_owner, views + more_views
         t1 = time.perf_counter()
         ids = {int(i) for h in rows for i in h.ids}
         recs = self.store.catalog.get_many(ids)
@@ -319,9 +363,10 @@ class SearchService:
         if self.hashes is not None and signals is not None:
             evidence = list(self.hashes.lookup(signals, scope=params.scope, k=params.k,
                                                exclude=[q.known_id for q in queries]))
-        results = [QueryResult(q, [Hit(recs[i], sim, clusters.get(i), view, scored.get(i, {}), seen.get(i))
-                                   for i, (sim, view) in row], ev)
-                   for q, row, ev, seen in zip(queries, top, evidence, checked)]
+        where = boxes or [{} for _ in queries]
+        results = [QueryResult(q, [Hit(recs[i], sim, clusters.get(i), view, where[n].get(view), scored.get(i, {}),
+                                       seen.get(i)) for i, (sim, view) in row], ev)
+                   for n, (q, row, ev, seen) in enumerate(zip(queries, top, evidence, checked))]
         t.search += (t1 - t0) * 1000
         t.hashes += (time.perf_counter() - t2) * 1000
         t.hydrate += (t2 - t1) * 1000 - verify_ms

@@ -1,12 +1,19 @@
 from __future__ import annotations
 
+import io
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
 from indexer.media.decode import BACKGROUND, DecodeLimits, InputSpec, decode, sniff_format
 from indexer.errors import DecodeError
-from tests.helpers import drawn_image, encode
+from tests.helpers import drawn_image, encode, photo_image
 
 SPEC = InputSpec(size=64, crop_pct=1.0, interpolation="bicubic")
 CAP = 50_000_000
@@ -90,12 +97,121 @@ def test_pixel_cap_is_checked_from_the_header_before_decoding():
     huge = Image.new("1", (12_000, 12_000), 0)  # 144 Mpx, a few kB as PNG
     data = encode(huge, "PNG")
     assert len(data) < 100_000
+    for limits in (DecodeLimits(max_pixels=100_000_000, stream_from=0),  # Pillow would hold all of it
+                   DecodeLimits(max_stream_pixels=100_000_000)):  # libvips would stream all of it through
+        t = time.thread_time()
+        with pytest.raises(DecodeError) as e:
+            decode(data, SPEC, limits)
+        assert e.value.code == "too_large" and time.thread_time() - t < 0.5  # from the header
     with pytest.raises(DecodeError) as e:
-        run(data, max_pixels=100_000_000)
+        run(encode(drawn_image(6, (400, 300)), "PNG"), max_pixels=10_000)  # held: 200 × 150 once shrunk
     assert e.value.code == "too_large"
+
+
+# ------------------------------------------------------------------ libvips: streaming and shrink-on-load
+
+BIG_SPEC = InputSpec(size=384, crop_pct=0.9)
+
+
+def _both(data: bytes, **kw):  # type: ignore[no-untyped-def]
+    """The same file decoded by libvips (streamed) and by Pillow (whole)."""
+    return (decode(data, BIG_SPEC, DecodeLimits(**kw), thumb_size=256),
+            decode(data, BIG_SPEC, DecodeLimits(stream_from=0, **kw), thumb_size=256))
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    x, y = a.astype(np.float32).ravel() - 127.5, b.astype(np.float32).ravel() - 127.5
+    return float(x @ y / (np.linalg.norm(x) * np.linalg.norm(y)))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
+def test_large_png_and_webp_stream_through_libvips_with_the_same_pixels_as_pillow(fmt):
+    """A 3,600 × 2,700 PNG or WebP is shrunk as libvips reads it (PNG rows streamed, WebP decoded at the
+    reduced scale): the plan says so and holds far less, the model input, thumbnail and PDQ agree with
+    Pillow's whole-image path, and the EXIF orientation is applied the same way."""
+    from indexer.media.decode import plan
+    from indexer.media.hashes import pdq_distance
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode(photo_image(21, (3600, 2700)), fmt, exif=exif, **({"quality": 92} if fmt == "WEBP" else {}))
+    streamed = plan(data, BIG_SPEC, thumb_size=256)
+    whole = plan(data, BIG_SPEC, DecodeLimits(stream_from=0), thumb_size=256)
+    assert streamed.streamed == 3 and streamed.decoded == (1200, 900) and whole.streamed == 0
+    assert streamed.bytes < whole.bytes / 3
+    v, p = _both(data)
+    assert (v.width, v.height) == (p.width, p.height) == (2700, 3600)  # rotated for display, both ways
+    assert _cosine(v.pixels, p.pixels) > 0.995
+    assert np.abs(v.pixels.astype(int) - p.pixels.astype(int)).mean() < 4
+    assert v.pdq is not None and p.pdq is not None and pdq_distance(v.pdq.hash, p.pdq.hash) <= 16
+    tv, tp = (Image.open(io.BytesIO(x.thumbnail)) for x in (v, p))
+    assert tv.size == tp.size and tv.size[0] < tv.size[1]  # portrait, as displayed
+    assert _cosine(np.asarray(tv.convert("RGB").resize((64, 64))), np.asarray(tp.convert("RGB").resize((64, 64)))) > 0.99
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "I;16", "1"])
+def test_every_png_mode_streams_like_pillow(mode):
+    base = photo_image(22, (2000, 1800))
+    if mode == "RGBA":
+        im = base.convert("RGBA")
+        im.putalpha(Image.linear_gradient("L").resize(im.size))
+    elif mode == "LA":
+        im = base.convert("LA")
+    elif mode == "P":
+        im = base.convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
+    elif mode == "I;16":
+        im = Image.fromarray((np.asarray(base.convert("L"), np.uint16) * 257))
+    else:
+        im = base.convert("1")
+    v, p = _both(encode(im, "PNG"))
+    assert v.decoded_size == (1000, 900) and _cosine(v.pixels, p.pixels) > 0.99, mode
+
+
+def test_broken_streamed_files_are_coded_errors():
+    data = encode(photo_image(23, (3000, 2400)), "PNG", compress_level=1)
+    for cut in (data[: len(data) // 2], data[:200_000]):
+        with pytest.raises(DecodeError) as e:
+            decode(cut, BIG_SPEC)
+        assert e.value.code in ("truncated", "corrupt"), e.value
+    mid = bytearray(data)
+    mid[len(mid) // 2: len(mid) // 2 + 5000] = bytes(5000)  # a corrupt run inside the compressed rows
     with pytest.raises(DecodeError) as e:
-        run(encode(drawn_image(6, (400, 300)), "PNG"), max_pixels=100_000)
+        decode(bytes(mid), BIG_SPEC)
+    assert e.value.code in ("truncated", "corrupt")
+    webp = encode(photo_image(24, (3000, 2400)), "WEBP", quality=80)
+    with pytest.raises(DecodeError) as e:
+        decode(webp[: len(webp) // 2], BIG_SPEC)
+    assert e.value.code in ("truncated", "corrupt")
+    with pytest.raises(DecodeError) as e:  # the wall-clock ceiling reaches into libvips
+        decode(data, BIG_SPEC, DecodeLimits(wall_s=0.0))
+    assert e.value.code == "timeout"
+
+
+def test_a_230_megapixel_png_decodes_within_a_gibibyte(tmp_path):
+    """16,000 × 14,400 RGBA (what real clipart exports reach): refused whole by Pillow's path at the
+    100-Mpx cap; streamed, the child process that decodes it peaks under 1 GiB."""
+    import pyvips
+    path = tmp_path / "huge.png"
+    xy = pyvips.Image.xyz(16_000, 14_400)  # gradients and blocks, as clipart is: ~10 MB as PNG
+    x, y = xy[0], xy[1]
+    ((x / 64) % 256).bandjoin([(y / 64) % 256, ((x / 1000).floor() + (y / 1000).floor()) % 2 * 255,
+                               255 - (x / 250) % 64]).cast("uchar").copy(interpretation="srgb").pngsave(str(path))
+    with pytest.raises(DecodeError) as e:
+        decode(path.read_bytes(), BIG_SPEC, DecodeLimits(stream_from=0))
     assert e.value.code == "too_large"
+    code = (
+        "import json, sys\n"
+        "from indexer.media.decode import InputSpec, decode\n"
+        f"d = decode(open({str(path)!r}, 'rb').read(), InputSpec(384, 0.9))\n"
+        "print(json.dumps({'size': [d.width, d.height], 'shape': list(d.pixels.shape), 'thumb': len(d.thumbnail),"
+        " 'pdq': d.pdq.quality,"
+        # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec from the (large) parent
+        " 'rss': int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]) * 1024}))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout.splitlines()[-1])
+    assert r["size"] == [16_000, 14_400] and r["shape"] == [384, 384, 3] and r["thumb"] > 0 and r["pdq"] >= 0
+    assert r["rss"] < 1 << 30, r["rss"] / 2**20
 
 
 def test_large_jpeg_is_decoded_at_reduced_size():

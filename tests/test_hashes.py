@@ -322,29 +322,52 @@ def test_pdq_index_is_saved_caught_up_and_rebuilt_when_corrupt(svc, settings, st
 
 
 def test_multi_index_hashing_finds_exactly_what_the_exhaustive_index_finds(store, tmp_path):
+    """The multi-index (a mapped file plus a flat tail for rows added since) answers exactly as the flat scan,
+    at every radius (probing within 31 bits, counting every hash beyond), before and after a save folds the
+    tail in, and from its file in a new process's index; a damaged file is rebuilt from the catalog."""
     from indexer.hashbanks.hash_index import PdqIndex
     rng = np.random.default_rng(3)
     stored = [bytes(r).hex() for r in rng.integers(0, 256, (3000, 32), dtype=np.uint8)]
-    rows = [(i + 1, h) for i, h in enumerate(stored)]
+    rows = [(i + 1, h) for i, h in enumerate(stored[:2000])]
 
     def source(after: int, limit: int) -> list[tuple[int, str]]:
         return [r for r in rows if r[0] > after][:limit]
-    bits = np.unpackbits(np.frombuffer(bytes.fromhex("".join(stored[:200])), np.uint8).reshape(200, 32), axis=1)
+    bits = np.unpackbits(np.frombuffer(bytes.fromhex("".join(stored[:200] + stored[2000:2200])), np.uint8)
+                         .reshape(400, 32), axis=1)
     for row in bits:
         row[rng.choice(256, int(rng.integers(0, 40)), replace=False)] ^= 1
     queries = [bytes(r).hex() for r in np.packbits(bits, axis=1)]
     flat = PdqIndex(tmp_path / "f.faissb", store.catalog, "pdq:t-flat", source, kind="flat")
     mih = PdqIndex(tmp_path / "m.faissb", store.catalog, "pdq:t-mih", source, kind="mih")
-    assert not flat.is_mih and mih.is_mih
-    for radius in (0, 15, 31):
-        a = [[(h.id, h.distance) for h in r] for r in flat.search(queries, radius)]
-        assert a == [[(h.id, h.distance) for h in r] for r in mih.search(queries, radius)]
-        assert all(d <= radius for r in a for _, d in r)
-    assert sum(any(i == n + 1 for i, _ in r) for n, r in enumerate(a)) == sum(
-        pdq_distance(q, stored[n]) <= 31 for n, q in enumerate(queries))
-    mih.save()
+    assert not flat.is_mih and mih.is_mih and mih.ntotal == 2000
+
+    def same() -> list[list[tuple[int, int]]]:
+        for radius in (0, 15, 31, 40):
+            a = [[(h.id, h.distance) for h in r] for r in flat.search(queries, radius)]
+            assert a == [[(h.id, h.distance) for h in r] for r in mih.search(queries, radius)]
+            assert all(d <= radius for r in a for _, d in r)
+        return [[(h.id, h.distance) for h in r] for r in flat.search(queries, 31)]
+    same()
+    rows.extend((i + 1, h) for i, h in enumerate(stored) if i >= 2000)  # committed after the build: the tail
+    mih._seen = flat._seen = None  # the rows came from a list, not a commit the change token would show
+    a = same()
+    assert mih.ntotal == 3000 and mih.index.ntotal == 1000
+    assert sum(any(i == n + 1 for i, _ in r) for n, r in enumerate(a[:200])) == sum(
+        pdq_distance(q, stored[n]) <= 31 for n, q in enumerate(queries[:200]))
+    assert sum(any(i == n + 2001 for i, _ in r) for n, r in enumerate(a[200:])) == sum(
+        pdq_distance(q, stored[2000 + n]) <= 31 for n, q in enumerate(queries[200:]))
+    mih.save()  # folds the tail into the mapped file
+    assert mih.index.ntotal == 0 and mih.sealed is not None and mih.sealed.n == 3000
+    same()
     again = PdqIndex(tmp_path / "m.faissb", store.catalog, "pdq:t-mih", source, kind="mih")
-    assert again.is_mih and again.ntotal == 3000
+    assert again.is_mih and again.ntotal == 3000 and again.index.ntotal == 0
+    mih = again
+    same()
+    path = tmp_path / "m.faissb"
+    path.write_bytes(path.read_bytes()[:5000])
+    mih = PdqIndex(path, store.catalog, "pdq:t-mih", source, kind="mih")
+    assert mih.is_mih and mih.ntotal == 3000
+    same()
 
 
 def test_backfill_hashes_an_old_store_and_records_what_it_cannot_read(svc, settings, store, photos):

@@ -83,3 +83,101 @@ def test_search_names_the_view_that_matched(store, tiny_embedder, tmp_path, sett
     plain = whole_only.search_uploads([("q.png", query)], SearchParams(k=12)).results[0].hits
     assert all(h.view == "full" for h in plain)
     assert max(h.similarity for h in plain if h.record.id == target) < hit.similarity
+
+
+# ------------------------------------------------------------------ pictures inside pictures
+
+def collage(pictures: list[Image.Image], cols: int, gutter: int, colour=(255, 255, 255), side: int = 300) -> Image.Image:
+    """The pictures in a grid of ``cols`` columns, each resized to side × side·3/4, ``gutter`` px apart."""
+    rows = -(-len(pictures) // cols)
+    cw, ch = side, side * 3 // 4
+    canvas = Image.new("RGB", (cols * cw + (cols + 1) * gutter, rows * ch + (rows + 1) * gutter), colour)
+    for n, im in enumerate(pictures):
+        r, c = divmod(n, cols)
+        canvas.paste(im.convert("RGB").resize((cw, ch)), (gutter + c * (cw + gutter), gutter + r * (ch + gutter)))
+    return canvas
+
+
+def _iou(a, b) -> float:  # type: ignore[no-untyped-def]
+    iw = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    return iw * ih / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - iw * ih)
+
+
+def test_a_collage_splits_into_its_cells_along_gutters_and_edges():
+    from tests.helpers import photo_image
+    pics = [photo_image(40 + i, (400, 300)) for i in range(4)]
+    grid = np.asarray(collage(pics, 2, 12))  # 2 × 2 with white gutters: cells at 12 + k·312, 12 + k·237
+    cells = {k: v for k, v in view_boxes(grid, cells=True).items() if k.startswith("cell")}
+    assert len(cells) == 4
+    want = [(12 + c * 312, 12 + r * 237, 312 + c * 312, 237 + r * 237) for r in range(2) for c in range(2)]
+    assert all(max(_iou(w, got) for got in cells.values()) > 0.85 for w in want), cells
+    strip = np.asarray(collage(pics[:3], 3, 8, colour=(0, 0, 0)))  # a row of three, black gutters
+    cells = [v for k, v in view_boxes(strip, cells=True).items() if k.startswith("cell")]
+    assert len(cells) == 3 and all(max(_iou((8 + c * 308, 8, 308 + c * 308, 233), got) for got in cells) > 0.85
+                                   for c in range(3))
+    # pictures butted together have no gutter: not cells (the grid covers them, see below)
+    assert not any(k.startswith("cell") for k in view_boxes(np.asarray(collage(pics[:3], 3, 0)), cells=True))
+
+
+def test_single_pictures_are_not_cut_into_cells():
+    from tests.helpers import photo_image
+    for im in [photo_image(s, (640, 480)) for s in range(10)] + [drawn_image(s, (400, 300)) for s in range(40)] \
+            + [letterboxed(drawn_image(7))]:
+        assert not any(k.startswith("cell") for k in view_boxes(np.asarray(im), cells=True))
+
+
+def test_search_finds_the_picture_in_a_collage_and_says_where(store, tiny_embedder, tmp_path, settings):
+    from flagmatch.wiring import ingest_into, open_index, search_service
+    from indexer.storage.catalog import FlagRequest
+    from indexer.ingest.sources import iter_sources
+    from search.service import SearchParams
+    from tests.helpers import photo_image
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(12):
+        (folder / f"{i}.png").write_bytes(encode(photo_image(60 + i, (400, 300)), "PNG"))
+    ingest_into(settings, iter_sources([str(folder)]), store=store, embedder=tiny_embedder)
+    store.catalog.set_flag(store.catalog.image_ids(), FlagRequest("import", None, "test"), flag=True)
+    svc = search_service(settings, store, open_index(store, settings), tiny_embedder)
+    target = store.catalog.resolve(__import__("hashlib").sha256((folder / "5.png").read_bytes()).hexdigest())
+    others = [photo_image(90 + i, (400, 300)) for i in range(3)]  # never stored
+    query = encode(collage(others + [photo_image(65, (400, 300))], 2, 10), "JPEG", quality=90)
+    hit = svc.search_uploads([("q.jpg", query)], SearchParams(k=3)).results[0].hits[0]
+    assert hit.record.id == target and hit.view.startswith("cell") and hit.box is not None
+    assert _iou(hit.box, (320, 245, 620, 470)) > 0.85, hit.box  # the bottom-right cell, in the upload's pixels
+    whole_only = search_service(settings.replace(query_views=(), query_grid_below=-1.0), store, svc.index,
+                                tiny_embedder)
+    plain = whole_only.search_uploads([("q.jpg", query)], SearchParams(k=12)).results[0].hits
+    assert max((h.similarity for h in plain if h.record.id == target), default=-1) < hit.similarity
+
+
+def test_the_grid_searches_a_picture_inside_a_picture_only_when_nothing_was_confident(
+        store, tiny_embedder, tmp_path, settings):
+    """Picture-in-picture over a textured background has no seam to cut along: the quadrants find it, and
+    only for an upload whose own views found nothing above ``query_grid_below``."""
+    from flagmatch.wiring import ingest_into, open_index, search_service
+    from indexer.storage.catalog import FlagRequest
+    from indexer.ingest.sources import iter_sources
+    from search.service import SearchParams
+    from tests.helpers import photo_image
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(8):
+        (folder / f"{i}.png").write_bytes(encode(photo_image(70 + i, (400, 300)), "PNG"))
+    ingest_into(settings, iter_sources([str(folder)]), store=store, embedder=tiny_embedder)
+    store.catalog.set_flag(store.catalog.image_ids(), FlagRequest("import", None, "test"), flag=True)
+    target = store.catalog.resolve(__import__("hashlib").sha256((folder / "2.png").read_bytes()).hexdigest())
+    canvas = photo_image(99, (800, 600))
+    canvas.paste(photo_image(72, (400, 300)), (400, 300))  # the bottom-right quadrant
+    query = encode(canvas, "JPEG", quality=92)
+    index = open_index(store, settings)
+    on = search_service(settings.replace(query_grid_below=0.999), store, index, tiny_embedder)
+    hit = on.search_uploads([("q.jpg", query)], SearchParams(k=3)).results[0].hits[0]
+    assert hit.record.id == target and hit.view == "grid4" and _iou(hit.box, (400, 300, 800, 600)) > 0.95
+    off = search_service(settings.replace(query_grid_below=-1.0), store, index, tiny_embedder)
+    hits = off.search_uploads([("q.jpg", query)], SearchParams(k=8)).results[0].hits
+    assert not any(h.view.startswith("grid") for h in hits)
+    # an exact copy is confident: no second pass
+    exact = on.search_uploads([("t.png", (folder / "2.png").read_bytes())], SearchParams(k=8)).results[0].hits
+    assert exact[0].record.id == target and not any(h.view.startswith("grid") for h in exact)

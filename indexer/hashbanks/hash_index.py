@@ -9,15 +9,16 @@ effect at once; ``rebuild`` (at ``reindex``) drops what was deleted. Files are p
 a checkpoint (covered id, checksum); a missing or corrupt file is rebuilt from the source.
 
 Two structures, chosen by size (``auto``): below ``mih_min`` hashes an exhaustive ``IndexBinaryFlat``
-(32 bytes a hash and an 8-byte id, one popcount pass); above it the multi-index hashing HMA uses,
-``IndexBinaryMultiHash`` with 16 bands of 16 bits — a hash within 31 bits of the query shares at least one
-band with it up to one flipped bit (pigeonhole: 16 bands × 2 bits would be 32), so ``nflip = radius // 16``
-finds every match exactly. Measured on 2 cores: flat scans at memory bandwidth, p50 1.0 ms at 1M and
-11–13 ms at 10M banked hashes in 40 bytes a hash; multi-index hashing (threatexchange's ``PDQIndex`` is the
-same FAISS structure) answers in 0.75–0.79 and 6.9–8.3 ms alone in a process but at 7–12× the memory, and
-slower than flat in a process that also holds the catalog and other indexes (``benchmarks/hashes.py``,
-1.5 and 25.6 ms). ``auto`` therefore stays flat up to 100M, keeping each server worker's memory small;
-``mih`` (or a lower ``mih_min``) buys the faster lookups with that memory."""
+(32 bytes a hash and an 8-byte id, one popcount pass, in each process's heap); from it a multi-index
+(``indexer.hashbanks.multi_index``: 16 bands of 16 bits, exact within 31 bits) in a memory-mapped file
+that every worker shares through the page cache, with the rows added since its build in a flat tail until
+the next ``save`` folds them in. Measured on 2 EPYC cores (``benchmarks/hashes.py``, the served path on a
+real catalog, each structure in a process of its own): flat p50 1.1 ms at 1M and 11.7 ms at 10M banked
+hashes; the multi-index 0.49 and 4.1 ms, p99 0.62 and 4.5 — below threatexchange's ``PDQIndex`` (FAISS's
+multi-index hashing: 0.77 and 4.6 ms, p99 0.97 and 8.7, at 540–620 bytes a hash in every process). A worker
+holding the multi-index adds no private memory; its file, 104 bytes a hash, is mapped once per machine.
+``auto`` switches at 1M hashes.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -30,13 +31,14 @@ from typing import Callable, Sequence
 import faiss
 import numpy as np
 
+from indexer.hashbanks.multi_index import BandIndex
 from indexer.storage.catalog import Catalog, Checkpoint
-from indexer.storage.files import publish
+from indexer.storage.files import publish, publish_with
 from indexer.media.hashes import PDQ_BITS, PDQ_MAX_THRESHOLD, pdq_codes
 
 log = logging.getLogger(__name__)
 KINDS = ("auto", "flat", "mih")
-MIH_BANDS = 16
+MIH_MIN = 1_000_000
 RowSource = Callable[[int, int], list[tuple[int, str]]]  # (after id, limit) -> [(id, pdq hex)]
 
 
@@ -50,7 +52,7 @@ class PdqIndex:
     """One binary index of PDQ hashes, keyed by the source's ids."""
 
     def __init__(self, path: Path, catalog: Catalog, scope: str, rows_after: RowSource, *,
-                 kind: str = "auto", mih_min: int = 100_000_000) -> None:
+                 kind: str = "auto", mih_min: int = MIH_MIN) -> None:
         if kind not in KINDS:
             raise ValueError(f"PDQ index kind must be one of {', '.join(KINDS)}, not {kind!r}")
         self.path, self.catalog, self.scope, self.rows_after = path, catalog, scope, rows_after
@@ -58,7 +60,8 @@ class PdqIndex:
         self._lock = threading.Lock()
         self.covered = 0
         self.generation = 0
-        self.index = self._new(0)
+        self.index = self._flat()  # every hash (flat), or those added since the multi-index was built (its tail)
+        self.sealed: BandIndex | None = None
         self._seen: object = None  # the catalog's change token at the last catch-up
         self._load()
         self._catch_up()
@@ -67,18 +70,23 @@ class PdqIndex:
     def _wants_mih(self, n: int) -> bool:
         return self.kind == "mih" or (self.kind == "auto" and n >= self.mih_min)
 
-    def _new(self, n: int) -> faiss.IndexBinary:
-        inner = faiss.IndexBinaryMultiHash(PDQ_BITS, MIH_BANDS, PDQ_BITS // MIH_BANDS) if self._wants_mih(n) \
-            else faiss.IndexBinaryFlat(PDQ_BITS)
-        return faiss.IndexBinaryIDMap(inner)
+    @staticmethod
+    def _flat() -> faiss.IndexBinaryIDMap:
+        return faiss.IndexBinaryIDMap(faiss.IndexBinaryFlat(PDQ_BITS))
 
     @property
     def is_mih(self) -> bool:
-        return isinstance(faiss.downcast_IndexBinary(self.index.index), faiss.IndexBinaryMultiHash)
+        return self.sealed is not None
 
     @property
     def ntotal(self) -> int:
-        return int(self.index.ntotal)
+        return int(self.index.ntotal) + (self.sealed.n if self.sealed is not None else 0)
+
+    def _flat_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """The flat part's codes and ids."""
+        inner = faiss.downcast_IndexBinary(self.index.index)
+        return (faiss.vector_to_array(inner.xb).reshape(-1, PDQ_BITS // 8),
+                faiss.vector_to_array(self.index.id_map).astype(np.int64))
 
     # ------------------------------------------------------------------ keeping up with the source
     def refresh(self) -> int:
@@ -111,17 +119,18 @@ class PdqIndex:
     def _rebuild(self) -> None:
         cp = self.catalog.checkpoint(self.scope)
         self.generation = max(self.generation, cp.generation if cp is not None else 0)
-        self.index, self.covered = self._new(0), 0
-        rows_total = 0
+        self.index, self.sealed, self.covered = self._flat(), None, 0
         chunks: list[tuple[np.ndarray, np.ndarray]] = []
         while rows := self.rows_after(self.covered, 200_000):
             ids = np.fromiter((i for i, _ in rows), np.int64, len(rows))
             chunks.append((pdq_codes(h for _, h in rows), ids))
             self.covered = int(ids[-1])
-            rows_total += len(rows)
-        self.index = self._new(rows_total)
-        for codes, ids in chunks:
-            self.index.add_with_ids(codes, ids)
+        if self._wants_mih(sum(len(i) for _, i in chunks)):
+            self.sealed = BandIndex.build(np.concatenate([c for c, _ in chunks] or [np.empty((0, 32), np.uint8)]),
+                                          np.concatenate([i for _, i in chunks] or [np.empty(0, np.int64)]))
+        else:
+            for codes, ids in chunks:
+                self.index.add_with_ids(codes, ids)
         self.generation += 1
 
     # ------------------------------------------------------------------ lookups
@@ -133,46 +142,72 @@ class PdqIndex:
         codes = pdq_codes(hexes)
         with self._lock:
             self._catch_up()
-            if self.ntotal == 0:
-                return [[] for _ in hexes]
-            if self.is_mih:
-                faiss.downcast_IndexBinary(self.index.index).nflip = radius // MIH_BANDS
-            lims, dist, ids = self.index.range_search(codes, radius + 1)  # FAISS keeps distance < radius
+            sealed = self.sealed
+            if self.index.ntotal:
+                lims, dist, ids = self.index.range_search(codes, radius + 1)  # FAISS keeps distance < radius
+            else:
+                lims, dist, ids = np.zeros(len(hexes) + 1, np.int64), np.empty(0, np.int32), np.empty(0, np.int64)
         out: list[list[HashHit]] = []
         for q in range(len(hexes)):
             a, b = int(lims[q]), int(lims[q + 1])
-            order = np.lexsort((ids[a:b], dist[a:b]))  # nearest first, ties by id: the same for both structures
-            out.append([HashHit(int(ids[a + j]), int(dist[a + j])) for j in order])
+            qids, qdist = ids[a:b].astype(np.int64), dist[a:b].astype(np.int64)
+            if sealed is not None:  # immutable: read outside the lock
+                more_ids, more_dist = sealed.search(codes[q], radius)
+                qids, qdist = np.concatenate([more_ids, qids]), np.concatenate([more_dist, qdist])
+            order = np.lexsort((qids, qdist))  # nearest first, ties by id: the same for both structures
+            out.append([HashHit(int(qids[j]), int(qdist[j])) for j in order])
         return out
 
     # ------------------------------------------------------------------ persistence
     def save(self) -> None:
+        """Publish the index and its checkpoint; a multi-index first folds its tail in."""
         with self._lock:
             self._catch_up()
             cp = self.catalog.checkpoint(self.scope)
             if cp is not None and (cp.image_id, cp.ntotal, cp.generation) == (self.covered, self.ntotal,
                                                                                self.generation):
                 return
-            data = faiss.serialize_index_binary(self.index).tobytes()
-            publish(self.path, data)
+            if self.sealed is not None:
+                if self.index.ntotal:
+                    codes, ids = self._flat_rows()
+                    self.sealed = BandIndex.build(np.concatenate([self.sealed.codes, codes]),
+                                                  np.concatenate([self.sealed.ids, ids]))
+                    self.index = self._flat()
+                publish_with(self.path, self.sealed.write)
+                checksum = _file_sha256(self.path)
+                self.sealed = BandIndex.open(self.path)  # mapped: the page cache holds it once per machine
+            else:
+                data = faiss.serialize_index_binary(self.index).tobytes()
+                publish(self.path, data)
+                checksum = hashlib.sha256(data).hexdigest()
             self.catalog.save_checkpoint(Checkpoint(
                 self.scope, self.covered, 0, self.generation, self.ntotal,
-                {"kind": "mih" if self.is_mih else "flat", "bits": PDQ_BITS}, hashlib.sha256(data).hexdigest()))
+                {"kind": "mih" if self.is_mih else "flat", "bits": PDQ_BITS}, checksum))
 
     def _load(self) -> None:
         cp = self.catalog.checkpoint(self.scope)
         problem = "it has never been saved"
         if cp is not None:
             try:
-                data = self.path.read_bytes()
-            except OSError as exc:
-                problem = f"it cannot be read ({exc.strerror or exc})"
-            else:
-                if hashlib.sha256(data).hexdigest() != cp.checksum:
+                checksum = _file_sha256(self.path)
+                if checksum != cp.checksum:
                     problem = "its checksum does not match the checkpoint (truncated or corrupt)"
-                else:
-                    self.index = faiss.deserialize_index_binary(np.frombuffer(data, dtype=np.uint8))
+                elif cp.params.get("kind") == "mih":
+                    self.index, self.sealed = self._flat(), BandIndex.open(self.path)
                     self.covered, self.generation = cp.image_id, cp.generation
                     return
+                else:
+                    self.index, self.sealed = faiss.read_index_binary(str(self.path)), None
+                    self.covered, self.generation = cp.image_id, cp.generation
+                    return
+            except OSError as exc:
+                problem = f"it cannot be read ({exc.strerror or exc})"
+            except ValueError as exc:
+                problem = f"it is not a PDQ index ({exc})"
             log.warning("rebuilding the %s PDQ index from the catalog: %s", self.scope, problem)
         self._rebuild()
+
+
+def _file_sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

@@ -8,7 +8,10 @@ budget before it exists (after JPEG ``draft``, which is what libjpeg really allo
 intermediate is a crop or a reduction of it, and the model input — the model's own transform: the short side
 resized to size ÷ crop_pct, the centre cut — is resampled from the centre box alone wherever the resized
 whole would be large, so a 1 × 20,000 strip costs a 1 × 1 box, not a 384 × 7,680,000 intermediate.
-Resampling runs on ``indexer.media.resample`` (Pillow's filters; vectorised where torch is loaded)."""
+Resampling runs on ``indexer.media.resample`` (Pillow's filters; vectorised where torch is loaded).
+
+PNG and WebP far larger than the outputs need are decoded by libvips instead, shrunk as they are read, so a
+230-Mpx PNG costs its shrunk copy and a window of rows, not 920 MB (see ``_streamed``)."""
 from __future__ import annotations
 
 import io
@@ -82,6 +85,8 @@ class DecodeLimits:
     timeout_s: float = 15.0
     wall_s: float = 120.0
     max_frames: int = 100_000  # frames counted (an animation's frame count is reported, not decoded)
+    max_stream_pixels: int = 500_000_000  # pixels a streamed decode (``_streamed``) may pass through: its time
+    stream_from: int = 2  # libvips streams PNG/WebP shrunk by at least this factor (``_streamed``); 0: never
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,7 @@ class DecodePlan:
     decoded: tuple[int, int]  # the buffer the decoder fills (smaller than the header after JPEG draft)
     mode: str
     bytes: int            # estimated peak of the decode, all intermediates included
+    streamed: int = 0     # > 1: libvips streams the file, box-shrinking by this factor on the way (see ``_streamed``)
 
 
 @dataclass(frozen=True)
@@ -108,6 +114,7 @@ class DecodedImage:
     views: dict[str, np.ndarray] = field(default_factory=dict)  # extra query views' model pixels, by name
     pdq: Pdq | None = None  # the PDQ hash of the stored pixels (see indexer.media.hashes)
     grey: np.ndarray | None = None  # uint8 greyscale copy at the thumbnail's geometry (``grey_side``; indexer.media.local)
+    view_boxes: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)  # each view's box, displayed
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -279,6 +286,9 @@ def _plan(im: Image.Image, fmt: str, limits: DecodeLimits, need: int) -> DecodeP
             vmax = max(int(lay[2]) for lay in layers) or 1
             coefficients = sum(2 * w * h * int(lay[1]) * int(lay[2]) // (hmax * vmax) for lay in layers)
     dw, dh = im.size
+    factor = _stream_factor(im, fmt, need, limits.stream_from)
+    if factor:
+        return _streamed_plan(im, fmt, limits, factor)
     if dw * dh > limits.max_pixels:
         what = f"{w}×{h}" + (f" (decoded at {dw}×{dh})" if (dw, dh) != (w, h) else "")
         raise DecodeError(f"image is {what} = {dw * dh:,} decoded pixels, over the cap of {limits.max_pixels:,}",
@@ -291,16 +301,107 @@ def _plan(im: Image.Image, fmt: str, limits: DecodeLimits, need: int) -> DecodeP
     return DecodePlan(format=fmt, width=w, height=h, decoded=(dw, dh), mode=im.mode, bytes=est)
 
 
+# ------------------------------------------------------------------ libvips: streaming and shrink-on-load
+# PNG and WebP of more than 4× the pixels the outputs need are decoded by libvips (``pyvips`` with the
+# ``pyvips-binary`` wheel's own libvips), box-shrunk by an integer factor as they are read: PNG rows stream
+# through the shrink (a window of rows in memory, never the whole image; interlaced PNGs cannot stream and stay
+# with Pillow), WebP decodes at the reduced scale (libwebp's scaled decoding). What is held is the shrunk image,
+# so the pixel cap applies to it, and ``max_stream_pixels`` bounds the work (time) of what streams through.
+# JPEG stays with Pillow: libjpeg's DCT scaling is the shrink-on-load libvips would do, at the same cost
+# (``benchmarks/decode.py``); GIF, BMP and TIFF too (small in practice; TIFF's pages and modes).
+_STREAMABLE = ("PNG", "WEBP")
+_STREAM_ROWS = 64  # rows of the source libvips keeps per shrink step (measured peak, with its line buffers)
+
+
+def _vips():  # type: ignore[no-untyped-def]
+    """pyvips, configured for decoding (one thread per decode: ingest runs decodes in parallel; no cache)."""
+    import logging
+    import pyvips
+    if not getattr(_vips, "ready", False):
+        logging.getLogger("pyvips").setLevel(logging.ERROR)  # its warnings become our coded errors
+        pyvips.cache_set_max(0)
+        pyvips.concurrency_set(1)
+        _vips.ready = True  # type: ignore[attr-defined]
+    return pyvips
+
+
+def _stream_factor(im: Image.Image, fmt: str, need: int, least: int) -> int:
+    """The box-shrink factor libvips streams this file with, or 0 when Pillow decodes it."""
+    if least <= 0 or fmt not in _STREAMABLE or (fmt == "PNG" and im.info.get("interlace")):
+        return 0
+    factor = min(im.size) // (2 * need)
+    return factor if factor >= max(2, least) else 0
+
+
+def _streamed_plan(im: Image.Image, fmt: str, limits: DecodeLimits, factor: int) -> DecodePlan:
+    w, h = im.size
+    if w * h > limits.max_stream_pixels:
+        raise DecodeError(f"image is {w}×{h} = {w * h:,} pixels, over the cap of {limits.max_stream_pixels:,} a "
+                          "streamed decode may read", code="too_large")
+    dw, dh = -(-w // factor), -(-h // factor)  # partial boxes at the edges are kept, as Pillow's reduce keeps them
+    if dw * dh > limits.max_pixels:
+        raise DecodeError(f"image is {w}×{h}, {dw * dh:,} pixels once shrunk, over the cap of "
+                          f"{limits.max_pixels:,}", code="too_large")
+    # the shrunk image (libvips' copy, ours, one 4-byte working copy) and the rows in flight (16-bit, 4 bands)
+    est = dw * dh * 12 + w * 8 * (factor + _STREAM_ROWS)
+    if est > limits.max_bytes:
+        raise DecodeError(f"decoding this {w}×{h} {fmt} needs about {est / 2**20:,.0f} MiB, over the budget of "
+                          f"{limits.max_bytes / 2**20:,.0f} MiB", code="too_large")
+    return DecodePlan(format=fmt, width=w, height=h, decoded=(dw, dh), mode=im.mode, bytes=est, streamed=factor)
+
+
+def _streamed(data: bytes, p: DecodePlan, fp: _Deadline) -> tuple[Image.Image, int]:
+    """Decode with libvips, box-shrunk by ``p.streamed``: a Pillow image (RGB(A) or L(A), 8-bit) and the EXIF
+    orientation. The work runs on libvips' own worker thread, out of this thread's CPU clock: its budget is
+    ``max_stream_pixels`` (the work is linear in it: 168 Mpx stream in 0.7 s of CPU here) and the wall-clock
+    ceiling, checked as libvips reports progress. Every libvips failure is a coded DecodeError."""
+    pyvips = _vips()
+    factor = p.streamed
+    try:
+        if p.format == "WEBP":  # libwebp decodes at the reduced scale itself
+            img = pyvips.Image.new_from_buffer(data, "", access="sequential", fail_on="truncated",
+                                               scale=1 / factor)
+        else:  # fail_on: a truncated or damaged file is an error, never a picture padded with black
+            img = pyvips.Image.new_from_buffer(data, "", access="sequential", fail_on="truncated") \
+                .shrink(factor, factor, ceil=True)
+        orientation = int(img.get("orientation")) if img.get_typeof("orientation") else 1
+        if img.format != "uchar":  # 16-bit samples: their high byte
+            img = img.cast("uchar", shift=True) if img.format == "ushort" else img.colourspace("srgb")
+        if img.bands not in (1, 2, 3, 4):
+            raise DecodeError(f"cannot decode {p.format} of {img.bands} channels", code="corrupt")
+
+        def progress(image, _progress) -> None:  # type: ignore[no-untyped-def]
+            if time.monotonic() > fp.wall_deadline:
+                image.set_kill(True)
+        img.set_progress(True)
+        img.signal_connect("eval", progress)
+        buf = img.write_to_memory()
+    except pyvips.Error as exc:
+        if time.monotonic() > fp.wall_deadline:
+            raise DecodeError(f"decoding took longer than {fp.limits.wall_s:g} s", code="timeout") from None
+        msg = " ".join(str(exc.detail or exc.message).split())[:300]  # libvips' own words, not the wrapper's
+        code = "truncated" if any(w in msg for w in ("truncated", "premature", "not enough data", "end of file",
+                                                       "EOF")) else "corrupt"
+        raise DecodeError(f"cannot decode {p.format}: {msg}", code=code) from None
+    arr = np.frombuffer(buf, np.uint8).reshape(img.height, img.width, img.bands)
+    mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[img.bands]
+    return (Image.fromarray(arr[:, :, 0] if img.bands == 1 else arr, mode),
+            orientation if orientation in _TRANSPOSE else 1)
+
+
 def _decode_planned(im: Image.Image, p: DecodePlan, data: bytes, fp: _Deadline, spec: InputSpec,
                     limits: DecodeLimits, thumb_size: int, views: tuple[str, ...] = (),
                     want_pdq: bool = True, grey_side: int = 0) -> DecodedImage:
     frames = _count_frames(im, p.format, data, fp, limits.max_frames)
     if frames > 1:
         im.seek(0)
-    im.load()
-    fp.check()
-    orientation = _orientation(im)
-    src = _shrink(im, needed_side(spec, max(thumb_size, grey_side)))
+    if p.streamed:  # (Pillow's PNG reads EXIF by decoding the whole image: libvips reads it from the stream)
+        src, orientation = _streamed(data, p, fp)
+    else:
+        orientation = _orientation(im)
+        im.load()
+        fp.check()
+        src = _shrink(im, needed_side(spec, max(thumb_size, grey_side)))
     # one RGB array for every later step (crops are views of it) — unless large (a strip no box reduction
     # applies to): then each step converts only its own crop or reduction, within the plan's one working copy
     rgb = None
@@ -319,11 +420,13 @@ def _decode_planned(im: Image.Image, p: DecodePlan, data: bytes, fp: _Deadline, 
     else:
         pdq = None
     extra: dict[str, np.ndarray] = {}
-    if "trimmed" in views or "content" in views:
+    boxes: dict[str, tuple[int, int, int, int]] = {}
+    if {"trimmed", "content", "cells", "grid"} & set(views):
         whole = rgb if rgb is not None else np.asarray(to_rgb(src))
-        for name, (left, top, right, bottom) in view_boxes(whole).items():
-            if name in views:
-                extra[name] = _model_pixels(src, whole, spec, (left, top, right, bottom))[0]
+        for name, box in view_boxes(whole, cells="cells" in views, grid="grid" in views).items():
+            if name in views or name.startswith(("cell", "grid")):  # those come only when asked for
+                extra[name] = _model_pixels(src, whole, spec, box)[0]
+                boxes[name] = _displayed_box(box, src.size, (p.width, p.height), orientation)
     small: dict[int, np.ndarray] = {}  # the thumbnail's geometry, by long side (the grey copy shares it)
     thumbnail = b""
     if thumb_size > 0:  # queries (thumb_size 0) need no thumbnail
@@ -347,7 +450,21 @@ def _decode_planned(im: Image.Image, p: DecodePlan, data: bytes, fp: _Deadline, 
         extra["mirror"] = np.ascontiguousarray(pixels[:, ::-1])
     width, height = (p.height, p.width) if orientation in (5, 6, 7, 8) else (p.width, p.height)
     return DecodedImage(format=p.format, width=width, height=height, frames=frames, pixels=pixels,
-                        thumbnail=thumbnail, decoded_size=p.decoded, views=extra, pdq=pdq, grey=grey)
+                        thumbnail=thumbnail, decoded_size=p.decoded, views=extra, pdq=pdq, grey=grey,
+                        view_boxes=boxes)
+
+
+def _displayed_box(box: tuple[int, int, int, int], at: tuple[int, int], stored: tuple[int, int],
+                   orientation: int) -> tuple[int, int, int, int]:
+    """A box on the decoded image (``at``: its size) in the original's pixels as displayed (EXIF orientation)."""
+    sx, sy = stored[0] / at[0], stored[1] / at[1]
+    x0, y0, x1, y1 = box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy
+    w, h = stored
+    corners = {1: lambda x, y: (x, y), 2: lambda x, y: (w - x, y), 3: lambda x, y: (w - x, h - y),
+               4: lambda x, y: (x, h - y), 5: lambda x, y: (y, x), 6: lambda x, y: (h - y, x),
+               7: lambda x, y: (h - y, w - x), 8: lambda x, y: (y, w - x)}[orientation]
+    (ax, ay), (bx, by) = corners(x0, y0), corners(x1, y1)
+    return (round(min(ax, bx)), round(min(ay, by)), round(max(ax, bx)), round(max(ay, by)))
 
 
 def _count_frames(im: Image.Image, fmt: str, data: bytes, fp: _Deadline, cap: int) -> int:

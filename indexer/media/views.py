@@ -9,6 +9,13 @@ with someone else's pixels around it. Two boxes undo that, both found on a small
 - ``content``: the bounding box of the largest region that is not the frame's background colour (the
   picture in a screenshot-like frame; bars and text blocks are smaller components and lose).
 
+Composites — collages, grids, a feed's screenshot, picture-in-picture — hold several pictures, and a copy
+may be any one of them. ``cells`` cuts the frame along its gutters, recursively (an XY cut): full-length bands
+of one uniform colour with a picture's edge on either side; a frame that splits into two or more cells of a
+picture's size is composite, and each cell is a view. ``grid`` is the fallback for composites without
+gutters (pictures butted together, picture-in-picture): the four quadrants and the centre half, searched
+only when the whole image found nothing confident (``search.service``).
+
 ``mirror`` is the horizontally flipped image (a search of the mirror finds mirrored re-uploads when
 the model is not flip-invariant). A view is kept only when it differs from the whole frame enough to
 matter (``MIN_CUT``) and is big enough to hold a picture (``MIN_AREA``)."""
@@ -27,6 +34,10 @@ TEXTURE_STD = 6.0     # a block with a grey-level std below this is flat (UI, ba
 BG_TOL = 12.0         # grey levels: a flat block this far from the frame's background colour is content
 
 Box = tuple[int, int, int, int]  # left, top, right, bottom in the source's pixels
+CELL_MIN_SIDE = 0.15  # a cell spans at least this share of its parent along the cut (narrower: a gutter's edge)
+CELL_MIN_AREA = 0.04  # and at least this share of the frame (smaller: icons, avatars, text)
+MAX_CELLS = 8         # the largest cells searched (a 3 × 3 grid keeps 8 of its 9)
+EDGE_SHARE = 0.5      # share of the line beside a gutter that differs from it: a picture's edge, not background
 
 
 def analysis_copy(rgb: np.ndarray) -> tuple[np.ndarray, float]:
@@ -112,19 +123,97 @@ def _tighten(grey: np.ndarray, box: Box, background: float) -> Box:
     return (left, top, right, bottom)
 
 
-def view_boxes(rgb: np.ndarray) -> dict[str, Box]:
-    """The source-pixel boxes of the ``trimmed`` and ``content`` views that are worth searching."""
+def _seams(grey: np.ndarray) -> list[tuple[int, int]]:
+    """Interior gutters across the rows of ``grey`` (transpose it for columns), as [start, end): runs of
+    uniform rows of one colour with a picture's edge on both sides. (Seams without a gutter — pictures butted
+    together — were tried as rows where most pixels jump: on make-corpus photos, horizons and walls made one
+    photo in nine look composite. The grid covers those.)"""
+    h = grey.shape[0]
+    med = np.median(grey, axis=1, keepdims=True)
+    gutter = np.mean(np.abs(grey - med) <= BORDER_TOL, axis=1) >= BORDER_SHARE
+    out: list[tuple[int, int]] = []
+    i = 0
+    while i < h:
+        if gutter[i]:
+            j = i
+            while j < h and gutter[j]:
+                j += 1
+            # interior, one flat colour (a gradient's rows are each uniform too, but differ from each other),
+            # and a picture's edge on both sides, not more of a flat background running on
+            if i > 0 and j < h and np.ptp(med[i:j]) <= BORDER_TOL / 2:
+                colour = float(np.median(med[i:j]))
+                if all(np.mean(np.abs(grey[r] - colour) > BG_TOL) >= EDGE_SHARE for r in (i - 1, j)):
+                    out.append((i, j))
+            i = j
+        else:
+            i += 1
+    return out
+
+
+def _cut(grey: np.ndarray, box: Box, depth: int, frame: float) -> list[Box]:
+    """The cells of ``box`` (analysis pixels): split along its seams in whichever direction has them,
+    each part cut again, up to ``depth`` levels; a part too thin to be a picture is a gutter's fringe."""
+    left, top, right, bottom = box
+    if depth == 0:
+        return [box]
+    for axis in (0, 1):
+        part = grey[top:bottom, left:right]
+        seams = _seams(part if axis == 0 else part.T)
+        length = (bottom - top) if axis == 0 else (right - left)
+        edges = [0] + [x for s in seams for x in s] + [length]
+        spans = [(edges[k], edges[k + 1]) for k in range(0, len(edges), 2)]
+        spans = [(a, b) for a, b in spans if b - a >= CELL_MIN_SIDE * length]
+        if len(spans) < 2:
+            continue
+        cells: list[Box] = []
+        for a, b in spans:
+            sub = (left, top + a, right, top + b) if axis == 0 else (left + a, top, left + b, bottom)
+            cells += _cut(grey, sub, depth - 1, frame)
+        return [c for c in cells if (c[2] - c[0]) * (c[3] - c[1]) >= CELL_MIN_AREA * frame]
+    return [box]
+
+
+def cell_boxes(grey: np.ndarray) -> list[Box]:
+    """The cells of a composite (analysis pixels), largest first, or [] when the frame is one picture."""
+    h, w = grey.shape
+    if h < 16 or w < 16:
+        return []
+    inner = trim_box(grey) or (0, 0, w, h)  # uniform borders are a frame, not a gutter
+    cells = _cut(grey, inner, 3, float(w * h))
+    if len(cells) < 2:
+        return []
+    return sorted(cells, key=lambda c: -(c[2] - c[0]) * (c[3] - c[1]))[:MAX_CELLS]
+
+
+def grid_boxes(w: int, h: int) -> list[Box]:
+    """The four quadrants and the centre half of a w × h frame (source pixels)."""
+    hw, hh = w // 2, h // 2
+    return [(0, 0, hw, hh), (hw, 0, w, hh), (0, hh, hw, h), (hw, hh, w, h), (w // 4, h // 4, w - w // 4, h - h // 4)]
+
+
+def view_boxes(rgb: np.ndarray, *, cells: bool = False, grid: bool = False) -> dict[str, Box]:
+    """The source-pixel boxes of the ``trimmed`` and ``content`` views that are worth searching; with
+    ``cells``, a composite's cells (``cell1`` … largest first); with ``grid``, ``grid1`` … ``grid5``."""
     grey, scale = analysis_copy(rgb)
     h, w = grey.shape
     out: dict[str, Box] = {}
+
+    def to_source(box: Box) -> Box:
+        return (int(box[0] * scale), int(box[1] * scale), min(rgb.shape[1], int(box[2] * scale)),
+                min(rgb.shape[0], int(box[3] * scale)))
+    if cells:
+        for n, box in enumerate(cell_boxes(grey), 1):
+            out[f"cell{n}"] = to_source(box)
+    if grid:
+        for n, box in enumerate(grid_boxes(rgb.shape[1], rgb.shape[0]), 1):
+            out[f"grid{n}"] = box
     for name, box in (("trimmed", trim_box(grey)), ("content", content_box(grey))):
         if box is None:
             continue
         share = (box[2] - box[0]) * (box[3] - box[1]) / float(w * h)
         if not MIN_AREA <= share <= 1 - MIN_CUT:
             continue
-        src = (int(box[0] * scale), int(box[1] * scale), min(rgb.shape[1], int(box[2] * scale)),
-               min(rgb.shape[0], int(box[3] * scale)))
+        src = to_source(box)
         if any(_overlap(src, other) > 0.95 for other in out.values()):
             continue  # the same box twice is one view
         out[name] = src
