@@ -181,3 +181,18 @@ def test_the_grid_searches_a_picture_inside_a_picture_only_when_nothing_was_conf
     # an exact copy is confident: no second pass
     exact = on.search_uploads([("t.png", (folder / "2.png").read_bytes())], SearchParams(k=8)).results[0].hits
     assert exact[0].record.id == target and not any(h.view.startswith("grid") for h in exact)
+
+
+def test_view_boxes_are_given_as_the_upload_is_displayed():
+    """An upload stored sideways with EXIF orientation 6: its cells' boxes are those of the picture a person
+    sees, in the original's pixels."""
+    from tests.helpers import photo_image
+    shown = collage([photo_image(80 + i, (400, 300)) for i in range(4)], 2, 12)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # display = the stored pixels turned 90° clockwise
+    stored = encode(shown.transpose(Image.Transpose.ROTATE_90), "JPEG", quality=92, exif=exif)
+    img = decode(stored, SPEC, thumb_size=0, views=("cells",))
+    assert (img.width, img.height) == shown.size
+    want = {k: v for k, v in view_boxes(np.asarray(shown), cells=True).items() if k.startswith("cell")}
+    assert len(img.view_boxes) == len(want) == 4
+    assert all(max(_iou(w, got) for got in img.view_boxes.values()) > 0.9 for w in want.values()), img.view_boxes
