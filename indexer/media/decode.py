@@ -115,6 +115,7 @@ class DecodedImage:
     pdq: Pdq | None = None  # the PDQ hash of the stored pixels (see indexer.media.hashes)
     grey: np.ndarray | None = None  # uint8 greyscale copy at the thumbnail's geometry (``grey_side``; indexer.media.local)
     view_boxes: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)  # each view's box, displayed
+    view_greys: dict[str, np.ndarray] = field(default_factory=dict)  # with ``grey_side``: each boxed view's grey copy
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -421,12 +422,15 @@ def _decode_planned(im: Image.Image, p: DecodePlan, data: bytes, fp: _Deadline, 
         pdq = None
     extra: dict[str, np.ndarray] = {}
     boxes: dict[str, tuple[int, int, int, int]] = {}
+    greys: dict[str, np.ndarray] = {}
     if {"trimmed", "content", "cells", "grid"} & set(views):
         whole = rgb if rgb is not None else np.asarray(to_rgb(src))
         for name, box in view_boxes(whole, cells="cells" in views, grid="grid" in views).items():
             if name in views or name.startswith(("cell", "grid")):  # those come only when asked for
                 extra[name] = _model_pixels(src, whole, spec, box)[0]
                 boxes[name] = _displayed_box(box, src.size, (p.width, p.height), orientation)
+                if grey_side > 0:  # a hit through this view is verified on its own pixels (search.service)
+                    greys[name] = _grey(whole[box[1]:box[3], box[0]:box[2]], grey_side, orientation)
     small: dict[int, np.ndarray] = {}  # the thumbnail's geometry, by long side (the grey copy shares it)
     thumbnail = b""
     if thumb_size > 0:  # queries (thumb_size 0) need no thumbnail
@@ -451,7 +455,18 @@ def _decode_planned(im: Image.Image, p: DecodePlan, data: bytes, fp: _Deadline, 
     width, height = (p.height, p.width) if orientation in (5, 6, 7, 8) else (p.width, p.height)
     return DecodedImage(format=p.format, width=width, height=height, frames=frames, pixels=pixels,
                         thumbnail=thumbnail, decoded_size=p.decoded, views=extra, pdq=pdq, grey=grey,
-                        view_boxes=boxes)
+                        view_boxes=boxes, view_greys=greys)
+
+
+def _grey(rgb: np.ndarray, side: int, orientation: int) -> np.ndarray:
+    """A greyscale copy of ``rgb`` with its long side ``side`` (or less), as displayed."""
+    h, w = rgb.shape[:2]
+    if max(w, h) > side:
+        scale = side / max(w, h)
+        rgb = resize(np.ascontiguousarray(rgb), (max(1, round(w * scale)), max(1, round(h * scale))), "bicubic",
+                     reducing_gap=THUMB_REDUCING_GAP)
+    g = Image.fromarray(np.ascontiguousarray(rgb)).convert("L")
+    return np.asarray(g.transpose(_TRANSPOSE[orientation]) if orientation in _TRANSPOSE else g)
 
 
 def _displayed_box(box: tuple[int, int, int, int], at: tuple[int, int], stored: tuple[int, int],
