@@ -3,6 +3,7 @@
 the CLI are thin wrappers over it."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import time
@@ -163,7 +164,7 @@ class SearchService:
         t0 = time.perf_counter()
         pixels, owner, names, queries, signals, local = [], [], [], [], [], []
         boxes: list[dict[str, Box]] = []
-        greys: list[dict[str, np.ndarray]] = []  # each boxed view's grey copy, to verify a hit through it
+        greys: list[dict[str, np.ndarray]] = []  # the grid's parts' grey copies, to verify a hit through one
         spec = self.embedder.info.input
         # while this request decodes, the model knows it is on its way (indexer.models.embed.SerialEmbedder)
         with coming(self.embedder):
@@ -173,7 +174,7 @@ class SearchService:
                 img, feats = self._decode_query(data, spec)
                 local.append(feats)
                 boxes.append(dict(img.view_boxes))
-                greys.append(dict(img.view_greys))
+                greys.append({})
                 sha = hashlib.sha256(data).hexdigest()
                 for view, px in (("full", img.pixels), *img.views.items()):
                     pixels.append(px)
@@ -186,24 +187,6 @@ class SearchService:
         t2 = time.perf_counter()
         t.decode, t.embed = (t1 - t0) * 1000, (t2 - t1) * 1000
 
-        def grid(needy: list[int]) -> tuple[np.ndarray, list[int], list[str]]:
-            """The grid's parts of the uploads that found nothing confident, embedded in one batch."""
-            g0 = time.perf_counter()
-            px, own, views = [], [], []
-            for q in needy:
-                img = self._decode_query(uploads[q][1], spec, views=("grid",), local=False,
-                                         grey=local[q] is not None)[0]
-                boxes[q].update(img.view_boxes)
-                greys[q].update(img.view_greys)
-                for view, pv in img.views.items():
-                    px.append(pv)
-                    own.append(q)
-                    views.append(view)
-            g1 = time.perf_counter()
-            vecs = self.embedder.embed(np.stack(px))[0]
-            t.decode += (g1 - g0) * 1000
-            t.embed += (time.perf_counter() - g1) * 1000
-            return vecs, own, views
         full = [i for i, v in enumerate(names) if v == "full"]  # P(unsafe) is the whole image's
         heads = self.heads
         by_head = {h.label: h.predict(vectors[full]) for h in heads}
@@ -211,7 +194,33 @@ class SearchService:
               for n, ((name, sha, known), i) in enumerate(zip(queries, full))]
         return self._search(qs, vectors, params, t, exclude=[set() for _ in owner], owner=owner, views=names,
                             signals=signals, local=local, boxes=boxes, greys=greys,
-                            fallback=grid if self.grid_below > -1 else None)
+                            fallback=functools.partial(self._grid_parts, uploads, t, boxes, greys,
+                                                       [f is not None for f in local])
+                            if self.grid_below > -1 else None)
+
+    def _grid_parts(self, uploads: Sequence[tuple[str, bytes]], t: Timings, boxes: list[dict[str, Box]],
+                    greys: list[dict[str, np.ndarray]], verified: list[bool],
+                    needy: list[int]) -> tuple[np.ndarray, list[int], list[str]]:
+        """The grid's parts of the uploads that found nothing confident (``needy``), decoded again and embedded
+        in one batch: their vectors, the upload each belongs to, and their names; their boxes (and, where the
+        upload's hits are verified, their grey copies) are added to the uploads' own."""
+        assert self.embedder is not None
+        g0 = time.perf_counter()
+        px, owner, views = [], [], []
+        for q in needy:
+            img = self._decode_query(uploads[q][1], self.embedder.info.input, views=("grid",), local=False,
+                                     grey=verified[q])[0]
+            boxes[q].update(img.view_boxes)
+            greys[q].update(img.view_greys)
+            for view, pv in img.views.items():
+                px.append(pv)
+                owner.append(q)
+                views.append(view)
+        g1 = time.perf_counter()
+        vectors = self.embedder.embed(np.stack(px))[0] if px else np.empty((0, 0), np.float32)
+        t.decode += (g1 - g0) * 1000
+        t.embed += (time.perf_counter() - g1) * 1000
+        return vectors, owner, views
 
     def _decode(self, data: bytes, spec: InputSpec, *, views: Sequence[str] | None = None) -> DecodedImage:
         """Decode one upload within the worker's admission budget (reserved from its header first)."""
@@ -221,12 +230,12 @@ class SearchService:
                       local: bool = True, grey: bool = False) -> tuple[DecodedImage, QueryFeatures | None]:
         """An upload decoded (and its local features described, when hits are verified) on the decode pool,
         within the worker's admission budget (reserved from its header first). ``views``: the server's when
-        None; ``grey``: the grey copies to verify on, without describing the whole upload again."""
+        None; ``grey``: each view's grey copy to verify on, without describing the whole upload again."""
         v = self.views if views is None else tuple(views)
         side = SIDE if (local or grey) and self.local is not None else 0
 
         def work() -> tuple[DecodedImage, QueryFeatures | None]:
-            img = decode(data, spec, self.limits, thumb_size=0, views=v, grey_side=side)
+            img = decode(data, spec, self.limits, thumb_size=0, views=v, grey_side=side, view_greys=grey)
             return img, (QueryFeatures(img.grey) if local and img.grey is not None else None)
 
         def run() -> tuple[DecodedImage, QueryFeatures | None]:
@@ -338,9 +347,10 @@ class SearchService:
                 tf = time.perf_counter()
                 more, more_owner, more_views = fallback(needy)
                 t0 += time.perf_counter() - tf  # the fallback's decode and embed are timed as such
-                rows = rows + self.index.search(more, params.k, params.scope,
-                                                exclude=[exclude[owner.index(q)] for q in more_owner], live=False)
-                owner, views = owner + more_owner, views + more_views
+                if more_owner:  # (a strip too thin for a grid has no parts)
+                    rows = rows + self.index.search(more, params.k, params.scope, live=False,
+                                                    exclude=[exclude[owner.index(q)] for q in more_owner])
+                    owner, views = owner + more_owner, views + more_views
         t1 = time.perf_counter()
         ids = {int(i) for h in rows for i in h.ids}
         recs = self.store.catalog.get_many(ids)

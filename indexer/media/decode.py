@@ -115,7 +115,7 @@ class DecodedImage:
     pdq: Pdq | None = None  # the PDQ hash of the stored pixels (see indexer.media.hashes)
     grey: np.ndarray | None = None  # uint8 greyscale copy at the thumbnail's geometry (``grey_side``; indexer.media.local)
     view_boxes: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)  # each view's box, displayed
-    view_greys: dict[str, np.ndarray] = field(default_factory=dict)  # with ``grey_side``: each boxed view's grey copy
+    view_greys: dict[str, np.ndarray] = field(default_factory=dict)  # with ``view_greys``: each boxed view's grey copy
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -171,13 +171,14 @@ def plan(data: bytes, spec: InputSpec, limits: DecodeLimits = DEFAULT_LIMITS, *,
 
 
 def decode(data: bytes, spec: InputSpec, limits: DecodeLimits = DEFAULT_LIMITS, *,
-           thumb_size: int = 256, views: Sequence[str] = (), pdq: bool = True, grey_side: int = 0) -> DecodedImage:
+           thumb_size: int = 256, views: Sequence[str] = (), pdq: bool = True, grey_side: int = 0,
+           view_greys: bool = False) -> DecodedImage:
     """Decode ``data`` into model input pixels and a thumbnail, or raise DecodeError. ``views``: extra
     query views to cut (``trimmed``, ``content``, ``mirror``; see ``indexer.media.views``) where they apply;
     ``grey_side``: also a greyscale copy made as a thumbnail of that long side is (for local features)."""
     with _opened(data, limits) as (im, fmt, fp, data):
         p = _plan(im, fmt, limits, needed_side(spec, max(thumb_size, grey_side)))
-        return _decode_planned(im, p, data, fp, spec, limits, thumb_size, tuple(views), pdq, grey_side)
+        return _decode_planned(im, p, data, fp, spec, limits, thumb_size, tuple(views), pdq, grey_side, view_greys)
 
 
 @contextmanager
@@ -303,15 +304,15 @@ def _plan(im: Image.Image, fmt: str, limits: DecodeLimits, need: int) -> DecodeP
 
 
 # ------------------------------------------------------------------ libvips: streaming and shrink-on-load
-# PNG and WebP of more than 4× the pixels the outputs need are decoded by libvips (``pyvips`` with the
+# PNG and WebP with at least twice the pixels the outputs need along each side are decoded by libvips (``pyvips`` with the
 # ``pyvips-binary`` wheel's own libvips), box-shrunk by an integer factor as they are read: PNG rows stream
 # through the shrink (a window of rows in memory, never the whole image; interlaced PNGs cannot stream and stay
 # with Pillow), WebP decodes at the reduced scale (libwebp's scaled decoding). What is held is the shrunk image,
 # so the pixel cap applies to it, and ``max_stream_pixels`` bounds the work (time) of what streams through.
-# JPEG stays with Pillow: libjpeg's DCT scaling is the shrink-on-load libvips would do, at the same cost
-# (``benchmarks/decode.py``); GIF, BMP and TIFF too (small in practice; TIFF's pages and modes).
+# JPEG stays with Pillow: libjpeg's DCT scaling is the shrink-on-load libvips would do, and libvips was no
+# faster at it (``benchmarks/decode.py``); GIF, BMP and TIFF too (small in practice; TIFF's pages and modes).
 _STREAMABLE = ("PNG", "WEBP")
-_STREAM_ROWS = 64  # rows of the source libvips keeps per shrink step (measured peak, with its line buffers)
+_STREAM_ROWS = 64  # source rows the memory estimate allows for libvips' line buffers beside the shrink window
 
 
 def _vips():  # type: ignore[no-untyped-def]
@@ -392,7 +393,7 @@ def _streamed(data: bytes, p: DecodePlan, fp: _Deadline) -> tuple[Image.Image, i
 
 def _decode_planned(im: Image.Image, p: DecodePlan, data: bytes, fp: _Deadline, spec: InputSpec,
                     limits: DecodeLimits, thumb_size: int, views: tuple[str, ...] = (),
-                    want_pdq: bool = True, grey_side: int = 0) -> DecodedImage:
+                    want_pdq: bool = True, grey_side: int = 0, want_view_greys: bool = False) -> DecodedImage:
     frames = _count_frames(im, p.format, data, fp, limits.max_frames)
     if frames > 1:
         im.seek(0)
@@ -429,7 +430,7 @@ def _decode_planned(im: Image.Image, p: DecodePlan, data: bytes, fp: _Deadline, 
             if name in views or name.startswith(("cell", "grid")):  # those come only when asked for
                 extra[name] = _model_pixels(src, whole, spec, box)[0]
                 boxes[name] = _displayed_box(box, src.size, (p.width, p.height), orientation)
-                if grey_side > 0:  # a hit through this view is verified on its own pixels (search.service)
+                if grey_side > 0 and want_view_greys:  # to verify a hit through this view on it (search.service)
                     greys[name] = _grey(whole[box[1]:box[3], box[0]:box[2]], grey_side, orientation)
     small: dict[int, np.ndarray] = {}  # the thumbnail's geometry, by long side (the grey copy shares it)
     thumbnail = b""

@@ -185,10 +185,15 @@ def cell_boxes(grey: np.ndarray) -> list[Box]:
     return sorted(cells, key=lambda c: -(c[2] - c[0]) * (c[3] - c[1]))[:MAX_CELLS]
 
 
+GRID_MIN_SIDE = 16  # px: a part narrower than this holds no picture (a 1 × 20,000 strip has no grid)
+
+
 def grid_boxes(w: int, h: int) -> list[Box]:
-    """The four quadrants and the centre half of a w × h frame (source pixels)."""
+    """The four quadrants and the centre half of a w × h frame (source pixels), each at least
+    ``GRID_MIN_SIDE`` both ways."""
     hw, hh = w // 2, h // 2
-    return [(0, 0, hw, hh), (hw, 0, w, hh), (0, hh, hw, h), (hw, hh, w, h), (w // 4, h // 4, w - w // 4, h - h // 4)]
+    boxes = [(0, 0, hw, hh), (hw, 0, w, hh), (0, hh, hw, h), (hw, hh, w, h), (w // 4, h // 4, w - w // 4, h - h // 4)]
+    return [b for b in boxes if min(b[2] - b[0], b[3] - b[1]) >= GRID_MIN_SIDE]
 
 
 def view_boxes(rgb: np.ndarray, *, cells: bool = False, grid: bool = False) -> dict[str, Box]:
