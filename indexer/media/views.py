@@ -37,6 +37,7 @@ Box = tuple[int, int, int, int]  # left, top, right, bottom in the source's pixe
 CELL_MIN_SIDE = 0.15  # a cell spans at least this share of its parent along the cut (narrower: a gutter's edge)
 CELL_MIN_AREA = 0.04  # and at least this share of the frame (smaller: icons, avatars, text)
 MAX_CELLS = 8         # the largest cells searched (a 3 × 3 grid keeps 8 of its 9)
+GRID_MIN_SIDE = 16    # px: a grid part narrower than this holds no picture (a 1 × 20,000 strip has no grid)
 EDGE_SHARE = 0.5      # share of the line beside a gutter that differs from it: a picture's edge, not background
 
 
@@ -123,9 +124,9 @@ def _tighten(grey: np.ndarray, box: Box, background: float) -> Box:
     return (left, top, right, bottom)
 
 
-def _seams(grey: np.ndarray) -> list[tuple[int, int]]:
+def _gutters(grey: np.ndarray) -> list[tuple[int, int]]:
     """Interior gutters across the rows of ``grey`` (transpose it for columns), as [start, end): runs of
-    uniform rows of one colour with a picture's edge on both sides. (Seams without a gutter — pictures butted
+    uniform rows of one colour with a picture's edge on both sides. (Cuts without a gutter — pictures butted
     together — were tried as rows where most pixels jump: on make-corpus photos, horizons and walls made one
     photo in nine look composite. The grid covers those.)"""
     h = grey.shape[0]
@@ -151,16 +152,16 @@ def _seams(grey: np.ndarray) -> list[tuple[int, int]]:
 
 
 def _cut(grey: np.ndarray, box: Box, depth: int, frame: float) -> list[Box]:
-    """The cells of ``box`` (analysis pixels): split along its seams in whichever direction has them,
+    """The cells of ``box`` (analysis pixels): split along its gutters in whichever direction has them,
     each part cut again, up to ``depth`` levels; a part too thin to be a picture is a gutter's fringe."""
     left, top, right, bottom = box
     if depth == 0:
         return [box]
     for axis in (0, 1):
         part = grey[top:bottom, left:right]
-        seams = _seams(part if axis == 0 else part.T)
+        gutters = _gutters(part if axis == 0 else part.T)
         length = (bottom - top) if axis == 0 else (right - left)
-        edges = [0] + [x for s in seams for x in s] + [length]
+        edges = [0] + [x for g in gutters for x in g] + [length]
         spans = [(edges[k], edges[k + 1]) for k in range(0, len(edges), 2)]
         spans = [(a, b) for a, b in spans if b - a >= CELL_MIN_SIDE * length]
         if len(spans) < 2:
@@ -183,9 +184,6 @@ def cell_boxes(grey: np.ndarray) -> list[Box]:
     if len(cells) < 2:
         return []
     return sorted(cells, key=lambda c: -(c[2] - c[0]) * (c[3] - c[1]))[:MAX_CELLS]
-
-
-GRID_MIN_SIDE = 16  # px: a part narrower than this holds no picture (a 1 × 20,000 strip has no grid)
 
 
 def grid_boxes(w: int, h: int) -> list[Box]:
