@@ -145,6 +145,8 @@ class Settings:
     api_tokens: tuple[str, ...] = setting((), "comma-separated bearer tokens (name:token or token) for the API "
                                           "and viewer", "server")
     open_reads: bool = setting(False, "allow reads without a token (writes always need one)", "server")
+    metrics_open: bool = setting(False, "serve /metrics without a token to clients on loopback (a scraper on the "
+                                 "same host); otherwise it needs the API token like every read", "server")
     max_upload_bytes: int = setting(32 * 1024 * 1024, "largest request body accepted by the API", "server")
     admission_bytes: int = setting(2 << 30, "per worker: decoding memory in flight across requests, in bytes; "
                                    "beyond it uploads wait, then get 503 with Retry-After", "server")

@@ -338,3 +338,34 @@ def test_audit_log_filtered_paged_and_exported(client):
         resp = client.get(f"/api/v1/audit?{bad}", headers=AUTH)
         assert resp.status_code == 400 and resp.json["error"]["code"] == "bad_parameter", bad
     assert client.get("/api/v1/audit").status_code == 401
+
+
+def test_metrics_are_prometheus_text_counted_by_route_and_token_protected(api_home, tiny_embedder):
+    """``GET /metrics`` read by prometheus-client's own parser of the text format: requests by route (the URL
+    rule, never the raw path), method and status; a search's stages; the index's vectors and generation;
+    behind the API token, or open to loopback with ``metrics_open``."""
+    from prometheus_client.parser import text_string_to_metric_families
+    from flagmatch.runtime import build_app
+    client = build_app(api_home[0], embedder=tiny_embedder).test_client()
+    assert upload(client, encode(drawn_image(1), "PNG")).status_code == 200
+    assert client.get("/api/v1/images/1", headers=AUTH).status_code == 200
+    assert client.get("/api/v1/images/987654", headers=AUTH).status_code == 404
+    assert client.get("/no/such/route").status_code == 404
+    assert client.get("/metrics").status_code == 401
+    r = client.get("/metrics", headers=AUTH)
+    assert r.status_code == 200 and r.mimetype == "text/plain"
+    families = {f.name: f for f in text_string_to_metric_families(r.get_data(as_text=True))}
+    seen = {(s.labels["route"], s.labels["method"], s.labels["status"]): s.value
+            for s in families["flagmatch_http_requests"].samples if s.name.endswith("_total")}
+    assert seen[("/api/v1/search", "POST", "200")] == 1
+    assert seen[("/api/v1/images/<int:image_id>", "GET", "200")] == 1
+    assert seen[("/api/v1/images/<int:image_id>", "GET", "404")] == 1
+    assert seen[("unmatched", "GET", "404")] == 1 and seen[("/metrics", "GET", "401")] == 1
+    stages = {s.labels["stage"]: s.value for s in families["flagmatch_search_stage_seconds"].samples
+              if s.name.endswith("_count")}
+    assert stages["decode"] == stages["embed"] == stages["handler"] == 1
+    vectors = {s.labels["scope"]: s.value for s in families["flagmatch_index_vectors"].samples}
+    assert vectors["all"] == len(api_home[1]) and families["flagmatch_ready"].samples[0].value == 1
+    opened = build_app(api_home[0].replace(metrics_open=True), embedder=tiny_embedder).test_client()
+    assert opened.get("/metrics").status_code == 200  # the test client is on loopback
+    assert opened.get("/metrics", environ_base={"REMOTE_ADDR": "10.1.2.3"}).status_code == 401

@@ -17,6 +17,7 @@ from werkzeug.routing import IntegerConverter
 
 from indexer.models.threads import REQUEST, worker_started
 from search.api import bp as api_bp
+from search.metrics import install_metrics
 from search.edge import EdgeSettings, Runtime, error, http_error, register_health
 from search.hma import hma_http_error, register_hma
 from search.hma_openapi import register_openapi
@@ -209,6 +210,7 @@ def create_app(runtime: Runtime) -> Flask:
     app.register_blueprint(views_bp)
 
     install_edges(app, runtime)
+    install_metrics(app, runtime)
 
     @app.after_request
     def _headers(resp: Response) -> Response:

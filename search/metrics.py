@@ -1,0 +1,100 @@
+"""Prometheus metrics on the serving port (``GET /metrics``), with ``prometheus-client`` — the library
+Prometheus users expect, whose text exposition its own parser (and Prometheus) reads.
+
+What is counted, per app (each app has a registry of its own, so several apps in one process never share
+a series):
+- ``flagmatch_http_requests_total{route, method, status}`` and ``flagmatch_http_request_seconds{route,
+  method}`` (a histogram) for every request; ``route`` is the URL rule (``/api/v1/images/<int:image_id>``),
+  never the raw path, so ids and probes cannot explode the series. 429s (rate limit) and 503s (admission,
+  loading) are statuses like any other.
+- ``flagmatch_search_stage_seconds{stage}``: the stages a search reported in its ``Server-Timing`` header
+  (decode, embed, search, hashes, hydrate, verify, handler) — the same figures a client sees.
+- At scrape time, from the running objects: ``flagmatch_ready``, ``flagmatch_index_vectors{scope}``,
+  ``flagmatch_index_generation{scope}``, ``flagmatch_pdq_index_hashes{index}`` (for the PDQ indexes this
+  worker has opened), ``flagmatch_admission_reserved_bytes``.
+
+Access: behind the API token like the rest of the API, unless ``metrics_open`` lets clients on loopback
+(a scraper on the same host) in without one. One server worker is the default; with several, each worker
+answers for itself (prometheus-client's multiprocess mode is not wired in)."""
+from __future__ import annotations
+
+import time
+from typing import Iterator
+
+from flask import Flask, Response, g, request
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from search.edge import Runtime, authorize
+
+STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+LOOPBACK = ("127.0.0.1", "::1")
+
+
+class _State(Collector):
+    """Gauges read from the runtime when Prometheus scrapes."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        rt = self.runtime
+        yield GaugeMetricFamily("flagmatch_ready", "1 once the model and indexes are loaded", value=rt.ready.is_set())
+        vectors = GaugeMetricFamily("flagmatch_index_vectors", "vectors in each index scope", labels=["scope"])
+        generation = GaugeMetricFamily("flagmatch_index_generation", "published generation each scope answers from",
+                                       labels=["scope"])
+        if rt.index is not None:
+            for scope, st in rt.index.stats().items():
+                vectors.add_metric([scope], st["vectors"])
+                generation.add_metric([scope], st["generation"])
+        yield vectors
+        yield generation
+        pdq = GaugeMetricFamily("flagmatch_pdq_index_hashes", "hashes in the PDQ indexes this worker has open",
+                                labels=["index"])
+        matcher = rt.service.hashes if rt.service is not None else None
+        for name in ("bank_index", "image_index"):
+            if matcher is not None and name in vars(matcher):  # opened already: reading never opens one
+                pdq.add_metric([name.removesuffix("_index")], vars(matcher)[name].ntotal)
+        yield pdq
+        admission = rt.service.admission if rt.service is not None else None
+        yield GaugeMetricFamily("flagmatch_admission_reserved_bytes", "decode memory reserved by uploads now",
+                                value=admission.in_flight if admission is not None else 0)
+
+
+def install_metrics(app: Flask, runtime: Runtime) -> None:
+    registry = CollectorRegistry(auto_describe=True)
+    requests = Counter("flagmatch_http_requests", "HTTP requests answered", ["route", "method", "status"],
+                       registry=registry)
+    latency = Histogram("flagmatch_http_request_seconds", "time from the request's arrival in the app to its answer",
+                        ["route", "method"], registry=registry, buckets=STAGE_BUCKETS)
+    stages = Histogram("flagmatch_search_stage_seconds", "a search's stages, as its Server-Timing header reports them",
+                       ["stage"], registry=registry, buckets=STAGE_BUCKETS)
+    registry.register(_State(runtime))
+
+    @app.before_request
+    def _started() -> None:
+        g.metrics_started = time.perf_counter()
+
+    @app.after_request
+    def _count(resp: Response) -> Response:
+        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        requests.labels(route, request.method, str(resp.status_code)).inc()
+        if "metrics_started" in g:
+            latency.labels(route, request.method).observe(time.perf_counter() - g.metrics_started)
+        for part in resp.headers.get("Server-Timing", "").split(","):
+            name, _, dur = part.strip().partition(";dur=")
+            if name and dur:
+                try:
+                    stages.labels(name).observe(float(dur) / 1000)
+                except ValueError:
+                    pass
+        return resp
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        if not (runtime.settings.metrics_open and request.remote_addr in LOOPBACK):
+            denied = authorize(write=False)
+            if denied is not None:
+                return denied
+        return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
