@@ -412,7 +412,9 @@ class SearchService:
             stored = self.local.get(key) if key else None
             mine = feats
             if greys and view in greys and view.startswith("grid"):
-                mine = by_view.get(view) or by_view.setdefault(view, QueryFeatures(greys[view]))
+                if view not in by_view:  # described once, for the first hit through it
+                    by_view[view] = QueryFeatures(greys[view])
+                mine = by_view[view]
             # the mirror only for the model's first hit: a mirrored copy is nearly always first already
             # (the model barely tells an image from its mirror), and a query whose first hit does not verify
             # would otherwise pay two matchings for every hit below it

@@ -127,20 +127,28 @@ def test_single_pictures_are_not_cut_into_cells():
         assert not any(k.startswith("cell") for k in view_boxes(np.asarray(im), cells=True))
 
 
-def test_search_finds_the_picture_in_a_collage_and_says_where(store, tiny_embedder, tmp_path, settings):
-    from flagmatch.wiring import ingest_into, open_index, search_service
-    from indexer.storage.catalog import FlagRequest
+def _flagged_photos(store, tiny_embedder, settings, folder, seeds: range) -> list:  # type: ignore[no-untyped-def]
+    """``photo_image(seed)`` for each seed ingested from ``folder`` and flagged; their catalog ids, in order."""
+    import hashlib
+    from flagmatch.wiring import ingest_into
     from indexer.ingest.sources import iter_sources
-    from search.service import SearchParams
+    from indexer.storage.catalog import FlagRequest
     from tests.helpers import photo_image
-    folder = tmp_path / "in"
     folder.mkdir()
-    for i in range(12):
-        (folder / f"{i}.png").write_bytes(encode(photo_image(60 + i, (400, 300)), "PNG"))
+    data = [encode(photo_image(seed, (400, 300)), "PNG") for seed in seeds]
+    for i, d in enumerate(data):
+        (folder / f"{i}.png").write_bytes(d)
     ingest_into(settings, iter_sources([str(folder)]), store=store, embedder=tiny_embedder)
     store.catalog.set_flag(store.catalog.image_ids(), FlagRequest("import", None, "test"), flag=True)
+    return [store.catalog.resolve(hashlib.sha256(d).hexdigest()) for d in data]
+
+
+def test_search_finds_the_picture_in_a_collage_and_says_where(store, tiny_embedder, tmp_path, settings):
+    from flagmatch.wiring import open_index, search_service
+    from search.service import SearchParams
+    from tests.helpers import photo_image
+    target = _flagged_photos(store, tiny_embedder, settings, tmp_path / "in", range(60, 72))[5]
     svc = search_service(settings, store, open_index(store, settings), tiny_embedder)
-    target = store.catalog.resolve(__import__("hashlib").sha256((folder / "5.png").read_bytes()).hexdigest())
     others = [photo_image(90 + i, (400, 300)) for i in range(3)]  # never stored
     query = encode(collage(others + [photo_image(65, (400, 300))], 2, 10), "JPEG", quality=90)
     hit = svc.search_uploads([("q.jpg", query)], SearchParams(k=3)).results[0].hits[0]
@@ -156,18 +164,11 @@ def test_the_grid_searches_a_picture_inside_a_picture_only_when_nothing_was_conf
         store, tiny_embedder, tmp_path, settings):
     """Picture-in-picture over a textured background has no seam to cut along: the quadrants find it, and
     only for an upload whose own views found nothing above ``query_grid_below``."""
-    from flagmatch.wiring import ingest_into, open_index, search_service
-    from indexer.storage.catalog import FlagRequest
-    from indexer.ingest.sources import iter_sources
+    from flagmatch.wiring import open_index, search_service
     from search.service import SearchParams
     from tests.helpers import photo_image
     folder = tmp_path / "in"
-    folder.mkdir()
-    for i in range(8):
-        (folder / f"{i}.png").write_bytes(encode(photo_image(70 + i, (400, 300)), "PNG"))
-    ingest_into(settings, iter_sources([str(folder)]), store=store, embedder=tiny_embedder)
-    store.catalog.set_flag(store.catalog.image_ids(), FlagRequest("import", None, "test"), flag=True)
-    target = store.catalog.resolve(__import__("hashlib").sha256((folder / "2.png").read_bytes()).hexdigest())
+    target = _flagged_photos(store, tiny_embedder, settings, folder, range(70, 78))[2]
     canvas = photo_image(99, (800, 600))
     canvas.paste(photo_image(72, (400, 300)), (400, 300))  # the bottom-right quadrant
     query = encode(canvas, "JPEG", quality=92)
