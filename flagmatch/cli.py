@@ -347,11 +347,16 @@ def _print_evidence(ev: Any) -> None:
 @with_settings("model", "decode", "index", "search", "server")
 def serve(settings: Settings) -> None:
     """Serve the JSON API and the viewer on a production WSGI server (gunicorn)."""
+    import logging
+
+    from flagmatch import logs
     from flagmatch.serve import serve as run_server
+    logs.configure(settings.log_format)  # every line the server writes in one format, these two included
+    log = logging.getLogger("flagmatch.serve")
     if not settings.api_tokens and not settings.open_reads:
-        click.echo("warning: no --api-tokens set: every request will be refused (401)", err=True)
-    click.echo(f"flagmatch on http://{settings.host}:{settings.port}  ({settings.workers} worker(s) × "
-               f"{settings.threads} threads)", err=True)
+        log.warning("no --api-tokens set: every request will be refused (401)")
+    log.info("flagmatch on http://%s:%d  (%d worker(s) × %d threads)", settings.host, settings.port,
+             settings.workers, settings.threads)
     run_server(settings)
 
 

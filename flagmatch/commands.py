@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import click
 
+from flagmatch import logs
 from flagmatch.settings import GROUPS, SETTINGS, Settings
 from indexer.errors import FlagmatchError
 
@@ -36,9 +37,9 @@ class SettingsCommand(click.Command):
 
 
 def with_settings(*groups: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Add one option per setting of ``groups`` (the store's are always there) and pass the resolved
+    """Add one option per setting of ``groups`` (the store's and operations' are always there) and pass the resolved
     Settings as ``settings``; settings of other groups still come from FLAGMATCH_* or their defaults."""
-    wanted = ("store", *groups)
+    wanted = ("store", *groups, "ops")
     chosen = [s for g in GROUPS for s in SETTINGS if s.group == g and g in wanted]
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -47,6 +48,8 @@ def with_settings(*groups: str) -> Callable[[Callable[..., Any]], Callable[..., 
             overrides = {s.name: kwargs.pop(s.name) for s in chosen}
             try:
                 settings = Settings.load(overrides)
+                if settings.log_format != "text":
+                    logs.configure(settings.log_format)
             except ValueError as exc:
                 raise click.UsageError(str(exc)) from None
             try:

@@ -23,6 +23,7 @@ GROUPS: dict[str, str] = {
     "hma": "HMA routes, URL fetching and exchanges",
     "heads": "Learning from verdicts",
     "cluster": "Clustering",
+    "ops": "Operations",
 }
 
 
@@ -208,6 +209,9 @@ class Settings:
                                    "fast_hdbscan (numba: ~40 s of compiling on a machine's first run, then the "
                                    "fastest) or sklearn", "cluster")
     seed: int = setting(42, "random seed of the clustering job", "cluster")
+    # -- operations
+    log_format: str = setting("text", "log lines as text, or one JSON object per line (json): every request's "
+                              "request id, actor, route, status, duration and stage timings", "ops")
 
     @classmethod
     def load(cls, overrides: Mapping[str, Any] | None = None,

@@ -227,6 +227,19 @@ def parse(model: type[M], data: Any) -> M:
 
 # ------------------------------------------------------------------ health
 
+def server_timing(resp: Response) -> dict[str, float]:
+    """The stages a response's ``Server-Timing`` header reports, in seconds (unparseable parts skipped)."""
+    out: dict[str, float] = {}
+    for part in resp.headers.get("Server-Timing", "").split(","):
+        name, _, dur = part.strip().partition(";dur=")
+        try:
+            if name and dur:
+                out[name] = float(dur) / 1000
+        except ValueError:
+            continue
+    return out
+
+
 def register_health(app: Flask) -> None:
     @app.get("/healthz")
     def healthz() -> Response:

@@ -14,10 +14,12 @@ a series):
   worker has opened), ``flagmatch_admission_reserved_bytes``.
 
 Access: behind the API token like the rest of the API, unless ``metrics_open`` lets clients on loopback
-(a scraper on the same host) in without one. One server worker is the default; with several, each worker
-answers for itself (prometheus-client's multiprocess mode is not wired in)."""
+(a scraper on the same host) in without one. Under a server of several workers (``flagmatch.serve`` sets
+``PROMETHEUS_MULTIPROC_DIR``), counters and histograms are prometheus-client's multiprocess values,
+summed over the workers at each scrape; the gauges above describe the worker that answered."""
 from __future__ import annotations
 
+import os
 import time
 from typing import Iterator
 
@@ -26,7 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from search.edge import Runtime, authorize
+from search.edge import Runtime, authorize, server_timing
 
 STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 LOOPBACK = ("127.0.0.1", "::1")
@@ -62,15 +64,28 @@ class _State(Collector):
                                 value=admission.in_flight if admission is not None else 0)
 
 
-def install_metrics(app: Flask, runtime: Runtime) -> None:
-    registry = CollectorRegistry(auto_describe=True)
-    requests = Counter("flagmatch_http_requests", "HTTP requests answered", ["route", "method", "status"],
-                       registry=registry)
-    latency = Histogram("flagmatch_http_request_seconds", "time from the request's arrival in the app to its answer",
-                        ["route", "method"], registry=registry, buckets=STAGE_BUCKETS)
-    stages = Histogram("flagmatch_search_stage_seconds", "a search's stages, as its Server-Timing header reports them",
-                       ["stage"], registry=registry, buckets=STAGE_BUCKETS)
+def _scrape_registry(runtime: Runtime, own: CollectorRegistry | None) -> CollectorRegistry:
+    """This app's registry; in multiprocess mode, every worker's files summed, with this worker's gauges."""
+    if own is not None:
+        return own
+    from prometheus_client import multiprocess
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
     registry.register(_State(runtime))
+    return registry
+
+
+def install_metrics(app: Flask, runtime: Runtime) -> None:
+    # multiprocess: the values live in the shared folder's files, read back by a collector at each scrape
+    own = None if os.environ.get("PROMETHEUS_MULTIPROC_DIR") else CollectorRegistry(auto_describe=True)
+    requests = Counter("flagmatch_http_requests", "HTTP requests answered", ["route", "method", "status"],
+                       registry=own)
+    latency = Histogram("flagmatch_http_request_seconds", "time from the request's arrival in the app to its answer",
+                        ["route", "method"], registry=own, buckets=STAGE_BUCKETS)
+    stages = Histogram("flagmatch_search_stage_seconds", "a search's stages, as its Server-Timing header reports them",
+                       ["stage"], registry=own, buckets=STAGE_BUCKETS)
+    if own is not None:
+        own.register(_State(runtime))
 
     @app.before_request
     def _started() -> None:
@@ -82,13 +97,8 @@ def install_metrics(app: Flask, runtime: Runtime) -> None:
         requests.labels(route, request.method, str(resp.status_code)).inc()
         if "metrics_started" in g:
             latency.labels(route, request.method).observe(time.perf_counter() - g.metrics_started)
-        for part in resp.headers.get("Server-Timing", "").split(","):
-            name, _, dur = part.strip().partition(";dur=")
-            if name and dur:
-                try:
-                    stages.labels(name).observe(float(dur) / 1000)
-                except ValueError:
-                    pass
+        for name, seconds in server_timing(resp).items():
+            stages.labels(name).observe(seconds)
         return resp
 
     @app.get("/metrics")
@@ -97,4 +107,4 @@ def install_metrics(app: Flask, runtime: Runtime) -> None:
             denied = authorize(write=False)
             if denied is not None:
                 return denied
-        return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(_scrape_registry(runtime, own)), mimetype=CONTENT_TYPE_LATEST)

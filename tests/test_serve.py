@@ -47,7 +47,7 @@ def served(tmp_path_factory, tiny_model_dir):
     env = child_env(FLAGMATCH_HOME=str(root / "home"), FLAGMATCH_MODEL=str(tiny_model_dir),
                FLAGMATCH_API_TOKENS=f"ops:{TOKEN}", FLAGMATCH_WORKERS="2",
                FLAGMATCH_THREADS="4", FLAGMATCH_MAX_UPLOAD_BYTES="1000000", FLAGMATCH_PRECISION="fp32",
-               FLAGMATCH_FLAG_THRESHOLD="0.0")
+               FLAGMATCH_FLAG_THRESHOLD="0.0", FLAGMATCH_LOG_FORMAT="json")
     cli = [sys.executable, "-m", "flagmatch.cli"]
     subprocess.run(cli + ["ingest", str(root / "in")], env=env, check=True, capture_output=True, timeout=300)
     proc, base, log = start_server(env, root / "server.log")
@@ -55,6 +55,93 @@ def served(tmp_path_factory, tiny_model_dir):
     env["FLAGMATCH_PORT"] = str(port)
     yield port, files, env, cli
     stop_server(proc, log)
+
+
+@pytest.fixture(scope="module")
+def served_log(served, tmp_path_factory) -> Path:
+    return tmp_path_factory.getbasetemp() / "serve0" / "server.log"
+
+
+def _scrape(port: int) -> dict[tuple[str, str, str], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+    with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/metrics",
+                                                       headers={"Authorization": f"Bearer {TOKEN}"})) as r:
+        text = r.read().decode()
+    return {(s.labels["route"], s.labels["method"], s.labels["status"]): s.value
+            for fam in text_string_to_metric_families(text) if fam.name == "flagmatch_http_requests"
+            for s in fam.samples if s.name == "flagmatch_http_requests_total"}
+
+
+def test_two_workers_metrics_sum_and_json_logs_hold_no_secret(served, served_log):
+    """Under concurrent load on two workers, /metrics (whichever worker answers) counts exactly the requests
+    sent, summed over both; every line the server wrote is one JSON object; a request's id is the same in its
+    error answer, its audit row and its log line; no token, session cookie or image byte is in any line."""
+    import requests
+    port, files, _, _ = served
+    base = f"http://127.0.0.1:{port}"
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    marker = "PIXELS-NEVER-LOGGED-7f3a"
+    from PIL import PngImagePlugin
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", marker)
+    upload = encode(drawn_image(901), "PNG", pnginfo=info)
+    before = _scrape(port)
+
+    def one(k: int) -> int:
+        if k % 4 == 0:
+            return requests.post(f"{base}/api/v1/search", headers=auth, files={"image": ("q.png", upload)},
+                                 timeout=60).status_code
+        if k % 4 == 1:
+            return requests.get(f"{base}/api/v1/stats", headers={"Authorization": "Bearer wrong-token"},
+                                timeout=60).status_code
+        return requests.get(f"{base}/api/v1/images/{1 + k % 5}", headers=auth, timeout=60).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(one, range(48)))
+    assert codes.count(200) == 36 and codes.count(401) == 12
+    pids = set()
+    for _ in range(6):  # several scrapes: each is answered by either worker, and each sees the sum
+        after = _scrape(port)
+        sent = {("/api/v1/search", "POST", "200"): 12, ("/api/v1/stats", "GET", "401"): 12,
+                ("/api/v1/images/<int:image_id>", "GET", "200"): 24}
+        for key, n in sent.items():
+            assert after.get(key, 0) - before.get(key, 0) == n, (key, after.get(key), before.get(key))
+
+    # one id through the error answer, the audit row and the log line
+    for action, rid in (("unflag", "req-unflag-41"), ("flag", "req-flag-42")):  # the store as it was after
+        r = requests.post(f"{base}/api/v1/images/2/{action}", headers={**auth, "X-Request-Id": rid},
+                          json={"reason": "test"}, timeout=60)
+        assert r.status_code == 200 and r.headers["X-Request-Id"] == rid
+        events = requests.get(f"{base}/api/v1/audit", headers=auth, params={"target": "image:2", "action": action},
+                              timeout=60).json()["events"]
+        assert events and events[0]["detail"]["request_id"] == rid
+    missing = requests.get(f"{base}/api/v1/images/999999", headers={**auth, "X-Request-Id": "req-gone-7"},
+                           timeout=60)
+    assert missing.status_code == 404 and missing.json()["error"]["request_id"] == "req-gone-7"
+
+    # a viewer session: its cookie must not be logged either
+    viewer = requests.Session()
+    page = viewer.get(f"{base}/login", timeout=60).text
+    csrf = page.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+    assert viewer.post(f"{base}/login", data={"csrf": csrf, "token": TOKEN}, timeout=60).status_code == 200
+    cookie = viewer.cookies.get("flagmatch_session")
+    assert cookie and viewer.get(f"{base}/clusters", timeout=60).status_code == 200
+
+    time.sleep(0.5)
+    lines = served_log.read_text().splitlines()
+    records = [json.loads(line) for line in lines]  # every line, or this fails
+    access = [r for r in records if r["logger"] == "flagmatch.access"]
+    pids = {r["pid"] for r in access}
+    assert len(pids) == 2, "both workers answered and logged"
+    flag_line = [r for r in access if r["request_id"] == "req-flag-42"]
+    assert len(flag_line) == 1 and flag_line[0]["route"] == "/api/v1/images/<int:image_id>/flag"
+    assert flag_line[0]["actor"] == "ops" and flag_line[0]["status"] == 200 and flag_line[0]["duration_ms"] > 0
+    assert [(r["status"], r["path"]) for r in access if r["request_id"] == "req-gone-7"] == [(404, "/api/v1/images/999999")]
+    searches = [r for r in access if r["route"] == "/api/v1/search" and r["method"] == "POST"]
+    assert searches and all({"decode", "embed", "search"} <= set(r["stages_ms"]) for r in searches)
+    text = served_log.read_text()
+    for secret in (TOKEN, "wrong-token", cookie, marker, csrf):
+        assert secret not in text
 
 
 def test_served_instance_answers_real_requests(served):

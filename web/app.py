@@ -7,6 +7,7 @@ import os
 import re
 import secrets
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,8 @@ from werkzeug.routing import IntegerConverter
 from indexer.models.threads import REQUEST, worker_started
 from search.api import bp as api_bp
 from search.metrics import install_metrics
-from search.edge import EdgeSettings, Runtime, error, http_error, register_health
+from indexer.storage.audit import REQUEST_ID
+from search.edge import EdgeSettings, Runtime, error, http_error, register_health, server_timing
 from search.hma import hma_http_error, register_hma
 from search.hma_openapi import register_openapi
 from web.decisions import bp as decisions_bp
@@ -26,6 +28,7 @@ from web.views import bp as views_bp
 
 
 log = logging.getLogger(__name__)
+access = logging.getLogger("flagmatch.access")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
@@ -71,6 +74,12 @@ def install_edges(app: Flask, runtime: Runtime) -> None:
     def _request_id() -> None:
         sent = request.headers.get("X-Request-Id", "")
         g.request_id = sent if _REQUEST_ID.fullmatch(sent) else uuid.uuid4().hex
+        g.arrived = time.perf_counter()
+        REQUEST_ID.set(g.request_id)  # the audit rows this request writes carry it
+
+    @app.teardown_request
+    def _forget_request_id(_exc: BaseException | None) -> None:
+        REQUEST_ID.set(None)  # request threads are reused
 
     @app.before_request
     def _viewer_session() -> None:
@@ -113,6 +122,22 @@ def install_edges(app: Flask, runtime: Runtime) -> None:
     def _echo_request_id(resp: Response) -> Response:
         if "request_id" in g:
             resp.headers["X-Request-Id"] = g.request_id
+        return resp
+
+    @app.after_request
+    def _access_line(resp: Response) -> Response:
+        """One line per request: never the query string, a header or a body (tokens, cookies, image bytes)."""
+        if request.path in ("/healthz", "/readyz", "/status/live"):
+            return resp  # probes every few seconds would drown the rest
+        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        ms = (time.perf_counter() - g.arrived) * 1000 if "arrived" in g else None
+        actor = g.get("actor") or g.get("session_actor") or "-"
+        stages = {name: round(sec * 1000, 2) for name, sec in server_timing(resp).items()}
+        access.info("%s %s %d %.1f ms [%s] %s", request.method, request.path, resp.status_code, ms or 0.0,
+                    g.get("request_id"), actor,
+                    extra={"request_id": g.get("request_id"), "actor": actor, "method": request.method,
+                           "route": route, "path": request.path, "status": resp.status_code,
+                           "duration_ms": None if ms is None else round(ms, 2), "stages_ms": stages})
         return resp
 
     @app.errorhandler(HTTPException)

@@ -1,10 +1,13 @@
 """The append-only audit log: every reveal of a thumbnail and every decision, from the viewer, the API
 or the CLI — who, what, when.
-Rows are only ever inserted; nothing in flagmatch updates or deletes them."""
+Rows are only ever inserted; nothing in flagmatch updates or deletes them. A row written while a request
+is served carries its request id (``detail.request_id``, from ``REQUEST_ID``, which the server's edge
+sets), the same id as the request's log line and its error answer."""
 from __future__ import annotations
 
 import datetime as dt
 import json
+from contextvars import ContextVar
 from dataclasses import dataclass
 import re
 from typing import Any, Mapping
@@ -19,6 +22,7 @@ from indexer.errors import InvalidInputError
 
 
 MAX_PAGE = 1000
+REQUEST_ID: ContextVar[str | None] = ContextVar("flagmatch_request_id", default=None)
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,9 @@ class AuditLog:
     def record(self, actor: str, action: str, target: str, *, tx: Transaction | None = None, **detail: Any) -> int:
         """Append one row and return its id; inside ``tx`` (``Catalog.transaction``) it commits with the
         decision it records."""
+        request_id = REQUEST_ID.get()
+        if request_id is not None:
+            detail.setdefault("request_id", request_id)
         stmt = insert(AuditRow).values(at=utcnow(), actor=actor, action=action, target=target,
                                        detail=json.dumps(detail, default=str))
         if tx is not None:
