@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import click
 
-from flagmatch import cli_hashes, cli_heads, wiring  # noqa: F401  (cli_hashes, cli_heads: the banks/hashes and learning commands)
+from flagmatch import cli_hashes, cli_heads, cli_ops, wiring  # noqa: F401  (the banks/hashes, learning and operator's commands)
 from flagmatch.commands import Bar, SettingsCommand, main, os_user, with_settings
 from flagmatch.settings import Settings
 from indexer.storage.audit import AuditLog

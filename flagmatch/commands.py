@@ -88,6 +88,40 @@ class Bar:
         self.bar.close()
 
 
+class Stages:
+    """Progress of a long job stage by stage (``stage, done, total`` calls): on a terminal a bar per stage with
+    its rate and ETA (tqdm); otherwise one line per stage on stderr as it ends, for logs."""
+
+    def __init__(self) -> None:
+        self.stage: str | None = None
+        self.bar: Any = None
+        self.done = self.total = 0
+        self.started = 0.0
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        import time
+
+        from tqdm import tqdm
+        if stage != self.stage:
+            self.close()
+            self.stage, self.started = stage, time.perf_counter()
+            self.bar = tqdm(total=total, desc=stage, file=sys.stderr, dynamic_ncols=True, disable=None, leave=True)
+        self.done, self.total = done, total
+        if self.bar is not None and not self.bar.disable:
+            self.bar.total = total
+            self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        import time
+        if self.stage is None:
+            return
+        if self.bar.disable:
+            click.echo(f"{self.stage}: {self.done:,} of {self.total:,} in {time.perf_counter() - self.started:.1f} s",
+                       err=True)
+        self.bar.close()
+        self.stage = None
+
+
 def os_user() -> str:
     import getpass
     return getpass.getuser()

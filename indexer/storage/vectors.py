@@ -162,6 +162,21 @@ class VectorStore:
             out[mask] = self._mapping(int(seg), int(want.max()) + 1)[want]
         return out
 
+    def present(self, ids: np.ndarray | list[int]) -> np.ndarray:
+        """Whether each id's row is in its file (a segment cut short after a disk incident lacks its tail);
+        ids the catalog has no location for raise as in ``get``."""
+        ids = np.asarray(ids, dtype=np.int64)
+        out = np.zeros(len(ids), bool)
+        if not len(ids):
+            return out
+        segs, rows = self._locate(ids)
+        for seg in np.unique(segs):
+            path = self.path if seg == LEGACY else self.segment_path(int(seg))
+            have = path.stat().st_size // self.row_bytes if path.exists() else 0
+            mask = segs == seg
+            out[mask] = rows[mask] < have
+        return out
+
     def iter_rows(self, ids: np.ndarray, chunk: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield (ids, vectors) in chunks, for streaming jobs that must not hold everything."""
         ids = np.asarray(ids, dtype=np.int64)

@@ -545,6 +545,11 @@ class VectorIndex:
         with self._lock.read():
             return {"scopes": {sc: s.generation for sc, s in self._scopes.items()}, "space": self.space.version}
 
+    def members(self, scope: str) -> set[int]:
+        """The image ids ``scope`` holds now (for the consistency check: it should be the catalog's)."""
+        with self._lock.read():
+            return fx.held_ids(self._scopes[scope].index)
+
     def stats(self) -> dict[str, dict]:
         with self._lock.read():
             return {sc: {"kind": s.params.kind, "factory": s.params.factory, "vectors": s.ntotal,

@@ -1,0 +1,96 @@
+"""The operator's commands: ``backup``, ``restore``, ``check`` (each a thin wrapper over its function:
+``indexer.storage.backup``, ``flagmatch.check``)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from flagmatch import wiring
+from flagmatch.commands import SettingsCommand, Stages, main, with_settings
+from flagmatch.settings import Settings
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+@main.command(cls=SettingsCommand)
+@click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--full", is_flag=True, help="copy every file (default: link what the newest backup in DEST already holds unchanged)")
+@with_settings()
+def backup(dest: Path, full: bool, settings: Settings) -> None:
+    """Back the home up into a new folder under DEST while ingest and serving go on: the catalog (SQLite's
+    online backup, or pg_dump), the indexes, raw vectors, thumbnails and models, with a manifest of checksums."""
+    from indexer.storage.backup import backup as take
+    stages = Stages()
+    report = take(wiring.open_store(settings), dest, full=full, progress=stages)
+    stages.close()
+    snap = report.snapshot
+    click.echo(f"backup {report.path}: catalog ({snap.engine}) up to image {snap.image_head}, flag event "
+               f"{snap.flag_event_head}, audit row {snap.audit_head}; {report.files:,} files, "
+               f"{_mib(report.copied_bytes)} copied, {_mib(report.linked_bytes)} linked from the previous backup")
+    gone = {k: v for k, v in report.gone_since.items() if v}
+    if gone:
+        click.echo(f"  removed after the snapshot (deleted meanwhile): {json.dumps(gone)[:500]}")
+
+
+@main.command(cls=SettingsCommand)
+@click.argument("src", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--home", "new_home", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="the new home to build (must not exist, or be empty)")
+@click.option("--catalog-url", "new_catalog", default="",
+              help="for a PostgreSQL backup: the empty database to restore the catalog into")
+@click.option("--no-check", is_flag=True, help="skip the consistency check of the restored home")
+def restore(src: Path, new_home: Path, new_catalog: str, no_check: bool) -> None:
+    """Build a working home from the backup SRC (one folder of a backup DEST), its files checked against the
+    manifest first; then check it."""
+    from indexer.errors import FlagmatchError
+    from indexer.storage.backup import restore as put_back
+    stages = Stages()
+    try:
+        report = put_back(src, new_home, new_catalog, progress=stages)
+    except FlagmatchError as exc:
+        raise click.ClickException(f"{exc.message} [{exc.code}]") from None
+    stages.close()
+    snap = report.snapshot
+    click.echo(f"restored {report.files:,} files and the {snap.engine} catalog (image {snap.image_head}, audit row "
+               f"{snap.audit_head}) into {report.home}")
+    if not no_check:
+        settings = Settings.load({"home": str(new_home), "catalog_url": new_catalog or None})
+        _check(settings, repair=False, as_json=False)
+
+
+@main.command(cls=SettingsCommand)
+@click.option("--repair", is_flag=True, help="rebuild what can be rebuilt from the raw data, and check again")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@with_settings("index", "ingest", "decode")
+def check(repair: bool, as_json: bool, settings: Settings) -> None:
+    """Check that the catalog, raw vectors, indexes, hashes, thumbnails and audit trail agree; exit 1 when
+    something is (still) wrong."""
+    _check(settings, repair, as_json)
+
+
+def _check(settings: Settings, repair: bool, as_json: bool) -> None:
+    from flagmatch.check import check as run_check
+    store = wiring.open_store(settings)
+    stages = Stages()
+    report = run_check(store, open_index=lambda: wiring.open_index(store, settings, for_rebuild=True),
+                       matcher=wiring.hash_matcher(settings, store), opts=wiring.ingest_options(settings),
+                       repair=repair, progress=stages)
+    stages.close()
+    if as_json:
+        click.echo(json.dumps({"ok": report.ok, "checked": report.checked,
+                               "findings": [f.to_json() for f in report.findings]}, indent=1))
+    else:
+        click.echo("checked: " + ", ".join(f"{n:,} {what}" for what, n in report.checked.items()))
+        for f in report.findings:
+            fixed = f" — repaired {f.repaired}" if f.repaired else (" (repairable: --repair)" if f.repairable and not repair
+                                                                     else "")
+            examples = f" e.g. {', '.join(map(str, f.ids[:10]))}" if f.ids else ""
+            click.echo(f"  {f.part:<10} {f.code:<20} {f.count:>6}  {f.message}{examples}{fixed}")
+        click.echo("whole" if report.ok else "NOT whole")
+    if not report.ok:
+        sys.exit(1)
