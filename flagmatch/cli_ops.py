@@ -94,3 +94,55 @@ def _check(settings: Settings, repair: bool, as_json: bool) -> None:
         click.echo("whole" if report.ok else "NOT whole")
     if not report.ok:
         sys.exit(1)
+
+
+@main.command(cls=SettingsCommand)
+@click.option("--url", default="", help="ask a running server (its /status) instead of reading the home")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@with_settings()
+def status(url: str, as_json: bool, settings: Settings) -> None:
+    """The health of every part, as /status reports it: catalog, model, indexes and their lag, matching
+    space, disk, replica lag; exit 1 when a critical part fails, 0 when healthy or degraded."""
+    if url:
+        import urllib.error
+        import urllib.request
+        req = urllib.request.Request(url.rstrip("/") + "/status", headers={"Accept": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                body = json.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            body = json.loads(exc.read() or b"{}")
+        except (OSError, ValueError) as exc:
+            raise click.ClickException(f"{url} does not answer /status: {exc}") from None
+    else:
+        body = local_health(settings)
+    if as_json:
+        click.echo(json.dumps(body, indent=1, default=str))
+    else:
+        click.echo(f"status: {body['status']}")
+        for name, c in body.get("checks", {}).items():
+            figures = ", ".join(f"{k} {v}" for k, v in c.items() if k != "ok")
+            click.echo(f"  {'ok  ' if c['ok'] else 'FAIL'} {name:<10} {figures}")
+        if body.get("error"):
+            click.echo(f"  {body['error']}")
+    if body["status"] not in ("ok", "degraded"):
+        sys.exit(1)
+
+
+def local_health(settings: Settings) -> dict:
+    """``search.health`` from the home itself: the published indexes' checkpoints, the model the store is
+    bound to (this command loads none)."""
+    from search.health import Limits, health
+    store = wiring.open_store(settings)
+    try:
+        meta = store.catalog.model_meta()
+        cps = {sc: store.catalog.checkpoint(sc) for sc in ("all", "flagged")}
+        scopes = {sc: (cp.generation, cp.image_id) for sc, cp in cps.items() if cp is not None}
+        space = next((int(cp.params.get("space_version", 0)) for cp in cps.values() if cp is not None), None)
+        model = ({"ok": True, "model_id": meta["model_id"], "loaded": False} if meta.get("model_id")
+                 else {"ok": True, "model_id": None, "note": "no image ingested yet"})
+        return health(store, scopes=scopes, space=space, model=model,
+                      limits=Limits(settings.health_min_free_gb, settings.health_max_index_lag,
+                                    settings.health_max_replica_lag))
+    finally:
+        store.close()

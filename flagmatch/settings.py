@@ -212,6 +212,12 @@ class Settings:
     # -- operations
     log_format: str = setting("text", "log lines as text, or one JSON object per line (json): every request's "
                               "request id, actor, route, status, duration and stage timings", "ops")
+    health_min_free_gb: float = setting(2.0, "health: free disk under the home below this (GiB) degrades /readyz, "
+                                        "/status and `flagmatch status`", "ops")
+    health_max_index_lag: float = setting(900.0, "health: an index behind the catalog for longer than this "
+                                          "(seconds since the first image it lacks) degrades the status", "ops")
+    health_max_replica_lag: float = setting(30.0, "health: a PostgreSQL standby replaying this many seconds "
+                                            "behind degrades the status", "ops")
 
     @classmethod
     def load(cls, overrides: Mapping[str, Any] | None = None,

@@ -55,6 +55,12 @@ class EdgeSettings(Protocol):
     @property
     def home_path(self) -> Path: ...
     @property
+    def health_min_free_gb(self) -> float: ...
+    @property
+    def health_max_index_lag(self) -> float: ...
+    @property
+    def health_max_replica_lag(self) -> float: ...
+    @property
     def hma_open(self) -> bool: ...
     @property
     def fetch_allow(self) -> tuple[str, ...]: ...
@@ -247,15 +253,35 @@ def register_health(app: Flask) -> None:
 
     @app.get("/readyz")
     def readyz() -> Response:
+        """200 while this replica can answer searches (``degraded`` when a non-critical check fails: low disk,
+        index or replica lag), 503 while loading or when a critical part fails; each check's figures in
+        ``checks`` (``search.health``) and the generation and matching space it answers from."""
         rt: Runtime = app.extensions["flagmatch"]
-        if rt.ready.is_set() and rt.index is not None:
-            # which index generation (and matching space) this replica answers from: after a reindex
-            # every replica moves to the published generation within the index refresh interval
-            rt.index.maybe_refresh()
-            gens = rt.index.generations()
-            return jsonify({"status": "ready", "generation": gens["scopes"], "space": gens["space"]})
-        if rt.ready.is_set():
-            return jsonify({"status": "ready"})
-        resp = jsonify({"status": "loading" if rt.load_error is None else "failed", "error": rt.load_error})
-        resp.status_code = 503
+        if not rt.ready.is_set():
+            resp = jsonify({"status": "loading" if rt.load_error is None else "failed", "error": rt.load_error})
+            resp.status_code = 503
+            return resp
+        body = server_health(rt)
+        resp = jsonify({**body, "status": {"ok": "ready"}.get(body["status"], body["status"])})
+        resp.status_code = 503 if body["status"] == "failing" else 200
         return resp
+
+
+def server_health(rt: Runtime) -> dict[str, Any]:
+    """``search.health`` for this server process: its loaded model and indexes."""
+    from search.health import Limits, health
+    s = rt.settings
+    scopes = None
+    extra: dict[str, Any] = {}
+    if rt.index is not None:
+        # which generation (and matching space) this replica answers from: after a reindex every replica
+        # moves to the published generation within the index refresh interval
+        rt.index.maybe_refresh()
+        gens = rt.index.generations()
+        extra = {"generation": gens["scopes"], "space": gens["space"]}
+        scopes = {sc: (st["generation"], st["covers_image_id"]) for sc, st in rt.index.stats().items()}
+    model = ({"ok": True, "model_id": rt.embedder.info.model_id} if rt.embedder is not None
+             else {"ok": False, "error": rt.load_error or "no model is loaded"})
+    body = health(rt.store, scopes=scopes, space=extra.get("space"), model=model,
+                  limits=Limits(s.health_min_free_gb, s.health_max_index_lag, s.health_max_replica_lag))
+    return {**body, **extra}

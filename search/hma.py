@@ -35,7 +35,7 @@ from indexer.review.banks import (add_content, create_bank, create_exchange, del
                                   update_bank, update_content)
 from indexer.storage.banks import BANK_NAME, check_note, check_ratio
 from indexer.storage.exchanges import Exchange, ExchangeStore, SignalTypeSwitches
-from search.edge import authorize, csrf_required, http_status, need_ready, runtime
+from search.edge import authorize, csrf_required, http_status, need_ready, runtime, server_health
 from search.hashmatch import BankMatch, HashMatcher
 from search.schemas import MAX_ID  # the largest id SQL's BIGINT holds (route ids are capped the same way)
 
@@ -905,13 +905,27 @@ def register_hma(app: Flask) -> None:
 
     @app.get("/status")
     def hma_status() -> Response:
-        """OMM's readiness check for load balancers: 200 ``I-AM-ALIVE`` once the model and the indexes are
-        loaded, else 503 ``INDEX-NOT-LOADED`` (no token needed, as on OMM). flagmatch's indexes follow the
-        catalog on every lookup, so they are never stale."""
+        """OMM's readiness check for load balancers (no token needed, as on OMM): 200 ``I-AM-ALIVE`` once the
+        model and the indexes are loaded and every critical part answers; 503 ``INDEX-NOT-LOADED`` before,
+        ``INDEX-STALE`` when an index is behind the catalog past ``health_max_index_lag`` (OMM's word for it),
+        ``CATALOG-UNREACHABLE`` when the catalog does not answer. A client that asks for JSON
+        (``Accept: application/json``) gets every check's figures (``search.health``) with the same status."""
         rt = runtime()
-        if rt.ready.is_set() and rt.index is not None:
-            return Response(b"I-AM-ALIVE", mimetype="text/plain")
-        return Response(b"INDEX-NOT-LOADED", status=503, mimetype="text/plain")
+        if not (rt.ready.is_set() and rt.index is not None):
+            word, body = "INDEX-NOT-LOADED", {"status": "loading" if rt.load_error is None else "failed",
+                                              "error": rt.load_error}
+        else:
+            body = server_health(rt)
+            checks = body["checks"]
+            word = ("CATALOG-UNREACHABLE" if not checks["catalog"]["ok"] else
+                    "INDEX-NOT-LOADED" if body["status"] == "failing" else
+                    "INDEX-STALE" if not checks["index_lag"]["ok"] else "I-AM-ALIVE")
+        status = 200 if word == "I-AM-ALIVE" else 503
+        if request.accept_mimetypes.best == "application/json":
+            resp = jsonify(body)
+            resp.status_code = status
+            return resp
+        return Response(word.encode(), status=status, mimetype="text/plain")
 
     @app.get("/status/live")
     def hma_status_live() -> Response:

@@ -98,6 +98,11 @@ BODIES: dict[str, dict[str, Any]] = {
 SUCCESS = {"hma_curation.bank_create": "201", "hma_curation.exchange_create": "201",
            "hma_curation.signal_type_update": "204"}
 TEXT = {"hma_status", "hma_status_live"}  # OMM answers these in plain text
+HEALTH = {"type": "object", "required": ["status"], "properties": {
+    "status": {"type": "string", "enum": ["ok", "degraded", "failing", "loading", "failed"]},
+    "checks": {"type": "object", "additionalProperties": {"type": "object", "required": ["ok"],
+                                                          "properties": {"ok": {"type": "boolean"}}}},
+    "error": {"type": "string", "nullable": True}}}
 _ANY = {"application/json": {"schema": {}}}
 _MESSAGE = {"description": "OMM's error body", "content": _json({
     "type": "object", "required": ["message"], "properties": {"message": {"type": "string"}}})}
@@ -106,9 +111,11 @@ ERRORS = ("400", "401", "403", "404", "405", "413", "415", "429", "503")
 
 def _responses(endpoint: str) -> dict[str, Any]:
     if endpoint in TEXT:
-        text = {"text/plain": {"schema": {"type": "string"}}}
+        text: dict[str, Any] = {"text/plain": {"schema": {"type": "string"}}}
+        if endpoint == "hma_status":  # with Accept: application/json, every check's figures (search.health)
+            text["application/json"] = {"schema": HEALTH}
         return {"200": {"description": "I-AM-ALIVE", "content": text},
-                "503": {"description": "INDEX-NOT-LOADED", "content": text}}
+                "503": {"description": "INDEX-NOT-LOADED, INDEX-STALE or CATALOG-UNREACHABLE", "content": text}}
     ok = SUCCESS.get(endpoint, "200")
     out: dict[str, Any] = {ok: {"description": "OMM's answer", **({} if ok == "204" else {"content": _ANY})}}
     out.update({code: _MESSAGE for code in ERRORS})

@@ -3,6 +3,7 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,43 @@ def test_health_and_readiness(client, api_home, tiny_embedder):
     assert (cold.get("/status").status_code, cold.get("/status").data) == (503, b"INDEX-NOT-LOADED")
     assert (cold.get("/status/live").status_code, cold.get("/status/live").data) == (200, b"I-AM-ALIVE")
     assert client.get("/status").data == b"I-AM-ALIVE"
+
+
+def test_every_part_reports_its_health_against_its_threshold(client, api_home, tiny_embedder, tmp_path):
+    """/readyz and /status (JSON when asked for) report catalog, model, index and its lag, space, disk and
+    replica; a threshold crossed degrades (low disk) or makes OMM's /status answer INDEX-STALE (an index
+    behind the catalog), until a search catches the index up."""
+    from flagmatch.runtime import build_app
+    from flagmatch.wiring import ingest_into, open_store
+    from indexer.ingest.sources import iter_sources
+    r = client.get("/readyz")
+    assert r.status_code == 200 and r.json["status"] == "ready"
+    checks = r.json["checks"]
+    assert all(c["ok"] for c in checks.values()) and set(checks) == {"catalog", "model", "index", "index_lag", "space",
+                                                                     "disk", "replica"}
+    assert checks["catalog"]["images"] == 16 and checks["model"]["model_id"].startswith("tiny-nsfw@")
+    assert checks["index"]["scopes"]["all"]["covers_image_id"] == 16 and checks["disk"]["free_gb"] > 0
+    low = build_app(api_home[0].replace(health_min_free_gb=1e9), embedder=tiny_embedder).test_client()
+    r = low.get("/readyz")
+    assert r.status_code == 200 and r.json["status"] == "degraded" and not r.json["checks"]["disk"]["ok"]
+    assert low.get("/status").data == b"I-AM-ALIVE"  # low disk still serves
+    r = low.get("/status", headers={"Accept": "application/json"})
+    assert r.status_code == 200 and r.json["status"] == "degraded"
+
+    strict = build_app(api_home[0].replace(health_max_index_lag=0.0), embedder=tiny_embedder).test_client()
+    assert strict.get("/status").data == b"I-AM-ALIVE"
+    write_images(tmp_path / "more", 1, start=500)
+    store = open_store(api_home[0])
+    ingest_into(api_home[0], iter_sources([str(tmp_path / "more")]), store=store, embedder=tiny_embedder)
+    store.close()
+    r = strict.get("/status")
+    assert (r.status_code, r.data) == (503, b"INDEX-STALE")
+    r = strict.get("/status", headers={"Accept": "application/json"})
+    assert r.status_code == 503 and r.json["checks"]["index_lag"]["scopes"]["all"]["images"] == 1
+    deadline = time.monotonic() + 30  # the server catches its indexes up in the background (index_refresh)
+    while strict.get("/status").data != b"I-AM-ALIVE" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert strict.get("/status").data == b"I-AM-ALIVE"
 
 
 def test_search_by_upload_returns_flagged_neighbours(client, api_home):

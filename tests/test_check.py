@@ -44,11 +44,17 @@ def _thumb(engine, image_id: int) -> str:  # type: ignore[no-untyped-def]
         return c.scalar(text("SELECT thumb_key FROM images WHERE id = :i"), {"i": image_id})
 
 
-def test_a_whole_store_checks_whole(built):
+def test_a_whole_store_checks_whole_and_reports_healthy(built):
     _, common, _ = built
     code, report = _check(common)
     assert code == 0 and report["ok"] and report["findings"] == []
     assert report["checked"]["images"] == 12 and report["checked"]["thumbnails"] == 12
+    # `flagmatch status` reads the same health as /status, from the home
+    r = run("status", "--json", *common)
+    body = json.loads(r.output)
+    assert r.exit_code == 0 and body["status"] == "ok" and body["checks"]["index"]["scopes"]["all"]["covers_image_id"] == 12
+    r = run("status", "--json", "--health-min-free-gb", "1e9", *common)
+    assert r.exit_code == 0 and json.loads(r.output)["status"] == "degraded"
 
 
 def test_every_damage_is_found_and_the_rebuildable_ones_repaired(built):

@@ -441,6 +441,21 @@ class Catalog:
             return (int(s.scalar(select(func.max(ImageRow.id))) or 0),
                     int(s.scalar(select(func.max(FlagEventRow.id))) or 0))
 
+    def first_created_after(self, image_id: int) -> dt.datetime | None:
+        """When the first image after ``image_id`` was written (how long an index covering up to
+        ``image_id`` has been behind), or None when there is none."""
+        with self.session() as s:
+            return s.scalar(select(ImageRow.created_at).where(ImageRow.id > image_id).order_by(ImageRow.id).limit(1))
+
+    def replica_lag(self) -> float | None:
+        """Seconds a PostgreSQL standby's replay is behind (None on a primary, and on SQLite)."""
+        if self.engine.dialect.name != "postgresql":
+            return None
+        with self.engine.connect() as c:
+            standby, lag = c.execute(text("SELECT pg_is_in_recovery(), EXTRACT(EPOCH FROM (now() - "
+                                          "pg_last_xact_replay_timestamp()))")).one()
+        return float(lag or 0.0) if standby else None
+
     # -- writes
     def write_batch(self, images: Sequence[NewImage], model_id: str,
                     extra_paths: Sequence[tuple[int, str, str | None]] = (),
