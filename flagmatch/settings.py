@@ -146,6 +146,8 @@ class Settings:
     api_tokens: tuple[str, ...] = setting((), "comma-separated bearer tokens (name:token or token) for the API "
                                           "and viewer", "server")
     open_reads: bool = setting(False, "allow reads without a token (writes always need one)", "server")
+    metrics: bool = setting(True, "count requests, stages and model batches for GET /metrics (off: /metrics is "
+                            "404 and nothing is counted)", "server")
     metrics_open: bool = setting(False, "serve /metrics without a token to clients on loopback (a scraper on the "
                                  "same host); otherwise it needs the API token like every read", "server")
     max_upload_bytes: int = setting(32 * 1024 * 1024, "largest request body accepted by the API", "server")
@@ -212,6 +214,8 @@ class Settings:
     # -- operations
     log_format: str = setting("text", "log lines as text, or one JSON object per line (json): every request's "
                               "request id, actor, route, status, duration and stage timings", "ops")
+    access_log: bool = setting(True, "`serve` logs one line per request (request id, actor, route, status, "
+                               "duration, stages)", "ops")
     health_min_free_gb: float = setting(2.0, "health: free disk under the home below this (GiB) degrades /readyz, "
                                         "/status and `flagmatch status`", "ops")
     health_max_index_lag: float = setting(900.0, "health: an index behind the catalog for longer than this "

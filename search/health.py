@@ -72,12 +72,25 @@ def _index(store: Store, scopes: Mapping[str, tuple[int, int]] | None, head: int
         return {"ok": False, "error": why}, {"ok": True, "scopes": {}}
     index: dict[str, Any] = {"ok": True, "scopes": {}}
     lag: dict[str, Any] = {"ok": True, "max_lag_s": limits.max_index_lag_s, "scopes": {}}
-    now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)  # the catalog keeps naive UTC
+    if head is None:  # the catalog did not answer (its own check fails): no lag to measure
+        behind = {scope: (0, 0.0) for scope in scopes}
+    else:
+        behind = index_lag(store, {scope: covered for scope, (_, covered) in scopes.items()}, head)
     for scope, (generation, covered) in scopes.items():
-        behind = max(0, (head or covered) - covered)
-        since = store.catalog.first_created_after(covered) if behind else None
-        seconds = max(0.0, (now - since).total_seconds()) if since else 0.0
+        images, seconds = behind[scope]
         index["scopes"][scope] = {"generation": generation, "covers_image_id": covered}
-        lag["scopes"][scope] = {"images": behind, "seconds": round(seconds, 1)}
+        lag["scopes"][scope] = {"images": images, "seconds": round(seconds, 1)}
         lag["ok"] = lag["ok"] and seconds <= limits.max_index_lag_s
     return index, lag
+
+
+def index_lag(store: Store, covered: Mapping[str, int], head: int | None = None) -> dict[str, tuple[int, float]]:
+    """{scope: (catalog images past the one it covers, seconds since the first of them was written)}."""
+    head = store.catalog.head()[0] if head is None else head
+    now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)  # the catalog keeps naive UTC
+    out = {}
+    for scope, upto in covered.items():
+        behind = max(0, head - upto)
+        since = store.catalog.first_created_after(upto) if behind else None
+        out[scope] = (behind, max(0.0, (now - since).total_seconds()) if since else 0.0)
+    return out

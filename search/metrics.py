@@ -11,7 +11,10 @@ a series):
   (decode, embed, search, hashes, hydrate, verify, handler) — the same figures a client sees.
 - At scrape time, from the running objects: ``flagmatch_ready``, ``flagmatch_index_vectors{scope}``,
   ``flagmatch_index_generation{scope}``, ``flagmatch_pdq_index_hashes{index}`` (for the PDQ indexes this
-  worker has opened), ``flagmatch_admission_reserved_bytes``.
+  worker has opened), ``flagmatch_admission_reserved_bytes``, the model's queue
+  (``flagmatch_model_waiting_requests``, ``flagmatch_model_busy_batches``), live viewer sessions, and each
+  index scope's lag behind the catalog (``flagmatch_index_lag_images``, ``flagmatch_index_lag_seconds``).
+- ``flagmatch_model_batch_images``: the size of each batch the model ran (a histogram).
 
 Access: behind the API token like the rest of the API, unless ``metrics_open`` lets clients on loopback
 (a scraper on the same host) in without one. Under a server of several workers (``flagmatch.serve`` sets
@@ -28,6 +31,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from indexer.models.embed import SerialEmbedder
+from search import health
 from search.edge import Runtime, authorize, server_timing
 
 STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -62,6 +67,23 @@ class _State(Collector):
         admission = rt.service.admission if rt.service is not None else None
         yield GaugeMetricFamily("flagmatch_admission_reserved_bytes", "decode memory reserved by uploads now",
                                 value=admission.in_flight if admission is not None else 0)
+        model = rt.embedder if isinstance(rt.embedder, SerialEmbedder) else None
+        yield GaugeMetricFamily("flagmatch_model_waiting_requests", "requests queued for the model now",
+                                value=model.waiting if model is not None else 0)
+        yield GaugeMetricFamily("flagmatch_model_busy_batches", "model batches running now",
+                                value=model.busy if model is not None else 0)
+        yield GaugeMetricFamily("flagmatch_viewer_sessions", "viewer sessions live now", value=rt.sessions.live())
+        lag_images = GaugeMetricFamily("flagmatch_index_lag_images", "catalog images an index scope does not cover yet",
+                                       labels=["scope"])
+        lag_seconds = GaugeMetricFamily("flagmatch_index_lag_seconds", "how long an index scope has been behind the "
+                                        "catalog (since the first image it lacks was written)", labels=["scope"])
+        if rt.index is not None:
+            lag = health.index_lag(rt.store, {sc: st["covers_image_id"] for sc, st in rt.index.stats().items()})
+            for scope, (images, seconds) in lag.items():
+                lag_images.add_metric([scope], images)
+                lag_seconds.add_metric([scope], seconds)
+        yield lag_images
+        yield lag_seconds
 
 
 def _scrape_registry(runtime: Runtime, own: CollectorRegistry | None) -> CollectorRegistry:
@@ -84,6 +106,8 @@ def install_metrics(app: Flask, runtime: Runtime) -> None:
                         ["route", "method"], registry=own, buckets=STAGE_BUCKETS)
     stages = Histogram("flagmatch_search_stage_seconds", "a search's stages, as its Server-Timing header reports them",
                        ["stage"], registry=own, buckets=STAGE_BUCKETS)
+    batches = Histogram("flagmatch_model_batch_images", "images in each batch the model ran", registry=own,
+                        buckets=(1, 2, 4, 8, 16, 32, 64))
     if own is not None:
         own.register(_State(runtime))
 
@@ -93,6 +117,9 @@ def install_metrics(app: Flask, runtime: Runtime) -> None:
 
     @app.after_request
     def _count(resp: Response) -> Response:
+        model = runtime.embedder
+        if isinstance(model, SerialEmbedder) and model.observe_batch is None:  # loaded since the last request
+            model.observe_batch = batches.observe
         route = request.url_rule.rule if request.url_rule is not None else "unmatched"
         requests.labels(route, request.method, str(resp.status_code)).inc()
         if "metrics_started" in g:

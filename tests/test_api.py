@@ -404,6 +404,8 @@ def test_metrics_are_prometheus_text_counted_by_route_and_token_protected(api_ho
     assert stages["decode"] == stages["embed"] == stages["handler"] == 1
     vectors = {s.labels["scope"]: s.value for s in families["flagmatch_index_vectors"].samples}
     assert vectors["all"] == len(api_home[1]) and families["flagmatch_ready"].samples[0].value == 1
+    lag = {s.labels["scope"]: s.value for s in families["flagmatch_index_lag_images"].samples}
+    assert lag == {"all": 0, "flagged": 0} and families["flagmatch_viewer_sessions"].samples[0].value == 0
     opened = build_app(api_home[0].replace(metrics_open=True), embedder=tiny_embedder).test_client()
     assert opened.get("/metrics").status_code == 200  # the test client is on loopback
     assert opened.get("/metrics", environ_base={"REMOTE_ADDR": "10.1.2.3"}).status_code == 401

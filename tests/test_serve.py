@@ -62,14 +62,16 @@ def served_log(served, tmp_path_factory) -> Path:
     return tmp_path_factory.getbasetemp() / "serve0" / "server.log"
 
 
-def _scrape(port: int) -> dict[tuple[str, str, str], float]:
+def _families(port: int) -> dict:
     from prometheus_client.parser import text_string_to_metric_families
     with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/metrics",
                                                        headers={"Authorization": f"Bearer {TOKEN}"})) as r:
-        text = r.read().decode()
+        return {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+
+
+def _scrape(port: int) -> dict[tuple[str, str, str], float]:
     return {(s.labels["route"], s.labels["method"], s.labels["status"]): s.value
-            for fam in text_string_to_metric_families(text) if fam.name == "flagmatch_http_requests"
-            for s in fam.samples if s.name == "flagmatch_http_requests_total"}
+            for s in _families(port)["flagmatch_http_requests"].samples if s.name == "flagmatch_http_requests_total"}
 
 
 def test_two_workers_metrics_sum_and_json_logs_hold_no_secret(served, served_log):
@@ -126,6 +128,10 @@ def test_two_workers_metrics_sum_and_json_logs_hold_no_secret(served, served_log
     assert viewer.post(f"{base}/login", data={"csrf": csrf, "token": TOKEN}, timeout=60).status_code == 200
     cookie = viewer.cookies.get("flagmatch_session")
     assert cookie and viewer.get(f"{base}/clusters", timeout=60).status_code == 200
+    families = _families(port)
+    assert families["flagmatch_viewer_sessions"].samples[0].value == 1
+    batches = {s.name: s.value for s in families["flagmatch_model_batch_images"].samples}
+    assert batches["flagmatch_model_batch_images_sum"] >= 12, "every upload's images went through the model"
 
     time.sleep(0.5)
     lines = served_log.read_text().splitlines()

@@ -127,7 +127,7 @@ def install_edges(app: Flask, runtime: Runtime) -> None:
     @app.after_request
     def _access_line(resp: Response) -> Response:
         """One line per request: never the query string, a header or a body (tokens, cookies, image bytes)."""
-        if request.path in ("/healthz", "/readyz", "/status/live"):
+        if not settings.access_log or request.path in ("/healthz", "/readyz", "/status/live"):
             return resp  # probes every few seconds would drown the rest
         route = request.url_rule.rule if request.url_rule is not None else "unmatched"
         ms = (time.perf_counter() - g.arrived) * 1000 if "arrived" in g else None
@@ -235,7 +235,8 @@ def create_app(runtime: Runtime) -> Flask:
     app.register_blueprint(views_bp)
 
     install_edges(app, runtime)
-    install_metrics(app, runtime)
+    if runtime.settings.metrics:
+        install_metrics(app, runtime)
 
     @app.after_request
     def _headers(resp: Response) -> Response:

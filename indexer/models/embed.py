@@ -356,6 +356,7 @@ class SerialEmbedder:
         self._mine = threading.local()
         self._lock = threading.Lock()
         self.max_batch = max(1, max_batch // self.lanes)
+        self.observe_batch: Callable[[int], None] | None = None  # told each batch's images (the server's metrics)
         self._queue: "queue.Queue[tuple[np.ndarray, Any]]" = queue.Queue()
         self._threads = [threading.Thread(target=self._run, name=f"embed-{i}", daemon=True)
                          for i in range(self.lanes)]
@@ -379,6 +380,16 @@ class SerialEmbedder:
             with self._lock:
                 self._coming -= 1
 
+    @property
+    def waiting(self) -> int:
+        """Requests queued for the model now (not yet in a running batch)."""
+        return self._queue.qsize()
+
+    @property
+    def busy(self) -> int:
+        """Batches running now."""
+        return self._busy
+
     def embed(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         from concurrent.futures import Future
         fut: Future = Future()
@@ -399,6 +410,8 @@ class SerialEmbedder:
                     break
                 jobs.append(job)
                 n += len(job[0])
+            if self.observe_batch is not None:
+                self.observe_batch(n)
             with self._lock:
                 alone = self._busy == 0 and self._coming == 0 and self._queue.empty()
                 model = self.alone if alone else self.inner

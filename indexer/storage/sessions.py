@@ -62,6 +62,15 @@ class SessionStore:
                 c.execute(update(SessionRow).where(SessionRow.id_sha256 == key).values(last_seen=now))
         return str(row.actor)
 
+    def live(self, now: dt.datetime | None = None) -> int:
+        """Sessions neither ended nor past their idle or absolute limit."""
+        from sqlalchemy import func
+        now = now or utcnow()
+        with self.engine.connect() as c:
+            return int(c.scalar(select(func.count()).select_from(SessionRow).where(
+                SessionRow.ended_at.is_(None), SessionRow.last_seen > now - self.idle,
+                SessionRow.opened_at > now - self.absolute)) or 0)
+
     def end(self, session_id: str | None, reason: str, now: dt.datetime | None = None) -> None:
         if not session_id:
             return
