@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -12,6 +13,7 @@ import click
 
 from flagmatch import cli_hashes, cli_heads, cli_ops, wiring  # noqa: F401  (the banks/hashes, learning and operator's commands)
 from flagmatch.commands import Bar, SettingsCommand, main, os_user, with_settings
+from flagmatch.jobmetrics import job
 from flagmatch.settings import Settings
 from indexer.storage.audit import AuditLog
 
@@ -24,11 +26,16 @@ def ingest(paths: tuple[str, ...], settings: Settings) -> None:
     from indexer.ingest.sources import count_sources, iter_sources
 
     bar = Bar(count_sources(paths))
-    try:
-        result = wiring.ingest_into(settings, iter_sources(paths, sys.stdin), progress=bar)
-    finally:
-        bar.close()
-    counts, info = result.counts, result.model
+    with job(settings, "ingest", key="code") as figures:
+        started = time.perf_counter()
+        try:
+            result = wiring.ingest_into(settings, iter_sources(paths, sys.stdin), progress=bar)
+        finally:
+            bar.close()
+        counts, info = result.counts, result.model
+        figures.update(images_new=counts.new, images_duplicate=counts.duplicates, images_flagged=counts.flagged,
+                       images_failed=counts.failed, failures=dict(counts.reasons),
+                       images_per_second=(counts.new + counts.duplicates) / max(time.perf_counter() - started, 1e-9))
     click.echo(f"model {info.model_id} ({info.backend}, {info.precision})")
     click.echo(f"new {counts.new}  duplicates {counts.duplicates}  flagged {counts.flagged}  failed {counts.failed}")
     for code, n in sorted(counts.reasons.items(), key=lambda kv: -kv[1]):
@@ -255,10 +262,12 @@ def reindex(scope: str | None, ray_address: str, on_disk: bool, settings: Settin
     elif on_disk:
         from indexer.vectors.sharded import local_runner
         shards = local_runner(index.vectors)
-    index.rebuild(scope, refit=scope is None, shards=shards)  # one scope alone keeps the space the other shares
-    index.save()
-    matcher = wiring.hash_matcher(settings, store)
-    matcher.rebuild()  # the PDQ indexes drop deleted images and bank entries
+    with job(settings, "reindex", key="scope") as figures:
+        index.rebuild(scope, refit=scope is None, shards=shards)  # one scope alone keeps the space the other shares
+        index.save()
+        matcher = wiring.hash_matcher(settings, store)
+        matcher.rebuild()  # the PDQ indexes drop deleted images and bank entries
+        figures["vectors"] = {sc: st["vectors"] for sc, st in index.stats().items()}
     for sc, st in index.stats().items():
         recall = f", recall@10 {st['recall_at_10']:.3f}" if st["recall_at_10"] is not None else ""
         disk = f", memory-mapped lists {st['on_disk']['lists']}" if st["on_disk"] else ""
@@ -397,11 +406,16 @@ def cluster(since: str | None, assign_new: bool, settings: Settings) -> None:
         click.echo(f"[{time.perf_counter() - started:7.1f}s] {phase:<8} {message}", err=True)
 
     if assign_new:
-        n = run_assign(store, cstore, progress)
+        with job(settings, "cluster_assign") as figures:
+            n = run_assign(store, cstore, progress)
+            figures["images_placed"] = n
         click.echo(f"placed {n} newly flagged image(s) (provisional until the next full run)")
         return
-    report = run_clustering(store, cstore, wiring.cluster_params(settings), since=parse_since(since),
-                            progress=progress)
+    with job(settings, "cluster", key="stage") as figures:
+        report = run_clustering(store, cstore, wiring.cluster_params(settings), since=parse_since(since),
+                                progress=progress)
+        figures.update(images=report.run.n_images, clusters=report.clusters, noise=report.noise,
+                       stage_seconds=dict(report.timings))
     run = report.run
     click.echo(f"run {run.id}: {run.n_images:,} flagged images → {report.clusters} clusters, "
                f"{report.noise:,} unclustered" + (f" (flagged since {run.since:%Y-%m-%d %H:%M})" if run.since else ""))

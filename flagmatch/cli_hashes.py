@@ -11,6 +11,7 @@ import click
 
 from flagmatch import wiring
 from flagmatch.commands import Bar, SettingsCommand, main, os_user, with_settings
+from flagmatch.jobmetrics import job
 from flagmatch.settings import Settings
 from indexer.hashbanks.banks import EXPORT_FORMATS, ROLES, BadRow, Banks
 from indexer.review.banks import create_bank, delete_bank, update_bank
@@ -185,13 +186,15 @@ def hashes_backfill(settings: Settings) -> None:
     from indexer.ingest.pipeline import backfill_hashes
     store = wiring.open_store(settings)
     bar = Bar(store.catalog.count_unhashed())
-    try:
-        counts = backfill_hashes(store, wiring.ingest_options(settings), progress=bar)
-    finally:
-        bar.close()
-    matcher = wiring.hash_matcher(settings, store)
-    matcher.image_index.rebuild()  # back-filled ids are below what the index covers: build it again
-    matcher.image_index.save()
+    with job(settings, "hashes_backfill", key="code") as figures:
+        try:
+            counts = backfill_hashes(store, wiring.ingest_options(settings), progress=bar)
+        finally:
+            bar.close()
+        matcher = wiring.hash_matcher(settings, store)
+        matcher.image_index.rebuild()  # back-filled ids are below what the index covers: build it again
+        matcher.image_index.save()
+        figures.update(images_hashed=counts.hashed, images_failed=counts.failed, failures=dict(counts.reasons))
     click.echo(f"hashed {counts.hashed:,}  failed {counts.failed:,}")
     for code, n in sorted(counts.reasons.items(), key=lambda kv: -kv[1]):
         click.echo(f"  failed: {code:<22} {n}")

@@ -5,12 +5,17 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from flagmatch import wiring
 from flagmatch.commands import SettingsCommand, Stages, main, with_settings
+from flagmatch.jobmetrics import job
 from flagmatch.settings import Settings
+
+if TYPE_CHECKING:
+    from flagmatch.check import CheckReport
 
 
 def _mib(n: int) -> str:
@@ -26,7 +31,10 @@ def backup(dest: Path, full: bool, settings: Settings) -> None:
     online backup, or pg_dump), the indexes, raw vectors, thumbnails and models, with a manifest of checksums."""
     from indexer.storage.backup import backup as take
     stages = Stages()
-    report = take(wiring.open_store(settings), dest, full=full, progress=stages)
+    with job(settings, "backup") as figures:
+        report = take(wiring.open_store(settings), dest, full=full, progress=stages)
+        figures.update(files=report.files, copied_bytes=report.copied_bytes, linked_bytes=report.linked_bytes,
+                       image_head=report.snapshot.image_head, audit_head=report.snapshot.audit_head)
     stages.close()
     snap = report.snapshot
     click.echo(f"backup {report.path}: catalog ({snap.engine}) up to image {snap.image_head}, flag event "
@@ -77,10 +85,18 @@ def _check(settings: Settings, repair: bool, as_json: bool) -> None:
     from flagmatch.check import check as run_check
     store = wiring.open_store(settings)
     stages = Stages()
-    report = run_check(store, open_index=lambda: wiring.open_index(store, settings, for_rebuild=True),
-                       matcher=wiring.hash_matcher(settings, store), opts=wiring.ingest_options(settings),
-                       repair=repair, progress=stages)
-    stages.close()
+    with job(settings, "check", key="code") as figures:
+        report = run_check(store, open_index=lambda: wiring.open_index(store, settings, for_rebuild=True),
+                           matcher=wiring.hash_matcher(settings, store), opts=wiring.ingest_options(settings),
+                           repair=repair, progress=stages)
+        figures.update(whole=float(report.ok), findings={f.code: f.count - f.repaired for f in report.findings})
+        stages.close()
+        _print_check(report, repair, as_json)
+        if not report.ok:
+            sys.exit(1)
+
+
+def _print_check(report: "CheckReport", repair: bool, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"ok": report.ok, "checked": report.checked,
                                "findings": [f.to_json() for f in report.findings]}, indent=1))
@@ -92,8 +108,6 @@ def _check(settings: Settings, repair: bool, as_json: bool) -> None:
             examples = f" e.g. {', '.join(map(str, f.ids[:10]))}" if f.ids else ""
             click.echo(f"  {f.part:<10} {f.code:<20} {f.count:>6}  {f.message}{examples}{fixed}")
         click.echo("whole" if report.ok else "NOT whole")
-    if not report.ok:
-        sys.exit(1)
 
 
 @main.command(cls=SettingsCommand)

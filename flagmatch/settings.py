@@ -216,6 +216,10 @@ class Settings:
                               "request id, actor, route, status, duration and stage timings", "ops")
     access_log: bool = setting(True, "`serve` logs one line per request (request id, actor, route, status, "
                                "duration, stages)", "ops")
+    metrics_push: str = setting("", "the CLI's long jobs (ingest, cluster, reindex, backup, check, hashes backfill) "
+                                "push their figures to this Prometheus Pushgateway URL when they end", "ops")
+    metrics_textfile_dir: str = setting("", "…and/or write them as flagmatch_<job>.prom into this folder, for "
+                                        "node_exporter's textfile collector", "ops")
     health_min_free_gb: float = setting(2.0, "health: free disk under the home below this (GiB) degrades /readyz, "
                                         "/status and `flagmatch status`", "ops")
     health_max_index_lag: float = setting(900.0, "health: an index behind the catalog for longer than this "
