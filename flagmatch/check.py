@@ -160,6 +160,8 @@ def check_thumbnails(store: Store, ids: np.ndarray, say: Say) -> tuple[list[int]
     missing, broken = [], []
     for k in range(0, len(ids), 1000):
         for rec in store.catalog.get_many(ids[k:k + 1000].tolist()).values():
+            if not rec.thumb_key:
+                continue  # removed by retention, and recorded so
             path = store.thumb_path(rec.thumb_key)
             try:
                 data = path.read_bytes()

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import click
 
 from flagmatch import wiring
-from flagmatch.commands import SettingsCommand, Stages, main, with_settings
+from flagmatch.commands import SettingsCommand, Stages, main, os_user, with_settings
 from flagmatch.jobmetrics import job
 from flagmatch.settings import Settings
 
@@ -160,3 +160,28 @@ def local_health(settings: Settings) -> dict:
                                     settings.health_max_replica_lag))
     finally:
         store.close()
+
+
+@main.command(cls=SettingsCommand)
+@click.option("--dry-run", is_flag=True, help="count what would go; change nothing")
+@click.option("--actor", default=None, help="who (default: the OS user)")
+@with_settings()
+def retention(dry_run: bool, actor: str | None, settings: Settings) -> None:
+    """Apply the retention settings: thumbnails of long-unflagged images, old audit rows (365 days at least),
+    old viewer sessions; every removal audited."""
+    import datetime as dt
+
+    from indexer.review.retention import Policy, apply_retention
+    from indexer.storage.audit import AuditLog
+    from indexer.storage.sessions import SessionStore
+    store = wiring.open_store(settings)
+    policy = Policy(settings.retain_unflagged_thumbs_days, settings.retain_audit_days, settings.retain_sessions_days)
+    sessions = SessionStore(store.catalog.engine, idle=dt.timedelta(minutes=settings.session_idle),
+                            absolute=dt.timedelta(hours=settings.session_max))
+    with job(settings, "retention") as figures:
+        done = apply_retention(store, AuditLog(store.catalog.engine), sessions, policy, actor=actor or os_user(),
+                               dry_run=dry_run)
+        figures.update(thumbnails=done.thumbnails, audit_rows=done.audit_rows, sessions=done.sessions)
+    verb = "would remove" if dry_run else "removed"
+    click.echo(f"{verb}: {done.thumbnails:,} thumbnails of unflagged images, {done.audit_rows:,} audit rows, "
+               f"{done.sessions:,} viewer sessions" + (" (first batch of thumbnails only)" if dry_run and done.thumbnails else ""))

@@ -220,6 +220,12 @@ class Settings:
                                 "push their figures to this Prometheus Pushgateway URL when they end", "ops")
     metrics_textfile_dir: str = setting("", "…and/or write them as flagmatch_<job>.prom into this folder, for "
                                         "node_exporter's textfile collector", "ops")
+    retain_unflagged_thumbs_days: int = setting(0, "retention: thumbnails of images unflagged this many days ago "
+                                                "(and not flagged again) are removed; 0 keeps them", "ops")
+    retain_audit_days: int = setting(0, "retention: audit rows older than this many days are removed (at least "
+                                     "365; 0 keeps them all)", "ops")
+    retain_sessions_days: int = setting(30, "retention: viewer sessions ended or idle this many days are forgotten",
+                                        "ops")
     health_min_free_gb: float = setting(2.0, "health: free disk under the home below this (GiB) degrades /readyz, "
                                         "/status and `flagmatch status`", "ops")
     health_max_index_lag: float = setting(900.0, "health: an index behind the catalog for longer than this "

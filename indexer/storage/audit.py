@@ -1,6 +1,7 @@
 """The append-only audit log: every reveal of a thumbnail and every decision, from the viewer, the API
 or the CLI — who, what, when.
-Rows are only ever inserted; nothing in flagmatch updates or deletes them. A row written while a request
+Rows are only ever inserted; nothing in flagmatch updates them, and only the retention job deletes the
+oldest (never younger than its floor, and itself audited). A row written while a request
 is served carries its request id (``detail.request_id``, from ``REQUEST_ID``, which the server's edge
 sets), the same id as the request's log line and its error answer."""
 from __future__ import annotations
@@ -61,6 +62,21 @@ class AuditLog:
             return int(tx.execute(stmt).inserted_primary_key[0])
         with self.engine.begin() as c:
             return int(c.execute(stmt).inserted_primary_key[0])
+
+    def count_before(self, cutoff: dt.datetime) -> int:
+        from sqlalchemy import func
+        with self.engine.connect() as c:
+            return int(c.scalar(select(func.count()).select_from(AuditRow).where(AuditRow.at < cutoff)) or 0)
+
+    def purge_before(self, cutoff: dt.datetime, tx: Transaction | None = None) -> int:
+        """Delete the rows older than ``cutoff`` (retention, ``indexer.review.retention``: the only deletion
+        ever made here, always of the oldest rows, and itself recorded by a new row); how many."""
+        from sqlalchemy import delete
+        stmt = delete(AuditRow).where(AuditRow.at < cutoff)
+        if tx is not None:
+            return int(tx.execute(stmt).rowcount or 0)
+        with self.engine.begin() as c:
+            return int(c.execute(stmt).rowcount or 0)
 
     def event(self, event_id: int) -> AuditEvent | None:
         with self.engine.connect() as c:

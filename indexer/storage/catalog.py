@@ -447,6 +447,26 @@ class Catalog:
         with self.session() as s:
             return s.scalar(select(ImageRow.created_at).where(ImageRow.id > image_id).order_by(ImageRow.id).limit(1))
 
+    def unflagged_before(self, cutoff: dt.datetime, limit: int = 10_000) -> list[tuple[int, str]]:
+        """(id, thumbnail key) of live images that still have a thumbnail and whose last flag event is an
+        unflag older than ``cutoff`` (judged not unsafe, and long enough ago)."""
+        last = (select(FlagEventRow.image_id, func.max(FlagEventRow.id).label("last"))
+                .group_by(FlagEventRow.image_id).subquery())
+        with self.session() as s:
+            rows = s.execute(select(ImageRow.id, ImageRow.thumb_key)
+                             .join(last, last.c.image_id == ImageRow.id)
+                             .join(FlagEventRow, FlagEventRow.id == last.c.last)
+                             .where(FlagEventRow.action == "unflag", FlagEventRow.at < cutoff,
+                                    ImageRow.flagged.is_(False), ImageRow.deleted.is_(False),
+                                    ImageRow.thumb_key != "")
+                             .order_by(ImageRow.id).limit(limit))
+            return [(int(i), str(k)) for i, k in rows]
+
+    def forget_thumbnails(self, image_ids: Sequence[int], tx: Transaction | None = None) -> None:
+        """Record that these images keep no thumbnail (retention); the files go after the commit."""
+        with self.transaction(tx) as s:
+            s.execute(update(ImageRow).where(ImageRow.id.in_(list(image_ids))).values(thumb_key="", updated_at=utcnow()))
+
     def replica_lag(self) -> float | None:
         """Seconds a PostgreSQL standby's replay is behind (None on a primary, and on SQLite)."""
         if self.engine.dialect.name != "postgresql":

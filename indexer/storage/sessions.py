@@ -71,6 +71,13 @@ class SessionStore:
                 SessionRow.ended_at.is_(None), SessionRow.last_seen > now - self.idle,
                 SessionRow.opened_at > now - self.absolute)) or 0)
 
+    def purge_before(self, cutoff: dt.datetime) -> int:
+        """Forget sessions ended, or last used, before ``cutoff`` (retention); how many."""
+        from sqlalchemy import delete, or_
+        with self.engine.begin() as c:
+            return int(c.execute(delete(SessionRow).where(or_(SessionRow.ended_at < cutoff,
+                                                              SessionRow.last_seen < cutoff))).rowcount or 0)
+
     def end(self, session_id: str | None, reason: str, now: dt.datetime | None = None) -> None:
         if not session_id:
             return
