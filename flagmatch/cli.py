@@ -12,7 +12,7 @@ from typing import Any, Callable
 import click
 
 from flagmatch import cli_hashes, cli_heads, cli_ops, wiring  # noqa: F401  (the banks/hashes, learning and operator's commands)
-from flagmatch.commands import Bar, SettingsCommand, main, os_user, with_settings
+from flagmatch.commands import Bar, SettingsCommand, Stages, main, os_user, with_settings
 from flagmatch.jobmetrics import job
 from flagmatch.settings import Settings
 from indexer.storage.audit import AuditLog
@@ -34,7 +34,7 @@ def ingest(paths: tuple[str, ...], settings: Settings) -> None:
             bar.close()
         counts, info = result.counts, result.model
         figures.update(images_new=counts.new, images_duplicate=counts.duplicates, images_flagged=counts.flagged,
-                       images_failed=counts.failed, failures=dict(counts.reasons),
+                       images_failed=counts.failed, failures=dict(counts.reasons), decode_cpu_seconds=counts.decode_cpu_s,
                        images_per_second=(counts.new + counts.duplicates) / max(time.perf_counter() - started, 1e-9))
     click.echo(f"model {info.model_id} ({info.backend}, {info.precision})")
     click.echo(f"new {counts.new}  duplicates {counts.duplicates}  flagged {counts.flagged}  failed {counts.failed}")
@@ -262,11 +262,17 @@ def reindex(scope: str | None, ray_address: str, on_disk: bool, settings: Settin
     elif on_disk:
         from indexer.vectors.sharded import local_runner
         shards = local_runner(index.vectors)
+    stages = Stages()
     with job(settings, "reindex", key="scope") as figures:
+        stages("vector indexes", 0, 1)
         index.rebuild(scope, refit=scope is None, shards=shards)  # one scope alone keeps the space the other shares
         index.save()
+        stages("vector indexes", 1, 1)
+        stages("PDQ indexes", 0, 1)
         matcher = wiring.hash_matcher(settings, store)
         matcher.rebuild()  # the PDQ indexes drop deleted images and bank entries
+        stages("PDQ indexes", 1, 1)
+        stages.close()
         figures["vectors"] = {sc: st["vectors"] for sc, st in index.stats().items()}
     for sc, st in index.stats().items():
         recall = f", recall@10 {st['recall_at_10']:.3f}" if st["recall_at_10"] is not None else ""

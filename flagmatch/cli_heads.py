@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from flagmatch import wiring
-from flagmatch.commands import Bar, SettingsCommand, main, with_settings
+from flagmatch.commands import Bar, SettingsCommand, Stages, main, with_settings
 from flagmatch.settings import Settings
 
 
@@ -46,7 +46,9 @@ def train(labels: tuple[str, ...], as_json: bool, settings: Settings) -> None:
     if not todo:
         raise click.ClickException("no verdicts yet: review some images first (flag, unflag, cluster decisions)")
     reports, refused = [], []
-    for label in todo:
+    stages = Stages()
+    for k, label in enumerate(todo):
+        stages("train heads", k, len(todo))
         try:
             _, rep = train_head(store, label, target_precision=settings.target_precision,
                                 test_share=settings.head_test_share)
@@ -54,6 +56,8 @@ def train(labels: tuple[str, ...], as_json: bool, settings: Settings) -> None:
             refused.append(exc.message)
             continue
         reports.append(rep)
+    stages("train heads", len(todo), len(todo))
+    stages.close()
     if as_json:
         click.echo(json.dumps({"heads": [asdict(r) for r in reports], "refused": refused}, indent=2))
     for r in reports if not as_json else []:

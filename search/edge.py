@@ -238,7 +238,10 @@ def parse(model: type[M], data: Any) -> M:
 # ------------------------------------------------------------------ health
 
 def server_timing(resp: Response) -> dict[str, float]:
-    """The stages a response's ``Server-Timing`` header reports, in seconds (unparseable parts skipped)."""
+    """The stages a response's ``Server-Timing`` header reports, in seconds (unparseable parts skipped);
+    parsed once per request (the metrics and the access line both read it)."""
+    if "server_timing" in g:
+        return g.server_timing  # type: ignore[no-any-return]
     out: dict[str, float] = {}
     for part in resp.headers.get("Server-Timing", "").split(","):
         name, _, dur = part.strip().partition(";dur=")
@@ -247,6 +250,7 @@ def server_timing(resp: Response) -> dict[str, float]:
                 out[name] = float(dur) / 1000
         except ValueError:
             continue
+    g.server_timing = out
     return out
 
 

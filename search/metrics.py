@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Iterator
+from typing import Any, Iterator
 
 from flask import Flask, Response, g, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -115,17 +115,27 @@ def install_metrics(app: Flask, runtime: Runtime) -> None:
     def _started() -> None:
         g.metrics_started = time.perf_counter()
 
+    children: dict[tuple[str, ...], Any] = {}  # labelled series by their labels: .labels() costs more than a look-up
+
+    def child(metric: Any, *labels: str) -> Any:
+        key = (metric._name, *labels)
+        found = children.get(key)
+        if found is None:
+            found = children[key] = metric.labels(*labels)
+        return found
+
     @app.after_request
     def _count(resp: Response) -> Response:
         model = runtime.embedder
         if isinstance(model, SerialEmbedder) and model.observe_batch is None:  # loaded since the last request
             model.observe_batch = batches.observe
         route = request.url_rule.rule if request.url_rule is not None else "unmatched"
-        requests.labels(route, request.method, str(resp.status_code)).inc()
+        method = request.method
+        child(requests, route, method, str(resp.status_code)).inc()
         if "metrics_started" in g:
-            latency.labels(route, request.method).observe(time.perf_counter() - g.metrics_started)
+            child(latency, route, method).observe(time.perf_counter() - g.metrics_started)
         for name, seconds in server_timing(resp).items():
-            stages.labels(name).observe(seconds)
+            child(stages, name).observe(seconds)
         return resp
 
     @app.get("/metrics")

@@ -63,7 +63,7 @@ def test_jobs_report_to_a_textfile_folder_and_a_pushgateway(tmp_path, tiny_model
         ingest = (("command", "ingest"),)
         assert got[("flagmatch_job_images_new", ingest)] == 6 and got[("flagmatch_job_images_failed", ingest)] == 1
         assert got[("flagmatch_job_failures", (("code", "corrupt"), ("command", "ingest")))] == 1
-        assert got[("flagmatch_job_images_per_second", ingest)] > 0
+        assert got[("flagmatch_job_images_per_second", ingest)] > 0 and got[("flagmatch_job_decode_cpu_seconds", ingest)] > 0
         assert got[("flagmatch_job_last_success_timestamp_seconds", ingest)] >= before
     got = samples(pushed)
     check = (("command", "check"),)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -121,6 +122,7 @@ class Reader:
         self._lock = threading.Lock()
         self._pending: set[str] = set()       # claimed in this run, not yet committed
         self._failed: dict[str, Failed] = {}  # shas that failed to decode in this run
+        self.decode_cpu_s = 0.0  # CPU the decode threads spent decoding (the run's counts carry it)
 
     def __call__(self, item: SourceItem) -> Decoded | Duplicate | Failed:
         data = read_source(item.path, self.opts.max_file_bytes)
@@ -138,6 +140,7 @@ class Reader:
                 known, deleted = found
                 return deleted_failure(item.path, sha, known) if deleted else Duplicate(item, sha, known)
             self._pending.add(sha)
+        started = time.thread_time()
         try:
             image = decode(data, self.spec, self.opts.limits, thumb_size=self.opts.thumb_size)
         except DecodeError as exc:
@@ -146,6 +149,10 @@ class Reader:
                 self._failed[sha] = failed
                 self._pending.discard(sha)
             return failed
+        finally:
+            spent = time.thread_time() - started
+            with self._lock:
+                self.decode_cpu_s += spent
         return Decoded(item, sha, len(data), image, md5_of(data))
 
     def committed(self, shas: Iterable[str]) -> None:
@@ -394,5 +401,6 @@ def ingest(store: Store, embedder: Embedder, sources: Iterable[Source], opts: In
             finally:
                 for fut in inflight:
                     fut.cancel()
+        writer.counts.decode_cpu_s = round(reader.decode_cpu_s, 3)
         store.catalog.finish_run(run_id, writer.counts)
         return writer.counts

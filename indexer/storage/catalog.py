@@ -125,6 +125,7 @@ class IngestCounts:
     flagged: int = 0
     failed: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
+    decode_cpu_s: float = 0.0  # CPU seconds the run's decode threads spent decoding
 
 
 def _image_record(r: ImageRow | Any, paths: Sequence[PathRow | Any] = (), history: Sequence[FlagEventRow] = ()
