@@ -218,5 +218,5 @@ def vpdq_match(query: str, other: str) -> VpdqMatch:
     frame quality, and both match percentages)."""
     from threatexchange.extensions.vpdq.vpdq import VPDQSignal
     result = VPDQSignal.compare_hash(query, other)
-    info = result.similarity_info
+    info = result.distance  # a VPDQSimilarityInfo
     return VpdqMatch(bool(result.match), float(info.query_match_percent), float(info.compared_match_percent))

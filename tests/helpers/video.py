@@ -42,32 +42,53 @@ def _box(data: bytes, kind: bytes, start: int = 0) -> int:
     return at
 
 
-def with_frame_size(data: bytes, width: int, height: int) -> bytes:
-    """The sample entry ('mp4v') and track header state another frame size."""
+def with_frame_size(width: int, height: int) -> bytes:
+    """A WebM (VP9) clip whose track header and whose first frame's header both state ``width`` × ``height``
+    (FFmpeg believes the bitstream: a 30000×30000 keyframe would need a 1.3 GB picture)."""
+    data = clip([5, 6], seconds_each=0.5, size=(640, 480), fmt="webm", codec="libvpx-vp9")
     b = bytearray(data)
-    entry = _box(data, b"mp4v")
-    struct.pack_into(">HH", b, entry + 28, width, height)  # VisualSampleEntry: after 24 bytes of fields
-    tkhd = _box(data, b"tkhd")
-    version = b[tkhd + 4]
-    at = tkhd + 4 + (92 if version == 1 else 80)  # width, height: 16.16 fixed point at the box's end
-    struct.pack_into(">II", b, at, width << 16, height << 16)
+    for element, value in ((b"\xb0\x82", 640), (b"\xba\x82", 480)):  # PixelWidth, PixelHeight: 2-byte values
+        at = data.find(element + value.to_bytes(2, "big"))
+        b[at + 2:at + 4] = (width if element == b"\xb0\x82" else height).to_bytes(2, "big")
+    sync = data.find(b"\x49\x83\x42")  # VP9 keyframe: sync code, 4 bits of colour config, then width-1, height-1
+    bits = int.from_bytes(data[sync + 3:sync + 9], "big")
+    bits = (bits & ~(((1 << 32) - 1) << 12)) | ((width - 1) << 28) | ((height - 1) << 12)
+    b[sync + 3:sync + 9] = bits.to_bytes(6, "big")
     return bytes(b)
+
+
+def reencode(data: bytes, size: tuple[int, int], fmt: str = "webm", codec: str = "libvpx-vp9",
+             bit_rate: int = 150_000, start_s: float = 0.0) -> bytes:
+    """The clip decoded and encoded again: another size, codec and bit rate; ``start_s`` trims its start."""
+    import av
+    out = io.BytesIO()
+    with av.open(io.BytesIO(data)) as src, av.open(out, mode="w", format=fmt) as dst:
+        vin = src.streams.video[0]
+        stream = dst.add_stream(codec, rate=vin.average_rate)
+        stream.width, stream.height, stream.pix_fmt, stream.bit_rate = size[0], size[1], "yuv420p", bit_rate
+        for frame in src.decode(vin):
+            if frame.time is not None and frame.time < start_s:
+                continue
+            image = frame.to_image().resize(size)
+            for packet in stream.encode(av.VideoFrame.from_image(image)):
+                dst.mux(packet)
+        for packet in stream.encode():
+            dst.mux(packet)
+    return out.getvalue()
 
 
 def with_duration(data: bytes, seconds: float) -> bytes:
-    """The movie and media headers ('mvhd', 'mdhd', version 0) state another duration."""
+    """A Matroska/WebM clip whose segment header (Info/Duration, an EBML float in milliseconds) states
+    another duration."""
+    at = data.find(b"\x44\x89")
+    size = data[at + 2] & 0x7F
     b = bytearray(data)
-    for kind in (b"mvhd", b"mdhd"):
-        at = _box(data, kind)
-        if b[at + 4] != 0:
-            raise ValueError("a version-1 header: 64-bit fields")
-        timescale = struct.unpack_from(">I", b, at + 16)[0]
-        struct.pack_into(">I", b, at + 20, min(int(seconds * timescale), 0xFFFFFFFF))
+    b[at + 3:at + 3 + size] = struct.pack(">d" if size == 8 else ">f", seconds * 1000.0)
     return bytes(b)
 
 
-def with_box_size(data: bytes, kind: bytes = b"moov", size: int = 0xFFFFFFF0) -> bytes:
-    """A box whose size field claims ~4 GB."""
+def with_box_size(data: bytes, kind: bytes = b"mdat", size: int = 0xFFFFFFF0) -> bytes:
+    """A box whose size field claims ~4 GB (the media data's, by default: the index after it is lost)."""
     b = bytearray(data)
     struct.pack_into(">I", b, _box(data, kind) - 4, size)
     return bytes(b)
