@@ -26,11 +26,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-from sqlalchemy import select
 
 from indexer.errors import DecodeError, FlagmatchError
+from indexer.storage.audit import AuditLog
 from indexer.storage.store import Store, read_original
-from indexer.storage.tables import AuditRow
 
 if TYPE_CHECKING:
     from indexer.ingest.pipeline import IngestOptions
@@ -204,13 +203,12 @@ def check_audit(store: Store) -> list[Finding]:
     gaps, backwards = [], []
     sqlite = store.catalog.engine.dialect.name == "sqlite"
     prev_id, prev_at = 0, None
-    with store.catalog.engine.connect() as c:
-        for row_id, at in c.execute(select(AuditRow.id, AuditRow.at).order_by(AuditRow.id)).yield_per(10_000):
-            if sqlite and row_id != prev_id + 1 and prev_id:
-                gaps.append(prev_id + 1)
-            if prev_at is not None and (prev_at - at).total_seconds() > AUDIT_SKEW_S:
-                backwards.append(row_id)
-            prev_id, prev_at = row_id, at if prev_at is None or at > prev_at else prev_at
+    for row_id, at in AuditLog(store.catalog.engine).trail():
+        if sqlite and row_id != prev_id + 1 and prev_id:
+            gaps.append(prev_id + 1)
+        if prev_at is not None and (prev_at - at).total_seconds() > AUDIT_SKEW_S:
+            backwards.append(row_id)
+        prev_id, prev_at = row_id, at if prev_at is None or at > prev_at else prev_at
     out = []
     if gaps:
         out.append(Finding("audit", "audit_gap", "audit rows are missing after these ids' predecessors (rows are "

@@ -282,9 +282,6 @@ def server_health(rt: Runtime) -> dict[str, Any]:
     scopes = None
     extra: dict[str, Any] = {}
     if rt.index is not None:
-        # which generation (and matching space) this replica answers from: after a reindex every replica
-        # moves to the published generation within the index refresh interval
-        rt.index.maybe_refresh()
         gens = rt.index.generations()
         extra = {"generation": gens["scopes"], "space": gens["space"]}
         scopes = {sc: (st["generation"], st["covers_image_id"]) for sc, st in rt.index.stats().items()}
@@ -292,4 +289,8 @@ def server_health(rt: Runtime) -> dict[str, Any]:
              else {"ok": False, "error": rt.load_error or "no model is loaded"})
     body = health(rt.store, scopes=scopes, space=extra.get("space"), model=model,
                   limits=Limits(s.health_min_free_gb, s.health_max_index_lag, s.health_max_replica_lag))
+    if rt.index is not None:
+        # measured first, then the look for what is new (in the background): after a reindex every replica
+        # moves to the published generation within the index refresh interval
+        rt.index.maybe_refresh()
     return {**body, **extra}

@@ -31,7 +31,9 @@ def built(tmp_path: Path, tiny_model_dir: Path, catalog_url: str):
         assert run("flag", str(i), "--reason", "seen", "--actor", "alice", *common).exit_code == 0
     assert run("reindex", *common).exit_code == 0
     url = catalog_url or f"sqlite:///{home / 'catalog.sqlite'}"
-    yield home, common, create_engine(engine_url(url))
+    engine = create_engine(engine_url(url))
+    yield home, common, engine
+    engine.dispose()
 
 
 def _check(common: list[str], *extra: str) -> tuple[int, dict]:

@@ -26,6 +26,13 @@ def test_retention_removes_what_its_periods_say_and_audits_it(tmp_path: Path, ti
     assert run("unflag", "2", "--reason", "false positive", *common).exit_code == 0
     assert run("unflag", "3", "--reason", "false positive", *common).exit_code == 0
     engine = create_engine(engine_url(catalog_url or f"sqlite:///{home / 'catalog.sqlite'}"))
+    try:
+        _retention(home, common, engine)
+    finally:
+        engine.dispose()
+
+
+def _retention(home: Path, common: list[str], engine) -> None:  # type: ignore[no-untyped-def]
     pg = engine.dialect.name == "postgresql"
 
     def ago(days: int) -> str:
@@ -59,4 +66,3 @@ def test_retention_removes_what_its_periods_say_and_audits_it(tmp_path: Path, ti
 
     r = CliRunner().invoke(main, ["retention", "--retain-audit-days", "30", *common], env=clean_env())
     assert r.exit_code == 1 and "at least 365 days" in r.output
-    engine.dispose()

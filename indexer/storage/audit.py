@@ -11,7 +11,7 @@ import json
 from contextvars import ContextVar
 from dataclasses import dataclass
 import re
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from sqlalchemy import insert, select
 from sqlalchemy.engine import Engine
@@ -62,6 +62,12 @@ class AuditLog:
             return int(tx.execute(stmt).inserted_primary_key[0])
         with self.engine.begin() as c:
             return int(c.execute(stmt).inserted_primary_key[0])
+
+    def trail(self, batch: int = 10_000) -> "Iterator[tuple[int, dt.datetime]]":
+        """(id, time) of every row in id order, streamed (the consistency check reads the whole trail)."""
+        with self.engine.connect() as c:
+            for row_id, at in c.execute(select(AuditRow.id, AuditRow.at).order_by(AuditRow.id)).yield_per(batch):
+                yield int(row_id), at
 
     def count_before(self, cutoff: dt.datetime) -> int:
         from sqlalchemy import func
