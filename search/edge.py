@@ -235,7 +235,7 @@ def parse(model: type[M], data: Any) -> M:
             where, "bad_parameter")) from None
 
 
-# ------------------------------------------------------------------ health
+# ------------------------------------------------------------------ a response's stages
 
 def server_timing(resp: Response) -> dict[str, float]:
     """The stages a response's ``Server-Timing`` header reports, in seconds (unparseable parts skipped);
@@ -253,6 +253,8 @@ def server_timing(resp: Response) -> dict[str, float]:
     g.server_timing = out
     return out
 
+
+# ------------------------------------------------------------------ health
 
 def register_health(app: Flask) -> None:
     @app.get("/healthz")
