@@ -246,3 +246,24 @@ def test_model_lanes_split_the_batch_and_keep_every_vector_with_its_image(store,
     stored = store.open_vectors().get(range(1, 21))
     assert np.einsum("ij,ij->i", stored, direct).min() > 0.999  # each row is its own image's vector
     assert max(abs(recs[i].p_unsafe - float(p[i - 1])) for i in range(1, 21)) < 1e-3
+
+
+def test_two_ingests_of_the_same_files_build_the_same_store(tmp_path, tiny_model_dir):
+    """The same files ingested into two homes, then reindexed (a learned matching space, fitted from seeded
+    synthetic re-uploads): the raw vectors, the space's training pairs, the space and the index are the same
+    bytes — two runs answer every search alike."""
+    from click.testing import CliRunner
+    from flagmatch.cli import main
+    from tests.helpers import clean_env
+    write_images(tmp_path / "in", 70)
+    files = {}
+    for home in ("a", "b"):
+        common = ["--home", str(tmp_path / home), "--model", str(tiny_model_dir), "--space-min-vectors", "50"]
+        for command in (["ingest", str(tmp_path / "in")], ["reindex"]):
+            r = CliRunner().invoke(main, [*command, *common], env=clean_env(), catch_exceptions=False)
+            assert r.exit_code == 0, r.output
+        files[home] = {p.relative_to(tmp_path / home).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                       for pattern in ("vectors/seg-*.f32", "index/space-*.npz", "index/*.faiss*")
+                       for p in (tmp_path / home).glob(pattern)}
+    assert any(name.startswith("index/space-0") for name in files["a"]), "a matching space was fitted"
+    assert files["a"] == files["b"]
