@@ -155,9 +155,7 @@ def local_health(settings: Settings) -> dict:
         space = next((int(cp.params.get("space_version", 0)) for cp in cps.values() if cp is not None), None)
         model = ({"ok": True, "model_id": meta["model_id"], "loaded": False} if meta.get("model_id")
                  else {"ok": True, "model_id": None, "note": "no image ingested yet"})
-        return health(store, scopes=scopes, space=space, model=model,
-                      limits=Limits(settings.health_min_free_gb, settings.health_max_index_lag,
-                                    settings.health_max_replica_lag))
+        return health(store, scopes=scopes, space=space, model=model, limits=Limits.of(settings))
     finally:
         store.close()
 

@@ -280,7 +280,6 @@ def register_health(app: Flask) -> None:
 def server_health(rt: Runtime) -> dict[str, Any]:
     """``search.health`` for this server process: its loaded model and indexes."""
     from search.health import Limits, health
-    s = rt.settings
     scopes = None
     extra: dict[str, Any] = {}
     if rt.index is not None:
@@ -289,8 +288,7 @@ def server_health(rt: Runtime) -> dict[str, Any]:
         scopes = {sc: (st["generation"], st["covers_image_id"]) for sc, st in rt.index.stats().items()}
     model = ({"ok": True, "model_id": rt.embedder.info.model_id} if rt.embedder is not None
              else {"ok": False, "error": rt.load_error or "no model is loaded"})
-    body = health(rt.store, scopes=scopes, space=extra.get("space"), model=model,
-                  limits=Limits(s.health_min_free_gb, s.health_max_index_lag, s.health_max_replica_lag))
+    body = health(rt.store, scopes=scopes, space=extra.get("space"), model=model, limits=Limits.of(rt.settings))
     if rt.index is not None:
         # measured first, then the look for what is new (in the background): after a reindex every replica
         # moves to the published generation within the index refresh interval

@@ -34,6 +34,11 @@ class Limits:
     max_index_lag_s: float = 900.0
     max_replica_lag_s: float = 30.0
 
+    @classmethod
+    def of(cls, settings: Any) -> "Limits":
+        """The thresholds a settings object names (``health_*``)."""
+        return cls(settings.health_min_free_gb, settings.health_max_index_lag, settings.health_max_replica_lag)
+
 
 def health(store: Store, *, scopes: Mapping[str, tuple[int, int]] | None, space: int | None,
            model: Mapping[str, Any], limits: Limits) -> dict[str, Any]:
