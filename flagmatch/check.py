@@ -20,7 +20,6 @@ The check reads the whole store (vectors in chunks). ``--repair`` publishes inde
 the index lock) and hashes as ``hashes backfill`` does (under the writer's lock)."""
 from __future__ import annotations
 
-import hashlib
 import io
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
@@ -29,6 +28,7 @@ import numpy as np
 
 from indexer.errors import DecodeError, FlagmatchError
 from indexer.storage.audit import AuditLog
+from indexer.storage.files import file_sha256
 from indexer.storage.store import Store, read_original
 
 if TYPE_CHECKING:
@@ -70,11 +70,6 @@ class CheckReport:
     @property
     def ok(self) -> bool:
         return all(f.repaired >= f.count for f in self.findings)
-
-
-def _sha256(path) -> str:  # type: ignore[no-untyped-def]
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 # ---------------------------------------------------------------- vectors
@@ -127,7 +122,7 @@ def check_index_files(store: Store, files: dict[str, str]) -> list[Finding]:
                                    repairable=True, scope=scope))
             continue
         try:
-            ok = _sha256(path) == cp.checksum
+            ok = file_sha256(path) == cp.checksum
         except OSError:
             ok = False
         if not ok:

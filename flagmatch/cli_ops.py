@@ -166,7 +166,7 @@ def local_health(settings: Settings) -> dict:
 @with_settings()
 def retention(dry_run: bool, actor: str | None, settings: Settings) -> None:
     """Apply the retention settings: thumbnails of long-unflagged images, old audit rows (365 days at least),
-    old viewer sessions; every removal audited."""
+    old viewer sessions; thumbnail removals and audit purges are audited."""
     import datetime as dt
 
     from indexer.review.retention import Policy, apply_retention

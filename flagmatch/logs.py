@@ -70,9 +70,7 @@ def configure(fmt: str, level: int = logging.INFO) -> None:
 def gunicorn_config(fmt: str) -> dict[str, Any]:
     """gunicorn's ``logconfig_dict``: its master's and workers' lines in ``fmt`` from the first line on."""
     formatter(fmt)  # refuse an unknown format before the server starts
-    form: dict[str, Any] = ({"format": TEXT} if fmt == "text" else
-                            {"()": "pythonjsonlogger.json.JsonFormatter", "fmt": JSON_FIELDS,
-                             "rename_fields": _RENAME, "json_ensure_ascii": False, "timestamp": True})
+    form = {"()": "flagmatch.logs.formatter", "fmt": fmt}
     return {
         "version": 1,
         "disable_existing_loggers": False,

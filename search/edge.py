@@ -235,7 +235,13 @@ def parse(model: type[M], data: Any) -> M:
             where, "bad_parameter")) from None
 
 
-# ------------------------------------------------------------------ a response's stages
+# ------------------------------------------------------------------ a request's route and a response's stages
+
+def route_name() -> str:
+    """The URL rule the request matched (``/api/v1/images/<int:image_id>``), never the raw path, so ids and
+    probes cannot explode a metric's series or a log's cardinality; ``unmatched`` for a 404 of no route."""
+    return request.url_rule.rule if request.url_rule is not None else "unmatched"
+
 
 def server_timing(resp: Response) -> dict[str, float]:
     """The stages a response's ``Server-Timing`` header reports, in seconds (unparseable parts skipped);

@@ -93,9 +93,6 @@ def index_lag(store: Store, covered: Mapping[str, int], head: int | None = None)
     """{scope: (catalog images past the one it covers, seconds since the first of them was written)}."""
     head = store.catalog.head()[0] if head is None else head
     now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)  # the catalog keeps naive UTC
-    out = {}
-    for scope, upto in covered.items():
-        behind = max(0, head - upto)
-        since = store.catalog.first_created_after(upto) if behind else None
-        out[scope] = (behind, max(0.0, (now - since).total_seconds()) if since else 0.0)
-    return out
+    since = {upto: store.catalog.first_created_after(upto) for upto in set(covered.values()) if head > upto}
+    return {scope: (max(0, head - upto), max(0.0, (now - since[upto]).total_seconds()) if upto in since else 0.0)
+            for scope, upto in covered.items()}

@@ -33,7 +33,7 @@ from prometheus_client.registry import Collector
 
 from indexer.models.embed import SerialEmbedder
 from search import health
-from search.edge import Runtime, authorize, server_timing
+from search.edge import Runtime, authorize, route_name, server_timing
 
 STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 LOOPBACK = ("127.0.0.1", "::1")
@@ -51,10 +51,10 @@ class _State(Collector):
         vectors = GaugeMetricFamily("flagmatch_index_vectors", "vectors in each index scope", labels=["scope"])
         generation = GaugeMetricFamily("flagmatch_index_generation", "published generation each scope answers from",
                                        labels=["scope"])
-        if rt.index is not None:
-            for scope, st in rt.index.stats().items():
-                vectors.add_metric([scope], st["vectors"])
-                generation.add_metric([scope], st["generation"])
+        stats = rt.index.stats() if rt.index is not None else {}
+        for scope, st in stats.items():
+            vectors.add_metric([scope], st["vectors"])
+            generation.add_metric([scope], st["generation"])
         yield vectors
         yield generation
         pdq = GaugeMetricFamily("flagmatch_pdq_index_hashes", "hashes in the PDQ indexes this worker has open",
@@ -77,8 +77,8 @@ class _State(Collector):
                                        labels=["scope"])
         lag_seconds = GaugeMetricFamily("flagmatch_index_lag_seconds", "how long an index scope has been behind the "
                                         "catalog (since the first image it lacks was written)", labels=["scope"])
-        if rt.index is not None:
-            lag = health.index_lag(rt.store, {sc: st["covers_image_id"] for sc, st in rt.index.stats().items()})
+        if stats:
+            lag = health.index_lag(rt.store, {sc: st["covers_image_id"] for sc, st in stats.items()})
             for scope, (images, seconds) in lag.items():
                 lag_images.add_metric([scope], images)
                 lag_seconds.add_metric([scope], seconds)
@@ -129,7 +129,7 @@ def install_metrics(app: Flask, runtime: Runtime) -> None:
         model = runtime.embedder
         if isinstance(model, SerialEmbedder) and model.observe_batch is None:  # loaded since the last request
             model.observe_batch = batches.observe
-        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        route = route_name()
         method = request.method
         child(requests, route, method, str(resp.status_code)).inc()
         if "metrics_started" in g:

@@ -20,7 +20,7 @@ from indexer.models.threads import REQUEST, worker_started
 from search.api import bp as api_bp
 from search.metrics import install_metrics
 from indexer.storage.audit import REQUEST_ID
-from search.edge import EdgeSettings, Runtime, error, http_error, register_health, server_timing
+from search.edge import EdgeSettings, Runtime, error, http_error, register_health, route_name, server_timing
 from search.hma import hma_http_error, register_hma
 from search.hma_openapi import register_openapi
 from web.decisions import bp as decisions_bp
@@ -129,7 +129,7 @@ def install_edges(app: Flask, runtime: Runtime) -> None:
         """One line per request: never the query string, a header or a body (tokens, cookies, image bytes)."""
         if not settings.access_log or request.path in ("/healthz", "/readyz", "/status/live"):
             return resp  # probes every few seconds would drown the rest
-        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        route = route_name()
         ms = (time.perf_counter() - g.arrived) * 1000 if "arrived" in g else None
         actor = g.get("actor") or g.get("session_actor") or "-"
         stages = {name: round(sec * 1000, 2) for name, sec in server_timing(resp).items()}

@@ -33,7 +33,7 @@ import numpy as np
 
 from indexer.hashbanks.multi_index import BandIndex
 from indexer.storage.catalog import Catalog, Checkpoint
-from indexer.storage.files import publish, publish_with
+from indexer.storage.files import file_sha256, publish, publish_with
 from indexer.media.hashes import PDQ_BITS, PDQ_MAX_THRESHOLD, pdq_codes
 
 log = logging.getLogger(__name__)
@@ -174,7 +174,7 @@ class PdqIndex:
                                                   np.concatenate([self.sealed.ids, ids]))
                     self.index = self._flat()
                 publish_with(self.path, self.sealed.write)
-                checksum = _file_sha256(self.path)
+                checksum = file_sha256(self.path)
                 self.sealed = BandIndex.open(self.path)  # mapped: the page cache holds it once per machine
             else:
                 data = faiss.serialize_index_binary(self.index).tobytes()
@@ -189,7 +189,7 @@ class PdqIndex:
         problem = "it has never been saved"
         if cp is not None:
             try:
-                checksum = _file_sha256(self.path)
+                checksum = file_sha256(self.path)
                 if checksum != cp.checksum:
                     problem = "its checksum does not match the checkpoint (truncated or corrupt)"
                 elif cp.params.get("kind") == "mih":
@@ -206,8 +206,3 @@ class PdqIndex:
                 problem = f"it is not a PDQ index ({exc})"
             log.warning("rebuilding the %s PDQ index from the catalog: %s", self.scope, problem)
         self._rebuild()
-
-
-def _file_sha256(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()

@@ -8,8 +8,9 @@ timer). Rules, each off at 0 days:
   and erases the raw vector at once (``indexer.review.actions.delete_images``).
 - **Audit rows** older than ``audit_days`` are deleted — never fewer than ``AUDIT_FLOOR_DAYS`` (a
   shorter setting is refused), always the oldest, and the purge itself is recorded by a new row.
-- **Viewer sessions** ended or idle for more than ``sessions_days`` are forgotten (a session's row only
-  serves to refuse its cookie, which its idle and absolute limits already do).
+- **Viewer sessions** ended or idle for more than ``sessions_days`` are forgotten, without an audit row (a
+  session's row holds no content and only serves to refuse its cookie, which its limits already do; the
+  sign-in itself is in the audit log).
 
 A dry run counts what would go and changes nothing."""
 from __future__ import annotations

@@ -42,6 +42,7 @@ from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.engine import Connection, make_url
 
 from indexer.errors import FlagmatchError
+from indexer.storage.files import file_sha256
 from indexer.storage.store import CATALOG_URL_FILE, Store
 from indexer.storage.tables import AuditRow, CheckpointRow, FlagEventRow, ImageRow
 
@@ -161,20 +162,6 @@ def _catalog_copy(store: Store, folder: Path) -> Iterator[tuple[Snapshot, dict[i
 
 
 # ---------------------------------------------------------------- files
-
-def _sha256(path: Path, limit: int | None = None) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        left = limit
-        while left is None or left > 0:
-            block = f.read(CHUNK if left is None else min(CHUNK, left))
-            if not block:
-                break
-            h.update(block)
-            if left is not None:
-                left -= len(block)
-    return h.hexdigest()
-
 
 def _copy(src: Path, dst: Path, limit: int | None = None) -> tuple[int, str]:
     """Copy (at most ``limit`` bytes) and hash in one pass; (bytes, sha256)."""
@@ -335,7 +322,7 @@ def restore(src: Path, home: Path, catalog_url: str = "", progress: Progress | N
     say("verify", 0, len(files))
     for k, (rel, entry) in enumerate(sorted(files.items()), 1):
         path = src / "files" / rel
-        if not path.exists() or path.stat().st_size != entry["size"] or _sha256(path) != entry["sha256"]:
+        if not path.exists() or path.stat().st_size != entry["size"] or file_sha256(path) != entry["sha256"]:
             raise FlagmatchError(f"backup file {rel} is missing or differs from its manifest entry: the backup "
                                  f"is damaged", code="bad_backup")
         if k % 500 == 0 or k == len(files):

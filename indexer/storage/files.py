@@ -36,3 +36,10 @@ def publish_with(path: Path, write: Callable[[IO[bytes]], object], *, durable: b
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, read in blocks (index files, backup copies)."""
+    import hashlib
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
