@@ -95,6 +95,17 @@ class Settings:
     decode_wall_timeout: float = setting(120.0, "longest wall-clock time one image may take to decode, in seconds, "
                                          "however busy the machine", "decode")
     max_file_bytes: int = setting(200 * 1024 * 1024, "largest image file accepted, in bytes", "decode")
+    # -- video (ingest and uploads alike; indexer.media.video): refused from the headers before any frame
+    video_max_duration: float = setting(3 * 3600.0, "longest video taken, in seconds (from its headers)", "decode")
+    video_max_side: int = setting(8192, "widest or tallest video frame taken, in pixels", "decode")
+    video_max_frames: int = setting(1_000_000, "most frames a video may state or decode", "decode")
+    video_wall_timeout: float = setting(300.0, "longest wall-clock time one video may take to decode, in seconds",
+                                        "decode")
+    video_every: float = setting(5.0, "a video keeps a keyframe at least this often, in seconds, besides its scene "
+                                 "cuts", "decode")
+    video_max_keyframes: int = setting(64, "most keyframes kept of one video", "decode")
+    video_scene_cut: float = setting(0.12, "how different a frame must be from the last one looked at to start a "
+                                     "scene (mean absolute grey difference, 0-1)", "decode")
     query_views: tuple[str, ...] = setting(("trimmed", "content", "cells"), "extra views of an uploaded query "
                                            "searched beside the whole image where they apply: trimmed (uniform "
                                            "borders cut), content (the picture inside a screenshot-like frame), cells "

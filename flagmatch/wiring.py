@@ -11,6 +11,7 @@ from indexer.errors import InvalidInputError
 from indexer.ingest.pipeline import IngestOptions, Progress, ingest
 from indexer.ingest.sources import Source
 from indexer.media.decode import DecodeLimits
+from indexer.media.video import VideoLimits
 from indexer.models.embed import DEFAULT_MODEL, Embedder, ModelInfo, load_model
 from indexer.storage.catalog import IngestCounts
 from indexer.storage.store import Store
@@ -62,12 +63,20 @@ def decode_limits(settings: Settings) -> DecodeLimits:
                         max_stream_pixels=settings.max_stream_pixels)
 
 
+def video_limits(settings: Settings) -> VideoLimits:
+    return VideoLimits(max_bytes=settings.max_file_bytes, max_duration_s=settings.video_max_duration,
+                       max_side=settings.video_max_side, max_frames=settings.video_max_frames,
+                       wall_s=settings.video_wall_timeout, every_s=settings.video_every,
+                       max_keyframes=settings.video_max_keyframes, scene_cut=settings.video_scene_cut)
+
+
 def ingest_options(settings: Settings) -> IngestOptions:
     return IngestOptions(flag_threshold=settings.flag_threshold, batch_size=settings.batch_size,
                          decode_workers=settings.decode_workers, decode_nice=settings.decode_nice,
                          model_lanes=settings.model_lanes,
                          limits=decode_limits(settings),
-                         max_file_bytes=settings.max_file_bytes, thumb_size=settings.thumb_size)
+                         max_file_bytes=settings.max_file_bytes, thumb_size=settings.thumb_size,
+                         video=video_limits(settings))
 
 
 def index_config(settings: Settings) -> IndexConfig:

@@ -17,8 +17,9 @@ from typing import Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 
-from indexer.storage.catalog import FlagRequest, IngestCounts, NewImage
+from indexer.storage.catalog import FlagRequest, IngestCounts, NewImage, NewKeyframe
 from indexer.media.decode import DEFAULT_LIMITS, DecodedImage, DecodeLimits, InputSpec, decode
+from indexer.media.video import DecodedVideo, VideoLimits, decode_video, is_video
 from indexer.models.embed import Embedder
 from indexer.errors import DecodeError
 from indexer.storage import verdicts
@@ -39,6 +40,7 @@ class IngestOptions:
     thumb_size: int = 256
     model_lanes: int = 0  # batches the model runs at once, one thread each (0: as many as cores where it helps)
     decode_nice: int = 19  # the decode threads' niceness, above the model's (see indexer.media.decode.lower_priority)
+    video: VideoLimits = VideoLimits()
 
 
 # ------------------------------------------------------------------ what the stages pass along
@@ -50,6 +52,12 @@ class Decoded:
     size: int
     image: DecodedImage
     md5: str
+    video: DecodedVideo | None = None  # a clip: ``image`` is its first keyframe, its rows are every keyframe
+
+    @property
+    def rows(self) -> list[np.ndarray]:
+        """The model inputs it needs: the image's pixels, or each keyframe's."""
+        return [f.image.pixels for f in self.video.frames] if self.video is not None else [self.image.pixels]
 
 
 @dataclass(frozen=True)
@@ -75,14 +83,16 @@ class Batch:
     failed: list[Failed] = field(default_factory=list)
 
     def __len__(self) -> int:
-        return len(self.decoded)
+        """Model inputs: an image is one, a clip one per keyframe."""
+        return sum(len(d.rows) for d in self.decoded)
 
 
 @dataclass(frozen=True)
 class EmbeddedBatch:
     batch: Batch
-    vectors: np.ndarray  # float32 [n, d], L2-normalised
-    p_unsafe: np.ndarray  # float32 [n]
+    vectors: np.ndarray  # float32 [n, d], L2-normalised: an image's own, a clip's keyframes' mean
+    p_unsafe: np.ndarray  # float32 [n]: an image's own, a clip's most unsafe keyframe's
+    frames: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # a clip's keyframes, by position
 
 
 class Progress(Protocol):
@@ -142,6 +152,9 @@ class Reader:
             self._pending.add(sha)
         started = time.thread_time()
         try:
+            if is_video(data):
+                video = decode_video(data, self.spec, self.opts.video, thumb_size=self.opts.thumb_size)
+                return Decoded(item, sha, len(data), video.frames[0].image, md5_of(data), video)
             image = decode(data, self.spec, self.opts.limits, thumb_size=self.opts.thumb_size)
         except DecodeError as exc:
             failed = Failed(item.path, exc.code, exc.message, sha)
@@ -174,11 +187,28 @@ def model_lanes(embedder: Embedder, requested: int) -> tuple[int, Embedder]:
 
 
 def embed_batch(embedder: Embedder, batch: Batch) -> EmbeddedBatch:
+    """One forward pass over every model input of the batch; a clip's keyframes are folded into its item's
+    vector (their mean, L2-normalised) and P(unsafe) (the most unsafe keyframe's) and kept as its frames."""
     if not batch.decoded:
         return EmbeddedBatch(batch, np.zeros((0, embedder.info.dim), np.float32), np.zeros(0, np.float32))
-    pixels = np.stack([d.image.pixels for d in batch.decoded])
+    pixels = np.stack([px for d in batch.decoded for px in d.rows])
     vectors, p = embedder.embed(pixels)
-    return EmbeddedBatch(batch, vectors, p)
+    if all(d.video is None for d in batch.decoded):
+        return EmbeddedBatch(batch, vectors, p)
+    items, ps, frames, at = [], [], {}, 0
+    for n, d in enumerate(batch.decoded):
+        k = len(d.rows)
+        v, pk = vectors[at:at + k], p[at:at + k]
+        at += k
+        if d.video is None:
+            items.append(v[0])
+            ps.append(pk[0])
+            continue
+        mean = v.mean(axis=0)
+        items.append(mean / max(float(np.linalg.norm(mean)), 1e-12))
+        ps.append(pk.max())
+        frames[n] = (v, pk)
+    return EmbeddedBatch(batch, np.stack(items).astype(np.float32), np.asarray(ps, np.float32), frames)
 
 
 class Writer:
@@ -203,6 +233,24 @@ class Writer:
             return None
         return FlagRequest(h.source, h.label, h.source,
                            f"P({h.label}) {float(scores[h.label][i]):.3f} >= threshold {h.threshold:.3f}")
+
+    def _new_item(self, d: Decoded, p: float, i: int, paths: list[tuple[str, str | None]], flags: list[FlagRequest],
+                  row: int, frames: tuple[np.ndarray, np.ndarray] | None, frame_row: int) -> NewImage:
+        """An image, or a clip with its keyframes (thumbnails first; the clip's tile is its most unsafe keyframe)."""
+        v = d.video
+        if v is None or frames is None:
+            return NewImage(0, d.sha256, d.size, d.image.format, d.image.width, d.image.height, d.image.frames, p,
+                            self.store.write_thumbnail(d.sha256, d.image.thumbnail), tuple(paths), md5=d.md5,
+                            pdq=d.image.pdq, flags=tuple(flags), vec_segment=self.segment.number, vec_row=row)
+        ps = frames[1]
+        thumbs = [self.store.write_thumbnail(hashlib.sha256(f"{d.sha256}@{f.offset_s}".encode()).hexdigest(),
+                                             f.image.thumbnail) for f in v.frames]
+        tile = int(np.argmax(ps))
+        kfs = tuple(NewKeyframe(f.offset_s, f.scene_cut, float(ps[k]), thumbs[k], frame_row + k)
+                    for k, f in enumerate(v.frames))
+        return NewImage(0, d.sha256, d.size, v.info.container, v.info.width, v.info.height, v.info.frames, p,
+                        thumbs[tile], tuple(paths), md5=d.md5, flags=tuple(flags), vec_segment=self.segment.number,
+                        vec_row=row, kind="video", duration_s=round(v.info.duration_s, 3), vpdq=v.vpdq, keyframes=kfs)
 
     def __call__(self, eb: EmbeddedBatch) -> None:
         b = eb.batch
@@ -241,10 +289,14 @@ class Writer:
             if dup.item.verdict is not None:
                 said.append((image_id, dup.item.verdict))
         first_row = self.segment.append(eb.vectors) if n else 0  # fsynced before the catalog commits
-        images = [NewImage(0, d.sha256, d.size, d.image.format, d.image.width, d.image.height, d.image.frames,
-                           float(p), self.store.write_thumbnail(d.sha256, d.image.thumbnail), tuple(paths[i]),
-                           md5=d.md5, pdq=d.image.pdq, flags=tuple(image_flags[i]),
-                           vec_segment=self.segment.number, vec_row=first_row + i)
+        frame_rows: dict[int, int] = {}  # a clip's first keyframe row, by position
+        if eb.frames:
+            at = self.segment.append(np.concatenate([v for v, _ in eb.frames.values()]))
+            for i, (v, _) in eb.frames.items():
+                frame_rows[i] = at
+                at += len(v)
+        images = [self._new_item(d, float(p), i, paths[i], image_flags[i], first_row + i,
+                                 eb.frames.get(i), frame_rows.get(i, 0))
                   for i, (d, p) in enumerate(zip(b.decoded, eb.p_unsafe))]
         res = self.store.catalog.write_images(images, self.model_id, extra_paths, flags,
                                               [(f.path, f.code, f.message) for f in failed], self.run_id)

@@ -459,6 +459,30 @@ def _decode_planned(im: Image.Image, p: DecodePlan, data: bytes, fp: _Deadline, 
                         view_boxes=boxes, view_greys=greys)
 
 
+def decode_frame(frame: Image.Image, spec: InputSpec, *, thumb_size: int = 0,
+                 views: tuple[str, ...] = ()) -> DecodedImage:
+    """A video frame already decoded (and shrunk) by ``indexer.media.video`` made ready as an image is: the model's
+    pixels, a WebP thumbnail, and the query views that apply (a letterboxed clip's ``trimmed`` frame)."""
+    src = to_rgb(frame)
+    rgb = np.asarray(src)
+    pixels, resampled = _model_pixels(src, rgb, spec)
+    extra: dict[str, np.ndarray] = {}
+    boxes: dict[str, tuple[int, int, int, int]] = {}
+    if {"trimmed", "content"} & set(views):
+        for name, box in view_boxes(rgb, cells=False, grid=False).items():
+            if name in views:
+                extra[name] = _model_pixels(src, rgb, spec, box)[0]
+                boxes[name] = box
+    thumbnail = b""
+    if thumb_size > 0:
+        buf = io.BytesIO()
+        Image.fromarray(_thumbnail(src, rgb, thumb_size, resampled)).save(buf, "WEBP", quality=THUMB_QUALITY,
+                                                                          method=THUMB_METHOD)
+        thumbnail = buf.getvalue()
+    return DecodedImage(format="frame", width=src.width, height=src.height, frames=1, pixels=pixels,
+                        thumbnail=thumbnail, decoded_size=src.size, views=extra, view_boxes=boxes)
+
+
 def _grey(rgb: np.ndarray, side: int, orientation: int) -> np.ndarray:
     """A greyscale copy of ``rgb`` with its long side ``side`` (or less), as displayed."""
     h, w = rgb.shape[:2]

@@ -51,6 +51,7 @@ class Signals:
     """What an image is known by outside flagmatch."""
     md5: str
     pdq: Pdq | None  # None: the image could not be decoded, or was never hashed
+    vpdq: str | None = None  # a video's vPDQ (threatexchange's signal string); None for an image
 
 
 def pdq_of(rgb: np.ndarray) -> Pdq:

@@ -20,12 +20,15 @@ import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 from PIL import Image
 
 from indexer.errors import DecodeError
+
+if TYPE_CHECKING:
+    from indexer.media.decode import DecodedImage, InputSpec
 
 # the first bytes of each allowed container → the names FFmpeg gives the demuxer that must read it
 CONTAINERS = {"mp4": ("mov,mp4,m4a,3gp,3g2,mj2",), "matroska": ("matroska,webm",), "avi": ("avi",),
@@ -193,6 +196,53 @@ def _choose(container, info: VideoInfo, limits: VideoLimits) -> Iterator[Keyfram
         raise DecodeError("the video holds no decodable frame", code="truncated")
     if info.frames and decoded < 0.9 * info.frames and decoded + 2 < info.frames:
         raise DecodeError(f"the video ends after {decoded} of the {info.frames} frames it states", code="truncated")
+
+
+# ---------------------------------------------------------------- a clip made ready for the model
+
+VIDEO_CONTAINERS = ("mp4", "matroska", "avi")  # an animated GIF stays an image (its frames are counted there)
+
+
+def is_video(data: bytes) -> bool:
+    """Whether these bytes start like a video container flagmatch takes (MP4/MOV, WebM/MKV, AVI)."""
+    return sniff(data) in VIDEO_CONTAINERS
+
+
+@dataclass(frozen=True)
+class Frame:
+    offset_s: float
+    scene_cut: bool
+    image: "DecodedImage"  # the model's pixels, the thumbnail and the query views of the keyframe
+
+
+@dataclass(frozen=True)
+class DecodedVideo:
+    info: VideoInfo
+    frames: list[Frame]    # the keyframes, in clip order (at least one)
+    vpdq: str | None       # threatexchange's vPDQ signal string; None when not asked for
+
+
+def decode_video(data: bytes, spec: "InputSpec", limits: VideoLimits = VideoLimits(), *, thumb_size: int = 0,
+                 views: tuple[str, ...] = (), want_vpdq: bool = True) -> DecodedVideo:
+    """Keyframes (``keyframes``: budgets first) each made ready as an image (``decode_frame``), and the vPDQ of
+    the whole clip — hashed by ``vpdq`` from a private temporary file, only after the clip passed the budget."""
+    from indexer.media.decode import decode_frame
+    info, kept = keyframes(data, limits)
+    frames = [Frame(k.offset_s, k.scene_cut, decode_frame(k.image, spec, thumb_size=thumb_size, views=views))
+              for k in kept]
+    return DecodedVideo(info, frames, vpdq_of_bytes(data) if want_vpdq else None)
+
+
+def vpdq_of_bytes(data: bytes, seconds_per_hash: float = 1.0) -> str:
+    """``vpdq_json`` of bytes (the library reads a file: a private temporary one, removed at once)."""
+    import tempfile
+    with tempfile.NamedTemporaryFile(prefix="flagmatch-vpdq-", suffix=".video") as f:
+        f.write(data)
+        f.flush()
+        try:
+            return vpdq_json(f.name, seconds_per_hash)
+        except Exception as exc:  # the library's own decoder refused what FFmpeg's keyframes took
+            raise DecodeError(f"the video cannot be vPDQ-hashed ({exc})", code="corrupt") from None
 
 
 # ---------------------------------------------------------------- vPDQ (threatexchange's signal type)

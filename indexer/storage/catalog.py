@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from indexer.errors import FlagmatchError, InvalidInputError, ModelMismatchError, NotFoundError
 from indexer.media.hashes import Pdq, Signals
 from indexer.storage.tables import (Base, BankEntryRow, BankRow, CheckpointRow, FlagEventRow, ImageRow, ImageSignalRow,
-                                    IngestErrorRow, IngestRunRow, MetaRow, PathRow, utcnow)
+                                    IngestErrorRow, IngestRunRow, KeyframeRow, MetaRow, PathRow, utcnow)
 
 FLAG_SOURCES = ("model", "manual", "import", "review")
 T = TypeVar("T")
@@ -55,6 +55,31 @@ class NewImage:
     flags: "tuple[FlagRequest, ...]" = ()  # applied in the same transaction, to whatever id the image ends up with
     vec_segment: int | None = None     # where its raw vector was written (None: row = id in vectors.f32)
     vec_row: int | None = None
+    kind: str = "image"                # or "video"
+    duration_s: float | None = None
+    vpdq: str | None = None            # a video's vPDQ
+    keyframes: "tuple[NewKeyframe, ...]" = ()  # a video's, their vectors in the same segment as its own
+
+
+@dataclass(frozen=True)
+class NewKeyframe:
+    offset_s: float
+    scene_cut: bool
+    p_unsafe: float
+    thumb_key: str
+    vec_row: int
+
+
+@dataclass(frozen=True)
+class KeyframeRecord:
+    id: int
+    image_id: int
+    offset_s: float
+    scene_cut: bool
+    p_unsafe: float
+    thumb_key: str
+    vec_segment: int
+    vec_row: int
 
 
 @dataclass(frozen=True)
@@ -105,6 +130,8 @@ class ImageRecord:
     paths: tuple[str, ...] = ()
     external_ids: tuple[str, ...] = ()
     history: tuple[FlagEvent, ...] = ()
+    kind: str = "image"
+    duration_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -138,7 +165,12 @@ def _image_record(r: ImageRow | Any, paths: Sequence[PathRow | Any] = (), histor
         flagged_at=r.flagged_at, deleted=r.deleted, created_at=r.created_at,
         paths=tuple(p.path for p in paths),
         external_ids=tuple(sorted({p.external_id for p in paths if p.external_id})),
-        history=tuple(_event(e) for e in history))
+        history=tuple(_event(e) for e in history), kind=r.kind or "image", duration_s=r.duration_s)
+
+
+def _keyframe(r: KeyframeRow | Any) -> KeyframeRecord:
+    return KeyframeRecord(int(r.id), int(r.image_id), float(r.offset_s), bool(r.scene_cut), float(r.p_unsafe),
+                          str(r.thumb_key), int(r.vec_segment), int(r.vec_row))
 
 
 def _event(e: FlagEventRow) -> FlagEvent:
@@ -526,11 +558,17 @@ class Catalog:
                 s.add(ImageRow(id=image_id, sha256=im.sha256, size_bytes=im.size_bytes, format=im.format,
                                width=im.width, height=im.height, frames=im.frames, p_unsafe=float(im.p_unsafe),
                                model_id=model_id, thumb_key=im.thumb_key, created_at=now, updated_at=now,
-                               vec_segment=im.vec_segment, vec_row=im.vec_row))
+                               vec_segment=im.vec_segment, vec_row=im.vec_row, kind=im.kind,
+                               duration_s=im.duration_s))
             s.flush()
             for image_id, im in fresh:
-                if im.md5 is not None or im.pdq is not None:
-                    s.add(_signal_row(image_id, im.md5, im.pdq))
+                if im.md5 is not None or im.pdq is not None or im.vpdq is not None:
+                    s.add(_signal_row(image_id, im.md5, im.pdq, im.vpdq))
+                for kf in im.keyframes:  # (their ids follow the image ids' order: the same id lock)
+                    s.add(KeyframeRow(image_id=image_id, offset_s=kf.offset_s, scene_cut=kf.scene_cut,
+                                      p_unsafe=float(kf.p_unsafe), thumb_key=kf.thumb_key,
+                                      vec_segment=int(im.vec_segment if im.vec_segment is not None else -1),
+                                      vec_row=kf.vec_row))
             seen: set[tuple[int, str]] = set()
             for image_id, im in fresh:
                 for path, ext in im.paths:
@@ -645,6 +683,37 @@ class Catalog:
                  .order_by(ImageSignalRow.image_id).limit(limit))
             return [(int(i), str(h)) for i, h in s.execute(q)]
 
+    def vpdq_rows(self) -> list[tuple[int, str]]:
+        """(image id, vPDQ) of every live video."""
+        with self.session() as s:
+            q = (select(ImageSignalRow.image_id, ImageSignalRow.vpdq)
+                 .join(ImageRow, ImageRow.id == ImageSignalRow.image_id)
+                 .where(ImageSignalRow.vpdq.is_not(None), ImageRow.deleted.is_(False)).order_by(ImageSignalRow.image_id))
+            return [(int(i), str(v)) for i, v in s.execute(q)]
+
+    # -- a video's keyframes
+    def keyframes(self, image_ids: Iterable[int]) -> dict[int, list[KeyframeRecord]]:
+        """The keyframes of each of ``image_ids`` (videos; an image has none), in clip order."""
+        out: dict[int, list[KeyframeRecord]] = {}
+        t = KeyframeRow.__table__
+        with self.engine.connect() as c:
+            for chunk in _chunks(list(dict.fromkeys(int(i) for i in image_ids)), 500):
+                for r in c.execute(select(t).where(t.c.image_id.in_(chunk)).order_by(t.c.image_id, t.c.offset_s)):
+                    out.setdefault(int(r.image_id), []).append(_keyframe(r))
+        return out
+
+    def keyframes_after(self, keyframe_id: int, limit: int = 100_000) -> list[KeyframeRecord]:
+        """Keyframes of live videos past ``keyframe_id``, in id order (what the frame index follows)."""
+        t, im = KeyframeRow.__table__, ImageRow.__table__
+        with self.engine.connect() as c:
+            q = (select(t).join(im, im.c.id == t.c.image_id).where(t.c.id > keyframe_id, im.c.deleted.is_(False))
+                 .order_by(t.c.id).limit(limit))
+            return [_keyframe(r) for r in c.execute(q)]
+
+    def max_keyframe_id(self) -> int:
+        with self.session() as s:
+            return int(s.scalar(select(func.max(KeyframeRow.id))) or 0)
+
     def images_with_md5(self, md5: str) -> list[int]:
         with self.session() as s:
             return list(s.scalars(select(ImageSignalRow.image_id).join(ImageRow, ImageRow.id == ImageSignalRow.image_id)
@@ -739,13 +808,13 @@ class Catalog:
             r.ntotal, r.params, r.checksum, r.saved_at = cp.ntotal, json.dumps(cp.params), cp.checksum, utcnow()
 
 
-def _signal_row(image_id: int, md5: str | None, pdq: Pdq | None) -> ImageSignalRow:
+def _signal_row(image_id: int, md5: str | None, pdq: Pdq | None, vpdq: str | None = None) -> ImageSignalRow:
     return ImageSignalRow(image_id=image_id, md5=md5, pdq=pdq.hash if pdq else None,
-                          pdq_quality=pdq.quality if pdq else None)
+                          pdq_quality=pdq.quality if pdq else None, vpdq=vpdq)
 
 
 def _signals(r: ImageSignalRow | Any) -> Signals:  # an ORM row or a plain row of its columns
-    return Signals(r.md5 or "", Pdq(r.pdq, int(r.pdq_quality or 0)) if r.pdq else None)
+    return Signals(r.md5 or "", Pdq(r.pdq, int(r.pdq_quality or 0)) if r.pdq else None, r.vpdq)
 
 
 def _chunks(seq: Sequence[int], n: int) -> Iterator[Sequence[int]]:
@@ -753,5 +822,5 @@ def _chunks(seq: Sequence[int], n: int) -> Iterator[Sequence[int]]:
         yield seq[i:i + n]
 
 
-__all__ = ["Catalog", "NewImage", "FlagRequest", "FlagEvent", "ImageRecord", "Checkpoint", "IngestCounts",
+__all__ = ["Catalog", "NewImage", "NewKeyframe", "KeyframeRecord", "FlagRequest", "FlagEvent", "ImageRecord", "Checkpoint", "IngestCounts",
            "FLAG_SOURCES", "IntegrityError", "utcnow"]

@@ -55,6 +55,23 @@ class ImageRow(Base):
     # images written before segments existed (row = image id in the single vectors.f32)
     vec_segment: Mapped[int | None] = mapped_column(Integer, nullable=True)
     vec_row: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # "image", or "video": a clip whose vector is its keyframes' mean and whose tile is its most unsafe keyframe
+    kind: Mapped[str] = mapped_column(String(8), default="image", server_default="image")
+    duration_s: Mapped[float | None] = mapped_column(Float, nullable=True)  # a video's length
+
+
+class KeyframeRow(Base):
+    """One keyframe of a video item (indexer.media.video): where in the clip, its own raw vector, P(unsafe) and
+    thumbnail. Ids are given in increasing order with the video's own row (the frame index follows them)."""
+    __tablename__ = "keyframes"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id"), index=True)
+    offset_s: Mapped[float] = mapped_column(Float)
+    scene_cut: Mapped[bool] = mapped_column(Boolean, default=False)
+    p_unsafe: Mapped[float] = mapped_column(Float)
+    thumb_key: Mapped[str] = mapped_column(String(128))
+    vec_segment: Mapped[int] = mapped_column(Integer)
+    vec_row: Mapped[int] = mapped_column(Integer)
 
 
 class PathRow(Base):
@@ -109,6 +126,7 @@ class ImageSignalRow(Base):
     md5: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
     pdq: Mapped[str | None] = mapped_column(String(64), nullable=True)  # None: could not be hashed
     pdq_quality: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    vpdq: Mapped[str | None] = mapped_column(Text, nullable=True)  # a video's vPDQ, threatexchange's signal string
 
 
 class BankRow(Base):
@@ -138,7 +156,9 @@ class BankEntryRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     bank_id: Mapped[int] = mapped_column(ForeignKey("banks.id"), index=True)
     signal_type: Mapped[str] = mapped_column(String(16))
+    # the signal; for a vPDQ (kilobytes, too long for a unique index) the sha256 of ``payload``, which holds it
     signal: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[str | None] = mapped_column(Text, nullable=True)
     quality: Mapped[int | None] = mapped_column(Integer, nullable=True)  # PDQ quality when the list gives it
     external_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
     tags: Mapped[str] = mapped_column(Text, default="")  # space-separated

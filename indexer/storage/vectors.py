@@ -162,6 +162,17 @@ class VectorStore:
             out[mask] = self._mapping(int(seg), int(want.max()) + 1)[want]
         return out
 
+    def get_rows(self, segments: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Rows named by (segment, row) directly — a video's keyframes, which have no catalog id of their own
+        here — as float32 [n, dim]."""
+        segments, rows = np.asarray(segments, np.int64), np.asarray(rows, np.int64)
+        out = np.empty((len(rows), self.dim), np.float32)
+        for seg in np.unique(segments):
+            mask = segments == seg
+            want = rows[mask]
+            out[mask] = self._mapping(int(seg), int(want.max()) + 1)[want]
+        return out
+
     def present(self, ids: np.ndarray | list[int]) -> np.ndarray:
         """Whether each id's row is in its file (a segment cut short after a disk incident lacks its tail);
         ids the catalog has no location for raise as in ``get``."""

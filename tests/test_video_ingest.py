@@ -1,0 +1,64 @@
+"""Video in the catalog: a mixed folder of images and clips ingests as one item per file, a clip with its
+keyframes (offsets, vectors, thumbnails) and its vPDQ; a bad clip is a coded error that loses nothing else."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flagmatch.wiring import ingest_options
+from indexer.ingest.pipeline import ingest
+from indexer.ingest.sources import iter_sources
+from tests.helpers import write_images
+from tests.helpers.video import clip, damaged
+
+pytest.importorskip("av")
+
+
+def _mixed(folder: Path) -> dict[str, Path]:
+    folder.mkdir()
+    paths = {p.name: p for p in write_images(folder, 3)}
+    for name, data in (("slides.mp4", clip([1, 2, 3])), ("other.webm", clip([4, 5], fmt="webm", codec="libvpx-vp9")),
+                       ("fake.mp4", b"these bytes say text, not video\n" * 10), ("cut.mp4", damaged(clip([6, 7])))):
+        (folder / name).write_bytes(data)
+        paths[name] = folder / name
+    return paths
+
+
+def test_a_mixed_folder_is_one_item_per_file_with_keyframes_and_vpdq(store, tiny_embedder, settings, tmp_path):
+    paths = _mixed(tmp_path / "in")
+    counts = ingest(store, tiny_embedder, iter_sources([str(tmp_path / "in")]), ingest_options(settings))
+    assert counts.new == 5 and counts.failed == 2, counts
+    errors = {Path(p).name: code for p, code, _ in store.catalog.errors()}
+    assert errors["fake.mp4"] == "unsupported_format"
+    assert errors["cut.mp4"] in ("corrupt", "truncated")
+    ids = store.catalog.image_ids()
+    recs = store.catalog.get_many(ids)
+    videos = {Path(r.paths[0]).name: r for r in recs.values() if r.kind == "video"}
+    images = [r for r in recs.values() if r.kind == "image"]
+    assert set(videos) == {"slides.mp4", "other.webm"} and len(images) == 3
+    slides = videos["slides.mp4"]
+    assert slides.format == "mov" and slides.duration_s == pytest.approx(6.0, abs=0.3) and slides.frames >= 55
+    frames = store.catalog.keyframes([slides.id])[slides.id]
+    assert 2 <= len(frames) <= settings.video_max_keyframes
+    assert [f.offset_s for f in frames] == sorted(f.offset_s for f in frames) and frames[0].offset_s == 0.0
+    # each keyframe has its own thumbnail and raw vector; the clip's own vector is their mean, normalised
+    for f in frames:
+        assert (store.thumbs_dir / f.thumb_key).stat().st_size > 0
+    vs = store.open_vectors()
+    kv = vs.get_rows(np.array([f.vec_segment for f in frames]), np.array([f.vec_row for f in frames]))
+    mean = kv.mean(axis=0)
+    assert np.allclose(vs.get([slides.id])[0], mean / np.linalg.norm(mean), atol=1e-5)
+    assert slides.p_unsafe == pytest.approx(max(f.p_unsafe for f in frames), abs=1e-6)
+    assert slides.thumb_key in {f.thumb_key for f in frames}
+    # the clip is hashed as HMA hashes video: MD5 of the bytes and threatexchange's vPDQ
+    sig = store.catalog.signals([slides.id])[slides.id]
+    import hashlib
+    from threatexchange.extensions.vpdq.vpdq import VPDQSignal
+    assert sig.md5 == hashlib.md5(paths["slides.mp4"].read_bytes()).hexdigest() and sig.pdq is None
+    assert VPDQSignal.validate_signal_str(sig.vpdq) and VPDQSignal.compare_hash(
+        sig.vpdq, VPDQSignal.hash_from_file(paths["slides.mp4"])).match
+    # a second run takes nothing in again
+    again = ingest(store, tiny_embedder, iter_sources([str(tmp_path / "in")]), ingest_options(settings))
+    assert again.new == 0 and again.duplicates == 5
