@@ -294,7 +294,7 @@ def reindex(scope: str | None, ray_address: str, on_disk: bool, settings: Settin
 @with_settings("model", "decode", "search")
 def search(images: tuple[Path, ...], ids: tuple[str, ...], scope: str, k: int, min_similarity: float,
            as_json: bool, settings: Settings) -> None:
-    """Nearest flagged images (or --scope all) for image files or stored images."""
+    """Nearest flagged images and videos (or --scope all) for image or video files, or stored items."""
     from search.service import SearchParams
     if not images and not ids:
         raise click.UsageError("give image files or --id")
@@ -324,7 +324,8 @@ def search(images: tuple[Path, ...], ids: tuple[str, ...], scope: str, k: int, m
             q = r.query
             known = f", already known as #{q.known_id}" if q.known_id else ""
             pu = "" if q.p_unsafe is None else f"P(unsafe) {q.p_unsafe:.3f}"
-            click.echo(f"{q.label}: {pu}{known} — {len(r.hits)} {scope} neighbour(s)")
+            clip = f" (video, {q.keyframes} keyframes)" if q.kind == "video" else ""
+            click.echo(f"{q.label}{clip}: {pu}{known} — {len(r.hits)} {scope} neighbour(s)")
             if r.hits:
                 click.echo(f"  {'#':>3} {'id':>8} {'sim':>6} {'P(uns)':>6}  {'flag':<18} {'cluster':<10} path")
             for i, h in enumerate(r.hits, 1):
@@ -333,6 +334,10 @@ def search(images: tuple[Path, ...], ids: tuple[str, ...], scope: str, k: int, m
                 cl = str(h.cluster.get("id")) if h.cluster else "-"
                 click.echo(f"  {i:>3} {rec.id:>8} {h.similarity:>6.3f} {rec.p_unsafe:>6.3f}  {flag[:18]:<18} "
                            f"{cl:<10} {rec.paths[0] if rec.paths else ''}")
+                if h.frames:  # a stored video: where in it, and which of the query's frames
+                    click.echo("        frames: " + ", ".join(
+                        f"{f.offset:g}s ≈ {'query ' + format(f.query_offset, 'g') + 's' if f.query_offset is not None else 'the image'} "
+                        f"({f.similarity:.3f})" for f in h.frames[:3]))
             if r.evidence is not None:
                 _print_evidence(r.evidence)
 

@@ -123,7 +123,7 @@ def search_service(settings: Settings, store: Store, index: VectorIndex, embedde
                          hashes=hash_matcher(settings, store), heads=ActiveHeads(store),
                          decode_nice=settings.request_nice,
                          local=FeatureCache(thumbnail_grey(store.thumbs_dir)) if settings.verify_hits else None,
-                         grid_below=settings.query_grid_below)
+                         grid_below=settings.query_grid_below, video_limits=video_limits(settings))
 
 
 def hash_matcher(settings: Settings, store: Store) -> HashMatcher:

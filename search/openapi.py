@@ -47,7 +47,9 @@ def openapi_document() -> dict[str, Any]:
                 "requestBody": {"required": True, "content": {
                     "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
                         "image": {"type": "array", "items": {"type": "string", "format": "binary"},
-                                  "description": "one or more image files (field repeated)"},
+                                  "description": "one or more image or video files (field repeated); a video "
+                                                 "(MP4/MOV, WebM/MKV, AVI) is searched by its keyframes and "
+                                                 "their mean, and its hits carry the frame pairs that matched"},
                         **params_props}}},
                     "application/json": {"schema": {"$ref": "#/components/schemas/SearchByStored"}}}},
                 "responses": _resp(json_ok("#/components/schemas/SearchResponse"), 400, 404, 413, 415, 503)}},
@@ -164,6 +166,8 @@ def openapi_document() -> dict[str, Any]:
                               "paths": {"type": "array", "items": {"type": "string"}},
                               "external_ids": {"type": "array", "items": {"type": "string"}},
                               "created_at": {"type": "string", "format": "date-time"},
+                              "kind": {"type": "string", "enum": ["image", "video"]},
+                              "duration_s": {"type": ["number", "null"], "description": "a video's length"},
                               "cluster": {"type": ["object", "null"]}}},
                 "ImageWithHistory": {"allOf": [{"$ref": "#/components/schemas/Image"}, {"type": "object", "properties": {
                     "hashes": {"$ref": "#/components/schemas/Signals"},
@@ -175,10 +179,16 @@ def openapi_document() -> dict[str, Any]:
                 "Hit": {"allOf": [{"$ref": "#/components/schemas/Image"}, {"type": "object", "required": ["similarity", "view"],
                                                                           "properties": {"p_labels": {"$ref": "#/components/schemas/PLabels"},
                                                                                          "similarity": {"type": "number", "description": "cosine in the matching space"},
-                                                                                         "view": {"type": "string", "pattern": "^(full|trimmed|content|mirror|cell[1-8]|grid[1-5])$", "description": "the query view that matched best: the whole image, its trimmed or content box, its mirror, a cell of a composite (cells, largest first) or a part of the grid searched when nothing else was confident"},
+                                                                                         "view": {"type": "string", "pattern": "^(full|clip|trimmed|content|mirror|cell[1-8]|grid[1-5]|@[0-9.]+(/trimmed)?)$", "description": "the query view that matched best: the whole image, its trimmed or content box, its mirror, a cell of a composite (cells, largest first) or a part of the grid searched when nothing else was confident; for a clip, the keyframe at @<seconds> (or its trimmed box) or the whole clip (its keyframes' mean)"},
                                                                                          "view_box": {"type": ["array", "null"], "items": {"type": "integer", "minimum": 0}, "minItems": 4, "maxItems": 4, "description": "that view's box in the upload, [left, top, right, bottom] in its pixels as displayed; null for the whole image and the mirror"},
                                                                                          "local_matches": {"type": ["integer", "null"], "minimum": 0, "description": "local-feature matches (ORB + RANSAC) that agree on one transform between the upload and this hit's thumbnail; null: not checked (queries by id, hits below the first verified one)"},
-                                                                                         "verified": {"type": ["boolean", "null"], "description": "local_matches reached the threshold: the hit shows the upload's picture (a verified hit is moved first)"}}}]},
+                                                                                         "verified": {"type": ["boolean", "null"], "description": "local_matches reached the threshold: the hit shows the upload's picture (a verified hit is moved first)"},
+                                                                                         "frames": {"type": "array", "description": "a stored video's keyframes that matched the query's rows, best first", "items": {"$ref": "#/components/schemas/FramePair"}}}}]},
+                "FramePair": {"type": "object", "required": ["query_view", "offset_s", "similarity"], "properties": {
+                    "query_view": {"type": "string", "description": "the query's row (a view name, or @<seconds> of a clip's keyframe)"},
+                    "query_offset_s": {"type": ["number", "null"], "description": "seconds into the query clip; null for an image query"},
+                    "offset_s": {"type": "number", "minimum": 0, "description": "seconds into the stored video"},
+                    "similarity": {"type": "number"}}},
                 "SearchResponse": {"type": "object", "required": ["model_id", "scope", "index_checkpoint", "results"],
                                    "properties": {
                                        "model_id": {"type": "string"}, "scope": {"type": "string"},
@@ -190,7 +200,10 @@ def openapi_document() -> dict[str, Any]:
                                                "name": {"type": "string"}, "sha256": {"type": ["string", "null"]},
                                                "p_unsafe": {"type": ["number", "null"]}, "known": {"type": "boolean"},
                                                "known_id": {"type": ["integer", "null"]},
-                                               "p_labels": {"$ref": "#/components/schemas/PLabels"}}},
+                                               "p_labels": {"$ref": "#/components/schemas/PLabels"},
+                                               "kind": {"type": "string", "enum": ["image", "video"]},
+                                               "keyframes": {"type": "integer", "minimum": 0,
+                                                             "description": "a clip's keyframes searched"}}},
                                            "hits": {"type": "array", "items": {"$ref": "#/components/schemas/Hit"}},
                                            "hashes": {"anyOf": [{"$ref": "#/components/schemas/HashEvidence"},
                                                                 {"type": "null"}]}}}}}},
@@ -199,7 +212,8 @@ def openapi_document() -> dict[str, Any]:
                 "Signals": {"type": "object", "properties": {
                     "md5": {"type": ["string", "null"]}, "pdq": {"type": ["string", "null"]},
                     "pdq_quality": {"type": ["integer", "null"]},
-                    "pdq_usable": {"type": "boolean", "description": "PDQ quality >= 50: only then is it matched"}}},
+                    "pdq_usable": {"type": "boolean", "description": "PDQ quality >= 50: only then is it matched"},
+                    "vpdq": {"type": ["string", "null"], "description": "a video's vPDQ (threatexchange's signal string)"}}},
                 "BankMatch": {"type": "object", "required": ["bank", "entry_id", "signal_type", "distance", "threshold"],
                               "properties": {
                                   "bank": {"type": "string"}, "role": {"type": "string", "enum": ["match", "negative"]},

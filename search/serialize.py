@@ -23,6 +23,7 @@ def image_json(r: ImageRecord, *, history: bool = False) -> dict[str, Any]:
         "flag": {"source": r.flag_source, "label": r.flag_label, "at": _time(r.flagged_at)} if r.flagged else None,
         "thumbnail_url": f"/api/v1/images/{r.id}/thumbnail",
         "paths": list(r.paths), "external_ids": list(r.external_ids), "created_at": _time(r.created_at),
+        "kind": r.kind, "duration_s": r.duration_s,
     }
     if history:
         out["history"] = [{"action": e.action, "source": e.source, "label": e.label, "actor": e.actor,
@@ -39,13 +40,16 @@ def hit_json(h: Hit) -> dict[str, Any]:
     d["verified"] = h.verified
     d["cluster"] = h.cluster
     d["p_labels"] = h.p_labels
+    d["frames"] = [{"query_view": f.query_view, "query_offset_s": f.query_offset, "offset_s": f.offset,
+                    "similarity": round(f.similarity, 6)} for f in h.frames]
     return d
 
 
 def signals_json(sig: Signals | None) -> dict[str, Any]:
     pdq = sig.pdq if sig is not None else None
     return {"md5": (sig.md5 or None) if sig is not None else None, "pdq": pdq.hash if pdq else None,
-            "pdq_quality": pdq.quality if pdq else None, "pdq_usable": bool(pdq and pdq.usable)}
+            "pdq_quality": pdq.quality if pdq else None, "pdq_usable": bool(pdq and pdq.usable),
+            "vpdq": sig.vpdq if sig is not None else None}
 
 
 def evidence_json(ev: HashEvidence | None) -> dict[str, Any] | None:
@@ -66,7 +70,8 @@ def response_json(resp: SearchResponse) -> dict[str, Any]:
         "results": [{"query": {"name": r.query.label, "sha256": r.query.sha256,
                                "p_unsafe": None if r.query.p_unsafe is None else round(r.query.p_unsafe, 6),
                                "known": r.query.known_id is not None, "known_id": r.query.known_id,
-                               "p_labels": r.query.p_labels},
+                               "p_labels": r.query.p_labels, "kind": r.query.kind,
+                               "keyframes": r.query.keyframes},
                      "hits": [hit_json(h) for h in r.hits],
                      "hashes": evidence_json(r.evidence)} for r in resp.results],
     }

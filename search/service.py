@@ -15,6 +15,7 @@ import numpy as np
 
 from indexer.storage.catalog import ImageRecord
 from indexer.media.decode import DEFAULT_LIMITS, DecodedImage, DecodeLimits, InputSpec, decode, plan
+from indexer.media.video import DecodedVideo, VideoLimits, decode_video, is_video, probe
 from indexer.models.embed import Embedder, coming
 from indexer.errors import InvalidInputError, ModelLoadError, NotFoundError
 from indexer.storage.store import Store
@@ -32,6 +33,9 @@ MAX_K = 1000
 # 10; 0.953 at 3, 0.939 unverified). An upload that copies nothing flagged — most uploads — is checked down
 # to this depth, so 5 halves its cost (each check ~1.5 ms, ~6 ms more while a hit's thumbnail is first described).
 VERIFY_DEPTH = 5
+# keyframes a query row asks the frame index for, per hit wanted: a video near the query has several
+FRAME_FANOUT = 4
+FRAME_PAIRS = 5  # frame pairs reported per video hit
 VIEWS = ("trimmed", "content", "cells", "mirror")
 # the mirror doubles the model's work on every upload: opt in; cells cost only composites (indexer.media.views)
 DEFAULT_VIEWS = ("trimmed", "content", "cells")
@@ -77,6 +81,17 @@ class Query:
     p_unsafe: float | None
     known_id: int | None
     p_labels: dict[str, float] = field(default_factory=dict)  # the active heads' P(label)
+    kind: str = "image"   # or "video": an uploaded clip, searched by its keyframes and their mean
+    keyframes: int = 0    # a clip's keyframes searched
+
+
+@dataclass(frozen=True)
+class FramePair:
+    """A query frame and a stored video's keyframe that matched: where each is in its clip."""
+    query_view: str          # the query's row: "full" (an image query), "@<seconds>" (a clip's keyframe), …
+    query_offset: float | None  # seconds into the query clip (None: the query is an image)
+    offset: float            # seconds into the stored video
+    similarity: float
 
 
 @dataclass(frozen=True)
@@ -90,6 +105,7 @@ class Hit:
     # agreeing local-feature matches with the upload (indexer.media.local); None: not checked (a query by id, a hit
     # below the first verified one, or verification off)
     local_matches: int | None = None
+    frames: tuple[FramePair, ...] = ()  # a stored video's best frame pairs with the query, best first
 
     @property
     def verified(self) -> bool | None:
@@ -128,7 +144,8 @@ class SearchService:
                  limits: DecodeLimits = DEFAULT_LIMITS, admission: Admission | None = None,
                  cluster_lookup: ClusterLookup | None = None, views: Sequence[str] = DEFAULT_VIEWS,
                  hashes: HashMatcher | None = None, heads: ActiveHeads | None = None, decode_nice: int = 0,
-                 local: FeatureCache | None = None, grid_below: float = -1.0) -> None:
+                 local: FeatureCache | None = None, grid_below: float = -1.0,
+                 video_limits: VideoLimits = VideoLimits()) -> None:
         self.store, self.index, self.embedder, self.hashes = store, index, embedder, hashes
         self.local = local  # stored images' local features: an upload's hits are verified when set
         # an upload whose views' best similarity is below this is searched again by the parts of a grid
@@ -143,6 +160,7 @@ class SearchService:
             raise InvalidInputError(f"unknown query view(s) {', '.join(sorted(unknown))}; known: {', '.join(VIEWS)}")
         self.views = tuple(views)
         self.limits = limits
+        self.video_limits = video_limits
         self.admission = admission
         self.cluster_lookup = cluster_lookup
         self.model_id = store.catalog.model_meta().get("model_id", "")
@@ -163,6 +181,7 @@ class SearchService:
         t = Timings()
         t0 = time.perf_counter()
         pixels, owner, names, queries, signals, local = [], [], [], [], [], []
+        clips: dict[int, DecodedVideo] = {}
         boxes: list[dict[str, Box]] = []
         greys: list[dict[str, np.ndarray]] = []  # the grid's parts' grey copies, to verify a hit through one
         spec = self.embedder.info.input
@@ -171,11 +190,26 @@ class SearchService:
             for n, (name, data) in enumerate(uploads):
                 if not data:
                     raise InvalidInputError(f"{name or 'upload'}: the file is empty", code="empty_image")
+                sha = hashlib.sha256(data).hexdigest()
+                if is_video(data):  # a clip: each keyframe (and its trimmed view) is a row; their mean is added below
+                    clip = self._decode_video(data, spec)
+                    clips[n] = clip
+                    local.append(None)
+                    boxes.append({})
+                    greys.append({})
+                    for f in clip.frames:
+                        tag = f"@{f.offset_s:g}"
+                        for view, px in ((tag, f.image.pixels), *((f"{tag}/{v}", x) for v, x in f.image.views.items())):
+                            pixels.append(px)
+                            owner.append(n)
+                            names.append(view)
+                    queries.append((name, sha, self.store.catalog.known_sha(sha)))
+                    signals.append(Signals(md5_of(data), None, clip.vpdq))
+                    continue
                 img, feats = self._decode_query(data, spec)
                 local.append(feats)
                 boxes.append(dict(img.view_boxes))
                 greys.append({})
-                sha = hashlib.sha256(data).hexdigest()
                 for view, px in (("full", img.pixels), *img.views.items()):
                     pixels.append(px)
                     owner.append(n)
@@ -187,16 +221,53 @@ class SearchService:
         t2 = time.perf_counter()
         t.decode, t.embed = (t1 - t0) * 1000, (t2 - t1) * 1000
 
-        full = [i for i, v in enumerate(names) if v == "full"]  # P(unsafe) is the whole image's
+        if clips:  # a clip's own row: its keyframes' mean (as its stored vector is made), with their worst P(unsafe)
+            vectors, p = self._clip_rows(vectors, p, owner, names, clips)
+        # P(unsafe) and the heads' scores are the whole image's, or the whole clip's
+        full = [next(i for i, (o, v) in enumerate(zip(owner, names)) if o == n and v in ("full", "clip"))
+                for n in range(len(queries))]
         heads = self.heads
         by_head = {h.label: h.predict(vectors[full]) for h in heads}
-        qs = [Query(name, sha, float(p[i]), known, {lab: round(float(v[n]), 6) for lab, v in by_head.items()})
+        qs = [Query(name, sha, float(p[i]), known, {lab: round(float(v[n]), 6) for lab, v in by_head.items()},
+                    kind="video" if n in clips else "image", keyframes=len(clips[n].frames) if n in clips else 0)
               for n, ((name, sha, known), i) in enumerate(zip(queries, full))]
         return self._search(qs, vectors, params, t, exclude=[set() for _ in owner], owner=owner, views=names,
                             signals=signals, local=local, boxes=boxes, greys=greys,
                             fallback=functools.partial(self._grid_parts, uploads, t, boxes, greys,
                                                        [f is not None for f in local])
                             if self.grid_below > -1 else None)
+
+    @staticmethod
+    def _clip_rows(vectors: np.ndarray, p: np.ndarray, owner: list[int], names: list[str],
+                   clips: dict[int, DecodedVideo]) -> tuple[np.ndarray, np.ndarray]:
+        """Each clip's ``clip`` row appended (owner and names extended in place): the mean of its keyframes'
+        vectors, normalised, and the highest of their P(unsafe) — what a stored video's own row holds."""
+        extra_v, extra_p = [], []
+        for n in clips:
+            rows = [i for i, (o, v) in enumerate(zip(owner, names)) if o == n and "/" not in v]
+            mean = vectors[rows].mean(axis=0)
+            extra_v.append(mean / max(float(np.linalg.norm(mean)), 1e-12))
+            extra_p.append(float(p[rows].max()))
+        for n in clips:
+            owner.append(n)
+            names.append("clip")
+        return (np.concatenate([vectors, np.stack(extra_v).astype(np.float32)]),
+                np.concatenate([p, np.asarray(extra_p, np.float32)]))
+
+    def _decode_video(self, data: bytes, spec: InputSpec) -> DecodedVideo:
+        """An uploaded clip's keyframes (with their trimmed views: a letterboxed re-upload) and, when hashes
+        are matched, its vPDQ — decoded on the decode pool within the admission budget, reserved from the
+        headers: the largest frame FFmpeg holds, times its few reference frames, and the keyframes kept."""
+        lim = self.video_limits
+
+        def work() -> DecodedVideo:
+            return decode_video(data, spec, lim, views=("trimmed",), want_vpdq=self.hashes is not None)
+        if self.admission is None:
+            return self._decoders.submit(work).result()
+        info = probe(data, lim)
+        kept = lim.max_keyframes * (2 * spec.size * spec.size * 3 + lim.keyframe_side * lim.keyframe_side * 3)
+        with self.admission.reserve(info.width * info.height * 4 * 8 + kept):
+            return self._decoders.submit(work).result()
 
     def _grid_parts(self, uploads: Sequence[tuple[str, bytes]], t: Timings, boxes: list[dict[str, Box]],
                     greys: list[dict[str, np.ndarray]], verified: list[bool],
@@ -208,6 +279,8 @@ class SearchService:
         g0 = time.perf_counter()
         px, owner, views = [], [], []
         for q in needy:
+            if is_video(uploads[q][1]):  # a clip's keyframes are searched whole (and trimmed)
+                continue
             img = self._decode_query(uploads[q][1], self.embedder.info.input, views=("grid",), local=False,
                                      grey=verified[q])[0]
             boxes[q].update(img.view_boxes)
@@ -337,6 +410,8 @@ class SearchService:
         owner = owner if owner is not None else list(range(len(queries)))
         views = views or ["full"] * len(owner)
         rows = self.index.search(vectors, params.k, params.scope, exclude=exclude, live=False)
+        # stored videos' keyframes near each row: a video is found by the frame that shows what the query shows
+        framed = list(zip(owner, views, self.index.search_frames(vectors, params.k * FRAME_FANOUT, params.scope)))
         if fallback is not None:
             top = [-1.0] * len(queries)
             for q, h in zip(owner, rows):
@@ -352,7 +427,7 @@ class SearchService:
                                                     exclude=[exclude[owner.index(q)] for q in more_owner])
                     owner, views = owner + more_owner, views + more_views
         t1 = time.perf_counter()
-        ids = {int(i) for h in rows for i in h.ids}
+        ids = {int(i) for h in rows for i in h.ids} | {int(i) for _, _, fh in framed for i in fh.owners}
         recs = self.store.catalog.get_many(ids)
         want_flagged = params.scope == "flagged"
         live = {i for i, r in recs.items() if not r.deleted and (r.flagged or not want_flagged)}
@@ -361,6 +436,14 @@ class SearchService:
             for i, sim in zip(h.ids.tolist(), h.similarities.tolist()):
                 if i in live and sim >= params.min_similarity and (i not in best[q] or sim > best[q][i][0]):
                     best[q][i] = (float(sim), view)
+        pairs: list[dict[int, list[FramePair]]] = [{} for _ in queries]
+        for q, view, fh in framed:
+            for i, off, sim in zip(fh.owners.tolist(), fh.offsets.tolist(), fh.similarities.tolist()):
+                if i not in live or i in exclude[q] or sim < params.min_similarity:
+                    continue
+                if i not in best[q] or sim > best[q][i][0]:
+                    best[q][i] = (float(sim), view)
+                pairs[q].setdefault(i, []).append(FramePair(view, _offset_of(view), round(float(off), 3), float(sim)))
         top = [sorted(b.items(), key=lambda kv: -kv[1][0])[: params.k] for b in best]
         tv = time.perf_counter()
         checked: list[dict[int, int]] = [{} for _ in queries]
@@ -380,7 +463,7 @@ class SearchService:
                                                exclude=[q.known_id for q in queries]))
         where = boxes or [{} for _ in queries]
         results = [QueryResult(q, [Hit(recs[i], sim, clusters.get(i), view, where[n].get(view), scored.get(i, {}),
-                                       seen.get(i)) for i, (sim, view) in row], ev)
+                                       seen.get(i), _best_pairs(pairs[n].get(i, ()))) for i, (sim, view) in row], ev)
                    for n, (q, row, ev, seen) in enumerate(zip(queries, top, evidence, checked))]
         t.search += (t1 - t0) * 1000
         t.hashes += (time.perf_counter() - t2) * 1000
@@ -422,6 +505,19 @@ class SearchService:
             if checked[image_id] >= MIN_MATCHES:
                 return [row[j], *row[:j], *row[j + 1:]], checked
         return row, checked
+
+
+def _offset_of(view: str) -> float | None:
+    """The query clip's offset a row's view names ("@12.5", "@12.5/trimmed"); None for an image's views."""
+    return float(view[1:].split("/")[0]) if view.startswith("@") else None
+
+
+def _best_pairs(found: Iterable[FramePair], most: int = FRAME_PAIRS) -> tuple[FramePair, ...]:
+    """The best pair per stored keyframe, best first, at most ``most``."""
+    seen: dict[float, FramePair] = {}
+    for fp in sorted(found, key=lambda fp: -fp.similarity):
+        seen.setdefault(fp.offset, fp)
+    return tuple(list(seen.values())[:most])
 
 
 SWEEP_SUGGESTED_MAX = 50  # candidates a suggested sweep threshold lets through at most: a page a reviewer reads

@@ -32,6 +32,7 @@ from indexer.storage.catalog import Checkpoint
 from indexer.errors import FlagmatchError, InvalidInputError
 from indexer.storage.files import publish
 from indexer.vectors.faiss_index import IndexConfig, IndexParams, LayeredIndex, choose_params
+from indexer.vectors.frames import FrameHits, FrameIndex
 from indexer.vectors.sharded import ShardPlan, ShardRunner, local_runner
 from indexer.vectors.space import MatchingSpace, SpaceConfig
 from indexer.storage.store import Store
@@ -152,6 +153,7 @@ class VectorIndex:
         self.space = self._current_space()
         for scope in SCOPES:
             self._scopes[scope] = self._open_scope(scope)
+        self.frames = FrameIndex(store.catalog, self.vectors)  # every video's keyframes (indexer.vectors.frames)
         self.catch_up()
 
     # ------------------------------------------------------------------ the matching space
@@ -336,6 +338,7 @@ class VectorIndex:
             with self._lock.write():
                 for scope in SCOPES:
                     changed |= self._apply(self._scopes[scope], image_head, event_head)
+                changed |= self.frames.sync(self.space)
             if self.auto_rebuild and (self._needs_space()
                                       or any(self._needs_retrain(self._scopes[sc]) for sc in SCOPES)):
                 log.info("refitting the matching space and rebuilding the indexes (%d vectors)",
@@ -364,6 +367,8 @@ class VectorIndex:
         self.space = space
         for f in fresh:
             self._swap(f)
+        with self._lock.write():
+            self.frames.sync(space)
 
     def maybe_refresh(self) -> None:
         """Catch up when the last look is older than ``refresh_seconds`` (cheap: two catalog reads)."""
@@ -464,6 +469,20 @@ class VectorIndex:
             keep = keep[:k] if live else keep
             out.append(Hits(row_ids[keep].astype(np.int64), row_sims[keep].astype(np.float32)))
         return out
+
+    def search_frames(self, vectors: np.ndarray, k: int, scope: str = "flagged") -> list[FrameHits]:
+        """The nearest stored keyframes of each row of raw query vectors (``indexer.vectors.frames``), in the
+        space the image indexes search; ``flagged``: only keyframes of videos flagged now (by the flagged
+        scope's own membership). Deleted videos are the caller's to drop."""
+        if scope not in SCOPES:
+            raise InvalidInputError(f"scope must be one of {', '.join(SCOPES)}, not {scope!r}")
+        raw = np.ascontiguousarray(np.atleast_2d(vectors), np.float32)
+        with self._lock.read():
+            if self.frames.ntotal == 0:
+                return [FrameHits(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32),
+                                  np.zeros(0, np.float32)) for _ in raw]
+            flagged = self._scopes["flagged"].ids if scope == "flagged" else None
+            return self.frames.search(self.space.apply(raw), k, flagged)
 
     def _search_index(self, s: ScopeIndex, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         index = s.index

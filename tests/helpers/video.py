@@ -34,6 +34,31 @@ def clip(scenes: list[int], seconds_each: float = 2.0, size: tuple[int, int] = (
     return out.getvalue()
 
 
+def slideshow(pictures: list, seconds_each: float = 2.0, size: tuple[int, int] = (192, 144), fps: int = 10,
+              fmt: str = "mp4", codec: str = "mpeg4") -> bytes:
+    """A clip showing each picture (a PIL image) for ``seconds_each``, scaled to the frame, zooming in slowly."""
+    import av
+    from PIL import Image
+    w, h = size
+    out = io.BytesIO()
+    with av.open(out, mode="w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.bit_rate = 600_000
+        for pic in pictures:
+            n = int(seconds_each * fps)
+            for i in range(n):
+                z = 0.06 * i / max(n - 1, 1)  # up to 6 % in
+                pw, ph = pic.size
+                box = (pw * z / 2, ph * z / 2, pw * (1 - z / 2), ph * (1 - z / 2))
+                frame = pic.convert("RGB").resize((w, h), Image.BILINEAR, box=box)
+                for packet in stream.encode(av.VideoFrame.from_image(frame)):
+                    container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return out.getvalue()
+
+
 def _box(data: bytes, kind: bytes, start: int = 0) -> int:
     """The offset of the first box of ``kind`` (its type field) at or after ``start``."""
     at = data.find(kind, start)
