@@ -155,7 +155,7 @@ def banks_import(file: str, bank: str, create: bool, source: str | None, default
               help="te: '<type> <hash>' lines (threatexchange's local-file list); csv: threatexchange's "
                    "dataset --csv columns; hex: bare hashes")
 @click.option("--signal", "signals", default="pdq", show_default=True,
-              help="with the flagged images: comma-separated signal types (pdq, md5)")
+              help="with the flagged images: comma-separated signal types (pdq, md5, vpdq)")
 @click.option("--collab", default="flagmatch", show_default=True, help="csv: the collab column")
 @click.option("-o", "--out", "out_path", type=click.Path(dir_okay=False, allow_dash=True), default="-")
 @with_settings()

@@ -11,11 +11,12 @@ Rules, in the order they apply:
   ``matched`` is false."""
 from __future__ import annotations
 
+import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from types import MappingProxyType
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from indexer.hashbanks.banks import Bank, BankEntry, Banks
 from indexer.storage.catalog import ImageRecord
@@ -31,7 +32,7 @@ class BankMatch:
     entry_id: int
     signal_type: str
     signal: str
-    distance: int       # bits for PDQ, 0 for MD5
+    distance: int       # bits for PDQ, 0 for MD5, for vPDQ the share of the query's frames unmatched (percent)
     threshold: int
     external_id: str | None
     tags: tuple[str, ...]
@@ -39,12 +40,13 @@ class BankMatch:
     enabled_ratio: float = 1.0    # the bank's, for HMA's coin flip
     live: bool = True             # bank enabled and the content not disabled now
     content_on: bool = True       # the content not disabled now (HMA's disable_until_ts)
+    similarity: str = ""          # vPDQ: threatexchange's "<query %>%[<compared %>%]" (HMA's distance string)
 
     def to_json(self) -> dict[str, object]:
         return {"bank": self.bank, "role": self.role, "entry_id": self.entry_id, "content_id": self.content_id,
                 "signal_type": self.signal_type,
                 "signal": self.signal, "distance": self.distance, "threshold": self.threshold,
-                "external_id": self.external_id, "tags": list(self.tags)}
+                "external_id": self.external_id, "tags": list(self.tags), "similarity": self.similarity or None}
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,53 @@ class HashEvidence:
         return self.signals.pdq is not None and self.signals.pdq.usable
 
 
+# vPDQ, with HMA's semantics (threatexchange's VPDQIndex and its thresholds): a frame matches within PDQ distance
+# 31 among frames of quality >= 50, and a video matches when at least 80 % of the query's frames match
+# (threatexchange's VPDQ_QUERY_MATCH_THRESHOLD_PERCENT: 80; a test holds the two equal)
+VPDQ_THRESHOLD = 20
+
+
+@dataclass(frozen=True)
+class VpdqHit:
+    id: int                       # a bank entry's id, or a stored video's
+    query_match_percent: float    # of the query's frames, the share that matched one of the other's
+    compared_match_percent: float  # and of the other's
+
+    @property
+    def distance(self) -> int:
+        return int(round(100 - self.query_match_percent))
+
+    @property
+    def similarity(self) -> str:  # threatexchange's VPDQSimilarityInfo.pretty_str, as HMA answers it
+        return f"{self.query_match_percent:.0f}%[{self.compared_match_percent:.0f}%]"
+
+
+class VpdqIndex:
+    """threatexchange's ``VPDQIndex`` (the one HMA matches vPDQ with) over (id, vPDQ) rows, built in memory and
+    built again when the rows' state (count, highest id) changes — vPDQ lists are short next to PDQ ones."""
+
+    def __init__(self, rows: Callable[[], list[tuple[int, str]]], state: Callable[[], tuple[int, int]]) -> None:
+        self._rows, self._state = rows, state
+        self._lock = threading.Lock()
+        self._built: tuple[int, int] | None = None
+        self._index: Any = None  # a VPDQIndex (imported with the video extra's vpdq, where a vPDQ is matched)
+
+    def query(self, vpdq: str) -> list[VpdqHit]:
+        from threatexchange.extensions.vpdq.vpdq_index import VPDQIndex
+        from threatexchange.extensions.vpdq.vpdq_util import VPDQ_QUALITY_THRESHOLD, prepare_vpdq_feature
+        state = self._state()
+        with self._lock:
+            if state != self._built:
+                rows = [(sig, i) for i, sig in self._rows() if prepare_vpdq_feature(sig, VPDQ_QUALITY_THRESHOLD)]
+                self._index = VPDQIndex.build(rows) if rows else None
+                self._built = state
+            index = self._index
+        if index is None:
+            return []
+        return [VpdqHit(int(m.metadata), float(m.similarity_info.query_match_percent),
+                        float(m.similarity_info.compared_match_percent)) for m in index.query(vpdq)]
+
+
 class HashMatcher:
     def __init__(self, store: Store, *, image_threshold: int = PDQ_DEFAULT_THRESHOLD, index_kind: str = "auto",
                  mih_min: int = MIH_MIN) -> None:
@@ -83,6 +132,14 @@ class HashMatcher:
     def bank_index(self) -> PdqIndex:  # opened on first use: an ingest only touches the images' index
         return PdqIndex(self.store.index_dir / "pdq-banks.faissb", self.store.catalog, "pdq:banks",
                         self.banks.pdq_rows_after, kind=self.index_kind, mih_min=self.mih_min)
+
+    @cached_property
+    def vpdq_banks(self) -> VpdqIndex:
+        return VpdqIndex(self.banks.vpdq_entries, self.banks.vpdq_state)
+
+    @cached_property
+    def vpdq_images(self) -> VpdqIndex:
+        return VpdqIndex(self.store.catalog.vpdq_rows, self.store.catalog.vpdq_state)
 
     @cached_property
     def image_index(self) -> PdqIndex:
@@ -115,7 +172,9 @@ class HashMatcher:
         md5_entries = {q.md5: self.banks.md5_entries(q.md5) for q in queries if q.md5}
         it_b, it_i = iter(bank_hits), iter(image_hits)
         per_query = [(next(it_b, []) if p else [], next(it_i, []) if p else []) for p in pdqs]
-        entries = self.banks.entries({h.id for hits, _ in per_query for h in hits})
+        vpdq_hits = [self.vpdq_banks.query(q.vpdq) if q.vpdq else [] for q in queries]
+        entries = self.banks.entries({h.id for hits, _ in per_query for h in hits} |
+                                     {h.id for hits in vpdq_hits for h in hits})
         out: list[HashEvidence] = []
         for n, (q, (bh, ih)) in enumerate(zip(queries, per_query)):
             matches: list[BankMatch] = []
@@ -136,6 +195,15 @@ class HashMatcher:
                 b = banks.get(e.bank)
                 if b is not None and (every_bank or (b.enabled and not e.disabled(now))):
                     matches.append(_match(b, e, "md5", 0, 0, b.enabled and not e.disabled(now), not e.disabled(now)))
+            for vh in vpdq_hits[n]:
+                e = entries.get(vh.id)
+                b = banks.get(e.bank) if e is not None else None
+                if e is None or b is None or e.signal_type != "vpdq":
+                    continue
+                on = b.enabled and not e.disabled(now)
+                if on or every_bank:
+                    matches.append(replace(_match(b, e, "vpdq", vh.distance, VPDQ_THRESHOLD, on, not e.disabled(now)),
+                                           similarity=vh.similarity))
             images = self._images(q, ih, scope, k, exclude[n] if n < len(exclude) else None)
             out.append(HashEvidence(q, [m for m in matches if m.role == "match"],
                                     [m for m in matches if m.role == "negative"], images))
@@ -144,6 +212,8 @@ class HashMatcher:
     def _images(self, q: Signals, hits: Sequence, scope: str, k: int,  # type: ignore[type-arg]
                 exclude: int | None) -> list[ImageHashMatch]:
         found: dict[int, tuple[str, int]] = {h.id: ("pdq", h.distance) for h in hits}
+        if q.vpdq:
+            found.update((h.id, ("vpdq", h.distance)) for h in self.vpdq_images.query(q.vpdq))
         if q.md5:
             for i in self.store.catalog.images_with_md5(q.md5):
                 found[i] = ("md5", 0)

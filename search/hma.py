@@ -12,8 +12,10 @@ Where flagmatch differs, by design and by one setting each:
 - a parameter flagmatch does not take is refused by name (400), never ignored;
 - a ``negative`` bank's match suppresses the query's other matches (flagmatch's own notion).
 
-Signal types: ``pdq`` (photos), ``video_md5`` (the MD5 of a file's bytes; flagmatch's ``md5``). Videos are
-hashed by MD5 only here (no decoding)."""
+Signal types: ``pdq`` (photos), ``video_md5`` (the MD5 of a file's bytes; flagmatch's ``md5``) and ``vpdq``
+(videos: one PDQ per second with its quality and time, threatexchange's ``VPDQSignal``, matched with HMA's own
+``VPDQIndex`` and thresholds). A video is hashed by both, decoded under flagmatch's video budgets first
+(``indexer.media.video``); ``vpdq`` is offered where Meta's ``vpdq`` library is installed (the video extra)."""
 from __future__ import annotations
 
 import functools
@@ -25,11 +27,12 @@ from typing import Any, Callable
 from flask import Blueprint, Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from indexer.errors import FlagmatchError, InvalidInputError, NotFoundError
+from indexer.errors import DecodeError, FlagmatchError, InvalidInputError, NotFoundError
 from indexer.hashbanks import exchanges as xapi
 from indexer.hashbanks.banks import Bank, BankEntry, Banks, NewEntry
 from indexer.media.fetch import AllowList, FetchPolicy, fetch
 from indexer.media.hashes import PDQ_MIN_QUALITY, Pdq, Signals, md5_of, pdq_distance, validate_signal
+from indexer.media.video import vpdq_available, vpdq_match
 from indexer.review.banks import (add_content, create_bank, create_exchange, delete_bank, delete_exchange,
                                   remove_entry, set_exchange_credentials, set_exchange_enabled, set_signal_type,
                                   update_bank, update_content)
@@ -40,9 +43,9 @@ from search.hashmatch import BankMatch, HashMatcher
 from search.schemas import MAX_ID  # the largest id SQL's BIGINT holds (route ids are capped the same way)
 
 # HMA's names for flagmatch's signal types, and which a content type hashes
-HMA_TYPES = {"pdq": "pdq", "video_md5": "md5"}
+HMA_TYPES = {"pdq": "pdq", "video_md5": "md5", "vpdq": "vpdq"}
 OURS_TO_HMA = {v: k for k, v in HMA_TYPES.items()}
-CONTENT_TYPES = {"photo": ("pdq",), "video": ("video_md5",)}
+CONTENT_TYPES = {"photo": ("pdq",), "video": ("video_md5", "vpdq")}
 META_KEYS = ("content_id", "content_uri", "json")
 BANK_FIELDS = ("name", "enabled", "enabled_ratio", "role", "pdq_threshold", "source")  # OMM's, then flagmatch's
 TRUE, FALSE = ("true", "1"), ("false", "0")
@@ -172,7 +175,8 @@ def _content_type(name: str) -> str:
 
 def _types_for(content_type: str, override: str | None) -> list[str]:
     """The HMA signal types to hash a content type with (``types`` narrows them)."""
-    available = [t for t in CONTENT_TYPES[content_type] if _switches().get(t, 1.0) > 0]
+    available = [t for t in CONTENT_TYPES[content_type] if _switches().get(t, 1.0) > 0
+                 and (t != "vpdq" or vpdq_available())]
     if not available:
         raise HmaAbort(400, f"content_type {content_type} has no enabled signal type")
     if override is None:
@@ -189,9 +193,11 @@ def _types_for(content_type: str, override: str | None) -> list[str]:
     return out
 
 
-def _hash(data: bytes, content_type: str, types: list[str]) -> dict[str, str]:
+def _hash(data: bytes, content_type: str, types: list[str], strict: bool = False) -> dict[str, str]:
     """HMA's hash response. A photo's PDQ of quality below 50 is the empty string, as threatexchange's hasher
-    returns it; a video is hashed by the MD5 of its bytes (no decoding)."""
+    returns it; a video's MD5 is of its bytes, its vPDQ of its frames (decoded within the video budgets). Bytes
+    that do not decode as video get the empty vPDQ (their MD5 still answers, as OMM hashes any bytes by MD5)
+    unless vPDQ was asked for by name (``strict``: the decoding error is the answer)."""
     if not data:
         raise HmaAbort(400, "the file is empty")
     out: dict[str, str] = {}
@@ -201,6 +207,15 @@ def _hash(data: bytes, content_type: str, types: list[str]) -> dict[str, str]:
             assert svc is not None
             pdq = svc.hash_image(data)
             out["pdq"] = pdq.hash if pdq is not None and pdq.quality >= PDQ_MIN_QUALITY else ""
+        elif st == "vpdq":
+            svc = runtime().service
+            assert svc is not None
+            try:
+                out["vpdq"] = svc.hash_video(data)
+            except DecodeError:
+                if strict:
+                    raise
+                out["vpdq"] = ""
         else:
             out["video_md5"] = md5_of(data)
     return out
@@ -234,12 +249,12 @@ def _from_url(url: str, hint: str | None, types: str | None) -> dict[str, str]:
     else:
         raise HmaAbort(400, f"unsupported url ContentType: '{got.content_type}', if you know the expected type, "
                             "provide it with the content_type query param")
-    return _hash(got.data, ct, _types_for(ct, types))
+    return _hash(got.data, ct, _types_for(ct, types), strict=types is not None)
 
 
 def _from_upload(types: str | None = None, fields: tuple[str, ...] = ()) -> dict[str, str]:
     ct, data = _upload(fields)
-    return _hash(data, ct, _types_for(ct, types))
+    return _hash(data, ct, _types_for(ct, types), strict=types is not None)
 
 
 # ------------------------------------------------------------------ hashing
@@ -279,7 +294,7 @@ def _query(hma_type: str, value: str) -> list[BankMatch]:
     banks' matches suppressing the rest as flagmatch does."""
     st = _signal_type(hma_type)
     v = _valid(hma_type, value)
-    sig = Signals(v, None) if st == "md5" else Signals("", Pdq(v, 100))
+    sig = Signals(v, None) if st == "md5" else Signals("", None, v) if st == "vpdq" else Signals("", Pdq(v, 100))
     ev = _hm().lookup([sig], k=0, every_bank=True)[0]
     if any(m.live for m in ev.negative_matches):
         return []
@@ -287,7 +302,8 @@ def _query(hma_type: str, value: str) -> list[BankMatch]:
 
 
 def _dist(m: BankMatch) -> str:
-    return str(m.distance)
+    """OMM's distance string: PDQ bits, 0 for MD5, threatexchange's "<query %>%[<compared %>%]" for vPDQ."""
+    return m.similarity or str(m.distance)
 
 
 def _by_content(matches: list[BankMatch]) -> list[BankMatch]:
@@ -357,10 +373,12 @@ def _index_status() -> dict[str, dict[str, Any]]:
     idx = hm.bank_index
     idx.refresh()
     pdq_ts = hm.banks.added_ts(idx.covered) if idx.covered else None
-    md5_ts = hm.banks.newest_ts("md5")
+    md5_ts, vpdq_ts = hm.banks.newest_ts("md5"), hm.banks.newest_ts("vpdq")
     return {"pdq": {"present": True, "built_to": pdq_ts if pdq_ts is not None else -1, "size": idx.ntotal},
             "video_md5": {"present": True, "built_to": md5_ts if md5_ts is not None else -1,
-                          "size": hm.banks.count("md5")}}
+                          "size": hm.banks.count("md5")},
+            "vpdq": {"present": True, "built_to": vpdq_ts if vpdq_ts is not None else -1,
+                     "size": hm.banks.count("vpdq")}}
 
 
 def _one_type(status: dict[str, Any]) -> dict[str, Any]:
@@ -407,6 +425,10 @@ def compare() -> Response:
         if st == "pdq":
             d = pdq_distance(left, right)
             out[name] = [d <= 31, {"distance": d}]
+        elif st == "vpdq":  # threatexchange's VPDQSignal.compare_hash, as OMM answers it
+            vm = vpdq_match(left, right)
+            out[name] = [vm.match, {"query_match_percent": vm.query_match_percent,
+                                    "compared_match_percent": vm.compared_match_percent}]
         else:
             out[name] = [left == right, {"distance": 0 if left == right else 1}]
     return jsonify(out)
@@ -578,6 +600,8 @@ def _add(bank: Bank, signals: dict[str, Any], *, metadata: dict[str, Any] | None
             raise HmaAbort(400, f"No such signal type {name}")
         if name == "pdq" and value == "":
             raise HmaAbort(400, "the image's PDQ quality is below 50: too featureless to bank")
+        if name == "vpdq" and value == "":  # bytes that are no video: banked by their MD5 alone
+            continue
         v = _valid(name, value)
         entries.append(NewEntry(HMA_TYPES[name], v, external_id=ext, note=note, metadata=metadata))
     cid = add_content(_banks(), runtime().audit, bank.name, entries, actor=g.actor)
@@ -701,7 +725,7 @@ def signal_types() -> Response:
     return jsonify([{"name": st, "enabled_ratio": sw.get(st, 1.0)} for st in HMA_TYPES])
 
 
-@curation.put("/signal_type/<any(pdq, video_md5):signal_type>")
+@curation.put("/signal_type/<any(pdq, video_md5, vpdq):signal_type>")
 @_guarded(write=True)
 @_takes()
 def signal_type_update(signal_type: str) -> Response:
@@ -720,10 +744,10 @@ def signal_type_update(signal_type: str) -> Response:
 def signal_type_index() -> Response:
     """OMM's index build status per signal type (flagmatch's index is never behind after a lookup's catch-up)."""
     hm = _hm()
-    newest = {"pdq": hm.banks.newest_ts("pdq"), "video_md5": hm.banks.newest_ts("md5")}
+    newest = {st: hm.banks.newest_ts(ours) for st, ours in HMA_TYPES.items()}
     out = {}
     for st, s in _index_status().items():
-        db_size = hm.banks.count(HMA_TYPES[st]) if st == "video_md5" else s["size"]
+        db_size = hm.banks.count(HMA_TYPES[st]) if st != "pdq" else s["size"]
         out[st] = {"db_size": db_size, "index_size": s["size"], "index_out_of_date": False,
                    "newest_db_item": newest[st] if newest[st] is not None else -1,
                    "index_built_to": s["built_to"]}

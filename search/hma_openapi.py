@@ -17,7 +17,10 @@ from search.hma import BANK_FIELDS, CONTENT_TYPES, HMA_TYPES, META_KEYS
 from search.schemas import MAX_ID
 
 _NAME = BANK_NAME.pattern
-_HEX = "^([0-9a-fA-F]{32}|[0-9a-fA-F]{64})$"   # an MD5 or a PDQ, by length
+# a vPDQ: threatexchange's JSON list of "<pdq hex>,<quality 0-100>,<seconds>"
+_VPDQ_FRAME = '"[0-9a-f]{64},(100|[1-9]?[0-9]),[0-9]{1,5}(\\.[0-9]{1,3})?"'
+_VPDQ = "^\\[" + _VPDQ_FRAME + "(, " + _VPDQ_FRAME + ")*\\]$"
+_HEX = "^([0-9a-fA-F]{32}|[0-9a-fA-F]{64}|" + _VPDQ[1:-1] + ")$"   # an MD5 or a PDQ, by length, or a vPDQ
 _FLAG = {"type": "string", "pattern": "^([Tt][Rr][Uu][Ee]|[Ff][Aa][Ll][Ss][Ee]|1|0)$"}  # OMM's str_to_bool
 _NOTE = {"type": "string", "maxLength": MAX_NOTE_CHARS, "nullable": True}  # null or "": no note
 _TYPE_LIST = "^(" + "|".join(HMA_TYPES) + ")(,(" + "|".join(HMA_TYPES) + "))*$"
@@ -70,7 +73,8 @@ BODIES: dict[str, dict[str, Any]] = {
                                                       "metadata": {"type": "string"}, "note": _NOTE}}}},
     "hma_matching.compare": _json({"type": "object", "minProperties": 1, "additionalProperties": False,
                                    "properties": {t: {"type": "array", "minItems": 2, "maxItems": 2, "items": {
-                                       "type": "string", "pattern": "^[0-9a-fA-F]{%d}$" % (64 if t == "pdq" else 32)}}
+                                       "type": "string", "pattern": _VPDQ if t == "vpdq" else
+                                       "^[0-9a-fA-F]{%d}$" % (64 if t == "pdq" else 32)}}
                                        for t in HMA_TYPES}}),
     "hma_curation.bank_create": _json({"type": "object", "required": ["name"], "properties": {
         **_BANK_FIELDS, "name": {"type": "string", "pattern": _NAME}}}),
@@ -79,6 +83,7 @@ BODIES: dict[str, dict[str, Any]] = {
                                            "properties": {"pdq": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"},
                                                           "video_md5": {"type": "string",
                                                                         "pattern": "^[0-9a-fA-F]{32}$"},
+                                                          "vpdq": {"type": "string", "pattern": _VPDQ},
                                                           "note": _NOTE}}),
     "hma_curation.bank_update_content": _json({"type": "object", "properties": {
         # an integer, or its digits as a string (OMM takes both)

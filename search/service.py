@@ -15,7 +15,7 @@ import numpy as np
 
 from indexer.storage.catalog import ImageRecord
 from indexer.media.decode import DEFAULT_LIMITS, DecodedImage, DecodeLimits, InputSpec, decode, plan
-from indexer.media.video import DecodedVideo, VideoLimits, decode_video, is_video, probe
+from indexer.media.video import DecodedVideo, VideoLimits, decode_video, is_video, keyframes, probe, vpdq_of_bytes
 from indexer.models.embed import Embedder, coming
 from indexer.errors import InvalidInputError, ModelLoadError, NotFoundError
 from indexer.storage.store import Store
@@ -323,6 +323,20 @@ class SearchService:
         """PDQ of an upload (decoded safely as for a search; no model needed)."""
         spec = self.embedder.info.input if self.embedder is not None else InputSpec(224)
         return self._decode(data, spec, views=()).pdq
+
+    def hash_video(self, data: bytes) -> str:
+        """vPDQ of an uploaded clip (threatexchange's signal string), decoded within the video budgets first;
+        no model needed. A DecodeError names what is wrong with the clip."""
+        lim = self.video_limits
+
+        def work() -> str:
+            keyframes(data, lim)  # the budgets, checked by decoding what vpdq will decode
+            return vpdq_of_bytes(data)
+        if self.admission is None:
+            return self._decoders.submit(work).result()
+        info = probe(data, lim)
+        with self.admission.reserve(info.width * info.height * 4 * 8):
+            return self._decoders.submit(work).result()
 
     def hash_evidence(self, signals: Sequence[Signals], *, scope: str = "flagged", k: int = 10,
                       every_bank: bool = False) -> list[HashEvidence]:

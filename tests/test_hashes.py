@@ -280,7 +280,7 @@ def test_a_100_mb_list_streams_in_bounded_memory(store, tmp_path):
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert rep.added == 500 and rep.bad_rows == 1 and rep.bad[0].line == 251
-    assert "longer than 64 KiB" in rep.bad[0].reason
+    assert "longer than 8192 KiB" in rep.bad[0].reason
     assert peak < 32 * 1024 * 1024, f"peak {peak / 2**20:.1f} MiB"
 
 

@@ -22,7 +22,8 @@ from indexer.storage.banks import (CHUNK, ROLES, Bank, BankEntry, BankStore, New
 __all__ = ["Bank", "BankEntry", "Banks", "BadRow", "ImportReport", "NewEntry", "ROLES", "EXPORT_FORMATS",
            "check_name", "read_list", "write_list"]
 
-MAX_LINE = 64 * 1024          # a hash list's row is under 1 kB; a longer one is not a row
+# a PDQ or MD5 row is under 1 kB; a vPDQ row is ~80 bytes a second of video (8 MiB: a day of it)
+MAX_LINE = 8 * 1024 * 1024
 
 @dataclass(frozen=True)
 class BadRow:
@@ -163,6 +164,10 @@ def _split(text: str, delimiter: str | None) -> list[str]:
 
 
 def _layout_of(first: str) -> tuple[_Layout, bool]:
+    head = first.split(None, 1)
+    if len(head) == 2 and SIGNAL_ALIASES.get(head[0].lower()) == "vpdq" and head[1].startswith("["):
+        # threatexchange's file rows "<type> <signal>", a vPDQ signal with commas and spaces of its own
+        return _Layout(None, hash_col=1, type_col=0), False
     delimiter = "\t" if "\t" in first else "," if "," in first else None
     cells = [c.lower() for c in _split(first, delimiter)]
     if delimiter is not None and any(c in _HASH_COLS for c in cells):
@@ -193,6 +198,8 @@ def _row(text: str, line: int, layout: _Layout, default_type: str | None) -> New
     if layout.hash_col >= len(cells) or not cells[layout.hash_col]:
         return BadRow(line, "no hash in this row")
     value = cells[layout.hash_col]
+    if layout.delimiter is None and layout.type_col == 0 and SIGNAL_ALIASES.get(cells[0].lower()) == "vpdq":
+        value = text.partition(" ")[2]  # threatexchange's file rows: "<type> <signal>", the signal has spaces
     try:
         if layout.type_col is not None and layout.type_col < len(cells) and cells[layout.type_col]:
             st = canonical_type(cells[layout.type_col])

@@ -18,11 +18,13 @@ import numpy as np
 
 from indexer.errors import InvalidInputError
 
-SIGNAL_TYPES = ("pdq", "md5")
+SIGNAL_TYPES = ("pdq", "md5", "vpdq")
 # Names other tools give the same signals: threatexchange's signal type names and ThreatExchange's
 # indicator types. MD5 is MD5 whatever the media, so HMA's ``video_md5`` lists match files byte for byte.
 SIGNAL_ALIASES = {"pdq": "pdq", "hash_pdq": "pdq", "photo_pdq": "pdq",
-                  "md5": "md5", "video_md5": "md5", "photo_md5": "md5", "hash_md5": "md5", "hash_video_md5": "md5"}
+                  "md5": "md5", "video_md5": "md5", "photo_md5": "md5", "hash_md5": "md5", "hash_video_md5": "md5",
+                  "vpdq": "vpdq", "video_vpdq": "vpdq", "hash_vpdq": "vpdq"}
+VPDQ_MAX_FRAMES = 100_000  # frame hashes one vPDQ may hold (one a second: 27 hours)
 PDQ_BITS = 256
 PDQ_HEX = PDQ_BITS // 4
 MD5_HEX = 32
@@ -82,8 +84,12 @@ def guess_type(value: str) -> str | None:
 
 
 def validate_signal(signal_type: str, value: str) -> str:
-    """The canonical (lower-case hex) form of ``value`` as a ``signal_type``; InvalidInputError saying why not."""
+    """The canonical (lower-case hex) form of ``value`` as a ``signal_type``; InvalidInputError saying why not.
+    A vPDQ is threatexchange's signal string (a JSON list of ``"<pdq hex>,<quality>,<seconds>"``), checked by
+    threatexchange and written back in its own canonical form."""
     st = canonical_type(signal_type)
+    if st == "vpdq":
+        return validate_vpdq(value)
     v = value.strip().lower()
     want = PDQ_HEX if st == "pdq" else MD5_HEX
     if not _HEX.match(v):
@@ -91,6 +97,30 @@ def validate_signal(signal_type: str, value: str) -> str:
     if len(v) != want:
         raise InvalidInputError(f"a {st} hash has {want} hex digits, not {len(v)}", code="bad_signal")
     return v
+
+
+def validate_vpdq(value: str) -> str:
+    from threatexchange.extensions.vpdq.vpdq_util import json_to_vpdq, vpdq_to_json
+    if len(value) > VPDQ_MAX_FRAMES * 80:
+        raise InvalidInputError(f"a vpdq hash holds at most {VPDQ_MAX_FRAMES:,} frames", code="bad_signal")
+    try:
+        features = json_to_vpdq(value.strip())
+    except (ValueError, TypeError, AttributeError) as exc:  # json's errors are ValueErrors; a non-list, TypeError
+        raise InvalidInputError(f"not a vpdq hash (threatexchange's JSON list of frame hashes): {_short(str(exc))}",
+                                code="bad_signal") from None
+    if not features:
+        raise InvalidInputError("a vpdq hash has at least one frame", code="bad_signal")
+    if len(features) > VPDQ_MAX_FRAMES:
+        raise InvalidInputError(f"a vpdq hash holds at most {VPDQ_MAX_FRAMES:,} frames", code="bad_signal")
+    for f in features:
+        f.pdq_hex = f.pdq_hex.lower()
+    return vpdq_to_json(features)
+
+
+def signal_key(signal_type: str, signal: str) -> str:
+    """What identifies a signal in a bank's unique index: the signal itself, or for a vPDQ (kilobytes long) its
+    sha256."""
+    return hashlib.sha256(signal.encode()).hexdigest() if signal_type == "vpdq" else signal
 
 
 def pdq_codes(hexes: Iterable[str]) -> np.ndarray:

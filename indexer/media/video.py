@@ -85,7 +85,11 @@ def sniff(data: bytes) -> str | None:
 
 
 def _open(data: bytes, limits: VideoLimits):  # type: ignore[no-untyped-def]
-    import av
+    try:
+        import av
+    except ImportError:
+        raise DecodeError("video needs PyAV: install flagmatch's video extra (pip install 'flagmatch[video]')",
+                          code="unsupported_format") from None
     if len(data) > limits.max_bytes:
         raise DecodeError(f"video is {len(data):,} bytes, over the cap of {limits.max_bytes:,}", code="too_large")
     kind = sniff(data)
@@ -219,7 +223,7 @@ class Frame:
 class DecodedVideo:
     info: VideoInfo
     frames: list[Frame]    # the keyframes, in clip order (at least one)
-    vpdq: str | None       # threatexchange's vPDQ signal string; None when not asked for
+    vpdq: str | None       # threatexchange's vPDQ signal string; None when not asked for (or vpdq is missing)
 
 
 def decode_video(data: bytes, spec: "InputSpec", limits: VideoLimits = VideoLimits(), *, thumb_size: int = 0,
@@ -230,7 +234,13 @@ def decode_video(data: bytes, spec: "InputSpec", limits: VideoLimits = VideoLimi
     info, kept = keyframes(data, limits)
     frames = [Frame(k.offset_s, k.scene_cut, decode_frame(k.image, spec, thumb_size=thumb_size, views=views))
               for k in kept]
-    return DecodedVideo(info, frames, vpdq_of_bytes(data) if want_vpdq else None)
+    return DecodedVideo(info, frames, vpdq_of_bytes(data) if want_vpdq and vpdq_available() else None)
+
+
+def vpdq_available() -> bool:
+    """Whether Meta's vpdq library is installed (the video extra): without it a clip is embedded, not vPDQ-hashed."""
+    import importlib.util
+    return importlib.util.find_spec("vpdq") is not None
 
 
 def vpdq_of_bytes(data: bytes, seconds_per_hash: float = 1.0) -> str:

@@ -14,7 +14,8 @@ from sqlalchemy import Select, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from indexer.errors import InvalidInputError, NotFoundError
-from indexer.media.hashes import PDQ_DEFAULT_THRESHOLD, PDQ_MAX_THRESHOLD, PDQ_MIN_QUALITY, canonical_type
+from indexer.media.hashes import (PDQ_DEFAULT_THRESHOLD, PDQ_MAX_THRESHOLD, PDQ_MIN_QUALITY, canonical_type,
+                                  signal_key)
 from indexer.storage.catalog import Catalog, Transaction
 from indexer.storage.tables import BankEntryRow, BankRow, ImageRow, ImageSignalRow, utcnow
 
@@ -245,7 +246,7 @@ class BankStore:
             e = entries[0]
             cid = s.scalar(select(BankEntryRow.content_id).where(
                 BankEntryRow.bank_id == bank.id, BankEntryRow.signal_type == e.signal_type,
-                BankEntryRow.signal == e.signal))
+                BankEntryRow.signal == signal_key(e.signal_type, e.signal)))
             return int(cid or 0), False
 
     def add(self, name: str, entries: Iterable[NewEntry], *, tx: Transaction | None = None) -> tuple[list[int], int]:
@@ -266,16 +267,17 @@ class BankStore:
         """Insert the entries not banked yet; each is its own content, or (``grouped``) all are one."""
         have: set[tuple[str, str]] = set()
         for st in {e.signal_type for e in chunk}:
-            sigs = [e.signal for e in chunk if e.signal_type == st]
+            sigs = [signal_key(st, e.signal) for e in chunk if e.signal_type == st]
             have.update((st, v) for v in s.scalars(select(BankEntryRow.signal).where(
                 BankEntryRow.bank_id == bank_id, BankEntryRow.signal_type == st, BankEntryRow.signal.in_(sigs))))
         rows, seen = [], set()
         for e in chunk:
-            key = (e.signal_type, e.signal)
+            key = (e.signal_type, signal_key(e.signal_type, e.signal))
             if key in have or key in seen:
                 continue
             seen.add(key)
-            rows.append({"bank_id": bank_id, "signal_type": e.signal_type, "signal": e.signal, "quality": e.quality,
+            rows.append({"bank_id": bank_id, "signal_type": e.signal_type, "signal": key[1],
+                         "payload": e.signal if key[1] != e.signal else None, "quality": e.quality,
                          "external_id": e.external_id, "tags": " ".join(e.tags)[:MAX_TAG_CHARS],
                          "image_id": e.image_id, "added_at": utcnow(), "note": check_note(e.note),
                          "meta": json.dumps(e.metadata) if e.metadata is not None else None,
@@ -351,7 +353,8 @@ class BankStore:
         """The id of ``signal`` in bank ``name``, if banked."""
         with self.catalog.session() as s:
             return s.scalar(select(BankEntryRow.id).join(BankRow, BankRow.id == BankEntryRow.bank_id).where(
-                BankRow.name == name, BankEntryRow.signal_type == signal_type, BankEntryRow.signal == signal))
+                BankRow.name == name, BankEntryRow.signal_type == signal_type,
+                BankEntryRow.signal == signal_key(signal_type, signal)))
 
     def count(self, signal_type: str) -> int:
         with self.catalog.session() as s:
@@ -390,6 +393,21 @@ class BankStore:
             return [_entry(r, names) for r in s.scalars(select(BankEntryRow).where(
                 BankEntryRow.signal_type == "md5", BankEntryRow.signal == md5))]
 
+    def vpdq_state(self) -> tuple[int, int]:
+        """(how many vPDQ entries, the highest id): what the in-memory vPDQ bank index was built from."""
+        with self.catalog.session() as s:
+            n, top = s.execute(select(func.count(), func.max(BankEntryRow.id))
+                               .where(BankEntryRow.signal_type == "vpdq")).one()
+            return int(n or 0), int(top or 0)
+
+    def vpdq_entries(self) -> list[tuple[int, str]]:
+        """(entry id, vPDQ) of every banked vPDQ."""
+        with self.catalog.session() as s:
+            return [(int(i), str(p)) for i, p in s.execute(
+                select(BankEntryRow.id, BankEntryRow.payload).where(BankEntryRow.signal_type == "vpdq",
+                                                                    BankEntryRow.payload.is_not(None))
+                .order_by(BankEntryRow.id))]
+
     def added_ts(self, entry_id: int) -> int | None:
         """Unix time entry ``entry_id`` was banked (HMA's ``built_to`` for an index covering up to it)."""
         with self.catalog.session() as s:
@@ -412,14 +430,16 @@ class BankStore:
         passes, in image id order — what a team exports to share."""
         with self.catalog.session() as s:
             q = (select(ImageRow.id, ImageRow.flag_label, ImageSignalRow.md5, ImageSignalRow.pdq,
-                        ImageSignalRow.pdq_quality)
+                        ImageSignalRow.pdq_quality, ImageSignalRow.vpdq)
                  .join(ImageSignalRow, ImageSignalRow.image_id == ImageRow.id)
                  .where(ImageRow.flagged, ImageRow.deleted.is_(False)).order_by(ImageRow.id))
-            for _id, label, md5, pdq, quality in s.execute(q).yield_per(5000):
+            for _id, label, md5, pdq, quality, vpdq in s.execute(q).yield_per(5000):
                 if "pdq" in signal_types and pdq and (quality or 0) >= PDQ_MIN_QUALITY:
                     yield "pdq", pdq, label or ""
                 if "md5" in signal_types and md5:
                     yield "md5", md5, label or ""
+                if "vpdq" in signal_types and vpdq:
+                    yield "vpdq", vpdq, label or ""
 
 
 def pdq_rows_after_query(entry_id: int, limit: int) -> Select[tuple[int, str]]:
@@ -430,7 +450,7 @@ def pdq_rows_after_query(entry_id: int, limit: int) -> Select[tuple[int, str]]:
 
 
 def _entry(r: BankEntryRow, names: dict[int, str]) -> BankEntry:
-    return BankEntry(r.id, names.get(r.bank_id, "?"), r.signal_type, r.signal, r.quality, r.external_id,
+    return BankEntry(r.id, names.get(r.bank_id, "?"), r.signal_type, r.payload or r.signal, r.quality, r.external_id,
                      tuple(r.tags.split()) if r.tags else (), r.image_id, r.added_at, int(r.content_id or r.id),
                      r.note, json.loads(r.meta) if r.meta else None, r.disable_until_ts)
 

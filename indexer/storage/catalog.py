@@ -691,6 +691,14 @@ class Catalog:
                  .where(ImageSignalRow.vpdq.is_not(None), ImageRow.deleted.is_(False)).order_by(ImageSignalRow.image_id))
             return [(int(i), str(v)) for i, v in s.execute(q)]
 
+    def vpdq_state(self) -> tuple[int, int]:
+        """(live videos with a vPDQ, the highest such id): what an in-memory vPDQ index was built from."""
+        with self.session() as s:
+            n, top = s.execute(select(func.count(), func.max(ImageSignalRow.image_id))
+                               .join(ImageRow, ImageRow.id == ImageSignalRow.image_id)
+                               .where(ImageSignalRow.vpdq.is_not(None), ImageRow.deleted.is_(False))).one()
+            return int(n or 0), int(top or 0)
+
     # -- a video's keyframes
     def keyframes(self, image_ids: Iterable[int]) -> dict[int, list[KeyframeRecord]]:
         """The keyframes of each of ``image_ids`` (videos; an image has none), in clip order."""
