@@ -173,6 +173,10 @@ class Settings:
     hma_open: bool = setting(False, "the HMA routes (/h /m /c) answer without a token, as Open Media Match does "
                              "(for a deployment whose network limits who reaches them); off: reads follow "
                              "open_reads and writes need a token", "hma")
+    hma_signal_types: tuple[str, ...] = setting(("pdq", "video_md5", "vpdq"), "the signal types the HMA routes "
+                                                "offer (comma-separated): pdq, video_md5, vpdq (vpdq where the video "
+                                                "extra's vpdq is installed); Open Media Match's own default is "
+                                                "pdq,video_md5", "hma")
     fetch_allow: tuple[str, ...] = setting((), "URL fetching for HMA's url= parameters, off while empty: hosts, "
                                            "*.subdomains, URL prefixes or addresses/networks it may fetch from "
                                            "(internal addresses only when named)", "hma")

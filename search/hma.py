@@ -140,6 +140,12 @@ def _bool(name: str, default: bool = False) -> bool:
     raise HmaAbort(400, "invalid boolean parameter - prefer true/false")
 
 
+def _offered() -> tuple[str, ...]:
+    """The HMA signal types this server offers (setting ``hma_signal_types``; vpdq only with the vpdq library)."""
+    wanted = tuple(getattr(runtime().settings, "hma_signal_types", tuple(HMA_TYPES)))
+    return tuple(t for t in HMA_TYPES if t in wanted and (t != "vpdq" or vpdq_available()))
+
+
 def _switches() -> dict[str, float]:
     """The signal type switches, read once per request."""
     if "hma_switches" not in g:
@@ -149,7 +155,7 @@ def _switches() -> dict[str, float]:
 
 def _signal_type(name: str | None) -> str:
     """flagmatch's type for an HMA signal type name that is on; 400 otherwise (OMM's messages)."""
-    if not name or name not in HMA_TYPES:
+    if not name or name not in _offered():
         raise HmaAbort(400, f"No such SignalType '{name}'")
     if _switches().get(name, 1.0) <= 0:
         raise HmaAbort(400, f"SignalType '{name}' is not enabled")
@@ -175,8 +181,7 @@ def _content_type(name: str) -> str:
 
 def _types_for(content_type: str, override: str | None) -> list[str]:
     """The HMA signal types to hash a content type with (``types`` narrows them)."""
-    available = [t for t in CONTENT_TYPES[content_type] if _switches().get(t, 1.0) > 0
-                 and (t != "vpdq" or vpdq_available())]
+    available = [t for t in CONTENT_TYPES[content_type] if _switches().get(t, 1.0) > 0 and t in _offered()]
     if not available:
         raise HmaAbort(400, f"content_type {content_type} has no enabled signal type")
     if override is None:
@@ -374,11 +379,12 @@ def _index_status() -> dict[str, dict[str, Any]]:
     idx.refresh()
     pdq_ts = hm.banks.added_ts(idx.covered) if idx.covered else None
     md5_ts, vpdq_ts = hm.banks.newest_ts("md5"), hm.banks.newest_ts("vpdq")
-    return {"pdq": {"present": True, "built_to": pdq_ts if pdq_ts is not None else -1, "size": idx.ntotal},
+    status = {"pdq": {"present": True, "built_to": pdq_ts if pdq_ts is not None else -1, "size": idx.ntotal},
             "video_md5": {"present": True, "built_to": md5_ts if md5_ts is not None else -1,
                           "size": hm.banks.count("md5")},
             "vpdq": {"present": True, "built_to": vpdq_ts if vpdq_ts is not None else -1,
                      "size": hm.banks.count("vpdq")}}
+    return {st: v for st, v in status.items() if st in _offered()}
 
 
 def _one_type(status: dict[str, Any]) -> dict[str, Any]:
@@ -590,17 +596,20 @@ def _metadata(v: Any) -> dict[str, Any] | None:
     return clean or None
 
 
-def _add(bank: Bank, signals: dict[str, Any], *, metadata: dict[str, Any] | None, note: str | None) -> Response:
+def _add(bank: Bank, signals: dict[str, Any], *, metadata: dict[str, Any] | None, note: str | None,
+         hashed: bool = False) -> Response:
+    """Bank signals as one content; ``hashed``: they are flagmatch's hashes of an upload (an empty vPDQ there
+    means bytes that are no video, banked by their MD5 alone; from a client it is a bad signal)."""
     if not signals:
         raise HmaAbort(400, "No signals given")
     entries = []
     ext = str(metadata["content_id"])[:200] if metadata and metadata.get("content_id") else None
     for name, value in signals.items():
-        if name not in HMA_TYPES:
+        if name not in _offered():
             raise HmaAbort(400, f"No such signal type {name}")
         if name == "pdq" and value == "":
             raise HmaAbort(400, "the image's PDQ quality is below 50: too featureless to bank")
-        if name == "vpdq" and value == "":  # bytes that are no video: banked by their MD5 alone
+        if hashed and name == "vpdq" and value == "":
             continue
         v = _valid(name, value)
         entries.append(NewEntry(HMA_TYPES[name], v, external_id=ext, note=note, metadata=metadata))
@@ -626,7 +635,7 @@ def bank_add_content(bank_name: str) -> Response:
         hashes = _from_upload(request.args.get("types"), fields=("metadata", "note"))
     else:
         raise HmaAbort(400, "Neither `url` nor multipart file upload was received")
-    return _add(bank, hashes, metadata=metadata, note=note)
+    return _add(bank, hashes, metadata=metadata, note=note, hashed=True)
 
 
 @curation.post("/bank/<bank_name>/signal")
@@ -722,7 +731,7 @@ def bank_content(bank_name: str) -> Response:
 @_takes()
 def signal_types() -> Response:
     sw = _switches()
-    return jsonify([{"name": st, "enabled_ratio": sw.get(st, 1.0)} for st in HMA_TYPES])
+    return jsonify([{"name": st, "enabled_ratio": sw.get(st, 1.0)} for st in _offered()])
 
 
 @curation.put("/signal_type/<any(pdq, video_md5, vpdq):signal_type>")
@@ -734,6 +743,8 @@ def signal_type_update(signal_type: str) -> Response:
     if "enabled_ratio" not in body:
         raise HmaAbort(400, "enabled_ratio is required")
     ratio = check_ratio(body["enabled_ratio"])
+    if signal_type not in _offered():
+        raise HmaAbort(400, f"No such SignalType '{signal_type}'")
     set_signal_type(SignalTypeSwitches(runtime().store.catalog), runtime().audit, signal_type, ratio, actor=g.actor)
     return Response(status=204)
 
@@ -747,6 +758,8 @@ def signal_type_index() -> Response:
     newest = {st: hm.banks.newest_ts(ours) for st, ours in HMA_TYPES.items()}
     out = {}
     for st, s in _index_status().items():
+        if st not in _offered():
+            continue
         db_size = hm.banks.count(HMA_TYPES[st]) if st != "pdq" else s["size"]
         out[st] = {"db_size": db_size, "index_size": s["size"], "index_out_of_date": False,
                    "newest_db_item": newest[st] if newest[st] is not None else -1,
@@ -758,7 +771,8 @@ def signal_type_index() -> Response:
 @_guarded(write=False)
 @_takes()
 def content_types() -> Response:
-    return jsonify([{"name": ct, "enabled": True} for ct in CONTENT_TYPES])
+    return jsonify([{"name": ct, "enabled": True} for ct, types in CONTENT_TYPES.items()
+                    if any(t in _offered() for t in types)])
 
 
 # ------------------------------------------------------------------ curation: exchanges

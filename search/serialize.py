@@ -40,7 +40,7 @@ def hit_json(h: Hit) -> dict[str, Any]:
     d["verified"] = h.verified
     d["cluster"] = h.cluster
     d["p_labels"] = h.p_labels
-    d["frames"] = [{"query_view": f.query_view, "query_offset_s": f.query_offset, "offset_s": f.offset,
+    d["matched_frames"] = [{"query_view": f.query_view, "query_offset_s": f.query_offset, "offset_s": f.offset,
                     "similarity": round(f.similarity, 6)} for f in h.frames]
     return d
 

@@ -170,9 +170,9 @@ def test_hma_errors_are_messages_with_4xx(server):
     assert r.status_code == 400 and "hexadecimal" in r.json()["message"]
     r = requests.get(f"{base}/m/raw_lookup", params={"signal_type": "tmk", "signal": "ab"}, headers=AUTH, timeout=30)
     assert r.status_code == 400 and "No such SignalType" in r.json()["message"]
-    # a video is hashed by the MD5 of its bytes (HMA's video_md5), not decoded
+    # bytes that are no video are still hashed by their MD5 (HMA's video_md5); their vPDQ is empty
     r = requests.post(f"{base}/h/hash", files={"video": ("v.mp4", b"\x00" * 10)}, headers=AUTH, timeout=30)
-    assert r.status_code == 200 and r.json() == {"video_md5": "a63c90cc3684ad8b0a2176a6a8fe9005"}
+    assert r.status_code == 200 and r.json() == {"video_md5": "a63c90cc3684ad8b0a2176a6a8fe9005", "vpdq": ""}
     r = requests.post(f"{base}/h/hash", files={"audio": ("a.mp3", b"\x00" * 10)}, headers=AUTH, timeout=30)
     assert r.status_code == 400 and "content_type" in r.json()["message"]
     r = requests.post(f"{base}/h/hash", files={"photo": ("x.jpg", b"not an image")}, headers=AUTH, timeout=30)
@@ -195,7 +195,7 @@ def test_hma_errors_are_messages_with_4xx(server):
     r = requests.post(f"{base}/c/banks", json={"name": "HALF", "enabled_ratio": 1.5}, headers=AUTH, timeout=30)
     assert r.status_code == 400 and "enabled_ratio" in r.json()["message"]
     r = requests.get(f"{base}/c/signal_type", headers=AUTH, timeout=30)
-    assert {t["name"] for t in r.json()} == {"pdq", "video_md5"}
+    assert {t["name"] for t in r.json()} == {"pdq", "video_md5", "vpdq"}
     # writes need a token even where reads are open; a cookie session's write needs its CSRF token
     r = requests.post(f"{base}/c/banks", json={"name": "NO_TOKEN"}, timeout=30)
     assert r.status_code == 401

@@ -80,11 +80,11 @@ def test_a_trimmed_reencoded_clip_finds_its_original_first_with_frame_pairs(clie
     top = res["hits"][0]
     assert top["id"] == ids["party.mp4"] and top["kind"] == "video", [(h["id"], h["similarity"]) for h in res["hits"]]
     assert top["duration_s"] == pytest.approx(12.0, abs=0.5)
-    assert top["frames"], "a video hit says which frames matched"
-    for f in top["frames"]:
+    assert top["matched_frames"], "a video hit says which frames matched"
+    for f in top["matched_frames"]:
         assert 0 <= f["offset_s"] <= 12.0 and f["query_view"].startswith("@") or f["query_view"] == "clip"
     # the best pair lines up: the query starts 2.5 s into the original (keyframes fall where they fall)
-    best = top["frames"][0]
+    best = top["matched_frames"][0]
     assert -1.0 <= best["offset_s"] - best["query_offset_s"] <= 6.0
     assert top["similarity"] > res["hits"][1]["similarity"]
     # the query carries the clip's hashes: MD5 and vPDQ
@@ -97,13 +97,13 @@ def test_a_still_finds_the_clip_it_comes_from_and_a_clip_finds_the_picture_it_sh
     res = _search(client, still, "still.jpg")
     top = res["hits"][0]
     assert top["id"] == ids["street.mp4"], [(h["id"], h["similarity"]) for h in res["hits"]]
-    assert top["frames"][0]["query_view"] in ("full", "trimmed") and top["frames"][0]["query_offset_s"] is None
-    assert 3.0 - 0.5 <= top["frames"][0]["offset_s"] <= 6.0  # photo 9 is the street clip's second scene
+    assert top["matched_frames"][0]["query_view"] in ("full", "trimmed") and top["matched_frames"][0]["query_offset_s"] is None
+    assert 3.0 - 0.5 <= top["matched_frames"][0]["offset_s"] <= 6.0  # photo 9 is the street clip's second scene
     # a clip that shows a stored photo among pictures never seen finds that photo first
     shown = slideshow([photo_image(90), photo_image(25), photo_image(91)], seconds_each=2.0, size=(240, 180))
     res = _search(client, shown, "shows-25.mp4")
     assert res["hits"][0]["id"] == ids["photo_25.jpg"], [(h["id"], h["similarity"]) for h in res["hits"]]
-    assert res["hits"][0]["view"].startswith("@") and res["hits"][0]["frames"] == []
+    assert res["hits"][0]["view"].startswith("@") and res["hits"][0]["matched_frames"] == []
 
 
 def test_flagged_scope_and_deletion_apply_to_videos(client, video_home):

@@ -122,6 +122,8 @@ def serve(tmp: Path, model_dir: Path, catalog_url: str, **settings: str) -> tupl
     env = {"FLAGMATCH_HOME": str(tmp / "home"), "FLAGMATCH_MODEL": str(model_dir),
            "FLAGMATCH_CATALOG_URL": catalog_url, "FLAGMATCH_WORKERS": "1", "FLAGMATCH_THREADS": "2",
            "FLAGMATCH_HMA_OPEN": "1", "FLAGMATCH_FETCH_ALLOW": "127.0.0.1",
+           # OMM's default signal types, which its tests assert (flagmatch offers vpdq too by default)
+           "FLAGMATCH_HMA_SIGNAL_TYPES": "pdq,video_md5",
            **{f"FLAGMATCH_{k.upper()}": v for k, v in settings.items()}}
     return start_server(env, tmp / "server.log")
 
@@ -146,6 +148,9 @@ def app(tmp_path: Path, tiny_model_dir: Path, tiny_embedder: t.Any, catalog_url:
     from flagmatch.settings import Settings
     env = {"FLAGMATCH_HOME": str(tmp_path / "home"), "FLAGMATCH_MODEL": str(tiny_model_dir),
            "FLAGMATCH_CATALOG_URL": catalog_url, "FLAGMATCH_HMA_OPEN": "1", "FLAGMATCH_FETCH_ALLOW": "127.0.0.1",
+           "FLAGMATCH_HMA_SIGNAL_TYPES": "pdq,video_md5",  # OMM's default signal types, as its tests assert
+           # OMM's default signal types, which its tests assert (flagmatch also offers vpdq by default)
+           "FLAGMATCH_HMA_SIGNAL_TYPES": "pdq,video_md5",
            **{f"FLAGMATCH_{k.upper()}": v for k, v in server_settings.items()}}
     application = build_app(Settings.load(environ=env), embedder=tiny_embedder)
     rt = application.extensions["flagmatch"]
