@@ -108,7 +108,12 @@ def test_a_still_finds_the_clip_it_comes_from_and_a_clip_finds_the_picture_it_sh
 
 def test_flagged_scope_and_deletion_apply_to_videos(client, video_home):
     _, ids, _ = video_home
+    from flagmatch.wiring import open_store
     vid = ids["party.mp4"]
+    store = open_store(video_home[0])
+    frames = store.catalog.keyframes([vid])[vid]
+    thumbs = [store.thumb_path(f.thumb_key) for f in frames]
+    assert len(frames) >= 4 and all(p.exists() for p in thumbs)
     r = client.post(f"/api/v1/images/{vid}/unflag", json={"reason": "not spam"}, headers=AUTH)
     assert r.status_code == 200, r.get_json()
     q = _trimmed_reupload()
@@ -117,6 +122,12 @@ def test_flagged_scope_and_deletion_apply_to_videos(client, video_home):
     r = client.delete(f"/api/v1/images/{vid}", json={"reason": "gone"}, headers=AUTH)
     assert r.status_code in (200, 204), r.get_json()
     assert vid not in [h["id"] for h in _search(client, q, "q.webm", scope="all")["hits"]]
+    # nothing of the clip is kept but its hashes and the audit trail: keyframe thumbnails, vectors and rows go
+    assert not any(p.exists() for p in thumbs) and store.catalog.keyframes([vid]) == {}
+    import numpy as np
+    rows = store.open_vectors().get_rows(np.array([f.vec_segment for f in frames]), np.array([f.vec_row for f in frames]))
+    assert not rows.any()
+    store.close()
 
 
 def test_the_cli_searches_with_a_clip(video_home, tmp_path):

@@ -179,7 +179,7 @@ def delete_images(store: Store, index: IndexFeed | None, audit: AuditLog, ids: S
     """Remove what flagmatch holds of ``ids`` but their sha256 and the audit trail: the catalog row is
     marked deleted (paths, external ids and flag cleared, so the same bytes are still known and never
     re-ingested) in one transaction with its audit row, then the thumbnail, the raw vector and the index
-    entries go. The catalog goes first: if the process dies half-way, the image is already invisible
+    entries go (a video's keyframes too: thumbnails, vectors, then their rows). The catalog goes first: if the process dies half-way, the image is already invisible
     everywhere, and running the same delete again finishes the rest."""
     reason = _clean(reason, MAX_REASON, "reason")
     if not reason:
@@ -191,15 +191,21 @@ def delete_images(store: Store, index: IndexFeed | None, audit: AuditLog, ids: S
     missing = [i for i in unique if i not in recs]
     if missing:
         raise NotFoundError(f"no image with id {missing[0]}")
+    frames = [f for fs in store.catalog.keyframes(unique).values() for f in fs]  # a video's, rows of their own
     with store.catalog.transaction() as tx:
         store.catalog.mark_deleted(unique, actor, reason, tx=tx)
         audit.record(actor, "delete", _target(unique), tx=tx, ids=unique, reason=reason,
                      sha256=[recs[i].sha256 for i in unique])
-    for r in recs.values():
-        if r.thumb_key:
-            store.thumb_path(r.thumb_key).unlink(missing_ok=True)
+    for key in [r.thumb_key for r in recs.values()] + [f.thumb_key for f in frames]:
+        if key:
+            store.thumb_path(key).unlink(missing_ok=True)
     if store.catalog.model_meta():
         store.open_vectors().erase(unique)
+        if frames:
+            store.open_vectors().erase_rows(np.array([f.vec_segment for f in frames]),
+                                            np.array([f.vec_row for f in frames]))
+    if frames:  # last: a delete that died before this finds the keyframes again and finishes
+        store.catalog.forget_keyframes(unique)
     if index is not None:
         index.remove(unique)
     return unique

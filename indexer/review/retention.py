@@ -61,10 +61,12 @@ def apply_retention(store: Store, audit: AuditLog, sessions: SessionStore, polic
             if dry_run:
                 break  # counting one batch is enough to say there is work
             ids = [i for i, _ in batch]
+            frames = [f.thumb_key for fs in store.catalog.keyframes(ids).values() for f in fs if f.thumb_key]
             with store.catalog.transaction() as tx:
                 store.catalog.forget_thumbnails(ids, tx=tx)
                 audit.record(actor, "retention", "thumbnails", tx=tx, ids=ids, days=policy.unflagged_thumbs_days)
-            for _, key in batch:  # named by the image's own sha256: no other image shares it
+            # named by the image's own sha256 (a keyframe's: its video's and its offset): no other image shares it
+            for key in [k for _, k in batch] + frames:
                 store.thumb_path(key).unlink(missing_ok=True)
     rows = 0
     if policy.audit_days:

@@ -496,9 +496,17 @@ class Catalog:
             return [(int(i), str(k)) for i, k in rows]
 
     def forget_thumbnails(self, image_ids: Sequence[int], tx: Transaction | None = None) -> None:
-        """Record that these images keep no thumbnail (retention); the files go after the commit."""
+        """Record that these images (and a video's keyframes) keep no thumbnail (retention); the files go after
+        the commit."""
         with self.transaction(tx) as s:
             s.execute(update(ImageRow).where(ImageRow.id.in_(list(image_ids))).values(thumb_key="", updated_at=utcnow()))
+            s.execute(update(KeyframeRow).where(KeyframeRow.image_id.in_(list(image_ids))).values(thumb_key=""))
+
+    def forget_keyframes(self, image_ids: Sequence[int]) -> None:
+        """Remove deleted videos' keyframe rows, once their thumbnails and vectors are gone (``delete_images``)."""
+        with self.transaction() as s:
+            for chunk in _chunks(list(image_ids), 500):
+                s.execute(delete(KeyframeRow).where(KeyframeRow.image_id.in_(chunk)))
 
     def replica_lag(self) -> float | None:
         """Seconds a PostgreSQL standby's replay is behind (None on a primary, and on SQLite)."""

@@ -135,6 +135,11 @@ class VectorStore:
         if not ids:
             return
         segs, rows = self._locate(np.asarray(ids, np.int64))
+        self.erase_rows(segs, rows)
+
+    def erase_rows(self, segs: np.ndarray, rows: np.ndarray) -> None:
+        """``erase`` of rows named by (segment, row): a deleted video's keyframes."""
+        segs, rows = np.asarray(segs, np.int64), np.asarray(rows, np.int64)
         zero = b"\0" * self.row_bytes
         for seg in np.unique(segs):
             path = self.path if seg == LEGACY else self.segment_path(int(seg))
