@@ -102,22 +102,53 @@ def thumbnail(image_id: int) -> Response:
     """The stored WebP for API clients; for the viewer's moderator, blurred unless blur is off for the
     session or ``clear=1`` follows a reveal they made in the last 30 minutes (audited), and greyscale
     when they chose it."""
+    rec = runtime().store.catalog.get(image_id)
+    return _thumbnail_response(rec.thumb_key, f"image:{image_id}", f"image {image_id}")
+
+
+def _thumbnail_response(key: str, target: str, what: str) -> Response:
+    """A stored thumbnail, blurred and greyed for a signed-in moderator as their session says, unless ``clear=1``
+    follows their own reveal of ``target`` in the last 30 minutes."""
     rt = runtime()
-    rec = rt.store.catalog.get(image_id)
-    path = rt.store.thumb_path(rec.thumb_key)
-    if not rec.thumb_key or not path.is_file():
-        raise NotFoundError(f"image {image_id} has no thumbnail")
+    path = rt.store.thumb_path(key)
+    if not key or not path.is_file():
+        raise NotFoundError(f"{what} has no thumbnail")
     blur = grey = False
     moderator = session_actor()
     if moderator is not None and not rt.tokens.from_header(request.headers.get("Authorization")):
         blur = bool(session.get("blur", True))
         grey = bool(session.get("grey", False))
-        if blur and request.args.get("clear") == "1" and rt.audit.revealed_recently(moderator, f"image:{image_id}"):
+        if blur and request.args.get("clear") == "1" and rt.audit.revealed_recently(moderator, target):
             blur = False
     strength = str(session.get("blur_strength", rt.settings.blur_strength))
     resp = Response(thumbnails.render(path, blur=blur, grey=grey, strength=strength), mimetype="image/webp")
     resp.headers["Cache-Control"] = "no-store"
     return resp
+
+
+@bp.get("/images/<int:image_id>/keyframes")
+@needs(write=False)
+def keyframes(image_id: int) -> Response:
+    """A video's keyframes, in clip order: offset, scene cut, P(unsafe), thumbnail (an image has none)."""
+    rt = runtime()
+    rt.store.catalog.get(image_id)
+    frames = rt.store.catalog.keyframes([image_id]).get(image_id, [])
+    return jsonify({"image_id": image_id, "keyframes": [
+        {"id": f.id, "offset_s": f.offset_s, "scene_cut": f.scene_cut, "p_unsafe": round(f.p_unsafe, 6),
+         "thumbnail_url": f"/api/v1/images/{image_id}/keyframes/{f.id}/thumbnail"} for f in frames]})
+
+
+@bp.get("/images/<int:image_id>/keyframes/<int:keyframe_id>/thumbnail")
+@needs(write=False)
+def keyframe_thumbnail(image_id: int, keyframe_id: int) -> Response:
+    """A video keyframe's WebP, blurred for a moderator exactly as image thumbnails are (``thumbnail``); its
+    reveal is its own (audit target ``keyframe:<id>``)."""
+    rt = runtime()
+    rt.store.catalog.get(image_id)
+    frame = next((f for f in rt.store.catalog.keyframes([image_id]).get(image_id, []) if f.id == keyframe_id), None)
+    if frame is None:
+        raise NotFoundError(f"image {image_id} has no keyframe {keyframe_id}")
+    return _thumbnail_response(frame.thumb_key, f"keyframe:{keyframe_id}", f"keyframe {keyframe_id}")
 
 
 @bp.post("/sweep")

@@ -83,6 +83,17 @@ def openapi_document() -> dict[str, Any]:
                 "responses": _resp({"description": "WebP thumbnail",
                                     "content": {"image/webp": {"schema": {"type": "string", "format": "binary"}}}},
                                    404)}},
+            "/images/{image_id}/keyframes": {"get": {
+                "summary": "A video's keyframes in clip order (an image has none)",
+                "parameters": [image_id],
+                "responses": _resp(json_ok("#/components/schemas/Keyframes"), 404)}},
+            "/images/{image_id}/keyframes/{keyframe_id}/thumbnail": {"get": {
+                "summary": "A video keyframe's thumbnail (WebP, never cached)",
+                "parameters": [image_id, {"name": "keyframe_id", "in": "path", "required": True,
+                                          "schema": {"type": "integer", "minimum": 0, "maximum": MAX_ID}}],
+                "responses": _resp({"description": "WebP thumbnail",
+                                    "content": {"image/webp": {"schema": {"type": "string", "format": "binary"}}}},
+                                   404)}},
             "/images/{image_id}/flag": {"post": {
                 "summary": "Flag an image (recorded in its history)", "parameters": [image_id],
                 "requestBody": _body("FlagBody", required=False),
@@ -184,6 +195,12 @@ def openapi_document() -> dict[str, Any]:
                                                                                          "local_matches": {"type": ["integer", "null"], "minimum": 0, "description": "local-feature matches (ORB + RANSAC) that agree on one transform between the upload and this hit's thumbnail; null: not checked (queries by id, hits below the first verified one)"},
                                                                                          "verified": {"type": ["boolean", "null"], "description": "local_matches reached the threshold: the hit shows the upload's picture (a verified hit is moved first)"},
                                                                                          "matched_frames": {"type": "array", "description": "a stored video's keyframes that matched the query's rows, best first", "items": {"$ref": "#/components/schemas/FramePair"}}}}]},
+                "Keyframes": {"type": "object", "required": ["image_id", "keyframes"], "properties": {
+                    "image_id": {"type": "integer"},
+                    "keyframes": {"type": "array", "items": {"type": "object", "required": ["id", "offset_s"], "properties": {
+                        "id": {"type": "integer"}, "offset_s": {"type": "number", "minimum": 0},
+                        "scene_cut": {"type": "boolean"}, "p_unsafe": {"type": "number"},
+                        "thumbnail_url": {"type": "string"}}}}}},
                 "FramePair": {"type": "object", "required": ["query_view", "offset_s", "similarity"], "properties": {
                     "query_view": {"type": "string", "description": "the query's row (a view name, or @<seconds> of a clip's keyframe)"},
                     "query_offset_s": {"type": ["number", "null"], "description": "seconds into the query clip; null for an image query"},

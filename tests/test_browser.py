@@ -2,6 +2,7 @@
 Screenshots of every page are kept in test-artifacts/screenshots/."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -632,3 +633,67 @@ def test_every_form_refuses_bad_input_without_acting(server, page):
     after = _api(page, base, "/audit?limit=1000")["events"]
     acted = [e for e in after[:len(after) - before] if e["action"] not in ("blur_on", "blur_off", "blur_strength")]
     assert acted == [], acted
+
+
+def test_a_videos_page_shows_its_keyframes_blurred_and_reveals_one_at_a_time(server, page, tmp_path):
+    """A video's page: its keyframe strip with offsets, blurred, no player; Reveal shows one frame (recorded in
+    the audit log under that keyframe), the rest stay blurred; the search page takes a clip and says where in
+    the stored video it matched."""
+    import io
+
+    import numpy as np
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from flagmatch.cli import main
+    from tests.helpers import clean_env, photo_image
+    from tests.helpers.video import slideshow
+    base, root = server
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(slideshow([photo_image(s) for s in (700, 701, 702)], seconds_each=3.0))
+    out = CliRunner().invoke(main, ["ingest", str(clip), "--flag-threshold", "0"],
+                             env=clean_env({"FLAGMATCH_HOME": str(root / "home")}), catch_exceptions=False)
+    assert out.exit_code == 0, out.output
+    _signed_in(page, base)
+    found = _api(page, base, f"/images/{_sha_id(page, base, clip)}")
+    assert found["kind"] == "video"
+    frames = _api(page, base, f"/images/{found['id']}/keyframes")["keyframes"]
+    assert len(frames) >= 3 and frames[0]["offset_s"] == 0
+    page.goto(f"{base}/images/{found['id']}")
+    assert page.locator("h1").inner_text().startswith("Video #")
+    strip = page.locator("#keyframes figure.keyframe")
+    expect(strip).to_have_count(len(frames))
+    assert page.locator("video").count() == 0 and page.locator("#view-large").count() == 0
+    assert "3.0 s" in strip.nth(1).inner_text() or "3.0 s" in page.locator("#keyframes").inner_text()
+    page.shot("video-keyframes")
+
+    def sharpness(src: str) -> float:
+        a = np.asarray(Image.open(io.BytesIO(page.request.get(base + src).body())).convert("L"), np.float32)
+        return float(np.abs(np.diff(a, axis=1)).mean())
+    blurred = sharpness(strip.nth(1).locator("img").get_attribute("src"))
+    strip.nth(1).locator("button.reveal").click()
+    expect(strip.nth(1).locator("img")).to_have_attribute("src", re.compile("clear=1"))
+    assert sharpness(strip.nth(1).locator("img").get_attribute("src")) > 2 * blurred
+    assert strip.nth(0).locator("button.reveal").count() == 1 and strip.nth(2).locator("button.reveal").count() == 1
+    events = _api(page, base, f"/audit?target=keyframe:{frames[1]['id']}&action=reveal")["events"]
+    assert len(events) == 1 and events[0]["detail"]["image_id"] == found["id"]
+    # the search page takes a clip, and a video hit says where it matched
+    page.goto(base + "/search")
+    page.set_input_files("#search-file", str(clip))
+    with page.expect_navigation():
+        page.click("#search-form button:has-text('Search')")
+    assert "(video, " in page.locator(".query .meta").inner_text()
+    hit = page.locator(f".card.hit[data-id='{found['id']}']")
+    expect(hit).to_have_count(1)
+    assert " s" in hit.locator(".frames").inner_text()
+    page.shot("video-search")
+    assert not page.problems, page.problems
+
+
+def _sha_id(page, base: str, path: Path) -> int:
+    import hashlib
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    r = page.request.post(base + "/api/v1/search", data=json.dumps({"sha256": sha, "scope": "all"}),
+                          headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+    assert r.ok, r.text()
+    return int(r.json()["results"][0]["query"]["known_id"])

@@ -4,6 +4,7 @@ and flag what they pick). Thumbnails are blurred unless revealed one at a time (
 off for the session); every reveal and decision goes to the append-only audit log."""
 from __future__ import annotations
 
+import json
 import secrets
 from functools import lru_cache
 from typing import Any
@@ -73,6 +74,15 @@ def likeness(similarity: float) -> Markup:
     word = next(w for lo, w in LIKENESS if similarity >= lo)
     return Markup('<span class="likeness" title="cosine similarity {:.3f} in the matching space">{} · {:.2f}</span>'
                   ).format(similarity, word, similarity)
+
+
+@bp.app_template_filter("vpdq_frames")
+def vpdq_frames(vpdq: str) -> int:
+    """How many frame hashes a vPDQ holds (threatexchange's JSON list)."""
+    try:
+        return len(json.loads(vpdq))
+    except ValueError:
+        return 0
 
 
 def _space_note() -> str | None:
@@ -254,6 +264,16 @@ def reveal(image_id: int) -> Response:
     rt().store.catalog.get(image_id)
     rt().audit.record(actor(), "reveal", f"image:{image_id}")
     return jsonify({"url": url_for("api.thumbnail", image_id=image_id, clear=1)})
+
+
+@bp.post("/images/<int:image_id>/keyframes/<int:keyframe_id>/reveal")
+def reveal_keyframe(image_id: int, keyframe_id: int) -> Response:
+    """A video keyframe revealed as an image is: one at a time, recorded."""
+    frames = rt().store.catalog.keyframes([image_id]).get(image_id, [])
+    if not any(f.id == keyframe_id for f in frames):
+        raise NotFoundError(f"image {image_id} has no keyframe {keyframe_id}")
+    rt().audit.record(actor(), "reveal", f"keyframe:{keyframe_id}", image_id=image_id)
+    return jsonify({"url": url_for("api.keyframe_thumbnail", image_id=image_id, keyframe_id=keyframe_id, clear=1)})
 
 
 # ------------------------------------------------------------------ clusters
@@ -553,7 +573,8 @@ def image(image_id: int) -> str:
         near_flagged, evidence = flagged.hits, flagged.evidence
         near_all = r.service.search_ids([image_id], SearchParams(k=12, scope="all")).results[0].hits
     from indexer.review.heads import scores_for
-    return render_template("image.html", rec=rec, cluster=cl, near_flagged=near_flagged, near_all=near_all,
+    frames = r.store.catalog.keyframes([image_id]).get(image_id, []) if rec.kind == "video" else []
+    return render_template("image.html", rec=rec, cluster=cl, near_flagged=near_flagged, near_all=near_all, frames=frames,
                            evidence=evidence, p_labels=scores_for(r.store, [image_id]).get(image_id, {}),
                            space_note=_space_note())
 
