@@ -231,7 +231,7 @@ class SearchService:
         qs = [Query(name, sha, float(p[i]), known, {lab: round(float(v[n]), 6) for lab, v in by_head.items()},
                     kind="video" if n in clips else "image", keyframes=len(clips[n].frames) if n in clips else 0)
               for n, ((name, sha, known), i) in enumerate(zip(queries, full))]
-        return self._search(qs, vectors, params, t, exclude=[set() for _ in owner], owner=owner, views=names,
+        return self._search(qs, vectors, params, t, exclude=[set() for _ in qs], owner=owner, views=names,
                             signals=signals, local=local, boxes=boxes, greys=greys,
                             fallback=functools.partial(self._grid_parts, uploads, t, boxes, greys,
                                                        [f is not None for f in local])
@@ -351,11 +351,24 @@ class SearchService:
         missing = [i for i in ids if i not in recs or recs[i].deleted]
         if missing:
             raise NotFoundError(f"no image with id {missing[0]}")
-        vectors = self.store.open_vectors().get(ids)
+        vs = self.store.open_vectors()
+        vectors = vs.get(ids)
+        owner, views = list(range(len(ids))), ["full"] * len(ids)
+        frames = self.store.catalog.keyframes([i for i in ids if recs[i].kind == "video"])
+        if frames:  # a stored video is searched by its own row and each of its keyframes, as an uploaded clip is
+            views = ["clip" if recs[i].kind == "video" else "full" for i in ids]
+            for n, i in enumerate(ids):
+                for f in frames.get(i, []):
+                    owner.append(n)
+                    views.append(f"@{f.offset_s:g}")
+            kf = [f for i in ids for f in frames.get(i, [])]
+            vectors = np.concatenate([vectors, vs.get_rows(np.array([f.vec_segment for f in kf]),
+                                                           np.array([f.vec_row for f in kf]))])
         scored = scores_for(self.store, ids) if self.heads else {}
-        qs = [Query(f"id:{i}", recs[i].sha256, recs[i].p_unsafe, i, scored.get(i, {})) for i in ids]
+        qs = [Query(f"id:{i}", recs[i].sha256, recs[i].p_unsafe, i, scored.get(i, {}), kind=recs[i].kind,
+                    keyframes=len(frames.get(i, []))) for i in ids]
         stored = self.store.catalog.signals(ids)
-        return self._search(qs, vectors, params, Timings(), exclude=[{i} for i in ids],
+        return self._search(qs, vectors, params, Timings(), exclude=[{i} for i in ids], owner=owner, views=views,
                             signals=[stored.get(i, Signals("", None)) for i in ids])
 
     def sweep(self, seeds: Sequence[int], *, min_similarity: float = 0.8, per_seed: int = 30,
@@ -415,15 +428,15 @@ class SearchService:
                 greys: list[dict[str, np.ndarray]] | None = None,
                 fallback: Callable[[list[int]], tuple[np.ndarray, list[int], list[str]]] | None = None,
                 ) -> SearchResponse:
-        """One index search for every row (a query's views are rows of their own), one catalog read for
-        every hit; a query keeps, per image, the best similarity over its views and the view it came from.
+        """One index search for every row (a query's views are rows of their own; ``exclude``: ids each query
+        leaves out), one catalog read for every hit; a query keeps, per image, the best similarity over its views and the view it came from.
         ``fallback`` gives more rows (the grid's parts) for the queries whose best similarity is below
         ``grid_below``, searched in a second index call. An upload's hits (``local``: its features) are then
         verified from the top (``_verify``)."""
         t0 = time.perf_counter()
         owner = owner if owner is not None else list(range(len(queries)))
         views = views or ["full"] * len(owner)
-        rows = self.index.search(vectors, params.k, params.scope, exclude=exclude, live=False)
+        rows = self.index.search(vectors, params.k, params.scope, exclude=[exclude[q] for q in owner], live=False)
         # stored videos' keyframes near each row: a video is found by the frame that shows what the query shows
         framed = list(zip(owner, views, self.index.search_frames(vectors, params.k * FRAME_FANOUT, params.scope)))
         if fallback is not None:
@@ -438,7 +451,7 @@ class SearchService:
                 t0 += time.perf_counter() - tf  # the fallback's decode and embed are timed as such
                 if more_owner:  # (a strip too thin for a grid has no parts)
                     rows = rows + self.index.search(more, params.k, params.scope, live=False,
-                                                    exclude=[exclude[owner.index(q)] for q in more_owner])
+                                                    exclude=[exclude[q] for q in more_owner])
                     owner, views = owner + more_owner, views + more_views
         t1 = time.perf_counter()
         ids = {int(i) for h in rows for i in h.ids} | {int(i) for _, _, fh in framed for i in fh.owners}

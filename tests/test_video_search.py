@@ -104,6 +104,11 @@ def test_a_still_finds_the_clip_it_comes_from_and_a_clip_finds_the_picture_it_sh
     res = _search(client, shown, "shows-25.mp4")
     assert res["hits"][0]["id"] == ids["photo_25.jpg"], [(h["id"], h["similarity"]) for h in res["hits"]]
     assert res["hits"][0]["view"].startswith("@") and res["hits"][0]["matched_frames"] == []
+    # a stored video searched by id: its own row and its keyframes, itself left out
+    r = client.post("/api/v1/search", json={"id": ids["street.mp4"], "scope": "all"}, headers=AUTH)
+    res = r.get_json()["results"][0]
+    assert res["query"]["kind"] == "video" and res["query"]["keyframes"] >= 2
+    assert ids["street.mp4"] not in [h["id"] for h in res["hits"]] and len(res["hits"]) == 10
 
 
 def test_flagged_scope_and_deletion_apply_to_videos(client, video_home):
