@@ -15,7 +15,7 @@ import pytest
 from indexer.errors import DecodeError
 from indexer.media.video import VideoLimits, keyframes, probe, sniff, vpdq_json, vpdq_match
 from tests.helpers import drawn_image, encode
-from tests.helpers.video import clip, damaged, reencode, with_box_size, with_duration, with_frame_size
+from tests.helpers.video import clip, hostile, reencode
 
 SCENES = [3, 17, 29]
 
@@ -94,27 +94,6 @@ HOSTILE = {
 }
 
 
-def _hostile(kind: str) -> tuple[bytes, dict]:
-    base = clip([5, 6], seconds_each=2.0)
-    if kind == "frame":
-        return with_frame_size(30000, 30000), {}
-    if kind == "hours":
-        return with_duration(clip([5], seconds_each=1.0, fmt="webm", codec="libvpx-vp9"), 10 * 3600), {}
-    if kind == "million":
-        return with_duration(clip([5], seconds_each=0.05, fps=1000, fmt="webm", codec="libvpx-vp9"), 1200), {}
-    if kind == "counted":  # states 1 s at 10 frames a second, holds 40 frames
-        return with_duration(clip([5, 6], seconds_each=2.0, fmt="webm", codec="libvpx-vp9"), 1.0), {"max_frames": 20}
-    if kind == "truncated":
-        return base[: len(base) * 6 // 10], {}
-    if kind == "damaged":
-        return damaged(base, 0.5, 6000), {}
-    if kind == "png":
-        return encode(drawn_image(2), "PNG"), {}
-    if kind == "box":
-        return with_box_size(base), {}
-    raise ValueError(kind)
-
-
 CHILD = """
 import json, resource, sys, time
 from indexer.errors import DecodeError
@@ -137,7 +116,7 @@ print(json.dumps({"code": code, "seconds": time.perf_counter() - t,
 @pytest.mark.parametrize("name", list(HOSTILE))
 def test_hostile_videos_are_coded_errors_in_bounded_memory_and_time(name, tmp_path):
     kind, want = HOSTILE[name]
-    data, limits = _hostile(kind)
+    data, limits = hostile(kind)
     path = tmp_path / "upload.mp4"
     path.write_bytes(data)
     out = subprocess.run([sys.executable, "-c", CHILD, str(path), json.dumps(limits)], capture_output=True,

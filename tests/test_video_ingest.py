@@ -11,7 +11,7 @@ from flagmatch.wiring import ingest_options
 from indexer.ingest.pipeline import ingest
 from indexer.ingest.sources import iter_sources
 from tests.helpers import write_images
-from tests.helpers.video import clip, damaged
+from tests.helpers.video import clip, damaged, hostile
 
 pytest.importorskip("av")
 
@@ -23,16 +23,21 @@ def _mixed(folder: Path) -> dict[str, Path]:
                        ("fake.mp4", b"these bytes say text, not video\n" * 10), ("cut.mp4", damaged(clip([6, 7])))):
         (folder / name).write_bytes(data)
         paths[name] = folder / name
+    for kind in ("frame", "hours", "million", "box", "truncated"):  # each refused by its own code
+        (folder / f"hostile-{kind}.mp4").write_bytes(hostile(kind)[0])
     return paths
 
 
 def test_a_mixed_folder_is_one_item_per_file_with_keyframes_and_vpdq(store, tiny_embedder, settings, tmp_path):
     paths = _mixed(tmp_path / "in")
     counts = ingest(store, tiny_embedder, iter_sources([str(tmp_path / "in")]), ingest_options(settings))
-    assert counts.new == 5 and counts.failed == 2, counts
+    assert counts.new == 5 and counts.failed == 7, counts
     errors = {Path(p).name: code for p, code, _ in store.catalog.errors()}
     assert errors["fake.mp4"] == "unsupported_format"
     assert errors["cut.mp4"] in ("corrupt", "truncated")
+    assert errors["hostile-frame.mp4"] in ("too_large", "corrupt") and errors["hostile-hours.mp4"] == "too_long"
+    assert errors["hostile-million.mp4"] == "too_many_frames" and errors["hostile-box.mp4"] in ("corrupt", "truncated")
+    assert errors["hostile-truncated.mp4"] in ("corrupt", "truncated")
     ids = store.catalog.image_ids()
     recs = store.catalog.get_many(ids)
     videos = {Path(r.paths[0]).name: r for r in recs.values() if r.kind == "video"}
@@ -61,4 +66,4 @@ def test_a_mixed_folder_is_one_item_per_file_with_keyframes_and_vpdq(store, tiny
         sig.vpdq, VPDQSignal.hash_from_file(paths["slides.mp4"])).match
     # a second run takes nothing in again
     again = ingest(store, tiny_embedder, iter_sources([str(tmp_path / "in")]), ingest_options(settings))
-    assert again.new == 0 and again.duplicates == 5
+    assert again.new == 0 and again.duplicates == 5 and again.failed == 7

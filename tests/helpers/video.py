@@ -7,7 +7,7 @@ import struct
 
 import numpy as np
 
-from tests.helpers import drawn_image
+from tests.helpers import drawn_image, encode
 
 
 def clip(scenes: list[int], seconds_each: float = 2.0, size: tuple[int, int] = (160, 120), fps: int = 10,
@@ -126,3 +126,25 @@ def damaged(data: bytes, share: float = 0.5, n: int = 4096, seed: int = 0) -> by
     start = mdat + 8 + int((len(b) - mdat - 8) * share) - n // 2
     b[start:start + n] = np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
     return bytes(b)
+
+
+def hostile(kind: str) -> tuple[bytes, dict]:
+    """One of the hostile videos, and the VideoLimits fields its refusal needs (besides the defaults)."""
+    base = clip([5, 6], seconds_each=2.0)
+    if kind == "frame":
+        return with_frame_size(30000, 30000), {}
+    if kind == "hours":
+        return with_duration(clip([5], seconds_each=1.0, fmt="webm", codec="libvpx-vp9"), 10 * 3600), {}
+    if kind == "million":
+        return with_duration(clip([5], seconds_each=0.05, fps=1000, fmt="webm", codec="libvpx-vp9"), 1200), {}
+    if kind == "counted":  # states 1 s at 10 frames a second, holds 40 frames
+        return with_duration(clip([5, 6], seconds_each=2.0, fmt="webm", codec="libvpx-vp9"), 1.0), {"max_frames": 20}
+    if kind == "truncated":
+        return base[: len(base) * 6 // 10], {}
+    if kind == "damaged":
+        return damaged(base, 0.5, 6000), {}
+    if kind == "png":
+        return encode(drawn_image(2), "PNG"), {}
+    if kind == "box":
+        return with_box_size(base), {}
+    raise ValueError(kind)
