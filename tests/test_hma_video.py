@@ -4,8 +4,6 @@ threatexchange's VPDQSignal as the peer that must agree — and vPDQ lists in an
 from __future__ import annotations
 
 import hashlib
-import io
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
