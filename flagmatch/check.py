@@ -12,6 +12,9 @@ saw, each part is checked against the catalog, the record everything else is reb
   indexes.
 - **thumbnails**: every live image's thumbnail is there and decodes. Repair: made again from the
   original where it is still at a recorded path with the same sha256; otherwise reported.
+- **keyframes**: every live video has keyframes, each with its thumbnail and a sane raw row. Repair of
+  thumbnails: the video's keyframes chosen again from its original (the same offsets, so the same names);
+  a lost keyframe row is reported, as a lost image row is.
 - **audit**: the trail is continuous — ids never skip on SQLite (rows are never deleted; PostgreSQL's
   sequences skip on a rolled-back insert, so gaps are not evidence there) and times never run backwards
   by more than ``AUDIT_SKEW`` (hosts' clocks differ a little). Nothing repairs an audit trail: reported.
@@ -171,9 +174,47 @@ def check_thumbnails(store: Store, ids: np.ndarray, say: Say) -> tuple[list[int]
     return missing, broken
 
 
+def check_keyframes(store: Store, ids: np.ndarray) -> list[Finding]:
+    """Live videos without keyframes, whose keyframes' thumbnails are missing, or whose keyframe rows are gone
+    or zero."""
+    videos = [r.id for k in range(0, len(ids), 1000)
+              for r in store.catalog.get_many(ids[k:k + 1000].tolist()).values() if r.kind == "video"]
+    if not videos:
+        return []
+    frames = store.catalog.keyframes(videos)
+    vs = store.open_vectors()
+    none, thumbs, rows = [], [], []
+    for v in videos:
+        fs = frames.get(v, [])
+        if not fs:
+            none.append(v)
+            continue
+        if any(f.thumb_key and not store.thumb_path(f.thumb_key).is_file() for f in fs):
+            thumbs.append(v)
+        try:
+            got = vs.get_rows(np.array([f.vec_segment for f in fs]), np.array([f.vec_row for f in fs]))
+            if not np.isfinite(got).all() or not np.abs(got).sum(axis=1).all():
+                rows.append(v)
+        except FlagmatchError:
+            rows.append(v)
+    out = []
+    if none:
+        out.append(Finding("keyframes", "keyframes_missing", "live videos without keyframes", none))
+    if thumbs:
+        out.append(Finding("keyframes", "keyframe_thumb_missing", "videos with keyframe thumbnails missing", thumbs,
+                           repairable=True))
+    if rows:
+        out.append(Finding("keyframes", "keyframe_vector_missing", "videos whose keyframes' raw vectors are missing "
+                           "or erased", rows))
+    return out
+
+
 def remake_thumbnails(store: Store, ids: list[int], opts: "IngestOptions") -> int:
-    """Thumbnails made again from the originals that are still where they were seen; how many."""
+    """Thumbnails made again from the originals that are still where they were seen (a video's: each of its
+    keyframes'); how many."""
+    from indexer.ingest.pipeline import keyframe_name
     from indexer.media.decode import decode
+    from indexer.media.video import decode_video, is_video
     from indexer.models.embed import InputSpec
     from indexer.storage.files import publish
     done = 0
@@ -182,6 +223,15 @@ def remake_thumbnails(store: Store, ids: list[int], opts: "IngestOptions") -> in
         if found.data is None:
             continue
         try:
+            if is_video(found.data):
+                clip = decode_video(found.data, InputSpec(224), opts.video, thumb_size=opts.thumb_size,
+                                    want_vpdq=False)
+                for f in clip.frames:
+                    path = store.thumb_path(store.thumb_key(keyframe_name(rec.sha256, f.offset_s)))
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    publish(path, f.image.thumbnail)
+                done += 1
+                continue
             thumb = decode(found.data, InputSpec(224), opts.limits, thumb_size=opts.thumb_size).thumbnail
         except DecodeError:
             continue
@@ -248,6 +298,7 @@ def check(store: Store, *, open_index: Callable[[], "VectorIndex"], matcher: "Ha
     if broken:
         report.findings.append(Finding("thumbnails", "thumb_corrupt", "thumbnails that do not decode", broken,
                                        repairable=True))
+    report.findings += check_keyframes(store, ids)
     report.findings += check_audit(store)
     if repair:
         _repair(store, report, index, matcher, opts, say)
@@ -296,3 +347,12 @@ def _repair(store: Store, report: CheckReport, index: "VectorIndex | None", matc
         bad = set(missing) | set(broken)
         for f in thumbs:
             f.repaired = sum(i not in bad for i in f.ids)
+    frames = [f for f in todo if f.code == "keyframe_thumb_missing"]
+    if frames:
+        say("repair keyframe thumbnails", 0, 1)
+        ids = sorted({i for f in frames for i in f.ids})
+        remake_thumbnails(store, ids, opts)
+        left = {i for f in check_keyframes(store, np.asarray(ids, np.int64)) if f.code == "keyframe_thumb_missing"
+                for i in f.ids}
+        for f in frames:
+            f.repaired = sum(i not in left for i in f.ids)

@@ -55,7 +55,8 @@ def stats(as_json: bool, settings: Settings) -> None:
     if as_json:
         click.echo(json.dumps(st, indent=2, default=str))
         return
-    click.echo(f"images       {st['images']}")
+    click.echo(f"images       {st['images']}" + (f"  (videos: {st['videos']}, {st['keyframes']} keyframes)"
+                                                 if st["videos"] else ""))
     click.echo(f"flagged      {st['flagged']}  " + "  ".join(f"{k}: {v}" for k, v in st["flagged_by_source"].items()))
     click.echo(f"paths seen   {st['paths']}")
     click.echo(f"errors       {sum(st['errors'].values())}  " + "  ".join(f"{k}: {v}" for k, v in st["errors"].items()))

@@ -10,6 +10,7 @@ a series):
 - ``flagmatch_search_stage_seconds{stage}``: the stages a search reported in its ``Server-Timing`` header
   (decode, embed, search, hashes, hydrate, verify, handler) — the same figures a client sees.
 - At scrape time, from the running objects: ``flagmatch_ready``, ``flagmatch_index_vectors{scope}``,
+  ``flagmatch_index_keyframes``,
   ``flagmatch_index_generation{scope}``, ``flagmatch_pdq_index_hashes{index}`` (for the PDQ indexes this
   worker has opened), ``flagmatch_admission_reserved_bytes``, the model's queue
   (``flagmatch_model_waiting_requests``, ``flagmatch_model_busy_batches``), live viewer sessions, and each
@@ -57,6 +58,8 @@ class _State(Collector):
             generation.add_metric([scope], st["generation"])
         yield vectors
         yield generation
+        yield GaugeMetricFamily("flagmatch_index_keyframes", "video keyframes in the frame index (every live video's)",
+                                value=rt.index.frames.ntotal if rt.index is not None else 0)
         pdq = GaugeMetricFamily("flagmatch_pdq_index_hashes", "hashes in the PDQ indexes this worker has open",
                                 labels=["index"])
         matcher = rt.service.hashes if rt.service is not None else None

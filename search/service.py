@@ -254,14 +254,16 @@ class SearchService:
         return (np.concatenate([vectors, np.stack(extra_v).astype(np.float32)]),
                 np.concatenate([p, np.asarray(extra_p, np.float32)]))
 
-    def _decode_video(self, data: bytes, spec: InputSpec) -> DecodedVideo:
-        """An uploaded clip's keyframes (with their trimmed views: a letterboxed re-upload) and, when hashes
-        are matched, its vPDQ — decoded on the decode pool within the admission budget, reserved from the
-        headers: the largest frame FFmpeg holds, times its few reference frames, and the keyframes kept."""
+    def _decode_video(self, data: bytes, spec: InputSpec, views: tuple[str, ...] = ("trimmed",),
+                      vpdq: bool = True) -> DecodedVideo:
+        """An uploaded clip's keyframes (with ``views``: the trimmed box of a letterboxed re-upload; the grid
+        for a second pass) and, when hashes are matched, its vPDQ — decoded on the decode pool within the
+        admission budget, reserved from the headers: the largest frame FFmpeg holds, times its few reference
+        frames, and the keyframes kept."""
         lim = self.video_limits
 
         def work() -> DecodedVideo:
-            return decode_video(data, spec, lim, views=("trimmed",), want_vpdq=self.hashes is not None)
+            return decode_video(data, spec, lim, views=views, want_vpdq=vpdq and self.hashes is not None)
         if self.admission is None:
             return self._decoders.submit(work).result()
         info = probe(data, lim)
@@ -279,7 +281,13 @@ class SearchService:
         g0 = time.perf_counter()
         px, owner, views = [], [], []
         for q in needy:
-            if is_video(uploads[q][1]):  # a clip's keyframes are searched whole (and trimmed)
+            if is_video(uploads[q][1]):  # a clip: each keyframe's grid (a picture-in-picture in a corner)
+                clip = self._decode_video(uploads[q][1], self.embedder.info.input, views=("grid",), vpdq=False)
+                for f in clip.frames:
+                    for view, pv in f.image.views.items():
+                        px.append(pv)
+                        owner.append(q)
+                        views.append(f"@{f.offset_s:g}/{view}")
                 continue
             img = self._decode_query(uploads[q][1], self.embedder.info.input, views=("grid",), local=False,
                                      grey=verified[q])[0]

@@ -127,3 +127,40 @@ def test_a_cut_segment_is_reported_and_repair_does_not_rebuild_over_it(built):
     assert "raw vectors" in found["index_checksum"]["message"]
     assert code == 1
     assert np.fromfile(segment, np.float32).size * 4 == size - 2 * row_bytes  # nothing was written over it
+
+
+def test_a_videos_keyframes_are_checked_and_their_thumbnails_remade(tmp_path: Path, tiny_model_dir: Path,
+                                                                     catalog_url: str):
+    """A video's keyframe thumbnails removed: found under keyframes, remade from the original (the same offsets,
+    so the same names); its keyframes' raw rows erased: found, reported, never hidden."""
+    pytest.importorskip("av")
+    from tests.helpers.video import clip
+    home = tmp_path / "home"
+    common = ["--home", str(home)] + (["--catalog-url", catalog_url] if catalog_url else [])
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "v.mp4").write_bytes(clip([1, 2, 3], seconds_each=2.0))
+    assert run("ingest", str(tmp_path / "in"), "--model", str(tiny_model_dir), *common).exit_code == 0
+    code, report = _check(common)
+    assert code == 0 and report["findings"] == [], report
+    url = catalog_url or f"sqlite:///{home / 'catalog.sqlite'}"
+    engine = create_engine(engine_url(url))
+    with engine.connect() as c:
+        keys = [k for (k,) in c.execute(text("SELECT thumb_key FROM keyframes ORDER BY id"))]
+        seg, row = c.execute(text("SELECT vec_segment, vec_row FROM keyframes ORDER BY id")).first()
+    engine.dispose()
+    assert len(keys) >= 2
+    for k in keys:
+        (home / "thumbs" / k).unlink()
+    code, report = _check(common)
+    found = {f["code"]: f for f in report["findings"]}
+    assert code == 1 and found["keyframe_thumb_missing"]["ids"] == [1]
+    code, report = _check(common, "--repair")
+    assert all((home / "thumbs" / k).is_file() for k in keys), report
+    assert _check(common)[1]["findings"] == []
+    # a keyframe's raw row erased (zeros): reported, not repairable
+    with open(home / "vectors" / f"seg-{seg:09d}.f32", "r+b") as f:
+        dim = json.loads((home / "vectors" / "meta.json").read_text())["dim"]
+        f.seek(row * dim * 4)
+        f.write(b"\0" * dim * 4)
+    found = {f["code"]: f for f in _check(common)[1]["findings"]}
+    assert found["keyframe_vector_missing"]["ids"] == [1] and not found["keyframe_vector_missing"]["repairable"]

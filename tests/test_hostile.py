@@ -168,8 +168,14 @@ def test_admission_queues_then_refuses():
 
 
 PROBE = r"""
-import json, resource, sys, os
+import json, sys, os
 sys.path.insert(0, os.getcwd())
+
+
+def hwm():  # this process's own peak RSS in KiB (ru_maxrss would carry the parent's from before exec)
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+
+
 from flagmatch.settings import Settings
 from flagmatch import wiring
 from indexer.ingest.pipeline import ingest
@@ -180,9 +186,9 @@ store = wiring.open_store(s)
 emb = wiring.load_embedder(s, store)
 warm = write_images(__import__("pathlib").Path(sys.argv[1]) / "warm", 4)
 ingest(store, emb, iter_sources([str(warm[0].parent)]), wiring.ingest_options(s))
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = hwm()
 counts = ingest(store, emb, iter_sources([sys.argv[3]]), wiring.ingest_options(s))
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = hwm()
 print(json.dumps({"base_kb": base, "peak_kb": peak, "new": counts.new, "failed": counts.failed,
                   "reasons": counts.reasons}))
 """

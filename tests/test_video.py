@@ -95,12 +95,18 @@ HOSTILE = {
 
 
 CHILD = """
-import json, resource, sys, time
+import json, sys, time
+
+
+def hwm():  # this process's own peak RSS in KiB (ru_maxrss would carry the parent's from before exec)
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+
+
 from indexer.errors import DecodeError
 from indexer.media.video import VideoLimits, keyframes
 data = open(sys.argv[1], "rb").read()
 limits = VideoLimits(**json.loads(sys.argv[2]))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = hwm()
 t = time.perf_counter()
 try:
     info, frames = keyframes(data, limits)
@@ -108,7 +114,7 @@ try:
 except DecodeError as exc:
     code = exc.code
 print(json.dumps({"code": code, "seconds": time.perf_counter() - t,
-                  "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "rss_mib": hwm() / 1024,
                   "rss_before_mib": before / 1024}))
 """
 

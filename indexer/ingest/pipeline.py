@@ -173,6 +173,11 @@ class Reader:
             self._pending.difference_update(shas)
 
 
+def keyframe_name(video_sha256: str, offset_s: float) -> str:
+    """The name a video keyframe's thumbnail is stored under: its own, from the video's bytes and its offset."""
+    return hashlib.sha256(f"{video_sha256}@{offset_s}".encode()).hexdigest()
+
+
 def model_lanes(embedder: Embedder, requested: int) -> tuple[int, Embedder]:
     """How many batches the model runs at once, and the embedder to run them with. A backend that can run
     in single-threaded lanes (``for_lanes``: ONNX, timm on a CPU) gets one lane per core by default: decoding
@@ -243,8 +248,7 @@ class Writer:
                             self.store.write_thumbnail(d.sha256, d.image.thumbnail), tuple(paths), md5=d.md5,
                             pdq=d.image.pdq, flags=tuple(flags), vec_segment=self.segment.number, vec_row=row)
         ps = frames[1]
-        thumbs = [self.store.write_thumbnail(hashlib.sha256(f"{d.sha256}@{f.offset_s}".encode()).hexdigest(),
-                                             f.image.thumbnail) for f in v.frames]
+        thumbs = [self.store.write_thumbnail(keyframe_name(d.sha256, f.offset_s), f.image.thumbnail) for f in v.frames]
         tile = int(np.argmax(ps))
         kfs = tuple(NewKeyframe(f.offset_s, f.scene_cut, float(ps[k]), thumbs[k], frame_row + k)
                     for k, f in enumerate(v.frames))

@@ -27,6 +27,7 @@ from indexer.media.decode import DecodedImage, DecodeLimits, InputSpec, decode
 from indexer.models.embed import Embedder
 from indexer.errors import DecodeError, FlagmatchError
 from indexer.media.hashes import Pdq, md5_of
+from indexer.media.video import is_video
 from indexer.review.heads import Head
 from indexer.ingest.pipeline import (Batch, Decoded, Duplicate, EmbeddedBatch, Failed, IndexSink, IngestOptions,
                             Progress, Writer, deleted_failure, read_source)
@@ -126,6 +127,9 @@ def prepare(batch: dict[str, np.ndarray], *, catalog_url: str, spec: InputSpec, 
             fields["known_id"] = first_here[sha]
         else:
             try:
+                if is_video(data):  # a clip is many model rows and keyframe rows: ingested on one machine
+                    raise DecodeError("videos are ingested without --ray (flagmatch ingest on one machine takes "
+                                      "them; Ray ingest takes images)", code="unsupported_format")
                 im = decode(data, spec, limits, thumb_size=thumb_size)
             except DecodeError as exc:
                 kind = "failed"

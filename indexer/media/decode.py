@@ -462,15 +462,16 @@ def _decode_planned(im: Image.Image, p: DecodePlan, data: bytes, fp: _Deadline, 
 def decode_frame(frame: Image.Image, spec: InputSpec, *, thumb_size: int = 0,
                  views: tuple[str, ...] = ()) -> DecodedImage:
     """A video frame already decoded (and shrunk) by ``indexer.media.video`` made ready as an image is: the model's
-    pixels, a WebP thumbnail, and the query views that apply (a letterboxed clip's ``trimmed`` frame)."""
+    pixels, a WebP thumbnail, and the query views that apply (a letterboxed clip's ``trimmed`` frame; with
+    ``grid``, its quadrants and centre, where a picture-in-picture sits)."""
     src = to_rgb(frame)
     rgb = np.asarray(src)
     pixels, resampled = _model_pixels(src, rgb, spec)
     extra: dict[str, np.ndarray] = {}
     boxes: dict[str, tuple[int, int, int, int]] = {}
-    if {"trimmed", "content"} & set(views):
-        for name, box in view_boxes(rgb, cells=False, grid=False).items():
-            if name in views:
+    if {"trimmed", "content", "grid"} & set(views):
+        for name, box in view_boxes(rgb, cells=False, grid="grid" in views).items():
+            if name in views or (name.startswith("grid") and "grid" in views):
                 extra[name] = _model_pixels(src, rgb, spec, box)[0]
                 boxes[name] = box
     thumbnail = b""

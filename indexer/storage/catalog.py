@@ -789,6 +789,9 @@ class Catalog:
             meta = {r.key: r.value for r in s.scalars(select(MetaRow))}
             return {
                 "images": int(s.scalar(select(func.count()).select_from(ImageRow).where(live)) or 0),
+                "videos": int(s.scalar(select(func.count()).select_from(ImageRow)
+                                       .where(live, ImageRow.kind == "video")) or 0),
+                "keyframes": int(s.scalar(select(func.count()).select_from(KeyframeRow)) or 0),
                 "flagged": int(sum(by_source.values())),
                 "flagged_by_source": {str(k): int(v) for k, v in by_source.items()},
                 "paths": int(s.scalar(select(func.count()).select_from(PathRow)) or 0),

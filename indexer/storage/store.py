@@ -144,8 +144,13 @@ class Store:
     def thumb_path(self, key: str) -> Path:
         return self.thumbs_dir / key
 
+    @staticmethod
+    def thumb_key(sha: str) -> str:
+        """Where the thumbnail named ``sha`` lives under thumbs/."""
+        return f"{sha[:2]}/{sha[2:4]}/{sha}.webp"
+
     def write_thumbnail(self, sha: str, data: bytes) -> str:
-        key = f"{sha[:2]}/{sha[2:4]}/{sha}.webp"
+        key = self.thumb_key(sha)
         path = self.thumbs_dir / key
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
