@@ -460,6 +460,8 @@ class SearchService:
                 if more_owner:  # (a strip too thin for a grid has no parts)
                     rows = rows + self.index.search(more, params.k, params.scope, live=False,
                                                     exclude=[exclude[q] for q in more_owner])
+                    framed += zip(more_owner, more_views,
+                                  self.index.search_frames(more, params.k * FRAME_FANOUT, params.scope))
                     owner, views = owner + more_owner, views + more_views
         t1 = time.perf_counter()
         ids = {int(i) for h in rows for i in h.ids} | {int(i) for _, _, fh in framed for i in fh.owners}

@@ -153,7 +153,7 @@ def test_a_videos_keyframes_are_checked_and_their_thumbnails_remade(tmp_path: Pa
         (home / "thumbs" / k).unlink()
     code, report = _check(common)
     found = {f["code"]: f for f in report["findings"]}
-    assert code == 1 and found["keyframe_thumb_missing"]["ids"] == [1]
+    assert code == 1 and found["keyframe_thumb_missing"]["examples"] == [1]
     code, report = _check(common, "--repair")
     assert all((home / "thumbs" / k).is_file() for k in keys), report
     assert _check(common)[1]["findings"] == []
@@ -163,4 +163,4 @@ def test_a_videos_keyframes_are_checked_and_their_thumbnails_remade(tmp_path: Pa
         f.seek(row * dim * 4)
         f.write(b"\0" * dim * 4)
     found = {f["code"]: f for f in _check(common)[1]["findings"]}
-    assert found["keyframe_vector_missing"]["ids"] == [1] and not found["keyframe_vector_missing"]["repairable"]
+    assert found["keyframe_vector_missing"]["examples"] == [1] and not found["keyframe_vector_missing"]["repairable"]

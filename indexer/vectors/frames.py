@@ -6,8 +6,8 @@ Exact inner product (faiss ``IndexFlatIP``) over the keyframes transformed into 
 memory and built from the raw vectors at open: keyframes are a few per video, and the exact index costs
 nothing to keep in step (rows are only appended). It follows the catalog by keyframe id (ids are given in
 increasing order, with their video's row, under the catalog's id lock) and is rebuilt whenever the space
-changes. ``flagged`` searches pass only the keyframes of flagged videos (a bitmap over the rows, made per
-search from the videos' flag state, so no frame row ever changes when a video is flagged). Deleted videos'
+changes. ``flagged`` searches pass only the keyframes of flagged videos (a bitmap over the rows, made again
+whenever rows or flags change, so no frame row ever changes when a video is flagged). Deleted videos'
 keyframes stay in the index and are dropped by the caller's catalog read, as image hits are."""
 from __future__ import annotations
 
@@ -47,6 +47,7 @@ class FrameIndex:
         self._ids = np.zeros(0, np.int64)
         self._owners = np.zeros(0, np.int64)
         self._offsets = np.zeros(0, np.float32)
+        self._bits: np.ndarray | None = None  # packed: the rows of flagged videos (``mark``)
 
     @property
     def ntotal(self) -> int:
@@ -70,22 +71,36 @@ class FrameIndex:
             self.covered = page[-1].id
             changed = True
         if changed:
+            self._bits = None  # new rows: marked again before the next flagged search
             log.debug("frame index: %d keyframes (space %d)", self.ntotal, self.space_version)
         return changed
 
-    def search(self, q: np.ndarray, k: int, allowed: set[int] | None = None) -> list[FrameHits]:
-        """The ``k`` nearest keyframes of each row of ``q`` (already in the held space); ``allowed``: only
-        keyframes of these videos (the flagged ones). The caller holds the owning index's read lock."""
+    def mark(self, flagged: set[int]) -> None:
+        """Which rows belong to flagged videos (``flagged``: the flagged scope's ids), as the bitmap flagged
+        searches pass to faiss: made when the rows or the flags changed (the caller holds the write lock), in
+        one pass over the videos, not per search."""
+        if not self.ntotal:
+            self._bits = None
+            return
+        owners, inverse = np.unique(self._owners, return_inverse=True)
+        keep = np.fromiter((int(o) in flagged for o in owners), bool, len(owners))[inverse]
+        self._bits = np.packbits(keep, bitorder="little")
+
+    @property
+    def marked(self) -> bool:
+        return self._bits is not None or not self.ntotal
+
+    def search(self, q: np.ndarray, k: int, flagged: bool = False) -> list[FrameHits]:
+        """The ``k`` nearest keyframes of each row of ``q`` (already in the held space); ``flagged``: only
+        keyframes of flagged videos (as last ``mark``ed). The caller holds the owning index's read lock."""
         n = self.ntotal
         if n == 0 or self._index is None:
             return [_empty() for _ in range(len(q))]
         params = None
-        if allowed is not None:
-            owners, inverse = np.unique(self._owners, return_inverse=True)
-            keep = np.fromiter((int(o) in allowed for o in owners), bool, len(owners))[inverse]
-            if not keep.any():
+        if flagged:
+            bits = self._bits  # (faiss reads it through a pointer: held until the end)
+            if bits is None or not bits.any():
                 return [_empty() for _ in range(len(q))]
-            bits = np.packbits(keep, bitorder="little")  # (faiss reads it through a pointer: held until the end)
             selector = faiss.IDSelectorBitmap(n, faiss.swig_ptr(bits))
             params = faiss.SearchParameters(sel=selector)
         sims, pos = self._index.search(np.ascontiguousarray(q, np.float32), min(k, n), params=params)

@@ -336,9 +336,12 @@ class VectorIndex:
                     changed = True
             image_head, event_head = self.store.catalog.head()
             with self._lock.write():
-                for scope in SCOPES:
-                    changed |= self._apply(self._scopes[scope], image_head, event_head)
-                changed |= self.frames.sync(self.space)
+                flags = self._apply(self._scopes["flagged"], image_head, event_head)
+                changed |= self._apply(self._scopes["all"], image_head, event_head) | flags
+                frames = self.frames.sync(self.space)
+                if frames or flags or not self.frames.marked:
+                    self.frames.mark(self._scopes["flagged"].ids or set())
+                changed |= frames
             if self.auto_rebuild and (self._needs_space()
                                       or any(self._needs_retrain(self._scopes[sc]) for sc in SCOPES)):
                 log.info("refitting the matching space and rebuilding the indexes (%d vectors)",
@@ -369,6 +372,7 @@ class VectorIndex:
             self._swap(f)
         with self._lock.write():
             self.frames.sync(space)
+            self.frames.mark(self._scopes["flagged"].ids or set())
 
     def maybe_refresh(self) -> None:
         """Catch up when the last look is older than ``refresh_seconds`` (cheap: two catalog reads)."""
@@ -481,8 +485,7 @@ class VectorIndex:
             if self.frames.ntotal == 0:
                 return [FrameHits(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32),
                                   np.zeros(0, np.float32)) for _ in raw]
-            flagged = self._scopes["flagged"].ids if scope == "flagged" else None
-            return self.frames.search(self.space.apply(raw), k, flagged)
+            return self.frames.search(self.space.apply(raw), k, flagged=scope == "flagged")
 
     def _search_index(self, s: ScopeIndex, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         index = s.index
