@@ -46,6 +46,34 @@ def test_keyframes_are_the_scene_cuts_and_a_periodic_sample(slideshow):
     assert len(capped) == 4
 
 
+def test_frames_of_one_colour_are_never_keyframes_unless_the_clip_has_nothing_else():
+    """A white card and a black fade between scenes would match every blank picture a store holds at
+    similarity 1: they are never keyframes; a clip that is one colour throughout keeps its first frame."""
+    import av
+    from PIL import Image
+
+    def encoded(pictures: list) -> bytes:
+        import io
+        out = io.BytesIO()
+        with av.open(out, mode="w", format="mp4") as c:
+            st = c.add_stream("mpeg4", rate=10)
+            st.width, st.height, st.pix_fmt = 160, 120, "yuv420p"
+            for pic in pictures:
+                for _ in range(20):  # 2 s each
+                    for p in st.encode(av.VideoFrame.from_image(pic)):
+                        c.mux(p)
+            for p in st.encode():
+                c.mux(p)
+        return out.getvalue()
+    white, black = Image.new("RGB", (160, 120), "white"), Image.new("RGB", (160, 120), "black")
+    a, b = drawn_image(1, (160, 120)), drawn_image(2, (160, 120))
+    _, frames = keyframes(encoded([a, white, b, black, black, black]))
+    got = [k.offset_s for k in frames]
+    assert len(frames) == 2 and got[0] == 0.0 and abs(got[1] - 4.0) < 0.3, got  # a, then b: no card, no fade
+    _, frames = keyframes(encoded([black, black]))
+    assert [k.offset_s for k in frames] == [0.0]
+
+
 def test_a_reencoded_clip_has_the_same_cuts(slideshow):
     other = clip(SCENES, seconds_each=2.0, size=(320, 240), fps=25, fmt="webm", codec="libvpx-vp9")
     info, frames = keyframes(other)

@@ -2,6 +2,7 @@
 keyframes (offsets, vectors, thumbnails) and its vPDQ; a bad clip is a coded error that loses nothing else."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 from flagmatch.wiring import ingest_options
 from indexer.ingest.pipeline import ingest
 from indexer.ingest.sources import iter_sources
-from tests.helpers import write_images
+from tests.helpers import drawn_image, encode, write_images
 from tests.helpers.video import clip, damaged, hostile
 
 pytest.importorskip("av")
@@ -23,6 +24,11 @@ def _mixed(folder: Path) -> dict[str, Path]:
                        ("fake.mp4", b"these bytes say text, not video\n" * 10), ("cut.mp4", damaged(clip([6, 7])))):
         (folder / name).write_bytes(data)
         paths[name] = folder / name
+    frames = [drawn_image(s, (160, 120)).convert("P") for s in range(6)]  # an animated GIF is a clip
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=1500, loop=0)
+    (folder / "anim.gif").write_bytes(buf.getvalue())
+    (folder / "still.gif").write_bytes(encode(drawn_image(7), "GIF"))  # one frame: an image
     for kind in ("frame", "hours", "million", "box", "truncated"):  # each refused by its own code
         (folder / f"hostile-{kind}.mp4").write_bytes(hostile(kind)[0])
     return paths
@@ -31,7 +37,7 @@ def _mixed(folder: Path) -> dict[str, Path]:
 def test_a_mixed_folder_is_one_item_per_file_with_keyframes_and_vpdq(store, tiny_embedder, settings, tmp_path):
     paths = _mixed(tmp_path / "in")
     counts = ingest(store, tiny_embedder, iter_sources([str(tmp_path / "in")]), ingest_options(settings))
-    assert counts.new == 5 and counts.failed == 7, counts
+    assert counts.new == 7 and counts.failed == 7, counts
     errors = {Path(p).name: code for p, code, _ in store.catalog.errors()}
     assert errors["fake.mp4"] == "unsupported_format"
     assert errors["cut.mp4"] in ("corrupt", "truncated")
@@ -42,7 +48,10 @@ def test_a_mixed_folder_is_one_item_per_file_with_keyframes_and_vpdq(store, tiny
     recs = store.catalog.get_many(ids)
     videos = {Path(r.paths[0]).name: r for r in recs.values() if r.kind == "video"}
     images = [r for r in recs.values() if r.kind == "image"]
-    assert set(videos) == {"slides.mp4", "other.webm"} and len(images) == 3
+    assert set(videos) == {"slides.mp4", "other.webm", "anim.gif"} and len(images) == 4
+    anim = videos["anim.gif"]
+    assert anim.format == "gif" and anim.duration_s == pytest.approx(9.0, abs=0.1)
+    assert len(store.catalog.keyframes([anim.id])[anim.id]) >= 4
     slides = videos["slides.mp4"]
     assert slides.format == "mov" and slides.duration_s == pytest.approx(6.0, abs=0.3) and slides.frames >= 55
     frames = store.catalog.keyframes([slides.id])[slides.id]
@@ -66,4 +75,4 @@ def test_a_mixed_folder_is_one_item_per_file_with_keyframes_and_vpdq(store, tiny
         sig.vpdq, VPDQSignal.hash_from_file(paths["slides.mp4"])).match
     # a second run takes nothing in again
     again = ingest(store, tiny_embedder, iter_sources([str(tmp_path / "in")]), ingest_options(settings))
-    assert again.new == 0 and again.duplicates == 5 and again.failed == 7
+    assert again.new == 0 and again.duplicates == 7 and again.failed == 7

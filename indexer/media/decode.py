@@ -511,7 +511,7 @@ def _displayed_box(box: tuple[int, int, int, int], at: tuple[int, int], stored: 
 def _count_frames(im: Image.Image, fmt: str, data: bytes, fp: _Deadline, cap: int) -> int:
     """How many frames, without decoding them (Pillow's GIF ``n_frames`` decodes every frame)."""
     if fmt == "GIF":
-        return _gif_frames(data, cap)
+        return gif_frames(data, cap)
     if fmt == "TIFF":
         n = 1
         try:
@@ -528,7 +528,7 @@ def _count_frames(im: Image.Image, fmt: str, data: bytes, fp: _Deadline, cap: in
     return min(int(getattr(im, "n_frames", 1) or 1), cap)
 
 
-def _gif_frames(data: bytes, cap: int) -> int:
+def gif_frames(data: bytes, cap: int) -> int:
     """Count a GIF's image descriptors by walking its block structure (header, colour tables, blocks)."""
     end = len(data)
     if end < 13:

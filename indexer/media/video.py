@@ -3,7 +3,7 @@ images: an allow-list read from the bytes, never the name; a budget checked agai
 any frame is decoded; a coded ``DecodeError`` for everything refused.
 
 - **Allow-list**: the container is recognised from its first bytes (ISO BMFF ``ftyp``: MP4/MOV; EBML:
-  Matroska/WebM; ``RIFF…AVI``; GIF) and must be what FFmpeg then finds; the video codec must be one of
+  Matroska/WebM; ``RIFF…AVI``; GIF, when it has more than one frame) and must be what FFmpeg then finds; the video codec must be one of
   ``CODECS``. Audio and every other stream are never decoded.
 - **Budget** (``VideoLimits``), from the headers first: bytes, duration, frame size, frames (the count
   the container states, or duration × frame rate); then while decoding, because headers lie: frames
@@ -13,7 +13,9 @@ any frame is decoded; a coded ``DecodeError`` for everything refused.
   ``keyframe_side`` — never more than ``max_keyframes`` of them.
 - **Keyframes**: the first frame, every frame that differs from the last sampled one by more than
   ``scene_cut`` (mean absolute difference of the grey copies, 0–1: a scene cut), and one every
-  ``every_s`` seconds; frames are looked at ``sample_fps`` times a second at most."""
+  ``every_s`` seconds; frames are looked at ``sample_fps`` times a second at most. A frame of one colour
+  (grey copy's standard deviation under ``flat``: a fade, a black or white card) is never kept — it would
+  match every blank picture in a store at similarity 1 — unless the clip has nothing else (then its first)."""
 from __future__ import annotations
 
 import io
@@ -50,6 +52,7 @@ class VideoLimits:
     scene_cut: float = 0.12            # mean absolute grey difference (0-1) that starts a new scene
     sample_fps: float = 4.0            # frames looked at per second, at most
     keyframe_side: int = 512           # a kept keyframe's long side, at most
+    flat: float = 0.008                # a frame whose grey copy varies less than this (std, 0-1) is not kept
 
 
 @dataclass(frozen=True)
@@ -168,6 +171,7 @@ def _choose(container, info: VideoInfo, limits: VideoLimits) -> Iterator[Keyfram
     decoded = kept = 0
     last_look = last_kept = -1e9
     prev: np.ndarray | None = None
+    blank: Keyframe | None = None  # the first frame, held while every frame so far is flat
     try:
         for frame in container.decode(stream):
             decoded += 1
@@ -187,6 +191,11 @@ def _choose(container, info: VideoInfo, limits: VideoLimits) -> Iterator[Keyfram
             cut = prev is None or float(np.abs(grey - prev).mean()) > limits.scene_cut
             prev = grey
             if cut or t - last_kept >= limits.every_s:
+                if float(grey.std()) < limits.flat:
+                    if blank is None and not kept:
+                        image.thumbnail((limits.keyframe_side, limits.keyframe_side), Image.BILINEAR)
+                        blank = Keyframe(round(t, 3), image, cut)
+                    continue
                 image.thumbnail((limits.keyframe_side, limits.keyframe_side), Image.BILINEAR)
                 yield Keyframe(round(t, 3), image, cut)
                 kept += 1
@@ -198,18 +207,26 @@ def _choose(container, info: VideoInfo, limits: VideoLimits) -> Iterator[Keyfram
                           code="corrupt") from None
     if decoded == 0:
         raise DecodeError("the video holds no decodable frame", code="truncated")
+    if not kept and blank is not None:  # a clip of one colour throughout: its first frame stands for it
+        yield blank
     if info.frames and decoded < 0.9 * info.frames and decoded + 2 < info.frames:
         raise DecodeError(f"the video ends after {decoded} of the {info.frames} frames it states", code="truncated")
 
 
 # ---------------------------------------------------------------- a clip made ready for the model
 
-VIDEO_CONTAINERS = ("mp4", "matroska", "avi")  # an animated GIF stays an image (its frames are counted there)
+VIDEO_CONTAINERS = ("mp4", "matroska", "avi")
 
 
 def is_video(data: bytes) -> bool:
-    """Whether these bytes start like a video container flagmatch takes (MP4/MOV, WebM/MKV, AVI)."""
-    return sniff(data) in VIDEO_CONTAINERS
+    """Whether these bytes are taken as video: they start like MP4/MOV, WebM/MKV or AVI, or they are a GIF of
+    more than one frame (an animated GIF is a clip: its unsafe frame need not be its first). A still GIF is an
+    image; frames are counted by walking the GIF's blocks, nothing is decoded."""
+    kind = sniff(data)
+    if kind == "gif":
+        from indexer.media.decode import gif_frames
+        return gif_frames(data, 2) > 1
+    return kind in VIDEO_CONTAINERS
 
 
 @dataclass(frozen=True)
