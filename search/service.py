@@ -16,7 +16,7 @@ import numpy as np
 from indexer.storage.catalog import ImageRecord
 from indexer.media.decode import DEFAULT_LIMITS, DecodedImage, DecodeLimits, InputSpec, decode, plan
 from indexer.media.video import DecodedVideo, VideoLimits, decode_video, is_video, keyframes, probe, vpdq_of_bytes
-from indexer.models.embed import Embedder, coming
+from indexer.models.embed import Embedder, blank_like, coming
 from indexer.errors import InvalidInputError, ModelLoadError, NotFoundError
 from indexer.storage.store import Store
 from indexer.models.threads import DECODE, worker_started
@@ -221,7 +221,9 @@ class SearchService:
         t2 = time.perf_counter()
         t.decode, t.embed = (t1 - t0) * 1000, (t2 - t1) * 1000
 
-        if clips:  # a clip's own row: its keyframes' mean (as its stored vector is made), with their worst P(unsafe)
+        if clips:  # keyframes the model sees as blank out; a clip's own row: its keyframes' mean (as its stored
+            # vector is made), with their worst P(unsafe)
+            vectors, p, owner, names = self._drop_blank(vectors, p, owner, names, clips)
             vectors, p = self._clip_rows(vectors, p, owner, names, clips)
         # P(unsafe) and the heads' scores are the whole image's, or the whole clip's
         full = [next(i for i, (o, v) in enumerate(zip(owner, names)) if o == n and v in ("full", "clip"))
@@ -229,13 +231,31 @@ class SearchService:
         heads = self.heads
         by_head = {h.label: h.predict(vectors[full]) for h in heads}
         qs = [Query(name, sha, float(p[i]), known, {lab: round(float(v[n]), 6) for lab, v in by_head.items()},
-                    kind="video" if n in clips else "image", keyframes=len(clips[n].frames) if n in clips else 0)
+                    kind="video" if n in clips else "image",
+                    keyframes=sum(1 for o, v in zip(owner, names) if o == n and v.startswith("@") and "/" not in v))
               for n, ((name, sha, known), i) in enumerate(zip(queries, full))]
         return self._search(qs, vectors, params, t, exclude=[set() for _ in qs], owner=owner, views=names,
                             signals=signals, local=local, boxes=boxes, greys=greys,
                             fallback=functools.partial(self._grid_parts, uploads, t, boxes, greys,
                                                        [f is not None for f in local])
                             if self.grid_below > -1 else None)
+
+    def _drop_blank(self, vectors: np.ndarray, p: np.ndarray, owner: list[int], names: list[str],
+                    clips: dict[int, DecodedVideo]) -> tuple[np.ndarray, np.ndarray, list[int], list[str]]:
+        """A clip's keyframes the model sees as blank (``blank_like``: fades, cards) dropped with their views,
+        as ingest drops them from a stored video — unless the clip has nothing else."""
+        assert self.embedder is not None
+        blank = blank_like(self.embedder, vectors)
+        drop: set[tuple[int, str]] = set()
+        for n in clips:
+            mine = [i for i, (o, v) in enumerate(zip(owner, names)) if o == n and "/" not in v]
+            gone = {names[i] for i in mine if blank[i]}
+            if len(gone) < len(mine):
+                drop.update((n, tag) for tag in gone)
+        keep = [i for i, (o, v) in enumerate(zip(owner, names)) if (o, v.split("/")[0]) not in drop]
+        if len(keep) == len(owner):
+            return vectors, p, owner, names
+        return vectors[keep], p[keep], [owner[i] for i in keep], [names[i] for i in keep]
 
     @staticmethod
     def _clip_rows(vectors: np.ndarray, p: np.ndarray, owner: list[int], names: list[str],
@@ -299,6 +319,9 @@ class SearchService:
                 views.append(view)
         g1 = time.perf_counter()
         vectors = self.embedder.embed(np.stack(px))[0] if px else np.empty((0, 0), np.float32)
+        if px and any(v.startswith("@") for v in views):  # a clip's blank parts (a white corner) carry no evidence
+            keep = np.flatnonzero(~blank_like(self.embedder, vectors) | ~np.array([v.startswith("@") for v in views]))
+            vectors, owner, views = vectors[keep], [owner[i] for i in keep], [views[i] for i in keep]
         t.decode += (g1 - g0) * 1000
         t.embed += (time.perf_counter() - g1) * 1000
         return vectors, owner, views

@@ -76,3 +76,38 @@ def test_a_mixed_folder_is_one_item_per_file_with_keyframes_and_vpdq(store, tiny
     # a second run takes nothing in again
     again = ingest(store, tiny_embedder, iter_sources([str(tmp_path / "in")]), ingest_options(settings))
     assert again.new == 0 and again.duplicates == 7 and again.failed == 7
+
+
+def test_keyframes_the_model_sees_as_blank_are_left_out(tmp_path, opennsfw):
+    """A keyframe the model cannot tell from a plain picture (cosine ≥ 0.98 to its white, black or grey) would
+    match every blank image in a store at similarity 1 (benchmarks/video.py met clipart line art that open_nsfw
+    embeds exactly as white). The decoder's own flat-frame rule is turned off here (``flat=0``), so a white card
+    reaches the model: the stored video keeps its other scenes only, and its vector is their mean."""
+    from dataclasses import replace
+
+    from PIL import Image
+
+    from flagmatch.settings import Settings
+    from flagmatch.wiring import open_store
+    from indexer.models.embed import blank_like
+    from tests.helpers import photo_image
+    from tests.helpers.video import slideshow
+    folder = tmp_path / "in"
+    folder.mkdir()
+    card = Image.new("RGB", (640, 480), "white")
+    (folder / "v.mp4").write_bytes(slideshow([photo_image(1), card, photo_image(2)], seconds_each=3.0))
+    s = Settings.load({"home": str(tmp_path / "home"), "model": "opennsfw"}, environ={})
+    store = open_store(s)
+    opts = ingest_options(s)
+    counts = ingest(store, opennsfw, iter_sources([str(folder)]), replace(opts, video=replace(opts.video, flat=0.0)))
+    assert counts.new == 1
+    vid = store.catalog.image_ids()[0]
+    frames = store.catalog.keyframes([vid])[vid]
+    offsets = [f.offset_s for f in frames]
+    assert offsets and all(not 3.0 <= o < 6.0 for o in offsets) and any(o >= 6.0 for o in offsets), offsets
+    kv = store.open_vectors().get_rows(np.array([f.vec_segment for f in frames]), np.array([f.vec_row for f in frames]))
+    assert not blank_like(opennsfw, kv).any()
+    assert blank_like(opennsfw, opennsfw.embed(np.stack([np.full((224, 224, 3), 255, np.uint8)]))[0]).all()
+    mean = kv.mean(axis=0)
+    assert np.allclose(store.open_vectors().get([vid])[0], mean / np.linalg.norm(mean), atol=1e-5)
+    store.close()

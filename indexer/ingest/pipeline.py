@@ -3,7 +3,12 @@
 Reading, hashing and decoding run in a thread pool (Pillow releases the GIL while it decodes) while
 the model runs the previous batch on the main thread. Content already in the catalog (same sha256)
 is never decoded or embedded again. Each write is: thumbnails, raw vectors (fsynced), then one catalog
-transaction — so a crash at any moment loses nothing and duplicates nothing on the next run."""
+transaction — so a crash at any moment loses nothing and duplicates nothing on the next run.
+
+A clip (``indexer.media.video``: told from its bytes) is decoded into its keyframes and hashed (MD5, vPDQ) on
+the same threads; each keyframe is a model input of the same batches, and the write adds the clip's item (its
+keyframes' mean vector) with its keyframes' rows, thumbnails and raw vectors in the same order and
+transaction."""
 from __future__ import annotations
 
 import hashlib
@@ -20,7 +25,7 @@ import numpy as np
 from indexer.storage.catalog import FlagRequest, IngestCounts, NewImage, NewKeyframe
 from indexer.media.decode import DEFAULT_LIMITS, DecodedImage, DecodeLimits, InputSpec, decode
 from indexer.media.video import DecodedVideo, VideoLimits, decode_video, is_video
-from indexer.models.embed import Embedder
+from indexer.models.embed import Embedder, blank_like
 from indexer.errors import DecodeError
 from indexer.storage import verdicts
 from indexer.media.hashes import Pdq, md5_of
@@ -92,7 +97,8 @@ class EmbeddedBatch:
     batch: Batch
     vectors: np.ndarray  # float32 [n, d], L2-normalised: an image's own, a clip's keyframes' mean
     p_unsafe: np.ndarray  # float32 [n]: an image's own, a clip's most unsafe keyframe's
-    frames: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # a clip's keyframes, by position
+    # a clip's keyframes, by position: (vectors, P(unsafe), which of its decoded keyframes they are)
+    frames: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
 
 
 class Progress(Protocol):
@@ -193,7 +199,8 @@ def model_lanes(embedder: Embedder, requested: int) -> tuple[int, Embedder]:
 
 def embed_batch(embedder: Embedder, batch: Batch) -> EmbeddedBatch:
     """One forward pass over every model input of the batch; a clip's keyframes are folded into its item's
-    vector (their mean, L2-normalised) and P(unsafe) (the most unsafe keyframe's) and kept as its frames."""
+    vector (their mean, L2-normalised) and P(unsafe) (the most unsafe keyframe's) and kept as its frames —
+    those the model sees as blank left out (``blank_like``), unless the clip has nothing else."""
     if not batch.decoded:
         return EmbeddedBatch(batch, np.zeros((0, embedder.info.dim), np.float32), np.zeros(0, np.float32))
     pixels = np.stack([px for d in batch.decoded for px in d.rows])
@@ -209,10 +216,14 @@ def embed_batch(embedder: Embedder, batch: Batch) -> EmbeddedBatch:
             items.append(v[0])
             ps.append(pk[0])
             continue
+        keep = ~blank_like(embedder, v)
+        if not keep.any():
+            keep[0] = True
+        v, pk = v[keep], pk[keep]
         mean = v.mean(axis=0)
         items.append(mean / max(float(np.linalg.norm(mean)), 1e-12))
         ps.append(pk.max())
-        frames[n] = (v, pk)
+        frames[n] = (v, pk, np.flatnonzero(keep))
     return EmbeddedBatch(batch, np.stack(items).astype(np.float32), np.asarray(ps, np.float32), frames)
 
 
@@ -240,18 +251,18 @@ class Writer:
                            f"P({h.label}) {float(scores[h.label][i]):.3f} >= threshold {h.threshold:.3f}")
 
     def _new_item(self, d: Decoded, p: float, i: int, paths: list[tuple[str, str | None]], flags: list[FlagRequest],
-                  row: int, frames: tuple[np.ndarray, np.ndarray] | None, frame_row: int) -> NewImage:
+                  row: int, frames: tuple[np.ndarray, np.ndarray, np.ndarray] | None, frame_row: int) -> NewImage:
         """An image, or a clip with its keyframes (thumbnails first; the clip's tile is its most unsafe keyframe)."""
         v = d.video
         if v is None or frames is None:
             return NewImage(0, d.sha256, d.size, d.image.format, d.image.width, d.image.height, d.image.frames, p,
                             self.store.write_thumbnail(d.sha256, d.image.thumbnail), tuple(paths), md5=d.md5,
                             pdq=d.image.pdq, flags=tuple(flags), vec_segment=self.segment.number, vec_row=row)
-        ps = frames[1]
-        thumbs = [self.store.write_thumbnail(keyframe_name(d.sha256, f.offset_s), f.image.thumbnail) for f in v.frames]
+        ps, kept = frames[1], [v.frames[j] for j in frames[2]]
+        thumbs = [self.store.write_thumbnail(keyframe_name(d.sha256, f.offset_s), f.image.thumbnail) for f in kept]
         tile = int(np.argmax(ps))
         kfs = tuple(NewKeyframe(f.offset_s, f.scene_cut, float(ps[k]), thumbs[k], frame_row + k)
-                    for k, f in enumerate(v.frames))
+                    for k, f in enumerate(kept))
         return NewImage(0, d.sha256, d.size, v.info.container, v.info.width, v.info.height, v.info.frames, p,
                         thumbs[tile], tuple(paths), md5=d.md5, flags=tuple(flags), vec_segment=self.segment.number,
                         vec_row=row, kind="video", duration_s=round(v.info.duration_s, 3), vpdq=v.vpdq, keyframes=kfs)
@@ -295,8 +306,8 @@ class Writer:
         first_row = self.segment.append(eb.vectors) if n else 0  # fsynced before the catalog commits
         frame_rows: dict[int, int] = {}  # a clip's first keyframe row, by position
         if eb.frames:
-            at = self.segment.append(np.concatenate([v for v, _ in eb.frames.values()]))
-            for i, (v, _) in eb.frames.items():
+            at = self.segment.append(np.concatenate([v for v, _, _ in eb.frames.values()]))
+            for i, (v, _, _) in eb.frames.items():
                 frame_rows[i] = at
                 at += len(v)
         images = [self._new_item(d, float(p), i, paths[i], image_flags[i], first_row + i,

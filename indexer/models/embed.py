@@ -431,6 +431,31 @@ class SerialEmbedder:
                 start += len(pixels)
 
 
+# A video frame the model cannot tell from a plain one (cosine at least this to its embedding of a white, black
+# or mid-grey picture) carries no evidence: fades, title cards, line art too thin for the model's input. Such a
+# keyframe matched every blank picture in a store at similarity 1 (benchmarks/video.py: open_nsfw put a thin
+# circle outline on white at cosine 1.000 to white; real keyframes and stills sat at 0.45–0.83).
+BLANK_COSINE = 0.98
+_blank_refs: dict[str, np.ndarray] = {}
+_blank_lock = threading.Lock()
+
+
+def blank_like(embedder: Embedder, vectors: np.ndarray) -> np.ndarray:
+    """bool [n]: which of ``vectors`` (this embedder's) are of pictures the model sees as blank."""
+    from PIL import Image
+
+    from indexer.media.decode import decode_frame
+    key = embedder.info.model_id + embedder.info.preprocessing
+    with _blank_lock:
+        refs = _blank_refs.get(key)
+        if refs is None:
+            plain = [decode_frame(Image.new("RGB", (64, 64), c), embedder.info.input).pixels
+                     for c in ((255, 255, 255), (0, 0, 0), (128, 128, 128))]
+            refs = _blank_refs[key] = embedder.embed(np.stack(plain))[0]
+    v = np.atleast_2d(np.asarray(vectors, np.float32))
+    return (v @ refs.T).max(axis=1) >= BLANK_COSINE if len(v) else np.zeros(0, bool)
+
+
 def coming(embedder: Embedder) -> "contextlib.AbstractContextManager[None]":
     """``embedder.coming()`` where the embedder schedules by requests on their way, else nothing."""
     return embedder.coming() if isinstance(embedder, SerialEmbedder) else contextlib.nullcontext()
