@@ -15,7 +15,7 @@ import pytest
 from indexer.errors import DecodeError
 from indexer.media.video import VideoLimits, keyframes, probe, sniff, vpdq_json, vpdq_match
 from tests.helpers import drawn_image, encode
-from tests.helpers.video import clip, hostile, reencode
+from tests.helpers.video import clip, encode_frames, hostile, reencode
 
 SCENES = [3, 17, 29]
 
@@ -49,22 +49,10 @@ def test_keyframes_are_the_scene_cuts_and_a_periodic_sample(slideshow):
 def test_frames_of_one_colour_are_never_keyframes_unless_the_clip_has_nothing_else():
     """A white card and a black fade between scenes would match every blank picture a store holds at
     similarity 1: they are never keyframes; a clip that is one colour throughout keeps its first frame."""
-    import av
     from PIL import Image
 
-    def encoded(pictures: list) -> bytes:
-        import io
-        out = io.BytesIO()
-        with av.open(out, mode="w", format="mp4") as c:
-            st = c.add_stream("mpeg4", rate=10)
-            st.width, st.height, st.pix_fmt = 160, 120, "yuv420p"
-            for pic in pictures:
-                for _ in range(20):  # 2 s each
-                    for p in st.encode(av.VideoFrame.from_image(pic)):
-                        c.mux(p)
-            for p in st.encode():
-                c.mux(p)
-        return out.getvalue()
+    def encoded(pictures: list) -> bytes:  # 2 s of each, held still
+        return encode_frames((np.asarray(pic) for pic in pictures for _ in range(20)), (160, 120), 10)
     white, black = Image.new("RGB", (160, 120), "white"), Image.new("RGB", (160, 120), "black")
     a, b = drawn_image(1, (160, 120)), drawn_image(2, (160, 120))
     _, frames = keyframes(encoded([a, white, b, black, black, black]))

@@ -4,59 +4,60 @@ from __future__ import annotations
 
 import io
 import struct
+from typing import Iterator
 
 import numpy as np
 
 from tests.helpers import drawn_image, encode
 
 
+def encode_frames(frames: Iterator[np.ndarray], size: tuple[int, int], fps: int, fmt: str = "mp4",
+                  codec: str = "mpeg4", bit_rate: int = 400_000) -> bytes:
+    """RGB frames (uint8 arrays of ``size``) encoded with PyAV."""
+    import av
+    out = io.BytesIO()
+    with av.open(out, mode="w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        stream.bit_rate = bit_rate
+        for rgb in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return out.getvalue()
+
+
 def clip(scenes: list[int], seconds_each: float = 2.0, size: tuple[int, int] = (160, 120), fps: int = 10,
          fmt: str = "mp4", codec: str = "mpeg4", pan: bool = True) -> bytes:
     """A slideshow: each scene is ``drawn_image(seed)`` for ``seconds_each``, panned slowly (every frame
     differs a little, as camera footage does)."""
-    import av
     w, h = size
-    out = io.BytesIO()
-    with av.open(out, mode="w", format=fmt) as container:
-        stream = container.add_stream(codec, rate=fps)
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.bit_rate = 400_000
+    n = int(seconds_each * fps)
+
+    def frames() -> Iterator[np.ndarray]:
         for seed in scenes:
             big = np.asarray(drawn_image(seed, (w + 40, h + 30)).convert("RGB"))
-            n = int(seconds_each * fps)
             for i in range(n):
                 dx = int(40 * i / max(n - 1, 1)) if pan else 0
-                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(big[15:15 + h, dx:dx + w]), format="rgb24")
-                for packet in stream.encode(frame):
-                    container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return out.getvalue()
+                yield big[15:15 + h, dx:dx + w]
+    return encode_frames(frames(), size, fps, fmt, codec)
 
 
 def slideshow(pictures: list, seconds_each: float = 2.0, size: tuple[int, int] = (192, 144), fps: int = 10,
               fmt: str = "mp4", codec: str = "mpeg4") -> bytes:
     """A clip showing each picture (a PIL image) for ``seconds_each``, scaled to the frame, zooming in slowly."""
-    import av
     from PIL import Image
-    w, h = size
-    out = io.BytesIO()
-    with av.open(out, mode="w", format=fmt) as container:
-        stream = container.add_stream(codec, rate=fps)
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.bit_rate = 600_000
+    n = int(seconds_each * fps)
+
+    def frames() -> Iterator[np.ndarray]:
         for pic in pictures:
-            n = int(seconds_each * fps)
+            pw, ph = pic.size
             for i in range(n):
                 z = 0.06 * i / max(n - 1, 1)  # up to 6 % in
-                pw, ph = pic.size
                 box = (pw * z / 2, ph * z / 2, pw * (1 - z / 2), ph * (1 - z / 2))
-                frame = pic.convert("RGB").resize((w, h), Image.BILINEAR, box=box)
-                for packet in stream.encode(av.VideoFrame.from_image(frame)):
-                    container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return out.getvalue()
+                yield np.asarray(pic.convert("RGB").resize(size, Image.BILINEAR, box=box))
+    return encode_frames(frames(), size, fps, fmt, codec, 600_000)
 
 
 def _box(data: bytes, kind: bytes, start: int = 0) -> int:
