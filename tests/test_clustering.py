@@ -277,3 +277,38 @@ def test_the_cached_nn_descent_gives_the_librarys_graph(monkeypatch):
     got = graph()
     assert calls and (got[0] == want[0]).all() and np.allclose(got[1], want[1], rtol=0, atol=1e-6)
     assert nndescent._nn_descent_dot.signatures  # the cached path ran, not the library fallback
+
+
+def test_flagged_videos_join_the_job_and_re_uploads_of_one_clip_group_together(tmp_path, opennsfw):
+    """Videos are points of the clustering job through their own vector (their keyframes' mean): twelve
+    re-encodes of each of two clips — other sizes, bit rates, codecs, trims — group by the clip they copy."""
+    pytest.importorskip("av")
+    from flagmatch.settings import Settings
+    from flagmatch.wiring import ingest_into, open_store
+    from indexer.ingest.sources import iter_sources
+    from tests.helpers import photo_image
+    from tests.helpers.video import reencode, slideshow
+    folder = tmp_path / "in"
+    folder.mkdir()
+    truth = {}
+    for g, seeds in enumerate(([11, 12, 13], [14, 15, 16])):
+        base = slideshow([photo_image(s) for s in seeds], seconds_each=2.0)
+        for k in range(12):
+            fmt, codec = (("webm", "libvpx-vp9"), ("mp4", "mpeg4"))[k % 2]
+            size = ((160, 120), (192, 144), (128, 96))[k % 3]
+            name = f"g{g}_{k:02d}.{fmt}"
+            (folder / name).write_bytes(reencode(base, size, fmt=fmt, codec=codec, bit_rate=120_000 + 20_000 * k,
+                                                 start_s=0.2 * (k % 4)))
+            truth[name] = g
+    s = Settings.load({"home": str(tmp_path / "home"), "model": "opennsfw", "flag_threshold": 0.0}, environ={})
+    store = open_store(s)
+    assert ingest_into(s, iter_sources([str(folder)]), store=store, embedder=opennsfw).counts.new == 24
+    cs = ClusterStore(store)
+    r = run_clustering(store, cs, ClusterParams(min_cluster_size=5, neighbors=8, seed=7))
+    ids, cl, _, _ = cs.map_points(r.run.id)
+    recs = store.catalog.get_many(ids)
+    assert all(recs[i].kind == "video" for i in ids) and len(ids) == 24
+    got = list(cl)
+    want = [truth[recs[i].paths[0].split("/")[-1]] for i in ids]
+    assert r.clusters == 2 and adjusted_rand_score(want, got) == 1.0, (got, want)
+    store.close()
