@@ -234,9 +234,11 @@ def openapi_document() -> dict[str, Any]:
                 "BankMatch": {"type": "object", "required": ["bank", "entry_id", "signal_type", "distance", "threshold"],
                               "properties": {
                                   "bank": {"type": "string"}, "role": {"type": "string", "enum": ["match", "negative"]},
-                                  "entry_id": {"type": "integer"}, "signal_type": {"type": "string", "enum": ["pdq", "md5"]},
+                                  "entry_id": {"type": "integer"}, "signal_type": {"type": "string", "enum": ["pdq", "md5", "vpdq"]},
                                   "signal": {"type": "string"}, "distance": {"type": "integer"},
                                   "threshold": {"type": "integer"}, "external_id": {"type": ["string", "null"]},
+                                  "similarity": {"type": ["string", "null"], "description": "vPDQ: the share of the "
+                                                 "query's and of the entry's frames that matched, as HMA writes it"},
                                   "tags": {"type": "array", "items": {"type": "string"}}}},
                 "HashEvidence": {"type": "object", "description": "the query's hashes, the bank entries "
                                  "they match, and stored images sharing them", "allOf": [

@@ -90,6 +90,10 @@ def test_an_hma_client_banks_a_clip_and_finds_its_trimmed_reencode(served, tmp_p
     ours = r.json()["vpdq"]
     ref = VPDQSignal.compare_hash(got["vpdq"], copy_vpdq)
     assert ours[0] == ref.match and ours[1]["query_match_percent"] == pytest.approx(ref.distance.query_match_percent)
+    # flagmatch's vPDQ threshold is threatexchange's: 80 % of the query's frames matched
+    from threatexchange.extensions.vpdq.vpdq_util import VPDQ_QUERY_MATCH_THRESHOLD_PERCENT
+    from search.hashmatch import VPDQ_THRESHOLD
+    assert VPDQ_THRESHOLD == 100 - VPDQ_QUERY_MATCH_THRESHOLD_PERCENT
     # the types HMA lists
     assert {"name": "vpdq", "enabled_ratio": 1.0} in requests.get(f"{base}/c/signal_type", headers=AUTH, timeout=30).json()
     assert requests.get(f"{base}/m/index/status", headers=AUTH, timeout=30).json()["vpdq"]["size"] == 1

@@ -89,6 +89,8 @@ def test_a_trimmed_reencoded_clip_finds_its_original_first_with_frame_pairs(clie
     assert top["similarity"] > res["hits"][1]["similarity"]
     # the query carries the clip's hashes: MD5 and vPDQ
     assert res["hashes"]["vpdq"] and res["hashes"]["pdq"] is None
+    # and the stored video is matched by vPDQ too, with HMA's semantics
+    assert [(m["id"], m["signal_type"]) for m in res["hashes"]["image_matches"]] == [(ids["party.mp4"], "vpdq")]
 
 
 def test_a_still_finds_the_clip_it_comes_from_and_a_clip_finds_the_picture_it_shows(client, video_home):
