@@ -197,14 +197,19 @@ def model_lanes(embedder: Embedder, requested: int) -> tuple[int, Embedder]:
     return lanes, for_lanes(lanes)
 
 
-def embed_batch(embedder: Embedder, batch: Batch) -> EmbeddedBatch:
+def embed_batch(embedder: Embedder, batch: Batch, most: int = 0) -> EmbeddedBatch:
     """One forward pass over every model input of the batch; a clip's keyframes are folded into its item's
     vector (their mean, L2-normalised) and P(unsafe) (the most unsafe keyframe's) and kept as its frames —
-    those the model sees as blank left out (``blank_like``), unless the clip has nothing else."""
+    those the model sees as blank left out (``blank_like``), unless the clip has nothing else. ``most``: the
+    model is given at most this many inputs at once (a clip's keyframes can outnumber the batch size)."""
     if not batch.decoded:
         return EmbeddedBatch(batch, np.zeros((0, embedder.info.dim), np.float32), np.zeros(0, np.float32))
     pixels = np.stack([px for d in batch.decoded for px in d.rows])
-    vectors, p = embedder.embed(pixels)
+    if 0 < most < len(pixels):
+        parts = [embedder.embed(pixels[i:i + most]) for i in range(0, len(pixels), most)]
+        vectors, p = np.concatenate([v for v, _ in parts]), np.concatenate([q for _, q in parts])
+    else:
+        vectors, p = embedder.embed(pixels)
     if all(d.video is None for d in batch.decoded):
         return EmbeddedBatch(batch, vectors, p)
     items, ps, frames, at = [], [], {}, 0
@@ -422,7 +427,7 @@ def ingest(store: Store, embedder: Embedder, sources: Iterable[Source], opts: In
             if not (batch.decoded or batch.duplicates or batch.failed):
                 return
             done, batch = batch, Batch()
-            embedding.append(model_pool.submit(embed_batch, model, done))
+            embedding.append(model_pool.submit(embed_batch, model, done, per_batch))
             while len(embedding) >= lanes or (embedding and embedding[0].done()):
                 write_oldest()
 

@@ -391,11 +391,18 @@ class SerialEmbedder:
         return self._busy
 
     def embed(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A request's pixels, in batches of at most ``max_batch`` (a clip's keyframes and their views are
+        hundreds of inputs: the model never holds more than a batch's activations at once)."""
         from concurrent.futures import Future
-        fut: Future = Future()
         self._arrived()  # before the batch is queued: a lane that takes it must not count this request as coming
-        self._queue.put((pixels, fut))
-        return fut.result()
+        futs: list[Future] = []
+        for start in range(0, len(pixels), self.max_batch) if len(pixels) else [0]:
+            futs.append(Future())
+            self._queue.put((pixels[start:start + self.max_batch], futs[-1]))
+        if len(futs) == 1:
+            return futs[0].result()  # type: ignore[no-any-return]
+        parts = [f.result() for f in futs]
+        return np.concatenate([e for e, _ in parts]), np.concatenate([p for _, p in parts])
 
     def _run(self) -> None:
         import queue
