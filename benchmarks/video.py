@@ -169,11 +169,7 @@ def search(base: str, token: str, name: str, data: bytes, k: int = 10) -> tuple[
 CHILD = """
 import json, sys, time
 
-
-def hwm():  # this process's own peak RSS in KiB (ru_maxrss would carry the parent's from before exec)
-    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
-
-
+from tests.helpers import own_peak_rss_kib as hwm
 from indexer.media.decode import InputSpec
 from indexer.media.video import VideoLimits, keyframes, vpdq_of_bytes
 import av, vpdq  # noqa: F401  (imported before the baseline is read)

@@ -143,11 +143,7 @@ def keyframes(image_id: int) -> Response:
 def keyframe_thumbnail(image_id: int, keyframe_id: int) -> Response:
     """A video keyframe's WebP, blurred for a moderator exactly as image thumbnails are (``thumbnail``); its
     reveal is its own (audit target ``keyframe:<id>``)."""
-    rt = runtime()
-    rt.store.catalog.get(image_id)
-    frame = next((f for f in rt.store.catalog.keyframes([image_id]).get(image_id, []) if f.id == keyframe_id), None)
-    if frame is None:
-        raise NotFoundError(f"image {image_id} has no keyframe {keyframe_id}")
+    frame = runtime().store.catalog.keyframe(image_id, keyframe_id)
     return _thumbnail_response(frame.thumb_key, f"keyframe:{keyframe_id}", f"keyframe {keyframe_id}")
 
 

@@ -9,7 +9,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import numpy as np
 
@@ -41,6 +41,7 @@ VIEWS = ("trimmed", "content", "cells", "mirror")
 DEFAULT_VIEWS = ("trimmed", "content", "cells")
 Box = tuple[int, int, int, int]
 ClusterLookup = Callable[[Sequence[int]], dict[int, dict[str, Any]]]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -277,19 +278,11 @@ class SearchService:
     def _decode_video(self, data: bytes, spec: InputSpec, views: tuple[str, ...] = ("trimmed",),
                       vpdq: bool = True) -> DecodedVideo:
         """An uploaded clip's keyframes (with ``views``: the trimmed box of a letterboxed re-upload; the grid
-        for a second pass) and, when hashes are matched, its vPDQ — decoded on the decode pool within the
-        admission budget, reserved from the headers: the largest frame FFmpeg holds, times its few reference
-        frames, and the keyframes kept."""
-        lim = self.video_limits
-
+        for a second pass) and, when hashes are matched, its vPDQ — on the decode pool, within the admission
+        budget (``_video_cost``)."""
         def work() -> DecodedVideo:
-            return decode_video(data, spec, lim, views=views, want_vpdq=vpdq and self.hashes is not None)
-        if self.admission is None:
-            return self._decoders.submit(work).result()
-        info = probe(data, lim)
-        kept = lim.max_keyframes * (2 * spec.size * spec.size * 3 + lim.keyframe_side * lim.keyframe_side * 3)
-        with self.admission.reserve(info.width * info.height * 4 * 8 + kept):
-            return self._decoders.submit(work).result()
+            return decode_video(data, spec, self.video_limits, views=views, want_vpdq=vpdq and self.hashes is not None)
+        return self._on_decoders(work, lambda: self._video_cost(data, spec))
 
     def _grid_parts(self, uploads: Sequence[tuple[str, bytes]], t: Timings, boxes: list[dict[str, Box]],
                     greys: list[dict[str, np.ndarray]], verified: list[bool],
@@ -342,13 +335,25 @@ class SearchService:
             img = decode(data, spec, self.limits, thumb_size=0, views=v, grey_side=side, view_greys=grey)
             return img, (QueryFeatures(img.grey) if local and img.grey is not None else None)
 
-        def run() -> tuple[DecodedImage, QueryFeatures | None]:
-            return self._decoders.submit(work).result()
+        # the header's promise, checked against the budget
+        return self._on_decoders(work, lambda: plan(data, spec, self.limits, thumb_size=side).bytes)
+
+    def _on_decoders(self, work: Callable[[], T], cost: Callable[[], int]) -> T:
+        """``work`` on the decode pool, within the worker's admission budget: ``cost()`` (the bytes the file's
+        headers promise decoding will take) is reserved first, when there is a budget."""
         if self.admission is None:
-            return run()
-        cost = plan(data, spec, self.limits, thumb_size=side)  # the header's promise, checked against the budget
-        with self.admission.reserve(cost.bytes):
-            return run()
+            return self._decoders.submit(work).result()
+        with self.admission.reserve(cost()):
+            return self._decoders.submit(work).result()
+
+    def _video_cost(self, data: bytes, spec: InputSpec | None = None) -> int:
+        """What decoding a clip holds at most, from its headers: the largest frame FFmpeg holds times its few
+        reference frames, and (with ``spec``: keyframes made ready for the model) the keyframes kept."""
+        lim = self.video_limits
+        info = probe(data, lim)
+        kept = 0 if spec is None else \
+            lim.max_keyframes * (2 * spec.size * spec.size * 3 + lim.keyframe_side * lim.keyframe_side * 3)
+        return info.width * info.height * 4 * 8 + kept
 
     def hash_image(self, data: bytes) -> Pdq | None:
         """PDQ of an upload (decoded safely as for a search; no model needed)."""
@@ -358,16 +363,10 @@ class SearchService:
     def hash_video(self, data: bytes) -> str:
         """vPDQ of an uploaded clip (threatexchange's signal string), decoded within the video budgets first;
         no model needed. A DecodeError names what is wrong with the clip."""
-        lim = self.video_limits
-
         def work() -> str:
-            keyframes(data, lim)  # the budgets, checked by decoding what vpdq will decode
+            keyframes(data, self.video_limits)  # the budgets, checked by decoding what vpdq will decode
             return vpdq_of_bytes(data)
-        if self.admission is None:
-            return self._decoders.submit(work).result()
-        info = probe(data, lim)
-        with self.admission.reserve(info.width * info.height * 4 * 8):
-            return self._decoders.submit(work).result()
+        return self._on_decoders(work, lambda: self._video_cost(data))
 
     def hash_evidence(self, signals: Sequence[Signals], *, scope: str = "flagged", k: int = 10,
                       every_bank: bool = False) -> list[HashEvidence]:

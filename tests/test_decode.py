@@ -201,11 +201,10 @@ def test_a_230_megapixel_png_decodes_within_a_gibibyte(tmp_path):
     code = (
         "import json, sys\n"
         "from indexer.media.decode import InputSpec, decode\n"
+        "from tests.helpers import own_peak_rss_kib\n"
         f"d = decode(open({str(path)!r}, 'rb').read(), InputSpec(384, 0.9))\n"
         "print(json.dumps({'size': [d.width, d.height], 'shape': list(d.pixels.shape), 'thumb': len(d.thumbnail),"
-        " 'pdq': d.pdq.quality,"
-        # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec from the (large) parent
-        " 'rss': int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]) * 1024}))\n")
+        " 'pdq': d.pdq.quality, 'rss': own_peak_rss_kib() * 1024}))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, out.stderr[-2000:]

@@ -171,16 +171,11 @@ PROBE = r"""
 import json, sys, os
 sys.path.insert(0, os.getcwd())
 
-
-def hwm():  # this process's own peak RSS in KiB (ru_maxrss would carry the parent's from before exec)
-    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
-
-
 from flagmatch.settings import Settings
 from flagmatch import wiring
 from indexer.ingest.pipeline import ingest
 from indexer.ingest.sources import iter_sources
-from tests.helpers import write_images
+from tests.helpers import own_peak_rss_kib as hwm, write_images
 s = Settings.load({"home": sys.argv[1], "model": sys.argv[2], "batch_size": 4, "precision": "fp32"}, environ={})
 store = wiring.open_store(s)
 emb = wiring.load_embedder(s, store)

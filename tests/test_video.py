@@ -113,11 +113,7 @@ HOSTILE = {
 CHILD = """
 import json, sys, time
 
-
-def hwm():  # this process's own peak RSS in KiB (ru_maxrss would carry the parent's from before exec)
-    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
-
-
+from tests.helpers import own_peak_rss_kib as hwm
 from indexer.errors import DecodeError
 from indexer.media.video import VideoLimits, keyframes
 data = open(sys.argv[1], "rb").read()

@@ -269,9 +269,7 @@ def reveal(image_id: int) -> Response:
 @bp.post("/images/<int:image_id>/keyframes/<int:keyframe_id>/reveal")
 def reveal_keyframe(image_id: int, keyframe_id: int) -> Response:
     """A video keyframe revealed as an image is: one at a time, recorded."""
-    frames = rt().store.catalog.keyframes([image_id]).get(image_id, [])
-    if not any(f.id == keyframe_id for f in frames):
-        raise NotFoundError(f"image {image_id} has no keyframe {keyframe_id}")
+    rt().store.catalog.keyframe(image_id, keyframe_id)
     rt().audit.record(actor(), "reveal", f"keyframe:{keyframe_id}", image_id=image_id)
     return jsonify({"url": url_for("api.keyframe_thumbnail", image_id=image_id, keyframe_id=keyframe_id, clear=1)})
 

@@ -18,6 +18,7 @@ any frame is decoded; a coded ``DecodeError`` for everything refused.
   match every blank picture in a store at similarity 1 — unless the clip has nothing else (then its first)."""
 from __future__ import annotations
 
+import functools
 import io
 import time
 from dataclasses import dataclass
@@ -254,6 +255,7 @@ def decode_video(data: bytes, spec: "InputSpec", limits: VideoLimits = VideoLimi
     return DecodedVideo(info, frames, vpdq_of_bytes(data) if want_vpdq and vpdq_available() else None)
 
 
+@functools.lru_cache(maxsize=1)
 def vpdq_available() -> bool:
     """Whether Meta's vpdq library is installed (the video extra): without it a clip is embedded, not vPDQ-hashed."""
     import importlib.util

@@ -718,6 +718,14 @@ class Catalog:
                     out.setdefault(int(r.image_id), []).append(_keyframe(r))
         return out
 
+    def keyframe(self, image_id: int, keyframe_id: int) -> KeyframeRecord:
+        """One keyframe of a video; NotFoundError unless ``keyframe_id`` is one of ``image_id``'s."""
+        with self.session() as s:
+            r = s.get(KeyframeRow, keyframe_id)
+            if r is None or r.image_id != image_id:
+                raise NotFoundError(f"image {image_id} has no keyframe {keyframe_id}")
+            return _keyframe(r)
+
     def keyframes_after(self, keyframe_id: int, limit: int = 100_000) -> list[KeyframeRecord]:
         """Keyframes of live videos past ``keyframe_id``, in id order (what the frame index follows)."""
         t, im = KeyframeRow.__table__, ImageRow.__table__

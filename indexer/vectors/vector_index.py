@@ -482,9 +482,6 @@ class VectorIndex:
             raise InvalidInputError(f"scope must be one of {', '.join(SCOPES)}, not {scope!r}")
         raw = np.ascontiguousarray(np.atleast_2d(vectors), np.float32)
         with self._lock.read():
-            if self.frames.ntotal == 0:
-                return [FrameHits(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32),
-                                  np.zeros(0, np.float32)) for _ in raw]
             return self.frames.search(self.space.apply(raw), k, flagged=scope == "flagged")
 
     def _search_index(self, s: ScopeIndex, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -139,6 +139,13 @@ def private_copy(settings, dest: Path):  # type: ignore[no-untyped-def]
     return settings.replace(home=str(dest))
 
 
+def own_peak_rss_kib() -> int:
+    """This process's own peak RSS in KiB (``VmHWM``): ``ru_maxrss`` would carry the forking parent's peak across
+    exec, so a child started from a large pytest worker could never show growth below it."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+
 def free_port() -> int:
     import socket
     with socket.socket() as s:
