@@ -277,7 +277,7 @@ def pdq_vs_embedding(corpus: Path, work: Path, originals_n: int, distractors_n: 
     emb = json.loads((OUT / "match.json").read_text()) if (OUT / "match.json").exists() else None
     out: dict[str, Any] = {"originals": len(originals), "corpus": len(corpus_files),
                            "low_quality_share": float(1 - usable.mean()), "edits": {}}
-    for name, (title, _) in match.TRANSFORMS.items():
+    for name, (title, _) in match.COMMON.items():
         r1 = within = false = 0
         for i, qpath in enumerate(queries[name]):
             h, q = pdq(qpath)

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageEnhance, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps
 
 from common import ROOT, machine, median, table, write
 
@@ -133,7 +133,145 @@ def t_watermark(im: Image.Image, r: random.Random) -> Image.Image:
     return _jpeg(Image.alpha_composite(base, layer), 75)
 
 
-TRANSFORMS: dict[str, tuple[str, Callable[[Image.Image, random.Random], Image.Image]]] = {
+# ------------------------------------------------------------------ the harder edits evaders use
+# Their parameters are the benchmark's own: the augmentations the store trains its spaces on
+# (``indexer.media.augment``) are drawn from other ranges, other fonts and other layouts.
+
+OTHERS: list[Path] = []  # distractor files the collages draw their other cells from (set by ``main``)
+
+
+def _cover(im: Image.Image, w: int, h: int) -> Image.Image:
+    """``im`` scaled to cover ``w`` × ``h`` and centre-cropped to it."""
+    s = max(w / im.width, h / im.height)
+    im = im.resize((max(w, int(im.width * s + 0.5)), max(h, int(im.height * s + 0.5))), Image.BILINEAR)
+    x, y = (im.width - w) // 2, (im.height - h) // 2
+    return im.crop((x, y, x + w, y + h))
+
+
+def t_collage(im: Image.Image, r: random.Random) -> Image.Image:
+    """The picture as one cell of a collage of unrelated pictures (2 × 2, 3 × 2, 1 × 3 or 3 × 3, thin or no
+    gutters), or — every other query — pasted over an unrelated photo at 35–50 % of its width."""
+    others = [load_rgb(p, 800) for p in r.sample(OTHERS, 8)]
+    if r.random() < 0.5:
+        base = _cover(others[0], 1200, 900)
+        f = r.uniform(0.35, 0.5)
+        pw = int(base.width * f)
+        ph = max(8, int(pw * im.height / im.width))
+        if ph > base.height * 0.8:
+            ph = int(base.height * 0.8)
+            pw = max(8, int(ph * im.width / im.height))
+        pic = im.resize((pw, ph), Image.BILINEAR)
+        base.paste(pic, (r.randint(0, base.width - pw), r.randint(0, base.height - ph)))
+        return _jpeg(base, 80)
+    cols, rows = r.choice([(2, 2), (3, 2), (3, 1), (3, 3)])
+    gutter = r.choice([0, 4, 10])
+    cell = 1200 // cols
+    ch = int(cell * r.uniform(0.75, 1.25))
+    canvas = Image.new("RGB", (cols * cell + (cols + 1) * gutter, rows * ch + (rows + 1) * gutter),
+                       r.choice([(255, 255, 255), (0, 0, 0), (30, 30, 30)]))
+    mine = r.randrange(cols * rows)
+    for k in range(cols * rows):
+        src = im if k == mine else others[k % len(others)]
+        cx, cy = k % cols, k // cols
+        canvas.paste(_cover(src, cell, ch), (gutter + cx * (cell + gutter), gutter + cy * (ch + gutter)))
+    return _jpeg(canvas, 82)
+
+
+def t_heavy_crop(im: Image.Image, r: random.Random) -> Image.Image:
+    """Well under half the area kept (25–40 %), anywhere in the picture, scaled back up and re-encoded."""
+    w, h = im.size
+    area = r.uniform(0.25, 0.40)
+    aspect = r.uniform(0.8, 1.25)
+    cw = min(w, int(w * (area * aspect) ** 0.5))
+    ch = min(h, int(h * area / max(cw / w, 1e-6)))
+    x, y = r.randint(0, w - cw), r.randint(0, h - ch)
+    out = im.crop((x, y, x + cw, y + ch))
+    s = r.uniform(600, 900) / max(out.size)
+    return _jpeg(out.resize((max(8, int(out.width * s)), max(8, int(out.height * s))), Image.BICUBIC), 75)
+
+
+def t_blur_noise(im: Image.Image, r: random.Random) -> Image.Image:
+    """Downscaled to 640 px, a Gaussian blur of 1.5–2.5 px and sensor-like noise (σ 10–18 per channel, a little
+    coarser than a pixel), re-encoded."""
+    s = 640 / max(im.size)
+    out = im.resize((max(8, int(im.width * s)), max(8, int(im.height * s))), Image.BILINEAR)
+    out = out.filter(ImageFilter.GaussianBlur(r.uniform(1.5, 2.5)))
+    rng = np.random.default_rng(r.randrange(1 << 30))
+    noise = rng.normal(0, r.uniform(10, 18), (out.height // 2 + 1, out.width // 2 + 1, 3))
+    noise = np.repeat(np.repeat(noise, 2, axis=0), 2, axis=1)[:out.height, :out.width]
+    arr = np.clip(np.asarray(out, np.float32) + noise, 0, 255).astype(np.uint8)
+    return _jpeg(Image.fromarray(arr), 80)
+
+
+def t_stacked(im: Image.Image, r: random.Random) -> Image.Image:
+    """Crop (75–88 %), a small rotation (±3–6°), a caption band, then JPEG at half size."""
+    w, h = im.size
+    f = r.uniform(0.75, 0.88)
+    cw, ch = int(w * f), int(h * f)
+    x, y = r.randint(0, w - cw), r.randint(0, h - ch)
+    out = im.crop((x, y, x + cw, y + ch))
+    out = out.rotate(r.choice([-1, 1]) * r.uniform(3, 6), resample=Image.BICUBIC, expand=True,
+                     fillcolor=(255, 255, 255))
+    band = max(24, out.height // 7)
+    canvas = Image.new("RGB", (out.width, out.height + band), (255, 255, 255))
+    canvas.paste(out, (0, band))
+    ImageDraw.Draw(canvas).text((10, band // 5), "no way lol", fill=(0, 0, 0), font=_font(max(12, band // 2)))
+    return t_jpeg_half(canvas, r)
+
+
+def t_meme(im: Image.Image, r: random.Random) -> Image.Image:
+    """Meme text on the picture itself: two lines in large white capitals with a black outline, top and bottom."""
+    out = im.convert("RGB").copy()
+    w, h = out.size
+    d = ImageDraw.Draw(out)
+    size = max(14, h // 9)
+    font = _font(size)
+    for text, y in (("WHEN THE MOD", h // 30), ("ISN'T LOOKING", h - size - h // 20)):
+        tw = d.textlength(text, font=font)
+        d.text(((w - tw) / 2, y), text, fill=(255, 255, 255), font=font, stroke_width=max(2, size // 12),
+               stroke_fill=(0, 0, 0))
+    return _jpeg(out, 80)
+
+
+def _perspective_coeffs(src: list[tuple[float, float]], dst: list[tuple[float, float]]) -> list[float]:
+    """The 8 coefficients PIL's PERSPECTIVE transform takes to map output points ``dst`` to input ``src``."""
+    a = []
+    for (x, y), (u, v) in zip(dst, src):
+        a.append([x, y, 1, 0, 0, 0, -u * x, -u * y])
+        a.append([0, 0, 0, x, y, 1, -v * x, -v * y])
+    rhs = np.asarray([c for p in src for c in p], np.float64)
+    return list(np.linalg.solve(np.asarray(a, np.float64), rhs))
+
+
+def t_perspective(im: Image.Image, r: random.Random) -> Image.Image:
+    """A photo of a screen or a print: the picture's corners moved inward by 3–9 % of its size (a mild
+    keystone), on a dark surround, a little darker and softer, re-encoded."""
+    s = 900 / max(im.size)
+    im = im.resize((max(8, int(im.width * s)), max(8, int(im.height * s))), Image.BILINEAR)
+    w, h = im.size
+    W, H = int(w * 1.15), int(h * 1.15)
+    ox, oy = (W - w) / 2, (H - h) / 2
+    def j() -> float:
+        return r.uniform(0.03, 0.09)
+    dst = [(ox + w * j(), oy + h * j()), (ox + w - w * j(), oy + h * j()),
+           (ox + w - w * j(), oy + h - h * j()), (ox + w * j(), oy + h - h * j())]
+    src = [(0, 0), (w, 0), (w, h), (0, h)]
+    out = im.transform((W, H), Image.PERSPECTIVE, _perspective_coeffs(src, dst), Image.BICUBIC,
+                       fillcolor=(25, 25, 28))
+    out = ImageEnhance.Brightness(out).enhance(r.uniform(0.8, 0.95)).filter(ImageFilter.GaussianBlur(0.8))
+    return _jpeg(out, 82)
+
+
+HARD: dict[str, tuple[str, Callable[[Image.Image, random.Random], Image.Image]]] = {
+    "collage": ("one cell of a collage / picture in picture over a photo", t_collage),
+    "heavy_crop": ("heavy crop: 25–40 % of the area kept", t_heavy_crop),
+    "blur_noise": ("blur + sensor-like noise", t_blur_noise),
+    "stacked": ("stacked: crop, rotation 3–6°, caption band, JPEG half size", t_stacked),
+    "meme": ("meme text over the picture", t_meme),
+    "perspective": ("mild perspective (photo of a screen)", t_perspective),
+}
+
+COMMON: dict[str, tuple[str, Callable[[Image.Image, random.Random], Image.Image]]] = {
     "jpeg_half": ("JPEG quality 30 + half size", t_jpeg_half),
     "crop80": ("crop 80 %", t_crop),
     "mirror": ("mirror", t_mirror),
@@ -144,6 +282,7 @@ TRANSFORMS: dict[str, tuple[str, Callable[[Image.Image, random.Random], Image.Im
     "letterbox": ("letterboxed to 16:9", t_letterbox),
     "watermark": ("watermark + sticker", t_watermark),
 }
+TRANSFORMS = {**COMMON, **HARD}
 
 
 def load_rgb(path: Path, max_side: int = 1600) -> Image.Image:
@@ -159,6 +298,18 @@ def load_rgb(path: Path, max_side: int = 1600) -> Image.Image:
     if max(im.size) > max_side:
         im.thumbnail((max_side, max_side), Image.BILINEAR)
     return im
+
+
+def plain_uploads(unused: list[Path], out: Path, n: int = 150) -> list[Path]:
+    """Corpus files the store does not hold, re-encoded as an upload would arrive: searches that copy nothing."""
+    done = []
+    for i, src in enumerate(unused[:n]):
+        path = out / f"{i:05d}.jpg"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            load_rgb(src).save(path, "JPEG", quality=85)
+        done.append(path)
+    return done
 
 
 def make_queries(originals: list[Path], out: Path, seed: int) -> dict[str, list[Path]]:
@@ -259,7 +410,10 @@ def flagmatch(*args: str, env: dict[str, str]) -> str:
     return p.stdout
 
 
-def search(base: str, token: str, path: Path, k: int = 10) -> tuple[list[int], list[str], float]:
+def search(base: str, token: str, path: Path, k: int = 10,
+           stages: dict[str, list[float]] | None = None) -> tuple[list[int], list[str], float]:
+    """One upload through the API: the flagged hits' ids and views, and the latency in ms; ``stages``
+    collects the response's ``Server-Timing`` split (decode, embed, search, hashes, verify, …)."""
     boundary = uuid.uuid4().hex
     body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{path.name}\"\r\n"
             f"Content-Type: application/octet-stream\r\n\r\n").encode() + path.read_bytes() + \
@@ -269,9 +423,19 @@ def search(base: str, token: str, path: Path, k: int = 10) -> tuple[list[int], l
     t = time.perf_counter()
     with urllib.request.urlopen(req, timeout=120) as r:
         data = json.loads(r.read())
+        timing = r.headers.get("Server-Timing", "")
     ms = (time.perf_counter() - t) * 1000
+    if stages is not None:
+        for part in timing.split(","):
+            m = re.match(r"\s*(\w+);dur=([\d.]+)", part)
+            if m:
+                stages.setdefault(m.group(1), []).append(float(m.group(2)))
     hits = data["results"][0]["hits"]
     return [h["id"] for h in hits], [h.get("view", "full") for h in hits], ms
+
+
+def p95(xs: list[float]) -> float:
+    return float(np.percentile(xs, 95)) if xs else 0.0
 
 
 class SameContent:
@@ -299,19 +463,26 @@ class SameContent:
 
 
 def measure(env: dict[str, str], queries: dict[str, list[Path]], truth: list[int], log: Path,
-            alike: Callable[[int, int], bool] | None = None) -> dict[str, Any]:
+            alike: Callable[[int, int], bool] | None = None, plain: list[Path] | None = None) -> dict[str, Any]:
+    """R@1 / R@10 per edit through one served configuration, each edit's latency (p50, p95) and its split by
+    stage; ``plain``: uploads that copy nothing flagged, timed the same way (``"no copy"``). Every query's
+    ranked hits are kept (``"ranked"``) so two runs can be compared hit for hit."""
     sys.path.insert(0, str(ROOT))
     from tests.helpers import start_server, stop_server
     proc, base, logf = start_server({**env, "FLAGMATCH_WORKERS": "1", "FLAGMATCH_THREADS": "2"}, log, timeout=600)
+    token = env["FLAGMATCH_API_TOKENS"].split(":")[1]
     out: dict[str, Any] = {}
     try:
-        search(base, env["FLAGMATCH_API_TOKENS"].split(":")[1], queries[next(iter(queries))][0])  # warm
+        search(base, token, queries[next(iter(queries))][0])  # warm
         for name, paths in queries.items():
             r1 = r10 = c1 = 0
             times: list[float] = []
             views: dict[str, int] = {}
+            stages: dict[str, list[float]] = {}
+            ranked: list[list[int]] = []
             for path, want in zip(paths, truth):
-                ids, vs, ms = search(base, env["FLAGMATCH_API_TOKENS"].split(":")[1], path)
+                ids, vs, ms = search(base, token, path, stages=stages)
+                ranked.append(ids)
                 times.append(ms)
                 r1 += bool(ids[:1] == [want])
                 r10 += want in ids[:10]
@@ -319,12 +490,25 @@ def measure(env: dict[str, str], queries: dict[str, list[Path]], truth: list[int
                 if want in ids:
                     v = vs[ids.index(want)]
                     views[v] = views.get(v, 0) + 1
-            out[name] = {"r1": r1 / len(paths), "r10": r10 / len(paths), "p50_ms": median(times), "views": views}
+            out[name] = {"r1": r1 / len(paths), "r10": r10 / len(paths), "p50_ms": median(times),
+                         "p95_ms": p95(times), "views": views, "ranked": ranked,
+                         "stages_ms": {k: median(v) for k, v in stages.items()}}
             if alike is not None:
                 out[name]["r1_content"] = c1 / len(paths)
             print(f"  {name:<12} R@1 {out[name]['r1']:.3f}  "
                   f"R@10 {out[name]['r10']:.3f}  "
                   f"p50 {out[name]['p50_ms']:.0f} ms  matched via {views}", flush=True)
+        if plain:
+            times, stages = [], {}
+            hits = 0
+            for path in plain:
+                ids, _, ms = search(base, token, path, stages=stages)
+                times.append(ms)
+                hits += bool(ids)
+            out["no copy"] = {"p50_ms": median(times), "p95_ms": p95(times), "n": len(plain),
+                              "with_hits": hits / len(plain), "stages_ms": {k: median(v) for k, v in stages.items()}}
+            print(f"  no copy      p50 {out['no copy']['p50_ms']:.0f} ms  p95 {out['no copy']['p95_ms']:.0f} ms  "
+                  f"split {out['no copy']['stages_ms']}", flush=True)
     finally:
         stop_server(proc, logf)
     return out
@@ -401,11 +585,18 @@ def main() -> None:
     ap.add_argument("--skip-families", action="store_true")
     ap.add_argument("--families-only", action="store_true",
                     help="measure the families again, keeping the search results of the last run's JSON")
+    ap.add_argument("--edits", choices=("common", "hard"), default="common",
+                    help="common: the nine everyday edits and the families (match.json); hard: the edit classes "
+                         "evaders use, learned whitening against the copy-detection head (match-hard.json)")
+    ap.add_argument("--only", action="append", default=[],
+                    help="with --edits hard: measure only these configurations, keeping the others' last results")
+    ap.add_argument("--repeat", action="store_true",
+                    help="with --edits hard: refit and measure the last configuration again and compare hit for hit")
     ap.add_argument("--render", help="redraw the Markdown table from a results JSON, measuring nothing")
     a = ap.parse_args()
     if a.render:
         data = json.loads(Path(a.render).read_text())
-        write(Path(a.render).stem, data, markdown(data))
+        write(Path(a.render).stem, data, (markdown_hard if "hard" in Path(a.render).stem else markdown)(data))
         return
     corpus, work = Path(a.corpus), Path(a.work)
     if not corpus.exists():
@@ -415,12 +606,21 @@ def main() -> None:
     rng = random.Random(a.seed)
     rng.shuffle(files)
     sources = photo_sources(corpus, a.seed, sum(1 for f in files if f.suffix == ".jpg"))
-    originals = distinct_originals(files, a.originals, sources)
-    chosen = set(originals)
-    distractors = [f for f in files if f not in chosen][: a.distractors]
+    listing = work / "ingest.jsonl"
+    if (work / "home" / "catalog.sqlite").exists() and listing.exists():
+        # the store's own listing says which files it holds (originals first): a change to the picking rules
+        # since it was made must not change which images count as originals
+        listed = [Path(json.loads(line)["path"]) for line in listing.read_text().splitlines()]
+        originals, distractors = listed[:a.originals], listed[a.originals:a.originals + a.distractors]
+    else:
+        originals = distinct_originals(files, a.originals, sources)
+        distractors = [f for f in files if f not in set(originals)][: a.distractors]
+    chosen = set(originals) | set(distractors)
     work.mkdir(parents=True, exist_ok=True)
     print(f"{machine()}\n{len(originals)} originals, {len(distractors)} distractors, model {a.model}", flush=True)
+    OTHERS[:] = [p for p in distractors if p.suffix == ".jpg"][:400] or distractors[:400]
     queries = make_queries(originals, work / "queries", a.seed)
+    plain = plain_uploads([f for f in files if f not in chosen], work / "plain")
 
     token = "bench:bench-token"
     base_env = {"FLAGMATCH_MODEL": a.model, "FLAGMATCH_API_TOKENS": token, "FLAGMATCH_MAX_PIXELS": str(MAX_PIXELS)}
@@ -440,6 +640,10 @@ def main() -> None:
     truth = [store.catalog.resolve(hashlib.sha256(p.read_bytes()).hexdigest()) for p in originals]
     store.catalog.set_flag(truth, FlagRequest("import", "bench", "benchmark originals"), flag=True)
     store.close()
+    if a.edits == "hard":
+        hard(a, base_env, home, queries, truth, plain, work, SameContent(home))
+        return
+    queries = {n: queries[n] for n in COMMON}
     configs = {
         "raw features, whole image": {"FLAGMATCH_SPACE_DIM": "0", "FLAGMATCH_QUERY_VIEWS": "",
                                       "FLAGMATCH_VERIFY_HITS": "0"},
@@ -472,9 +676,98 @@ def main() -> None:
     write(f"match{suffix}", results, markdown(results))
 
 
+HARD_CONFIGS = {
+    "learned whitening (before)": {"FLAGMATCH_SPACE_HEAD": "0", "FLAGMATCH_SPACE_HEAD_IMAGES": "0"},
+    "learned whitening + hard views": {"FLAGMATCH_SPACE_HEAD": "0"},
+    "+ copy-detection head, verification depth 10": {"FLAGMATCH_VERIFY_DEPTH": "10"},
+    "+ copy-detection head (default)": {},
+}
+
+
+def space_fingerprint(home: Path) -> str:
+    """sha256 of the arrays of the matching space the store's indexes use (not of the file, which names its
+    version): two fits of one store with one set of settings should give the same fingerprint."""
+    from flagmatch.settings import Settings
+    from flagmatch.wiring import open_store
+    from indexer.vectors.space import current_space
+    store = open_store(Settings.load({"home": str(home)}, environ={}))
+    try:
+        space = current_space(store, store.open_vectors().dim)
+        return space.fingerprint()
+    finally:
+        store.close()
+
+
+def hard(a: argparse.Namespace, base_env: dict[str, str], home: Path, queries: dict[str, list[Path]],
+         truth: list[int], plain: list[Path], work: Path, alike: Callable[[int, int], bool]) -> None:
+    """The hard edit classes through each configuration (``HARD_CONFIGS``), the uploads that copy nothing
+    timed alongside; ``--repeat`` refits the last configuration and compares every ranked hit list."""
+    name = "match-hard" + ("" if a.model == "opennsfw" else "-" + Path(a.model).name)
+    path = ROOT / "benchmarks" / "results" / f"{name}.json"
+    results: dict[str, Any] = json.loads(path.read_text()) if path.exists() and a.only else {"search": {}}
+    results.update({"machine": machine(), "model": a.model, "originals": len(truth), "plain": len(plain)})
+    runs = {lab: extra for lab, extra in HARD_CONFIGS.items() if not a.only or lab in a.only}
+    for label, extra in runs.items():
+        env = {**base_env, **extra, "FLAGMATCH_HOME": str(home)}
+        t = time.perf_counter()
+        print(f"[{label}] reindex: " + flagmatch("reindex", env=env).strip().replace("\n", "; "), flush=True)
+        fit_s = time.perf_counter() - t
+        results["search"][label] = measure(env, queries, truth, work / "serve.log", alike, plain)
+        results["search"][label]["reindex_s"] = fit_s
+        results["search"][label]["space"] = space_fingerprint(home)
+    if a.repeat:
+        label, extra = list(HARD_CONFIGS.items())[-1]
+        env = {**base_env, **extra, "FLAGMATCH_HOME": str(home)}
+        flagmatch("reindex", env=env)
+        again = measure(env, queries, truth, work / "serve.log", alike)
+        first = results["search"][label]
+        same = sum(x == y for n in queries for x, y in zip(first[n]["ranked"], again[n]["ranked"]))
+        total = sum(len(queries[n]) for n in queries)
+        results["repeat"] = {"label": label, "same_ranked": same, "queries": total,
+                             "same_space": space_fingerprint(home) == first["space"]}
+        print(f"repeat of [{label}]: {same}/{total} ranked hit lists identical, same space: "
+              f"{results['repeat']['same_space']}", flush=True)
+    write(name, results, markdown_hard(results))
+
+
+def markdown_hard(results: dict[str, Any]) -> str:
+    """The table of ``--edits hard``."""
+    labels = list(results["search"])
+    md = [f"Hard edits on {results['machine']}; model `{results['model']}`; the match benchmark's store "
+          f"({results['originals']} flagged originals among the distractors), each original searched through "
+          f"`POST /api/v1/search` after one edit: the nine everyday edits, then in bold the edits evaders use (the "
+          f"benchmark's own parameters, not the training augmentations'). R@1 / R@10 as in the table above; *no copy*: {results['plain']} corpus "
+          f"files the store does not hold, uploaded as JPEGs (latency p50 / p95 and the median split by stage).", ""]
+    rows = []
+    for name, (title, _) in TRANSFORMS.items():
+        row: list[Any] = [("**" + title + "**") if name in HARD else title]
+        for lab in labels:
+            r = results["search"][lab].get(name)
+            row += [f"{r['r1']:.3f} / {r['r10']:.3f}" if r else "", f"{r['p50_ms']:.0f} / {r['p95_ms']:.0f}" if r else ""]
+        rows.append(row)
+    row = ["no copy (latency only)"]
+    for lab in labels:
+        r = results["search"][lab].get("no copy")
+        row += ["", f"{r['p50_ms']:.0f} / {r['p95_ms']:.0f}" if r else ""]
+    rows.append(row)
+    md.append(table(["edit"] + [h for lab in labels for h in (f"R@1 / R@10 ({lab})", f"ms p50 / p95 ({lab})")], rows))
+    md += ["", "Median split of a no-copy upload (ms, from `Server-Timing`):", ""]
+    stages = sorted({k for lab in labels for k in results["search"][lab].get("no copy", {}).get("stages_ms", {})})
+    md.append(table(["configuration"] + stages + ["reindex (s)"],
+                    [[lab] + [f"{results['search'][lab].get('no copy', {}).get('stages_ms', {}).get(k, 0):.1f}"
+                              for k in stages] + [f"{results['search'][lab].get('reindex_s', 0):.0f}"]
+                     for lab in labels]))
+    if "repeat" in results:
+        r = results["repeat"]
+        md += ["", f"Determinism: `{r['label']}` refitted from scratch and measured again: {r['same_ranked']} of "
+               f"{r['queries']} ranked hit lists identical; the space's arrays "
+               f"{'identical' if r['same_space'] else 'DIFFERENT'}."]
+    return "\n".join(md)
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The README table of one run's results (``--render FILE.json`` redraws it without measuring)."""
-    n_orig, n_fam = results["originals"], len(TRANSFORMS) + 1
+    n_orig, n_fam = results["originals"], len(COMMON) + 1
     md = [f"Matching quality on {results['machine']}; model `{results['model']}`; {n_orig} flagged originals among "
           f"{results['distractors']} distractors (photos and clipart from `make-corpus`), each original searched "
           f"through `POST /api/v1/search` after one edit. R@1: the original is the first flagged hit; R@10: in the "
@@ -485,7 +778,7 @@ def markdown(results: dict[str, Any]) -> str:
           f"artworks in several files). p50: the request's latency on loopback, median over the edits.", ""]
     labels = list(results["search"])
     rows = []
-    for name, (title, _) in TRANSFORMS.items():
+    for name, (title, _) in COMMON.items():
         row: list[Any] = [title]
         for lab in labels:
             r = results["search"][lab][name]
@@ -495,13 +788,13 @@ def markdown(results: dict[str, Any]) -> str:
         rows.append(row)
     lat: list[Any] = ["p50 latency (ms)"]
     for lab in labels:
-        lat += [f"{median([results['search'][lab][n]['p50_ms'] for n in TRANSFORMS]):.0f}", ""]
+        lat += [f"{median([results['search'][lab][n]['p50_ms'] for n in COMMON]):.0f}", ""]
     rows.append(lat + [""])
     heads = (["edit"] + [f"{h} ({lab})" for lab in labels for h in ("R@1", "R@10")]
              + [f"same-content R@1 ({labels[-1]})"])
     md.append(table(heads, rows))
     if "families" in results:
-        md += ["", f"Families: each original with its {len(TRANSFORMS)} copies, all flagged "
+        md += ["", f"Families: each original with its {len(COMMON)} copies, all flagged "
                f"({n_orig * n_fam} images), clustered by `flagmatch cluster`."
                + (f" {results['families_note']}" if results.get("families_note") else ""), ""]
         md.append(table(["pipeline", "ARI", "families kept whole", "noise share", "clusters", "time (s)"],

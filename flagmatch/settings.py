@@ -117,6 +117,8 @@ class Settings:
                                       "-1: never", "search")
     verify_hits: bool = setting(True, "check an upload's hits by local features (ORB keypoints + RANSAC) from the "
                                 "top until one shows the same picture, and put that one first", "server")
+    verify_depth: int = setting(5, "hits an upload's verification checks at most, from the top (the cost of an "
+                                "upload that copies nothing grows with it: each check ~1.5 ms)", "server")
     # -- vector index
     exact_threshold: int = setting(50_000, "below this many vectors the index is exact; above, IVF-PQ", "index")
     nlist: int = setting(0, "IVF lists (0: chosen from N)", "index")
@@ -135,6 +137,12 @@ class Settings:
                                  "component is divided by its eigenvalue to this power", "index")
     space_min_vectors: int = setting(2000, "below this many stored vectors the matching space is the identity",
                                      "index")
+    space_head: bool = setting(True, "train a copy-detection head (SSCD-style MLP on the model features) on hard "
+                               "edits of the store's own images when the matching space is fitted with the model "
+                               "(reindex, ingest); off: learned whitening alone", "index")
+    space_head_images: int = setting(3000, "stored images the copy-detection head learns from (their augmented "
+                                     "views embedded once and cached)", "index")
+    space_head_views: int = setting(1, "augmented views made of each of the copy-detection head's images", "index")
     shard_rows: int = setting(250_000, "vectors per shard when reindex --ray or --on-disk fills an IVF-PQ index in "
                               "shards", "index")
     index_save_seconds: float = setting(30.0, "during ingest, save the indexes at most this often", "index")

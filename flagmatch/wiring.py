@@ -89,23 +89,29 @@ def index_config(settings: Settings) -> IndexConfig:
 
 
 def space_config(settings: Settings) -> SpaceConfig:
-    return SpaceConfig(dim=settings.space_dim, power=settings.space_power, min_vectors=settings.space_min_vectors)
+    return SpaceConfig(dim=settings.space_dim, power=settings.space_power, min_vectors=settings.space_min_vectors,
+                       head=settings.space_head, head_images=settings.space_head_images,
+                       head_views=settings.space_head_views)
 
 
 def open_index(store: Store, settings: Settings, embedder: Embedder | None = None, *,
                for_rebuild: bool = False) -> VectorIndex:
     """The vector indexes of a store (bound to its model), caught up with the catalog. With the model at
-    hand a matching space fitted here is learned from synthetic re-uploads of stored thumbnails.
+    hand a matching space fitted here is learned from synthetic re-uploads of stored thumbnails, and its
+    copy-detection head from hard edits of them.
     ``for_rebuild``: the caller rebuilds next, so opening does not refit or retrain first."""
-    from indexer.vectors.space import reupload_pairs
+    from indexer.vectors.space import hard_views, reupload_pairs
     from indexer.vectors.vector_index import VectorIndex
-    pairs = None
+    pairs = views = None
     if embedder is not None:
         model = embedder
 
         def pairs(n: int) -> tuple[np.ndarray, np.ndarray]:
             return reupload_pairs(store, model, n)
-    return VectorIndex(store, index_config(settings), space_config(settings), pairs=pairs,
+
+        def views(n: int) -> tuple[np.ndarray, np.ndarray]:
+            return hard_views(store, model, n, per_image=settings.space_head_views)
+    return VectorIndex(store, index_config(settings), space_config(settings), pairs=pairs, views=views,
                        auto_rebuild=not for_rebuild)
 
 
@@ -123,7 +129,8 @@ def search_service(settings: Settings, store: Store, index: VectorIndex, embedde
                          hashes=hash_matcher(settings, store), heads=ActiveHeads(store),
                          decode_nice=settings.request_nice,
                          local=FeatureCache(thumbnail_grey(store.thumbs_dir)) if settings.verify_hits else None,
-                         grid_below=settings.query_grid_below, video_limits=video_limits(settings))
+                         grid_below=settings.query_grid_below, video_limits=video_limits(settings),
+                         verify_depth=settings.verify_depth)
 
 
 def hash_matcher(settings: Settings, store: Store) -> HashMatcher:

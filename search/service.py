@@ -146,9 +146,10 @@ class SearchService:
                  cluster_lookup: ClusterLookup | None = None, views: Sequence[str] = DEFAULT_VIEWS,
                  hashes: HashMatcher | None = None, heads: ActiveHeads | None = None, decode_nice: int = 0,
                  local: FeatureCache | None = None, grid_below: float = -1.0,
-                 video_limits: VideoLimits = VideoLimits()) -> None:
+                 video_limits: VideoLimits = VideoLimits(), verify_depth: int = VERIFY_DEPTH) -> None:
         self.store, self.index, self.embedder, self.hashes = store, index, embedder, hashes
         self.local = local  # stored images' local features: an upload's hits are verified when set
+        self.verify_depth = max(1, verify_depth)
         # an upload whose views' best similarity is below this is searched again by the parts of a grid
         self.grid_below = grid_below
         # uploads decode on a small pool — at most one decode per core at once — at the request niceness
@@ -535,7 +536,7 @@ class SearchService:
     def _verify(self, feats: QueryFeatures, row: list[tuple[int, tuple[float, str]]],
                 recs: dict[int, ImageRecord], greys: dict[str, np.ndarray] | None = None,
                 ) -> tuple[list[tuple[int, tuple[float, str]]], dict[int, int]]:
-        """Check the hits by local features from the top until one verifies (at most ``VERIFY_DEPTH``);
+        """Check the hits by local features from the top until one verifies (at most ``verify_depth``);
         that one moves first, the rest keep the model's order. The top hit that verifies is kept as it is
         (most uploads: one check); a look-alike the model ranked above the copy gives way to it. Returns the
         row and each checked hit's agreeing matches. Measured on the match benchmark's queries (top 10 of the
@@ -549,7 +550,7 @@ class SearchService:
         assert self.local is not None
         checked: dict[int, int] = {}
         by_view: dict[str, QueryFeatures] = {}
-        for j, (image_id, (_, view)) in enumerate(row[:VERIFY_DEPTH]):
+        for j, (image_id, (_, view)) in enumerate(row[:self.verify_depth]):
             key = recs[image_id].thumb_key
             stored = self.local.get(key) if key else None
             mine = feats

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,6 +49,16 @@ class SpaceConfig:
     min_vectors: int = 2000   # below this many stored vectors the space is the identity
     sample: int = 200_000     # vectors the fit reads at most
     seed: int = 1234
+    head: bool = True         # train the copy-detection head on top of learned whitening (needs the model)
+    head_images: int = 3000   # stored images the head's augmented views are made from (cached beside the spaces)
+    head_hidden: int = 1024   # the head's hidden width
+    head_epochs: int = 60     # passes over the views (the epoch with the best held-out recall is kept)
+    head_temperature: float = 0.05  # InfoNCE temperature
+    head_entropy: float = 0.5       # weight of the differential-entropy (KoLeo) regulariser
+    head_negatives: int = 4096      # stored vectors every step contrasts against, beside the batch
+    head_views: int = 1             # augmented views made of each of the head's images
+    head_lr: float = 3e-4
+    head_decay: float = 0.05
 
 
 @dataclass(frozen=True)
@@ -60,7 +70,8 @@ class MatchingSpace:
     power: float = 0.0
     fitted_n: int = 0
     sha256: str = ""          # of the saved file ("" for the identity)
-    method: str = "pca"       # pca | learned
+    method: str = "pca"       # pca | learned | head
+    head: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (w1 [hidden, dim], b1 [hidden], w2 [dim, hidden])
 
     @classmethod
     def identity(cls, dim: int) -> "MatchingSpace":
@@ -76,17 +87,29 @@ class MatchingSpace:
 
     @property
     def kind(self) -> str:
-        return "identity" if self.is_identity else ("learned-whiten" if self.method == "learned" else "pca-whiten")
+        if self.is_identity:
+            return "identity"
+        return {"learned": "learned-whiten", "head": "copy-detection-head"}.get(self.method, "pca-whiten")
 
     def apply(self, raw: np.ndarray) -> np.ndarray:
         """Rows of raw vectors → L2-normalised rows in this space (float32, C-contiguous)."""
         x = np.ascontiguousarray(np.atleast_2d(raw), np.float32)
         if self.proj is None or self.mean is None:
             return x
-        y = (x - self.mean) @ self.proj.T
-        norms = np.linalg.norm(y, axis=1, keepdims=True)
-        np.maximum(norms, 1e-12, out=norms)
-        return np.ascontiguousarray(y / norms, np.float32)
+        y = _unit((x - self.mean) @ self.proj.T)
+        if self.head is not None:
+            w1, b1, w2 = self.head
+            y = _unit(y + np.maximum(y @ w1.T + b1, 0.0) @ w2.T)
+        return np.ascontiguousarray(y, np.float32)
+
+    def fingerprint(self) -> str:
+        """sha256 of what the space computes (its arrays), not of its file (which also names its version):
+        two fits of one store with one set of settings give the same fingerprint."""
+        h = hashlib.sha256(self.kind.encode())
+        for arr in (self.mean, self.proj, *(self.head or ())):
+            if arr is not None:
+                h.update(np.ascontiguousarray(arr).tobytes())
+        return h.hexdigest()
 
     def describe(self) -> dict[str, object]:
         return {"version": self.version, "kind": self.kind, "dim": self.dim, "power": self.power,
@@ -95,8 +118,15 @@ class MatchingSpace:
     def summary(self) -> str:
         if self.is_identity:
             return "identity (raw features)"
-        what = "learned whitening" if self.method == "learned" else f"PCA-whitening (power {self.power})"
+        what = {"learned": "learned whitening", "head": "learned whitening + copy-detection head"}.get(
+            self.method, f"PCA-whitening (power {self.power})")
         return f"version {self.version}: {what}, {self.dim_in}→{self.dim}-d, fitted on {self.fitted_n} vectors"
+
+
+def _unit(y: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(y, axis=1, keepdims=True)
+    np.maximum(norms, 1e-12, out=norms)
+    return y / norms
 
 
 def fit(sample: np.ndarray, cfg: SpaceConfig, version: int) -> MatchingSpace:
@@ -152,11 +182,11 @@ def save(directory: Path, space: MatchingSpace) -> MatchingSpace:
     assert space.mean is not None and space.proj is not None
     directory.mkdir(parents=True, exist_ok=True)
     path = path_for(directory, space.version)
+    head = dict(zip(("w1", "b1", "w2"), space.head)) if space.head is not None else {}
     publish_with(path, lambda f: np.savez(f, mean=space.mean, proj=space.proj, power=np.float64(space.power),
                                           fitted_n=np.int64(space.fitted_n), version=np.int64(space.version),
-                                          method=np.str_(space.method)))
-    return MatchingSpace(space.version, space.dim_in, space.mean, space.proj, space.power, space.fitted_n,
-                         hashlib.sha256(path.read_bytes()).hexdigest(), space.method)
+                                          method=np.str_(space.method), **head))
+    return replace(space, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
 
 
 def load(directory: Path, version: int, sha256: str, dim_in: int) -> MatchingSpace:
@@ -176,11 +206,21 @@ def load(directory: Path, version: int, sha256: str, dim_in: int) -> MatchingSpa
             mean, proj = z["mean"].astype(np.float32), z["proj"].astype(np.float32)
             power, fitted_n = float(z["power"]), int(z["fitted_n"])
             method = str(z["method"]) if "method" in z.files else "pca"
+            head = (tuple(z[k].astype(np.float32) for k in ("w1", "b1", "w2"))
+                    if {"w1", "b1", "w2"} <= set(z.files) else None)
     except Exception as exc:  # numpy raises many kinds for a damaged archive
         raise ValueError(f"{path}: not a readable space file ({type(exc).__name__})") from None
     if mean.shape != (dim_in,) or proj.ndim != 2 or proj.shape[1] != dim_in or not np.isfinite(proj).all():
         raise ValueError(f"{path}: shapes do not fit {dim_in}-d vectors")
-    return MatchingSpace(version, dim_in, mean, np.ascontiguousarray(proj), power, fitted_n, sha256, method)
+    if head is not None:
+        w1, b1, w2 = head
+        k = proj.shape[0]
+        if (w1.ndim != 2 or w1.shape[1] != k or b1.shape != (w1.shape[0],) or w2.shape != (k, w1.shape[0])
+                or not all(np.isfinite(a).all() for a in head)):
+            raise ValueError(f"{path}: the head's shapes do not fit its {k}-d whitening")
+        head = tuple(np.ascontiguousarray(a) for a in head)
+    return MatchingSpace(version, dim_in, mean, np.ascontiguousarray(proj), power, fitted_n, sha256, method,
+                         head)  # type: ignore[arg-type]
 
 
 def prune(directory: Path, keep: set[int]) -> None:
@@ -265,3 +305,153 @@ def reupload_pairs(store: "Store", embedder: "Embedder", n: int, seed: int = 123
     b_out = np.concatenate(eb) if eb else np.zeros((0, embedder.info.dim), np.float32)
     publish_with(cache, lambda f: np.savez(f, a=a_out, b=b_out, model_id=np.str_(model_id)), durable=False)
     return a_out, b_out
+
+
+# ------------------------------------------------------------------ the copy-detection head
+AUGMENT_VERSION = 1  # bump when ``indexer.media.augment.hard_view`` changes: cached views are made again
+
+
+def hard_views(store: "Store", embedder: "Embedder", n: int, seed: int = 1234,
+               per_image: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(image ids, embeddings) of one hard view (``indexer.media.augment.hard_view``) of each of ``n`` stored
+    images' thumbnails — chosen, edited and ordered from ``seed`` alone, so the same store gives the same
+    views — cached in ``index/space-views.npz`` for the model and augmentation version that made them."""
+    import io
+    import random
+
+    from PIL import Image
+
+    from indexer.errors import DecodeError
+    from indexer.media.augment import hard_view
+    from indexer.media.decode import decode
+
+    cache = store.index_dir / "space-views.npz"
+    model_id = f"{embedder.info.model_id}|augment-{AUGMENT_VERSION}|seed-{seed}|views-{per_image}"
+    if cache.exists():
+        try:
+            with np.load(cache, allow_pickle=False) as z:
+                if str(z["model_id"]) == model_id and int(z["n"]) == n:
+                    return z["ids"].astype(np.int64), z["views"].astype(np.float32)
+        except Exception:  # a damaged cache is rebuilt
+            log.warning("%s is unreadable: embedding the views again", cache)
+    ids = store.catalog.image_ids()
+    rng = random.Random(seed)
+    rng.shuffle(ids)
+    spec = embedder.info.input
+    picked: list[int] = []
+    pixels: list[np.ndarray] = []
+    others: list[Image.Image] = []  # the last few thumbnails seen: collage neighbours and inset backgrounds
+    vecs: list[np.ndarray] = []
+    for chunk in range(0, len(ids), 256):
+        recs = store.catalog.get_many(ids[chunk:chunk + 256])
+        for image_id in ids[chunk:chunk + 256]:
+            rec = recs.get(image_id)
+            if len(picked) >= n * per_image:
+                break
+            if rec is None or not rec.thumb_key or getattr(rec, "kind", "image") != "image":
+                continue
+            try:
+                data = store.thumb_path(rec.thumb_key).read_bytes()
+                im = Image.open(io.BytesIO(data)).convert("RGB")
+                made = []
+                for _ in range(per_image):
+                    buf = io.BytesIO()
+                    hard_view(im, rng, others).save(buf, "JPEG", quality=95)
+                    made.append(decode(buf.getvalue(), spec, thumb_size=0).pixels)
+            except (OSError, DecodeError, ValueError):
+                continue
+            others = (others + [im])[-16:]
+            for px in made:
+                picked.append(image_id)
+                pixels.append(px)
+                if len(pixels) == 32:
+                    vecs.append(embedder.embed(np.stack(pixels))[0])
+                    pixels = []
+        if len(picked) >= n * per_image:
+            break
+    if pixels:
+        vecs.append(embedder.embed(np.stack(pixels))[0])
+    out_ids = np.asarray(picked, np.int64)
+    views = np.concatenate(vecs).astype(np.float32) if vecs else np.zeros((0, embedder.info.dim), np.float32)
+    publish_with(cache, lambda f: np.savez(f, ids=out_ids, views=views, n=np.int64(n),
+                                           model_id=np.str_(model_id)), durable=False)
+    return out_ids, views
+
+
+def fit_head(base: MatchingSpace, anchor_ids: np.ndarray, anchors: np.ndarray, views: np.ndarray,
+             bank: np.ndarray, cfg: SpaceConfig) -> MatchingSpace:
+    """A copy-detection head on top of ``base`` (learned whitening), SSCD-style (Pizzi et al. 2022): a residual
+    MLP ``y ← unit(y + W2·relu(W1·y + b1))`` trained with InfoNCE between each stored image's vector
+    (``anchors``, the row the index holds) and the vector of a hard edit of it (``views``), contrasted against
+    the rest of the batch and ``cfg.head_negatives`` other stored vectors (``bank``, none of the anchors), with
+    a differential-entropy (KoLeo) regulariser that keeps the images spread out. W2 starts at zero, so
+    training starts from the whitening; an eighth of the images is held out, and the epoch whose held-out
+    views find their own image first most often is kept (the whitening itself if none beats it). Seeded and
+    single-threaded: the same inputs and settings give the same weights."""
+    import torch
+
+    za = torch.from_numpy(base.apply(anchors))
+    zv = torch.from_numpy(base.apply(views))
+    zb = torch.from_numpy(base.apply(bank))
+    n, k = za.shape
+    rng = np.random.default_rng(cfg.seed)
+    groups = np.unique(anchor_ids)
+    held_images = rng.permutation(groups)[: max(1, len(groups) // 8)]
+    held_mask = np.isin(anchor_ids, held_images)
+    held, train = np.flatnonzero(held_mask), np.flatnonzero(~held_mask)
+    same = torch.from_numpy(anchor_ids)
+    first = {int(i): j for j, i in reversed(list(enumerate(anchor_ids)))}
+    own = np.asarray([first[int(i)] for i in anchor_ids])  # a row of each image's anchor in the gallery
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        gen = torch.Generator().manual_seed(cfg.seed)
+        w1 = torch.empty(cfg.head_hidden, k)
+        torch.nn.init.kaiming_uniform_(w1, a=5 ** 0.5, generator=gen)
+        params = [w1.requires_grad_(), torch.zeros(cfg.head_hidden, requires_grad=True),
+                  torch.zeros(k, cfg.head_hidden, requires_grad=True)]
+        opt = torch.optim.AdamW(params, lr=cfg.head_lr, weight_decay=cfg.head_decay)
+
+        def head(y: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.normalize(y + torch.relu(y @ params[0].T + params[1]) @ params[2].T, dim=1)
+
+        def held_recall() -> float:
+            with torch.no_grad():
+                gallery = head(torch.cat([za, zb[:20_000]]))
+                best = (head(zv[held]) @ gallery.T).argmax(dim=1).numpy()
+            return float(np.mean(best == own[held]))  # duplicate anchor rows: argmax takes the first
+
+        best_r, best_state, best_epoch = held_recall(), None, 0
+        batch = 256
+        tau = cfg.head_temperature
+        for epoch in range(1, cfg.head_epochs + 1):
+            perm = torch.from_numpy(train)[torch.randperm(len(train), generator=gen)]
+            for i in range(0, len(perm) - batch // 2, batch):
+                idx = perm[i:i + batch]
+                a, v = head(za[idx]), head(zv[idx])
+                with torch.no_grad():
+                    neg = head(zb[torch.randint(len(zb), (min(cfg.head_negatives, len(zb)),), generator=gen)])
+                labels = torch.arange(len(idx))
+                # two views of one image in a batch are not each other's negatives
+                twin = (same[idx][:, None] == same[idx][None, :]) & ~torch.eye(len(idx), dtype=torch.bool)
+                av = (a @ v.T / tau).masked_fill(twin, -1e4)
+                loss = torch.nn.functional.cross_entropy(torch.cat([av.T, v @ neg.T / tau], dim=1), labels)
+                loss = loss + torch.nn.functional.cross_entropy(av, labels)
+                both = torch.cat([a, v])
+                dist = torch.cdist(both, both) + torch.eye(len(both)) * 4.0
+                entropy = -torch.log(dist.min(dim=1).values + 1e-6).mean()
+                (loss + cfg.head_entropy * entropy).backward()
+                opt.step()
+                opt.zero_grad()
+            if epoch % 5 == 0 or epoch == cfg.head_epochs:
+                r = held_recall()
+                if r > best_r:
+                    best_r, best_epoch = r, epoch
+                    best_state = tuple(p.detach().numpy().copy() for p in params)
+        log.info("copy-detection head: held-out R@1 %.3f at epoch %d (whitening alone: see epoch 0)",
+                 best_r, best_epoch)
+    finally:
+        torch.set_num_threads(threads)
+    if best_state is None:
+        return base
+    return replace(base, method="head", head=tuple(np.ascontiguousarray(a, np.float32) for a in best_state))

@@ -42,7 +42,9 @@ log = logging.getLogger(__name__)
 SCOPES = ("flagged", "all")
 TUNE_QUERIES = 500  # held-out stored vectors the recall tuner queries with
 MIN_PAIRS = 200     # fewer re-upload pairs than this cannot estimate the edit noise: PCA-whitening instead
+MIN_VIEWS = 500     # fewer hard views than this cannot train a copy-detection head: learned whitening alone
 PairSource = Callable[[int], tuple[np.ndarray, np.ndarray]]
+ViewSource = Callable[[int], tuple[np.ndarray, np.ndarray]]  # n → (image ids, embeddings of a hard view of each)
 
 __all__ = ["SCOPES", "Hits", "IndexConfig", "IndexParams", "VectorIndex", "choose_params"]
 
@@ -134,12 +136,14 @@ class VectorIndex:
 
     def __init__(self, store: Store, cfg: IndexConfig, space_cfg: SpaceConfig = SpaceConfig(), *,
                  vectors: VectorStore | None = None, pairs: PairSource | None = None,
-                 auto_rebuild: bool = True) -> None:
+                 views: ViewSource | None = None, auto_rebuild: bool = True) -> None:
         """``pairs``: re-upload pairs for a learned space (a process with the model passes
         ``indexer.vectors.space.reupload_pairs`` over it); without it a space is fitted by PCA-whitening.
+        ``views``: hard views of stored images for the copy-detection head (``indexer.vectors.space.hard_views``;
+        with ``space_cfg.head``).
         ``auto_rebuild=False``: catching up never refits or retrains (a caller about to ``rebuild``
         would otherwise build everything twice)."""
-        self.store, self.cfg, self.space_cfg, self.pairs = store, cfg, space_cfg, pairs
+        self.store, self.cfg, self.space_cfg, self.pairs, self.views = store, cfg, space_cfg, pairs, views
         self.auto_rebuild = auto_rebuild
         self.vectors = vectors or store.open_vectors()
         self.dim = self.vectors.dim
@@ -187,7 +191,19 @@ class VectorIndex:
         sample = self.vectors.get(ids)
         a, b = self.pairs(self.space_cfg.pairs) if self.pairs is not None else (None, None)
         if a is not None and b is not None and len(a) >= MIN_PAIRS:
-            space = spaces.fit_learned(sample, a, b, self.space_cfg, version)
+            view_ids, views = (self.views(self.space_cfg.head_images)
+                               if self.views is not None and self.space_cfg.head_images > 0 else (None, None))
+            if view_ids is None or views is None or len(view_ids) < MIN_VIEWS:
+                space = spaces.fit_learned(sample, a, b, self.space_cfg, version)
+            else:
+                # the hard views count as edit noise too (the linear part), then the head learns what is left
+                anchors = self.vectors.get(view_ids)
+                space = spaces.fit_learned(sample, np.concatenate([a, anchors]), np.concatenate([b, views]),
+                                           self.space_cfg, version)
+                if self.space_cfg.head:
+                    # negatives: other stored images, never one of those the head learns to find
+                    bank = sample[~np.isin(ids, view_ids)][: 4 * self.space_cfg.head_negatives + 20_000]
+                    space = spaces.fit_head(space, view_ids, anchors, views, bank, self.space_cfg)
         else:
             space = spaces.fit(sample, self.space_cfg, version)
         fitted = spaces.save(self.store.index_dir, space)
