@@ -240,6 +240,25 @@ main.command("unflag", cls=SettingsCommand, help="Unflag images by id, sha256 or
 
 
 @main.command(cls=SettingsCommand)
+@with_settings("model", "search")
+def regions(settings: Settings) -> None:
+    """Give flagged images their region vectors (9 windows of the stored thumbnail, through which a heavy crop
+    or one cell of a collage finds the flagged picture) and drop those of images no longer flagged. ingest and
+    reindex do it too; run it after flagging many images by hand, or from cron."""
+    from indexer.vectors.regions import load_rows, update_regions
+    store = wiring.open_store(settings)
+    embedder = wiring.load_embedder(settings, store)
+    t = time.perf_counter()
+    with job(settings, "regions") as figures:
+        added, dropped = update_regions(store, embedder)
+        rows = load_rows(store.index_dir)
+        held = 0 if rows is None else len(rows.ids)
+        figures.update({"added": added, "dropped": dropped, "rows": held})
+    click.echo(f"region vectors: {added} flagged images added, {dropped} dropped; {held} windows held; "
+               f"{time.perf_counter() - t:.1f} s")
+
+
+@main.command(cls=SettingsCommand)
 @click.option("--scope", type=click.Choice(["all", "flagged"]), default=None, help="one scope (default: both)")
 @click.option("--ray", "ray_address", default="", metavar="ADDRESS",
               help="fill IVF-PQ indexes in shards on this Ray cluster ('auto': the one on this host) and serve "

@@ -130,7 +130,7 @@ def search_service(settings: Settings, store: Store, index: VectorIndex, embedde
                          decode_nice=settings.request_nice,
                          local=FeatureCache(thumbnail_grey(store.thumbs_dir)) if settings.verify_hits else None,
                          grid_below=settings.query_grid_below, video_limits=video_limits(settings),
-                         verify_depth=settings.verify_depth)
+                         verify_depth=settings.verify_depth, regions=settings.region_vectors)
 
 
 def hash_matcher(settings: Settings, store: Store) -> HashMatcher:
@@ -216,4 +216,7 @@ def ingest_into(settings: Settings, sources: Iterable[Source], *, store: Store |
                         heads=ActiveHeads(store).get())
     index.save()
     hash_matcher(settings, store).image_index.save()
+    if settings.region_vectors:  # images flagged by this run get their windows (indexer.vectors.regions)
+        from indexer.vectors.regions import update_regions
+        update_regions(store, embedder)
     return IngestResult(counts, info)

@@ -36,6 +36,10 @@ def hit_json(h: Hit) -> dict[str, Any]:
     d["similarity"] = round(h.similarity, 6)
     d["view"] = h.view
     d["view_box"] = list(h.box) if h.box is not None else None
+    # the stored picture's window the match came through (indexer.vectors.regions), in its pixels as displayed
+    d["stored_box"] = ([round(h.region[0] * h.record.width), round(h.region[1] * h.record.height),
+                        round(h.region[2] * h.record.width), round(h.region[3] * h.record.height)]
+                       if h.region is not None else None)
     d["local_matches"] = h.local_matches
     d["verified"] = h.verified
     d["cluster"] = h.cluster

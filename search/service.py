@@ -24,6 +24,7 @@ from indexer.vectors.vector_index import SCOPES, VectorIndex
 from indexer.media.hashes import Pdq, Signals, md5_of
 from indexer.review.heads import ActiveHeads, Head, scores_for
 from indexer.media.local import MIN_MATCHES, SIDE, FeatureCache, QueryFeatures
+from indexer.vectors.regions import REGION_MARGIN
 from search.admission import Admission
 from search.hashmatch import HashEvidence, HashMatcher
 
@@ -107,6 +108,9 @@ class Hit:
     # below the first verified one, or verification off)
     local_matches: int | None = None
     frames: tuple[FramePair, ...] = ()  # a stored video's best frame pairs with the query, best first
+    # the stored image's window (indexer.vectors.regions) its best similarity came through: left, top, right,
+    # bottom as fractions of the picture; None: the whole image
+    region: tuple[float, float, float, float] | None = None
 
     @property
     def verified(self) -> bool | None:
@@ -146,10 +150,12 @@ class SearchService:
                  cluster_lookup: ClusterLookup | None = None, views: Sequence[str] = DEFAULT_VIEWS,
                  hashes: HashMatcher | None = None, heads: ActiveHeads | None = None, decode_nice: int = 0,
                  local: FeatureCache | None = None, grid_below: float = -1.0,
-                 video_limits: VideoLimits = VideoLimits(), verify_depth: int = VERIFY_DEPTH) -> None:
+                 video_limits: VideoLimits = VideoLimits(), verify_depth: int = VERIFY_DEPTH,
+                 regions: bool = True) -> None:
         self.store, self.index, self.embedder, self.hashes = store, index, embedder, hashes
         self.local = local  # stored images' local features: an upload's hits are verified when set
         self.verify_depth = max(1, verify_depth)
+        self.regions = regions  # search the flagged images' windows too (indexer.vectors.regions)
         # an upload whose views' best similarity is below this is searched again by the parts of a grid
         self.grid_below = grid_below
         # uploads decode on a small pool — at most one decode per core at once — at the request niceness
@@ -468,6 +474,7 @@ class SearchService:
         owner = owner if owner is not None else list(range(len(queries)))
         views = views or ["full"] * len(owner)
         rows = self.index.search(vectors, params.k, params.scope, exclude=[exclude[q] for q in owner], live=False)
+        searched = vectors
         # stored videos' keyframes near each row: a video is found by the frame that shows what the query shows
         framed = list(zip(owner, views, self.index.search_frames(vectors, params.k * FRAME_FANOUT, params.scope)))
         if fallback is not None:
@@ -486,8 +493,12 @@ class SearchService:
                     framed += zip(more_owner, more_views,
                                   self.index.search_frames(more, params.k * FRAME_FANOUT, params.scope))
                     owner, views = owner + more_owner, views + more_views
+                    searched = np.concatenate([searched, more])
+        # flagged images' windows near each row: a part of a flagged picture meets the window that holds it
+        regioned = list(zip(owner, self.index.search_regions(searched, params.k))) if self.regions else []
         t1 = time.perf_counter()
-        ids = {int(i) for h in rows for i in h.ids} | {int(i) for _, _, fh in framed for i in fh.owners}
+        ids = ({int(i) for h in rows for i in h.ids} | {int(i) for _, _, fh in framed for i in fh.owners}
+               | {int(i) for _, rh in regioned for i in rh.owners})
         recs = self.store.catalog.get_many(ids)
         want_flagged = params.scope == "flagged"
         live = {i for i, r in recs.items() if not r.deleted and (r.flagged or not want_flagged)}
@@ -504,6 +515,15 @@ class SearchService:
                 if i not in best[q] or sim > best[q][i][0]:
                     best[q][i] = (float(sim), view)
                 pairs[q].setdefault(i, []).append(FramePair(view, _offset_of(view), round(float(off), 3), float(sim)))
+        windows: list[dict[int, tuple[float, float, float, float]]] = [{} for _ in queries]
+        for (q, rh), view in zip(regioned, views):
+            for i, box, sim in zip(rh.owners.tolist(), rh.boxes.tolist(), rh.similarities.tolist()):
+                sim -= REGION_MARGIN  # a window competes with whole images: it must beat them by this much
+                if i not in live or i in exclude[q] or sim < params.min_similarity:
+                    continue
+                if i not in best[q] or sim > best[q][i][0]:
+                    best[q][i] = (float(sim), view)
+                    windows[q][i] = tuple(box)  # type: ignore[assignment]
         top = [sorted(b.items(), key=lambda kv: -kv[1][0])[: params.k] for b in best]
         tv = time.perf_counter()
         checked: list[dict[int, int]] = [{} for _ in queries]
@@ -523,7 +543,8 @@ class SearchService:
                                                exclude=[q.known_id for q in queries]))
         where = boxes or [{} for _ in queries]
         results = [QueryResult(q, [Hit(recs[i], sim, clusters.get(i), view, where[n].get(view), scored.get(i, {}),
-                                       seen.get(i), _best_pairs(pairs[n].get(i, ()))) for i, (sim, view) in row], ev)
+                                       seen.get(i), _best_pairs(pairs[n].get(i, ())), windows[n].get(i))
+                                   for i, (sim, view) in row], ev)
                    for n, (q, row, ev, seen) in enumerate(zip(queries, top, evidence, checked))]
         t.search += (t1 - t0) * 1000
         t.hashes += (time.perf_counter() - t2) * 1000

@@ -135,6 +135,10 @@ def test_search_moves_the_verified_copy_first_and_reports_the_checks(store, tiny
     deep = [*others[:5], (target, (hits[0].similarity, hits[0].view)), *others[5:]]
     row, seen = svc._verify(feats, deep, recs)
     assert row == deep and len(seen) == 5 and target not in seen
+    # verify_depth 10 reaches it: it moves first, checked after the five above it
+    deeper = search_service(settings.replace(verify_depth=10), store, svc.index, tiny_embedder)
+    row, seen = deeper._verify(feats, deep, recs)
+    assert row[0][0] == target and list(seen) == [i for i, _ in deep[:6]]
     # nothing verifies when the copy is not among the hits: the model's order stays
     assert svc._verify(feats, others, recs)[0] == others
 

@@ -347,3 +347,119 @@ def test_sharded_build_is_served_memory_mapped_and_answers_like_a_local_build(se
         again = VectorIndex(store, cfg)
     assert any("truncated or replaced" in r.getMessage() for r in caplog.records)
     assert again.stats()["all"]["vectors"] == len(ids) + 50 - 1
+
+
+def _abs_views(n: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Images and views of them no linear map brings back: each view is the image's absolute value, noisy."""
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(n, dim)).astype(np.float32)
+    return a, (np.abs(a) + 0.2 * rng.normal(size=(n, dim))).astype(np.float32)
+
+
+HEAD_CFG = SpaceConfig(dim=32, min_vectors=2000, head_hidden=256, head_lr=3e-3, head_epochs=40, head_negatives=512,
+                       head_min_views=500)
+
+
+def test_copy_detection_head_learns_what_whitening_cannot_and_is_deterministic(tmp_path):
+    """fit_head on views no linear map can bring back to their images: on images it never saw, the head finds
+    the view's image first far more often than the learned whitening it starts from; the same inputs give the
+    same weights; the space round-trips through its file, and a file whose head does not fit is refused."""
+    from indexer.vectors import space as spaces
+    anchors, views = _abs_views(1200, 32, seed=0)
+    bank = np.random.default_rng(1).normal(size=(3000, 32)).astype(np.float32)
+    sample = np.concatenate([anchors, bank])
+    base = spaces.fit_learned(sample, anchors, views, HEAD_CFG, 1)
+    head = spaces.fit_head(base, np.arange(1200), anchors, views, bank, HEAD_CFG)
+    assert head.method == "head" and head.kind == "copy-detection-head" and head.head is not None
+
+    fresh, fresh_views = _abs_views(600, 32, seed=2)  # other images and views, never trained on
+    gallery = np.concatenate([fresh, bank])
+
+    def r1(space: spaces.MatchingSpace) -> float:
+        return float(((space.apply(fresh_views) @ space.apply(gallery).T).argmax(axis=1) == np.arange(600)).mean())
+    assert r1(head) >= r1(base) + 0.05, (r1(base), r1(head))
+
+    again = spaces.fit_head(base, np.arange(1200), anchors, views, bank, HEAD_CFG)
+    assert again.fingerprint() == head.fingerprint()
+
+    saved = spaces.save(tmp_path, head)
+    loaded = spaces.load(tmp_path, 1, saved.sha256, 32)
+    assert loaded.kind == "copy-detection-head" and loaded.fingerprint() == head.fingerprint()
+    assert np.array_equal(loaded.apply(fresh_views), head.apply(fresh_views))
+    assert "copy-detection head" in loaded.summary()
+    w1, b1, w2 = head.head
+    import dataclasses
+    bad = spaces.save(tmp_path, dataclasses.replace(head, version=2, head=(w1, b1, w2[:5])))
+    with pytest.raises(ValueError, match="head's shapes"):
+        spaces.load(tmp_path, 2, bad.sha256, 32)
+
+
+def test_index_fits_its_space_with_the_head_publishes_it_and_reopens_it(store, caplog):
+    """A store with the model at hand: the space is learned whitening over re-upload pairs and hard views,
+    with the copy-detection head on top; the indexes are built in it, the checkpoint names it, and a
+    reopen loads it from its file (the same arrays, no refit); with the head off the same data gives
+    learned whitening alone."""
+    anchors, views = _abs_views(1200, 32, seed=0)
+    bank = np.random.default_rng(1).normal(size=(1500, 32)).astype(np.float32)
+    ids = populate(store, np.concatenate([anchors, bank]))
+    asked: list[int] = []
+
+    def pairs(n: int) -> tuple[np.ndarray, np.ndarray]:
+        return anchors[:300], views[:300]
+
+    def hard(n: int) -> tuple[np.ndarray, np.ndarray]:
+        asked.append(n)
+        return ids[:1200], views
+
+    cfg = IndexConfig(exact_threshold=10**9)
+    with caplog.at_level(logging.INFO, logger="indexer.vectors.space"):
+        index = VectorIndex(store, cfg, dataclasses_replace(HEAD_CFG, head_images=1200), pairs=pairs, views=hard)
+    assert asked == [1200] and index.space.kind == "copy-detection-head"
+    assert "held-out R@1" in caplog.text
+    index.save()
+    cp = store.catalog.checkpoint("all")
+    assert cp.params["space_version"] == index.space.version and cp.params["dim"] == 32
+    # an image's view finds it first through the index (the head applied to queries as to the stored rows)
+    def found(ix: VectorIndex) -> float:
+        return float(np.mean([h.ids[0] == i for h, i in zip(ix.search(views[:200], 1, "all"), ids[:200])]))
+    with_head = found(index)
+    again = VectorIndex(store, cfg, HEAD_CFG, pairs=pairs, views=hard)
+    assert again.space.fingerprint() == index.space.fingerprint() and asked == [1200]
+
+    off = VectorIndex(store, cfg, dataclasses_replace(HEAD_CFG, head=False), pairs=pairs, views=hard,
+                      auto_rebuild=False)
+    off.rebuild()
+    assert off.space.kind == "learned-whiten" and off.space.head is None
+    assert with_head >= found(off) + 0.1, (with_head, found(off))
+
+
+def dataclasses_replace(obj, **kw):  # type: ignore[no-untyped-def]
+    import dataclasses
+    return dataclasses.replace(obj, **kw)
+
+
+def test_hard_views_are_seeded_cached_and_made_from_stored_thumbnails(settings, store, tiny_embedder, tmp_path):
+    """Hard views of real stored thumbnails, embedded by a real (tiny) model: ``per_image`` views of each
+    image in a seeded order, cached beside the spaces, the same again when made afresh, others for
+    another seed."""
+    from flagmatch.wiring import ingest_into
+    from indexer.ingest.sources import iter_sources
+    from indexer.vectors import space as spaces
+    from tests.helpers import write_images
+    write_images(tmp_path / "in", 24, fmt="PNG", ext="png")
+    ingest_into(settings, iter_sources([str(tmp_path / "in")]), store=store, embedder=tiny_embedder)
+    ids, views = spaces.hard_views(store, tiny_embedder, 20, per_image=2)
+    assert views.shape == (40, tiny_embedder.info.dim) and np.isfinite(views).all()
+    assert ids[0::2].tolist() == ids[1::2].tolist() and len(set(ids.tolist())) == 20
+    assert set(ids.tolist()) <= set(store.catalog.image_ids())
+    assert not np.allclose(views[0], views[1])  # two different edits of one image
+    cache = store.index_dir / "space-views.npz"
+    assert cache.exists()
+    stamp = cache.stat().st_mtime_ns
+    cached = spaces.hard_views(store, tiny_embedder, 20, per_image=2)
+    assert cache.stat().st_mtime_ns == stamp and np.array_equal(cached[1], views)
+    cache.unlink()
+    fresh = spaces.hard_views(store, tiny_embedder, 20, per_image=2)
+    assert np.array_equal(fresh[0], ids) and np.allclose(fresh[1], views, atol=1e-5)
+    other = spaces.hard_views(store, tiny_embedder, 20, seed=99, per_image=2)
+    assert not np.array_equal(other[0], ids)

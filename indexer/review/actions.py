@@ -16,6 +16,7 @@ from indexer.storage.catalog import FlagRequest, ImageRecord, Transaction
 from indexer.errors import InvalidInputError, NotFoundError
 from indexer.storage.store import Store
 from indexer.storage.tables import MAX_LABEL, MAX_REASON
+from indexer.vectors.regions import erase_regions
 
 
 
@@ -204,6 +205,7 @@ def delete_images(store: Store, index: IndexFeed | None, audit: AuditLog, ids: S
         if frames:
             store.open_vectors().erase_rows(np.array([f.vec_segment for f in frames]),
                                             np.array([f.vec_row for f in frames]))
+    erase_regions(store.index_dir, unique)  # the windows of a flagged image (indexer.vectors.regions)
     if frames:  # last: a delete that died before this finds the keyframes again and finishes
         store.catalog.forget_keyframes(unique)
     if index is not None:

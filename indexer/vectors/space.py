@@ -57,6 +57,7 @@ class SpaceConfig:
     head_entropy: float = 0.5       # weight of the differential-entropy (KoLeo) regulariser
     head_negatives: int = 4096      # stored vectors every step contrasts against, beside the batch
     head_views: int = 1             # augmented views made of each of the head's images
+    head_min_views: int = 500       # fewer views than this cannot train a head: learned whitening on the pairs alone
     head_lr: float = 3e-4
     head_decay: float = 0.05
 

@@ -32,6 +32,7 @@ from indexer.storage.catalog import Checkpoint
 from indexer.errors import FlagmatchError, InvalidInputError
 from indexer.storage.files import publish
 from indexer.vectors.faiss_index import IndexConfig, IndexParams, LayeredIndex, choose_params
+from indexer.vectors.regions import RegionHits, RegionIndex
 from indexer.vectors.frames import FrameHits, FrameIndex
 from indexer.vectors.sharded import ShardPlan, ShardRunner, local_runner
 from indexer.vectors.space import MatchingSpace, SpaceConfig
@@ -42,7 +43,6 @@ log = logging.getLogger(__name__)
 SCOPES = ("flagged", "all")
 TUNE_QUERIES = 500  # held-out stored vectors the recall tuner queries with
 MIN_PAIRS = 200     # fewer re-upload pairs than this cannot estimate the edit noise: PCA-whitening instead
-MIN_VIEWS = 500     # fewer hard views than this cannot train a copy-detection head: learned whitening alone
 PairSource = Callable[[int], tuple[np.ndarray, np.ndarray]]
 ViewSource = Callable[[int], tuple[np.ndarray, np.ndarray]]  # n → (image ids, embeddings of a hard view of each)
 
@@ -158,6 +158,7 @@ class VectorIndex:
         for scope in SCOPES:
             self._scopes[scope] = self._open_scope(scope)
         self.frames = FrameIndex(store.catalog, self.vectors)  # every video's keyframes (indexer.vectors.frames)
+        self.regions = RegionIndex(store.index_dir)  # flagged images' windows (indexer.vectors.regions)
         self.catch_up()
 
     # ------------------------------------------------------------------ the matching space
@@ -193,7 +194,7 @@ class VectorIndex:
         if a is not None and b is not None and len(a) >= MIN_PAIRS:
             view_ids, views = (self.views(self.space_cfg.head_images)
                                if self.views is not None and self.space_cfg.head_images > 0 else (None, None))
-            if view_ids is None or views is None or len(view_ids) < MIN_VIEWS:
+            if view_ids is None or views is None or len(view_ids) < self.space_cfg.head_min_views:
                 space = spaces.fit_learned(sample, a, b, self.space_cfg, version)
             else:
                 # the hard views count as edit noise too (the linear part), then the head learns what is left
@@ -358,6 +359,7 @@ class VectorIndex:
                 if frames or flags or not self.frames.marked:
                     self.frames.mark(self._scopes["flagged"].ids or set())
                 changed |= frames
+                self.regions.sync(self.space)
             if self.auto_rebuild and (self._needs_space()
                                       or any(self._needs_retrain(self._scopes[sc]) for sc in SCOPES)):
                 log.info("refitting the matching space and rebuilding the indexes (%d vectors)",
@@ -389,12 +391,17 @@ class VectorIndex:
         with self._lock.write():
             self.frames.sync(space)
             self.frames.mark(self._scopes["flagged"].ids or set())
+            self.regions.sync(space)
 
     def maybe_refresh(self) -> None:
-        """Catch up when the last look is older than ``refresh_seconds`` (cheap: two catalog reads)."""
+        """Catch up when the last look is older than ``refresh_seconds`` (cheap: two catalog reads and a stat
+        of the region file)."""
         if time.monotonic() - self._last_refresh < self.cfg.refresh_seconds:
             return
         self._last_refresh = time.monotonic()
+        with self._lock.read():
+            space = self.space
+        self.regions.sync(space)
         image_head, event_head = self.store.catalog.head()
         gens = [cp.generation if (cp := self.store.catalog.checkpoint(sc)) else 0 for sc in SCOPES]
         behind = any(g > self._scopes[sc].generation for g, sc in zip(gens, SCOPES)) or any(
@@ -499,6 +506,14 @@ class VectorIndex:
         raw = np.ascontiguousarray(np.atleast_2d(vectors), np.float32)
         with self._lock.read():
             return self.frames.search(self.space.apply(raw), k, flagged=scope == "flagged")
+
+    def search_regions(self, vectors: np.ndarray, k: int) -> list[RegionHits]:
+        """The nearest windows of flagged images (``indexer.vectors.regions``) of each row of raw query vectors,
+        in the space the image indexes search. Images unflagged or deleted since the region file was written are
+        the caller's to drop, as it drops image hits."""
+        raw = np.ascontiguousarray(np.atleast_2d(vectors), np.float32)
+        with self._lock.read():
+            return self.regions.search(self.space.apply(raw), k)
 
     def _search_index(self, s: ScopeIndex, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         index = s.index
