@@ -473,7 +473,7 @@ def measure(env: dict[str, str], queries: dict[str, list[Path]], truth: list[int
     token = env["FLAGMATCH_API_TOKENS"].split(":")[1]
     out: dict[str, Any] = {}
     try:
-        search(base, token, queries[next(iter(queries))][0])  # warm
+        search(base, token, (queries[next(iter(queries))] if queries else plain or [])[0])  # warm
         for name, paths in queries.items():
             r1 = r10 = c1 = 0
             times: list[float] = []
@@ -589,7 +589,10 @@ def main() -> None:
                     help="common: the nine everyday edits and the families (match.json); hard: the edit classes "
                          "evaders use, learned whitening against the copy-detection head (match-hard.json)")
     ap.add_argument("--only", action="append", default=[],
-                    help="with --edits hard: measure only these configurations, keeping the others' last results")
+                    help="measure only these configurations (with --edits hard, or --families-only), keeping the "
+                         "others' last results")
+    ap.add_argument("--plain-only", action="store_true",
+                    help="with --edits hard: time only the uploads that copy nothing, keeping the edits' last results")
     ap.add_argument("--repeat", action="store_true",
                     help="with --edits hard: refit and measure the last configuration again and compare hit for hit")
     ap.add_argument("--render", help="redraw the Markdown table from a results JSON, measuring nothing")
@@ -664,23 +667,30 @@ def main() -> None:
         results["search"][label] = measure(env, queries, truth, work / "serve.log", alike)
 
     if not a.skip_families:
-        results["families"] = families(base_env, originals, queries, work, {
+        family_configs = {
             "raw features": {"FLAGMATCH_SPACE_DIM": "0", "FLAGMATCH_CLUSTER_JOIN": "0"},
-            "default: matching space, no join": {"FLAGMATCH_CLUSTER_JOIN": "0"},
+            "learned whitening, no join (before)": {"FLAGMATCH_CLUSTER_JOIN": "0", "FLAGMATCH_SPACE_HEAD": "0",
+                                                    "FLAGMATCH_SPACE_HEAD_IMAGES": "0"},
+            "default: hard views + head, no join": {"FLAGMATCH_CLUSTER_JOIN": "0"},
             "matching space + join at 0.85 by similarity alone": {"FLAGMATCH_CLUSTER_JOIN": "0.85",
                                                                   "FLAGMATCH_CLUSTER_VERIFY": "0"},
             "matching space + verified join at 0.3": {"FLAGMATCH_CLUSTER_JOIN": "0.3"},
             "matching space + verified join at 0.5": {"FLAGMATCH_CLUSTER_JOIN": "0.5"},
-        })
+        }
+        chosen = {k: v for k, v in family_configs.items() if not a.only or k in a.only}
+        measured = families(base_env, originals, queries, work, chosen)
+        results["families"] = {**results.get("families", {}), **measured} if a.only else measured
 
     write(f"match{suffix}", results, markdown(results))
 
 
 HARD_CONFIGS = {
-    "learned whitening (before)": {"FLAGMATCH_SPACE_HEAD": "0", "FLAGMATCH_SPACE_HEAD_IMAGES": "0"},
-    "learned whitening + hard views": {"FLAGMATCH_SPACE_HEAD": "0"},
-    "+ copy-detection head, verification depth 10": {"FLAGMATCH_VERIFY_DEPTH": "10"},
-    "+ copy-detection head (default)": {},
+    "learned whitening (before)": {"FLAGMATCH_SPACE_HEAD": "0", "FLAGMATCH_SPACE_HEAD_IMAGES": "0",
+                                   "FLAGMATCH_REGION_VECTORS": "0"},
+    "+ hard views": {"FLAGMATCH_SPACE_HEAD": "0", "FLAGMATCH_REGION_VECTORS": "0"},
+    "+ hard views + copy-detection head": {"FLAGMATCH_REGION_VECTORS": "0"},
+    "+ head + region vectors, verification depth 10": {"FLAGMATCH_VERIFY_DEPTH": "10"},
+    "+ head + region vectors (default)": {},
 }
 
 
@@ -704,7 +714,8 @@ def hard(a: argparse.Namespace, base_env: dict[str, str], home: Path, queries: d
     timed alongside; ``--repeat`` refits the last configuration and compares every ranked hit list."""
     name = "match-hard" + ("" if a.model == "opennsfw" else "-" + Path(a.model).name)
     path = ROOT / "benchmarks" / "results" / f"{name}.json"
-    results: dict[str, Any] = json.loads(path.read_text()) if path.exists() and a.only else {"search": {}}
+    results: dict[str, Any] = (json.loads(path.read_text()) if path.exists() and (a.only or a.plain_only)
+                               else {"search": {}})
     results.update({"machine": machine(), "model": a.model, "originals": len(truth), "plain": len(plain)})
     runs = {lab: extra for lab, extra in HARD_CONFIGS.items() if not a.only or lab in a.only}
     for label, extra in runs.items():
@@ -712,13 +723,25 @@ def hard(a: argparse.Namespace, base_env: dict[str, str], home: Path, queries: d
         t = time.perf_counter()
         print(f"[{label}] reindex: " + flagmatch("reindex", env=env).strip().replace("\n", "; "), flush=True)
         fit_s = time.perf_counter() - t
+        if extra.get("FLAGMATCH_REGION_VECTORS") != "0":
+            t = time.perf_counter()
+            print("  " + flagmatch("regions", env=env).strip(), flush=True)
+            results["regions_s"] = time.perf_counter() - t
+        if a.plain_only:
+            results["search"].setdefault(label, {})["no copy"] = measure(env, {}, truth, work / "serve.log", None,
+                                                                         plain)["no copy"]
+            continue
         results["search"][label] = measure(env, queries, truth, work / "serve.log", alike, plain)
         results["search"][label]["reindex_s"] = fit_s
         results["search"][label]["space"] = space_fingerprint(home)
     if a.repeat:
         label, extra = list(HARD_CONFIGS.items())[-1]
         env = {**base_env, **extra, "FLAGMATCH_HOME": str(home)}
+        for cached in ("space-views.npz", "space-pairs.npz", "regions.npz"):  # everything made again
+            (home / "index" / cached).unlink(missing_ok=True)
         flagmatch("reindex", env=env)
+        if extra.get("FLAGMATCH_REGION_VECTORS") != "0":
+            flagmatch("regions", env=env)
         again = measure(env, queries, truth, work / "serve.log", alike)
         first = results["search"][label]
         same = sum(x == y for n in queries for x, y in zip(first[n]["ranked"], again[n]["ranked"]))

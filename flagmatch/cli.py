@@ -243,8 +243,9 @@ main.command("unflag", cls=SettingsCommand, help="Unflag images by id, sha256 or
 @with_settings("model", "search")
 def regions(settings: Settings) -> None:
     """Give flagged images their region vectors (9 windows of the stored thumbnail, through which a heavy crop
-    or one cell of a collage finds the flagged picture) and drop those of images no longer flagged. ingest and
-    reindex do it too; run it after flagging many images by hand, or from cron."""
+    or one cell of a collage finds the flagged picture) and drop those of images no longer flagged. Nine model
+    passes per newly flagged image: run it after an ingest or a review session, or from cron (servers pick the
+    file up; until then a newly flagged image is searched whole)."""
     from indexer.vectors.regions import load_rows, update_regions
     store = wiring.open_store(settings)
     embedder = wiring.load_embedder(settings, store)

@@ -118,8 +118,8 @@ class Settings:
     verify_hits: bool = setting(True, "check an upload's hits by local features (ORB keypoints + RANSAC) from the "
                                 "top until one shows the same picture, and put that one first", "server")
     region_vectors: bool = setting(True, "flagged images are also searched by 9 windows of their thumbnail (a heavy "
-                                   "crop or a collage's cell meets the window that holds it); made by reindex, ingest "
-                                   "and `flagmatch regions`", "search")
+                                   "crop or a collage's cell meets the window that holds it), once `flagmatch regions` has "
+                                   "made them", "search")
     verify_depth: int = setting(5, "hits an upload's verification checks at most, from the top (the cost of an "
                                 "upload that copies nothing grows with it: each check ~1.5 ms)", "server")
     # -- vector index

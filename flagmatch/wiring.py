@@ -216,7 +216,4 @@ def ingest_into(settings: Settings, sources: Iterable[Source], *, store: Store |
                         heads=ActiveHeads(store).get())
     index.save()
     hash_matcher(settings, store).image_index.save()
-    if settings.region_vectors:  # images flagged by this run get their windows (indexer.vectors.regions)
-        from indexer.vectors.regions import update_regions
-        update_regions(store, embedder)
     return IngestResult(counts, info)

@@ -6,13 +6,18 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 from playwright.sync_api import expect
 
 from tests.helpers.web import TOKEN, build_clustered_home
-from tests.helpers import drawn_image, encode, start_server, stop_server
+from PIL import Image
+
+from tests.helpers import child_env, drawn_image, encode, start_server, stop_server
 
 CHROMIUM = os.environ.get("FLAGMATCH_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(os.environ.get("FLAGMATCH_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
@@ -697,3 +702,31 @@ def _sha_id(page, base: str, path: Path) -> int:
                           headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
     assert r.ok, r.text()
     return int(r.json()["results"][0]["query"]["known_id"])
+
+
+def test_a_hit_through_a_flagged_pictures_window_says_which_part(server, page, tiny_model_dir):
+    """After `flagmatch regions`, a quarter cut out of a flagged picture finds it through its window, and the
+    search page says which part of the flagged picture matched (in its pixels); the API says the same."""
+    base, root = server
+    env = child_env(FLAGMATCH_HOME=str(root / "home"), FLAGMATCH_MODEL=str(tiny_model_dir), FLAGMATCH_PRECISION="fp32")
+    done = subprocess.run([sys.executable, "-m", "flagmatch.cli", "regions"], env=env, capture_output=True,
+                          text=True, timeout=600)
+    added = re.search(r"(\d+) flagged images added", done.stdout)
+    assert done.returncode == 0 and added and int(added.group(1)) > 40, done.stdout + done.stderr
+    original = Image.open(root / "in" / "flagged" / "fam2_03.jpg")
+    query = root / "quarter.png"
+    original.crop((0, 0, original.width // 2, original.height // 2)).resize((320, 240)).save(query)
+    time.sleep(1.0)  # the server looks for a new region file at its next refresh
+    _signed_in(page, base)
+    page.goto(base + "/search")
+    page.set_input_files("#search-file", str(query))
+    with page.expect_navigation():
+        page.click("#search-form button")
+    part = page.locator(".card.image.hit .stored-region").first
+    expect(part).to_contain_text("a part of it: (0,0)–(160,120)")
+    r = page.request.post(base + "/api/v1/search", multipart={"image": {"name": "q.png", "mimeType": "image/png",
+                                                                        "buffer": query.read_bytes()}},
+                          headers={"Authorization": f"Bearer {TOKEN}"})
+    hits = r.json()["results"][0]["hits"]
+    assert any(h["stored_box"] == [0, 0, 160, 120] for h in hits), [h["stored_box"] for h in hits]
+    assert not page.problems, page.problems

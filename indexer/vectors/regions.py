@@ -14,7 +14,8 @@ thumbnail, always there, is enough). Windows compete with whole images, so a hit
 ``REGION_MARGIN`` less: at 0.05 no other edit lost (0.00–0.03 at no margin).
 
 Derived data, like the indexes: made from the stored thumbnails by a process that has the model
-(``update_regions``: ``reindex``, ``ingest`` and ``flagmatch regions``), kept raw in ``index/regions.npz``
+(``update_regions``, the ``flagmatch regions`` command: nine model passes per newly flagged image, so never
+inside an ingest or a reindex, which would grow ten-fold for a store of flagged imports), kept raw in ``index/regions.npz``
 (float16, written atomically) with each row's image and box, and searched exactly in the current matching
 space by every process that opens the store, which reloads the file when it changes. Images flagged since the
 last update are searchable whole until the next one. Deleting an image rewrites the file without its rows.
