@@ -8,7 +8,7 @@ import re
 
 from common import OUT, ROOT
 
-SECTIONS = [("match", "Matching quality (re-uploads found and grouped)"), ("composites", "Pictures inside pictures"), ("video", "Video: re-uploaded clips, ingest, memory"), ("ingest", "Ingest"), ("decode", "Decoding: libvips against Pillow, per format"), ("ray_ingest", "Ingest on Ray"), ("sharded_index", "Sharded index builds, memory-mapped serving"), ("catalog", "Catalog: SQLite against PostgreSQL"), ("index-1m-192", "Vector index, 1M × 192-d (timm default)"),
+SECTIONS = [("match", "Matching quality (re-uploads found and grouped)"), ("match-hard", "Hard edits: the copy-detection space, region vectors, verification depth"), ("composites", "Pictures inside pictures"), ("video", "Video: re-uploaded clips, ingest, memory"), ("ingest", "Ingest"), ("decode", "Decoding: libvips against Pillow, per format"), ("ray_ingest", "Ingest on Ray"), ("sharded_index", "Sharded index builds, memory-mapped serving"), ("catalog", "Catalog: SQLite against PostgreSQL"), ("index-1m-192", "Vector index, 1M × 192-d (timm default)"),
             ("index-1m-1024", "Vector index, 1M × 1024-d (open_nsfw)"), ("search_api", "Search API"), ("ops_overhead", "Metrics and JSON logs: what they cost a search"), ("request_priority", "Request threads against the model: priority"),
             ("cluster", "Clustering job"), ("hashes", "Hashes: PDQ cost, bank lookups, PDQ vs embedding"),
             ("heads", "Heads: train and score time, quality on a synthetic policy"),
