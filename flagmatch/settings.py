@@ -140,12 +140,14 @@ class Settings:
                                  "component is divided by its eigenvalue to this power", "index")
     space_min_vectors: int = setting(2000, "below this many stored vectors the matching space is the identity",
                                      "index")
-    space_head: bool = setting(True, "train a copy-detection head (SSCD-style MLP on the model features) on hard "
-                               "edits of the store's own images when the matching space is fitted with the model "
-                               "(reindex, ingest); off: learned whitening alone", "index")
-    space_head_images: int = setting(3000, "stored images the copy-detection head learns from (their augmented "
-                                     "views embedded once and cached)", "index")
-    space_head_views: int = setting(1, "augmented views made of each of the copy-detection head's images", "index")
+    space_head: bool = setting(False, "train a copy-detection head (SSCD-style MLP on the model features) on the "
+                               "hard views when the matching space is fitted with the model (reindex, ingest); off by "
+                               "default: on open_nsfw it lost R@10 on five of fifteen edits against learned whitening "
+                               "over the same views (docs/matching.md)", "index")
+    space_head_images: int = setting(3000, "stored images put through the edits evaders use (hard views: embedded "
+                                     "once and cached) for the learned whitening and the copy-detection head; 0: the "
+                                     "re-upload pairs alone", "index")
+    space_head_views: int = setting(1, "hard views made of each of those images", "index")
     shard_rows: int = setting(250_000, "vectors per shard when reindex --ray or --on-disk fills an IVF-PQ index in "
                               "shards", "index")
     index_save_seconds: float = setting(30.0, "during ingest, save the indexes at most this often", "index")

@@ -356,7 +356,7 @@ def _abs_views(n: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return a, (np.abs(a) + 0.2 * rng.normal(size=(n, dim))).astype(np.float32)
 
 
-HEAD_CFG = SpaceConfig(dim=32, min_vectors=2000, head_hidden=256, head_lr=3e-3, head_epochs=40, head_negatives=512,
+HEAD_CFG = SpaceConfig(dim=32, min_vectors=2000, head=True, head_hidden=256, head_lr=3e-3, head_epochs=40, head_negatives=512,
                        head_min_views=500)
 
 
