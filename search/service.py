@@ -38,6 +38,7 @@ VERIFY_DEPTH = 5
 FRAME_FANOUT = 4
 FRAME_PAIRS = 5  # frame pairs reported per video hit
 VIEWS = ("trimmed", "content", "cells", "mirror")
+REGION_VIEWS = ("full", "trimmed", "content")  # the query rows that search the flagged images' windows
 # the mirror doubles the model's work on every upload: opt in; cells cost only composites (indexer.media.views)
 DEFAULT_VIEWS = ("trimmed", "content", "cells")
 Box = tuple[int, int, int, int]
@@ -494,8 +495,12 @@ class SearchService:
                                   self.index.search_frames(more, params.k * FRAME_FANOUT, params.scope))
                     owner, views = owner + more_owner, views + more_views
                     searched = np.concatenate([searched, more])
-        # flagged images' windows near each row: a part of a flagged picture meets the window that holds it
-        regioned = list(zip(owner, self.index.search_regions(searched, params.k))) if self.regions else []
+        # flagged images' windows near the whole upload's rows (the whole image, its trimmed and content views):
+        # a part of a flagged picture meets the window that holds it. Not the upload's own parts (cells, grid):
+        # part against part matched look-alikes and cost R@10 on everyday edits (benchmarks/match.py)
+        whole = [j for j, v in enumerate(views) if v in REGION_VIEWS]
+        regioned = (list(zip([owner[j] for j in whole], self.index.search_regions(searched[whole], params.k)))
+                    if self.regions and whole else [])
         t1 = time.perf_counter()
         ids = ({int(i) for h in rows for i in h.ids} | {int(i) for _, _, fh in framed for i in fh.owners}
                | {int(i) for _, rh in regioned for i in rh.owners})
@@ -516,7 +521,7 @@ class SearchService:
                     best[q][i] = (float(sim), view)
                 pairs[q].setdefault(i, []).append(FramePair(view, _offset_of(view), round(float(off), 3), float(sim)))
         windows: list[dict[int, tuple[float, float, float, float]]] = [{} for _ in queries]
-        for (q, rh), view in zip(regioned, views):
+        for (q, rh), view in zip(regioned, [views[j] for j in whole]):
             for i, box, sim in zip(rh.owners.tolist(), rh.boxes.tolist(), rh.similarities.tolist()):
                 sim -= REGION_MARGIN  # a window competes with whole images: it must beat them by this much
                 if i not in live or i in exclude[q] or sim < params.min_similarity:

@@ -715,7 +715,8 @@ def test_a_hit_through_a_flagged_pictures_window_says_which_part(server, page, t
     assert done.returncode == 0 and added and int(added.group(1)) > 40, done.stdout + done.stderr
     original = Image.open(root / "in" / "flagged" / "fam2_03.jpg")
     query = root / "quarter.png"
-    original.crop((0, 0, original.width // 2, original.height // 2)).resize((320, 240)).save(query)
+    # its top-left quarter at the scale of its thumbnail (256 px wide), where its window was cut
+    original.resize((256, 192)).crop((0, 0, 128, 96)).save(query)
     time.sleep(1.0)  # the server looks for a new region file at its next refresh
     _signed_in(page, base)
     page.goto(base + "/search")

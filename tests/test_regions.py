@@ -14,7 +14,9 @@ from tests.helpers import encode, photo_image
 
 @pytest.fixture
 def flagged_store(tmp_path: Path, catalog_url: str, opennsfw):  # type: ignore[no-untyped-def]
-    """Twelve textured pictures ingested with open_nsfw (real weights), the first eight flagged."""
+    """Twelve textured pictures ingested with open_nsfw (real weights), the first eight flagged, in a matching
+    space fitted on them (as a store of thousands has one: in open_nsfw's raw features any two of these
+    pictures are ~0.8 alike, and no margin means anything)."""
     from flagmatch.settings import Settings
     from flagmatch.wiring import ingest_into, open_store
     from indexer.ingest.sources import iter_sources
@@ -24,7 +26,7 @@ def flagged_store(tmp_path: Path, catalog_url: str, opennsfw):  # type: ignore[n
     for i in range(12):
         (folder / f"{i:02d}.png").write_bytes(encode(photo_image(300 + i), "PNG"))
     settings = Settings.load({"home": str(tmp_path / "home"), "model": "opennsfw", "catalog_url": catalog_url,
-                              "flag_threshold": 1.1}, environ={})
+                              "flag_threshold": 1.1, "space_min_vectors": 10}, environ={})
     store = open_store(settings)
     ingest_into(settings, iter_sources([str(folder)]), store=store, embedder=opennsfw)
     ids = [store.catalog.resolve(hashlib.sha256((folder / f"{i:02d}.png").read_bytes()).hexdigest())
@@ -41,8 +43,9 @@ def test_a_part_of_a_flagged_picture_finds_it_through_its_window(flagged_store, 
     from search.service import SearchParams
     settings, store, ids = flagged_store
     before = search_service(settings, store, open_index(store, settings), opennsfw)
-    # the top-left quarter of flagged picture 3, at its own size (what a heavy crop re-uploads)
-    part = encode(photo_image(303).crop((0, 0, 320, 240)), "JPEG", quality=90)
+    # the top-left quarter of flagged picture 3, at the size its thumbnail shows it (the window's own scale)
+    small = photo_image(303).resize((256, 192))
+    part = encode(small.crop((0, 0, 128, 96)), "PNG")
     whole_only = {h.record.id: h.similarity for h in
                   before.search_uploads([("part.jpg", part)], SearchParams(k=8)).results[0].hits}
 

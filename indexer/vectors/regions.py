@@ -11,7 +11,10 @@ Measured on the match benchmark's store (300 flagged originals among 3,228 image
 whitening; query vectors of the whole upload, no views): a heavy crop (25–40 % of the area) found its
 original first 0.73 → 0.89 of the time with windows cut from the thumbnails (0.91 from the originals: the
 thumbnail, always there, is enough). Windows compete with whole images, so a hit through a window counts
-``REGION_MARGIN`` less: at 0.05 no other edit lost (0.00–0.03 at no margin).
+``REGION_MARGIN`` less: at 0.1 no other edit lost (0.00–0.03 at no margin). Through the API only the whole
+upload's rows ask them (the image, its trimmed and content views): with the upload's own parts asking too
+(cells, the grid) at a margin of 0.05, heavy crops gained the same but everyday edits lost up to 0.04 R@10
+(a quadrant of an upload meets a quadrant of some other flagged picture).
 
 Derived data, like the indexes: made from the stored thumbnails by a process that has the model
 (``update_regions``, the ``flagmatch regions`` command: nine model passes per newly flagged image, so never
@@ -44,7 +47,7 @@ log = logging.getLogger(__name__)
 FILE = "regions.npz"
 # left, top, right, bottom as fractions of the picture: 3 × 3 windows of half its size, a quarter apart
 WINDOWS = tuple((x / 4, y / 4, x / 4 + 0.5, y / 4 + 0.5) for y in range(3) for x in range(3))
-REGION_MARGIN = 0.05  # a window's similarity counts this much less than a whole image's
+REGION_MARGIN = 0.1   # a window's similarity counts this much less than a whole image's
 BATCH = 32            # model inputs per forward pass while windows are embedded
 
 
