@@ -475,7 +475,6 @@ class SearchService:
         owner = owner if owner is not None else list(range(len(queries)))
         views = views or ["full"] * len(owner)
         rows = self.index.search(vectors, params.k, params.scope, exclude=[exclude[q] for q in owner], live=False)
-        searched = vectors
         # stored videos' keyframes near each row: a video is found by the frame that shows what the query shows
         framed = list(zip(owner, views, self.index.search_frames(vectors, params.k * FRAME_FANOUT, params.scope)))
         if fallback is not None:
@@ -494,13 +493,12 @@ class SearchService:
                     framed += zip(more_owner, more_views,
                                   self.index.search_frames(more, params.k * FRAME_FANOUT, params.scope))
                     owner, views = owner + more_owner, views + more_views
-                    searched = np.concatenate([searched, more])
         # flagged images' windows near the whole upload's rows (the whole image, its trimmed and content views):
-        # a part of a flagged picture meets the window that holds it. Not the upload's own parts (cells, grid):
-        # part against part matched look-alikes and cost R@10 on everyday edits (benchmarks/match.py)
-        whole = [j for j, v in enumerate(views) if v in REGION_VIEWS]
-        regioned = (list(zip([owner[j] for j in whole], self.index.search_regions(searched[whole], params.k)))
-                    if self.regions and whole else [])
+        # a part of a flagged picture meets the window that holds it. Not the upload's own parts (cells, the
+        # grid's rows that follow): part against part matched look-alikes and cost R@10 on everyday edits
+        whole = [j for j, v in enumerate(views[:len(vectors)]) if v in REGION_VIEWS] if self.regions else []
+        regioned = list(zip([owner[j] for j in whole], self.index.search_regions(vectors[whole], params.k))) \
+            if whole else []
         t1 = time.perf_counter()
         ids = ({int(i) for h in rows for i in h.ids} | {int(i) for _, _, fh in framed for i in fh.owners}
                | {int(i) for _, rh in regioned for i in rh.owners})

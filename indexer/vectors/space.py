@@ -356,7 +356,7 @@ def hard_views(store: "Store", embedder: "Embedder", n: int, seed: int = 1234,
             rec = recs.get(image_id)
             if len(picked) >= n * per_image:
                 break
-            if rec is None or not rec.thumb_key or getattr(rec, "kind", "image") != "image":
+            if rec is None or not rec.thumb_key or rec.kind != "image":
                 continue
             try:
                 data = store.thumb_path(rec.thumb_key).read_bytes()
@@ -429,7 +429,8 @@ def fit_head(base: MatchingSpace, anchor_ids: np.ndarray, anchors: np.ndarray, v
                 best = (head(zv[held]) @ gallery.T).argmax(dim=1).numpy()
             return float(np.mean(best == own[held]))  # duplicate anchor rows: argmax takes the first
 
-        best_r, best_state, best_epoch = held_recall(), None, 0
+        base_r = best_r = held_recall()
+        best_state, best_epoch = None, 0
         batch = 256
         tau = cfg.head_temperature
         for epoch in range(1, cfg.head_epochs + 1):
@@ -456,8 +457,8 @@ def fit_head(base: MatchingSpace, anchor_ids: np.ndarray, anchors: np.ndarray, v
                 if r > best_r:
                     best_r, best_epoch = r, epoch
                     best_state = tuple(p.detach().numpy().copy() for p in params)
-        log.info("copy-detection head: held-out R@1 %.3f at epoch %d (whitening alone: see epoch 0)",
-                 best_r, best_epoch)
+        log.info("copy-detection head: held-out R@1 %.3f at epoch %d (the whitening alone: %.3f)",
+                 best_r, best_epoch, base_r)
     finally:
         torch.set_num_threads(threads)
     if best_state is None:
