@@ -240,18 +240,21 @@ main.command("unflag", cls=SettingsCommand, help="Unflag images by id, sha256 or
 
 
 @main.command(cls=SettingsCommand)
+@click.argument("refs", nargs=-1)
 @with_settings("model", "search")
-def regions(settings: Settings) -> None:
+def regions(refs: tuple[str, ...], settings: Settings) -> None:
     """Give flagged images their region vectors (9 windows of the stored thumbnail, through which a heavy crop
     or one cell of a collage finds the flagged picture) and drop those of images no longer flagged. Nine model
     passes per newly flagged image: run it after an ingest or a review session, or from cron (servers pick the
-    file up; until then a newly flagged image is searched whole)."""
+    file up; until then a newly flagged image is searched whole). With REFS (ids, sha256 or external ids), only
+    those images get theirs."""
     from indexer.vectors.regions import load_rows, update_regions
     store = wiring.open_store(settings)
     embedder = wiring.load_embedder(settings, store)
     t = time.perf_counter()
     with job(settings, "regions") as figures:
-        added, dropped = update_regions(store, embedder)
+        only = [store.catalog.resolve(r) for r in refs] if refs else None
+        added, dropped = update_regions(store, embedder, only)
         rows = load_rows(store.index_dir)
         held = 0 if rows is None else len(rows.ids)
         figures.update({"added": added, "dropped": dropped, "rows": held})

@@ -76,7 +76,10 @@ def test_region_rows_follow_flags_and_deletes(flagged_store, opennsfw):
     from indexer.storage.audit import AuditLog
     from indexer.vectors.regions import load_rows, update_regions
     settings, store, ids = flagged_store
-    update_regions(store, opennsfw)
+    # named images alone (an unflagged one gets none), then the rest of the flagged
+    assert update_regions(store, opennsfw, only=[ids[0], ids[10]]) == (1, 0)
+    assert set(load_rows(store.index_dir).ids.tolist()) == {ids[0]}  # type: ignore[union-attr]
+    assert update_regions(store, opennsfw) == (7, 0)
     audit = AuditLog(store.catalog)
     # unflagged: its rows go at the next update; newly flagged: its rows come
     set_flags(store, None, audit, [ids[1]], flag=False, actor="mod", source="review", reason="not a match")

@@ -113,9 +113,10 @@ def window_pixels(thumbnail: bytes, spec: object) -> list[np.ndarray]:
     return out
 
 
-def update_regions(store: "Store", embedder: "Embedder") -> tuple[int, int]:
+def update_regions(store: "Store", embedder: "Embedder", only: Iterable[int] | None = None) -> tuple[int, int]:
     """Give every live flagged image that has none its window rows (from its stored thumbnail: an image without
     one, or a video, gets none) and drop the rows of images no longer flagged or live; written atomically.
+    ``only``: give windows to these images alone (if flagged), still dropping every stale row.
     Returns (images added, images dropped)."""
     from indexer.errors import DecodeError
     model_id = embedder.info.model_id
@@ -125,7 +126,7 @@ def update_regions(store: "Store", embedder: "Embedder") -> tuple[int, int]:
     flagged = set(store.catalog.image_ids(flagged=True))
     held = set(rows.ids.tolist())
     gone = held - flagged
-    todo = sorted(flagged - held)
+    todo = sorted((flagged if only is None else flagged & {int(i) for i in only}) - held)
     ids: list[int] = []
     boxes: list[tuple[float, float, float, float]] = []
     pixels: list[np.ndarray] = []
