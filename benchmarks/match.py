@@ -546,13 +546,13 @@ def families(env: dict[str, str], originals: list[Path], queries: dict[str, list
         with store.catalog.engine.connect() as c:
             from sqlalchemy import text
             rows = c.execute(text(
-                "select e.external_id, m.cluster_id from cluster_members m join image_paths e "
+                "select e.external_id, m.cluster_id, m.family from cluster_members m join image_paths e "
                 "on e.image_id = m.image_id where m.run_id = (select max(id) from cluster_runs)")).all()
         store.close()
-        fam = {}
-        for ext, cid in rows:
+        fam, copies = {}, {}
+        for ext, cid, family in rows:
             if ext:
-                fam[ext] = cid
+                fam[ext], copies[ext] = cid, family
         keys = sorted(fam)
         truth = [k.split(":")[0] for k in keys]
         pred = [f"c{fam[k]}" if fam[k] is not None else f"noise{j}" for j, k in enumerate(keys)]
@@ -566,6 +566,14 @@ def families(env: dict[str, str], originals: list[Path], queries: dict[str, list
         out[label] = {"images": len(keys), "families": len(groups), "ari": adjusted_rand_score(truth, pred),
                       "whole": whole / max(1, len(groups)), "noise": noise, "seconds": seconds,
                       "clusters": len({v for v in fam.values() if v is not None})}
+        if any(v is not None for v in copies.values()):  # the level below: the copy families the job formed
+            fpred = [f"f{copies[k]}" if copies[k] is not None else f"none{j}" for j, k in enumerate(keys)]
+            per: dict[str, list[Any]] = {}
+            for k in keys:
+                per.setdefault(k.split(":")[0], []).append(copies[k])
+            out[label]["copy_ari"] = adjusted_rand_score(truth, fpred)
+            out[label]["copy_whole"] = sum(m[0] is not None and all(v == m[0] for v in m)
+                                           for m in per.values()) / max(1, len(per))
         print(f"  families [{label}]: ARI {out[label]['ari']:.3f}, whole {out[label]['whole']:.3f}, "
               f"noise {noise:.3f}, {out[label]['clusters']} clusters, {seconds:.1f} s", flush=True)
     return out
@@ -667,14 +675,17 @@ def main() -> None:
         results["search"][label] = measure(env, queries, truth, work / "serve.log", alike)
 
     if not a.skip_families:
+        off = {"FLAGMATCH_CLUSTER_FAMILIES": "0"}
         family_configs = {
-            "raw features": {"FLAGMATCH_SPACE_DIM": "0", "FLAGMATCH_CLUSTER_JOIN": "0"},
-            "learned whitening, no join (before)": {"FLAGMATCH_CLUSTER_JOIN": "0", "FLAGMATCH_SPACE_HEAD_IMAGES": "0"},
-            "default: learned whitening + hard views, no join": {"FLAGMATCH_CLUSTER_JOIN": "0"},
+            "raw features": {"FLAGMATCH_SPACE_DIM": "0", "FLAGMATCH_CLUSTER_JOIN": "0", **off},
+            "learned whitening, no join (before)": {"FLAGMATCH_CLUSTER_JOIN": "0", "FLAGMATCH_SPACE_HEAD_IMAGES": "0",
+                                                    **off},
+            "learned whitening + hard views, no copy families": {"FLAGMATCH_CLUSTER_JOIN": "0", **off},
+            "default: + copy families (overlays discounted, mirrors tried)": {"FLAGMATCH_CLUSTER_JOIN": "0"},
             "matching space + join at 0.85 by similarity alone": {"FLAGMATCH_CLUSTER_JOIN": "0.85",
-                                                                  "FLAGMATCH_CLUSTER_VERIFY": "0"},
-            "matching space + verified join at 0.3": {"FLAGMATCH_CLUSTER_JOIN": "0.3"},
-            "matching space + verified join at 0.5": {"FLAGMATCH_CLUSTER_JOIN": "0.5"},
+                                                                  "FLAGMATCH_CLUSTER_VERIFY": "0", **off},
+            "matching space + verified join at 0.3": {"FLAGMATCH_CLUSTER_JOIN": "0.3", **off},
+            "matching space + verified join at 0.5": {"FLAGMATCH_CLUSTER_JOIN": "0.5", **off},
         }
         chosen = {k: v for k, v in family_configs.items() if not a.only or k in a.only}
         measured = families(base_env, originals, queries, work, chosen)
@@ -819,9 +830,12 @@ def markdown(results: dict[str, Any]) -> str:
         md += ["", f"Families: each original with its {len(COMMON)} copies, all flagged "
                f"({n_orig * n_fam} images), clustered by `flagmatch cluster`."
                + (f" {results['families_note']}" if results.get("families_note") else ""), ""]
-        md.append(table(["pipeline", "ARI", "families kept whole", "noise share", "clusters", "time (s)"],
+        md.append(table(["pipeline", "ARI", "families kept whole", "noise share", "clusters", "time (s)",
+                         "copy families: ARI", "copy families: whole"],
                         [[lab, f"{r['ari']:.3f}", f"{r['whole']:.3f}", f"{r['noise']:.3f}", r["clusters"],
-                          f"{r['seconds']:.1f}"] for lab, r in results["families"].items()]))
+                          f"{r['seconds']:.1f}", f"{r['copy_ari']:.3f}" if "copy_ari" in r else "",
+                          f"{r['copy_whole']:.3f}" if "copy_whole" in r else ""]
+                         for lab, r in results["families"].items()]))
     return "\n".join(md)
 
 

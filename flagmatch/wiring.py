@@ -180,7 +180,8 @@ def cluster_params(settings: Settings) -> ClusterParams:
     return ClusterParams(min_cluster_size=settings.cluster_min_size, dims=settings.cluster_dims,
                          neighbors=settings.cluster_neighbors, sample=settings.cluster_sample,
                          backend=settings.cluster_backend, seed=settings.seed,
-                         join=settings.cluster_join, epochs=settings.cluster_epochs, verify=settings.cluster_verify)
+                         join=settings.cluster_join, epochs=settings.cluster_epochs, verify=settings.cluster_verify,
+                         families=settings.cluster_families)
 
 
 @dataclass(frozen=True)

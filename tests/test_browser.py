@@ -84,6 +84,14 @@ def test_moderator_journey(server, page):
     assert "clear=1" not in src_before
     assert page.locator("figure.thumb").nth(1).locator("button.reveal").count() == 1  # only one revealed
     page.shot("03-cluster-revealed")
+    # the level below the cluster: its copies of one picture, together
+    # (tests/test_families.py checks the families on photos; these flat drawings keep too few corners to verify)
+    shown = page.locator(".card.image").count()
+    page.locator("p.sorts a", has_text="copies together").click()
+    page.wait_for_url("**sort=copies**")
+    expect(page.locator("p.sorts strong")).to_have_text("copies together")
+    assert page.locator(".card.image").count() == shown
+    page.goto(cluster_url)
 
     # name, label and confirm the cluster in one decision, in place: no page load
     navigations: list[str] = []

@@ -320,7 +320,7 @@ def next_cluster() -> Response:
     return redirect(url_for("viewer.cluster", cluster_id=nxt))
 
 
-MEMBER_SORTS = ("membership", "p_unsafe", "newest")
+MEMBER_SORTS = ("membership", "copies", "p_unsafe", "newest")
 
 
 def _member_page(run_id: int, cluster_id: int | None) -> dict[str, Any]:
@@ -330,9 +330,15 @@ def _member_page(run_id: int, cluster_id: int | None) -> dict[str, Any]:
     if sort not in MEMBER_SORTS:
         raise InvalidInputError(f"sort must be one of {', '.join(MEMBER_SORTS)}", code="bad_parameter")
     kind = None if cluster_id is None else False
+    families = {} if cluster_id is None else cstore.family_sizes(run_id, cluster_id)
     if sort == "membership":  # the store's own order, paged in SQL
         members = cstore.members(run_id, cluster_id, offset=(page - 1) * PAGE, limit=PAGE, outliers=kind,
                                  outlier_cut=OUTLIER_CUT)
+    elif sort == "copies":  # copies of one picture together, the largest family first, then the rest
+        every = cstore.members(run_id, cluster_id, outliers=kind, outlier_cut=OUTLIER_CUT)
+        every.sort(key=lambda m: (m.family is None, -families.get(m.family, 0) if m.family is not None else 0,
+                                  m.family or 0))  # stable: by membership within a family
+        members = every[(page - 1) * PAGE:page * PAGE]
     else:  # every member's facts, sorted, then the page
         every = cstore.members(run_id, cluster_id, outliers=kind, outlier_cut=OUTLIER_CUT)
         facts = rt().store.catalog.get_many([m.image_id for m in every])
@@ -346,7 +352,7 @@ def _member_page(run_id: int, cluster_id: int | None) -> dict[str, Any]:
     recs = rt().store.catalog.get_many([m.image_id for m in members + outliers])
     return {"members": [(m, recs.get(m.image_id)) for m in members],
             "outliers": [(m, recs.get(m.image_id)) for m in outliers],
-            "page": page, "pages": max(1, -(-total // PAGE)), "total": total, "sort": sort}
+            "page": page, "pages": max(1, -(-total // PAGE)), "total": total, "sort": sort, "families": families}
 
 
 @bp.get("/clusters/<int:cluster_id>/ids")

@@ -75,17 +75,23 @@ def trim_box(grey: np.ndarray) -> Box | None:
     return (left, top, right, bottom)
 
 
-def content_box(grey: np.ndarray) -> Box | None:
+def content_box(grey: np.ndarray, *, flat_background: bool = False) -> Box | None:
     """The bounding box of the largest connected region that is not the frame's background (in
-    analysis pixels). The background is the commonest grey level of the outer ring; a block belongs to
-    the content when it is textured or its mean is away from the background."""
+    analysis pixels). The background is the commonest grey level of the outer ring — or, with
+    ``flat_background``, of the flat blocks (a picture touching the ring, or a bar's blended edge, then
+    does not decide it); a block belongs to the content when it is textured or its mean is away from the
+    background."""
     h, w = grey.shape
     bh, bw = h // BLOCK, w // BLOCK
     if bh < 3 or bw < 3:
         return None
-    ring = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
-    background = float(np.bincount(np.clip(ring, 0, 255).astype(np.int64) // 4).argmax() * 4 + 2)
     blocks = grey[: bh * BLOCK, : bw * BLOCK].reshape(bh, BLOCK, bw, BLOCK)
+    flat = blocks.std(axis=(1, 3)) < TEXTURE_STD
+    if flat_background and flat.any():
+        levels = blocks.mean(axis=(1, 3))[flat]
+    else:
+        levels = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
+    background = float(np.bincount(np.clip(levels, 0, 255).astype(np.int64) // 4).argmax() * 4 + 2)
     textured = (blocks.std(axis=(1, 3)) >= TEXTURE_STD) | (np.abs(blocks.mean(axis=(1, 3)) - background) > BG_TOL)
     # a picture has patches of the background's colour too (sky, a white shirt): fill enclosed holes
     # (filling never bridges the gap between the picture and a bar or a text line beside it)

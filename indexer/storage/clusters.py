@@ -63,6 +63,7 @@ class Member:
     x: float
     y: float
     provisional: bool
+    family: int | None = None  # verified copies of one picture inside the cluster share it (clustering.job)
 
 
 @dataclass
@@ -145,7 +146,8 @@ class ClusterStore:
             ident = [cl.identity for cl in clusters]
             rows = [dict(run_id=run_id, image_id=m.image_id,
                          cluster_id=None if m.cluster_id is None else ident[m.cluster_id], probability=m.probability,
-                         outlier_score=m.outlier_score, x=m.x, y=m.y, provisional=m.provisional) for m in members]
+                         outlier_score=m.outlier_score, x=m.x, y=m.y, provisional=m.provisional,
+                         family=m.family) for m in members]
             for i in range(0, len(rows), 20_000):
                 c.execute(insert(MemberRow), rows[i:i + 20_000])
             c.execute(update(RunRow).where(RunRow.id == run_id).values(
@@ -192,6 +194,14 @@ class ClusterStore:
             return cl
         raise NotFoundError(f"no cluster {cluster_id} in run {run_id}")
 
+    def family_sizes(self, run_id: int, cluster_id: int) -> dict[int, int]:
+        """family → how many of the cluster's members are copies in it (families of two or more)."""
+        with self.engine.connect() as c:
+            return {int(f): int(k) for f, k in c.execute(
+                select(MemberRow.family, func.count()).where(MemberRow.run_id == run_id, MemberRow.cluster_id == cluster_id,
+                                                              MemberRow.family.is_not(None))
+                .group_by(MemberRow.family)).all()}
+
     def members(self, run_id: int, cluster_id: int | None, *, offset: int = 0, limit: int | None = None,
                 outliers: bool | None = None, outlier_cut: float = 0.8) -> list[Member]:
         q = select(MemberRow).where(MemberRow.run_id == run_id)
@@ -204,8 +214,8 @@ class ClusterStore:
         if limit is not None:
             q = q.limit(limit)
         with self.engine.connect() as c:
-            return [Member(r.image_id, r.cluster_id, r.probability, r.outlier_score, r.x, r.y, r.provisional)
-                    for r in c.execute(q).all()]
+            return [Member(r.image_id, r.cluster_id, r.probability, r.outlier_score, r.x, r.y, r.provisional,
+                           r.family) for r in c.execute(q).all()]
 
     def count_members(self, run_id: int, cluster_id: int | None) -> int:
         q = select(func.count()).select_from(MemberRow).where(MemberRow.run_id == run_id)

@@ -324,6 +324,7 @@ class MemberRow(Base):
     x: Mapped[float] = mapped_column(Float)
     y: Mapped[float] = mapped_column(Float)
     provisional: Mapped[bool] = mapped_column(Boolean, default=False)
+    family: Mapped[int | None] = mapped_column(Integer, nullable=True)  # copies of one picture inside the cluster
 
 # ---------------------------------------------------------------- sessions
 
