@@ -603,6 +603,8 @@ def main() -> None:
                     help="with --edits hard: time only the uploads that copy nothing, keeping the edits' last results")
     ap.add_argument("--repeat", action="store_true",
                     help="with --edits hard: refit and measure the last configuration again and compare hit for hit")
+    ap.add_argument("--edit", action="append", default=[], choices=list(TRANSFORMS),
+                    help="with --edits hard: search only these edits and print the figures (results are not written)")
     ap.add_argument("--render", help="redraw the Markdown table from a results JSON, measuring nothing")
     a = ap.parse_args()
     if a.render:
@@ -652,6 +654,8 @@ def main() -> None:
     store.catalog.set_flag(truth, FlagRequest("import", "bench", "benchmark originals"), flag=True)
     store.close()
     if a.edits == "hard":
+        if a.edit:
+            queries = {n: queries[n] for n in a.edit}
         hard(a, base_env, home, queries, truth, plain, work, SameContent(home))
         return
     queries = {n: queries[n] for n in COMMON}
@@ -763,6 +767,8 @@ def hard(a: argparse.Namespace, base_env: dict[str, str], home: Path, queries: d
         for r in per_edit.values():
             if isinstance(r, dict):
                 r.pop("ranked", None)
+    if a.edit:  # a partial run: the figures were printed, the results files keep every edit
+        return
     write(name, results, markdown_hard(results))
 
 

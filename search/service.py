@@ -533,7 +533,7 @@ class SearchService:
         if local is not None and self.local is not None:
             for q, feats in enumerate(local):
                 if feats is not None:
-                    top[q], checked[q] = self._verify(feats, top[q], recs, greys[q] if greys else {})
+                    top[q], checked[q] = self._verify(feats, top[q], recs, greys[q] if greys else {}, windows[q])
         verify_ms = (time.perf_counter() - tv) * 1000
         t.verify += verify_ms
         kept = sorted({i for row in top for i, _ in row})
@@ -559,6 +559,7 @@ class SearchService:
 
     def _verify(self, feats: QueryFeatures, row: list[tuple[int, tuple[float, str]]],
                 recs: dict[int, ImageRecord], greys: dict[str, np.ndarray] | None = None,
+                windows: dict[int, tuple[float, float, float, float]] | None = None,
                 ) -> tuple[list[tuple[int, tuple[float, str]]], dict[int, int]]:
         """Check the hits by local features from the top until one verifies (at most ``verify_depth``);
         that one moves first, the rest keep the model's order. The top hit that verifies is kept as it is
@@ -586,6 +587,13 @@ class SearchService:
             # (the model barely tells an image from its mirror), and a query whose first hit does not verify
             # would otherwise pay two matchings for every hit below it
             checked[image_id] = mine.matches(stored, mirror=j == 0) if stored is not None else 0
+            box = windows.get(image_id) if windows else None
+            if box is not None and key and checked[image_id] < MIN_MATCHES:
+                # found through a window of the flagged picture: checked on that window too, cut from the
+                # thumbnail and described at its scale, as a heavy crop fills the upload
+                part = self.local.window(key, box)
+                if part is not None:
+                    checked[image_id] = max(checked[image_id], mine.matches(part, mirror=j == 0))
             if checked[image_id] >= MIN_MATCHES:
                 return [row[j], *row[:j], *row[j + 1:]], checked
         return row, checked
