@@ -7,6 +7,7 @@ import hashlib
 import re
 
 import numpy as np
+import pytest
 from PIL import Image, ImageDraw, ImageOps
 
 from clustering.job import (ClusterParams, copy_families, copy_pair_check, copy_pairs, follow_copies, pair_check,
@@ -58,6 +59,7 @@ def _ingest_families(tmp_path, settings, store, embedder, pictures: int = 4) -> 
     return ids, np.array([truth[recs[int(i)].sha256][0] for i in ids]), [truth[recs[int(i)].sha256][1] for i in ids]
 
 
+@pytest.mark.parametrize("catalog_url", ["sqlite"], indirect=True)  # local features: the catalog plays no part
 def test_copies_verify_through_mirrors_and_a_shared_frame_or_caption_joins_no_two_pictures(
         store, tiny_embedder, tmp_path, settings):
     ids, picture, edit = _ingest_families(tmp_path, settings, store, tiny_embedder)

@@ -203,6 +203,7 @@ def test_manifest_verdicts_are_recorded(tmp_path, settings, store, tiny_embedder
     assert items[0].code == "bad_manifest_row" and "verdict must be positive or negative" in items[0].message
 
 
+@pytest.mark.parametrize("catalog_url", ["sqlite"], indirect=True)  # the model's training: one catalog is enough
 def test_a_tiny_fine_tune_writes_a_model_that_loads_back(tmp_path, settings, store, tiny_embedder, tiny_model_dir):
     from flagmatch.wiring import ingest_into
     from indexer.models.embed import load_model

@@ -60,6 +60,14 @@ def test_a_part_of_a_flagged_picture_finds_it_through_its_window(flagged_store, 
     # its window, less the margin a window pays, beats the whole picture's similarity
     assert hit.similarity > whole_only[ids[3]] and hit.similarity <= 1.0 - REGION_MARGIN + 1e-6
     assert hit_json(hit)["stored_box"] == [0, 0, 320, 240]
+    # verified on that window, cut from the stored thumbnail, where the whole thumbnail alone verifies less
+    from indexer.media.local import MIN_MATCHES, QueryFeatures
+    assert hit.verified and hit.local_matches is not None
+    grey = np.asarray(small.crop((0, 0, 128, 96)).convert("L").resize((256, 192)))
+    key = store.catalog.get(ids[3]).thumb_key
+    assert svc.local is not None
+    on_window = QueryFeatures(grey).matches(svc.local.window(key, WINDOWS[0]))
+    assert on_window >= MIN_MATCHES and on_window > QueryFeatures(grey).matches(svc.local.get(key))
     # a plain re-upload of a flagged picture still matches it whole (no window beats the whole picture)
     again = encode(photo_image(305), "JPEG", quality=70)
     first = svc.search_uploads([("again.jpg", again)], SearchParams(k=8)).results[0].hits[0]
