@@ -232,8 +232,8 @@ class Settings:
     cluster_families: bool = setting(True, "copy families: pairs among each flagged image's 10 nearest that local "
                                      "features show as one picture (frames, caption bands and padding discounted, "
                                      "mirrors tried) pull strays into their copies' cluster and form families "
-                                     "inside each cluster, shown together in the viewer (~20 ms per image on two "
-                                     "cores)", "cluster")
+                                     "inside each cluster, shown together in the viewer (~16 ms per flagged image "
+                                     "on two cores)", "cluster")
     cluster_neighbors: int = setting(15, "UMAP n_neighbors", "cluster")
     cluster_epochs: int = setting(0, "UMAP optimisation epochs of the clustering space (0: UMAP's default, 200 "
                                   "above 10k images; 100 is ~1.3x faster but grouped re-upload families worse)",
