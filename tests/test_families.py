@@ -15,7 +15,7 @@ from clustering.job import (ClusterParams, copy_families, copy_pair_check, copy_
 from flagmatch.wiring import ingest_into
 from indexer.ingest.sources import iter_sources
 from indexer.storage.clusters import ClusterStore
-from tests.helpers import encode, photo_image
+from tests.helpers import captioned, encode, photo_image
 
 
 def _framed(im: Image.Image) -> Image.Image:
@@ -31,14 +31,8 @@ def _framed(im: Image.Image) -> Image.Image:
     return canvas
 
 
-def _captioned(im: Image.Image) -> Image.Image:
-    canvas = Image.new("RGB", (im.width, im.height + im.height // 4), (255, 255, 255))
-    canvas.paste(im, (0, im.height // 4))
-    ImageDraw.Draw(canvas).text((10, 10), "when the weekend finally arrives #mood", fill=(0, 0, 0))
-    return canvas
-
-
-EDITS = {"original": lambda im: im, "mirror": ImageOps.mirror, "frame": _framed, "caption": _captioned,
+EDITS = {"original": lambda im: im, "mirror": ImageOps.mirror, "frame": _framed,
+         "caption": lambda im: captioned(im, "when the weekend finally arrives #mood", 0.25),
          "rotate": lambda im: im.rotate(8, resample=Image.BILINEAR, expand=True)}
 
 

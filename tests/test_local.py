@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw, ImageOps
 
 from indexer.media.decode import InputSpec, decode
 from indexer.media.local import MIN_MATCHES, SIDE, FeatureCache, QueryFeatures, describe, thumbnail_grey
-from tests.helpers import drawn_image, encode, photo_image
+from tests.helpers import captioned, drawn_image, encode, photo_image
 
 SPEC = InputSpec(size=224, crop_pct=1.0)
 
@@ -32,19 +32,12 @@ def _framed(im: Image.Image) -> Image.Image:
     return canvas
 
 
-def _captioned(im: Image.Image) -> Image.Image:
-    canvas = Image.new("RGB", (im.width, im.height + im.height // 5), (255, 255, 255))
-    canvas.paste(im, (0, im.height // 5))
-    ImageDraw.Draw(canvas).text((10, 10), "when the weekend finally arrives", fill=(0, 0, 0))
-    return canvas
-
-
 EDITS = {
     "crop 80 %": lambda im: im.crop((im.width // 10, im.height // 10, im.width * 9 // 10, im.height * 9 // 10)),
     "rotate 8°": lambda im: im.rotate(8, resample=Image.BILINEAR, expand=True),
     "JPEG 30 + half size": _jpeg_half,
     "screenshot frame": _framed,
-    "caption band": _captioned,
+    "caption band": captioned,
     "greyscale + contrast": lambda im: ImageOps.autocontrast(ImageOps.grayscale(im), cutoff=2).convert("RGB"),
     "mirror": ImageOps.mirror,
 }

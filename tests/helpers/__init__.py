@@ -29,6 +29,15 @@ def drawn_image(seed: int, size: tuple[int, int] = (320, 240)) -> Image.Image:
     return im
 
 
+def captioned(im: Image.Image, text: str = "when the weekend finally arrives", band: float = 0.2) -> Image.Image:
+    """A meme-style re-upload: a white band of ``band`` of the height above the picture, with ``text`` in it."""
+    top = int(im.height * band)
+    canvas = Image.new("RGB", (im.width, im.height + top), (255, 255, 255))
+    canvas.paste(im, (0, top))
+    ImageDraw.Draw(canvas).text((10, 10), text, fill=(0, 0, 0))
+    return canvas
+
+
 def photo_image(seed: int, size: tuple[int, int] = (640, 480)) -> Image.Image:
     """A picture with texture at every scale (waves, blocks, noise), like a photo: PDQ quality well over 50,
     where ``drawn_image``'s flat areas give many hashes too featureless to match."""
