@@ -45,9 +45,10 @@ JOIN_NEIGHBOURS = 8
 # An image whose verified copies lie more in another cluster than in its own (noise included) follows them
 # (FAMILY_ROUNDS rounds at most); then each cluster's verified copies form its families (connected components
 # inside the cluster, so one stray pair cannot merge two clusters). Measured on the match benchmark's families
-# (300 pictures × 10 files, open_nsfw, candidates from the 10 / 15 nearest): families whole 0.693 → 0.760,
-# ARI 0.793 → 0.806; from the 4 / 8 nearest 0.727. Forming families as clusters of their own instead (the join
-# above, or merging clusters joined by 2–4 verified pairs) lost ARI (0.55–0.70) for no more families whole.
+# (300 pictures × 10 files, open_nsfw, benchmarks/match.py --families-only): families whole 0.693 → 0.740, ARI
+# 0.793 → 0.803, +49 s for 3,000 images on two cores; offline, candidates from the 4 or 8 nearest gained less
+# (whole 0.727), from the 15 nearest no more than from 10. Forming families as clusters of their own instead (the
+# join above, or merging clusters joined by 2–4 verified pairs) lost ARI (0.55–0.70) for no more families whole.
 FAMILY_NEIGHBOURS = 10
 FAMILY_ROUNDS = 5
 VERIFY_CACHE = 20_000  # thumbnails' features held while pairs are verified (≤ ~40 kB each: ≤ ~0.8 GB)

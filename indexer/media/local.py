@@ -45,9 +45,10 @@ SCALES = (0.1, 4.0)   # a copy is at most 10× smaller (a picture in a screensho
 # triangles of a rotation; at most ``PAD_AREA_MAX`` of it, so a drawing's own flat background is not padding)
 # and corners outside the picture's content box (``indexer.media.views``: a frame's UI, a caption band) are
 # dropped. Measured on the match benchmark's families (300 pictures × 10 files, 28,291 candidate pairs, each
-# image's 15 nearest): verified pairs of different pictures 2,106 → 925, of one picture 8,653 → 7,800 (the
-# content box alone: 1,139 / 8,049 — rotation corners stay; padding without the area cap: 758 / 7,382, and a
-# drawing on a flat background loses most of its corners).
+# image's 15 nearest, mirrors tried): verified pairs of different pictures 2,304 → 1,118, of one picture
+# 9,948 → 9,064. Variants measured without mirrors (2,106 / 8,653 undiscounted): the content box alone 1,139 /
+# 8,049 (rotation corners stay); padding without the area cap 758 / 7,382 (a drawing on a flat background loses
+# most of its corners); an 8-px inset inside the content box cost one picture's pairs more than it saved.
 PAD_FLAT = 2.0        # grey-level std over 5×5 px below which a pixel is flat
 PAD_AREA = 0.01       # share of the picture a flat region touching the edge must cover to be padding
 PAD_AREA_MAX = 0.25   # and at most this share (more: the picture's own background)
