@@ -518,24 +518,25 @@ def measure(env: dict[str, str], queries: dict[str, list[Path]], truth: list[int
 
 
 def families(env: dict[str, str], originals: list[Path], queries: dict[str, list[Path]], work: Path,
-             configs: dict[str, dict[str, str]]) -> dict[str, Any]:
-    """Each original with its copies, all flagged, clustered; compared with the true families."""
+             configs: dict[str, dict[str, str]], name: str = "families") -> dict[str, Any]:
+    """Each original with its copies, all flagged, clustered; compared with the true families (``name``: the
+    manifest's and the stores' name, one per set of edits)."""
     sys.path.insert(0, str(ROOT))
     from sklearn.metrics import adjusted_rand_score
     from flagmatch.settings import Settings
     from flagmatch.wiring import open_store
     fam_dir = work / "family-files"
-    manifest = work / "families.jsonl"
+    manifest = work / f"{name}.jsonl"
     if not manifest.exists():
         fam_dir.mkdir(parents=True, exist_ok=True)
         with open(manifest, "w") as f:
             for i, src in enumerate(originals):
                 f.write(json.dumps({"path": str(src), "external_id": f"fam{i}:orig"}) + "\n")
-                for name, paths in queries.items():
-                    f.write(json.dumps({"path": str(paths[i]), "external_id": f"fam{i}:{name}"}) + "\n")
+                for edit, paths in queries.items():
+                    f.write(json.dumps({"path": str(paths[i]), "external_id": f"fam{i}:{edit}"}) + "\n")
     out: dict[str, Any] = {}
     for label, extra in configs.items():
-        home = work / f"home-families-{label}"
+        home = work / f"home-{name}-{label}"
         shutil.rmtree(home, ignore_errors=True)
         e = {**env, **extra, "FLAGMATCH_HOME": str(home), "FLAGMATCH_FLAG_THRESHOLD": "0.0"}
         flagmatch("ingest", str(manifest), env=e)
@@ -660,6 +661,15 @@ def main() -> None:
     truth = [store.catalog.resolve(hashlib.sha256(p.read_bytes()).hexdigest()) for p in originals]
     store.catalog.set_flag(truth, FlagRequest("import", "bench", "benchmark originals"), flag=True)
     store.close()
+    if a.edits == "hard" and a.families_only:  # families built from the hard edits, copy families on and off
+        path = ROOT / "benchmarks" / "results" / "match-hard.json"
+        results = json.loads(path.read_text())
+        results["families"] = families(base_env, originals, {n: queries[n] for n in HARD}, work, {
+            "no copy families": {"FLAGMATCH_CLUSTER_FAMILIES": "0"},
+            "copy families (default)": {}}, name="families-hard")
+        results["families_machine"] = machine()
+        write("match-hard", results, markdown_hard(results))
+        return
     if a.edits == "hard":
         if a.edit:
             queries = {n: queries[n] for n in a.edit}
@@ -805,6 +815,15 @@ def markdown_hard(results: dict[str, Any]) -> str:
                      + [f"{results['search'][lab].get('no copy', {}).get('stages_ms', {}).get(k, 0):.1f}"
                         for k in stages] + [f"{results['search'][lab].get('reindex_s', 0):.0f}"]
                      for lab in labels]))
+    if "families" in results:
+        md += ["", f"Families built from these edits: each original with its {len(HARD)} hard-edited copies, all "
+                   f"flagged, clustered by `flagmatch cluster` ({results.get('families_machine', '')}):", ""]
+        md.append(table(["pipeline", "ARI", "families kept whole", "noise share", "time (s)", "copy families: ARI",
+                         "copy families: whole"],
+                        [[lab, f"{r['ari']:.3f}", f"{r['whole']:.3f}", f"{r['noise']:.3f}", f"{r['seconds']:.1f}",
+                          f"{r['copy_ari']:.3f}" if "copy_ari" in r else "",
+                          f"{r['copy_whole']:.3f}" if "copy_whole" in r else ""]
+                         for lab, r in results["families"].items()]))
     for label, r in results.get("repeats", {}).items():
         md += ["", f"Determinism: `{label}` refitted and measured again{' (' + r['note'] + ')' if r.get('note') else ''}: "
                f"{r['same_ranked']} of {r['queries']} ranked hit lists identical; the space's arrays "
