@@ -284,11 +284,10 @@ def copy_families(labels: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarra
     _, comp = connected_components(graph, directed=False)
     multi = np.bincount(comp, minlength=n)[comp] >= 2
     out = np.full(n, -1, np.int64)
-    _, first = np.unique(comp[multi], return_index=True)  # renumber by first row: stable for one input
-    rank = np.empty(len(first), np.int64)
+    _, first, inv = np.unique(comp[multi], return_index=True, return_inverse=True)
+    rank = np.empty(len(first), np.int64)  # renumbered by first row: stable for one input
     rank[np.argsort(first)] = np.arange(len(first))
-    _, inv = np.unique(comp[multi], return_inverse=True)
-    out[multi] = rank[inv]
+    out[multi] = rank[inv.ravel()]
     return out
 
 

@@ -220,33 +220,26 @@ class FeatureCache:
         """The features of a window of the stored picture (``box``: fractions, left, top, right, bottom), cut
         from its thumbnail and described at the thumbnail's scale (``describe`` upscales the cut): a heavy
         crop of a flagged picture is compared with the part it shows, at the size it fills. Kept like ``get``."""
-        name = f"{thumb_key}#{','.join(f'{v:.4f}' for v in box)}"
+        def cut(grey: np.ndarray) -> np.ndarray:
+            h, w = grey.shape
+            x0, y0 = int(round(box[0] * w)), int(round(box[1] * h))
+            x1, y1 = max(x0 + 1, int(round(box[2] * w))), max(y0 + 1, int(round(box[3] * h)))
+            return np.ascontiguousarray(grey[y0:y1, x0:x1])
+        return self._kept_or_made(f"{thumb_key}#{','.join(f'{v:.4f}' for v in box)}", thumb_key, cut)
+
+    def get(self, thumb_key: str) -> Features | None:
+        return self._kept_or_made(thumb_key, thumb_key, lambda grey: grey)
+
+    def _kept_or_made(self, name: str, thumb_key: str,
+                      part: Callable[[np.ndarray], np.ndarray]) -> Features | None:
         with self._lock:
             if name in self._kept:
                 self._kept.move_to_end(name)
                 return self._kept[name]
         grey = self._load(thumb_key)
-        feats = None
-        if grey is not None:
-            h, w = grey.shape
-            x0, y0 = int(round(box[0] * w)), int(round(box[1] * h))
-            x1, y1 = max(x0 + 1, int(round(box[2] * w))), max(y0 + 1, int(round(box[3] * h)))
-            feats = self._describe(np.ascontiguousarray(grey[y0:y1, x0:x1]))
+        feats = self._describe(part(grey)) if grey is not None else None
         with self._lock:
             self._kept[name] = feats
-            while len(self._kept) > self._size:
-                self._kept.popitem(last=False)
-        return feats
-
-    def get(self, thumb_key: str) -> Features | None:
-        with self._lock:
-            if thumb_key in self._kept:
-                self._kept.move_to_end(thumb_key)
-                return self._kept[thumb_key]
-        grey = self._load(thumb_key)
-        feats = self._describe(grey) if grey is not None else None
-        with self._lock:
-            self._kept[thumb_key] = feats
             while len(self._kept) > self._size:
                 self._kept.popitem(last=False)
         return feats
