@@ -23,7 +23,7 @@ from clustering.identity import match_clusters
 from indexer.storage.clusters import ClusterStore, Member, NewCluster, RunInfo
 from indexer.errors import ClusteringError
 from indexer.storage.files import publish_with
-from indexer.vectors.space import current_space
+from indexer.vectors.space import MatchingSpace, current_space
 from indexer.storage.store import Store
 
 BACKENDS = ("fast_hdbscan", "hdbscan", "sklearn")
@@ -246,10 +246,12 @@ def copy_pairs(x: np.ndarray, check: PairCheck, k: int = FAMILY_NEIGHBOURS) -> t
     return pairs[same, 0], pairs[same, 1]
 
 
-def follow_copies(labels: np.ndarray, a: np.ndarray, b: np.ndarray, rounds: int = FAMILY_ROUNDS) -> np.ndarray:
+def follow_copies(labels: np.ndarray, a: np.ndarray, b: np.ndarray, rounds: int = FAMILY_ROUNDS,
+                  fixed: np.ndarray | None = None) -> np.ndarray:
     """Labels after each image has followed its verified copies: an image moves to the cluster holding most of
     its copies when that is more than its own cluster holds (a noise image to any cluster holding one). Ties go
-    to the lower label; repeated until nothing moves (at most ``rounds`` times), all images at once each round."""
+    to the lower label; repeated until nothing moves (at most ``rounds`` times), all images at once each round.
+    Rows where ``fixed`` is true keep their label (they still vote)."""
     labels = labels.copy()
     src, dst = np.concatenate([a, b]), np.concatenate([b, a])
     for _ in range(rounds):
@@ -267,6 +269,8 @@ def follow_copies(labels: np.ndarray, a: np.ndarray, b: np.ndarray, rounds: int 
         mine = votes[:, 1] == labels[votes[:, 0]]
         own[votes[mine, 0]] = counts[mine]
         move = (best_lab != labels[best_img]) & (best_n > own[best_img])
+        if fixed is not None:
+            move &= ~fixed[best_img]
         if not move.any():
             break
         labels[best_img[move]] = best_lab[move]
@@ -637,10 +641,64 @@ def assign_new(store: Store, cstore: ClusterStore, progress: Progress | None = N
                 np.arange(len(rows)), np.arange(len(rows), 2 * len(rows)))
         labels[near], probs[near], outl[near] = fam_labels[j[near]], 1.0, 0.0
     by_label = cstore.label_identities(run.id)
-    members = [Member(int(i), by_label.get(int(lab)) if lab >= 0 else None, float(pr), float(o), float(a), float(b),
-                      True)
-               for i, lab, pr, o, (a, b) in zip(new, labels, probs, outl, xy)]
-    cstore.add_provisional(run.id, members)
+    cluster = np.array([by_label.get(int(lab), -1) if lab >= 0 else -1 for lab in labels], np.int64)
+    family = np.full(len(new), -1, np.int64)
+    joined: dict[int, int] = {}
+    if art["params"].get("families"):
+        cluster, family, joined = _new_copies(store, cstore, run.id, new, x, cluster, space)
+        copied = family >= 0
+        probs[copied], outl[copied] = 1.0, 0.0
+    members = [Member(int(i), int(cid) if cid >= 0 else None, float(pr), float(o), float(a), float(b), True,
+                      int(f) if f >= 0 else None)
+               for i, cid, pr, o, (a, b), f in zip(new, cluster, probs, outl, xy, family)]
+    cstore.add_provisional(run.id, members, joined)
     if progress:
-        progress("assign", f"placed {len(members)} newly flagged image(s) into run {run.id} (provisional)")
+        progress("assign", f"placed {len(members)} newly flagged image(s) into run {run.id} (provisional), "
+                 f"{int((family >= 0).sum())} of them copies in a family")
     return len(members)
+
+
+def _new_copies(store: Store, cstore: ClusterStore, run_id: int, new: np.ndarray, x: np.ndarray,
+                cluster: np.ndarray, space: MatchingSpace) -> tuple[np.ndarray, np.ndarray, dict[int, int]]:
+    """The copy families for newly flagged images, as the job forms them: each new image is checked against its
+    ``FAMILY_NEIGHBOURS`` nearest among the run's members and the other new images (local features, overlays
+    discounted, mirrors tried); it follows its verified copies' cluster (the run's members keep theirs) and joins
+    the family its copies hold (the lowest, where they hold several), or starts one with them. Returns each new
+    image's cluster id (-1: none) and family (-1: none), and the run's members given a family (image → family)."""
+    import faiss
+    placed = cstore.placements(run_id)
+    flagged = set(store.catalog.image_ids(flagged=True))
+    fresh = set(new.tolist())
+    old = np.array(sorted(i for i in placed if i in flagged and i not in fresh), np.int64)
+    m = len(old)
+    ids = np.concatenate([old, new])
+    all_x = _unit(np.concatenate([space.apply(store.open_vectors().get(old)), x]) if m else x)
+    index = faiss.IndexFlatIP(all_x.shape[1])
+    index.add(all_x)
+    _, nbr = index.search(all_x[m:], min(FAMILY_NEIGHBOURS + 1, len(ids)))
+    a = np.repeat(np.arange(m, len(ids)), nbr.shape[1])
+    b = nbr.ravel().astype(np.int64)
+    keep = (b >= 0) & (a != b)
+    pairs = np.unique(np.stack([np.minimum(a[keep], b[keep]), np.maximum(a[keep], b[keep])], 1), axis=0)
+    labels = np.concatenate([np.array([-1 if placed[int(i)][0] is None else placed[int(i)][0] for i in old],
+                                      np.int64), cluster])
+    if not len(pairs):
+        return cluster, np.full(len(new), -1, np.int64), {}
+    same = copy_pair_check(store, ids)(pairs[:, 0], pairs[:, 1])
+    fa, fb = pairs[same, 0], pairs[same, 1]
+    labels = follow_copies(labels, fa, fb, fixed=np.arange(len(ids)) < m)
+    comp = copy_families(labels, fa, fb)
+    existing = np.array([-1 if placed[int(i)][1] is None else placed[int(i)][1] for i in old] + [-1] * len(new),
+                        np.int64)
+    next_family = max([f for _, f in placed.values() if f is not None], default=-1) + 1
+    family = np.full(len(ids), -1, np.int64)
+    for c in np.unique(comp[m:][comp[m:] >= 0]):
+        rows = np.flatnonzero(comp == c)
+        held = existing[rows][existing[rows] >= 0]
+        if len(held):
+            f = int(held.min())
+        else:
+            f, next_family = next_family, next_family + 1
+        family[rows[existing[rows] < 0]] = f
+    joined = {int(old[r]): int(family[r]) for r in np.flatnonzero(family[:m] >= 0)}
+    return labels[m:], family[m:], joined

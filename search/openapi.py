@@ -179,7 +179,19 @@ def openapi_document() -> dict[str, Any]:
                               "created_at": {"type": "string", "format": "date-time"},
                               "kind": {"type": "string", "enum": ["image", "video"]},
                               "duration_s": {"type": ["number", "null"], "description": "a video's length"},
-                              "cluster": {"type": ["object", "null"]}}},
+                              "cluster": {"$ref": "#/components/schemas/ClusterFacts"}}},
+                "ClusterFacts": {
+                    "type": ["object", "null"], "description": "the image's place in the current clustering run (null: "
+                    "not in it)", "required": ["id", "run_id", "status"], "properties": {
+                        "id": {"type": ["integer", "null"], "description": "its cluster; null: left unclustered"},
+                        "run_id": {"type": "integer"}, "probability": {"type": "number", "minimum": 0, "maximum": 1},
+                        "provisional": {"type": "boolean", "description": "placed after the run (--assign-new)"},
+                        "name": {"type": ["string", "null"]}, "label": {"type": ["string", "null"]},
+                        "status": {"type": "string", "enum": ["unreviewed", "confirmed", "dismissed", "unclustered"]},
+                        "family": {"type": ["integer", "null"], "minimum": 0,
+                                   "description": "its copy family inside the cluster: verified copies of one picture"},
+                        "family_size": {"type": ["integer", "null"], "minimum": 2,
+                                        "description": "how many of the cluster's images are in that family"}}},
                 "ImageWithHistory": {"allOf": [{"$ref": "#/components/schemas/Image"}, {"type": "object", "properties": {
                     "hashes": {"$ref": "#/components/schemas/Signals"},
                     "p_labels": {"$ref": "#/components/schemas/PLabels"},

@@ -137,3 +137,45 @@ def test_the_job_stores_families_and_the_same_store_gives_the_same_ones(store, t
     r = run_clustering(store, cstore, ClusterParams(min_cluster_size=3, neighbors=8, seed=7, families=False))
     assert "families" not in r.timings
     assert all(m.family is None for cl in cstore.clusters(r.run.id) for m in cstore.members(r.run.id, cl.id))
+
+
+def test_newly_flagged_copies_join_their_family_between_runs(store, tiny_embedder, tmp_path, settings):
+    """``flagmatch cluster --assign-new``: a copy flagged after the run goes where its verified copies are and
+    joins their family (or starts one with them), as the job would have put it; the API's cluster facts say so."""
+    from clustering.job import assign_new
+    from indexer.storage.catalog import FlagRequest
+    ids, picture, edit = _ingest_families(tmp_path, settings, store, tiny_embedder, pictures=7)
+    late = np.array([k for k, e in enumerate(edit) if e in ("mirror", "caption")])
+    store.catalog.set_flag([int(ids[k]) for k in late], FlagRequest("manual", None, "bob"), flag=False)
+    cstore = ClusterStore(store)
+    run = run_clustering(store, cstore, ClusterParams(min_cluster_size=3, neighbors=8, seed=7)).run.id
+    before = cstore.placements(run)
+    assert not any(int(ids[k]) in before for k in late)
+    store.catalog.set_flag([int(ids[k]) for k in late], FlagRequest("manual", None, "bob"), flag=True)
+    assert assign_new(store, cstore) == len(late)
+    after = cstore.placements(run)
+    row = {int(i): k for k, i in enumerate(ids)}
+    for image_id, (cluster, fam) in before.items():  # members keep their cluster, and any family they had
+        assert after[image_id][0] == cluster and (fam is None or after[image_id][1] == fam)
+    families: dict[int, list[int]] = {}
+    for image_id, (cluster, fam) in after.items():
+        if fam is not None:
+            families.setdefault(fam, []).append(image_id)
+    joined = [int(ids[k]) for k in late if after[int(ids[k])][1] is not None]
+    assert len(joined) >= len(late) // 2, (len(joined), len(late))
+    for fam, members in families.items():  # still copies of one picture, inside one cluster
+        assert len({picture[row[i]] for i in members}) == 1 and len({after[i][0] for i in members}) == 1, fam
+    for image_id in joined:  # each joined a family of its own picture that holds an image of the run
+        assert any(i in before for i in families[after[image_id][1]])
+    # the cluster facts a search hit and GET /api/v1/images/<id> carry: the family and its size
+    from flagmatch.runtime import build_app
+    from tests.helpers.web import TOKEN
+    client = build_app(settings.replace(api_tokens=(f"rita:{TOKEN}",)), embedder=tiny_embedder).test_client()
+    got = client.get(f"/api/v1/images/{joined[0]}", headers={"Authorization": f"Bearer {TOKEN}"}).get_json()
+    fam = after[joined[0]][1]
+    assert got["cluster"]["family"] == fam and got["cluster"]["family_size"] == len(families[fam]) >= 2
+    assert got["cluster"]["provisional"] is True and got["cluster"]["id"] == after[joined[0]][0]
+    alone = [int(i) for i in ids if after[int(i)][1] is None]
+    for image_id in alone[:1]:
+        got = client.get(f"/api/v1/images/{image_id}", headers={"Authorization": f"Bearer {TOKEN}"}).get_json()
+        assert got["cluster"]["family"] is None and got["cluster"]["family_size"] is None

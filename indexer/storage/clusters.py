@@ -159,7 +159,9 @@ class ClusterStore:
             return {int(lab): int(cid) for lab, cid in c.execute(
                 select(RunClusterRow.label, RunClusterRow.cluster_id).where(RunClusterRow.run_id == run_id)).all()}
 
-    def add_provisional(self, run_id: int, members: Sequence[Member]) -> None:
+    def add_provisional(self, run_id: int, members: Sequence[Member], families: dict[int, int] | None = None) -> None:
+        """Newly flagged images placed into a run (``members[i].cluster_id``: a cluster id), and in one
+        transaction the families given to members already in it (image id → family: a copy now joins them)."""
         with self.engine.begin() as c:
             ids = [m.image_id for m in members]
             if ids:
@@ -167,7 +169,17 @@ class ClusterStore:
                                                   MemberRow.provisional.is_(True)))
                 c.execute(insert(MemberRow), [dict(run_id=run_id, image_id=m.image_id, cluster_id=m.cluster_id,
                                                    probability=m.probability, outlier_score=m.outlier_score,
-                                                   x=m.x, y=m.y, provisional=True) for m in members])
+                                                   x=m.x, y=m.y, provisional=True, family=m.family) for m in members])
+            for image_id, fam in (families or {}).items():
+                c.execute(update(MemberRow).where(MemberRow.run_id == run_id, MemberRow.image_id == image_id)
+                          .values(family=fam))
+
+    def placements(self, run_id: int) -> dict[int, tuple[int | None, int | None]]:
+        """image id → (cluster id or None for noise, copy family or None) of every member of a run."""
+        with self.engine.connect() as c:
+            rows = c.execute(select(MemberRow.image_id, MemberRow.cluster_id, MemberRow.family)
+                             .where(MemberRow.run_id == run_id)).all()
+        return {int(i): (None if k is None else int(k), None if f is None else int(f)) for i, k, f in rows}
 
     # -- reading a run
     def clusters(self, run_id: int, only: int | None = None) -> list[ClusterInfo]:
@@ -240,12 +252,23 @@ class ClusterStore:
             return {}
         with self.engine.connect() as c:
             rows = c.execute(select(MemberRow.image_id, MemberRow.cluster_id, MemberRow.probability,
-                                    MemberRow.provisional, IdentityRow.name, IdentityRow.label, IdentityRow.status)
+                                    MemberRow.provisional, IdentityRow.name, IdentityRow.label, IdentityRow.status,
+                                    MemberRow.family)
                              .join(IdentityRow, IdentityRow.id == MemberRow.cluster_id, isouter=True)
                              .where(MemberRow.run_id == run.id, MemberRow.image_id.in_(list(image_ids)))).all()
-        return {int(r[0]): {"id": r[1], "run_id": run.id, "probability": round(float(r[2]), 4),
-                            "provisional": bool(r[3]), "name": r[4], "label": r[5],
-                            "status": r[6] if r[1] is not None else "unclustered"} for r in rows}
+            fams = sorted({int(r[7]) for r in rows if r[7] is not None and r[1] is not None})
+            sizes = {(int(k), int(f)): int(n) for k, f, n in c.execute(
+                select(MemberRow.cluster_id, MemberRow.family, func.count())
+                .where(MemberRow.run_id == run.id, MemberRow.family.in_(fams))
+                .group_by(MemberRow.cluster_id, MemberRow.family)).all()} if fams else {}
+        out: dict[int, dict[str, Any]] = {}
+        for r in rows:
+            fam = int(r[7]) if r[7] is not None and r[1] is not None else None
+            out[int(r[0])] = {"id": r[1], "run_id": run.id, "probability": round(float(r[2]), 4),
+                              "provisional": bool(r[3]), "name": r[4], "label": r[5],
+                              "status": r[6] if r[1] is not None else "unclustered",
+                              "family": fam, "family_size": sizes.get((int(r[1]), fam)) if fam is not None else None}
+        return out
 
     # -- people's decisions about a cluster
     def update_identity(self, cluster_id: int, *, actor: str, name: str | None = None, label: str | None = None,
