@@ -262,6 +262,41 @@ def test_learned_space_from_reupload_pairs(settings, store, tiny_embedder, tmp_p
     assert top1(learned.apply(a), learned.apply(b)) >= top1(a, b)
 
 
+def test_thin_pictures_go_through_every_edit_and_a_store_holding_them_fits_its_space(settings, store, tiny_embedder,
+                                                                                     tmp_path):
+    """A banner or a rule a few pixels thin (real clipart has them) has a thumbnail 1–3 pixels across: every
+    re-upload and hard edit takes it (it crashed the space's fit at the end of an ingest), and the store's pairs
+    and hard views are made with it among them."""
+    import random
+    from PIL import Image
+    from flagmatch.wiring import ingest_into
+    from indexer.ingest.sources import iter_sources
+    from indexer.media import augment
+    from indexer.vectors import space as spaces
+    from tests.helpers import photo_image, write_images
+    others = [photo_image(1, (64, 48))]
+    for size in ((256, 1), (1, 256), (256, 3), (5, 7), (300, 12)):
+        im = Image.new("RGB", size, (200, 30, 30))
+        for seed in range(60):
+            r = random.Random(seed)
+            for out in (augment.reupload(im, r), augment.hard_view(im, r, others)):
+                assert out.width >= 1 and out.height >= 1
+            for name in augment.EDITS:
+                assert augment.edit(im, name, random.Random(seed)).width >= 1
+            for name in augment.HARD_EDITS:
+                assert augment.hard_edit(im, name, random.Random(seed), others).width >= 1
+    folder = tmp_path / "in"
+    write_images(folder, 24, fmt="PNG", ext="png")
+    Image.new("RGB", (1200, 4), (10, 10, 10)).save(folder / "rule.png")
+    Image.new("RGB", (6, 900), (250, 250, 0)).save(folder / "banner.png")
+    ingest_into(settings, iter_sources([str(folder)]), store=store, embedder=tiny_embedder)
+    assert len(store.catalog.image_ids()) == 26
+    a, b = spaces.reupload_pairs(store, tiny_embedder, 26)
+    assert a.shape == b.shape == (26, tiny_embedder.info.dim) and np.isfinite(b).all()
+    ids, views = spaces.hard_views(store, tiny_embedder, 26, per_image=2)
+    assert len(ids) == len(views) and np.isfinite(views).all()
+
+
 def test_sharded_build_is_served_memory_mapped_and_answers_like_a_local_build(settings, store, mixture, caplog):
     """reindex --on-disk: shards filled one after another and merged with faiss.contrib.ondisk into lists
     that are memory-mapped read-only; later adds, unflags and deletes layer on top and survive a reopen."""

@@ -24,6 +24,12 @@ def _jpeg(im: Image.Image, quality: int) -> Image.Image:
     return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
 
 
+def _side(n: int, f: float) -> int:
+    """A part ``f`` of a side of ``n`` pixels: at least 8 pixels, never more than the side (a picture a few
+    pixels thin — a rule, a banner clipart — stays whole across it)."""
+    return min(n, max(8, int(n * f)))
+
+
 def edit(im: Image.Image, name: str, r: random.Random) -> Image.Image:
     w, h = im.size
     if name == "jpeg":
@@ -31,7 +37,7 @@ def edit(im: Image.Image, name: str, r: random.Random) -> Image.Image:
         return _jpeg(im.resize((max(8, int(w * f)), max(8, int(h * f))), Image.BILINEAR), r.randint(15, 60))
     if name == "crop":
         f = r.uniform(0.6, 0.95)
-        cw, ch = max(8, int(w * f)), max(8, int(h * f))
+        cw, ch = _side(w, f), _side(h, f)
         x, y = r.randint(0, w - cw), r.randint(0, h - ch)
         return im.crop((x, y, x + cw, y + ch))
     if name == "grey":
@@ -116,8 +122,8 @@ def hard_edit(im: Image.Image, name: str, r: random.Random, others: list[Image.I
     w, h = im.size
     if name == "heavy_crop":
         area, aspect = r.uniform(0.15, 0.5), r.uniform(0.7, 1.4)
-        cw = max(8, min(w, int(w * (area * aspect) ** 0.5)))
-        ch = max(8, min(h, int(h * area * w / cw)))
+        cw = _side(w, (area * aspect) ** 0.5)
+        ch = min(h, max(8, int(h * area * w / cw)))
         x, y = r.randint(0, w - cw), r.randint(0, h - ch)
         return im.crop((x, y, x + cw, y + ch))
     if name == "noise":
@@ -153,14 +159,14 @@ def hard_edit(im: Image.Image, name: str, r: random.Random, others: list[Image.I
     if name == "inset":  # the picture pasted over another one at 40–75 % of its width
         base = _cover(r.choice(others), w, h) if others else Image.new("RGB", (w, h), (128, 128, 128))
         f = r.uniform(0.4, 0.75)
-        pw, ph = max(8, int(w * f)), max(8, int(h * f))
+        pw, ph = _side(w, f), _side(h, f)
         base.paste(im.resize((pw, ph), Image.BILINEAR), (r.randint(0, w - pw), r.randint(0, h - ph)))
         return base
     if name == "rotate_crop":
         angle = r.uniform(-15, 15)
         out = im.rotate(angle, resample=Image.BICUBIC, expand=False, fillcolor=(0, 0, 0))
         f = r.uniform(0.7, 0.95)
-        cw, ch = max(8, int(w * f)), max(8, int(h * f))
+        cw, ch = _side(w, f), _side(h, f)
         x, y = (w - cw) // 2, (h - ch) // 2
         return out.crop((x, y, x + cw, y + ch))
     raise ValueError(f"unknown hard edit {name!r}")
