@@ -42,6 +42,7 @@ def hit_json(h: Hit) -> dict[str, Any]:
                        if h.region is not None else None)
     d["local_matches"] = h.local_matches
     d["verified"] = h.verified
+    d["verified_by"] = "hash" if h.hash_match else "local_features" if h.verified else None
     d["cluster"] = h.cluster
     d["p_labels"] = h.p_labels
     d["matched_frames"] = [{"query_view": f.query_view, "query_offset_s": f.query_offset, "offset_s": f.offset,

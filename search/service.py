@@ -112,9 +112,13 @@ class Hit:
     # the stored image's window (indexer.vectors.regions) its best similarity came through: left, top, right,
     # bottom as fractions of the picture; None: the whole image
     region: tuple[float, float, float, float] | None = None
+    # the upload's PDQ is within the match threshold of this image's (or its MD5 is the same): one picture
+    hash_match: bool = False
 
     @property
     def verified(self) -> bool | None:
+        if self.hash_match:
+            return True
         return None if self.local_matches is None else self.local_matches >= MIN_MATCHES
 
 
@@ -528,30 +532,35 @@ class SearchService:
                     best[q][i] = (float(sim), view)
                     windows[q][i] = tuple(box)  # type: ignore[assignment]
         top = [sorted(b.items(), key=lambda kv: -kv[1][0])[: params.k] for b in best]
+        th = time.perf_counter()
+        evidence: list[HashEvidence | None] = [None] * len(queries)
+        if self.hashes is not None and signals is not None:
+            evidence = list(self.hashes.lookup(signals, scope=params.scope, k=params.k,
+                                               exclude=[q.known_id for q in queries]))
+        hashed = [_hash_matched(ev) for ev in evidence]
+        hashes_ms = (time.perf_counter() - th) * 1000
         tv = time.perf_counter()
         checked: list[dict[int, int]] = [{} for _ in queries]
-        if local is not None and self.local is not None:
-            for q, feats in enumerate(local):
-                if feats is not None:
-                    top[q], checked[q] = self._verify(feats, top[q], recs, greys[q] if greys else {}, windows[q])
+        for q in range(len(queries)):
+            feats = local[q] if local is not None and self.local is not None else None
+            if hashed[q] and any(i in hashed[q] for i, _ in top[q]):
+                top[q] = _hash_first(top[q], hashed[q])  # the picture by its hash: no local check needed
+            elif feats is not None:
+                top[q], checked[q] = self._verify(feats, top[q], recs, greys[q] if greys else {}, windows[q])
         verify_ms = (time.perf_counter() - tv) * 1000
         t.verify += verify_ms
         kept = sorted({i for row in top for i, _ in row})
         clusters = self.cluster_lookup(kept) if self.cluster_lookup and kept else {}
         scored = scores_for(self.store, kept) if self.heads and kept else {}
-        t2 = time.perf_counter()
-        evidence: list[HashEvidence | None] = [None] * len(queries)
-        if self.hashes is not None and signals is not None:
-            evidence = list(self.hashes.lookup(signals, scope=params.scope, k=params.k,
-                                               exclude=[q.known_id for q in queries]))
         where = boxes or [{} for _ in queries]
         results = [QueryResult(q, [Hit(recs[i], sim, clusters.get(i), view, where[n].get(view), scored.get(i, {}),
-                                       seen.get(i), _best_pairs(pairs[n].get(i, ())), windows[n].get(i))
+                                       seen.get(i), _best_pairs(pairs[n].get(i, ())), windows[n].get(i),
+                                       i in hashed[n])
                                    for i, (sim, view) in row], ev)
                    for n, (q, row, ev, seen) in enumerate(zip(queries, top, evidence, checked))]
         t.search += (t1 - t0) * 1000
-        t.hashes += (time.perf_counter() - t2) * 1000
-        t.hydrate += (t2 - t1) * 1000 - verify_ms
+        t.hashes += hashes_ms
+        t.hydrate += (time.perf_counter() - t1) * 1000 - verify_ms - hashes_ms
         st = self.index.stats()[params.scope]
         cp = {"image_id": st["covers_image_id"], "flag_event_id": st["covers_flag_event"],
               "generation": st["generation"]}
@@ -600,6 +609,22 @@ class SearchService:
             if checked[image_id] >= MIN_MATCHES:
                 return [row[j], *row[:j], *row[j + 1:]], checked
         return row, checked
+
+
+def _hash_matched(ev: HashEvidence | None) -> set[int]:
+    """The stored images an upload's hashes say it shows: its PDQ within the image threshold (both hashes of
+    usable quality: ``HashMatcher.lookup``), or the same MD5."""
+    return {m.record.id for m in ev.image_matches if m.signal_type in ("pdq", "md5")} if ev is not None else set()
+
+
+def _hash_first(row: list[tuple[int, tuple[float, str]]], same: set[int]) -> list[tuple[int, tuple[float, str]]]:
+    """The model's hits with those the upload's hashes match moved first (in the model's order). PDQ at the
+    threshold HMA uses (31) says "one picture" for whole-picture edits — recompression, resizing, greyscale —
+    where local features can fail (flat clipart gives ORB few corners). Measured through the API on the match
+    benchmark (open_nsfw, 300 flagged originals, 83 % of them clipart): greyscale + contrast R@1 0.937 → 0.967,
+    JPEG q30 at half size 0.847 → 0.863, crop 80 % and mirror unchanged; across seven edits no upload's PDQ
+    matched another flagged picture among its hits."""
+    return [h for h in row if h[0] in same] + [h for h in row if h[0] not in same]
 
 
 def _offset_of(view: str) -> float | None:

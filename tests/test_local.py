@@ -142,6 +142,45 @@ def test_search_moves_the_verified_copy_first_and_reports_the_checks(store, tiny
     assert all(h.local_matches is None for h in svc.search_ids([target], SearchParams(k=5)).results[0].hits)
 
 
+def test_a_hit_the_uploads_pdq_matches_goes_first_as_verified(store, tiny_embedder, tmp_path, settings):
+    """Greyscale and recompression at half size keep the picture's PDQ (within the threshold HMA uses) where
+    the model's order and local features can both miss: a hit the upload's hash matches goes first, verified,
+    and the hash evidence names it; an edit that changes the PDQ (a crop into a frame) is left to the model."""
+    from PIL import ImageOps
+    from flagmatch.wiring import ingest_into, open_index, search_service
+    from indexer.storage.catalog import FlagRequest
+    from indexer.ingest.sources import iter_sources
+    from search.serialize import hit_json
+    from search.service import SearchParams
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(8):
+        (folder / f"{i}.png").write_bytes(encode(photo_image(40 + i), "PNG"))
+    ingest_into(settings, iter_sources([str(folder)]), store=store, embedder=tiny_embedder)
+    store.catalog.set_flag(store.catalog.image_ids(), FlagRequest("import", None, "test"), flag=True)
+    index = open_index(store, settings)
+    plain = search_service(settings.replace(verify_hits=False), store, index, tiny_embedder)
+    model_first = 0
+    for i in range(8):
+        im = photo_image(40 + i)
+        grey = ImageOps.grayscale(im.resize((im.width // 2, im.height // 2))).convert("RGB")
+        query = encode(grey, "JPEG", quality=30)
+        target = store.catalog.resolve(hashlib.sha256((folder / f"{i}.png").read_bytes()).hexdigest())
+        res = plain.search_uploads([("q.jpg", query)], SearchParams(k=8)).results[0]
+        assert target in {m.record.id for m in res.evidence.image_matches}
+        hit = res.hits[0]
+        assert hit.record.id == target and hit.verified is True and hit.hash_match and hit.local_matches is None
+        assert hit_json(hit)["verified_by"] == "hash"
+        assert all(h.verified is None for h in res.hits[1:])  # nothing else was checked
+        # what the model alone put first (the row before the hashes moved anything)
+        model_first += max(res.hits, key=lambda h: h.similarity).record.id == target
+    assert model_first < 8, "the model ranks every copy first: the hashes moved nothing here"
+    framed = encode(_framed(EDITS["crop 80 %"](photo_image(42))), "JPEG", quality=60)
+    res = plain.search_uploads([("q.jpg", framed)], SearchParams(k=8)).results[0]
+    assert not res.evidence.image_matches and all(h.verified is None and not h.hash_match for h in res.hits)
+
+
 def test_verified_join_groups_each_original_with_its_copies_and_nothing_else(store, tiny_embedder, tmp_path,
                                                                               settings):
     """The clustering job's near-duplicate join with verification: every pair is a candidate here
