@@ -462,11 +462,16 @@ class SameContent:
         return self.verdicts[key]
 
 
+ICON_SIDE = 128  # px: an original no longer than this on its long side is an icon (make-corpus's clipart: 60–100 px)
+
+
 def measure(env: dict[str, str], queries: dict[str, list[Path]], truth: list[int], log: Path,
-            alike: Callable[[int, int], bool] | None = None, plain: list[Path] | None = None) -> dict[str, Any]:
+            alike: Callable[[int, int], bool] | None = None, plain: list[Path] | None = None,
+            icons: list[bool] | None = None) -> dict[str, Any]:
     """R@1 / R@10 per edit through one served configuration, each edit's latency (p50, p95) and its split by
     stage; ``plain``: uploads that copy nothing flagged, timed the same way (``"no copy"``). Every query's
-    ranked hits are kept (``"ranked"``) so two runs can be compared hit for hit."""
+    ranked hits are kept (``"ranked"``) so two runs can be compared hit for hit. ``icons``: which originals are
+    icons (``ICON_SIDE``): R@1 is also given for icons and for the rest apart (``"r1_icons"``, ``"r1_pictures"``)."""
     sys.path.insert(0, str(ROOT))
     from tests.helpers import start_server, stop_server
     proc, base, logf = start_server({**env, "FLAGMATCH_WORKERS": "1", "FLAGMATCH_THREADS": "2"}, log, timeout=600)
@@ -493,6 +498,12 @@ def measure(env: dict[str, str], queries: dict[str, list[Path]], truth: list[int
             out[name] = {"r1": r1 / len(paths), "r10": r10 / len(paths), "p50_ms": median(times),
                          "p95_ms": p95(times), "views": views, "ranked": ranked,
                          "stages_ms": {k: median(v) for k, v in stages.items()}}
+            if icons is not None:
+                first = [bool(ids[:1] == [want]) for ids, want in zip(ranked, truth)]
+                for part, keep in (("icons", True), ("pictures", False)):
+                    mine = [f for f, ic in zip(first, icons) if ic == keep]
+                    out[name][f"r1_{part}"] = sum(mine) / len(mine) if mine else None
+                    out[name][f"n_{part}"] = len(mine)
             if alike is not None:
                 out[name]["r1_content"] = c1 / len(paths)
             print(f"  {name:<12} R@1 {out[name]['r1']:.3f}  "
@@ -673,7 +684,8 @@ def main() -> None:
     if a.edits == "hard":
         if a.edit:
             queries = {n: queries[n] for n in a.edit}
-        hard(a, base_env, home, queries, truth, plain, work, SameContent(home))
+        icons = [max(Image.open(p).size) <= ICON_SIDE for p in originals]
+        hard(a, base_env, home, queries, truth, plain, work, SameContent(home), icons)
         return
     queries = {n: queries[n] for n in COMMON}
     configs = {
@@ -739,7 +751,8 @@ def space_fingerprint(home: Path) -> str:
 
 
 def hard(a: argparse.Namespace, base_env: dict[str, str], home: Path, queries: dict[str, list[Path]],
-         truth: list[int], plain: list[Path], work: Path, alike: Callable[[int, int], bool]) -> None:
+         truth: list[int], plain: list[Path], work: Path, alike: Callable[[int, int], bool],
+         icons: list[bool] | None = None) -> None:
     """The hard edit classes through each configuration (``HARD_CONFIGS``), the uploads that copy nothing
     timed alongside; ``--repeat`` refits the last configuration and compares every ranked hit list."""
     name = "match-hard" + ("" if a.model == "opennsfw" else "-" + Path(a.model).name)
@@ -762,9 +775,10 @@ def hard(a: argparse.Namespace, base_env: dict[str, str], home: Path, queries: d
                                                                          plain)["no copy"]
             continue
         if a.edit:  # these edits measured again, the rest (and the latency) kept from the last run
-            results["search"].setdefault(label, {}).update(measure(env, queries, truth, work / "serve.log", alike))
+            results["search"].setdefault(label, {}).update(measure(env, queries, truth, work / "serve.log", alike,
+                                                                   icons=icons))
             continue
-        results["search"][label] = measure(env, queries, truth, work / "serve.log", alike, plain)
+        results["search"][label] = measure(env, queries, truth, work / "serve.log", alike, plain, icons=icons)
         results["search"][label]["reindex_s"] = fit_s
         results["search"][label]["space"] = space_fingerprint(home)
     if a.repeat:
@@ -805,6 +819,19 @@ def markdown_hard(results: dict[str, Any]) -> str:
             row.append(f"{r['r1']:.3f} / {r['r10']:.3f}" if r else "")
         rows.append(row)
     md.append(table(["edit"] + labels, rows))
+    split = [lab for lab in labels if any(isinstance(r, dict) and r.get("r1_icons") is not None
+                                          for r in results["search"][lab].values())]
+    if split:
+        lab = split[-1]
+        n_icons = next(r["n_icons"] for r in results["search"][lab].values() if isinstance(r, dict) and "n_icons" in r)
+        md += ["", f"R@1 of `{lab}` by the original's size: icons ({n_icons} originals no longer than {ICON_SIDE} px, "
+                   f"make-corpus's 60–100 px clipart: a half-size or cropped copy of one is 30–50 px) and the other "
+                   f"{results['originals'] - n_icons} pictures:", ""]
+        md.append(table(["edit", "all", "icons", "pictures"],
+                        [[("**" + title + "**") if name in HARD else title, f"{r['r1']:.3f}",
+                          f"{r['r1_icons']:.3f}", f"{r['r1_pictures']:.3f}"]
+                         for name, (title, _) in TRANSFORMS.items()
+                         if (r := results["search"][lab].get(name)) and r.get("r1_icons") is not None]))
     md += ["", f"Latency of an upload that copies nothing ({results['plain']} corpus files the store does not hold, "
                f"as JPEGs), p50 / p95 in ms and the median split by stage (`Server-Timing`)"
                + (f"; {results['latency_note']}" if results.get("latency_note") else "") + ":", ""]
