@@ -698,9 +698,11 @@ def main() -> None:
     suffix = "" if a.model == "opennsfw" else "-" + Path(a.model).name
     results: dict[str, Any] = {"machine": machine(), "model": a.model, "originals": len(originals),
                                "distractors": len(distractors), "search": {}}
+    last = ROOT / "benchmarks" / "results" / f"match{suffix}.json"
     if a.families_only:
-        results = {**json.loads((ROOT / "benchmarks" / "results" / f"match{suffix}.json").read_text()),
-                   "families_machine": machine()}
+        results = {**json.loads(last.read_text()), "families_machine": machine()}
+    elif a.skip_families and last.exists():  # the search measured again, the last run's families kept
+        results.update({k: v for k, v in json.loads(last.read_text()).items() if k.startswith("families")})
     alike = SameContent(home)
     for label, extra in configs.items() if not a.families_only else ():
         env = {**base_env, **extra, "FLAGMATCH_HOME": str(home)}
