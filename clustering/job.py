@@ -51,6 +51,7 @@ JOIN_NEIGHBOURS = 8
 # join above, or merging clusters joined by 2–4 verified pairs) lost ARI (0.55–0.70) for no more families whole.
 FAMILY_NEIGHBOURS = 10
 FAMILY_ROUNDS = 5
+NEW_COPIES_CHUNK = 50_000  # run members' vectors read at once while newly flagged images find their nearest
 VERIFY_CACHE = 20_000  # thumbnails' features held while pairs are verified (≤ ~40 kB each: ≤ ~0.8 GB)
 # UMAP optimisation epochs of the clustering space (0: UMAP's default, 200 above 10k points). 100 was
 # measured ~1.3x faster with the same ARI on benchmarks/cluster.py's synthetic data, but on the match
@@ -672,10 +673,20 @@ def _new_copies(store: Store, cstore: ClusterStore, run_id: int, new: np.ndarray
     old = np.array(sorted(i for i in placed if i in flagged and i not in fresh), np.int64)
     m = len(old)
     ids = np.concatenate([old, new])
-    all_x = _unit(np.concatenate([space.apply(store.open_vectors().get(old)), x]) if m else x)
-    index = faiss.IndexFlatIP(all_x.shape[1])
-    index.add(all_x)
-    _, nbr = index.search(all_x[m:], min(FAMILY_NEIGHBOURS + 1, len(ids)))
+    # exact nearest over the members a chunk at a time (the run's vectors are never all in memory at once)
+    xq, k = _unit(x), min(FAMILY_NEIGHBOURS + 1, len(ids))
+    sims = np.full((len(new), 0), -np.inf, np.float32)
+    nbr = np.zeros((len(new), 0), np.int64)
+    vectors = store.open_vectors()
+    for start in range(0, len(ids), NEW_COPIES_CHUNK):
+        rows = np.arange(start, min(len(ids), start + NEW_COPIES_CHUNK))
+        part = np.concatenate([space.apply(vectors.get(old[rows[rows < m]])), x[rows[rows >= m] - m]])
+        index = faiss.IndexFlatIP(xq.shape[1])
+        index.add(_unit(part))
+        s, j = index.search(xq, min(k, len(rows)))
+        sims, nbr = np.concatenate([sims, s], 1), np.concatenate([nbr, np.where(j >= 0, rows[j], -1)], 1)
+        order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+        sims, nbr = np.take_along_axis(sims, order, 1), np.take_along_axis(nbr, order, 1)
     a = np.repeat(np.arange(m, len(ids)), nbr.shape[1])
     b = nbr.ravel().astype(np.int64)
     keep = (b >= 0) & (a != b)

@@ -139,10 +139,12 @@ def test_the_job_stores_families_and_the_same_store_gives_the_same_ones(store, t
     assert all(m.family is None for cl in cstore.clusters(r.run.id) for m in cstore.members(r.run.id, cl.id))
 
 
-def test_newly_flagged_copies_join_their_family_between_runs(store, tiny_embedder, tmp_path, settings):
+def test_newly_flagged_copies_join_their_family_between_runs(store, tiny_embedder, tmp_path, settings, monkeypatch):
     """``flagmatch cluster --assign-new``: a copy flagged after the run goes where its verified copies are and
     joins their family (or starts one with them), as the job would have put it; the API's cluster facts say so."""
+    from clustering import job
     from clustering.job import assign_new
+    monkeypatch.setattr(job, "NEW_COPIES_CHUNK", 8)  # the members' vectors read in several chunks
     from indexer.storage.catalog import FlagRequest
     ids, picture, edit = _ingest_families(tmp_path, settings, store, tiny_embedder, pictures=7)
     late = np.array([k for k, e in enumerate(edit) if e in ("mirror", "caption")])
