@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw, ImageOps
 
 from indexer.media.decode import InputSpec, decode
 from indexer.media.local import MIN_MATCHES, SIDE, FeatureCache, QueryFeatures, describe, thumbnail_grey
-from tests.helpers import captioned, drawn_image, encode, photo_image
+from tests.helpers import captioned, drawn_image, encode, ingest_flagged, photo_image
 
 SPEC = InputSpec(size=224, crop_pct=1.0)
 
@@ -90,21 +90,15 @@ def test_feature_cache_describes_each_thumbnail_once_and_survives_a_missing_file
 
 
 def test_search_moves_the_verified_copy_first_and_reports_the_checks(store, tiny_embedder, tmp_path, settings):
-    from flagmatch.wiring import ingest_into, open_index, search_service
-    from indexer.storage.catalog import FlagRequest
-    from indexer.ingest.sources import iter_sources
+    from flagmatch.wiring import open_index, search_service
     from search.service import SearchParams
 
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for i in range(6):
-        (folder / f"{i}.png").write_bytes(encode(photo_image(20 + i), "PNG"))
-    for i in range(6):  # look-alikes without corners worth matching
-        (folder / f"d{i}.png").write_bytes(encode(drawn_image(200 + i), "PNG"))
-    ingest_into(settings, iter_sources([str(folder)]), store=store, embedder=tiny_embedder)
-    store.catalog.set_flag(store.catalog.image_ids(), FlagRequest("import", None, "test"), flag=True)
+    ids = ingest_flagged(settings, store, tiny_embedder, tmp_path / "in",
+                         {**{str(i): photo_image(20 + i) for i in range(6)},
+                          # look-alikes without corners worth matching
+                          **{f"d{i}": drawn_image(200 + i) for i in range(6)}})
     svc = search_service(settings, store, open_index(store, settings), tiny_embedder)
-    target = store.catalog.resolve(hashlib.sha256((folder / "2.png").read_bytes()).hexdigest())
+    target = ids["2"]
     query = encode(_framed(EDITS["crop 80 %"](photo_image(22))), "JPEG", quality=60)
 
     res = svc.search_uploads([("q.jpg", query)], SearchParams(k=12))
@@ -147,18 +141,11 @@ def test_a_hit_the_uploads_pdq_matches_goes_first_as_verified(store, tiny_embedd
     the model's order and local features can both miss: a hit the upload's hash matches goes first, verified,
     and the hash evidence names it; an edit that changes the PDQ (a crop into a frame) is left to the model."""
     from PIL import ImageOps
-    from flagmatch.wiring import ingest_into, open_index, search_service
-    from indexer.storage.catalog import FlagRequest
-    from indexer.ingest.sources import iter_sources
+    from flagmatch.wiring import open_index, search_service
     from search.serialize import hit_json
     from search.service import SearchParams
 
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for i in range(8):
-        (folder / f"{i}.png").write_bytes(encode(photo_image(40 + i), "PNG"))
-    ingest_into(settings, iter_sources([str(folder)]), store=store, embedder=tiny_embedder)
-    store.catalog.set_flag(store.catalog.image_ids(), FlagRequest("import", None, "test"), flag=True)
+    ids = ingest_flagged(settings, store, tiny_embedder, tmp_path / "in", {str(i): photo_image(40 + i) for i in range(8)})
     index = open_index(store, settings)
     plain = search_service(settings.replace(verify_hits=False), store, index, tiny_embedder)
     model_first = 0
@@ -166,7 +153,7 @@ def test_a_hit_the_uploads_pdq_matches_goes_first_as_verified(store, tiny_embedd
         im = photo_image(40 + i)
         grey = ImageOps.grayscale(im.resize((im.width // 2, im.height // 2))).convert("RGB")
         query = encode(grey, "JPEG", quality=30)
-        target = store.catalog.resolve(hashlib.sha256((folder / f"{i}.png").read_bytes()).hexdigest())
+        target = ids[str(i)]
         res = plain.search_uploads([("q.jpg", query)], SearchParams(k=8)).results[0]
         assert target in {m.record.id for m in res.evidence.image_matches}
         hit = res.hits[0]

@@ -7,7 +7,7 @@ from PIL import Image, ImageDraw
 
 from indexer.media.decode import InputSpec, decode
 from indexer.media.views import view_boxes
-from tests.helpers import drawn_image, encode
+from tests.helpers import drawn_image, encode, ingest_flagged
 
 SPEC = InputSpec(size=224, crop_pct=1.0)
 
@@ -63,19 +63,12 @@ def test_decode_cuts_the_views_asked_for():
 
 
 def test_search_names_the_view_that_matched(store, tiny_embedder, tmp_path, settings):
-    from flagmatch.wiring import ingest_into, open_index, search_service
-    from indexer.storage.catalog import FlagRequest
-    from indexer.ingest.sources import iter_sources
+    from flagmatch.wiring import open_index, search_service
     from search.service import SearchParams
 
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for i in range(12):
-        (folder / f"{i}.png").write_bytes(encode(drawn_image(100 + i), "PNG"))
-    ingest_into(settings, iter_sources([str(folder)]), store=store, embedder=tiny_embedder)
-    store.catalog.set_flag(store.catalog.image_ids(), FlagRequest("import", None, "test"), flag=True)
+    ids = ingest_flagged(settings, store, tiny_embedder, tmp_path / "in", {str(i): drawn_image(100 + i) for i in range(12)})
     svc = search_service(settings, store, open_index(store, settings), tiny_embedder)
-    target = store.catalog.resolve(__import__("hashlib").sha256((folder / "3.png").read_bytes()).hexdigest())
+    target = ids["3"]
     query = encode(letterboxed(drawn_image(103)), "PNG")
     hit = svc.search_uploads([("q.png", query)], SearchParams(k=3)).results[0].hits[0]
     assert hit.record.id == target and hit.view == "trimmed" and hit.similarity > 0.98
@@ -129,18 +122,10 @@ def test_single_pictures_are_not_cut_into_cells():
 
 def _flagged_photos(store, tiny_embedder, settings, folder, seeds: range) -> list:  # type: ignore[no-untyped-def]
     """``photo_image(seed)`` for each seed ingested from ``folder`` and flagged; their catalog ids, in order."""
-    import hashlib
-    from flagmatch.wiring import ingest_into
-    from indexer.ingest.sources import iter_sources
-    from indexer.storage.catalog import FlagRequest
     from tests.helpers import photo_image
-    folder.mkdir()
-    data = [encode(photo_image(seed, (400, 300)), "PNG") for seed in seeds]
-    for i, d in enumerate(data):
-        (folder / f"{i}.png").write_bytes(d)
-    ingest_into(settings, iter_sources([str(folder)]), store=store, embedder=tiny_embedder)
-    store.catalog.set_flag(store.catalog.image_ids(), FlagRequest("import", None, "test"), flag=True)
-    return [store.catalog.resolve(hashlib.sha256(d).hexdigest()) for d in data]
+    ids = ingest_flagged(settings, store, tiny_embedder, folder,
+                         {str(i): photo_image(seed, (400, 300)) for i, seed in enumerate(seeds)})
+    return [ids[str(i)] for i in range(len(seeds))]
 
 
 def test_search_finds_the_picture_in_a_collage_and_says_where(store, tiny_embedder, tmp_path, settings):

@@ -73,6 +73,21 @@ def write_images(folder: Path, n: int, start: int = 0, fmt: str = "JPEG", ext: s
     return out
 
 
+def ingest_flagged(settings, store, embedder, folder: Path, pictures: dict[str, Image.Image]) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    """``pictures`` written to ``folder`` as PNGs (name → picture), ingested and all flagged: name → image id."""
+    import hashlib
+    from flagmatch.wiring import ingest_into
+    from indexer.ingest.sources import iter_sources
+    from indexer.storage.catalog import FlagRequest
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, im in pictures.items():
+        (folder / f"{name}.png").write_bytes(encode(im, "PNG"))
+    ingest_into(settings, iter_sources([str(folder)]), store=store, embedder=embedder)
+    store.catalog.set_flag(store.catalog.image_ids(), FlagRequest("import", None, "test"), flag=True)
+    return {name: store.catalog.resolve(hashlib.sha256((folder / f"{name}.png").read_bytes()).hexdigest())
+            for name in pictures}
+
+
 def save_tiny_timm(folder: Path, arch: str = "vit_tiny_patch16_384", seed: int = 0,
                    labels: tuple[str, ...] = ("NSFW", "SFW")) -> Path:
     """A timm model with random weights saved in the hub's layout (config.json + model.safetensors)."""
