@@ -677,7 +677,8 @@ def main() -> None:
         results = json.loads(path.read_text())
         results["families"] = families(base_env, originals, {n: queries[n] for n in HARD}, work, {
             "no copy families": {"FLAGMATCH_CLUSTER_FAMILIES": "0"},
-            "copy families (default)": {}}, name="families-hard")
+            "copy families by local features alone": {"FLAGMATCH_CLUSTER_FAMILY_PDQ": "-1"},
+            "copy families (default: local features or PDQ)": {}}, name="families-hard")
         results["families_machine"] = machine()
         write("match-hard", results, markdown_hard(results))
         return
@@ -716,7 +717,9 @@ def main() -> None:
             "learned whitening, no join (before)": {"FLAGMATCH_CLUSTER_JOIN": "0", "FLAGMATCH_SPACE_HEAD_IMAGES": "0",
                                                     **off},
             "learned whitening + hard views, no copy families": {"FLAGMATCH_CLUSTER_JOIN": "0", **off},
-            "default: + copy families (overlays discounted, mirrors tried)": {"FLAGMATCH_CLUSTER_JOIN": "0"},
+            "+ copy families by local features alone": {"FLAGMATCH_CLUSTER_JOIN": "0",
+                                                        "FLAGMATCH_CLUSTER_FAMILY_PDQ": "-1"},
+            "default: + copy families (overlays discounted, mirrors tried, PDQ)": {"FLAGMATCH_CLUSTER_JOIN": "0"},
             "matching space + join at 0.85 by similarity alone": {"FLAGMATCH_CLUSTER_JOIN": "0.85",
                                                                   "FLAGMATCH_CLUSTER_VERIFY": "0", **off},
             "matching space + verified join at 0.3": {"FLAGMATCH_CLUSTER_JOIN": "0.3", **off},

@@ -22,6 +22,7 @@ import numpy as np
 from clustering.identity import match_clusters
 from indexer.storage.clusters import ClusterStore, Member, NewCluster, RunInfo
 from indexer.errors import ClusteringError
+from indexer.media.hashes import PDQ_DEFAULT_THRESHOLD
 from indexer.storage.files import publish_with
 from indexer.vectors.space import MatchingSpace, current_space
 from indexer.storage.store import Store
@@ -79,6 +80,7 @@ class ClusterParams:
     epochs: int = EPOCHS           # UMAP optimisation epochs of the clustering space (0: UMAP's own, 200 here)
     verify: bool = False           # a near-duplicate pair must also show one picture by local features (indexer.media.local)
     families: bool = True          # verified copies: strays follow them, and they form families inside clusters
+    family_pdq: int = PDQ_DEFAULT_THRESHOLD  # copies also by PDQ within this many bits (-1: local features only)
 
     def resolve(self, n: int) -> "ClusterParams":
         if self.backend not in BACKENDS:
@@ -218,16 +220,32 @@ def pair_check(store: Store, ids: np.ndarray) -> PairCheck:
     return lambda a, b: verify_pairs(features, keys, a, b)
 
 
-def copy_pair_check(store: Store, ids: np.ndarray) -> PairCheck:
-    """Same picture by local features between two stored images, overlays discounted and mirrors tried
+def copy_pair_check(store: Store, ids: np.ndarray, pdq: int = -1) -> PairCheck:
+    """Same picture between two stored images: their PDQ hashes within ``pdq`` bits (both of usable quality;
+    -1: not asked), else local features with overlays discounted and mirrors tried
     (``indexer.media.local.describe_content``), from the stored thumbnails."""
+    from indexer.media.hashes import pdq_codes
     from indexer.media.local import FeatureCache, describe_content, mirrored, thumbnail_grey, verify_pairs
     recs = store.catalog.get_many(ids.tolist())
     keys = [recs[int(i)].thumb_key if int(i) in recs else None for i in ids]
     load = thumbnail_grey(store.thumbs_dir)
     plain = FeatureCache(load, size=VERIFY_CACHE, describe=describe_content)
     flipped = FeatureCache(mirrored(load), size=VERIFY_CACHE // 4, describe=describe_content)
-    return lambda a, b: verify_pairs(plain, keys, a, b, mirror=flipped)
+    if pdq < 0:
+        return lambda a, b: verify_pairs(plain, keys, a, b, mirror=flipped)
+    sig = store.catalog.signals(ids.tolist())
+    usable = np.array([int(i) in sig and sig[int(i)].pdq is not None and sig[int(i)].pdq.usable for i in ids], bool)
+    bits = np.unpackbits(pdq_codes(sig[int(i)].pdq.hash if ok else "0" * 64  # type: ignore[union-attr]
+                                   for i, ok in zip(ids, usable)), axis=1)
+
+    def check(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        out = usable[a] & usable[b]
+        if out.any():
+            out[out] = (bits[a[out]] != bits[b[out]]).sum(axis=1) <= pdq
+        rest = np.flatnonzero(~out)
+        out[rest] = verify_pairs(plain, keys, a[rest], b[rest], mirror=flipped)
+        return out
+    return check
 
 
 def copy_pairs(x: np.ndarray, check: PairCheck, k: int = FAMILY_NEIGHBOURS) -> tuple[np.ndarray, np.ndarray]:
@@ -552,7 +570,7 @@ def _cluster(store: Store, cstore: ClusterStore, run_id: int, ids: np.ndarray, x
     if p.families:
         t = time.perf_counter()
         say("families", f"verifying copies among each image's {FAMILY_NEIGHBOURS} nearest by local features")
-        fa, fb = copy_pairs(x, copy_pair_check(store, ids))
+        fa, fb = copy_pairs(x, copy_pair_check(store, ids, p.family_pdq))
         followed = follow_copies(labels, fa, fb)
         moved = followed != labels
         labels = followed
@@ -695,7 +713,7 @@ def _new_copies(store: Store, cstore: ClusterStore, run_id: int, new: np.ndarray
                                       np.int64), cluster])
     if not len(pairs):
         return cluster, np.full(len(new), -1, np.int64), {}
-    same = copy_pair_check(store, ids)(pairs[:, 0], pairs[:, 1])
+    same = copy_pair_check(store, ids, int(art["params"].get("family_pdq", -1)))(pairs[:, 0], pairs[:, 1])
     fa, fb = pairs[same, 0], pairs[same, 1]
     labels = follow_copies(labels, fa, fb, fixed=np.arange(len(ids)) < m)
     comp = copy_families(labels, fa, fb)

@@ -234,6 +234,10 @@ class Settings:
                                      "mirrors tried) pull strays into their copies' cluster and form families "
                                      "inside each cluster, shown together in the viewer (~16 ms per flagged image "
                                      "on two cores)", "cluster")
+    cluster_family_pdq: int = setting(31, "copy families: two flagged images whose PDQ hashes (both of usable "
+                                      "quality) are within this many bits are copies without a local-feature check "
+                                      "(what verifies greyscale and recompressed clipart); -1: local features "
+                                      "only", "cluster")
     cluster_neighbors: int = setting(15, "UMAP n_neighbors", "cluster")
     cluster_epochs: int = setting(0, "UMAP optimisation epochs of the clustering space (0: UMAP's default, 200 "
                                   "above 10k images; 100 is ~1.3x faster but grouped re-upload families worse)",

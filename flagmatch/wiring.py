@@ -177,11 +177,13 @@ def index_stats(store: Store, settings: Settings) -> dict[str, str]:
 
 def cluster_params(settings: Settings) -> ClusterParams:
     from clustering.job import ClusterParams
+    if not -1 <= settings.cluster_family_pdq <= 64:
+        raise InvalidInputError(f"cluster_family_pdq must be 0–64 bits or -1 (off), not {settings.cluster_family_pdq}")
     return ClusterParams(min_cluster_size=settings.cluster_min_size, dims=settings.cluster_dims,
                          neighbors=settings.cluster_neighbors, sample=settings.cluster_sample,
                          backend=settings.cluster_backend, seed=settings.seed,
                          join=settings.cluster_join, epochs=settings.cluster_epochs, verify=settings.cluster_verify,
-                         families=settings.cluster_families)
+                         families=settings.cluster_families, family_pdq=settings.cluster_family_pdq)
 
 
 @dataclass(frozen=True)

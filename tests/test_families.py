@@ -78,6 +78,29 @@ def test_copies_verify_through_mirrors_and_a_shared_frame_or_caption_joins_no_tw
     assert (whole & (picture[framed[ia]] != picture[framed[ib]])).any()
 
 
+@pytest.mark.parametrize("catalog_url", ["sqlite"], indirect=True)  # hashes and local features only
+def test_flat_pictures_recompressed_in_grey_are_copies_by_their_pdq(store, tiny_embedder, tmp_path, settings):
+    """Drawn pictures give ORB too few corners once greyed and recompressed at half size; their PDQ hashes stay
+    within 31 bits (HMA's threshold), so copy families count them as copies — and still no two pictures."""
+    import io
+    from tests.helpers import drawn_image, ingest_flagged
+
+    def grey_half(im: Image.Image) -> Image.Image:
+        small = ImageOps.grayscale(im.resize((im.width // 2, im.height // 2))).convert("RGB")
+        return Image.open(io.BytesIO(encode(small, "JPEG", quality=30))).convert("RGB")
+    pictures = {f"p{k}": drawn_image(seed) for k, seed in enumerate((102, 103, 110, 111))}
+    copies = {f"c{k}": grey_half(pictures[f"p{k}"]) for k in range(2)}
+    ids = ingest_flagged(settings, store, tiny_embedder, tmp_path / "in", {**pictures, **copies})
+    names = list(ids)
+    rows = np.array([ids[n] for n in names], np.int64)
+    a, b = np.triu_indices(len(names), 1)
+    same = np.array([names[i][1:] == names[j][1:] for i, j in zip(a, b)])
+    by_hash = copy_pair_check(store, rows, 31)(a, b)
+    by_features = copy_pair_check(store, rows, -1)(a, b)
+    assert by_hash[same].all() and not by_features[same].any()  # the copies: only their hashes tell
+    assert not by_hash[~same].any()
+
+
 def test_an_image_follows_its_verified_copies_and_families_stay_inside_clusters():
     labels = np.array([0, 0, 0, 1, 1, 1, -1, 2])
     # 3 has three copies in cluster 0 and none in its own: it follows them; 0, 1 and 2 have as many copies in
