@@ -546,11 +546,17 @@ def families(env: dict[str, str], originals: list[Path], queries: dict[str, list
                 for edit, paths in queries.items():
                     f.write(json.dumps({"path": str(paths[i]), "external_id": f"fam{i}:{edit}"}) + "\n")
     out: dict[str, Any] = {}
+    ingested: dict[frozenset[tuple[str, str]], Path] = {}  # configurations that differ in clustering only share one ingest
     for label, extra in configs.items():
         home = work / f"home-{name}-{label}"
         shutil.rmtree(home, ignore_errors=True)
         e = {**env, **extra, "FLAGMATCH_HOME": str(home), "FLAGMATCH_FLAG_THRESHOLD": "0.0"}
-        flagmatch("ingest", str(manifest), env=e)
+        same = frozenset((k, v) for k, v in {**env, **extra}.items() if not k.startswith("FLAGMATCH_CLUSTER_"))
+        if same in ingested:
+            shutil.copytree(ingested[same], home)
+        else:
+            flagmatch("ingest", str(manifest), env=e)
+            ingested[same] = home
         t = time.perf_counter()
         flagmatch("cluster", env=e)
         seconds = time.perf_counter() - t
