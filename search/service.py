@@ -537,7 +537,9 @@ class SearchService:
         if self.hashes is not None and signals is not None:
             evidence = list(self.hashes.lookup(signals, scope=params.scope, k=params.k,
                                                exclude=[q.known_id for q in queries]))
-        hashed = [_hash_matched(ev) for ev in evidence]
+        # the upload's own bytes, where the store holds them (the hash lookup leaves that image out of its list)
+        hashed = [_hash_matched(ev) | ({q.known_id} if ev is not None and q.known_id is not None else set())
+                  for q, ev in zip(queries, evidence)]
         hashes_ms = (time.perf_counter() - th) * 1000
         tv = time.perf_counter()
         checked: list[dict[int, int]] = [{} for _ in queries]

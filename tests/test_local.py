@@ -163,6 +163,16 @@ def test_a_hit_the_uploads_pdq_matches_goes_first_as_verified(store, tiny_embedd
         # what the model alone put first (the row before the hashes moved anything)
         model_first += max(res.hits, key=lambda h: h.similarity).record.id == target
     assert model_first < 8, "the model ranks every copy first: the hashes moved nothing here"
+    # an upload whose very bytes are stored: that image first (its MD5), the picture its PDQ matches after it
+    im = photo_image(41)
+    grey = Image.open(io.BytesIO(encode(ImageOps.grayscale(im.resize((320, 240))).convert("RGB"), "JPEG",
+                                        quality=30))).convert("RGB")
+    again = ingest_flagged(settings, store, tiny_embedder, tmp_path / "more", {"g": grey})["g"]
+    index = open_index(store, settings)
+    plain = search_service(settings.replace(verify_hits=False), store, index, tiny_embedder)
+    res = plain.search_uploads([("q.png", (tmp_path / "more" / "g.png").read_bytes())], SearchParams(k=8)).results[0]
+    assert res.query.known_id == again and [h.record.id for h in res.hits[:2]] == [again, ids["1"]]
+    assert res.hits[0].verified and res.hits[1].verified and hit_json(res.hits[1])["verified_by"] == "hash"
     framed = encode(_framed(EDITS["crop 80 %"](photo_image(42))), "JPEG", quality=60)
     res = plain.search_uploads([("q.jpg", framed)], SearchParams(k=8)).results[0]
     assert not res.evidence.image_matches and all(h.verified is None and not h.hash_match for h in res.hits)
