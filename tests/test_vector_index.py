@@ -498,3 +498,19 @@ def test_hard_views_are_seeded_cached_and_made_from_stored_thumbnails(settings, 
     assert np.array_equal(fresh[0], ids) and np.allclose(fresh[1], views, atol=1e-5)
     other = spaces.hard_views(store, tiny_embedder, 20, seed=99, per_image=2)
     assert not np.array_equal(other[0], ids)
+    # the store grows: both caches are drawn again from every image it holds, exactly as a first draw would be
+    # (one store gives one space, whenever its first fit ran)
+    spaces.hard_views(store, tiny_embedder, 20, per_image=2)
+    pairs = spaces.reupload_pairs(store, tiny_embedder, 20)
+    write_images(tmp_path / "more", 24, start=100, fmt="PNG", ext="png")
+    ingest_into(settings, iter_sources([str(tmp_path / "more")]), store=store, embedder=tiny_embedder)
+    grown_views = spaces.hard_views(store, tiny_embedder, 20, per_image=2)
+    grown_pairs = spaces.reupload_pairs(store, tiny_embedder, 20)
+    assert not np.array_equal(grown_views[0], ids) and grown_pairs[0].shape == pairs[0].shape
+    for cached_file in ("space-views.npz", "space-pairs.npz"):
+        (store.index_dir / cached_file).unlink()
+    first_views = spaces.hard_views(store, tiny_embedder, 20, per_image=2)
+    first_pairs = spaces.reupload_pairs(store, tiny_embedder, 20)
+    assert np.array_equal(first_views[0], grown_views[0]) and np.allclose(first_views[1], grown_views[1], atol=1e-5)
+    assert np.allclose(first_pairs[0], grown_pairs[0], atol=1e-5) and np.allclose(first_pairs[1], grown_pairs[1],
+                                                                                  atol=1e-5)

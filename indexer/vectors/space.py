@@ -273,14 +273,16 @@ def reupload_pairs(store: "Store", embedder: "Embedder", n: int, seed: int = 123
 
     cache = store.index_dir / "space-pairs.npz"
     model_id = embedder.info.model_id
+    ids = store.catalog.image_ids()
+    held = _held(ids)
     if cache.exists():
         try:
             with np.load(cache, allow_pickle=False) as z:
-                if str(z["model_id"]) == model_id and len(z["a"]) >= n:
+                if (str(z["model_id"]) == model_id and len(z["a"]) >= n
+                        and "held" in z.files and str(z["held"]) == held):
                     return z["a"][:n].astype(np.float32), z["b"][:n].astype(np.float32)
         except Exception:  # a damaged cache is rebuilt
             log.warning("%s is unreadable: embedding the pairs again", cache)
-    ids = store.catalog.image_ids()
     rng = random.Random(seed)
     rng.shuffle(ids)
     spec = embedder.info.input
@@ -311,8 +313,18 @@ def reupload_pairs(store: "Store", embedder: "Embedder", n: int, seed: int = 123
         eb.append(embedder.embed(np.stack(b_px[i:i + 32]))[0])
     a_out = np.concatenate(ea) if ea else np.zeros((0, embedder.info.dim), np.float32)
     b_out = np.concatenate(eb) if eb else np.zeros((0, embedder.info.dim), np.float32)
-    publish_with(cache, lambda f: np.savez(f, a=a_out, b=b_out, model_id=np.str_(model_id)), durable=False)
+    publish_with(cache, lambda f: np.savez(f, a=a_out, b=b_out, model_id=np.str_(model_id), held=np.str_(held)),
+                 durable=False)
     return a_out, b_out
+
+
+def _held(ids: list[int]) -> str:
+    """What a cache of pairs or views is valid for: the images the store held when they were drawn (a sample
+    is drawn from all of them, so a store that has grown since draws another). Without it, a space refitted
+    after the store grew reused a sample drawn from the first images alone, and one store gave two spaces
+    depending on when its first fit ran (measured: R@1 up to 0.013 apart per edit on the match benchmark)."""
+    import hashlib
+    return hashlib.sha256(np.asarray(sorted(ids), np.int64).tobytes()).hexdigest()
 
 
 # ------------------------------------------------------------------ the copy-detection head
@@ -335,14 +347,16 @@ def hard_views(store: "Store", embedder: "Embedder", n: int, seed: int = 1234,
 
     cache = store.index_dir / "space-views.npz"
     model_id = f"{embedder.info.model_id}|augment-{AUGMENT_VERSION}|seed-{seed}|views-{per_image}"
+    ids = store.catalog.image_ids()
+    held = _held(ids)
     if cache.exists():
         try:
             with np.load(cache, allow_pickle=False) as z:
-                if str(z["model_id"]) == model_id and int(z["n"]) == n:
+                if (str(z["model_id"]) == model_id and int(z["n"]) == n
+                        and "held" in z.files and str(z["held"]) == held):
                     return z["ids"].astype(np.int64), z["views"].astype(np.float32)
         except Exception:  # a damaged cache is rebuilt
             log.warning("%s is unreadable: embedding the views again", cache)
-    ids = store.catalog.image_ids()
     rng = random.Random(seed)
     rng.shuffle(ids)
     spec = embedder.info.input
@@ -382,7 +396,7 @@ def hard_views(store: "Store", embedder: "Embedder", n: int, seed: int = 1234,
     out_ids = np.asarray(picked, np.int64)
     views = np.concatenate(vecs).astype(np.float32) if vecs else np.zeros((0, embedder.info.dim), np.float32)
     publish_with(cache, lambda f: np.savez(f, ids=out_ids, views=views, n=np.int64(n),
-                                           model_id=np.str_(model_id)), durable=False)
+                                           model_id=np.str_(model_id), held=np.str_(held)), durable=False)
     return out_ids, views
 
 
