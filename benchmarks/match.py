@@ -830,6 +830,8 @@ def markdown_hard(results: dict[str, Any]) -> str:
             row.append(f"{r['r1']:.3f} / {r['r10']:.3f}" if r else "")
         rows.append(row)
     md.append(table(["edit"] + labels, rows))
+    if results.get("note"):
+        md += ["", results["note"]]
     split = [lab for lab in labels if any(isinstance(r, dict) and r.get("r1_icons") is not None
                                           for r in results["search"][lab].values())]
     if split:
