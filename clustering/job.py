@@ -664,7 +664,8 @@ def assign_new(store: Store, cstore: ClusterStore, progress: Progress | None = N
     family = np.full(len(new), -1, np.int64)
     joined: dict[int, int] = {}
     if art["params"].get("families"):
-        cluster, family, joined = _new_copies(store, cstore, run.id, new, x, cluster, space)
+        cluster, family, joined = _new_copies(store, cstore, run.id, new, x, cluster, space,
+                                              int(art["params"].get("family_pdq", -1)))
         copied = family >= 0
         probs[copied], outl[copied] = 1.0, 0.0
     members = [Member(int(i), int(cid) if cid >= 0 else None, float(pr), float(o), float(a), float(b), True,
@@ -678,10 +679,11 @@ def assign_new(store: Store, cstore: ClusterStore, progress: Progress | None = N
 
 
 def _new_copies(store: Store, cstore: ClusterStore, run_id: int, new: np.ndarray, x: np.ndarray,
-                cluster: np.ndarray, space: MatchingSpace) -> tuple[np.ndarray, np.ndarray, dict[int, int]]:
+                cluster: np.ndarray, space: MatchingSpace, pdq: int = -1
+                ) -> tuple[np.ndarray, np.ndarray, dict[int, int]]:
     """The copy families for newly flagged images, as the job forms them: each new image is checked against its
     ``FAMILY_NEIGHBOURS`` nearest among the run's members and the other new images (local features, overlays
-    discounted, mirrors tried); it follows its verified copies' cluster (the run's members keep theirs) and joins
+    discounted, mirrors tried, PDQ within ``pdq`` bits as the run used); it follows its verified copies' cluster (the run's members keep theirs) and joins
     the family its copies hold (the lowest, where they hold several), or starts one with them. Returns each new
     image's cluster id (-1: none) and family (-1: none), and the run's members given a family (image → family)."""
     import faiss
@@ -713,7 +715,7 @@ def _new_copies(store: Store, cstore: ClusterStore, run_id: int, new: np.ndarray
                                       np.int64), cluster])
     if not len(pairs):
         return cluster, np.full(len(new), -1, np.int64), {}
-    same = copy_pair_check(store, ids, int(art["params"].get("family_pdq", -1)))(pairs[:, 0], pairs[:, 1])
+    same = copy_pair_check(store, ids, pdq)(pairs[:, 0], pairs[:, 1])
     fa, fb = pairs[same, 0], pairs[same, 1]
     labels = follow_copies(labels, fa, fb, fixed=np.arange(len(ids)) < m)
     comp = copy_families(labels, fa, fb)
