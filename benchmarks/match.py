@@ -691,7 +691,10 @@ def main() -> None:
     if a.edits == "hard":
         if a.edit:
             queries = {n: queries[n] for n in a.edit}
-        icons = [max(Image.open(p).size) <= ICON_SIDE for p in originals]
+        icons = []
+        for p in originals:  # the header only: the size, not the pixels
+            with Image.open(p) as im:
+                icons.append(max(im.size) <= ICON_SIDE)
         hard(a, base_env, home, queries, truth, plain, work, SameContent(home), icons)
         return
     queries = {n: queries[n] for n in COMMON}
