@@ -532,10 +532,6 @@ def families(env: dict[str, str], originals: list[Path], queries: dict[str, list
              configs: dict[str, dict[str, str]], name: str = "families") -> dict[str, Any]:
     """Each original with its copies, all flagged, clustered; compared with the true families (``name``: the
     manifest's and the stores' name, one per set of edits)."""
-    sys.path.insert(0, str(ROOT))
-    from sklearn.metrics import adjusted_rand_score
-    from flagmatch.settings import Settings
-    from flagmatch.wiring import open_store
     fam_dir = work / "family-files"
     manifest = work / f"{name}.jsonl"
     if not manifest.exists():
@@ -560,41 +556,79 @@ def families(env: dict[str, str], originals: list[Path], queries: dict[str, list
         t = time.perf_counter()
         flagmatch("cluster", env=e)
         seconds = time.perf_counter() - t
-        store = open_store(Settings.load({}, environ=e))
-        with store.catalog.engine.connect() as c:
-            from sqlalchemy import text
-            rows = c.execute(text(
-                "select e.external_id, m.cluster_id, m.family from cluster_members m join image_paths e "
-                "on e.image_id = m.image_id where m.run_id = (select max(id) from cluster_runs)")).all()
-        store.close()
-        fam, copies = {}, {}
-        for ext, cid, family in rows:
-            if ext:
-                fam[ext], copies[ext] = cid, family
-        keys = sorted(fam)
-        truth = [k.split(":")[0] for k in keys]
-        pred = [f"c{fam[k]}" if fam[k] is not None else f"noise{j}" for j, k in enumerate(keys)]
-        whole = 0
+        out[label] = {**score_families(home, icon_families(originals)), "seconds": seconds}
+        print(f"  families [{label}]: ARI {out[label]['ari']:.3f}, whole {out[label]['whole']:.3f} (icons "
+              f"{out[label]['whole_icons']:.3f}, pictures {out[label]['whole_pictures']:.3f}), noise "
+              f"{out[label]['noise']:.3f}, {out[label]['clusters']} clusters, {seconds:.1f} s", flush=True)
+    return out
+
+
+def icon_families(originals: list[Path]) -> dict[str, bool]:
+    """Each family's name (``fam<i>``) and whether its original is an icon (``ICON_SIDE``; the header only)."""
+    out = {}
+    for i, p in enumerate(originals):
+        with Image.open(p) as im:
+            out[f"fam{i}"] = max(im.size) <= ICON_SIDE
+    return out
+
+
+def score_families(home: Path, icons: dict[str, bool]) -> dict[str, Any]:
+    """The last clustering run of ``home`` against the true families (its images' external ids ``fam<i>:<edit>``):
+    ARI (noise as singletons), the share of families whole in one cluster (also for icon families and the rest
+    apart), the noise share; the same for the copy families the job formed inside the clusters."""
+    sys.path.insert(0, str(ROOT))
+    from sklearn.metrics import adjusted_rand_score
+    from sqlalchemy import text
+    from flagmatch.settings import Settings
+    from flagmatch.wiring import open_store
+    store = open_store(Settings.load({}, environ={"FLAGMATCH_HOME": str(home)}))
+    with store.catalog.engine.connect() as c:
+        rows = c.execute(text(
+            "select e.external_id, m.cluster_id, m.family from cluster_members m join image_paths e "
+            "on e.image_id = m.image_id where m.run_id = (select max(id) from cluster_runs)")).all()
+    store.close()
+    fam, copies = {}, {}
+    for ext, cid, family in rows:
+        if ext:
+            fam[ext], copies[ext] = cid, family
+    keys = sorted(fam)
+    truth = [k.split(":")[0] for k in keys]
+
+    def whole(level: dict[str, Any], which: set[str]) -> float:
         groups: dict[str, list[Any]] = {}
         for k in keys:
-            groups.setdefault(k.split(":")[0], []).append(fam[k])
-        for members in groups.values():
-            whole += members[0] is not None and all(m == members[0] for m in members)
-        noise = sum(v is None for v in fam.values()) / max(1, len(fam))
-        out[label] = {"images": len(keys), "families": len(groups), "ari": adjusted_rand_score(truth, pred),
-                      "whole": whole / max(1, len(groups)), "noise": noise, "seconds": seconds,
-                      "clusters": len({v for v in fam.values() if v is not None})}
-        if any(v is not None for v in copies.values()):  # the level below: the copy families the job formed
-            fpred = [f"f{copies[k]}" if copies[k] is not None else f"none{j}" for j, k in enumerate(keys)]
-            per: dict[str, list[Any]] = {}
-            for k in keys:
-                per.setdefault(k.split(":")[0], []).append(copies[k])
-            out[label]["copy_ari"] = adjusted_rand_score(truth, fpred)
-            out[label]["copy_whole"] = sum(m[0] is not None and all(v == m[0] for v in m)
-                                           for m in per.values()) / max(1, len(per))
-        print(f"  families [{label}]: ARI {out[label]['ari']:.3f}, whole {out[label]['whole']:.3f}, "
-              f"noise {noise:.3f}, {out[label]['clusters']} clusters, {seconds:.1f} s", flush=True)
+            if k.split(":")[0] in which:
+                groups.setdefault(k.split(":")[0], []).append(level[k])
+        return sum(m[0] is not None and all(v == m[0] for v in m) for m in groups.values()) / max(1, len(groups))
+    names = set(truth)
+    icon_names = {n for n in names if icons.get(n)}
+    pred = [f"c{fam[k]}" if fam[k] is not None else f"noise{j}" for j, k in enumerate(keys)]
+    out: dict[str, Any] = {
+        "images": len(keys), "families": len(names), "ari": adjusted_rand_score(truth, pred),
+        "whole": whole(fam, names), "whole_icons": whole(fam, icon_names),
+        "whole_pictures": whole(fam, names - icon_names), "icon_families": len(icon_names),
+        "noise": sum(v is None for v in fam.values()) / max(1, len(fam)),
+        "clusters": len({v for v in fam.values() if v is not None})}
+    if any(v is not None for v in copies.values()):  # the level below: the copy families the job formed
+        fpred = [f"f{copies[k]}" if copies[k] is not None else f"none{j}" for j, k in enumerate(keys)]
+        out.update(copy_ari=adjusted_rand_score(truth, fpred), copy_whole=whole(copies, names),
+                   copy_whole_icons=whole(copies, icon_names), copy_whole_pictures=whole(copies, names - icon_names))
     return out
+
+
+def rescore(path: Path, work: Path, n_originals: int) -> None:
+    """``--rescore``: each family configuration of ``path`` whose store is still under ``work`` scored again."""
+    data = json.loads(path.read_text())
+    hard = "hard" in path.stem
+    listed = [Path(json.loads(line)["path"]) for line in (work / "ingest.jsonl").read_text().splitlines()]
+    icons = icon_families(listed[:n_originals])
+    for label, r in data.get("families", {}).items():
+        home = work / f"home-{'families-hard' if hard else 'families'}-{label}"
+        if (home / "catalog.sqlite").exists():
+            r.update(score_families(home, icons))
+            print(f"  families [{label}]: whole {r['whole']:.3f} (icons {r['whole_icons']:.3f}, pictures "
+                  f"{r['whole_pictures']:.3f})", flush=True)
+    write(path.stem, data, (markdown_hard if hard else markdown)(data))
 
 
 # ------------------------------------------------------------------ main
@@ -624,10 +658,15 @@ def main() -> None:
     ap.add_argument("--edit", action="append", default=[], choices=list(TRANSFORMS),
                     help="with --edits hard: measure only these edits again, keeping the others' last results")
     ap.add_argument("--render", help="redraw the Markdown table from a results JSON, measuring nothing")
+    ap.add_argument("--rescore", help="score the families' last clustering runs again (their stores under --work) "
+                                      "into this results JSON, keeping the times; clusters nothing")
     a = ap.parse_args()
     if a.render:
         data = json.loads(Path(a.render).read_text())
         write(Path(a.render).stem, data, (markdown_hard if "hard" in Path(a.render).stem else markdown)(data))
+        return
+    if a.rescore:
+        rescore(Path(a.rescore), Path(a.work), a.originals)
         return
     corpus, work = Path(a.corpus), Path(a.work)
     if not corpus.exists():
@@ -818,6 +857,18 @@ def hard(a: argparse.Namespace, base_env: dict[str, str], home: Path, queries: d
     write(name, results, markdown_hard(results))
 
 
+def _split(r: dict[str, Any], key: str) -> str:
+    return f"{r[key + '_icons']:.3f} / {r[key + '_pictures']:.3f}" if key + "_icons" in r else ""
+
+
+def _icons_note(rows: dict[str, Any]) -> str:
+    n = next((r["icon_families"] for r in rows.values() if "icon_families" in r), None)
+    return ("" if n is None else
+            f"Whole by the original's size: the {n} families whose original is an icon (no longer than {ICON_SIDE} "
+            f"px) and the other {next(r['families'] for r in rows.values() if 'icon_families' in r) - n}; a row "
+            f"without the split was measured before it was kept.")
+
+
 def markdown_hard(results: dict[str, Any]) -> str:
     """The tables of ``--edits hard``."""
     labels = list(results["search"])
@@ -861,12 +912,13 @@ def markdown_hard(results: dict[str, Any]) -> str:
     if "families" in results:
         md += ["", f"Families built from these edits: each original with its {len(HARD)} hard-edited copies, all "
                    f"flagged, clustered by `flagmatch cluster` ({results.get('families_machine', '')}):", ""]
-        md.append(table(["pipeline", "ARI", "families kept whole", "noise share", "time (s)", "copy families: ARI",
-                         "copy families: whole"],
-                        [[lab, f"{r['ari']:.3f}", f"{r['whole']:.3f}", f"{r['noise']:.3f}", f"{r['seconds']:.1f}",
-                          f"{r['copy_ari']:.3f}" if "copy_ari" in r else "",
+        md.append(table(["pipeline", "ARI", "families kept whole", "whole: icons / pictures", "noise share",
+                         "time (s)", "copy families: ARI", "copy families: whole"],
+                        [[lab, f"{r['ari']:.3f}", f"{r['whole']:.3f}", _split(r, "whole"), f"{r['noise']:.3f}",
+                          f"{r['seconds']:.1f}", f"{r['copy_ari']:.3f}" if "copy_ari" in r else "",
                           f"{r['copy_whole']:.3f}" if "copy_whole" in r else ""]
                          for lab, r in results["families"].items()]))
+        md += ["", _icons_note(results["families"])]
     for label, r in results.get("repeats", {}).items():
         md += ["", f"Determinism: `{label}` refitted and measured again{' (' + r['note'] + ')' if r.get('note') else ''}: "
                f"{r['same_ranked']} of {r['queries']} ranked hit lists identical; the space's arrays "
@@ -906,12 +958,13 @@ def markdown(results: dict[str, Any]) -> str:
         md += ["", f"Families: each original with its {len(COMMON)} copies, all flagged "
                f"({n_orig * n_fam} images), clustered by `flagmatch cluster`."
                + (f" {results['families_note']}" if results.get("families_note") else ""), ""]
-        md.append(table(["pipeline", "ARI", "families kept whole", "noise share", "clusters", "time (s)",
-                         "copy families: ARI", "copy families: whole"],
-                        [[lab, f"{r['ari']:.3f}", f"{r['whole']:.3f}", f"{r['noise']:.3f}", r["clusters"],
-                          f"{r['seconds']:.1f}", f"{r['copy_ari']:.3f}" if "copy_ari" in r else "",
+        md.append(table(["pipeline", "ARI", "families kept whole", "whole: icons / pictures", "noise share",
+                         "clusters", "time (s)", "copy families: ARI", "copy families: whole"],
+                        [[lab, f"{r['ari']:.3f}", f"{r['whole']:.3f}", _split(r, "whole"), f"{r['noise']:.3f}",
+                          r["clusters"], f"{r['seconds']:.1f}", f"{r['copy_ari']:.3f}" if "copy_ari" in r else "",
                           f"{r['copy_whole']:.3f}" if "copy_whole" in r else ""]
                          for lab, r in results["families"].items()]))
+        md += ["", _icons_note(results["families"])]
     return "\n".join(md)
 
 
