@@ -751,3 +751,65 @@ def test_a_hit_through_a_flagged_pictures_window_says_which_part(server, page, t
     hits = r.json()["results"][0]["hits"]
     assert any(h["stored_box"] == [0, 0, 160, 120] for h in hits), [h["stored_box"] for h in hits]
     assert not page.problems, page.problems
+
+
+@pytest.fixture(scope="module")
+def family_server(tmp_path_factory, tiny_model_dir, tiny_embedder):
+    """A store whose clusters hold copy families: five photos, each as its original, mirror, screenshot frame,
+    caption band and rotation (tests/test_families.py's edits), all flagged and clustered."""
+    from clustering.job import ClusterParams, run_clustering
+    from flagmatch.settings import Settings
+    from flagmatch.wiring import ingest_into, open_store
+    from indexer.ingest.sources import iter_sources
+    from indexer.storage.clusters import ClusterStore
+    from tests.helpers import photo_image
+    from tests.test_families import EDITS
+    root = tmp_path_factory.mktemp("families")
+    folder = root / "in"
+    folder.mkdir()
+    for f in range(5):
+        im = photo_image(60 + f, (640, 480))
+        for name, edit in EDITS.items():
+            (folder / f"p{f}-{name}.png").write_bytes(encode(edit(im), "PNG"))
+    s = Settings.load({"home": str(root / "home"), "model": str(tiny_model_dir), "flag_threshold": 0.0}, environ={})
+    store = open_store(s)
+    ingest_into(s, iter_sources([str(folder)]), store=store, embedder=tiny_embedder)
+    run_clustering(store, ClusterStore(store), ClusterParams(min_cluster_size=3, neighbors=8, seed=7))
+    store.close()
+    env = dict(FLAGMATCH_HOME=str(root / "home"), FLAGMATCH_MODEL=str(tiny_model_dir),
+               FLAGMATCH_API_TOKENS=f"rita:{TOKEN}", FLAGMATCH_PRECISION="fp32")
+    proc, base, log = start_server(env, root / "server.log")
+    yield base
+    stop_server(proc, log)
+
+
+def test_an_images_copy_family_link_opens_its_cluster_with_the_family_together(family_server, page):
+    """From a family member's tile to its page, then its "copy family" link: the cluster opens in the "copies
+    together" order, the family's tiles first and in one run, as many as the link said; the API agrees."""
+    base = family_server
+    _signed_in(page, base)
+    member = next(i for i in range(1, 26) if (_api(page, base, f"/images/{i}").get("cluster") or {}).get("family")
+                  is not None)
+    page.goto(f"{base}/clusters/{_api(page, base, f'/images/{member}')['cluster']['id']}")
+    expect(page.locator("#family-count")).to_contain_text("of copies")
+    tile = page.locator(".card.image:has(span.family)").first
+    family = int(tile.locator("span.family").get_attribute("data-family"))
+    tile.locator("a[href*='/images/']").first.click()
+    page.wait_for_url("**/images/*")
+    image_id = int(page.url.rstrip("/").rsplit("/", 1)[1].split("?")[0])
+    link = page.locator("dd a.family")
+    expect(link).to_have_text(re.compile(rf"copy family {family} · \d+ copies"))
+    size = int(re.search(r"· (\d+) copies", link.inner_text()).group(1))
+    facts = _api(page, base, f"/images/{image_id}")["cluster"]
+    assert facts["family"] == family and facts["family_size"] == size >= 2
+    page.shot("30-image-family-link")
+    link.click()
+    page.wait_for_url("**sort=copies**")
+    expect(page.locator("p.sorts strong")).to_have_text("copies together")
+    tags = [int(t.get_attribute("data-family")) for t in page.locator(".card.image span.family").all()]
+    runs = [f for k, f in enumerate(tags) if k == 0 or tags[k - 1] != f]
+    assert len(runs) == len(set(runs)), tags  # each family's tiles in one run
+    assert tags.count(family) == size  # the link's count is the tiles the cluster shows for it
+    assert page.locator(f".card.image span.family[data-family='{family}']").first.is_visible()
+    page.shot("31-cluster-copies-together")
+    assert not page.problems, page.problems
