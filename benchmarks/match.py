@@ -777,6 +777,10 @@ def main() -> None:
         measured = families(base_env, originals, queries, work, chosen)
         results["families"] = {**results.get("families", {}), **measured} if a.only else measured
 
+    for per_edit in results["search"].values():  # ranked lists serve the hard run's repeat only
+        for r in per_edit.values():
+            if isinstance(r, dict):
+                r.pop("ranked", None)
     write(f"match{suffix}", results, markdown(results))
 
 
@@ -954,6 +958,8 @@ def markdown(results: dict[str, Any]) -> str:
     heads = (["edit"] + [f"{h} ({lab})" for lab in labels for h in ("R@1", "R@10")]
              + [f"same-content R@1 ({labels[-1]})"])
     md.append(table(heads, rows))
+    if results.get("latency_note"):
+        md += ["", results["latency_note"]]
     if "families" in results:
         md += ["", f"Families: each original with its {len(COMMON)} copies, all flagged "
                f"({n_orig * n_fam} images), clustered by `flagmatch cluster`."
