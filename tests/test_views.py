@@ -2,6 +2,8 @@
 real decoded images, searched beside the whole image, and named in the hits."""
 from __future__ import annotations
 
+import io
+
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -120,6 +122,28 @@ def test_single_pictures_are_not_cut_into_cells():
         assert not any(k.startswith("cell") for k in view_boxes(np.asarray(im), cells=True))
 
 
+
+def _inset(background: Image.Image, picture: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
+    canvas = background.copy()
+    canvas.paste(picture.resize((box[2] - box[0], box[3] - box[1])), box[:2])
+    return Image.open(io.BytesIO(encode(canvas, "JPEG", quality=80))).convert("RGB")
+
+
+def test_a_picture_pasted_over_another_is_a_cell_of_its_own():
+    """No gutter around it, only its four straight sides: the inset is found wherever it sits (not on the
+    grid's quadrants), at the size it was pasted; one flat-filled shape or a plain photo is not an inset."""
+    from indexer.media.views import inset_boxes
+    from tests.helpers import photo_image
+    for k, box in enumerate([(60, 480, 540, 840), (700, 90, 1150, 430), (380, 260, 860, 620)]):
+        query = _inset(photo_image(200 + k, (1200, 900)), photo_image(300 + k, (640, 480)), box)
+        cells = [v for name, v in view_boxes(np.asarray(query), cells=True).items() if name.startswith("cell")]
+        assert cells and _iou(cells[0], box) > 0.9, (box, cells)
+    flat = photo_image(210, (1200, 900))
+    ImageDraw.Draw(flat).rectangle((300, 200, 800, 600), fill=(30, 60, 200))  # a drawn rectangle: flat inside
+    assert not any(name.startswith("cell") for name in view_boxes(np.asarray(flat), cells=True))
+    assert inset_boxes(np.zeros((20, 300), np.float32)) == []  # too thin to hold one
+
+
 def _flagged_photos(store, tiny_embedder, settings, folder, seeds: range) -> list:  # type: ignore[no-untyped-def]
     """``photo_image(seed)`` for each seed ingested from ``folder`` and flagged; their catalog ids, in order."""
     from tests.helpers import photo_image
@@ -139,6 +163,23 @@ def test_search_finds_the_picture_in_a_collage_and_says_where(store, tiny_embedd
     hit = svc.search_uploads([("q.jpg", query)], SearchParams(k=3)).results[0].hits[0]
     assert hit.record.id == target and hit.view.startswith("cell") and hit.box is not None
     assert _iou(hit.box, (320, 245, 620, 470)) > 0.85, hit.box  # the bottom-right cell, in the upload's pixels
+    whole_only = search_service(settings.replace(query_views=(), query_grid_below=-1.0), store, svc.index,
+                                tiny_embedder)
+    plain = whole_only.search_uploads([("q.jpg", query)], SearchParams(k=12)).results[0].hits
+    assert max((h.similarity for h in plain if h.record.id == target), default=-1) < hit.similarity
+
+
+
+def test_search_finds_a_picture_pasted_over_another_through_its_inset(store, tiny_embedder, tmp_path, settings):
+    from flagmatch.wiring import open_index, search_service
+    from search.service import SearchParams
+    from tests.helpers import photo_image
+    target = _flagged_photos(store, tiny_embedder, settings, tmp_path / "in", range(80, 90))[3]
+    box = (650, 300, 1130, 660)  # off every quadrant and the centre half: no grid part holds it
+    query = encode(_inset(photo_image(95, (1200, 900)), photo_image(83, (400, 300)), box), "JPEG", quality=90)
+    svc = search_service(settings.replace(query_grid_below=-1.0), store, open_index(store, settings), tiny_embedder)
+    hit = svc.search_uploads([("q.jpg", query)], SearchParams(k=3)).results[0].hits[0]
+    assert hit.record.id == target and hit.view.startswith("cell") and _iou(hit.box, box) > 0.9, (hit.view, hit.box)
     whole_only = search_service(settings.replace(query_views=(), query_grid_below=-1.0), store, svc.index,
                                 tiny_embedder)
     plain = whole_only.search_uploads([("q.jpg", query)], SearchParams(k=12)).results[0].hits
