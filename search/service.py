@@ -222,7 +222,7 @@ class SearchService:
                 img, feats = self._decode_query(data, spec)
                 local.append(feats)
                 boxes.append(dict(img.view_boxes))
-                greys.append({})
+                greys.append(dict(img.view_greys))  # an inset's grey copy, to verify a hit through it on
                 for view, px in (("full", img.pixels), *img.views.items()):
                     pixels.append(px)
                     owner.append(n)
@@ -578,8 +578,8 @@ class SearchService:
         row and each checked hit's agreeing matches. Measured on the match benchmark's queries (top 10 of the
         model, 9 edits × 300): promoting the *most* matches among the top 10 instead of the first verified
         hit gained nothing on average (mean R@1 0.958 both) and lost mirrored copies (0.99 → 0.95).
-        A hit found through a part of the grid is checked on that part's own pixels (``greys``), where the
-        picture fills more of the frame, as it fills the stored thumbnail. (Measured on benchmarks/composites.py,
+        A hit found through a part of the grid or an inset is checked on that part's own pixels (``greys``),
+        where the picture fills more of the frame, as it fills the stored thumbnail. (Measured on benchmarks/composites.py,
         150 uploads an edit: butted pictures 0.63 → 0.69 R@1, picture-in-picture 0.59 → 0.66; checking a
         collage's cells the same way lost 3 × 3 grids 0.36 → 0.29 — clipart drawn alike verifies on small cells
         — so cells are checked on the whole upload.) A hit found through a window of a flagged picture
@@ -593,7 +593,7 @@ class SearchService:
             key = recs[image_id].thumb_key
             stored = self.local.get(key) if key else None
             mine = feats
-            if greys and view in greys and view.startswith("grid"):
+            if greys and view in greys and view.startswith(("grid", "inset")):
                 if view not in by_view:  # described once, for the first hit through it
                     by_view[view] = QueryFeatures(greys[view])
                 mine = by_view[view]

@@ -111,15 +111,16 @@ def test_a_collage_splits_into_its_cells_along_gutters_and_edges():
     cells = [v for k, v in view_boxes(strip, cells=True).items() if k.startswith("cell")]
     assert len(cells) == 3 and all(max(_iou((8 + c * 308, 8, 308 + c * 308, 233), got) for got in cells) > 0.85
                                    for c in range(3))
-    # pictures butted together have no gutter: not cells (the grid covers them, see below)
-    assert not any(k.startswith("cell") for k in view_boxes(np.asarray(collage(pics[:3], 3, 0)), cells=True))
+    # pictures butted together have no gutter: not cells, nor insets (the grid covers them, see below)
+    assert not any(k.startswith(("cell", "inset")) for k in view_boxes(np.asarray(collage(pics[:3], 3, 0)),
+                                                                       cells=True))
 
 
 def test_single_pictures_are_not_cut_into_cells():
     from tests.helpers import photo_image
     for im in [photo_image(s, (640, 480)) for s in range(10)] + [drawn_image(s, (400, 300)) for s in range(40)] \
             + [letterboxed(drawn_image(7))]:
-        assert not any(k.startswith("cell") for k in view_boxes(np.asarray(im), cells=True))
+        assert not any(k.startswith(("cell", "inset")) for k in view_boxes(np.asarray(im), cells=True))
 
 
 
@@ -129,18 +130,19 @@ def _inset(background: Image.Image, picture: Image.Image, box: tuple[int, int, i
     return Image.open(io.BytesIO(encode(canvas, "JPEG", quality=80))).convert("RGB")
 
 
-def test_a_picture_pasted_over_another_is_a_cell_of_its_own():
+def test_a_picture_pasted_over_another_is_a_view_of_its_own():
     """No gutter around it, only its four straight sides: the inset is found wherever it sits (not on the
     grid's quadrants), at the size it was pasted; one flat-filled shape or a plain photo is not an inset."""
     from indexer.media.views import inset_boxes
     from tests.helpers import photo_image
     for k, box in enumerate([(60, 480, 540, 840), (700, 90, 1150, 430), (380, 260, 860, 620)]):
         query = _inset(photo_image(200 + k, (1200, 900)), photo_image(300 + k, (640, 480)), box)
-        cells = [v for name, v in view_boxes(np.asarray(query), cells=True).items() if name.startswith("cell")]
-        assert cells and _iou(cells[0], box) > 0.9, (box, cells)
+        views = view_boxes(np.asarray(query), cells=True)
+        assert "inset1" in views and _iou(views["inset1"], box) > 0.9, (box, views)
+        assert not any(name.startswith("cell") for name in views)  # no gutters: no cells
     flat = photo_image(210, (1200, 900))
     ImageDraw.Draw(flat).rectangle((300, 200, 800, 600), fill=(30, 60, 200))  # a drawn rectangle: flat inside
-    assert not any(name.startswith("cell") for name in view_boxes(np.asarray(flat), cells=True))
+    assert not any(name.startswith(("cell", "inset")) for name in view_boxes(np.asarray(flat), cells=True))
     assert inset_boxes(np.zeros((20, 300), np.float32)) == []  # too thin to hold one
 
 
@@ -179,7 +181,14 @@ def test_search_finds_a_picture_pasted_over_another_through_its_inset(store, tin
     query = encode(_inset(photo_image(95, (1200, 900)), photo_image(83, (400, 300)), box), "JPEG", quality=90)
     svc = search_service(settings.replace(query_grid_below=-1.0), store, open_index(store, settings), tiny_embedder)
     hit = svc.search_uploads([("q.jpg", query)], SearchParams(k=3)).results[0].hits[0]
-    assert hit.record.id == target and hit.view.startswith("cell") and _iou(hit.box, box) > 0.9, (hit.view, hit.box)
+    assert hit.record.id == target and hit.view == "inset1" and _iou(hit.box, box) > 0.9, (hit.view, hit.box)
+    # verified on the inset's own pixels, where the picture fills the frame as it fills the stored thumbnail:
+    # more agreeing matches than the whole upload gives
+    from indexer.media.local import MIN_MATCHES, QueryFeatures, describe, thumbnail_grey
+    whole = decode(query, SPEC, thumb_size=0, grey_side=256).grey
+    stored = describe(thumbnail_grey(store.thumbs_dir)(store.catalog.get_many([target])[target].thumb_key))
+    assert hit.verified and hit.local_matches >= MIN_MATCHES
+    assert hit.local_matches > QueryFeatures(whole).matches(stored), hit.local_matches
     whole_only = search_service(settings.replace(query_views=(), query_grid_below=-1.0), store, svc.index,
                                 tiny_embedder)
     plain = whole_only.search_uploads([("q.jpg", query)], SearchParams(k=12)).results[0].hits

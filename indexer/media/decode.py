@@ -427,10 +427,12 @@ def _decode_planned(im: Image.Image, p: DecodePlan, data: bytes, fp: _Deadline, 
     if {"trimmed", "content", "cells", "grid"} & set(views):
         whole = rgb if rgb is not None else np.asarray(to_rgb(src))
         for name, box in view_boxes(whole, cells="cells" in views, grid="grid" in views).items():
-            if name in views or name.startswith(("cell", "grid")):  # those come only when asked for
+            if name in views or name.startswith(("cell", "inset", "grid")):  # those come only when asked for
                 extra[name] = _model_pixels(src, whole, spec, box)[0]
                 boxes[name] = _displayed_box(box, src.size, (p.width, p.height), orientation)
-                if grey_side > 0 and want_view_greys:  # to verify a hit through this view on it (search.service)
+                # to verify a hit through this view on it (search.service): an inset's always, it is found
+                # in the first pass
+                if grey_side > 0 and (want_view_greys or name.startswith("inset")):
                     greys[name] = _grey(whole[box[1]:box[3], box[0]:box[2]], grey_side, orientation)
     small: dict[int, np.ndarray] = {}  # the thumbnail's geometry, by long side (the grey copy shares it)
     thumbnail = b""

@@ -16,7 +16,8 @@ picture's size is composite, and each cell is a view. ``grid`` is the fallback f
 gutters (pictures butted together, picture-in-picture): the four quadrants and the centre half, searched
 only when the whole image found nothing confident (``search.service``). A frame without gutters may still hold
 a picture pasted over another (an inset): a rectangle whose four sides are long straight edges — a step in
-colour along nearly all of each side — around a textured inside is one cell of its own (``inset_boxes``).
+colour along nearly all of each side — around a textured inside is a view of its own (``inset1``, ``inset2``:
+``inset_boxes``), and a hit through it is verified on the inset's own pixels (``search.service``).
 
 ``mirror`` is the horizontally flipped image (a search of the mirror finds mirrored re-uploads when
 the model is not flip-invariant). A view is kept only when it differs from the whole frame enough to
@@ -194,17 +195,15 @@ def _cut(grey: np.ndarray, box: Box, depth: int, frame: float) -> list[Box]:
     return [box]
 
 
-def cell_boxes(grey: np.ndarray, colour: np.ndarray | None = None) -> list[Box]:
-    """The cells of a composite (analysis pixels), largest first, or [] when the frame is one picture: the
-    parts between its gutters, or else the pictures pasted into it (``inset_boxes``; ``colour``: the analysis
-    copy's RGB pixels, whose edges it finds)."""
+def cell_boxes(grey: np.ndarray) -> list[Box]:
+    """The cells of a composite (analysis pixels), largest first, or [] when the frame is one picture."""
     h, w = grey.shape
     if h < 16 or w < 16:
         return []
     inner = trim_box(grey) or (0, 0, w, h)  # uniform borders are a frame, not a gutter
     cells = _cut(grey, inner, 3, float(w * h))
     if len(cells) < 2:
-        return inset_boxes(grey, colour)
+        return []
     return sorted(cells, key=lambda c: -(c[2] - c[0]) * (c[3] - c[1]))[:MAX_CELLS]
 
 
@@ -294,7 +293,8 @@ def grid_boxes(w: int, h: int) -> list[Box]:
 
 def view_boxes(rgb: np.ndarray, *, cells: bool = False, grid: bool = False) -> dict[str, Box]:
     """The source-pixel boxes of the ``trimmed`` and ``content`` views that are worth searching; with
-    ``cells``, a composite's cells (``cell1`` … largest first); with ``grid``, ``grid1`` … ``grid5``."""
+    ``cells``, a composite's cells (``cell1`` … largest first) or, without gutters, the pictures pasted into it
+    (``inset1``, ``inset2``); with ``grid``, ``grid1`` … ``grid5``."""
     grey, scale = analysis_copy(rgb)
     h, w = grey.shape
     step = int(scale)
@@ -304,8 +304,11 @@ def view_boxes(rgb: np.ndarray, *, cells: bool = False, grid: bool = False) -> d
         return (int(box[0] * scale), int(box[1] * scale), min(rgb.shape[1], int(box[2] * scale)),
                 min(rgb.shape[0], int(box[3] * scale)))
     if cells:
-        for n, box in enumerate(cell_boxes(grey, rgb[::step, ::step] if rgb.ndim == 3 else None), 1):
+        for n, box in enumerate(cell_boxes(grey), 1):
             out[f"cell{n}"] = to_source(box)
+        if not out:
+            for n, box in enumerate(inset_boxes(grey, rgb[::step, ::step] if rgb.ndim == 3 else None), 1):
+                out[f"inset{n}"] = to_source(box)
     if grid:
         for n, box in enumerate(grid_boxes(rgb.shape[1], rgb.shape[0]), 1):
             out[f"grid{n}"] = box
