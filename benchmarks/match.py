@@ -616,6 +616,14 @@ def score_families(home: Path, icons: dict[str, bool]) -> dict[str, Any]:
     return out
 
 
+def _drop_ranked(results: dict[str, Any]) -> None:
+    """Each query's ranked hits (``measure``) left out of the results file: they serve a repeat's comparison only."""
+    for per_edit in results["search"].values():
+        for r in per_edit.values():
+            if isinstance(r, dict):
+                r.pop("ranked", None)
+
+
 def rescore(path: Path, work: Path, n_originals: int) -> None:
     """``--rescore``: each family configuration of ``path`` whose store is still under ``work`` scored again."""
     data = json.loads(path.read_text())
@@ -777,10 +785,7 @@ def main() -> None:
         measured = families(base_env, originals, queries, work, chosen)
         results["families"] = {**results.get("families", {}), **measured} if a.only else measured
 
-    for per_edit in results["search"].values():  # ranked lists serve the hard run's repeat only
-        for r in per_edit.values():
-            if isinstance(r, dict):
-                r.pop("ranked", None)
+    _drop_ranked(results)
     write(f"match{suffix}", results, markdown(results))
 
 
@@ -854,10 +859,7 @@ def hard(a: argparse.Namespace, base_env: dict[str, str], home: Path, queries: d
         results.setdefault("repeats", {})[label] = rep
         print(f"repeat of [{label}]: {same}/{total} ranked hit lists identical, same space: {rep['same_space']}",
               flush=True)
-    for per_edit in results["search"].values():  # the ranked lists served the repeat's comparison only
-        for r in per_edit.values():
-            if isinstance(r, dict):
-                r.pop("ranked", None)
+    _drop_ranked(results)
     write(name, results, markdown_hard(results))
 
 

@@ -759,21 +759,13 @@ def family_server(tmp_path_factory, tiny_model_dir, tiny_embedder):
     caption band and rotation (tests/test_families.py's edits), all flagged and clustered."""
     from clustering.job import ClusterParams, run_clustering
     from flagmatch.settings import Settings
-    from flagmatch.wiring import ingest_into, open_store
-    from indexer.ingest.sources import iter_sources
+    from flagmatch.wiring import open_store
     from indexer.storage.clusters import ClusterStore
-    from tests.helpers import photo_image
-    from tests.test_families import EDITS
+    from tests.test_families import _ingest_families
     root = tmp_path_factory.mktemp("families")
-    folder = root / "in"
-    folder.mkdir()
-    for f in range(5):
-        im = photo_image(60 + f, (640, 480))
-        for name, edit in EDITS.items():
-            (folder / f"p{f}-{name}.png").write_bytes(encode(edit(im), "PNG"))
-    s = Settings.load({"home": str(root / "home"), "model": str(tiny_model_dir), "flag_threshold": 0.0}, environ={})
+    s = Settings.load({"home": str(root / "home"), "model": str(tiny_model_dir)}, environ={})
     store = open_store(s)
-    ingest_into(s, iter_sources([str(folder)]), store=store, embedder=tiny_embedder)
+    _ingest_families(root, s, store, tiny_embedder, pictures=5)
     run_clustering(store, ClusterStore(store), ClusterParams(min_cluster_size=3, neighbors=8, seed=7))
     store.close()
     env = dict(FLAGMATCH_HOME=str(root / "home"), FLAGMATCH_MODEL=str(tiny_model_dir),
